@@ -1,0 +1,97 @@
+"""The `vlmprune` command line: one subcommand per stage, each a thin call into the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from vlmprune.errors import VlmpruneError
+
+console = Console()
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e6:,.2f}M" if n >= 1e5 else f"{n:,}"
+
+
+def print_summary(summary, title: str = "") -> None:
+    """Rich tables: part sizes, then per-layer widths (grouped where layers agree)."""
+    parts = Table(title=title or f"{summary.model_type} (language model: {summary.text_model_type})")
+    for col in ("part", "parameters"):
+        parts.add_column(col, justify="right" if col == "parameters" else "left")
+    for part, n in summary.parameters.items():
+        parts.add_row(part, _fmt_params(n))
+    console.print(parts)
+    layers = Table(title=f"{summary.num_layers} decoder layers")
+    for col in ("layers", "heads", "kv heads", "head dim", "MLP width"):
+        layers.add_column(col, justify="right")
+    start = 0
+    shapes = summary.layers
+    for i in range(1, len(shapes) + 1):
+        if i == len(shapes) or shapes[i] != shapes[start]:
+            s = shapes[start]
+            span = f"{start}" if i - 1 == start else f"{start}-{i - 1}"
+            layers.add_row(span, str(s.num_heads), str(s.num_kv_heads), str(s.head_dim), str(s.intermediate_size))
+            start = i
+    console.print(layers)
+
+
+def cmd_inspect(args) -> None:
+    from vlmprune.inspect import summarize
+    from vlmprune.io import load
+
+    summary = summarize(load(args.model, trust_remote_code=args.trust_remote_code))
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=1))
+    else:
+        print_summary(summary)
+
+
+def cmd_prune(args) -> None:
+    from vlmprune.pipeline import prune_from_plan
+
+    if args.plan is None:
+        raise VlmpruneError("vlmprune prune needs --plan PLAN.json")
+    prune_from_plan(args.model, args.plan, args.output, overwrite=args.overwrite,
+                    trust_remote_code=args.trust_remote_code)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlmprune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_arg(p, name="--model"):
+        p.add_argument(name, required=name.startswith("--"), help="local directory or hub id")
+        p.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (off by default)")
+
+    p = sub.add_parser("inspect", help="family, part sizes, per-layer widths")
+    p.add_argument("model", help="local directory or hub id")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("prune", help="prune the language backbone and write a checkpoint")
+    model_arg(p)
+    p.add_argument("--plan", help="pruning_plan.json to apply (indices of the input model)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=cmd_prune)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except VlmpruneError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

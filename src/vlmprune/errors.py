@@ -1,0 +1,13 @@
+"""Exceptions with messages that name the problem and the fix."""
+
+
+class VlmpruneError(Exception):
+    """Base class: every error vlmprune raises on purpose."""
+
+
+class UnsupportedModelError(VlmpruneError):
+    """The model's family has no adapter."""
+
+
+class PlanError(VlmpruneError):
+    """A pruning plan is malformed or does not fit the model."""

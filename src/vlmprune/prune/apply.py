@@ -1,0 +1,183 @@
+"""Apply a PruningPlan to a model in place and leave the model and its config consistent.
+
+Order: widths first (plan indices are original-layer indices), then depth. Afterwards the text
+config says what the modules are: num_hidden_layers, layer_types and other per-layer lists,
+num_attention_heads, num_key_value_heads, head_dim, intermediate_size; every attention module's
+``layer_idx`` and cached ``num_key_value_groups``.
+
+When widths differ between layers, the config's scalar fields keep describing the layers that
+were not width-pruned and ``vlmprune_layer_widths`` records the others; plain ``from_pretrained``
+then fails on a shape mismatch instead of loading wrong weights, and ``vlmprune.load`` rebuilds.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from huggingface_hub.errors import StrictDataclassError
+from torch import nn
+
+from vlmprune.adapters import Adapter, get_adapter
+from vlmprune.plan import LayerKeep, LayerShape, PruningPlan
+from vlmprune.prune.surgery import keep_cols_, keep_rows_, unit_rows
+
+WIDTHS_KEY = "vlmprune_layer_widths"
+# Text-config lists with one entry per decoder layer; they lose the entries of dropped layers.
+PER_LAYER_LISTS = ("layer_types", "no_rope_layers", "swa_layers")
+
+
+def layer_shapes(model: nn.Module, adapter: Adapter | None = None) -> list[LayerShape]:
+    """Widths of every decoder layer, read from the modules' weights (the truth)."""
+    adapter = adapter or get_adapter(model)
+    lay = adapter.layout
+    shapes = []
+    for layer in adapter.layers(model):
+        attn, mlp = adapter.attention(layer), adapter.mlp(layer)
+        head_dim = attn.head_dim
+        n_q = getattr(attn, lay.o).in_features // head_dim
+        if lay.qkv:
+            n_kv = (getattr(attn, lay.qkv).out_features - n_q * head_dim) // (2 * head_dim)
+        else:
+            n_kv = getattr(attn, lay.k).out_features // head_dim
+        shapes.append(LayerShape(n_q, n_kv, head_dim, getattr(mlp, lay.down).in_features))
+    return shapes
+
+
+def apply_plan_(model: nn.Module, plan: PruningPlan) -> nn.Module:
+    """Prune ``model`` in place as ``plan`` says; returns the same model.
+
+    The plan is checked against the model first (PlanError names the wrong entry), so a
+    refused plan leaves the model untouched.
+    """
+    adapter = get_adapter(model)
+    shapes = layer_shapes(model, adapter)
+    resolved = plan.resolve(shapes)
+    layers = adapter.layers(model)
+    for i, keep in resolved.items():
+        prune_layer_width_(layers[i], adapter, shapes[i], keep)
+    if plan.drop_layers:
+        _drop_layers_(model, adapter, plan.drop_layers)
+    sync_config_(model, adapter)
+    return model
+
+
+def prune_layer_width_(layer: nn.Module, adapter: Adapter, shape: LayerShape, keep: LayerKeep) -> None:
+    """Keep only ``keep``'s heads and MLP channels of one decoder layer (original indices)."""
+    lay = adapter.layout
+    attn, mlp = adapter.attention(layer), adapter.mlp(layer)
+    d = shape.head_dim
+    if len(keep.q_heads) != shape.num_heads or len(keep.kv_heads) != shape.num_kv_heads:
+        q_rows = unit_rows(keep.q_heads, d)
+        kv_rows = unit_rows(keep.kv_heads, d)
+        if lay.qkv:
+            k_off = shape.num_heads * d
+            v_off = k_off + shape.num_kv_heads * d
+            fused = torch.cat([q_rows, k_off + kv_rows, v_off + kv_rows])
+            keep_rows_(getattr(attn, lay.qkv), fused)
+        else:
+            keep_rows_(getattr(attn, lay.q), q_rows)
+            keep_rows_(getattr(attn, lay.k), kv_rows)
+            keep_rows_(getattr(attn, lay.v), kv_rows)
+        keep_cols_(getattr(attn, lay.o), q_rows)
+    if len(keep.mlp_channels) != shape.intermediate_size:
+        ch = torch.as_tensor(keep.mlp_channels, dtype=torch.long)
+        if lay.gate_up:
+            keep_rows_(getattr(mlp, lay.gate_up), torch.cat([ch, shape.intermediate_size + ch]))
+        else:
+            for name in lay.channel_projections():
+                keep_rows_(getattr(mlp, name), ch)
+        keep_cols_(getattr(mlp, lay.down), ch)
+
+
+def _drop_layers_(model: nn.Module, adapter: Adapter, drop: list[int]) -> None:
+    lm = adapter.language_model(model)
+    dropped = set(drop)
+    lm.layers = nn.ModuleList([layer for i, layer in enumerate(lm.layers) if i not in dropped])
+    config = adapter.text_config(model)
+    old_n = config.num_hidden_layers
+    for name in PER_LAYER_LISTS:
+        values = getattr(config, name, None)
+        if isinstance(values, (list, tuple)) and len(values) == old_n:
+            setattr(config, name, [v for i, v in enumerate(values) if i not in dropped])
+    config.num_hidden_layers = len(lm.layers)
+    for new_idx, layer in enumerate(lm.layers):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_idx
+
+
+def sync_config_(model: nn.Module, adapter: Adapter | None = None) -> None:
+    """Make the text config and the per-module cached attributes match the weights."""
+    adapter = adapter or get_adapter(model)
+    config = adapter.text_config(model)
+    shapes = layer_shapes(model, adapter)
+    config.num_hidden_layers = len(shapes)
+    head_dims = {s.head_dim for s in shapes}
+    if len(head_dims) != 1:
+        raise AssertionError(f"layers disagree on head_dim: {sorted(head_dims)}")
+    # Written explicitly: several families derive head_dim from hidden_size // num_heads.
+    config.head_dim = shapes[0].head_dim
+    widths = {
+        "num_attention_heads": shapes[0].num_heads,
+        "num_key_value_heads": shapes[0].num_kv_heads,
+        "intermediate_size": shapes[0].intermediate_size,
+    }
+    # Uniform widths go into the config's own fields when the model class can be built from them
+    # (Llama and Gemma3 configs refuse a hidden_size not divisible by num_attention_heads, even
+    # with an explicit head_dim; Qwen2-VL derives head_dim from the head count); otherwise they
+    # are recorded per layer like non-uniform widths and vlmprune.load rebuilds them.
+    expressible = adapter.layout.config_head_dim or config.hidden_size == shapes[0].num_heads * shapes[0].head_dim
+    if len(set(shapes)) == 1 and expressible and _config_accepts(config, widths):
+        for key, value in widths.items():
+            setattr(config, key, value)
+        if hasattr(config, WIDTHS_KEY):
+            delattr(config, WIDTHS_KEY)
+    base = LayerShape(config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.intermediate_size)
+    overrides = {}
+    for idx, (layer, shape) in enumerate(zip(adapter.layers(model), shapes)):
+        attn, mlp = adapter.attention(layer), adapter.mlp(layer)
+        attn.num_key_value_groups = shape.group_size
+        for attr, value in (("num_heads", shape.num_heads), ("num_key_value_heads", shape.num_kv_heads)):
+            if hasattr(attn, attr):
+                setattr(attn, attr, value)
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = shape.intermediate_size
+        if shape != base:
+            overrides[str(idx)] = {
+                "num_attention_heads": shape.num_heads,
+                "num_key_value_heads": shape.num_kv_heads,
+                "intermediate_size": shape.intermediate_size,
+            }
+        _give_layer_config(attn, config, overrides.get(str(idx)))
+    if overrides:
+        setattr(config, WIDTHS_KEY, overrides)
+
+
+def _config_accepts(config, values: dict) -> bool:
+    trial = copy.copy(config)
+    for key, value in values.items():
+        setattr(trial, key, value)
+    validate = getattr(trial, "validate", None)
+    try:
+        if validate is not None:
+            validate()
+    except (StrictDataclassError, ValueError, TypeError):
+        return False
+    return True
+
+
+def _give_layer_config(module: nn.Module, config, override: dict | None) -> None:
+    """Some attention modules read widths from ``self.config`` at run time (Phi-3's fused qkv
+    split); a layer whose widths differ from the shared config gets its own copy."""
+    if not hasattr(module, "config"):
+        return
+    if override is None:
+        module.config = config
+        return
+    own = copy.copy(config)
+    for key, value in override.items():
+        setattr(own, key, value)
+    if hasattr(own, WIDTHS_KEY):
+        delattr(own, WIDTHS_KEY)
+    module.config = own

@@ -1,0 +1,32 @@
+"""Slicing primitives that know no model: keep some output rows or input columns of a Linear."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def unit_rows(units: Sequence[int], unit_size: int, offset: int = 0) -> torch.Tensor:
+    """Row indices of whole units (heads of ``unit_size`` rows), starting at row ``offset``."""
+    units_t = torch.as_tensor(list(units), dtype=torch.long)
+    return (offset + units_t[:, None] * unit_size + torch.arange(unit_size)[None, :]).reshape(-1)
+
+
+@torch.no_grad()
+def keep_rows_(linear: nn.Linear, rows: torch.Tensor) -> None:
+    """Keep only the given output rows (and bias entries) of ``linear``, in place."""
+    rows = rows.to(linear.weight.device)
+    linear.weight = nn.Parameter(linear.weight.index_select(0, rows).clone(), linear.weight.requires_grad)
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(linear.bias.index_select(0, rows).clone(), linear.bias.requires_grad)
+    linear.out_features = int(rows.numel())
+
+
+@torch.no_grad()
+def keep_cols_(linear: nn.Linear, cols: torch.Tensor) -> None:
+    """Keep only the given input columns of ``linear``, in place (the bias is untouched)."""
+    cols = cols.to(linear.weight.device)
+    linear.weight = nn.Parameter(linear.weight.index_select(1, cols).clone(), linear.weight.requires_grad)
+    linear.in_features = int(cols.numel())

@@ -1,0 +1,164 @@
+"""Every adapter: prune -> same logits as the reference -> save -> reload -> same logits and tokens."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+import vlmprune
+from reference import skipped, zeroed
+from tiny_models import FAMILIES, build_tiny, make_inputs
+from vlmprune.adapters import get_adapter
+from vlmprune.plan import PruningPlan
+from vlmprune.prune import apply_plan_, layer_shapes
+
+GQA_FAMILIES = [f for f in FAMILIES if f != "llava_llama_mha"]
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def greedy(model, inputs, n=6):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=n, do_sample=False, min_new_tokens=n)
+
+
+def assert_close(actual, expected):
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * max(scale, 1.0))
+
+
+def width_entry(shape, mode: str) -> dict:
+    """Kept heads/channels of one layer: drop alternate kv groups, or one q head in every group."""
+    g = shape.group_size
+    if mode == "groups":
+        kv = list(range(1, shape.num_kv_heads, 2))
+        q = [h for k in kv for h in range(k * g, (k + 1) * g)]
+        entry = {"kv_heads": kv, "q_heads": q}
+    else:
+        entry = {"q_heads": [k * g + j for k in range(shape.num_kv_heads) for j in range(1, g)]}
+    entry["mlp_channels"] = [c for c in range(shape.intermediate_size) if c % 3 != 1]
+    return entry
+
+
+def check_config(model):
+    adapter = get_adapter(model)
+    config = model.config.get_text_config()
+    lm = adapter.language_model(model)
+    assert lm.config is config
+    layers = adapter.layers(model)
+    assert config.num_hidden_layers == len(layers)
+    if getattr(config, "layer_types", None) is not None:
+        assert len(config.layer_types) == len(layers)
+    widths = getattr(config, "vlmprune_layer_widths", {}) or {}
+    for i, (layer, shape) in enumerate(zip(layers, layer_shapes(model, adapter))):
+        attn = adapter.attention(layer)
+        assert attn.layer_idx == i
+        assert attn.num_key_value_groups == shape.num_heads // shape.num_kv_heads
+        assert shape.num_heads % shape.num_kv_heads == 0
+        expected = widths.get(str(i), {
+            "num_attention_heads": config.num_attention_heads,
+            "num_key_value_heads": config.num_key_value_heads,
+            "intermediate_size": config.intermediate_size,
+        })
+        assert (shape.num_heads, shape.num_kv_heads, shape.intermediate_size) == (
+            expected["num_attention_heads"], expected["num_key_value_heads"], expected["intermediate_size"])
+        assert shape.head_dim == config.head_dim
+
+
+def reload_plain(model, tmp_path):
+    out = vlmprune.save_model(model, tmp_path / "out")
+    loaded, info = transformers.AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
+    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    return loaded.eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_empty_plan_is_bit_identical(family):
+    model = build_tiny(family)
+    inputs = make_inputs(family, model)
+    before = logits(model, inputs)
+    apply_plan_(model, PruningPlan())
+    after = logits(model, inputs)
+    assert after.dtype == before.dtype and torch.equal(after, before)
+
+
+@pytest.mark.parametrize("mode", ["groups", "heads"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_width_plan_equals_zeroed_original_and_reloads(family, mode, tmp_path):
+    model = build_tiny(family)
+    shapes = layer_shapes(model)
+    if mode == "heads" and shapes[0].group_size == 1:
+        pytest.skip("multi-head attention has one q head per kv head: only whole groups can go")
+    plan = PruningPlan(layers={i: width_entry(s, mode) for i, s in enumerate(shapes)})
+    inputs = make_inputs(family, model)
+    expected = logits(zeroed(model, plan), inputs)
+    apply_plan_(model, plan)
+    check_config(model)
+    assert_close(logits(model, inputs), expected)
+    config = model.config.get_text_config()
+    if getattr(config, "vlmprune_layer_widths", None):
+        # only when the config class refuses these (uniform) widths, e.g. Llama with a
+        # hidden_size not divisible by the new head count; vlmprune.load handles it
+        new = layer_shapes(model)[0]
+        assert (config.hidden_size % new.num_heads and config.model_type in ("llama", "gemma3_text")) or (
+            config.model_type in ("qwen2_vl_text", "qwen2_5_vl_text") and config.hidden_size != new.num_heads * new.head_dim
+        )
+        out = vlmprune.save_model(model, tmp_path / "out", plan=plan)
+        with pytest.raises(Exception):
+            transformers.AutoModelForImageTextToText.from_pretrained(out)
+        loaded = vlmprune.load(out)
+    else:
+        loaded = reload_plain(model, tmp_path)
+    check_config(loaded)
+    assert torch.equal(logits(loaded, inputs), logits(model, inputs))
+    assert torch.equal(greedy(loaded, inputs), greedy(model, inputs))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layer_plan_equals_skipped_layers_and_reloads(family, tmp_path):
+    model = build_tiny(family)
+    inputs = make_inputs(family, model)
+    drop = [1, 2]
+    expected = logits(skipped(model, drop), inputs)
+    old_types = getattr(model.config.get_text_config(), "layer_types", None)
+    apply_plan_(model, PruningPlan(drop_layers=drop))
+    check_config(model)
+    if old_types is not None:
+        assert model.config.get_text_config().layer_types == [old_types[0], old_types[3]]
+    assert_close(logits(model, inputs), expected)
+    loaded = reload_plain(model, tmp_path)
+    check_config(loaded)
+    assert torch.equal(logits(loaded, inputs), logits(model, inputs))
+    assert torch.equal(greedy(loaded, inputs), greedy(model, inputs))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_non_uniform_widths_need_vlmprune_load(family, tmp_path):
+    model = build_tiny(family)
+    shapes = layer_shapes(model)
+    mode = "heads" if shapes[0].group_size > 1 else "groups"
+    plan = PruningPlan(drop_layers=[3], layers={1: width_entry(shapes[1], mode)})
+    inputs = make_inputs(family, model)
+    reference = logits(skipped(zeroed(model, plan), [3]), inputs)
+    apply_plan_(model, plan)
+    check_config(model)
+    assert set(model.config.get_text_config().vlmprune_layer_widths) == {"1"}
+    assert_close(logits(model, inputs), reference)
+    out = vlmprune.save_model(model, tmp_path / "out", plan=plan)
+    with pytest.raises(RuntimeError, match="mismatch"):
+        transformers.AutoModelForImageTextToText.from_pretrained(out)
+    loaded = vlmprune.load(out)
+    check_config(loaded)
+    assert torch.equal(logits(loaded, inputs), logits(model, inputs))
+    assert torch.equal(greedy(loaded, inputs), greedy(model, inputs))
+    # pruning a pruned model again: indices refer to the model it is applied to
+    again = copy.deepcopy(loaded)
+    apply_plan_(again, PruningPlan(drop_layers=[0]))
+    check_config(again)
+    assert again.config.get_text_config().vlmprune_layer_widths == {"0": model.config.get_text_config().vlmprune_layer_widths["1"]}
