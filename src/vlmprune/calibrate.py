@@ -1,0 +1,256 @@
+"""Run a model over calibration batches and collect the statistics the criteria need.
+
+The hooks live here; the criteria (vlmprune.importance) are pure functions of what this
+returns. Every statistic is a sum over the selected token positions (``--tokens``), so padding
+never contributes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from vlmprune.adapters import get_adapter
+from vlmprune.errors import VlmpruneError
+from vlmprune.importance.layer import HiddenStateStats, SkipLossStats
+from vlmprune.importance.structures import LayerSums, layer_params, reduce_
+from vlmprune.importance.width import ActivationSums
+from vlmprune.prune.apply import layer_shapes
+
+TOKEN_CHOICES = ("all", "text", "image", "answer")
+
+
+def image_token_id(model: nn.Module) -> int | None:
+    config = model.config
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def select_tokens(batch: dict, tokens: str, image_id: int | None) -> torch.Tensor:
+    """Bool [B, T] mask of the positions statistics use: all real tokens, text, image, or answer."""
+    if tokens not in TOKEN_CHOICES:
+        raise VlmpruneError(f"--tokens must be one of {', '.join(TOKEN_CHOICES)}, got {tokens!r}")
+    ids = batch["input_ids"]
+    real = batch.get("attention_mask", torch.ones_like(ids)).bool()
+    image = (ids == image_id) & real if image_id is not None else torch.zeros_like(real)
+    if tokens == "all":
+        return real
+    if tokens == "image":
+        return image
+    if tokens == "text":
+        return real & ~image
+    if "labels" not in batch:
+        raise VlmpruneError("--tokens answer needs labelled samples (assistant answers)")
+    return (batch["labels"] != -100) & real
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _model_inputs(batch: dict, device: torch.device, keep_labels: bool = False) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+            if keep_labels or k != "labels"}
+
+
+def _progress(batches: Iterable[dict], desc: str) -> Iterator[dict]:
+    total = len(batches) if hasattr(batches, "__len__") else None
+    yield from tqdm(batches, desc=desc, total=total, unit="batch", leave=False)
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The VLM without its LM head: hidden-state statistics need no logits."""
+    return getattr(model, "model", model)
+
+
+@contextlib.contextmanager
+def _hooks(handles: list) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _hidden(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def collect_hidden_states(model: nn.Module, batches: Iterable[dict], tokens: str = "all") -> HiddenStateStats:
+    """Cosine and angular sums between every pair of residual states h_0..h_L at the selected tokens."""
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    L = len(layers)
+    cos_sum = torch.zeros(L + 1, L + 1, dtype=torch.float64)
+    ang_sum = torch.zeros(L + 1, L + 1, dtype=torch.float64)
+    count = 0
+    image_id = image_token_id(model)
+    states: dict[int, torch.Tensor] = {}
+    mask_box: list[torch.Tensor] = []
+
+    def keep(index: int, hidden: torch.Tensor) -> None:
+        states[index] = nn.functional.normalize(hidden[mask_box[0]].float(), dim=-1)  # [N, D]
+
+    handles = []
+    for i, layer in enumerate(layers):
+        if i == 0:
+            handles.append(layer.register_forward_pre_hook(lambda m, a, k: keep(0, _hidden(a, k)), with_kwargs=True))
+        handles.append(layer.register_forward_hook(lambda m, a, o, i=i: keep(i + 1, _output(o))))
+    device = _device(model)
+    with _hooks(handles):
+        for batch in _progress(batches, "hidden states"):
+            mask = select_tokens(batch, tokens, image_id).to(device)
+            if not mask.any():
+                continue
+            mask_box[:] = [mask]
+            states.clear()
+            _base_model(model)(**_model_inputs(batch, device))
+            h = torch.stack([states[i] for i in range(L + 1)], dim=1)  # [N, L+1, D]
+            gram = torch.einsum("nld,nmd->nlm", h, h).clamp(-1.0, 1.0)  # [N, L+1, L+1]
+            cos_sum += gram.sum(0).double().cpu()
+            ang_sum += (torch.arccos(gram) / math.pi).sum(0).double().cpu()
+            count += h.shape[0]
+    if count == 0:
+        raise VlmpruneError(f"no calibration tokens selected by --tokens {tokens}")
+    return HiddenStateStats(cos_sum, ang_sum, count)
+
+
+def _answer_loss(model: nn.Module, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
+    logits = model(**inputs).logits[:, :-1].float()
+    target = labels[:, 1:]
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+
+
+def _labels_for(batch: dict, tokens: str, image_id: int | None) -> torch.Tensor:
+    if tokens == "answer":
+        mask = select_tokens(batch, "answer", image_id)
+        return torch.where(mask, batch["labels"], torch.full_like(batch["labels"], -100))
+    if tokens in ("all", "text"):
+        mask = select_tokens(batch, "text", image_id)
+    else:
+        raise VlmpruneError("skip_loss measures next-token loss; image positions have no targets: use --tokens answer|text")
+    return torch.where(mask, batch["input_ids"], torch.full_like(batch["input_ids"], -100))
+
+
+@torch.no_grad()
+def collect_skip_losses(model: nn.Module, batches: Iterable[dict], tokens: str = "answer") -> SkipLossStats:
+    """Answer (or text) loss of the intact model and with each decoder layer skipped in turn."""
+    layers = get_adapter(model).layers(model)
+    image_id = image_token_id(model)
+    device = _device(model)
+    base, skipped, n = 0.0, torch.zeros(len(layers), dtype=torch.float64), 0
+    for batch in _progress(batches, "skip-layer losses"):
+        labels = _labels_for(batch, tokens, image_id).to(device)
+        if not (labels[:, 1:] != -100).any():
+            continue
+        inputs = _model_inputs(batch, device)
+        base += float(_answer_loss(model, inputs, labels))
+        for i, layer in enumerate(layers):
+            handle = layer.register_forward_hook(lambda m, a, k, o: _hidden(a, k), with_kwargs=True)
+            with _hooks([handle]):
+                skipped[i] += float(_answer_loss(model, inputs, labels))
+        n += 1
+    if n == 0:
+        raise VlmpruneError(f"no calibration batch has {tokens} tokens to compute a loss on")
+    return SkipLossStats(base, skipped, n)
+
+
+@torch.no_grad()
+def collect_activations(model: nn.Module, batches: Iterable[dict], tokens: str = "all") -> list[ActivationSums]:
+    """Sums of |x| and x^2 of every o_proj input feature and every MLP channel, at the selected tokens."""
+    adapter = get_adapter(model)
+    shapes = layer_shapes(model, adapter)
+    stats = [ActivationSums(*(torch.zeros(n, dtype=torch.float64) for n in
+                              (s.num_heads * s.head_dim, s.num_heads * s.head_dim, s.intermediate_size, s.intermediate_size)))
+             for s in shapes]
+    mask_box: list[torch.Tensor] = []
+    image_id = image_token_id(model)
+
+    def record(i: int, kind: str, x: torch.Tensor) -> None:
+        x = x[mask_box[0]].double()  # [N, F]
+        a = stats[i]
+        getattr(a, f"{kind}_abs").add_(x.abs().sum(0).cpu())
+        getattr(a, f"{kind}_sq").add_((x * x).sum(0).cpu())
+        if kind == "down":
+            a.tokens += x.shape[0]
+
+    handles = []
+    lay = adapter.layout
+    for i, layer in enumerate(adapter.layers(model)):
+        o = getattr(adapter.attention(layer), lay.o)
+        down = getattr(adapter.mlp(layer), lay.down)
+        handles.append(o.register_forward_pre_hook(lambda m, a, i=i: record(i, "o", a[0])))
+        handles.append(down.register_forward_pre_hook(lambda m, a, i=i: record(i, "down", a[0])))
+    device = _device(model)
+    with _hooks(handles):
+        for batch in _progress(batches, "activations"):
+            mask = select_tokens(batch, tokens, image_id).to(device)
+            if not mask.any():
+                continue
+            mask_box[:] = [mask]
+            _base_model(model)(**_model_inputs(batch, device))
+    if not any(a.tokens for a in stats):
+        raise VlmpruneError(f"no calibration tokens selected by --tokens {tokens}")
+    return stats
+
+
+def collect_taylor(model: nn.Module, batches: Iterable[dict], tokens: str = "answer") -> list[LayerSums]:
+    """Per-structure sums of |W * dL/dW| (L: cross-entropy on the selected tokens), per batch.
+
+    Each gradient is reduced to per-structure sums the moment it is accumulated and then freed,
+    so no full copy of the gradients is ever held; only the prunable weights require grad.
+    """
+    adapter = get_adapter(model)
+    shapes = layer_shapes(model, adapter)
+    sums = [LayerSums.zeros(s) for s in shapes]
+    roles = {}
+    for i, layer in enumerate(adapter.layers(model)):
+        roles.update(layer_params(layer, adapter, i))
+    previous = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    image_id = image_token_id(model)
+    device = _device(model)
+
+    def on_grad(param: torch.Tensor) -> None:
+        role = roles[param]
+        with torch.no_grad():
+            reduce_(sums[role.layer], role, (param.detach() * param.grad).abs(), shapes[role.layer])
+        param.grad = None
+
+    handles = []
+    try:
+        for p in model.parameters():
+            p.requires_grad_(p in roles)
+        handles = [p.register_post_accumulate_grad_hook(on_grad) for p in roles]
+        model.eval()  # no dropout: scores must not depend on chance
+        used = 0
+        for batch in _progress(batches, "taylor (grad)"):
+            labels = _labels_for(batch, tokens, image_id).to(device)
+            if not (labels[:, 1:] != -100).any():
+                continue
+            loss = _answer_loss(model, _model_inputs(batch, device), labels)
+            loss.backward()
+            used += 1
+        if used == 0:
+            raise VlmpruneError(f"no calibration batch has {tokens} tokens to compute a loss on")
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in previous.items():
+            p.requires_grad_(flag)
+            p.grad = None
+        model.train(was_training)
+    return sums

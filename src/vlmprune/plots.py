@@ -1,0 +1,64 @@
+"""Pictures of importance: what was scored, what was cut."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from vlmprune.importance.structures import WidthScores  # noqa: E402
+from vlmprune.plan import PruningPlan  # noqa: E402
+
+
+def plot_layer_scores(scores, dropped: list[int], path: Path, criterion: str) -> Path:
+    """Bar chart of per-layer importance; dropped layers in red."""
+    values = np.asarray([float(v) for v in scores])
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(values)), 3.5))
+    colors = ["tab:red" if i in set(dropped) else "tab:blue" for i in range(len(values))]
+    ax.bar(range(len(values)), values, color=colors)
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel(f"{criterion} score")
+    ax.set_title(f"Layer importance ({criterion}); red = dropped ({len(dropped)})")
+    ax.set_xticks(range(len(values)))
+    ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_width_scores(scores: WidthScores, plan: PruningPlan, path: Path, criterion: str, attention: str) -> Path:
+    """Heatmaps: heads (or kv groups) and MLP channels per layer, each row sorted by score, with
+    the cut line where the kept structures end."""
+    use_groups = attention == "groups"
+    attn = scores.groups if use_groups else scores.heads
+    layers = len(scores.channels)
+    fig, axes = plt.subplots(1, 2, figsize=(11, max(3, 0.22 * layers + 1.5)),
+                             gridspec_kw={"width_ratios": [1, 3]})
+    for ax, rows, label, key in ((axes[0], attn, "kv groups" if use_groups else "q heads",
+                                  "kv_heads" if use_groups else "q_heads"),
+                                 (axes[1], scores.channels, "MLP channels", "mlp_channels")):
+        width = max(len(r) for r in rows)
+        grid = np.full((layers, width), np.nan)
+        kept_counts = []
+        for i, r in enumerate(rows):
+            vals = np.sort(np.asarray(r.tolist(), dtype=float))[::-1]
+            top = vals.max() if vals.size and vals.max() > 0 else 1.0
+            grid[i, : len(vals)] = vals / top  # each layer normalised to its own maximum
+            kept = plan.layers.get(i, {}).get(key)
+            kept_counts.append(len(kept) if kept is not None else len(vals))
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.step(np.asarray(kept_counts) - 0.5, np.arange(layers), where="mid", color="red", linewidth=1.5)
+        ax.set_title(f"{label} (sorted per layer; red = cut)")
+        ax.set_xlabel("rank within layer")
+        ax.set_ylabel("decoder layer")
+        fig.colorbar(im, ax=ax, fraction=0.03, label="score / layer max")
+    fig.suptitle(f"Width importance ({criterion})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

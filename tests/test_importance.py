@@ -1,0 +1,208 @@
+"""Known-answer tests for the criteria and the statistics collectors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tiny_models import FAMILIES, build_tiny, make_inputs
+from vlmprune import calibrate
+from vlmprune.adapters import get_adapter
+from vlmprune.importance import layer as L
+from vlmprune.importance import width as W
+from vlmprune.importance.structures import layer_params
+from vlmprune.prune.apply import layer_shapes
+
+
+def labelled(model, family, answer=6, seed=0):
+    """Inputs whose last ``answer`` real tokens are labelled with the model's own greedy
+    predictions, so the intact model is near its best on them."""
+    batch = make_inputs(family, model, seed=seed)
+    with torch.no_grad():
+        pred = model(**batch).logits.argmax(-1)
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[:, -answer:] = pred[:, -answer - 1 : -1]
+    batch["labels"] = labels
+    return batch
+
+
+def make_identity_(model, index):
+    """Zero the layer's residual writes (o_proj/dense and down/fc2, with biases): output == input."""
+    adapter = get_adapter(model)
+    layer = adapter.layers(model)[index]
+    with torch.no_grad():
+        for module in (getattr(adapter.attention(layer), adapter.layout.o), getattr(adapter.mlp(layer), adapter.layout.down)):
+            module.weight.zero_()
+            if module.bias is not None:
+                module.bias.zero_()
+
+
+def pad_right(batch, extra=5):
+    """The same batch with ``extra`` padding positions appended (mask 0, no label)."""
+    out = dict(batch)
+    b = batch["input_ids"].shape[0]
+    out["input_ids"] = torch.cat([batch["input_ids"], torch.zeros(b, extra, dtype=torch.long)], 1)
+    out["attention_mask"] = torch.cat([batch["attention_mask"], torch.zeros(b, extra, dtype=torch.long)], 1)
+    out["labels"] = torch.cat([batch["labels"], torch.full((b, extra), -100)], 1)
+    for key in ("token_type_ids", "mm_token_type_ids"):
+        if key in batch:
+            out[key] = torch.cat([batch[key], torch.zeros(b, extra, dtype=batch[key].dtype)], 1)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_identity_layer_is_least_important(family):
+    model = build_tiny(family)
+    make_identity_(model, 2)
+    adapter = get_adapter(model)
+    with torch.no_grad():
+        # every other layer writes strongly into the residual stream, and predictions are confident:
+        # skipping any of them moves the answers away from the intact model's own predictions
+        for i, layer in enumerate(adapter.layers(model)):
+            if i != 2:
+                getattr(adapter.mlp(layer), adapter.layout.down).weight.mul_(20)
+                getattr(adapter.attention(layer), adapter.layout.o).weight.mul_(20)
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight * 100)  # (unties embeddings)
+    batches = [labelled(model, family)]
+    hs = calibrate.collect_hidden_states(model, batches)
+    assert int(L.block_influence(hs).argmin()) == 2
+    assert int(L.angular(hs).argmin()) == 2
+    assert L.angular_block(hs, 1)[0] == 2
+    assert int(L.skip_loss(calibrate.collect_skip_losses(model, batches)).argmin()) == 2
+    assert L.last(4).argsort()[:1].tolist() == [3]
+
+
+def reference_taylor(model, batches):
+    """|W * dL/dW| per structure from full autograd gradients, summed over batches (independent code)."""
+    adapter = get_adapter(model)
+    lay = adapter.layout
+    shapes = layer_shapes(model, adapter)
+    heads = [torch.zeros(s.num_heads, dtype=torch.float64) for s in shapes]
+    kv = [torch.zeros(s.num_kv_heads, dtype=torch.float64) for s in shapes]
+    ch = [torch.zeros(s.intermediate_size, dtype=torch.float64) for s in shapes]
+    for batch in batches:
+        model.zero_grad()
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1))
+        loss.backward()
+        for i, layer in enumerate(adapter.layers(model)):
+            s, d = shapes[i], shapes[i].head_dim
+            attn, mlp = adapter.attention(layer), adapter.mlp(layer)
+            t = lambda m: (m.weight * m.weight.grad).abs().double()  # noqa: E731
+            tb = lambda m: (m.bias * m.bias.grad).abs().double() if m.bias is not None else None  # noqa: E731
+            if lay.qkv:
+                full = t(getattr(attn, lay.qkv)).sum(1)
+                q_rows, k_rows, v_rows = full[: s.num_heads * d], full[s.num_heads * d : (s.num_heads + s.num_kv_heads) * d], full[(s.num_heads + s.num_kv_heads) * d :]
+            else:
+                q_rows, k_rows, v_rows = (t(getattr(attn, n)).sum(1) for n in (lay.q, lay.k, lay.v))
+                for name, rows in ((lay.q, "q"), (lay.k, "k"), (lay.v, "v")):
+                    b = tb(getattr(attn, name))
+                    if b is not None:
+                        if rows == "q":
+                            q_rows = q_rows + b
+                        elif rows == "k":
+                            k_rows = k_rows + b
+                        else:
+                            v_rows = v_rows + b
+            o_cols = t(getattr(attn, lay.o)).sum(0)
+            for h in range(s.num_heads):
+                heads[i][h] += q_rows[h * d : (h + 1) * d].sum() + o_cols[h * d : (h + 1) * d].sum()
+            for g in range(s.num_kv_heads):
+                kv[i][g] += k_rows[g * d : (g + 1) * d].sum() + v_rows[g * d : (g + 1) * d].sum()
+            if lay.gate_up:
+                gu = t(getattr(mlp, lay.gate_up)).sum(1)
+                rows = gu[: s.intermediate_size] + gu[s.intermediate_size :]
+            else:
+                rows = sum(t(getattr(mlp, n)).sum(1) + (tb(getattr(mlp, n)) if getattr(mlp, n).bias is not None else 0)
+                           for n in lay.channel_projections())
+            ch[i] += rows + t(getattr(mlp, lay.down)).sum(0)
+    groups = [k + h.reshape(len(k), -1).sum(-1) for k, h in zip(kv, heads)]
+    return heads, groups, ch
+
+
+@pytest.mark.parametrize("family", ["llava_llama_gqa", "llava_phi", "llava_phi3", "qwen2_vl"])
+def test_taylor_equals_full_autograd_reference(family):
+    model = build_tiny(family)
+    batches = [labelled(model, family, seed=0), labelled(model, family, seed=1)]
+    scores = W.taylor(calibrate.collect_taylor(model, batches, tokens="answer"), layer_shapes(model))
+    assert all(p.grad is None for p in model.parameters())
+    heads, groups, channels = reference_taylor(copy.deepcopy(model), batches)
+    for got, want in ((scores.heads, heads), (scores.groups, groups), (scores.channels, channels)):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-10)
+
+
+def test_activation_and_wanda_equal_hand_computed_values():
+    model = build_tiny("llava_llama_gqa")
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    del layers[2:]  # a two-layer toy
+    model.config.text_config.num_hidden_layers = 2
+    batch = labelled(model, "llava_llama_gqa")
+    seen = {}
+    hooks = [layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(("o", i), a[0]))
+             for i, layer in enumerate(layers)]
+    hooks += [layer.mlp.down_proj.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(("d", i), a[0]))
+              for i, layer in enumerate(layers)]
+    with torch.no_grad():
+        model(**{k: v for k, v in batch.items() if k != "labels"})
+    for h in hooks:
+        h.remove()
+    mask = batch["attention_mask"].bool()
+    shapes = layer_shapes(model)
+    stats = calibrate.collect_activations(model, [batch], tokens="all")
+    act = W.activation(stats, shapes)
+    wanda = W.wanda(stats, [x.self_attn.o_proj.weight for x in layers], [x.mlp.down_proj.weight for x in layers], shapes)
+    for i, s in enumerate(shapes):
+        o = seen[("o", i)][mask].double()          # [N, H*d]
+        d = seen[("d", i)][mask].double()          # [N, I]
+        head_abs = o.abs().mean(0).reshape(s.num_heads, s.head_dim).mean(-1)
+        torch.testing.assert_close(act.heads[i], head_abs)
+        torch.testing.assert_close(act.channels[i], d.abs().mean(0))
+        torch.testing.assert_close(act.groups[i], head_abs.reshape(s.num_kv_heads, -1).sum(-1))
+        w_o = layers[i].self_attn.o_proj.weight.detach().double().abs().sum(0)
+        head_w = (w_o * o.norm(dim=0)).reshape(s.num_heads, s.head_dim).sum(-1)
+        torch.testing.assert_close(wanda.heads[i], head_w)
+        w_d = layers[i].mlp.down_proj.weight.detach().double().abs().sum(0)
+        torch.testing.assert_close(wanda.channels[i], w_d * d.norm(dim=0))
+
+
+@pytest.mark.parametrize("family", ["llava_llama_gqa", "qwen2_vl", "gemma3"])
+def test_padding_never_changes_a_score(family):
+    model = build_tiny(family)
+    batch = labelled(model, family)
+    padded = pad_right(batch)
+    shapes = layer_shapes(model)
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)  # noqa: E731
+    a, b = (calibrate.collect_hidden_states(model, [x]) for x in (batch, padded))
+    assert a.tokens == b.tokens
+    close(L.block_influence(a), L.block_influence(b))
+    close(L.angular(a), L.angular(b))
+    close(L.skip_loss(calibrate.collect_skip_losses(model, [batch])),
+          L.skip_loss(calibrate.collect_skip_losses(model, [padded])))
+    for x, y in zip(W.taylor(calibrate.collect_taylor(model, [batch]), shapes).channels,
+                    W.taylor(calibrate.collect_taylor(model, [padded]), shapes).channels):
+        close(x, y)
+    for x, y in zip(calibrate.collect_activations(model, [batch]), calibrate.collect_activations(model, [padded])):
+        close(x.o_abs, y.o_abs)
+        close(x.down_sq, y.down_sq)
+        assert x.tokens == y.tokens
+
+
+def test_magnitude_and_random():
+    model = build_tiny("llava_phi")
+    adapter = get_adapter(model)
+    shapes = layer_shapes(model)
+    params = [(role, p) for i, layer in enumerate(adapter.layers(model)) for p, role in layer_params(layer, adapter, i).items()]
+    m1 = W.magnitude(params, shapes, p=1)
+    layer = adapter.layers(model)[1]
+    fc1, fc2 = layer.mlp.fc1, layer.mlp.fc2
+    expected = fc1.weight.abs().sum(1) + fc1.bias.abs() + fc2.weight.abs().sum(0)
+    torch.testing.assert_close(m1.channels[1], expected.double().detach())
+    m2 = W.magnitude(params, shapes, p=2)
+    expected2 = (fc1.weight.pow(2).sum(1) + fc1.bias.pow(2) + fc2.weight.pow(2).sum(0)).sqrt()
+    torch.testing.assert_close(m2.channels[1], expected2.double().detach())
+    r1, r2, r3 = W.random(shapes, 1), W.random(shapes, 1), W.random(shapes, 2)
+    assert torch.equal(r1.channels[0], r2.channels[0]) and not torch.equal(r1.channels[0], r3.channels[0])
