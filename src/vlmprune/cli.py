@@ -52,12 +52,23 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_prune(args) -> None:
-    from vlmprune.pipeline import prune_from_plan
+    from vlmprune import pipeline
 
-    if args.plan is None:
-        raise VlmpruneError("vlmprune prune needs --plan PLAN.json")
-    prune_from_plan(args.model, args.plan, args.output, overwrite=args.overwrite,
-                    trust_remote_code=args.trust_remote_code)
+    if args.plan is not None:
+        if args.method is not None:
+            raise VlmpruneError("give either --plan or --method/--ratio, not both")
+        pipeline.prune_from_plan(args.model, args.plan, args.output, overwrite=args.overwrite,
+                                 trust_remote_code=args.trust_remote_code)
+        return
+    if args.method is None or args.ratio is None:
+        raise VlmpruneError("vlmprune prune needs --plan PLAN.json, or --method layer|width with --ratio R")
+    pipeline.prune(
+        args.model, args.method, args.ratio, args.output, criterion=args.criterion, calibration=args.calibration,
+        image_folder=args.image_folder, num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size,
+        max_length=args.max_length, tokens=args.tokens, attention=args.attention, mlp_multiple=args.mlp_multiple,
+        layers=args.layers, global_ranking=args.global_ranking, split=args.split, device=args.device,
+        dtype=args.dtype, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +88,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune the language backbone and write a checkpoint")
     model_arg(p)
     p.add_argument("--plan", help="pruning_plan.json to apply (indices of the input model)")
+    p.add_argument("--method", choices=["layer", "width"], help="drop decoder layers, or heads and MLP channels")
+    p.add_argument("--ratio", type=float, help="fraction of the WHOLE model's parameters to remove, in (0, 1)")
+    p.add_argument("--criterion", help="layer: block_influence (default), angular, skip_loss, last; "
+                                      "width: taylor (default), magnitude, activation, wanda, random")
+    p.add_argument("--calibration", help="LLaVA-format JSON/JSONL, a save_to_disk directory or a hub dataset id")
+    p.add_argument("--image-folder", help="root of the relative image paths in --calibration")
+    p.add_argument("--split", default="train", help="dataset split (HF datasets)")
+    p.add_argument("--num-samples", type=int, default=128, help="calibration samples (seeded draw)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--max-length", type=int, default=None, help="truncate longer samples (never their image tokens)")
+    p.add_argument("--tokens", choices=["all", "text", "image", "answer"],
+                   help="positions the statistics use (default: answer for taylor/skip_loss, else all)")
+    p.add_argument("--attention", choices=["groups", "heads", "none"], default="groups",
+                   help="width: drop whole kv groups, q heads inside every group, or leave attention alone")
+    p.add_argument("--mlp-multiple", type=int, default=None,
+                   help="kept MLP widths are multiples of this (default 64 for MLPs >= 4096, else 8)")
+    p.add_argument("--layers", help="width: prune only layers START:END (python slice; gives non-uniform widths)")
+    p.add_argument("--global", dest="global_ranking", action="store_true",
+                   help="width: rank structures across layers instead of the same widths in each")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: where the model loads)")
+    p.add_argument("--dtype", help="float32, bfloat16, ... (default: the checkpoint's)")
     p.add_argument("--output", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_prune)

@@ -11,3 +11,7 @@ class UnsupportedModelError(VlmpruneError):
 
 class PlanError(VlmpruneError):
     """A pruning plan is malformed or does not fit the model."""
+
+
+class DataError(VlmpruneError):
+    """Training or calibration data is missing, malformed or does not fit the processor."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -105,11 +105,13 @@ def save_model(
     source: str | Path | None = None,
     processor=None,
     overwrite: bool = False,
+    extras: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``model`` (safetensors), its processor files and ``pruning_plan.json`` atomically.
 
     Processor/tokenizer files are copied from ``source`` when it is a local directory, else
     saved from ``processor`` (or loaded from ``source`` as a hub id) when one is available.
+    ``extras(dir)`` may add files (plots, metrics) before the directory is put in place.
     """
     output = Path(output)
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
@@ -117,6 +119,8 @@ def save_model(
         copy_processor_files(source, tmp, processor)
         if plan is not None:
             plan.save(tmp / PLAN_FILE)
+        if extras is not None:
+            extras(tmp)
     return output.resolve()
 
 

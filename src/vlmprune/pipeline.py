@@ -13,6 +13,7 @@ from vlmprune.importance.structures import layer_params
 from vlmprune.inspect import summarize
 from vlmprune.io import load, save_model
 from vlmprune.plan import PruningPlan
+from vlmprune.plots import plot_layer_scores, plot_width_scores
 from vlmprune.planning import (ModelBudget, achieved, check_ratio, layers_to_drop, parse_layer_range, plan_layers,
                                plan_width)
 from vlmprune.prune import apply_plan_
@@ -116,3 +117,108 @@ def plan_from_scores(model, method: str, ratio: float, criterion: str | None = N
     extra["achieved"] = achieved(plan, budget, shapes)
     plan.extra.update(extra)
     return plan, score_obj
+
+
+class Batches:
+    """Re-iterable calibration batches: samples collated on the fly (images opened per batch)."""
+
+    def __init__(self, samples, collator, batch_size: int = 1):
+        if batch_size < 1:
+            raise VlmpruneError(f"--batch-size must be >= 1, got {batch_size}")
+        self.samples, self.collator, self.batch_size = samples, collator, batch_size
+
+    def __len__(self) -> int:
+        return (len(self.samples) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        for start in range(0, len(self.samples), self.batch_size):
+            yield self.collator(self.samples[start : start + self.batch_size])
+
+
+def calibration_batches(processor, data, image_folder=None, num_samples: int | None = 128, seed: int = 0,
+                        batch_size: int = 1, max_length: int | None = None, split: str = "train") -> Batches:
+    """Read a LLaVA-format file or HF dataset, draw a seeded sample, and collate lazily."""
+    from vlmprune.data import Collator, read_samples, select
+
+    samples = select(read_samples(data, image_folder, split=split), num_samples=num_samples, seed=seed)
+    return Batches(samples, Collator(processor, max_length=max_length), batch_size)
+
+
+def load_processor(model: str | Path, trust_remote_code: bool = False):
+    import transformers
+
+    try:
+        return transformers.AutoProcessor.from_pretrained(str(model), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as exc:
+        raise VlmpruneError(
+            f"cannot load the processor of {model} ({exc}); calibration needs the model's processor and chat template"
+        ) from None
+
+
+def prune(model: str | Path, method: str, ratio: float, output: str | Path, criterion: str | None = None,
+          calibration: str | Path | None = None, image_folder: str | Path | None = None, num_samples: int = 128,
+          seed: int = 0, batch_size: int = 1, max_length: int | None = None, tokens: str | None = None,
+          attention: str = "groups", mlp_multiple: int | None = None, layers: str | None = None,
+          global_ranking: bool = False, split: str = "train", device: str | None = None, dtype=None,
+          overwrite: bool = False, trust_remote_code: bool = False, quiet: bool = False) -> Path:
+    """Calibrate, score, plan for ``ratio`` and write the pruned model with its plan and a plot.
+
+    Every argument is checked before the model is loaded where possible, and nothing is written
+    unless pruning succeeds.
+    """
+    criterion = check_criterion(method, criterion)
+    check_ratio(ratio)
+    out_path = Path(output)
+    if out_path.exists() and any(out_path.iterdir()) and not overwrite:
+        raise VlmpruneError(f"output directory {out_path} exists and is not empty; choose another or pass --overwrite")
+    net = load(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    if device:
+        net.to(device)
+    batches = None
+    if calibration is not None:
+        processor = load_processor(model, trust_remote_code)
+        batches = calibration_batches(processor, calibration, image_folder, num_samples, seed, batch_size,
+                                      max_length, split)
+    before = summarize(net)
+    plan, scores = plan_from_scores(net, method, ratio, criterion, batches, tokens, attention, mlp_multiple,
+                                    layers, global_ranking, seed)
+    plan.extra.update({"source_model": str(model), "calibration": str(calibration) if calibration else None,
+                       "num_samples": num_samples, "seed": seed})
+    shapes = layer_shapes(net)
+    apply_plan_(net, plan)
+    after = summarize(net)
+    plan.extra["parameters"] = {"before": before.parameters, "after": after.parameters}
+    measured = 1 - after.parameters["total"] / before.parameters["total"]
+    if abs(measured - plan.extra["achieved"]["ratio"]) > 1e-9:  # the planner's arithmetic is the truth it reports
+        raise AssertionError(f"planned ratio {plan.extra['achieved']['ratio']} != measured {measured}")
+    def plot(directory: Path) -> None:
+        if method == "layer":
+            plot_layer_scores(scores.tolist(), plan.drop_layers, directory / "importance.png", criterion)
+        else:
+            plot_width_scores(scores, plan, directory / "importance.png", criterion, attention)
+
+    save_model(net, out_path, plan=plan, source=model, overwrite=overwrite, extras=plot)
+    if not quiet:
+        print_prune_summary(before, after, plan, shapes, out_path)
+    return out_path.resolve()
+
+
+def print_prune_summary(before, after, plan: PruningPlan, shapes, output: Path) -> None:
+    from rich.table import Table
+
+    from vlmprune.cli import console, print_summary
+
+    table = Table(title=f"vlmprune prune: {plan.extra['method']} / {plan.extra['criterion']} -> {output}")
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    for part in ("vision", "projector", "language_model", "total"):
+        table.add_row(part, f"{before.parameters[part]:,}", f"{after.parameters[part]:,}")
+    a = plan.extra["achieved"]
+    table.add_row("removed (whole model)", f"target {plan.extra['ratio_target']:.2%}", f"{a['ratio']:.2%}")
+    table.add_row("removed (language model)", "", f"{a['ratio_language_model']:.2%}")
+    if plan.drop_layers:
+        table.add_row("layers dropped", str(len(shapes)), f"{plan.drop_layers}")
+    console.print(table)
+    if plan.layers:
+        print_summary(after, title="widths kept")

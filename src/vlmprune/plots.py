@@ -52,7 +52,8 @@ def plot_width_scores(scores: WidthScores, plan: PruningPlan, path: Path, criter
             kept = plan.layers.get(i, {}).get(key)
             kept_counts.append(len(kept) if kept is not None else len(vals))
         im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
-        ax.step(np.asarray(kept_counts) - 0.5, np.arange(layers), where="mid", color="red", linewidth=1.5)
+        for i, k in enumerate(kept_counts):  # the cut: a vertical segment through each layer's row
+            ax.plot([k - 0.5, k - 0.5], [i - 0.5, i + 0.5], color="red", linewidth=2)
         ax.set_title(f"{label} (sorted per layer; red = cut)")
         ax.set_xlabel("rank within layer")
         ax.set_ylabel("decoder layer")

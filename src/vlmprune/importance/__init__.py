@@ -1,0 +1,1 @@
+"""Importance criteria: pure functions of collected statistics and weights (see calibrate for the hooks)."""
