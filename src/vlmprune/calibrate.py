@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vlmprune.adapters import get_adapter
+from vlmprune.data import token_masks
 from vlmprune.errors import VlmpruneError
 from vlmprune.importance.layer import HiddenStateStats, SkipLossStats
 from vlmprune.importance.structures import LayerSums, layer_params, reduce_
@@ -38,18 +39,10 @@ def select_tokens(batch: dict, tokens: str, image_id: int | None) -> torch.Tenso
     """Bool [B, T] mask of the positions statistics use: all real tokens, text, image, or answer."""
     if tokens not in TOKEN_CHOICES:
         raise VlmpruneError(f"--tokens must be one of {', '.join(TOKEN_CHOICES)}, got {tokens!r}")
-    ids = batch["input_ids"]
-    real = batch.get("attention_mask", torch.ones_like(ids)).bool()
-    image = (ids == image_id) & real if image_id is not None else torch.zeros_like(real)
-    if tokens == "all":
-        return real
-    if tokens == "image":
-        return image
-    if tokens == "text":
-        return real & ~image
-    if "labels" not in batch:
+    masks = token_masks(batch, -1 if image_id is None else image_id)
+    if tokens not in masks:
         raise VlmpruneError("--tokens answer needs labelled samples (assistant answers)")
-    return (batch["labels"] != -100) & real
+    return masks[tokens] & masks["all"]
 
 
 def _device(model: nn.Module) -> torch.device:

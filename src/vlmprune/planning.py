@@ -54,7 +54,7 @@ class ModelBudget:
         structures = [LayerSums.zeros(s) for s in shapes]
         for i, layer in enumerate(layers):
             for param, role in layer_params(layer, adapter, i).items():
-                reduce_(structures[i], role, torch.ones(param.shape), shapes[i])
+                reduce_(structures[i], role, _count_proxy(param, role), shapes[i])
         return cls(counts["total"], counts["language_model"], per_layer, structures)
 
     def head_params(self, i: int) -> float:
@@ -67,6 +67,17 @@ class ModelBudget:
     def channel_params(self, i: int) -> float:
         s = self.structures[i]
         return float((s.mlp_rows + s.mlp_cols)[0])
+
+
+def _count_proxy(param: torch.Tensor, role) -> torch.Tensor:
+    """A small tensor that reduce_ turns into parameter counts per structure: each row (or
+    column) of a weight holds as many parameters as the other dimension is long."""
+    if role.is_bias:
+        return torch.ones(param.shape[0])
+    out_features, in_features = param.shape
+    if role.role in ("o", "down"):  # column-owned
+        return torch.full((1, in_features), float(out_features))
+    return torch.full((out_features, 1), float(in_features))
 
 
 def plan_layers(scores: torch.Tensor, budget: ModelBudget, ratio: float, block_start: int | None = None) -> list[int]:
