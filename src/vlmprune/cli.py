@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_prune)
+
+    from vlmprune.recover.cli import add_parser as add_recover_parser
+
+    add_recover_parser(sub)
     return parser
 
 

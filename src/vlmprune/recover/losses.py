@@ -1,0 +1,144 @@
+"""Recovery losses as pure tensor functions (no model code, hand-checkable).
+
+Conventions. Every loss here takes tensors that are already aligned: ``logits[b, k]`` is the
+prediction scored against ``targets[b, k]`` (or compared with ``teacher[b, k]``), and a boolean
+``mask[b, k]`` says which positions count. The trainer does the next-token shift (labels and
+masks from :func:`vlmprune.data.token_masks` are in input positions; see :func:`next_token`).
+Every loss is a sum over the selected positions divided by their number, never by the batch
+size, and is an exact 0 (still attached to the graph) when nothing is selected.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vlmprune.data import IGNORE_INDEX
+from vlmprune.errors import VlmpruneError
+from vlmprune.plan import PruningPlan
+
+LOSSES = ("sft", "logits", "hidden")
+
+
+def next_token(mask: torch.Tensor) -> torch.Tensor:
+    """Bool [B, T] mask of the positions whose prediction scores a selected next token.
+
+    ``mask`` is in input positions (token t selected); the prediction at position t scores
+    token t + 1, so the result is ``mask`` moved one step left, with the last position empty.
+    """
+    shifted = torch.zeros_like(mask)
+    shifted[:, :-1] = mask[:, 1:]
+    return shifted
+
+
+def _masked_mean(per_position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of ``per_position`` [B, K] over ``mask`` [B, K], divided by the number selected."""
+    n = mask.sum()
+    return (per_position * mask).sum() / n.clamp(min=1)
+
+
+def sft_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``logits`` [B, K, V] against ``targets`` [B, K] (-100: ignored), per token."""
+    mask = targets != IGNORE_INDEX
+    ce = F.cross_entropy(logits.float().transpose(1, 2), targets.masked_fill(~mask, 0), reduction="none")  # [B, K]
+    return _masked_mean(ce, mask)
+
+
+def logit_kd(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+    """KL(teacher || student) of temperature-softened distributions times T^2, per selected token.
+
+    ``student``/``teacher``: logits [B, K, V]; ``mask``: bool [B, K]. The T^2 factor keeps the
+    gradient scale independent of T (Hinton et al.).
+    """
+    if temperature <= 0:
+        raise VlmpruneError(f"temperature must be > 0, got {temperature}")
+    log_s = F.log_softmax(student.float() / temperature, dim=-1)
+    log_t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    kl = F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1)  # [B, K]
+    return _masked_mean(kl, mask) * temperature**2
+
+
+def hidden_mse(student: list[torch.Tensor], teacher: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """MSE between paired hidden states [B, T, D], per selected token, averaged over the pairs.
+
+    A token's error is the mean over D of the squared difference; the loss of one pair is the
+    sum of its tokens' errors divided by the number of selected tokens; pairs count equally.
+    Positions are not shifted: student and teacher states of the same input token are compared.
+    """
+    if len(student) != len(teacher) or not student:
+        raise VlmpruneError(f"hidden_mse needs equally many (>0) states, got {len(student)} and {len(teacher)}")
+    losses = []
+    for s, t in zip(student, teacher):
+        if s.shape != t.shape:
+            raise VlmpruneError(f"student and teacher hidden states differ in shape: {tuple(s.shape)} vs {tuple(t.shape)}")
+        per_token = (s.float() - t.float()).pow(2).mean(-1)  # [B, T]
+        losses.append(_masked_mean(per_token, mask))
+    return torch.stack(losses).mean()
+
+
+def parse_losses(spec: str | dict) -> dict[str, float]:
+    """``"sft=1,hidden=0.5"`` (or a dict) -> ``{"sft": 1.0, "hidden": 0.5}``; unknown names and bad weights refused."""
+    if isinstance(spec, dict):
+        items = list(spec.items())
+    else:
+        items = []
+        for part in str(spec).split(","):
+            name, sep, weight = part.partition("=")
+            if not sep:
+                raise VlmpruneError(f"--loss entries are NAME=WEIGHT (e.g. sft=1,hidden=1), got {part!r}")
+            items.append((name.strip(), weight.strip()))
+    weights = {}
+    for name, weight in items:
+        if name not in LOSSES:
+            raise VlmpruneError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}")
+        try:
+            value = float(weight)
+        except (TypeError, ValueError):
+            raise VlmpruneError(f"loss {name!r} has weight {weight!r}, not a number") from None
+        if value < 0:
+            raise VlmpruneError(f"loss {name!r} has a negative weight {value}")
+        if value > 0:
+            weights[name] = value
+    if not weights:
+        raise VlmpruneError(f"--loss {spec!r} gives no loss a positive weight")
+    return weights
+
+
+def layer_map(
+    student_layers: int, teacher_layers: int, plan: PruningPlan | None, which: str | list[int] = "all"
+) -> list[tuple[int, int]]:
+    """Pairs (student layer j, teacher layer) whose outputs the hidden loss compares.
+
+    After layerwise pruning student layer j is teacher layer ``plan.kept_layers(n)[j]``; without
+    a plan the two models must have the same depth (identity). ``which`` names student layers:
+    ``"all"``, ``"last"``, or a list / comma-separated string of indices.
+    """
+    if plan is not None:
+        kept = plan.kept_layers(teacher_layers)
+        if len(kept) != student_layers:
+            raise VlmpruneError(
+                f"the student's pruning plan keeps {len(kept)} of the teacher's {teacher_layers} layers, but the "
+                f"student has {student_layers}: the teacher is not the model this student was pruned from"
+            )
+    elif student_layers != teacher_layers:
+        raise VlmpruneError(
+            f"the student has {student_layers} decoder layers and the teacher {teacher_layers}, and the student has no "
+            f"pruning_plan.json saying which teacher layers it kept; hidden-state distillation needs that mapping. "
+            f"Put the plan `vlmprune prune` wrote into the student directory, or drop the 'hidden' loss"
+        )
+    else:
+        kept = list(range(teacher_layers))
+    if which == "all":
+        chosen = list(range(student_layers))
+    elif which == "last":
+        chosen = [student_layers - 1]
+    else:
+        try:
+            chosen = [int(i) for i in which.split(",")] if isinstance(which, str) else [int(i) for i in which]
+        except ValueError:
+            raise VlmpruneError(f"--hidden-layers is all, last or comma-separated student layer indices, got {which!r}") from None
+        bad = [j for j in chosen if not 0 <= j < student_layers]
+        if bad or not chosen:
+            raise VlmpruneError(f"--hidden-layers {which!r}: the student has layers 0..{student_layers - 1}")
+        chosen = sorted(set(chosen))
+    return [(j, kept[j]) for j in chosen]

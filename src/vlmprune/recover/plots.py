@@ -1,0 +1,29 @@
+"""The loss curve of a recovery run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_loss_curve(history: list[dict], path: Path) -> Path:
+    """Total loss and each logged term (``loss_<name>``) against the optimizer step."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    keys = [k for k in dict.fromkeys(k for entry in history for k in entry) if k == "loss" or k.startswith("loss_")]
+    for key in keys:
+        points = [(entry["step"], entry[key]) for entry in history if key in entry]
+        ax.plot(*zip(*points), marker="." if len(points) < 50 else None,
+                label="total (weighted)" if key == "loss" else key[5:], linewidth=2 if key == "loss" else 1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title("Recovery training")
+    if keys:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,140 @@
+"""A ``transformers.Trainer`` whose loss is a weighted sum of SFT and distillation terms.
+
+Plain ``transformers.Trainer`` rather than TRL's ``SFTTrainer``: the batches come from
+vlmprune's own :class:`~vlmprune.data.Collator` (answer-only labels found from the chat
+template), and the loss needs a teacher forward and layer hooks, so SFTTrainer's dataset
+preparation and loss would both be replaced; what is left (optimizer, schedule, accumulation,
+checkpoints, resume, logging, accelerate/DDP/FSDP/DeepSpeed) is the Trainer's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+import transformers
+from torch import nn
+
+from vlmprune.data import IGNORE_INDEX, token_masks
+from vlmprune.recover.losses import hidden_mse, logit_kd, next_token, sft_loss
+
+
+@contextlib.contextmanager
+def layer_outputs(layers: Sequence[nn.Module]) -> Iterator[list]:
+    """Collect each module's own output (first element when it returns a tuple) during one forward.
+
+    The hooks exist only inside the block, so a gradient-checkpointing recomputation in the
+    backward pass does not overwrite (or keep alive) what was collected.
+    """
+    outputs: list = [None] * len(layers)
+
+    def hook(index: int):
+        def keep(module, args, output):
+            outputs[index] = output[0] if isinstance(output, (tuple, list)) else output
+        return keep
+
+    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class RecoveryTrainer(transformers.Trainer):
+    """Trainer for a pruned student, optionally distilled from its unpruned teacher.
+
+    Args (beyond the Trainer's):
+        teacher: the unpruned model, or None for SFT alone. It is moved to the training device,
+            put in eval mode, frozen, run under ``no_grad`` on the same batch (its own vision
+            tower and projector), and never saved: it is not part of ``self.model``.
+        weights: loss name -> weight, names from :data:`vlmprune.recover.losses.LOSSES`.
+        image_token_id: the processor's image token, to tell image from text positions.
+        temperature / kd_tokens: logit KD temperature, and ``answer`` or ``text`` targets.
+        student_layers / teacher_layers: paired decoder-layer modules for the hidden loss.
+        hidden_tokens: ``all`` (every real token), ``text`` or ``answer``.
+
+    Each loss is a per-token mean over one micro-batch (``loss_is_scaled_for_ga = False``, so the
+    Trainer divides by the accumulation steps). Unweighted terms are logged as ``loss_<name>``.
+    """
+
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, teacher: nn.Module | None = None, weights: dict[str, float], image_token_id: int,
+                 temperature: float = 2.0, kd_tokens: str = "answer", student_layers: Sequence[nn.Module] = (),
+                 teacher_layers: Sequence[nn.Module] = (), hidden_tokens: str = "all", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.weights = dict(weights)
+        self.image_token_id = image_token_id
+        self.temperature = temperature
+        self.kd_tokens = kd_tokens
+        self.hidden_tokens = hidden_tokens
+        self.student_layers = list(student_layers)
+        self.teacher_layers = list(teacher_layers)
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.to(self.args.device).eval().requires_grad_(False)
+        self._sums: dict[str, torch.Tensor] = {}
+        self._calls = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Weighted sum of the configured losses on one micro-batch."""
+        masks = token_masks(inputs, self.image_token_id)
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        labels = inputs["labels"]
+        targets = torch.full_like(labels, IGNORE_INDEX)
+        targets[:, :-1] = labels[:, 1:]  # the prediction at t scores token t + 1
+        kd_mask = next_token(masks[self.kd_tokens] & masks["all"])
+        # Logits only where a loss reads them: the LM head over a large vocabulary at every
+        # position is the costliest part of a small model's step.
+        wanted = torch.zeros_like(kd_mask)
+        if "sft" in self.weights:
+            wanted |= targets != IGNORE_INDEX
+        if "logits" in self.weights:
+            wanted |= kd_mask
+        positions = wanted.any(0).nonzero().squeeze(1)  # [K]
+
+        with layer_outputs(self.student_layers) as student_hidden:
+            outputs = model(**model_inputs, logits_to_keep=positions)
+        losses = {}
+        if "sft" in self.weights:
+            losses["sft"] = sft_loss(outputs.logits, targets[:, positions])
+        if self.teacher is not None:
+            with torch.no_grad(), layer_outputs(self.teacher_layers) as teacher_hidden:
+                teacher_logits = self.teacher(**model_inputs, logits_to_keep=positions).logits
+            if "logits" in self.weights:
+                losses["logits"] = logit_kd(outputs.logits, teacher_logits, kd_mask[:, positions], self.temperature)
+            if "hidden" in self.weights:
+                hidden_mask = masks[self.hidden_tokens] & masks["all"]
+                losses["hidden"] = hidden_mse(student_hidden, teacher_hidden, hidden_mask)
+        loss = sum(self.weights[name] * value for name, value in losses.items())
+        if model.training:
+            for name, value in losses.items():
+                self._sums[name] = self._sums.get(name, 0.0) + value.detach()
+            self._calls += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Write checkpoints under the model's own parameter names.
+
+        ``save_pretrained`` renames keys to the original hub layout by default (LLaVA:
+        ``language_model.model.*``), but resuming loads a checkpoint with a plain
+        ``load_state_dict``, which then matches nothing and only warns (transformers 5.24).
+        Peft models save their adapters under peft's names and keep the Trainer's own path.
+        """
+        model = self.accelerator.unwrap_model(self.model)
+        if not isinstance(model, transformers.PreTrainedModel) or self.is_fsdp_enabled:
+            super()._save(output_dir, state_dict)
+        elif self.args.should_save:
+            model.save_pretrained(output_dir or self.args.output_dir, state_dict=state_dict, save_original_format=False)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add each loss term's mean since the last log (averaged over processes) to training logs."""
+        if "loss" in logs and self._calls:
+            names = list(self._sums)
+            local = torch.stack([self._sums[n] / self._calls for n in names]).to(self.args.device)
+            means = self.accelerator.gather(local[None]).mean(0)
+            logs.update({f"loss_{n}": round(float(v), 6) for n, v in zip(names, means)})
+            self._sums, self._calls = {}, 0
+        super().log(logs, start_time)
