@@ -71,6 +71,22 @@ def cmd_prune(args) -> None:
     )
 
 
+def cmd_study(args) -> None:
+    from vlmprune.study import load_study_config, run_study
+
+    run = run_study(load_study_config(args.config, args.overrides), console)
+    if not args.no_report:
+        cmd_report(argparse.Namespace(run=run))
+
+
+def cmd_report(args) -> None:
+    from vlmprune.report import write_report
+
+    paths = write_report(args.run)
+    console.print(paths["md"].read_text())
+    console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmprune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
     from vlmprune.recover.cli import add_parser as add_recover_parser
 
     add_recover_parser(sub)
+
+    p = sub.add_parser("study", help="run a grid of prune x recover x evaluate cells (resumable)")
+    p.add_argument("--config", required=True, help="configs/study/<name>.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value (dotted for nested options), e.g. evaluation.limit=100")
+    p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("report", help="aggregate a study run directory into tables and plots")
+    p.add_argument("run", help="the study's run directory")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

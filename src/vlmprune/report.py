@@ -1,0 +1,164 @@
+"""`vlmprune report RUN_DIR`: every cell of a study in one table (md, csv, json) and three plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from vlmprune.errors import VlmpruneError  # noqa: E402
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def collect(run: Path) -> tuple[dict, list[dict]]:
+    """The original model's scores and one row per cell (done or failed)."""
+    original = _read(run / "original" / "eval.json")
+    if original is None:
+        raise VlmpruneError(f"{run} has no original/eval.json: is it a `vlmprune study` run directory?")
+    tasks = sorted(original["tasks"])
+    rows = []
+    for cell_dir in sorted((run / "cells").iterdir()) if (run / "cells").exists() else []:
+        cell, status = _read(cell_dir / "cell.json"), _read(cell_dir / "status.json")
+        if cell is None:
+            continue
+        row = {k: cell[k] for k in ("id", "method", "criterion", "ratio", "recipe", "fraction")}
+        row["status"] = (status or {}).get("status", "unfinished")
+        row["error"] = (status or {}).get("error")
+        result = _read(cell_dir / "eval.json") if row["status"] == "done" else None
+        if result:
+            row["params"] = result["parameters"]["total"]
+            row["achieved_ratio"] = (result.get("achieved") or {}).get("ratio")
+            for t in tasks:
+                score = result["tasks"].get(t, {}).get("accuracy")
+                base = original["tasks"][t]["accuracy"]
+                row[f"{t}"] = score
+                row[f"{t}_retention"] = score / base if score is not None and base else None
+            kept = [row[f"{t}_retention"] for t in tasks if row.get(f"{t}_retention") is not None]
+            row["mean_retention"] = sum(kept) / len(kept) if kept else None
+            row["seconds"] = (status or {}).get("seconds")
+        rows.append(row)
+    return original, rows
+
+
+def _fmt(value, pct=False) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{100 * value:.1f}%" if pct else f"{value:.3f}"
+    return str(value)
+
+
+def write_report(run: str | Path) -> dict[str, Path]:
+    """Write results.{md,csv,json} and plots into the run directory; return their paths."""
+    run = Path(run)
+    original, rows = collect(run)
+    tasks = sorted(original["tasks"])
+    out = {"json": run / "results.json", "csv": run / "results.csv", "md": run / "results.md"}
+    out["json"].write_text(json.dumps({"original": {"tasks": {t: original["tasks"][t]["accuracy"] for t in tasks},
+                                                    "parameters": original["parameters"]}, "cells": rows}, indent=1))
+    columns = ["id", "method", "criterion", "ratio", "achieved_ratio", "recipe", "fraction", "params",
+               *[c for t in tasks for c in (t, f"{t}_retention")], "mean_retention", "status", "error"]
+    with out["csv"].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [f"# Study results: {run.name}", "",
+             f"Original model: {original['parameters']['total']:,} parameters; "
+             + ", ".join(f"{t} {original['tasks'][t]['accuracy']:.1%}" for t in tasks), "",
+             "| method | ratio (target / achieved) | recovery | data fraction | params | "
+             + " | ".join(f"{t} (retention)" for t in tasks) + " | mean retention | status |",
+             "|---|---|---|---:|---:|" + "---:|" * len(tasks) + "---:|---|"]
+    for r in sorted(rows, key=lambda r: (r["method"], r["ratio"], r["recipe"], r["fraction"] or 0)):
+        scores = " | ".join(f"{_fmt(r.get(t), True)} ({_fmt(r.get(f'{t}_retention'), True)})" if r.get(t) is not None
+                            else "" for t in tasks)
+        status = r["status"] if r["status"] != "failed" else f"failed: {r['error']}"
+        lines.append(f"| {r['method']} ({r['criterion']}) | {r['ratio']:.0%} / {_fmt(r.get('achieved_ratio'), True)} | "
+                     f"{r['recipe']} | {_fmt(r['fraction'], True)} | {r.get('params', ''):,} | {scores} | "
+                     f"{_fmt(r.get('mean_retention'), True)} | {status} |".replace("| , |", "| |"))
+    out.update(_plots(run, original, rows, tasks))
+    lines += ["", *[f"![{name}]({path.name})" for name, path in out.items() if path.suffix == ".png"]]
+    out["md"].write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _plots(run: Path, original: dict, rows: list[dict], tasks: list[str]) -> dict[str, Path]:
+    done = [r for r in rows if r["status"] == "done" and r.get("mean_retention") is not None]
+    paths = {}
+    if not done:
+        return paths
+    # 1. retention vs ratio, per method and recipe (at each recipe's most common fraction)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (method, recipe) in sorted({(r["method"], r["recipe"]) for r in done}):
+        pts = [r for r in done if r["method"] == method and r["recipe"] == recipe]
+        fractions = [r["fraction"] for r in pts]
+        main = max(set(fractions), key=fractions.count)
+        pts = sorted((r for r in pts if r["fraction"] == main), key=lambda r: r["ratio"])
+        ax.plot([r["achieved_ratio"] or r["ratio"] for r in pts], [100 * r["mean_retention"] for r in pts],
+                marker="o", linestyle="-" if method == "width" else "--", label=f"{method} / {recipe}")
+    ax.set_xlabel("parameters removed (fraction of the whole model)")
+    ax.set_ylabel("mean retention (%)")
+    ax.set_title("Retention vs compression")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    paths["retention_vs_ratio"] = run / "retention_vs_ratio.png"
+    fig.savefig(paths["retention_vs_ratio"], dpi=120)
+    plt.close(fig)
+    # 2. retention vs data fraction
+    sweeps = {}
+    for r in done:
+        if r["fraction"] is not None:
+            sweeps.setdefault((r["method"], r["recipe"], r["ratio"]), []).append(r)
+    sweeps = {k: v for k, v in sweeps.items() if len({r["fraction"] for r in v}) > 1}
+    if sweeps:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for (method, recipe, ratio), pts in sorted(sweeps.items()):
+            pts = sorted(pts, key=lambda r: r["fraction"])
+            ax.plot([100 * r["fraction"] for r in pts], [100 * r["mean_retention"] for r in pts], marker="o",
+                    label=f"{method} {ratio:.0%} / {recipe}")
+        ax.set_xscale("log")
+        ax.set_xlabel("recovery data (% of the training set, log scale)")
+        ax.set_ylabel("mean retention (%)")
+        ax.set_title("Retention vs data fraction")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths["retention_vs_fraction"] = run / "retention_vs_fraction.png"
+        fig.savefig(paths["retention_vs_fraction"], dpi=120)
+        plt.close(fig)
+    # 3. accuracy vs parameters, Pareto front marked
+    mean_acc = lambda r: sum(r[t] for t in tasks if r.get(t) is not None) / len(tasks)  # noqa: E731
+    points = [(r["params"], mean_acc(r), r["id"]) for r in done]
+    points.append((original["parameters"]["total"], sum(original["tasks"][t]["accuracy"] for t in tasks) / len(tasks),
+                   "original"))
+    front, best = [], -1.0
+    for p in sorted(points, key=lambda p: (p[0], -p[1])):
+        if p[1] > best:
+            front.append(p)
+            best = p[1]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter([p[0] / 1e6 for p in points], [100 * p[1] for p in points], color="tab:gray", s=18)
+    ax.plot([p[0] / 1e6 for p in front], [100 * p[1] for p in front], color="tab:red", marker="o", label="Pareto front")
+    for p in front:
+        ax.annotate(p[2], (p[0] / 1e6, 100 * p[1]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("parameters (millions)")
+    ax.set_ylabel("mean accuracy (%)")
+    ax.set_title("Accuracy vs size")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    paths["accuracy_vs_params"] = run / "accuracy_vs_params.png"
+    fig.savefig(paths["accuracy_vs_params"], dpi=120)
+    plt.close(fig)
+    return paths
