@@ -111,7 +111,7 @@ def plan_from_scores(model, method: str, ratio: float, criterion: str | None = N
         else:
             scores = W.random(shapes, seed)
         plan = plan_width(scores, shapes, budget, ratio, attention, mlp_multiple, chosen, global_ranking)
-        extra.update({"attention": attention, "mlp_multiple": mlp_multiple, "layers": layers,
+        extra.update({"attention": attention, "mlp_multiple": mlp_multiple, "layer_range": layers,
                       "global": global_ranking, "scores": scores.to_dict()})
         score_obj = scores
     extra["achieved"] = achieved(plan, budget, shapes)

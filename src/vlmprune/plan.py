@@ -99,6 +99,9 @@ class PruningPlan:
         return cls(sorted(drop), layers, extra)
 
     def to_dict(self) -> dict[str, Any]:
+        clash = {"version", "drop_layers", "layers"} & set(self.extra)
+        if clash:
+            raise PlanError(f"extra plan fields may not reuse the reserved names {sorted(clash)}")
         return {
             "version": PLAN_VERSION,
             "drop_layers": sorted(self.drop_layers),

@@ -59,6 +59,10 @@ def _fmt(value, pct=False) -> str:
     return str(value)
 
 
+def _fmt_int(value) -> str:
+    return f"{value:,}" if isinstance(value, int) else ""
+
+
 def write_report(run: str | Path) -> dict[str, Path]:
     """Write results.{md,csv,json} and plots into the run directory; return their paths."""
     run = Path(run)
@@ -84,8 +88,8 @@ def write_report(run: str | Path) -> dict[str, Path]:
                             else "" for t in tasks)
         status = r["status"] if r["status"] != "failed" else f"failed: {r['error']}"
         lines.append(f"| {r['method']} ({r['criterion']}) | {r['ratio']:.0%} / {_fmt(r.get('achieved_ratio'), True)} | "
-                     f"{r['recipe']} | {_fmt(r['fraction'], True)} | {r.get('params', ''):,} | {scores} | "
-                     f"{_fmt(r.get('mean_retention'), True)} | {status} |".replace("| , |", "| |"))
+                     f"{r['recipe']} | {_fmt(r['fraction'], True)} | {_fmt_int(r.get('params'))} | {scores} | "
+                     f"{_fmt(r.get('mean_retention'), True)} | {status} |")
     out.update(_plots(run, original, rows, tasks))
     lines += ["", *[f"![{name}]({path.name})" for name, path in out.items() if path.suffix == ".png"]]
     out["md"].write_text("\n".join(lines) + "\n")
@@ -93,8 +97,11 @@ def write_report(run: str | Path) -> dict[str, Path]:
 
 
 def _plots(run: Path, original: dict, rows: list[dict], tasks: list[str]) -> dict[str, Path]:
-    done = [r for r in rows if r["status"] == "done" and r.get("mean_retention") is not None]
+    finished = [r for r in rows if r["status"] == "done"]
+    done = [r for r in finished if r.get("mean_retention") is not None]  # retention needs a score > 0 to compare to
     paths = {}
+    if finished:
+        paths.update(_accuracy_plot(run, original, finished, tasks))
     if not done:
         return paths
     # 1. retention vs ratio, per method and recipe (at each recipe's most common fraction)
@@ -137,9 +144,14 @@ def _plots(run: Path, original: dict, rows: list[dict], tasks: list[str]) -> dic
         paths["retention_vs_fraction"] = run / "retention_vs_fraction.png"
         fig.savefig(paths["retention_vs_fraction"], dpi=120)
         plt.close(fig)
-    # 3. accuracy vs parameters, Pareto front marked
+    return paths
+
+
+def _accuracy_plot(run: Path, original: dict, rows: list[dict], tasks: list[str]) -> dict[str, Path]:
+    """Mean accuracy against parameters, with the Pareto front (no smaller model is better) marked."""
+    paths = {}
     mean_acc = lambda r: sum(r[t] for t in tasks if r.get(t) is not None) / len(tasks)  # noqa: E731
-    points = [(r["params"], mean_acc(r), r["id"]) for r in done]
+    points = [(r["params"], mean_acc(r), r["id"]) for r in rows]
     points.append((original["parameters"]["total"], sum(original["tasks"][t]["accuracy"] for t in tasks) / len(tasks),
                    "original"))
     front, best = [], -1.0

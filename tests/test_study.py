@@ -1,0 +1,124 @@
+"""The study grid: resumable after a kill, failed cells recorded, the report covering every cell."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tiny_data import tiny_llava_processor, write_llava_dataset
+from tiny_models import build_tiny
+from vlmprune.cli import main
+from vlmprune.errors import VlmpruneError
+from vlmprune.study import expand_grid, load_study_config, parse_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "study" / "smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study-inputs")
+    model_dir = root / "model"
+    build_tiny("llava_llama_gqa").save_pretrained(model_dir)
+    tiny_llava_processor().save_pretrained(model_dir)
+    data = write_llava_dataset(root / "data", 12)
+    test_file = root / "data" / "images" / "test.json"  # task files resolve images beside themselves
+    shutil.copy(data, test_file)
+    return [f"teacher={model_dir}", f"train_data={data}", f"image_folder={root / 'data' / 'images'}",
+            f"evaluation.task_file={test_file}"]
+
+
+def test_overrides_and_grid_expansion():
+    assert parse_overrides(["evaluation.limit=100", "teacher=/m", "keep_models=true"]) == {
+        "evaluation": {"limit": 100}, "teacher": "/m", "keep_models": True}
+    config = load_study_config(ROOT / "configs" / "study" / "paper.yaml")
+    cells = expand_grid(config)
+    assert len(cells) == 26 and len({c.id for c in cells}) == 26
+    assert len({c.prune_id for c in cells}) == 4  # pruned models shared across recipes
+    with pytest.raises(VlmpruneError, match="unknown study option 'nope'"):
+        load_study_config(SMOKE, ["nope=1"])
+    with pytest.raises(VlmpruneError, match="key=value"):
+        parse_overrides(["teacher"])
+
+
+def test_smoke_grid_resumes_after_kill_and_reports_both_cells(inputs, tmp_path):
+    run = tmp_path / "run"
+    argv = ["--config", str(SMOKE), f"output={run}", *inputs]
+    proc = subprocess.Popen([sys.executable, "-m", "vlmprune.cli", "study", *argv], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = run / "cells" / "layer-block_influence-r0.2-none"
+    deadline = time.time() + 300
+    while not (first / "status.json").exists():
+        assert proc.poll() is None, "the study ended before its first cell finished"
+        assert time.time() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    second = run / "cells" / "width-magnitude-r0.2-sft-f0.5"
+    assert not (second / "status.json").exists()
+    first_eval = (first / "eval.json").stat().st_mtime_ns
+    assert main(["study", *argv]) == 0
+    assert (first / "eval.json").stat().st_mtime_ns == first_eval  # not recomputed
+    assert json.loads((second / "status.json").read_text())["status"] == "done"
+    assert not (second / "model").exists()  # recovered weights are not kept by default
+    results = json.loads((run / "results.json").read_text())
+    assert {c["id"] for c in results["cells"]} == {first.name, second.name}
+    for cell in results["cells"]:
+        # a random tiny model scores 0 on the task file, so its retention is undefined (None)
+        assert cell["status"] == "done" and cell["test"] is not None and "mean_retention" in cell
+        assert 0.1 < cell["achieved_ratio"] < 0.3
+    md = (run / "results.md").read_text()
+    assert "layer (block_influence)" in md and "width (magnitude)" in md
+    assert (run / "accuracy_vs_params.png").exists()
+
+
+def test_failed_cell_is_reported_and_others_complete(inputs, tmp_path):
+    run = tmp_path / "run"
+    grid = "[{method: layer, ratio: 0.99, recipe: none}, {method: layer, ratio: 0.2, recipe: none}]"
+    assert main(["study", "--config", str(SMOKE), f"output={run}", f"grid={grid}", *inputs]) == 0
+    results = {c["id"]: c for c in json.loads((run / "results.json").read_text())["cells"]}
+    assert results["layer-block_influence-r0.99-none"]["status"] == "failed"
+    assert "would remove all 4 decoder layers" in results["layer-block_influence-r0.99-none"]["error"]
+    assert results["layer-block_influence-r0.2-none"]["status"] == "done"
+    assert "failed: VlmpruneError" in (run / "results.md").read_text()
+
+
+def _fake_cell(run, method, ratio, recipe, fraction, acc, params):
+    cell = run / "cells" / f"{method}-c-r{ratio}-{recipe}-f{fraction}"
+    cell.mkdir(parents=True)
+    (cell / "cell.json").write_text(json.dumps({"id": cell.name, "method": method, "criterion": "c", "ratio": ratio,
+                                                "recipe": recipe, "fraction": fraction}))
+    (cell / "status.json").write_text(json.dumps({"status": "done", "seconds": 1.0}))
+    (cell / "eval.json").write_text(json.dumps({"tasks": {"a": {"accuracy": acc}, "b": {"accuracy": acc / 2}},
+                                                "parameters": {"total": params}, "achieved": {"ratio": ratio}}))
+
+
+def test_report_numbers_and_plots(tmp_path):
+    from vlmprune.report import write_report
+
+    run = tmp_path / "run"
+    (run / "original").mkdir(parents=True)
+    (run / "original" / "eval.json").write_text(json.dumps(
+        {"tasks": {"a": {"accuracy": 0.8}, "b": {"accuracy": 0.4}}, "parameters": {"total": 100}}))
+    _fake_cell(run, "layer", 0.15, "sft", 0.05, 0.4, 85)
+    _fake_cell(run, "layer", 0.3, "sft", 0.05, 0.2, 70)
+    _fake_cell(run, "width", 0.3, "sft", 0.05, 0.6, 70)
+    _fake_cell(run, "width", 0.3, "sft", 0.25, 0.72, 70)
+    paths = write_report(run)
+    rows = {r["id"]: r for r in json.loads(paths["json"].read_text())["cells"]}
+    assert rows["width-c-r0.3-sft-f0.05"]["a_retention"] == pytest.approx(0.75)
+    assert rows["width-c-r0.3-sft-f0.05"]["mean_retention"] == pytest.approx(0.75)
+    assert rows["layer-c-r0.3-sft-f0.05"]["mean_retention"] == pytest.approx(0.25)
+    for name in ("retention_vs_ratio", "retention_vs_fraction", "accuracy_vs_params"):
+        assert paths[name].stat().st_size > 5000
+    md = paths["md"].read_text()
+    assert "| width (c) | 30% / 30.0% | sft | 25.0% | 70 | 72.0% (90.0%) | 36.0% (90.0%) | 90.0% | done |" in md
+    assert "![accuracy_vs_params](accuracy_vs_params.png)" in md
+    assert paths["csv"].read_text().splitlines()[0].startswith("id,method,criterion,ratio,achieved_ratio")
