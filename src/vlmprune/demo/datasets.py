@@ -13,10 +13,10 @@ leaves nothing behind and a finished one is complete.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
+
+from vlmprune.io import atomic_output_dir
 
 EASYVQA_COLORS = {"red", "green", "blue", "black", "gray", "teal", "brown", "yellow"}
 EASYVQA_SHAPES = {"circle", "rectangle", "triangle"}
@@ -52,19 +52,9 @@ def record(id_: str, image: str, source: str, type_: str, question: str, answer:
 
 
 def _atomic_dir(output: Path, fill) -> dict:
-    """Call ``fill(tmp_dir) -> summary`` then move tmp_dir to ``output`` (replacing it)."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    """Call ``fill(tmp_dir) -> summary`` in a temporary directory that becomes ``output`` at the end."""
+    with atomic_output_dir(output, overwrite=True) as tmp:
         summary = fill(tmp)
-        if output.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent))
-            os.replace(output, old / "data")
-            shutil.rmtree(old)
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     summary["output"] = str(output)
     return summary
 
@@ -143,3 +133,29 @@ def write_digits(output: str | Path, limit: int | None = None) -> dict:
         return summary
 
     return _atomic_dir(Path(output), fill)
+
+
+def demo_data(root: str | Path | None = None, limit: int | None = None) -> dict[str, Path]:
+    """easy-VQA and digits under ``root`` (written once), plus ``root/train.json`` joining both
+    training sets with image paths relative to ``root`` and a ``source`` per record (recovery
+    stratifies on it). Default root: the user cache (``data``, or ``data-limit<N>`` with a limit,
+    so a reduced set never stands in for the full one)."""
+    if root is None:
+        from vlmprune.demo.assemble import cache_root
+
+        root = cache_root() / ("data" if limit is None else f"data-limit{limit}")
+    root = Path(root)
+    for name, writer in (("easyvqa", write_easyvqa), ("digits", write_digits)):
+        if not (root / name / "test.json").exists():
+            writer(root / name, limit=limit)
+    train = root / "train.json"
+    if not train.exists():
+        joined = []
+        for name in ("easyvqa", "digits"):
+            for r in json.loads((root / name / "train.json").read_text()):
+                joined.append({**r, "image": f"{name}/{r['image']}"})
+        tmp = train.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(joined))
+        tmp.replace(train)
+    return {"root": root, "train": train, "easyvqa": root / "easyvqa" / "test.json",
+            "digits": root / "digits" / "test.json"}

@@ -1,0 +1,1 @@
+"""Evaluation: exact-match tasks (tasks.py) and efficiency measures (efficiency.py)."""

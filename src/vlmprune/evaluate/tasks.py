@@ -83,34 +83,42 @@ def load_task(path: str | Path, limit: int | None = None, seed: int = 0) -> list
     return items
 
 
+def prompt_batch(processor, items: list[dict]) -> dict:
+    """Processor inputs for questions (with their images), rendered by the chat template with
+    the generation prompt, left-padded for batched generation."""
+    from PIL import Image
+
+    tokenizer = getattr(processor, "tokenizer", processor)
+    texts, images = [], []
+    for it in items:
+        content = [{"type": "text", "text": it["question"]}]
+        if it["image"]:
+            content.insert(0, {"type": "image"})
+            images.append(Image.open(it["image"]).convert("RGB"))
+        texts.append(processor.apply_chat_template([{"role": "user", "content": content}],
+                                                   add_generation_prompt=True, tokenize=False))
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        return processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = old_side
+
+
 def generate_answers(model, processor, items: list[dict], batch_size: int = 32, max_new_tokens: int = 10, desc: str = "") -> list[str]:
     """Greedy answers, batched with left padding, prompts built by the processor's chat template."""
     import torch
-    from PIL import Image
     from tqdm.auto import tqdm
 
     tokenizer = getattr(processor, "tokenizer", processor)
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
     answers: list[str] = []
-    try:
-        for start in tqdm(range(0, len(items), batch_size), desc=desc or "evaluate", unit="batch"):
-            chunk = items[start : start + batch_size]
-            texts, images = [], []
-            for it in chunk:
-                content = [{"type": "text", "text": it["question"]}]
-                if it["image"]:
-                    content.insert(0, {"type": "image"})
-                    images.append(Image.open(it["image"]).convert("RGB"))
-                messages = [{"role": "user", "content": content}]
-                texts.append(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
-            inputs = processor(text=texts, images=images or None, padding=True, return_tensors="pt")
-            with torch.no_grad():
-                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            new = out[:, inputs["input_ids"].shape[1] :]
-            answers += [a.strip() for a in tokenizer.batch_decode(new, skip_special_tokens=True)]
-    finally:
-        tokenizer.padding_side = old_side
+    for start in tqdm(range(0, len(items), batch_size), desc=desc or "evaluate", unit="batch"):
+        inputs = prompt_batch(processor, items[start : start + batch_size]).to(device)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        new = out[:, inputs["input_ids"].shape[1] :]
+        answers += [a.strip() for a in tokenizer.batch_decode(new, skip_special_tokens=True)]
     return answers
 
 

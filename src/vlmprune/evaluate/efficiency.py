@@ -1,0 +1,129 @@
+"""Efficiency of a model: parameters, FLOPs per sample, prefill latency, decode speed, peak memory.
+
+The timing and memory helpers are shared with benchmarks/inference_speed.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from vlmprune.inspect import count_parameters
+
+
+class Timer:
+    """Seconds a callable takes: CUDA events on a GPU, perf_counter on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def __call__(self, fn) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1000
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+
+def _status_mb(key: str) -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def reset_peak(device) -> float:
+    """Start a peak-memory window; returns the memory in use now (MB)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # Linux: resets VmHWM to the current RSS
+    return _status_mb("VmRSS")
+
+
+def peak_mb(device) -> float:
+    """Peak memory (MB) since reset_peak: GPU allocations, or the process's peak RSS."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return _status_mb("VmHWM")
+
+
+def count_flops(model: nn.Module, inputs: dict) -> int:
+    """FLOPs of one forward pass, counted by torch's FlopCounterMode with eager attention
+    (CPU SDPA kernels count as zero there)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(**inputs, use_cache=False)
+    finally:
+        model.set_attn_implementation(previous)
+    return int(counter.get_total_flops())
+
+
+@torch.no_grad()
+def measure(model: nn.Module, inputs: dict, decode_tokens: int = 32, repeats: int = 3, warmup: int = 1) -> dict:
+    """Prefill latency (the whole prompt, vision included), greedy decode speed with the KV
+    cache, and peak memory over those runs, for one prepared batch of ``inputs``."""
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    batch = inputs["input_ids"].shape[0]
+    timer = Timer(device)
+    state = {}
+
+    def prefill():
+        out = model(**inputs, use_cache=True, logits_to_keep=1)
+        state["cache"], state["next"] = out.cache, out.logits[:, -1:].argmax(-1)
+        state["mask"] = inputs.get("attention_mask")
+
+    def decode():
+        cache, nxt, mask = state["cache"], state["next"], state["mask"]
+        for _ in range(decode_tokens):
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            out = model(input_ids=nxt, attention_mask=mask, cache=cache, use_cache=True)
+            cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
+
+    in_use = reset_peak(device)
+    pre, dec = [], []
+    for i in range(warmup + repeats):
+        p, d = timer(prefill), timer(decode)
+        if i >= warmup:
+            pre.append(p)
+            dec.append(d)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    return {
+        "prefill_s": statistics.median(pre),
+        "decode_tokens_per_s": batch * decode_tokens / statistics.median(dec),
+        "peak_memory_mb": weights + peak_mb(device) - in_use,
+    }
+
+
+def efficiency(model: nn.Module, inputs: dict, decode_tokens: int = 32, repeats: int = 3) -> dict:
+    """Everything `vlmprune evaluate --efficiency` reports, for one prepared prompt batch."""
+    batch = inputs["input_ids"].shape[0]
+    return {
+        "parameters": count_parameters(model),
+        "flops_per_sample": count_flops(model, inputs) / batch,
+        "prompt_tokens": int(inputs["input_ids"].shape[1]),
+        **measure(model, inputs, decode_tokens, repeats),
+    }
