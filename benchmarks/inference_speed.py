@@ -24,7 +24,6 @@ import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import LM_SHAPES, build_llava  # noqa: E402
 
 from vlmprune.adapters import get_adapter  # noqa: E402
+from vlmprune.evaluate.efficiency import Timer, peak_mb, reset_peak  # noqa: E402
 from vlmprune.inspect import count_parameters  # noqa: E402
 from vlmprune.pipeline import plan_from_scores  # noqa: E402
 from vlmprune.prune import apply_plan_, layer_shapes  # noqa: E402
@@ -74,48 +74,6 @@ def flops(model, batch: int, prompt: int, decode: int) -> tuple[float, float]:
     return batch * prefill, batch * dec
 
 
-class Timer:
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, fn) -> float:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) / 1000
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-
-
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reset_peak(device) -> float:
-    """Start a peak-memory window; returns the memory in use now (MB)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device) / 2**20
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
-    return _status_mb("VmRSS")
-
-
-def peak_mb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return _status_mb("VmHWM")
-
-
 @torch.no_grad()
 def measure(model, batch: int, decode: int, repeats: int, warmup: int, device) -> dict:
     lm, head = get_adapter(model).language_model(model), model.lm_head
@@ -131,14 +89,14 @@ def measure(model, batch: int, decode: int, repeats: int, warmup: int, device) -
 
     def prefill():
         out = lm(inputs_embeds=embeds, use_cache=True)
-        state["cache"] = out.cache if hasattr(out, "cache") else out.past_key_values
+        state["cache"] = out.cache
         state["next"] = head(out.last_hidden_state[:, -1:]).argmax(-1)
 
     def decode_steps():
         cache, nxt = state["cache"], state["next"]
         for _ in range(decode):
             out = lm(input_ids=nxt, cache=cache, use_cache=True)
-            cache = out.cache if hasattr(out, "cache") else out.past_key_values
+            cache = out.cache
             nxt = head(out.last_hidden_state[:, -1:]).argmax(-1)
 
     in_use = reset_peak(device)
