@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
-from tiny_data import tiny_llava_processor, write_llava_dataset
-from tiny_models import build_tiny
 from vlmprune.cli import main
 
 
@@ -27,19 +24,14 @@ def test_demo_quick_end_to_end(tmp_path):
     assert (run / "accuracy_vs_params.png").exists()
 
 
-def test_evaluate_cli_with_task_file_and_efficiency(tmp_path):
-    model_dir = tmp_path / "model"
-    build_tiny("llava_llama_gqa").save_pretrained(model_dir)
-    tiny_llava_processor().save_pretrained(model_dir)
-    data = write_llava_dataset(tmp_path / "data", 6)
-    task = tmp_path / "data" / "images" / "mine.json"
-    shutil.copy(data, task)
+def test_evaluate_cli_with_task_file_and_efficiency(tiny_repo, tmp_path):
     out = tmp_path / "results.json"
-    assert main(["evaluate", "--model", str(model_dir), "--tasks", "", "--task-file", str(task), "--limit", "4",
+    model = str(tiny_repo.model)
+    assert main(["evaluate", "--model", model, "--tasks", "", "--task-file", str(tiny_repo.task_file), "--limit", "4",
                  "--efficiency", "--output", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["tasks"]["mine"]["count"] == 4
+    assert result["tasks"]["test"]["count"] == 4
     eff = result["efficiency"]
     assert eff["flops_per_sample"] > 1e6 and eff["prefill_s"] > 0 and eff["decode_tokens_per_s"] > 0
     assert eff["parameters"]["total"] == sum(v for k, v in eff["parameters"].items() if k != "total")
-    assert main(["evaluate", "--model", str(model_dir), "--tasks", "nope"]) == 2
+    assert main(["evaluate", "--model", model, "--tasks", "nope"]) == 2

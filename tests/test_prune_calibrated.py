@@ -13,7 +13,6 @@ import vlmprune
 from reference import skipped, zeroed
 from test_importance import labelled
 from test_surgery import assert_close, check_config, greedy, logits
-from tiny_data import tiny_llava_processor, write_llava_dataset
 from tiny_models import FAMILIES, build_tiny, make_inputs
 from vlmprune.cli import main
 from vlmprune.errors import VlmpruneError
@@ -111,24 +110,14 @@ def test_planning_errors():
         plan_from_scores(model, "width", 0.95, "magnitude")
 
 
-@pytest.fixture(scope="module")
-def tiny_repo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("repo")
-    model_dir = root / "model"
-    build_tiny("llava_llama_gqa").save_pretrained(model_dir)
-    tiny_llava_processor().save_pretrained(model_dir)
-    data = write_llava_dataset(root / "data", 12)
-    return model_dir, data
-
-
 @pytest.mark.parametrize("args", [
     ["--method", "layer", "--ratio", "0.2"],
     ["--method", "width", "--ratio", "0.2", "--attention", "heads", "--mlp-multiple", "8"],
 ])
 def test_cli_prune_with_calibration(tiny_repo, tmp_path, args):
-    model_dir, data = tiny_repo
+    model_dir, data = tiny_repo.model, tiny_repo.data
     out = tmp_path / "pruned"
-    argv = ["prune", "--model", str(model_dir), "--calibration", str(data), "--image-folder", str(data.parent / "images"),
+    argv = ["prune", "--model", str(model_dir), "--calibration", str(data), "--image-folder", str(tiny_repo.images),
             "--num-samples", "6", "--batch-size", "2", "--output", str(out), *args]
     assert main(argv) == 0
     plan = json.loads((out / "pruning_plan.json").read_text())
@@ -148,9 +137,9 @@ def test_cli_prune_with_calibration(tiny_repo, tmp_path, args):
     (["--method", "width", "--ratio", "0.2", "--criterion", "nope"], "unknown width criterion"),
 ])
 def test_cli_bad_input_leaves_no_output(tiny_repo, tmp_path, capsys, argv_tail, message):
-    model_dir, data = tiny_repo
+    model_dir, data = tiny_repo.model, tiny_repo.data
     out = tmp_path / "pruned"
-    argv = ["prune", "--model", str(model_dir), "--calibration", str(data), "--image-folder", str(data.parent / "images"),
+    argv = ["prune", "--model", str(model_dir), "--calibration", str(data), "--image-folder", str(tiny_repo.images),
             "--num-samples", "4", "--output", str(out), *argv_tail]
     assert main(argv) == 2
     assert message in capsys.readouterr().out
@@ -158,13 +147,13 @@ def test_cli_bad_input_leaves_no_output(tiny_repo, tmp_path, capsys, argv_tail, 
 
 
 def test_cli_bad_data_leaves_no_output(tiny_repo, tmp_path, capsys):
-    model_dir, data = tiny_repo
+    model_dir, data = tiny_repo.model, tiny_repo.data
     records = json.loads(data.read_text())
     records[0]["image"] = "missing/nowhere.png"
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps(records))
     out = tmp_path / "pruned"
-    base = ["prune", "--model", str(model_dir), "--image-folder", str(data.parent / "images"), "--method", "layer",
+    base = ["prune", "--model", str(model_dir), "--image-folder", str(tiny_repo.images), "--method", "layer",
             "--ratio", "0.2", "--output", str(out)]
     assert main([*base, "--calibration", str(broken)]) == 2
     assert "nowhere.png" in capsys.readouterr().out

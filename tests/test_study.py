@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from tiny_data import tiny_llava_processor, write_llava_dataset
-from tiny_models import build_tiny
 from vlmprune.cli import main
 from vlmprune.errors import VlmpruneError
 from vlmprune.study import expand_grid, load_study_config, parse_overrides
@@ -22,17 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "study" / "smoke.yaml"
 
 
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("study-inputs")
-    model_dir = root / "model"
-    build_tiny("llava_llama_gqa").save_pretrained(model_dir)
-    tiny_llava_processor().save_pretrained(model_dir)
-    data = write_llava_dataset(root / "data", 12)
-    test_file = root / "data" / "images" / "test.json"  # task files resolve images beside themselves
-    shutil.copy(data, test_file)
-    return [f"teacher={model_dir}", f"train_data={data}", f"image_folder={root / 'data' / 'images'}",
-            f"evaluation.task_file={test_file}"]
+@pytest.fixture
+def inputs(tiny_repo):
+    return [f"teacher={tiny_repo.model}", f"train_data={tiny_repo.data}", f"image_folder={tiny_repo.images}",
+            f"evaluation.task_file={tiny_repo.task_file}"]
 
 
 def test_overrides_and_grid_expansion():
