@@ -21,28 +21,6 @@ CRITERIA = {"layer": ["block_influence", "angular", "skip_loss", "last"],
             "width": ["taylor", "magnitude", "activation", "wanda", "random"]}
 
 
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reset_peak() -> None:
-    """Reset the kernel's peak-RSS counter (VmHWM), so the peak measured is the scoring's own."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def peak_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def activations_only(model, batches) -> None:
     """Forward + backward of the answer loss with every weight frozen: the memory of the
     activations autograd keeps, and nothing else (the reference for Taylor's budget)."""
@@ -54,29 +32,26 @@ def activations_only(model, batches) -> None:
 
 
 def worker(method: str, criterion: str, samples: int, batch_size: int) -> dict:
-    import torch
-
     sys.path.insert(0, str(Path(__file__).parent))
     from common import build_llava, fake_batch
 
+    from vlmprune.evaluate.efficiency import peak_mb, reset_peak
     from vlmprune.pipeline import plan_from_scores
 
-    torch.set_num_threads(int(torch.get_num_threads()))
-    base = rss_mb()
+    base = reset_peak("cpu")
     model = build_llava("smollm2-135m")
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    after_model = rss_mb()
     batches = [fake_batch(model, batch_size, seed=i) for i in range(max(samples // batch_size, 1))]
-    reset_peak()
+    reset_peak("cpu")
     t0 = time.perf_counter()
     if method == "reference":
         activations_only(model, batches)
     else:
         plan_from_scores(model, method, 0.2, criterion, batches)
     seconds = time.perf_counter() - t0
-    peak = peak_mb()
+    peak = peak_mb("cpu")
     return {"method": method, "criterion": criterion, "seconds": seconds, "weights_mb": weights,
-            "rss_before_model_mb": base, "rss_after_model_mb": after_model, "peak_rss_mb": peak,
+            "rss_before_model_mb": base, "peak_rss_mb": peak,
             "peak_over_weights": (peak - base) / weights}
 
 
