@@ -6,7 +6,6 @@ the achieved fraction is computed exactly from the structures each plan removes.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -280,7 +279,3 @@ def achieved(plan: PruningPlan, budget: ModelBudget, shapes: list[LayerShape]) -
         "ratio": removed / budget.total,
         "ratio_language_model": removed / budget.language_model,
     }
-
-
-def format_pct(x: float) -> str:
-    return f"{100 * x:.2f}%" if not math.isnan(x) else "n/a"
