@@ -310,17 +310,22 @@ def main():
     acc, sample = quick_eval(trainer, tokenizer, processor, check)
     log("step 0 check", json.dumps({k: round(v, 3) for k, v in acc.items()}), sample)
     history = [{"step": 0, **acc}]
-    cursor, seen, t_train = 0, 0, time.time()
+    pools = {src: [q for q in pool if q[0] == src] for src in sorted({q[0] for q in pool})}
+    cursors = {src: 0 for src in pools}
+    seen, t_train = 0, time.time()
     for step in range(args.steps):
         for g, base in zip(opt.param_groups, base_lrs):
             g["lr"] = base * lr_factor(step)
+        # One source per batch: digit conversations are a third as long as packed easy-VQA ones, and
+        # mixing them pads every digit row to the easy-VQA length.
+        source = rng.choices(list(pools), weights=[len(p) for p in pools.values()])[0]
         batch = []
         for _ in range(args.batch_size):
-            if cursor == len(pool):
-                rng.shuffle(pool)
-                cursor = 0
-            batch.append(pool[cursor])
-            cursor += 1
+            if cursors[source] == len(pools[source]):
+                rng.shuffle(pools[source])
+                cursors[source] = 0
+            batch.append(pools[source][cursors[source]])
+            cursors[source] += 1
         loss, n = trainer.loss(batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(proj_params + lora_params, 1.0)

@@ -13,7 +13,7 @@ import pytest
 
 from vlmprune.cli import main
 from vlmprune.errors import VlmpruneError
-from vlmprune.study import expand_grid, load_study_config, parse_overrides
+from vlmprune.study import expand_grid, load_study_config, parse_overrides, run_order
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "study" / "smoke.yaml"
@@ -32,6 +32,12 @@ def test_overrides_and_grid_expansion():
     cells = expand_grid(config)
     assert len(cells) == 26 and len({c.id for c in cells}) == 26
     assert len({c.prune_id for c in cells}) == 4  # pruned models shared across recipes
+    ordered = run_order(cells, config)
+    assert sorted(c.id for c in ordered) == sorted(c.id for c in cells)
+    kinds = [0 if c.recipe == "none" else 1 if c.recipe == "projector" else 2 for c in ordered]
+    assert kinds == sorted(kinds)  # no recovery first, then projector-only, then full training
+    full = [c.fraction for c in ordered if c.recipe not in ("none", "projector")]
+    assert full == sorted(full) and full[-1] == 0.25  # the largest data fractions last
     with pytest.raises(VlmpruneError, match="unknown study option 'nope'"):
         load_study_config(SMOKE, ["nope=1"])
     with pytest.raises(VlmpruneError, match="key=value"):

@@ -131,6 +131,19 @@ def expand_grid(config: dict) -> list[Cell]:
     return list(cells.values())
 
 
+def run_order(cells: list[Cell], config: dict) -> list[Cell]:
+    """Cheapest cells first (no recovery, then projector-only, then by data fraction), so that a
+    run interrupted after a few hours has covered as much of the grid as it could."""
+
+    def cost(item: tuple[int, Cell]) -> tuple:
+        n, cell = item
+        recipe = config["recipes"][cell.recipe]
+        kind = 0 if recipe is None else 1 if recipe.get("train") == "projector" else 2
+        return (kind, cell.fraction or 0.0, n)
+
+    return [cell for _, cell in sorted(enumerate(cells), key=cost)]
+
+
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=1))
@@ -186,7 +199,7 @@ def run_study(config: dict, console=None) -> Path:
     run = Path(config["output"])
     (run / "cells").mkdir(parents=True, exist_ok=True)
     (run / "resolved_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    cells = expand_grid(config)
+    cells = run_order(expand_grid(config), config)
     teacher, data, folder, evaluation = resolve_inputs(config)
     original = run / "original"
     if not (original / "eval.json").exists():
