@@ -44,18 +44,21 @@ def test_kd_normalises_per_selected_token_not_per_batch():
     assert logit_kd(student, teacher, mask, 2.0).item() == pytest.approx(one.item() / 3, rel=1e-6)
 
 
-def test_hidden_mse_masks_padding_and_prompt_and_averages_per_token():
+def test_hidden_mse_masks_padding_and_prompt_and_normalises_per_token():
     s = torch.zeros(2, 3, 2)
     t = torch.zeros(2, 3, 2)
-    t[0, 0] = torch.tensor([1.0, 3.0])  # error (1 + 9) / 2 = 5: a prompt token
-    t[0, 1] = torch.tensor([2.0, 0.0])  # error 2: an answer token
+    t[0, 0] = torch.tensor([1.0, 3.0])  # student outputs zeros: relative error 1 (a prompt token)
+    t[0, 1] = torch.tensor([2.0, 0.0])
+    s[0, 1] = torch.tensor([1.0, 0.0])  # error (1 + 0) / 2 = 0.5 over teacher square (4 + 0) / 2 = 2: 0.25 (an answer token)
+    t[0, 2] = torch.tensor([100.0, 100.0])
+    s[0, 2] = torch.tensor([110.0, 90.0])  # a massive activation: error 100 / 10000 = 0.01
     t[1, 2] = torch.tensor([100.0, 100.0])  # padding: never counts
     real = torch.tensor([[True, True, True], [True, True, False]])
     answer = torch.tensor([[False, True, False], [False, True, False]])
-    assert hidden_mse([s], [t], real).item() == pytest.approx((5 + 2) / 5)
-    assert hidden_mse([s], [t], answer).item() == pytest.approx(2 / 2)
+    assert hidden_mse([s], [t], real).item() == pytest.approx((1 + 0.25 + 0.01) / 5, rel=1e-5)
+    assert hidden_mse([s], [t], answer).item() == pytest.approx(0.25 / 2, rel=1e-5)
     # layers count equally: the mean of the per-layer losses
-    assert hidden_mse([s, s], [t, s], real).item() == pytest.approx((5 + 2) / 5 / 2)
+    assert hidden_mse([s, s], [t, s], real).item() == pytest.approx((1 + 0.25 + 0.01) / 5 / 2, rel=1e-5)
 
 
 def test_losses_are_exactly_zero_for_identical_inputs():
