@@ -456,9 +456,11 @@ def write_record(args, summary, results):
         "tokens), folded into the projector's first layer before saving (checked to 1e-4).",
         f"- Optimiser: AdamW, no weight decay, lr {summary['lr_projector']} (projector) / {summary['lr_lora']} (LoRA), "
         f"{summary['warmup']} warm-up steps then cosine to 0; grad-norm clip 1.0; batch {summary['batch_size']} "
-        f"sequences; {summary['steps']} steps ({summary['sequences_seen']} sequences seen); seed {summary['seed']}.",
-        f"- Wall time: {summary['train_seconds'] / 60:.0f} min of training on {summary['threads']} CPU thread(s) "
-        f"(2-core machine shared with another job), evaluation {results.get('eval_seconds', 0) / 60:.0f} min.",
+        f"sequences (digits: {summary.get('digits_batch_size', summary['batch_size'])}); {summary['steps']} steps ({summary['sequences_seen']} sequences seen); seed {summary['seed']}.",
+        f"- Projector start: {'linear_2 fitted by ridge regression so that image tokens land on the mean embedding of the image' + chr(39) + 's answer words (linear_1 random)' if summary.get('init_projector') else 'random'}; "
+        f"one source per batch: easy-VQA batches of {summary['batch_size']}, digit batches of {summary.get('digits_batch_size', summary['batch_size'])}.",
+        f"- Wall time: {summary['train_seconds'] / 60:.0f} min of training on {summary['threads']} CPU thread(s), "
+        f"evaluation {results.get('eval_seconds', 0) / 60:.0f} min.",
         "",
         f"## Periodic check (fixed seeded subset: {args.eval_subset} easy-VQA + 120 digits test questions)",
         "",
