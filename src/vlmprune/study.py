@@ -195,7 +195,12 @@ def run_study(config: dict, console=None) -> Path:
     from vlmprune.recover import load_config as recover_config
     from vlmprune.recover import recover
 
-    say = console.print if console is not None else print
+    def say(message: str) -> None:  # plain text: rich would read "[study]" as a markup tag and drop it
+        if console is None:
+            print(message)
+        else:
+            console.print(message, markup=False, highlight=False)
+
     run = Path(config["output"])
     (run / "cells").mkdir(parents=True, exist_ok=True)
     (run / "resolved_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
