@@ -27,6 +27,7 @@ import random
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -233,8 +234,6 @@ def init_projector_from_answers(trainer, tokenizer, data, index, ridge=1.0):
     embed = trainer.embed.weight
     targets, rows = [], []
     for (name, split), records in data.items():
-        if split != "train":
-            continue
         words: dict[str, set] = {}
         for r in records:
             if r["type"] in ("color", "shape", "digit"):
@@ -244,7 +243,8 @@ def init_projector_from_answers(trainer, tokenizer, data, index, ridge=1.0):
             targets.append(embed[ids].mean(0))
             rows.append((f"{name}-{split}", index[name, split][image]))
     feats = torch.stack([trainer.feats[s][r] for s, r in rows])  # [N, T, 384]
-    weights = torch.tensor([1.0 / sum(1 for s2, _ in rows if s2 == s) for s, _ in rows])  # each source weighs the same
+    per_source = Counter(s for s, _ in rows)
+    weights = torch.tensor([1.0 / per_source[s] for s, _ in rows])  # each source weighs the same
     hidden = torch.nn.functional.gelu(trainer.proj.linear_1((feats - trainer.mu) / trainer.sd)).flatten(0, 1)
     hidden = torch.cat([hidden, torch.ones(len(hidden), 1)], dim=1)
     y = torch.stack(targets).repeat_interleave(feats.shape[1], 0)
@@ -351,16 +351,16 @@ def main():
     history = [{"step": 0, **acc}]
     pools = {src: [q for q in pool if q[0] == src] for src in sorted({q[0] for q in pool})}
     cursors = {src: 0 for src in pools}
+    sizes = {src: args.digits_batch_size if src.startswith("digits") else args.batch_size for src in pools}
     seen, t_train = 0, time.time()
     for step in range(args.steps):
         for g, base in zip(opt.param_groups, base_lrs):
             g["lr"] = base * lr_factor(step)
         # One source per batch: digit conversations are a third as long as packed easy-VQA ones, and
         # mixing them pads every digit row to the easy-VQA length.
-        sizes = {src: args.digits_batch_size if src.startswith("digits") else args.batch_size for src in pools}
         source = rng.choices(list(pools), weights=[len(p) / sizes[src] for src, p in pools.items()])[0]
         batch = []
-        for _ in range(args.digits_batch_size if source.startswith("digits") else args.batch_size):
+        for _ in range(sizes[source]):
             if cursors[source] == len(pools[source]):
                 rng.shuffle(pools[source])
                 cursors[source] = 0
@@ -441,7 +441,7 @@ def write_record(args, summary, results):
         "",
         "Written by `scripts/train_demo.py` at the end of its run; nothing here was edited by hand.",
         "",
-        f"Command: `OMP_NUM_THREADS=1 PYTHONPATH=src python scripts/train_demo.py {' '.join(sys.argv[1:])}`",
+        f"Command: `PYTHONPATH=src python scripts/train_demo.py {' '.join(sys.argv[1:])}`",
         "",
         "## Set-up",
         "",
