@@ -134,6 +134,24 @@ def test_taylor_equals_full_autograd_reference(family):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-10)
 
 
+def test_taylor_warns_when_one_batch_carries_the_scores(caplog):
+    """A model that already predicts its calibration answers has near-zero loss and gradient on
+    them; one batch of wrong answers then decides the scores, and the user is told."""
+    model = build_tiny("llava_llama_gqa")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(500)  # confident predictions: own-prediction labels cost ~0
+    confident = [labelled(model, "llava_llama_gqa", seed=s) for s in range(4)]
+    wrong = labelled(model, "llava_llama_gqa", seed=4)
+    real = wrong["labels"] != -100
+    wrong["labels"][real] = (wrong["labels"][real] + 1) % model.config.text_config.vocab_size
+    with caplog.at_level("WARNING", logger="vlmprune.calibrate"):
+        calibrate.collect_taylor(model, confident, tokens="answer")
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="vlmprune.calibrate"):
+        calibrate.collect_taylor(model, confident + [wrong], tokens="answer")
+    assert len(caplog.records) == 1 and "--tokens text" in caplog.text
+
+
 def test_activation_and_wanda_equal_hand_computed_values():
     model = build_tiny("llava_llama_gqa")
     adapter = get_adapter(model)

@@ -8,6 +8,7 @@ never contributes.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Iterable, Iterator
 
@@ -22,6 +23,8 @@ from vlmprune.importance.layer import HiddenStateStats, SkipLossStats
 from vlmprune.importance.structures import LayerSums, layer_params, reduce_
 from vlmprune.importance.width import ActivationSums
 from vlmprune.prune.apply import layer_shapes
+
+logger = logging.getLogger(__name__)
 
 TOKEN_CHOICES = ("all", "text", "image", "answer")
 
@@ -200,11 +203,16 @@ def collect_activations(model: nn.Module, batches: Iterable[dict], tokens: str =
     return stats
 
 
-def collect_taylor(model: nn.Module, batches: Iterable[dict], tokens: str = "answer") -> list[LayerSums]:
+def collect_taylor(model: nn.Module, batches: Iterable[dict], tokens: str = "text") -> list[LayerSums]:
     """Per-structure sums of |W * dL/dW| (L: cross-entropy on the selected tokens), per batch.
 
     Each gradient is reduced to per-structure sums the moment it is accumulated and then freed,
     so no full copy of the gradients is ever held; only the prunable weights require grad.
+
+    On a model that already answers its calibration data almost perfectly, the answer loss is
+    near zero on most samples and the few wrong answers carry nearly all of the gradient: the
+    scores then depend on which samples were drawn. A warning says so when one batch carries
+    more than half of the total.
     """
     adapter = get_adapter(model)
     shapes = layer_shapes(model, adapter)
@@ -217,10 +225,14 @@ def collect_taylor(model: nn.Module, batches: Iterable[dict], tokens: str = "ans
     image_id = image_token_id(model)
     device = _device(model)
 
+    batch_mass: list[float] = []  # sum of |W * g| over every prunable weight, per batch
+
     def on_grad(param: torch.Tensor) -> None:
         role = roles[param]
         with torch.no_grad():
-            reduce_(sums[role.layer], role, (param.detach() * param.grad).abs(), shapes[role.layer])
+            values = (param.detach() * param.grad).abs()
+            reduce_(sums[role.layer], role, values, shapes[role.layer])
+            batch_mass[-1] += float(values.sum())
         param.grad = None
 
     handles = []
@@ -235,10 +247,16 @@ def collect_taylor(model: nn.Module, batches: Iterable[dict], tokens: str = "ans
             if not (labels[:, 1:] != -100).any():
                 continue
             loss = _answer_loss(model, _model_inputs(batch, device), labels)
+            batch_mass.append(0.0)
             loss.backward()
             used += 1
         if used == 0:
             raise VlmpruneError(f"no calibration batch has {tokens} tokens to compute a loss on")
+        share = max(batch_mass) / max(sum(batch_mass), 1e-30)
+        if used >= 4 and share > 0.5:
+            logger.warning("one of %d calibration batches carries %.0f%% of the Taylor scores: the %s loss is "
+                           "near zero on most samples, so the scores follow a few samples; use --tokens text "
+                           "and/or more --num-samples", used, 100 * share, tokens)
     finally:
         for h in handles:
             h.remove()

@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--max-length", type=int, default=None, help="truncate longer samples (never their image tokens)")
     p.add_argument("--tokens", choices=["all", "text", "image", "answer"],
-                   help="positions the statistics use (default: answer for taylor/skip_loss, else all)")
+                   help="positions the statistics use (default: text for taylor, answer for skip_loss, else all)")
     p.add_argument("--attention", choices=["groups", "heads", "none"], default="groups",
                    help="width: drop whole kv groups, q heads inside every group, or leave attention alone")
     p.add_argument("--mlp-multiple", type=int, default=None,

@@ -43,7 +43,7 @@ def prune_from_plan(model: str | Path, plan: str | Path | PruningPlan, output: s
 LAYER_CRITERIA = ("block_influence", "angular", "skip_loss", "last")
 WIDTH_CRITERIA = ("taylor", "magnitude", "activation", "wanda", "random")
 DEFAULT_TOKENS = {"block_influence": "all", "angular": "all", "skip_loss": "answer", "last": "all",
-                  "taylor": "answer", "magnitude": "all", "activation": "all", "wanda": "all", "random": "all"}
+                  "taylor": "text", "magnitude": "all", "activation": "all", "wanda": "all", "random": "all"}
 
 
 def check_criterion(method: str, criterion: str | None) -> str:
