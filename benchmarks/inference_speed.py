@@ -19,6 +19,7 @@ scores and values, MLP, LM head on the tokens whose logits are needed).
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import platform
@@ -150,7 +151,7 @@ def main() -> None:
         for v in chosen:
             model = base
             if "method" in v:
-                model = build_llava(shape, dtype=torch.float32)
+                model = copy.deepcopy(base)  # a copy, not a rebuild: random init of 1.5B weights cost ~40 s a variant
                 plan, _ = plan_from_scores(model, v["method"], v["ratio"], "last" if v["method"] == "layer" else "random",
                                            attention=v.get("attention", "groups"), mlp_multiple=v.get("mlp_multiple"))
                 apply_plan_(model, plan)
