@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/taylor_stability.py answer:64:0 answer:128:0 text:128:0 answer:128:1 text:128:1
 
 Each setting is TOKENS:NUM_SAMPLES:SEED. For each: draw the calibration samples from the demo
-training data (batches of 8), compute the Taylor scores batch by batch, record every batch's loss
-and its share of the total score mass, plan a widthwise cut (kv groups, --ratio of the parameters),
+training data (batches of 8), compute the Taylor scores batch by batch, record every batch's loss,
+the largest batch's share of the score mass and the effective number of batches behind it, plan a widthwise cut (kv groups, --ratio of the parameters),
 apply it to a copy of the teacher and evaluate it without recovery on fixed subsets of easy-VQA and
 digits. Plans are saved beside --out so two settings can be compared structure by structure.
 """
@@ -79,6 +79,7 @@ def main() -> None:
         row = {"tokens": tokens, "num_samples": int(n), "seed": int(seed), "ratio": args.ratio,
                "batch_losses": [round(x, 4) for x in losses],
                "largest_batch_share": round(max(masses) / sum(masses), 3),
+               "effective_batches": round(sum(masses) ** 2 / sum(m * m for m in masses), 1),
                "accuracy": result["accuracy"], "tasks": {t: r["accuracy"] for t, r in result["tasks"].items()},
                "seconds": round(time.time() - t0)}
         (out.parent / f"taylor_plan_{tokens}_{n}_{seed}.json").write_text(json.dumps(plan.to_dict()))

@@ -134,7 +134,7 @@ def test_taylor_equals_full_autograd_reference(family):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-10)
 
 
-def test_taylor_warns_when_one_batch_carries_the_scores(caplog):
+def test_taylor_warns_when_a_few_batches_carry_the_scores(caplog):
     """A model that already predicts its calibration answers has near-zero loss and gradient on
     them; one batch of wrong answers then decides the scores, and the user is told."""
     model = build_tiny("llava_llama_gqa")

@@ -211,8 +211,8 @@ def collect_taylor(model: nn.Module, batches: Iterable[dict], tokens: str = "tex
 
     On a model that already answers its calibration data almost perfectly, the answer loss is
     near zero on most samples and the few wrong answers carry nearly all of the gradient: the
-    scores then depend on which samples were drawn. A warning says so when one batch carries
-    more than half of the total.
+    scores then depend on which samples were drawn. A warning says so when the scores rest on
+    fewer than half of the batches (effective number: (sum m)^2 / sum m^2 over batch masses m).
     """
     adapter = get_adapter(model)
     shapes = layer_shapes(model, adapter)
@@ -252,11 +252,13 @@ def collect_taylor(model: nn.Module, batches: Iterable[dict], tokens: str = "tex
             used += 1
         if used == 0:
             raise VlmpruneError(f"no calibration batch has {tokens} tokens to compute a loss on")
-        share = max(batch_mass) / max(sum(batch_mass), 1e-30)
-        if used >= 4 and share > 0.5:
-            logger.warning("one of %d calibration batches carries %.0f%% of the Taylor scores: the %s loss is "
-                           "near zero on most samples, so the scores follow a few samples; use --tokens text "
-                           "and/or more --num-samples", used, 100 * share, tokens)
+        # effective number of batches behind the scores (inverse Simpson index of the batch masses):
+        # ~all of them when every batch contributes alike, ~1 when one batch dominates
+        effective = sum(batch_mass) ** 2 / max(sum(m * m for m in batch_mass), 1e-30)
+        if used >= 4 and effective < used / 2:
+            logger.warning("the Taylor scores rest on about %.1f of %d calibration batches: the %s loss is near "
+                           "zero on most samples, so a few samples decide the plan; use --tokens text",
+                           effective, used, tokens)
     finally:
         for h in handles:
             h.remove()
