@@ -4,9 +4,10 @@
 
 Each setting is TOKENS:NUM_SAMPLES:SEED. For each: draw the calibration samples from the demo
 training data (batches of 8), compute the Taylor scores batch by batch, record every batch's loss,
-the largest batch's share of the score mass and the effective number of batches behind it, plan a widthwise cut (kv groups, --ratio of the parameters),
-apply it to a copy of the teacher and evaluate it without recovery on fixed subsets of easy-VQA and
-digits. Plans are saved beside --out so two settings can be compared structure by structure.
+the largest batch's share of the score mass and the effective number of batches behind the scores,
+plan a widthwise cut (kv groups, --ratio of the parameters), apply it to a copy of the teacher and
+evaluate it without recovery on fixed subsets of easy-VQA and digits. Plans are saved beside --out
+so two settings can be compared structure by structure.
 """
 
 from __future__ import annotations
