@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from vlmprune.cli import main
 from vlmprune.errors import VlmpruneError
@@ -118,3 +119,21 @@ def test_report_numbers_and_plots(tmp_path):
     assert "| width (c) | 30% / 30.0% | sft | 25.0% | 70 | 72.0% (90.0%) | 36.0% (90.0%) | 90.0% | done |" in md
     assert "![accuracy_vs_params](accuracy_vs_params.png)" in md
     assert paths["csv"].read_text().splitlines()[0].startswith("id,method,criterion,ratio,achieved_ratio")
+
+
+def test_report_lists_grid_cells_not_yet_run_as_pending(tmp_path):
+    from vlmprune.report import write_report
+    from vlmprune.study import DEFAULTS
+
+    run = tmp_path / "run"
+    (run / "original").mkdir(parents=True)
+    (run / "original" / "eval.json").write_text(json.dumps(
+        {"tasks": {"a": {"accuracy": 0.8}}, "parameters": {"total": 100}}))
+    _fake_cell(run, "layer", 0.15, "sft", 0.05, 0.4, 85)
+    config = {**DEFAULTS, "criterion": {"layer": "c", "width": "c"}, "recipes": {"sft": {"loss": "sft=1"}},
+              "grid": [{"method": ["layer", "width"], "ratio": 0.15, "recipe": "sft", "fraction": 0.05}]}
+    (run / "resolved_config.yaml").write_text(yaml.safe_dump(config))
+    rows = {r["id"]: r for r in json.loads(write_report(run)["json"].read_text())["cells"]}
+    assert rows["layer-c-r0.15-sft-f0.05"]["status"] == "done"
+    assert rows["width-c-r0.15-sft-f0.05"]["status"] == "pending"
+    assert "| width (c) | 15% /  | sft | 5.0% |  |  |  | pending |" in (run / "results.md").read_text()

@@ -22,7 +22,8 @@ def _read(path: Path) -> dict | None:
 
 
 def collect(run: Path) -> tuple[dict, list[dict]]:
-    """The original model's scores and one row per cell (done or failed)."""
+    """The original model's scores and one row per cell: done, failed, unfinished, or (for the
+    cells of the run's grid, read from its resolved_config.yaml, not yet started) pending."""
     original = _read(run / "original" / "eval.json")
     if original is None:
         raise VlmpruneError(f"{run} has no original/eval.json: is it a `vlmprune study` run directory?")
@@ -48,6 +49,15 @@ def collect(run: Path) -> tuple[dict, list[dict]]:
             row["mean_retention"] = sum(kept) / len(kept) if kept else None
             row["seconds"] = (status or {}).get("seconds")
         rows.append(row)
+    config = run / "resolved_config.yaml"
+    if config.exists():
+        import yaml
+
+        from vlmprune.study import expand_grid
+
+        seen = {r["id"] for r in rows}
+        rows += [{**cell.to_dict(), "status": "pending", "error": None}
+                 for cell in expand_grid(yaml.safe_load(config.read_text())) if cell.id not in seen]
     return original, rows
 
 
