@@ -80,7 +80,7 @@ def main() -> None:
         row = {"tokens": tokens, "num_samples": int(n), "seed": int(seed), "ratio": args.ratio,
                "batch_losses": [round(x, 4) for x in losses],
                "largest_batch_share": round(max(masses) / sum(masses), 3),
-               "effective_batches": round(sum(masses) ** 2 / sum(m * m for m in masses), 1),
+               "effective_batches": round(calibrate.effective_batches(masses), 1),
                "accuracy": result["accuracy"], "tasks": {t: r["accuracy"] for t, r in result["tasks"].items()},
                "seconds": round(time.time() - t0)}
         (out.parent / f"taylor_plan_{tokens}_{n}_{seed}.json").write_text(json.dumps(plan.to_dict()))

@@ -203,6 +203,13 @@ def collect_activations(model: nn.Module, batches: Iterable[dict], tokens: str =
     return stats
 
 
+def effective_batches(masses: list[float]) -> float:
+    """How many calibration batches the scores rest on: (sum m)^2 / sum m^2 over the batches'
+    score masses m (the inverse Simpson index): all of them when every batch contributes alike,
+    ~1 when one batch dominates."""
+    return sum(masses) ** 2 / max(sum(m * m for m in masses), 1e-30)
+
+
 def collect_taylor(model: nn.Module, batches: Iterable[dict], tokens: str = "text") -> list[LayerSums]:
     """Per-structure sums of |W * dL/dW| (L: cross-entropy on the selected tokens), per batch.
 
@@ -252,9 +259,7 @@ def collect_taylor(model: nn.Module, batches: Iterable[dict], tokens: str = "tex
             used += 1
         if used == 0:
             raise VlmpruneError(f"no calibration batch has {tokens} tokens to compute a loss on")
-        # effective number of batches behind the scores (inverse Simpson index of the batch masses):
-        # ~all of them when every batch contributes alike, ~1 when one batch dominates
-        effective = sum(batch_mass) ** 2 / max(sum(m * m for m in batch_mass), 1e-30)
+        effective = effective_batches(batch_mass)
         if used >= 4 and effective < used / 2:
             logger.warning("the Taylor scores rest on about %.1f of %d calibration batches: the %s loss is near "
                            "zero on most samples, so a few samples decide the plan; use --tokens text",

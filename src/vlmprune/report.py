@@ -7,11 +7,13 @@ import json
 from pathlib import Path
 
 import matplotlib
+import yaml
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from vlmprune.errors import VlmpruneError  # noqa: E402
+from vlmprune.study import expand_grid  # noqa: E402
 
 
 def _read(path: Path) -> dict | None:
@@ -51,10 +53,6 @@ def collect(run: Path) -> tuple[dict, list[dict]]:
         rows.append(row)
     config = run / "resolved_config.yaml"
     if config.exists():
-        import yaml
-
-        from vlmprune.study import expand_grid
-
         seen = {r["id"] for r in rows}
         rows += [{**cell.to_dict(), "status": "pending", "error": None}
                  for cell in expand_grid(yaml.safe_load(config.read_text())) if cell.id not in seen]
