@@ -114,18 +114,22 @@ def _plots(run: Path, original: dict, rows: list[dict], tasks: list[str]) -> dic
         return paths
     # 1. retention vs ratio, per method and recipe (at each recipe's most common fraction)
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    recipes = sorted({r["recipe"] for r in done})
+    colour = {recipe: f"C{i % 10}" for i, recipe in enumerate(recipes)}  # one colour per recipe, style per method
     for (method, recipe) in sorted({(r["method"], r["recipe"]) for r in done}):
         pts = [r for r in done if r["method"] == method and r["recipe"] == recipe]
         fractions = [r["fraction"] for r in pts]
         main = max(set(fractions), key=fractions.count)
         pts = sorted((r for r in pts if r["fraction"] == main), key=lambda r: r["ratio"])
         ax.plot([r["achieved_ratio"] or r["ratio"] for r in pts], [100 * r["mean_retention"] for r in pts],
-                marker="o", linestyle="-" if method == "width" else "--", label=f"{method} / {recipe}")
+                marker="s" if method == "width" else "o", color=colour[recipe],
+                linestyle="-" if method == "width" else "--",
+                label=f"{method} / {recipe}")
     ax.set_xlabel("parameters removed (fraction of the whole model)")
     ax.set_ylabel("mean retention (%)")
     ax.set_title("Retention vs compression")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=2, handlelength=3)
     fig.tight_layout()
     paths["retention_vs_ratio"] = run / "retention_vs_ratio.png"
     fig.savefig(paths["retention_vs_ratio"], dpi=120)
