@@ -27,7 +27,8 @@ from vlmprune.demo.datasets import demo_data
 from vlmprune.evaluate.tasks import evaluate
 from vlmprune.importance import width as W
 from vlmprune.io import load
-from vlmprune.pipeline import calibration_batches, load_processor
+from vlmprune.io import load_processor
+from vlmprune.pipeline import calibration_batches
 from vlmprune.planning import ModelBudget, parse_layer_range, plan_width
 from vlmprune.prune.apply import apply_plan_, layer_shapes
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import sys
 import tempfile
@@ -34,6 +33,7 @@ import torch
 
 from vlmprune.demo import assemble as A
 from vlmprune.demo.datasets import write_digits, write_easyvqa
+from vlmprune.paths import cache_root
 
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
@@ -43,7 +43,7 @@ def log(*args):
 
 
 def parse_args():
-    cache = A.cache_root()
+    cache = cache_root()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", type=Path, default=cache / "data")
     p.add_argument("--features-dir", type=Path, default=cache / "features")

@@ -3,7 +3,8 @@
 import pytest
 
 from tiny_models import build_tiny
-from vlmprune.io import atomic_output_dir, save_model
+from vlmprune.io import save_model
+from vlmprune.paths import MARKER, atomic_output_dir
 
 
 def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
@@ -26,4 +27,4 @@ def test_overwrite_replaces_whole_directory(tmp_path):
     with atomic_output_dir(out, overwrite=True) as tmp:
         (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert [p.name for p in out.iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "new.txt"])

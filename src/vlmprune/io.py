@@ -6,47 +6,40 @@ interrupted run never leaves a half-written directory behind.
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 import transformers
 from torch import nn
 
-from vlmprune.adapters import get_adapter
+from vlmprune.adapters import get_adapter, supported_model_types
 from vlmprune.errors import VlmpruneError
+from vlmprune.paths import atomic_output_dir, check_model_source
 from vlmprune.plan import PLAN_FILE, LayerKeep, PruningPlan
 from vlmprune.prune.apply import WIDTHS_KEY, layer_shapes, prune_layer_width_, sync_config_
 
 # Files save_pretrained writes itself, or that describe weights; everything else in a model
 # directory (tokenizer, processor, chat template) is copied to the output.
 _MODEL_FILES = ("config.json", "generation_config.json", PLAN_FILE)
+# Processor files that live in a sub-folder of a model directory (transformers >= 4.5x saves extra
+# chat templates there); every other sub-folder of a model directory is the user's and is not copied.
+_PROCESSOR_SUBDIRS = ("additional_chat_templates",)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
 
 
-@contextlib.contextmanager
-def atomic_output_dir(output: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory that becomes ``output`` only if the block succeeds."""
-    output = Path(output).resolve()
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise VlmpruneError(f"output directory {output} exists and is not empty; choose another or pass --overwrite")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+def load_config(path: str | Path, trust_remote_code: bool = False):
+    """The model's config, with clear errors for a bad path, bad JSON or an unknown model_type."""
+    source = check_model_source(path)
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if output.exists():
-        trash = output.with_name(f".{output.name}.old-{tmp.name[-8:]}")
-        output.rename(trash)
-        tmp.rename(output)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        tmp.rename(output)
+        return transformers.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        if Path(source).is_dir():
+            raise VlmpruneError(f"cannot read the config of {path}: {exc}".split("\n")[0]
+                                + "; supported model types: " + ", ".join(supported_model_types())) from None
+        raise VlmpruneError(f"cannot load {path}: it is not a local directory and the hub did not provide it "
+                            f"({type(exc).__name__}); check the path, or the hub id and your connection") from None
 
 
 def load(
@@ -60,16 +53,31 @@ def load(
     Uniform-width checkpoints are ordinary ``AutoModelForImageTextToText`` checkpoints. When a
     vlmprune checkpoint has layers of different widths (recorded in the text config as
     ``vlmprune_layer_widths``), the model class is built with those widths before the weights load.
+    Only safetensors weights are read.
     """
-    config = transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    config = load_config(path, trust_remote_code)
     get_adapter(config)  # a clear error for unsupported families, before any weights load
     cls = transformers.AutoModelForImageTextToText._model_mapping[type(config)]
     if getattr(config.get_text_config(), WIDTHS_KEY, None):
         cls = _with_layer_widths(cls)
-    model = cls.from_pretrained(
-        str(path), config=config, dtype=dtype or "auto", trust_remote_code=trust_remote_code, **kwargs
-    )
+    try:
+        model = cls.from_pretrained(str(path), config=config, dtype=dtype or "auto", use_safetensors=True,
+                                    trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise VlmpruneError(f"cannot load the weights of {path}: {str(exc).splitlines()[0]}") from None
     return model.eval()
+
+
+def load_processor(model: str | Path, trust_remote_code: bool = False):
+    """The model's processor (tokenizer, image processor, chat template), with a clear error when absent."""
+    source = check_model_source(model)
+    try:
+        return transformers.AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise VlmpruneError(
+            f"cannot load the processor of {model} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+            f"the model directory needs its processor/tokenizer files and chat template"
+        ) from None
 
 
 def _with_layer_widths(cls: type) -> type:
@@ -98,6 +106,15 @@ def _shape_layers_(model: nn.Module) -> None:
     sync_config_(model, adapter)
 
 
+def check_finite(model: nn.Module) -> None:
+    """Refuse to save a model with NaN or infinite weights (a diverged run must not look like a result)."""
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise VlmpruneError(f"refusing to save: {len(bad)} weight tensor(s) hold NaN or inf values ({', '.join(bad[:3])}"
+                            f"{', ...' if len(bad) > 3 else ''}); the run diverged: lower the learning rate or check "
+                            f"the loss weights, and start again")
+
+
 def save_model(
     model: nn.Module,
     output: str | Path,
@@ -106,15 +123,18 @@ def save_model(
     processor=None,
     overwrite: bool = False,
     extras: Callable[[Path], None] | None = None,
+    inputs: Iterable[tuple[str, str | Path | None]] = (),
 ) -> Path:
     """Write ``model`` (safetensors), its processor files and ``pruning_plan.json`` atomically.
 
     Processor/tokenizer files are copied from ``source`` when it is a local directory, else
     saved from ``processor`` (or loaded from ``source`` as a hub id) when one is available.
-    ``extras(dir)`` may add files (plots, metrics) before the directory is put in place.
+    ``extras(dir)`` may add files (plots, metrics) before the directory is put in place. Weights
+    that are not finite are refused; ``inputs`` are checked as :func:`check_output` says.
     """
+    check_finite(model)
     output = Path(output)
-    with atomic_output_dir(output, overwrite=overwrite) as tmp:
+    with atomic_output_dir(output, overwrite=overwrite, inputs=[("input model", source), *inputs]) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         copy_processor_files(source, tmp, processor)
         if plan is not None:
@@ -136,12 +156,10 @@ def copy_processor_files(source: str | Path | None, dest: Path, processor=None) 
         for item in src.iterdir():
             if item.name in _MODEL_FILES or item.name.endswith(_WEIGHT_SUFFIXES) or item.name.startswith("."):
                 continue
-            target = dest / item.name
-            if item.is_dir():
-                if not (item / "config.json").exists() and not any(item.glob("*.safetensors")):
-                    shutil.copytree(item, target, dirs_exist_ok=True)
-            else:
-                shutil.copy2(item, target)
+            if item.is_file():
+                shutil.copy2(item, dest / item.name)
+            elif item.is_dir() and item.name in _PROCESSOR_SUBDIRS:
+                shutil.copytree(item, dest / item.name, dirs_exist_ok=True)
         return
     try:  # a hub id: the processor comes from the hub cache
         transformers.AutoProcessor.from_pretrained(str(source)).save_pretrained(dest)

@@ -11,7 +11,7 @@ from vlmprune.importance import layer as L
 from vlmprune.importance import width as W
 from vlmprune.importance.structures import layer_params
 from vlmprune.inspect import summarize
-from vlmprune.io import load, save_model
+from vlmprune.io import load, load_processor, save_model
 from vlmprune.plan import PruningPlan
 from vlmprune.plots import plot_layer_scores, plot_width_scores
 from vlmprune.planning import (ModelBudget, achieved, check_ratio, layers_to_drop, parse_layer_range, plan_layers,
@@ -142,17 +142,6 @@ def calibration_batches(processor, data, image_folder=None, num_samples: int | N
 
     samples = select(read_samples(data, image_folder, split=split), num_samples=num_samples, seed=seed)
     return Batches(samples, Collator(processor, max_length=max_length), batch_size)
-
-
-def load_processor(model: str | Path, trust_remote_code: bool = False):
-    import transformers
-
-    try:
-        return transformers.AutoProcessor.from_pretrained(str(model), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError) as exc:
-        raise VlmpruneError(
-            f"cannot load the processor of {model} ({exc}); calibration needs the model's processor and chat template"
-        ) from None
 
 
 def prune(model: str | Path, method: str, ratio: float, output: str | Path, criterion: str | None = None,

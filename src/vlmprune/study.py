@@ -178,7 +178,7 @@ def evaluate_model(path: str | Path, evaluation: dict) -> dict:
     from vlmprune.evaluate.tasks import evaluate
     from vlmprune.inspect import count_parameters
     from vlmprune.io import load
-    from vlmprune.pipeline import load_processor
+    from vlmprune.io import load_processor
 
     model = load(path)
     result = evaluate(model, load_processor(path), tasks=evaluation.get("tasks") or [],

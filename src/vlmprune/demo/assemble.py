@@ -43,13 +43,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from vlmprune import __version__
-from vlmprune.io import atomic_output_dir
+from vlmprune.paths import atomic_output_dir, cache_root
 
 IMAGE_SIZE = 56
 PATCH_SIZE = 14
@@ -284,11 +283,6 @@ def merge_lora(model, delta: dict[str, torch.Tensor], scale: float) -> None:
             raise ValueError(f"LoRA delta outside the language model: {name}")
         weight = modules[name].weight
         weight += scale * (delta[name + ".lora_B"].float() @ delta[key].float()).to(weight.dtype)
-
-
-def cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "vlmprune"
 
 
 def _fingerprint(from_hub: bool, weights_dir: Path) -> str:

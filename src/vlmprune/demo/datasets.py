@@ -16,7 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
-from vlmprune.io import atomic_output_dir
+from vlmprune.paths import atomic_output_dir
 
 EASYVQA_COLORS = {"red", "green", "blue", "black", "gray", "teal", "brown", "yellow"}
 EASYVQA_SHAPES = {"circle", "rectangle", "triangle"}
@@ -141,7 +141,7 @@ def demo_data(root: str | Path | None = None, limit: int | None = None) -> dict[
     stratifies on it). Default root: the user cache (``data``, or ``data-limit<N>`` with a limit,
     so a reduced set never stands in for the full one)."""
     if root is None:
-        from vlmprune.demo.assemble import cache_root
+        from vlmprune.paths import cache_root
 
         root = cache_root() / ("data" if limit is None else f"data-limit{limit}")
     root = Path(root)

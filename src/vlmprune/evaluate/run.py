@@ -18,7 +18,7 @@ def evaluate_model_dir(model: str | Path, tasks: list[str], limit: int | None = 
                        output: str | Path | None = None, console: Console | None = None) -> dict:
     """Load ``model`` (pruned or not), evaluate it, write JSON to ``output`` and print tables."""
     from vlmprune.io import load
-    from vlmprune.pipeline import load_processor
+    from vlmprune.io import load_processor
 
     unknown = [t for t in tasks if t not in BUILTIN_TASKS]
     if unknown:

@@ -140,7 +140,7 @@ def evaluate(
     subset of each task. Returns ``{"tasks": {name: score + examples}, "accuracy": mean over tasks}``.
     """
     if data_dir is None:
-        from vlmprune.demo.assemble import cache_root
+        from vlmprune.paths import cache_root
 
         data_dir = cache_root() / "data"
     files = {name: Path(data_dir) / name / "test.json" for name in (tasks or [])}

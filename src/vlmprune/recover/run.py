@@ -104,7 +104,7 @@ def recover(cfg: RecoverConfig, callbacks: list[transformers.TrainerCallback] | 
     ``<output>.checkpoints`` (removed at the end unless ``keep_checkpoints``). ``callbacks``
     are extra Trainer callbacks.
     """
-    from vlmprune.pipeline import load_processor
+    from vlmprune.io import load_processor
 
     cfg.validate()
     args = training_arguments(cfg)
