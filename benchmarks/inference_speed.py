@@ -35,7 +35,7 @@ from common import LM_SHAPES, build_llava  # noqa: E402
 from vlmprune.adapters import get_adapter  # noqa: E402
 from vlmprune.evaluate.efficiency import Timer, peak_mb, reset_peak  # noqa: E402
 from vlmprune.inspect import count_parameters  # noqa: E402
-from vlmprune.pipeline import plan_from_scores  # noqa: E402
+from vlmprune.prune.run import score_and_plan  # noqa: E402
 from vlmprune.prune import apply_plan_, layer_shapes  # noqa: E402
 
 PROMPT, IMAGE_POSITIONS = 600, 576
@@ -152,7 +152,7 @@ def main() -> None:
             model = base
             if "method" in v:
                 model = copy.deepcopy(base)  # a copy, not a rebuild: random init of 1.5B weights cost ~40 s a variant
-                plan, _ = plan_from_scores(model, v["method"], v["ratio"], "last" if v["method"] == "layer" else "random",
+                plan, _ = score_and_plan(model, v["method"], v["ratio"], "last" if v["method"] == "layer" else "random",
                                            attention=v.get("attention", "groups"), mlp_multiple=v.get("mlp_multiple"))
                 apply_plan_(model, plan)
             params = count_parameters(model)

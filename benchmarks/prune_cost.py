@@ -36,7 +36,7 @@ def worker(method: str, criterion: str, samples: int, batch_size: int) -> dict:
     from common import build_llava, fake_batch
 
     from vlmprune.evaluate.efficiency import peak_mb, reset_peak
-    from vlmprune.pipeline import plan_from_scores
+    from vlmprune.prune.run import score_and_plan
 
     base = reset_peak("cpu")
     model = build_llava("smollm2-135m")
@@ -47,7 +47,7 @@ def worker(method: str, criterion: str, samples: int, batch_size: int) -> dict:
     if method == "reference":
         activations_only(model, batches)
     else:
-        plan_from_scores(model, method, 0.2, criterion, batches)
+        score_and_plan(model, method, 0.2, criterion, batches)
     seconds = time.perf_counter() - t0
     peak = peak_mb("cpu")
     return {"method": method, "criterion": criterion, "seconds": seconds, "weights_mb": weights,

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from vlmprune import calibrate
+from vlmprune.calibrate import calibration_batches
 from vlmprune.adapters import get_adapter
 from vlmprune.demo.assemble import build_demo_model
 from vlmprune.demo.datasets import demo_data
@@ -28,8 +29,8 @@ from vlmprune.evaluate.tasks import evaluate
 from vlmprune.importance import width as W
 from vlmprune.io import load
 from vlmprune.io import load_processor
-from vlmprune.pipeline import calibration_batches
-from vlmprune.planning import ModelBudget, parse_layer_range, plan_width
+from vlmprune.config import parse_layer_range
+from vlmprune.planning import ModelBudget, plan_width
 from vlmprune.prune.apply import apply_plan_, layer_shapes
 
 

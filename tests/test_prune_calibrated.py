@@ -16,7 +16,7 @@ from test_surgery import assert_close, check_config, greedy, logits
 from tiny_models import FAMILIES, build_tiny, make_inputs
 from vlmprune.cli import main
 from vlmprune.errors import VlmpruneError
-from vlmprune.pipeline import plan_from_scores
+from vlmprune.prune.run import score_and_plan
 from vlmprune.planning import ModelBudget
 from vlmprune.prune import apply_plan_, layer_shapes
 
@@ -38,7 +38,7 @@ def test_ratio_02_on_every_adapter(family, method, criterion, tmp_path):
     batches = [labelled(model, family, seed=0), labelled(model, family, seed=1)]
     shapes = layer_shapes(model)
     budget = ModelBudget.of(model)
-    plan, _ = plan_from_scores(model, method, 0.2, criterion, batches)
+    plan, _ = score_and_plan(model, method, 0.2, criterion, batches)
     got = plan.extra["achieved"]["ratio"]
     assert abs(got - 0.2) <= granularity(budget, plan, shapes), (got, plan.to_dict())
     inputs = make_inputs(family, model)
@@ -68,7 +68,7 @@ def gqa_9_3():
 @pytest.mark.parametrize("global_ranking", [False, True])
 def test_gqa_9_heads_3_groups_stays_legal(attention, global_ranking, tmp_path):
     model = gqa_9_3()
-    plan, _ = plan_from_scores(model, "width", 0.3, "magnitude", attention=attention, global_ranking=global_ranking)
+    plan, _ = score_and_plan(model, "width", 0.3, "magnitude", attention=attention, global_ranking=global_ranking)
     apply_plan_(model, plan)
     check_config(model)
     shapes = layer_shapes(model)
@@ -81,7 +81,7 @@ def test_gqa_9_heads_3_groups_stays_legal(attention, global_ranking, tmp_path):
 
 def test_layer_range_gives_non_uniform_widths_that_reload(tmp_path):
     model = build_tiny("llava_llama_gqa")
-    plan, _ = plan_from_scores(model, "width", 0.15, "magnitude", layers="1:3", attention="heads")
+    plan, _ = score_and_plan(model, "width", 0.15, "magnitude", layers="1:3", attention="heads")
     assert set(plan.layers) <= {1, 2}
     apply_plan_(model, plan)
     widths = model.config.text_config.vlmprune_layer_widths
@@ -95,19 +95,19 @@ def test_planning_errors():
     model = build_tiny("llava_llama_mha")
     for ratio in (0, -0.1, 1, 1.5):
         with pytest.raises(VlmpruneError, match="--ratio must be"):
-            plan_from_scores(model, "layer", ratio, "last")
+            score_and_plan(model, "layer", ratio, "last")
     with pytest.raises(VlmpruneError, match="would remove all 4 decoder layers"):
-        plan_from_scores(model, "layer", 0.99, "last")
+        score_and_plan(model, "layer", 0.99, "last")
     with pytest.raises(VlmpruneError, match="removes less than one decoder layer"):
-        plan_from_scores(model, "layer", 0.01, "last")
+        score_and_plan(model, "layer", 0.01, "last")
     with pytest.raises(VlmpruneError, match="unknown width criterion 'fisher'"):
-        plan_from_scores(model, "width", 0.2, "fisher")
+        score_and_plan(model, "width", 0.2, "fisher")
     with pytest.raises(VlmpruneError, match="needs calibration data"):
-        plan_from_scores(model, "width", 0.2, "taylor")
+        score_and_plan(model, "width", 0.2, "taylor")
     with pytest.raises(VlmpruneError, match="multi-head attention"):
-        plan_from_scores(model, "width", 0.2, "magnitude", attention="heads")
+        score_and_plan(model, "width", 0.2, "magnitude", attention="heads")
     with pytest.raises(VlmpruneError, match="can remove at most"):
-        plan_from_scores(model, "width", 0.95, "magnitude")
+        score_and_plan(model, "width", 0.95, "magnitude")
 
 
 @pytest.mark.parametrize("args", [

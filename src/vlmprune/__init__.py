@@ -1,24 +1,51 @@
-"""vlmprune: structural pruning and cheap recovery of vision-language models."""
+"""vlmprune: structural pruning and cheap recovery of vision-language models.
 
-from vlmprune.adapters import get_adapter, supported_model_types
-from vlmprune.errors import PlanError, UnsupportedModelError, VlmpruneError
-from vlmprune.inspect import count_parameters, summarize
-from vlmprune.io import load, save_model
-from vlmprune.plan import PruningPlan
-from vlmprune.prune import apply_plan_
+The public verbs load lazily (``import vlmprune`` imports neither torch nor transformers until a
+verb is used), so the command line starts fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from vlmprune.errors import DataError, PlanError, UnsupportedModelError, VlmpruneError
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "PlanError",
-    "PruningPlan",
-    "UnsupportedModelError",
-    "VlmpruneError",
-    "apply_plan_",
-    "count_parameters",
-    "get_adapter",
-    "load",
-    "save_model",
-    "summarize",
-    "supported_model_types",
-]
+_LAZY = {
+    "get_adapter": "vlmprune.adapters",
+    "supported_model_types": "vlmprune.adapters",
+    "count_parameters": "vlmprune.inspect",
+    "summarize": "vlmprune.inspect",
+    "load": "vlmprune.io",
+    "load_processor": "vlmprune.io",
+    "save_model": "vlmprune.io",
+    "PruningPlan": "vlmprune.plan",
+    "apply_plan_": "vlmprune.prune.apply",
+    "score": "vlmprune.prune.run",
+    "plan_for": "vlmprune.prune.run",
+    "Scores": "vlmprune.prune.run",
+    "PruneResult": "vlmprune.prune.run",
+    "register_criterion": "vlmprune.importance.registry",
+    "criteria": "vlmprune.importance.registry",
+    "evaluate_model_dir": "vlmprune.evaluate.run",
+    "PruneConfig": "vlmprune.config",
+    "RecoverConfig": "vlmprune.config",
+    "EvalConfig": "vlmprune.config",
+}
+
+__all__ = ["DataError", "PlanError", "UnsupportedModelError", "VlmpruneError", "prune", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name == "prune":  # the subpackage, which is also the verb: vlmprune.prune(model=..., ...)
+        return importlib.import_module("vlmprune.prune")
+    if name not in _LAZY:
+        raise AttributeError(f"module 'vlmprune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -272,3 +272,37 @@ def collect_taylor(model: nn.Module, batches: Iterable[dict], tokens: str = "tex
             p.grad = None
         model.train(was_training)
     return sums
+
+
+# Statistics name -> collector(model, batches, tokens); criteria name the statistics they need.
+COLLECTORS = {
+    "hidden_states": collect_hidden_states,
+    "skip_loss": collect_skip_losses,
+    "activations": collect_activations,
+    "taylor": collect_taylor,
+}
+
+
+class Batches:
+    """Re-iterable calibration batches: samples collated on the fly (images opened per batch)."""
+
+    def __init__(self, samples, collator, batch_size: int = 1):
+        if batch_size < 1:
+            raise VlmpruneError(f"--batch-size must be >= 1, got {batch_size}")
+        self.samples, self.collator, self.batch_size = samples, collator, batch_size
+
+    def __len__(self) -> int:
+        return (len(self.samples) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        for start in range(0, len(self.samples), self.batch_size):
+            yield self.collator(self.samples[start : start + self.batch_size])
+
+
+def calibration_batches(processor, data, image_folder=None, num_samples: int | None = 128, seed: int = 0,
+                        batch_size: int = 1, max_length: int | None = None, split: str = "train") -> Batches:
+    """Read a LLaVA-format file or HF dataset, draw a seeded sample, and collate lazily."""
+    from vlmprune.data import Collator, read_samples, select
+
+    samples = select(read_samples(data, image_folder, split=split), num_samples=num_samples, seed=seed)
+    return Batches(samples, Collator(processor, max_length=max_length), batch_size)

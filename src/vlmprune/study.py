@@ -14,8 +14,10 @@ where it stopped; a failed cell records its error and the others go on.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import logging
 import shutil
 import time
 import traceback
@@ -25,7 +27,11 @@ from typing import Any
 
 import yaml
 
+from vlmprune.config import (EvalConfig, PruneConfig, RecoverConfig, build, check_keys, deep_merge, parse_overrides,
+                             read_yaml)
 from vlmprune.errors import VlmpruneError
+
+log = logging.getLogger(__name__)
 
 DEFAULTS: dict[str, Any] = {
     "name": "study",
@@ -47,45 +53,52 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["evaluation.limit=100", "teacher=/m"]`` -> nested dict; values parsed as YAML scalars."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise VlmpruneError(f"overrides are key=value (dotted keys for nested options), got {item!r}")
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw)
-    return out
+# Keys a study config may hold under each section (checked at any depth when the config loads).
+_CALIBRATION_KEYS = ("num_samples", "batch_size", "max_length", "split")
+_EVALUATION_KEYS = tuple(f.name for f in dataclasses.fields(EvalConfig) if f.name not in ("model", "output", "efficiency"))
+_RECOVERY_KEYS = tuple(f.name for f in dataclasses.fields(RecoverConfig)
+                       if f.name not in ("student", "teacher", "data", "image_folder", "output", "overwrite", "resume"))
 
 
-def _merge(base: dict, extra: dict, path: str = "") -> dict:
-    merged = dict(base)
-    for key, value in extra.items():
-        if key not in base and path == "" and key not in DEFAULTS:
-            raise VlmpruneError(f"unknown study option {key!r}; known: {', '.join(DEFAULTS)}")
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            merged[key] = _merge(base[key], value, f"{path}{key}.")
-        else:
-            merged[key] = value
-    return merged
+def check_study_config(config: dict[str, Any], origin: str) -> None:
+    """Refuse unknown keys at any depth and bad values, before any cell runs."""
+    check_keys(config, DEFAULTS, "")
+    for section, known in (("calibration", _CALIBRATION_KEYS), ("criterion", ("layer", "width")),
+                           ("width", ("attention", "mlp_multiple")), ("evaluation", _EVALUATION_KEYS),
+                           ("recovery", _RECOVERY_KEYS)):
+        if not isinstance(config[section], dict):
+            raise VlmpruneError(f"{origin}: '{section}' must be a mapping of option: value")
+        check_keys(config[section], known, f"{section}.")
+    if not isinstance(config["recipes"], dict) or not config["recipes"]:
+        raise VlmpruneError(f"{origin}: 'recipes' must map recipe names to recovery options (or null)")
+    for name, recipe in config["recipes"].items():
+        if recipe is None:
+            continue
+        if not isinstance(recipe, dict):
+            raise VlmpruneError(f"{origin}: recipe {name!r} must be a mapping of recovery options or null")
+        check_keys(recipe, _RECOVERY_KEYS, f"recipes.{name}.")
+        # values checked now, with stand-ins for the paths each cell fills in
+        build(RecoverConfig, {**config["recovery"], **recipe, "student": "-", "data": "-", "output": "-",
+                              "teacher": "-"})
+    calibration = {k: v for k, v in config["calibration"].items() if v is not None}
+    width = {k: v for k, v in config["width"].items() if v is not None}
+    for method in ("layer", "width"):
+        build(PruneConfig, {"model": "-", "output": "-", "method": method, "ratio": 0.5,
+                            "criterion": config["criterion"].get(method), **calibration,
+                            **(width if method == "width" else {})})
+    evaluation = build(EvalConfig, {k: v for k, v in config["evaluation"].items() if v is not None})
+    evaluation.check_paths(model=False)  # a task file that is not JSON fails here, not in every cell
+    expand_grid(config)
 
 
 def load_study_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    try:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise VlmpruneError(f"study config not found: {path}") from None
-    if not isinstance(loaded, dict):
-        raise VlmpruneError(f"{path} must hold a mapping of option: value")
-    config = _merge(_merge(DEFAULTS, loaded), parse_overrides(overrides or []))
+    """The study config at ``path`` over the defaults, with dotted ``key=value`` overrides, checked."""
+    config = deep_merge(deep_merge(DEFAULTS, read_yaml(path)), parse_overrides(overrides or []))
     if not config["grid"]:
         raise VlmpruneError(f"{path} defines no grid: add 'grid: [{{method: [...], ratio: [...], recipe: [...]}}]'")
     if not config["output"]:
         config["output"] = f"runs/study-{config['name']}"
+    check_study_config(config, str(path))
     return config
 
 
@@ -157,66 +170,53 @@ def _status(cell_dir: Path) -> dict | None:
         return None
 
 
-def resolve_inputs(config: dict) -> tuple[str, str, str | None, dict]:
-    """Teacher model, training data and its image folder, and evaluation options, with 'demo' resolved."""
-    teacher, data, folder = config["teacher"], config["train_data"], config["image_folder"]
-    evaluation = dict(config["evaluation"])
-    if teacher == "demo":
-        from vlmprune.demo.assemble import build_demo_model
+@dataclass
+class StudyResult:
+    """What ``run_study`` did: the run directory and how many cells are done, were skipped, failed."""
 
-        teacher = str(build_demo_model())
-    if data == "demo":
-        from vlmprune.demo.datasets import demo_data
-
-        paths = demo_data(limit=config["demo_data_limit"])
-        data, folder = str(paths["train"]), str(paths["root"])
-        evaluation["data_dir"] = evaluation.get("data_dir") or str(paths["root"])
-    return teacher, data, folder, evaluation
+    run: Path
+    done: int = 0
+    skipped: int = 0
+    failed: list[str] = dataclasses.field(default_factory=list)
 
 
-def evaluate_model(path: str | Path, evaluation: dict) -> dict:
-    from vlmprune.evaluate.tasks import evaluate
-    from vlmprune.inspect import count_parameters
-    from vlmprune.io import load
-    from vlmprune.io import load_processor
+def _evaluate(model: str | Path, evaluation: dict) -> dict:
+    from vlmprune.evaluate.run import evaluate_model_dir
 
-    model = load(path)
-    result = evaluate(model, load_processor(path), tasks=evaluation.get("tasks") or [],
-                      data_dir=evaluation.get("data_dir"), limit=evaluation.get("limit"),
-                      task_file=evaluation.get("task_file"), batch_size=evaluation.get("batch_size", 32),
-                      max_new_tokens=evaluation.get("max_new_tokens", 10))
-    result["parameters"] = count_parameters(model)
+    result = evaluate_model_dir(EvalConfig(model=str(model), **{k: v for k, v in evaluation.items() if v is not None}))
+    result.pop("config", None)
     return result
 
 
-def run_study(config: dict, console=None) -> Path:
-    """Run every cell not yet done; return the run directory (then `vlmprune report` it)."""
-    from vlmprune import pipeline
-    from vlmprune.recover import load_config as recover_config
+def run_study(config: dict) -> StudyResult:
+    """Run every cell not yet done; return the run directory and the cells' fate (then `vlmprune report` it).
+
+    ``teacher`` and ``train_data`` must be concrete paths here (the demo launcher resolves ``demo``).
+    Cells that differ only in ratio share one calibration: the first writes ``scores.json`` and the
+    others plan from it (``vlmprune prune --scores``).
+    """
+    from vlmprune.prune.run import SCORES_FILE, prune
     from vlmprune.recover import recover
 
-    def say(message: str) -> None:  # plain text: rich would read "[study]" as a markup tag and drop it
-        if console is None:
-            print(message)
-        else:
-            console.print(message, markup=False, highlight=False)
-
+    teacher, data, folder = config["teacher"], config["train_data"], config["image_folder"]
+    evaluation = dict(config["evaluation"])
     run = Path(config["output"])
     (run / "cells").mkdir(parents=True, exist_ok=True)
     (run / "resolved_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     cells = run_order(expand_grid(config), config)
-    teacher, data, folder, evaluation = resolve_inputs(config)
+    result = StudyResult(run)
     original = run / "original"
     if not (original / "eval.json").exists():
         original.mkdir(exist_ok=True)
-        say(f"[study] evaluating the original model {teacher}")
-        _write_json(original / "eval.json", {"model": teacher, **evaluate_model(teacher, evaluation)})
+        log.info("[study] evaluating the original model %s", teacher)
+        _write_json(original / "eval.json", {"model": teacher, **_evaluate(teacher, evaluation)})
     started = time.time()
     for n, cell in enumerate(cells, 1):
         cell_dir = run / "cells" / cell.id
         status = _status(cell_dir)
         if status and status.get("status") == "done":
-            say(f"[study] {n}/{len(cells)} {cell.id}: done, skipped")
+            log.info("[study] %d/%d %s: done, skipped", n, len(cells), cell.id)
+            result.skipped += 1
             continue
         if cell_dir.exists():
             shutil.rmtree(cell_dir)  # an unfinished or failed attempt: start the cell over
@@ -224,15 +224,24 @@ def run_study(config: dict, console=None) -> Path:
         _write_json(cell_dir / "cell.json", {**cell.to_dict(), "teacher": teacher, "train_data": data,
                                              "recipe_config": config["recipes"][cell.recipe],
                                              "recovery": config["recovery"], "evaluation": evaluation})
-        say(f"[study] {n}/{len(cells)} {cell.id}: running")
+        log.info("[study] %d/%d %s: running", n, len(cells), cell.id)
         t0 = time.time()
         try:
             pruned = run / "pruned" / cell.prune_id
             if not (pruned / "pruning_plan.json").exists():
-                pipeline.prune(teacher, cell.method, cell.ratio, pruned, criterion=cell.criterion, calibration=data,
-                               image_folder=folder, seed=config["seed"], overwrite=True,
-                               attention=config["width"]["attention"], mlp_multiple=config["width"]["mlp_multiple"],
-                               **{k: v for k, v in config["calibration"].items() if v is not None}, quiet=True)
+                shared = [p / SCORES_FILE for p in (run / "pruned").glob(f"{cell.method}-{cell.criterion}-r*")
+                          if (p / SCORES_FILE).is_file()]
+                options = {k: v for k, v in config["calibration"].items() if v is not None}
+                if cell.method == "width":
+                    options.update(attention=config["width"]["attention"], mlp_multiple=config["width"]["mlp_multiple"])
+                if shared:  # one calibration serves every ratio of a method and criterion
+                    options = {k: v for k, v in options.items() if k in ("attention", "mlp_multiple")}
+                    prune(PruneConfig(model=teacher, output=str(pruned), scores=str(shared[0]), ratio=cell.ratio,
+                                      overwrite=True, **options))
+                else:
+                    prune(PruneConfig(model=teacher, output=str(pruned), method=cell.method, ratio=cell.ratio,
+                                      criterion=cell.criterion, calibration=data, image_folder=folder,
+                                      seed=config["seed"], overwrite=True, **options))
             model_dir = pruned
             recipe = config["recipes"][cell.recipe]
             if recipe is not None:
@@ -240,18 +249,21 @@ def run_study(config: dict, console=None) -> Path:
                 options = {**config["recovery"], **recipe, "student": str(pruned), "teacher": teacher, "data": data,
                            "image_folder": folder, "output": str(model_dir), "fraction": cell.fraction,
                            "seed": config["seed"], "overwrite": True}
-                recover(recover_config(None, options))
-            result = evaluate_model(model_dir, evaluation)
+                recover(build(RecoverConfig, options))
+            evaluated = _evaluate(model_dir, evaluation)
             plan = json.loads((pruned / "pruning_plan.json").read_text())
-            result["achieved"] = plan.get("achieved")
-            _write_json(cell_dir / "eval.json", result)
+            evaluated["achieved"] = plan.get("achieved")
+            _write_json(cell_dir / "eval.json", evaluated)
             if recipe is not None and not config["keep_models"]:
                 shutil.rmtree(model_dir, ignore_errors=True)
             _write_json(cell_dir / "status.json", {"status": "done", "seconds": time.time() - t0})
-            say(f"[study] {cell.id}: mean accuracy {result['accuracy']:.3f} ({time.time() - t0:.0f} s)")
+            result.done += 1
+            log.info("[study] %s: mean accuracy %.3f (%.0f s)", cell.id, evaluated["accuracy"], time.time() - t0)
         except Exception as exc:  # a failed cell is recorded and the grid goes on
             _write_json(cell_dir / "status.json", {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
                                                    "traceback": traceback.format_exc(), "seconds": time.time() - t0})
-            say(f"[study] {cell.id}: FAILED: {exc}")
-    say(f"[study] {len(cells)} cells in {time.time() - started:.0f} s this run; report: vlmprune report {run}")
-    return run
+            result.failed.append(cell.id)
+            log.warning("[study] %s: FAILED: %s", cell.id, exc)
+    log.info("[study] %d cells in %.0f s this run (%d done, %d skipped, %d failed); report: vlmprune report %s",
+             len(cells), time.time() - started, result.done, result.skipped, len(result.failed), run)
+    return result

@@ -62,20 +62,61 @@ def score(rows: Iterable[tuple[str, str, str]]) -> dict:
 
 
 def load_task(path: str | Path, limit: int | None = None, seed: int = 0) -> list[dict]:
-    """Single-question records of a LLaVA-format json; ``limit`` takes a seeded subset."""
+    """Single-question records of a LLaVA-format JSON list (images relative to the file); ``limit`` takes
+    a seeded subset. Every record and image is checked first: a DataError names the record and the fix."""
+    from vlmprune.data import open_image
+    from vlmprune.errors import DataError
+
     path = Path(path)
-    records = json.loads(path.read_text())
-    items = []
-    for r in records:
-        turns = r["conversations"]
-        question = next(t["value"] for t in turns if t["from"] == "human")
-        answer = next(t["value"] for t in turns if t["from"] == "gpt")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise DataError(f"--limit must be an integer >= 1, got {limit!r}")
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"task file not found: {path}") from None
+    except IsADirectoryError:
+        raise DataError(f"task file {path} is a directory; give the JSON file of test records") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"task file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"task file {path} is not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})") from None
+    if not isinstance(records, list):
+        raise DataError(f"task file {path} must hold a JSON list of records, not a {type(records).__name__}")
+    if not records:
+        raise DataError(f"task file {path} holds no records")
+    items, checked = [], {}
+    for index, r in enumerate(records):
+        where = f"{path} record {index}"
+        if not isinstance(r, dict):
+            raise DataError(f"{where} is not a JSON object (got {type(r).__name__})")
+        where += f" (id {r['id']!r})" if isinstance(r.get("id"), (str, int)) else ""
+        turns = r.get("conversations")
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) for t in turns):
+            raise DataError(f"{where} has no conversations: expected a list of {{from, value}} turns")
+        question = next((t.get("value") for t in turns if t.get("from") in ("human", "user")), None)
+        answer = next((t.get("value") for t in turns if t.get("from") in ("gpt", "assistant")), None)
+        if not isinstance(question, str) or not question.strip():
+            raise DataError(f"{where} has no question: expected a 'human' turn with a 'value'")
+        if not isinstance(answer, (str, int, float)) or isinstance(answer, bool) or not str(answer).strip():
+            raise DataError(f"{where} has no answer: expected a 'gpt' turn with the reference 'value'")
+        image = r.get("image")
+        if image is not None and not isinstance(image, str):
+            raise DataError(f"{where}: 'image' must be a path relative to the task file, not {image!r}")
+        image_path = str(path.parent / image) if image else None
+        if image_path is not None and image_path not in checked:
+            if not Path(image_path).is_file():
+                raise DataError(f"{where}: image file not found: {image_path}")
+            try:
+                open_image(image_path)
+            except DataError as err:
+                raise DataError(f"{where}: {err}") from None
+            checked[image_path] = True
         items.append({
             "id": r.get("id", len(items)),
-            "image": str(path.parent / r["image"]) if r.get("image") else None,
+            "image": image_path,
             "question": question.replace("<image>\n", "").replace("\n<image>", "").replace("<image>", "").strip(),
-            "answer": answer,
-            "type": r.get("type", "all"),
+            "answer": str(answer),
+            "type": str(r.get("type", "all")),
         })
     if limit is not None and limit < len(items):
         keep = sorted(random.Random(seed).sample(range(len(items)), limit))
@@ -139,7 +180,7 @@ def evaluate(
     ``~/.cache/vlmprune/data``, written by ``vlmprune.demo.datasets``). ``limit`` evaluates a seeded
     subset of each task. Returns ``{"tasks": {name: score + examples}, "accuracy": mean over tasks}``.
     """
-    if data_dir is None:
+    if data_dir is None and tasks:
         from vlmprune.paths import cache_root
 
         data_dir = cache_root() / "data"
@@ -148,7 +189,7 @@ def evaluate(
         files[Path(task_file).stem] = Path(task_file)
     was_training = getattr(model, "training", False)
     model.eval()
-    results: dict = {"tasks": {}}
+    results: dict = {"tasks": {}, "data_dir": None if data_dir is None else str(data_dir)}
     try:
         for name, path in files.items():
             items = load_task(path, limit=limit)

@@ -65,3 +65,17 @@ def skip_loss(stats: SkipLossStats) -> torch.Tensor:
 def last(num_layers: int) -> torch.Tensor:
     """'Drop the last n': later layers score lower, so the lowest n are the last n."""
     return torch.arange(num_layers, 0, -1, dtype=torch.float64)
+
+
+@dataclass
+class LayerScores:
+    """Per-layer scores, and for block criteria the distance of every block start for every block
+    length n (``blocks[n - 1][l]``: dropping layers l..l+n-1), so a plan for any ratio can be made later."""
+
+    layers: torch.Tensor  # [L]
+    blocks: list[torch.Tensor] | None = None  # [L - 1] x [L - n + 1]
+
+    def block_start(self, n: int) -> int | None:
+        if self.blocks is None or n < 1 or n > len(self.blocks):
+            return None
+        return int(self.blocks[n - 1].argmin())

@@ -17,7 +17,6 @@ from vlmprune.data import IGNORE_INDEX
 from vlmprune.errors import VlmpruneError
 from vlmprune.plan import PruningPlan
 
-LOSSES = ("sft", "logits", "hidden")
 
 
 def next_token(mask: torch.Tensor) -> torch.Tensor:
@@ -80,34 +79,6 @@ def hidden_mse(student: list[torch.Tensor], teacher: list[torch.Tensor], mask: t
         per_token = (s.float() - t).pow(2).mean(-1) / (t.pow(2).mean(-1) + 1e-6)  # [B, T]
         losses.append(_masked_mean(per_token, mask))
     return torch.stack(losses).mean()
-
-
-def parse_losses(spec: str | dict) -> dict[str, float]:
-    """``"sft=1,hidden=0.5"`` (or a dict) -> ``{"sft": 1.0, "hidden": 0.5}``; unknown names and bad weights refused."""
-    if isinstance(spec, dict):
-        items = list(spec.items())
-    else:
-        items = []
-        for part in str(spec).split(","):
-            name, sep, weight = part.partition("=")
-            if not sep:
-                raise VlmpruneError(f"--loss entries are NAME=WEIGHT (e.g. sft=1,hidden=1), got {part!r}")
-            items.append((name.strip(), weight.strip()))
-    weights = {}
-    for name, weight in items:
-        if name not in LOSSES:
-            raise VlmpruneError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}")
-        try:
-            value = float(weight)
-        except (TypeError, ValueError):
-            raise VlmpruneError(f"loss {name!r} has weight {weight!r}, not a number") from None
-        if value < 0:
-            raise VlmpruneError(f"loss {name!r} has a negative weight {value}")
-        if value > 0:
-            weights[name] = value
-    if not weights:
-        raise VlmpruneError(f"--loss {spec!r} gives no loss a positive weight")
-    return weights
 
 
 def layer_map(

@@ -2,26 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 
 import torch
 import transformers
 from torch import nn
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from vlmprune.adapters import get_adapter
 from vlmprune.data import Collator, read_samples, select
 from vlmprune.errors import VlmpruneError
-from vlmprune.io import load, save_model
+from vlmprune.inspect import check_teacher
+from vlmprune.io import load, load_processor, save_model
+from vlmprune.paths import check_safetensors, claim_output
 from vlmprune.plan import PLAN_FILE, PruningPlan
-from vlmprune.recover.config import RESOLVED_CONFIG, RecoverConfig
+from vlmprune.config import RESOLVED_CONFIG, RecoverConfig
 from vlmprune.recover.losses import layer_map
 from vlmprune.recover.plots import plot_loss_curve
 from vlmprune.recover.trainable import count_trainable, merged, set_trainable_
 from vlmprune.recover.trainer import RecoveryTrainer
+
+log = logging.getLogger(__name__)
 
 SAMPLE_IDS = "sample_ids.json"
 TRAINER_LOG = "trainer_log.json"
@@ -81,18 +87,67 @@ def _ids_digest(ids: list[str]) -> str:
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()
 
 
-def _check_output(cfg: RecoverConfig, is_main: bool) -> None:
-    """Fail before any training when the output or the checkpoints are in the way."""
-    out = Path(cfg.output)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise VlmpruneError(f"output directory {out} exists and is not empty; choose another or pass --overwrite")
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """The Trainer checkpoints in ``directory`` that were written to the end, newest first.
+
+    A kill while a checkpoint is written leaves a folder without its trainer state or with weights
+    cut short; resuming from it would fail (or load garbage), so such folders are skipped.
+    """
+    found = []
+    for path in directory.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        step = path.name.rsplit("-", 1)[-1]
+        if not (path.is_dir() and step.isdigit()):
+            continue
+        problem = None
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+            weights = list(path.glob("*.safetensors"))
+            if not weights:
+                problem = "no weights"
+            for file in weights:
+                check_safetensors(file)
+            if not (path / "optimizer.pt").is_file() and not (path / "optimizer.bin").is_file():
+                problem = "no optimizer state"
+        except (OSError, ValueError, VlmpruneError) as exc:
+            problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if problem:
+            log.warning("vlmprune recover: skipping incomplete checkpoint %s (%s)", path, problem)
+            continue
+        found.append((int(step), path))
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def _prepare_checkpoints(cfg: RecoverConfig, is_main: bool) -> Path | None:
+    """The checkpoint to resume from (None: start fresh), after refusing what is in the way."""
     ckpt = cfg.checkpoint_dir
-    if ckpt.is_dir() and get_last_checkpoint(str(ckpt)):
-        if cfg.overwrite and is_main:
+    if not ckpt.is_dir():
+        if cfg.resume and is_main:
+            log.warning("vlmprune recover: --resume found no checkpoint in %s; starting from the beginning", ckpt)
+        return None
+    if cfg.overwrite:
+        if is_main:
             shutil.rmtree(ckpt)
-        elif not cfg.resume and not cfg.overwrite:
+        return None
+    complete = complete_checkpoints(ckpt)
+    if not cfg.resume:
+        if complete or any(ckpt.glob(f"{PREFIX_CHECKPOINT_DIR}-*")):
             raise VlmpruneError(f"{ckpt} holds checkpoints of an earlier run: pass --resume to continue it "
                                 f"or --overwrite to start over")
+        return None
+    if not complete:
+        if is_main:
+            log.warning("vlmprune recover: --resume found no complete checkpoint in %s; starting from the beginning",
+                        ckpt)
+        return None
+    return complete[0]
+
+
+def _finished_at(checkpoint: Path | None) -> bool:
+    """Whether ``checkpoint`` already holds the last step of its run (a kill during the final write)."""
+    if checkpoint is None:
+        return False
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return 0 < state.get("max_steps", 0) <= state.get("global_step", -1)
 
 
 def recover(cfg: RecoverConfig, callbacks: list[transformers.TrainerCallback] | None = None) -> Path:
@@ -104,12 +159,21 @@ def recover(cfg: RecoverConfig, callbacks: list[transformers.TrainerCallback] | 
     ``<output>.checkpoints`` (removed at the end unless ``keep_checkpoints``). ``callbacks``
     are extra Trainer callbacks.
     """
-    from vlmprune.io import load_processor
-
-    cfg.validate()
     args = training_arguments(cfg)
     state = args.distributed_state
-    _check_output(cfg, state.is_main_process)
+    with contextlib.ExitStack() as stack:
+        if state.is_main_process:  # checks every input and holds the output for the whole run
+            stack.enter_context(claim_output(cfg.output, [("student", cfg.student), ("teacher", cfg.teacher),
+                                                          ("training data", cfg.data), ("image folder", cfg.image_folder)],
+                                             cfg.overwrite))
+        else:
+            cfg.check_paths()
+        return _recover(cfg, args, state, callbacks)
+
+
+def _recover(cfg: RecoverConfig, args, state, callbacks) -> Path:
+    cfg.check_paths()
+    resume = _prepare_checkpoints(cfg, state.is_main_process)
     state.wait_for_everyone()
 
     # Data first: a bad fraction or an empty subset fails before any model loads.
@@ -122,26 +186,35 @@ def recover(cfg: RecoverConfig, callbacks: list[transformers.TrainerCallback] | 
         raise VlmpruneError("the processes of this run chose different samples; the data differs between them")
 
     processor = load_processor(cfg.student, cfg.trust_remote_code)
+    plan_path = Path(cfg.student) / PLAN_FILE
+    plan = PruningPlan.load(plan_path) if plan_path.is_file() else None
     teacher = None
     if cfg.teacher:
         check_same_tokenizer(processor, load_processor(cfg.teacher, cfg.trust_remote_code), cfg.student, cfg.teacher)
         teacher = load(cfg.teacher, dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
                        trust_remote_code=cfg.trust_remote_code)
+        if plan is not None and "source" in plan.extra:
+            check_teacher(teacher, plan.extra["source"], cfg.teacher)
     student = load(cfg.student, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
-    plan_path = Path(cfg.student) / PLAN_FILE
-    plan = PruningPlan.load(plan_path) if plan_path.is_file() else None
+    if teacher is not None and "logits" in cfg.loss:
+        s_vocab = student.get_output_embeddings().weight.shape[0]
+        t_vocab = teacher.get_output_embeddings().weight.shape[0]
+        if s_vocab != t_vocab:
+            raise VlmpruneError(f"the logits loss compares vocabularies, but the student has {s_vocab:,} output tokens "
+                                f"and the teacher {t_vocab:,}: distil from the student's own unpruned model, or "
+                                f"drop the logits loss")
 
     student_layers, teacher_layers = [], []
     if "hidden" in cfg.loss:
         student_layers, teacher_layers, pairs = hidden_pairs(student, teacher, plan, cfg.hidden_layers)
         if state.is_main_process:
-            print(f"vlmprune recover: hidden-state pairs (student layer, teacher layer): {pairs}", flush=True)
+            log.info("vlmprune recover: hidden-state pairs (student layer, teacher layer): %s", pairs)
 
     model = set_trainable_(student, cfg.train, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
     trainable, total = count_trainable(model)
     if state.is_main_process:
-        print(f"vlmprune recover: training {cfg.train!r}: {trainable:,} of {total:,} parameters "
-              f"({trainable / total:.2%}); {len(samples)} samples; losses {cfg.loss}", flush=True)
+        log.info("vlmprune recover: training %r: %s of %s parameters (%.2f%%); %d samples; losses %s", cfg.train,
+                 f"{trainable:,}", f"{total:,}", 100 * trainable / total, len(samples), cfg.loss)
 
     collator = Collator(processor, max_length=cfg.max_length, system_prompt=cfg.system_prompt)
     trainer = RecoveryTrainer(
@@ -150,10 +223,13 @@ def recover(cfg: RecoverConfig, callbacks: list[transformers.TrainerCallback] | 
         kd_tokens=cfg.kd_tokens, student_layers=student_layers, teacher_layers=teacher_layers,
         hidden_tokens=cfg.hidden_tokens,
     )
-    resume = get_last_checkpoint(str(cfg.checkpoint_dir)) if cfg.resume and cfg.checkpoint_dir.is_dir() else None
-    if cfg.resume and resume is None and state.is_main_process:
-        print(f"vlmprune recover: --resume found no checkpoint in {cfg.checkpoint_dir}; starting from the beginning")
-    trainer.train(resume_from_checkpoint=resume)
+    if _finished_at(resume):
+        # The Trainer would run one step past the end from here; the checkpoint already is the result.
+        log.info("vlmprune recover: %s is the run's last step; writing it without training further", resume)
+        trainer._load_from_checkpoint(str(resume))
+        trainer.state = transformers.TrainerState.load_from_json(str(resume / "trainer_state.json"))
+    else:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     out = Path(cfg.output).resolve()
     if state.is_main_process:
@@ -177,6 +253,6 @@ def recover(cfg: RecoverConfig, callbacks: list[transformers.TrainerCallback] | 
                    extras=extras)
         if not cfg.keep_checkpoints:
             shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)
-        print(f"vlmprune recover: {trainer.state.global_step} steps, final loss {record['final_loss']} -> {out}")
+        log.info("vlmprune recover: %d steps, final loss %s -> %s", trainer.state.global_step, record["final_loss"], out)
     state.wait_for_everyone()
     return out

@@ -12,9 +12,9 @@ import re
 from torch import nn
 
 from vlmprune.adapters import get_adapter
+from vlmprune.config import TRAIN_MODES
 from vlmprune.errors import VlmpruneError
 
-TRAIN_MODES = ("projector", "lm", "lora", "all")
 
 
 def lora_target_regex(model: nn.Module) -> str:

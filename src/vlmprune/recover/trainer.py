@@ -17,6 +17,8 @@ import transformers
 from torch import nn
 
 from vlmprune.data import IGNORE_INDEX, token_masks
+from vlmprune.errors import VlmpruneError
+from vlmprune.io import check_finite
 from vlmprune.recover.losses import hidden_mse, logit_kd, next_token, sft_loss
 
 
@@ -109,6 +111,11 @@ class RecoveryTrainer(transformers.Trainer):
                 hidden_mask = masks[self.hidden_tokens] & masks["all"]
                 losses["hidden"] = hidden_mse(student_hidden, teacher_hidden, hidden_mask)
         loss = sum(self.weights[name] * value for name, value in losses.items())
+        if not torch.isfinite(loss.detach()).all():
+            terms = ", ".join(f"{name}={float(value.detach()):.4g}" for name, value in losses.items())
+            raise VlmpruneError(f"the training loss is not finite at step {self.state.global_step} ({terms}); "
+                                f"training stopped and nothing was saved: lower --learning-rate, check the --loss "
+                                f"weights, or use float32 instead of --bf16")
         if model.training:
             for name, value in losses.items():
                 self._sums[name] = self._sums.get(name, 0.0) + value.detach()
@@ -124,6 +131,8 @@ class RecoveryTrainer(transformers.Trainer):
         Peft models save their adapters under peft's names and keep the Trainer's own path.
         """
         model = self.accelerator.unwrap_model(self.model)
+        if not self.is_fsdp_enabled:
+            check_finite(model)  # a checkpoint is only as good as its weights: never write a diverged one
         if not isinstance(model, transformers.PreTrainedModel) or self.is_fsdp_enabled:
             super()._save(output_dir, state_dict)
         elif self.args.should_save:

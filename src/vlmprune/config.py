@@ -1,0 +1,558 @@
+"""One config system for every command: a frozen dataclass per stage, YAML + flags + dotted overrides.
+
+Each stage's options are one dataclass whose fields carry their help text (``opt(...)``). A command
+line is resolved the same way for every command: the ``--config`` YAML first, then ``key=value``
+overrides (dotted keys reach nested sections), then explicit flags; unknown keys are refused at any
+depth. The dataclass checks its values once, in ``__post_init__``, before any model or data loads;
+checks that need the file system (inputs exist, the output may be written) are ``check_paths()``,
+called by the stage when it starts. Nothing here imports torch or transformers, so ``vlmprune
+--help`` stays fast (a look at ``transformers.HfArgumentParser``: it does the dataclass-to-argparse
+part, but importing it loads transformers; the glue below is the forty lines we need of it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vlmprune.errors import VlmpruneError
+
+RESOLVED_CONFIG = "resolved_config.yaml"
+
+
+def opt(default: Any = None, help: str = "", *, flag: str | None = None, choices=None, type=None,
+        positional: bool = False, cli: bool = True, default_factory=None):
+    """A config field with what its command-line flag needs."""
+    meta = {"help": help, "flag": flag, "choices": choices, "type": type, "positional": positional, "cli": cli}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# value checks shared by the stage configs (each message names the flag and what it accepts)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def need(name: str, value: Any) -> None:
+    if value in (None, ""):
+        raise VlmpruneError(f"{_flag(name)} is required")
+
+
+def positive(name: str, value: Any, *, allow_none: bool = True, zero: bool = False, kind=int) -> None:
+    if value is None and allow_none:
+        return
+    ok_type = isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or float(value).is_integer())
+    if not ok_type or not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        bound = ">= 0" if zero else "> 0" if kind is float else ">= 1"
+        raise VlmpruneError(f"{_flag(name)} must be {'an integer' if kind is int else 'a number'} {bound}, got {value!r}")
+
+
+def one_of(name: str, value: Any, choices, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if value not in choices:
+        raise VlmpruneError(f"{_flag(name)} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def check_ratio(ratio: Any) -> None:
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio < 1:
+        raise VlmpruneError(f"--ratio must be a fraction of the model's parameters in (0, 1), got {ratio!r}")
+
+
+def parse_layer_range(spec: str | None, num_layers: int | None = None) -> list[int] | None:
+    """'START:END' (python slice, END exclusive, either may be empty or negative) -> layer indices
+    (None without ``num_layers``: only the syntax is checked)."""
+    if not spec:
+        return None if num_layers is None else list(range(num_layers))
+    try:
+        start, end = (int(x) if x.strip() else None for x in str(spec).split(":"))
+    except ValueError:
+        raise VlmpruneError(f"--layers must look like START:END (e.g. 2:-2), got {spec!r}") from None
+    if num_layers is None:
+        return None
+    chosen = list(range(num_layers))[slice(start, end)]
+    if not chosen:
+        raise VlmpruneError(f"--layers {spec} selects no layer of the model's {num_layers}")
+    return chosen
+
+
+DTYPES = ("float32", "float16", "bfloat16", "auto")
+
+
+def check_device(device: str | None) -> None:
+    """A device torch knows and this machine has (imports torch: call when the command starts)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise VlmpruneError(f"--device {device!r} is not a device; use cpu, cuda, cuda:1, mps, ...") from None
+    if dev.type != "cpu":
+        module = getattr(torch, dev.type, None)
+        available = getattr(module, "is_available", lambda: False)()
+        if not available:
+            raise VlmpruneError(f"--device {device}: this machine (torch {torch.__version__}) has no {dev.type} "
+                                f"device; use --device cpu or install a torch build for it")
+        count = getattr(module, "device_count", lambda: 1)()
+        if dev.index is not None and dev.index >= count:
+            raise VlmpruneError(f"--device {device}: there are only {count} {dev.type} device(s)")
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage configs
+
+
+@dataclass(frozen=True)
+class InspectConfig:
+    """``vlmprune inspect``: what a model is made of."""
+
+    model: str | None = opt(None, "local directory or hub id", positional=True)
+    json: bool = opt(False, "print JSON instead of tables")
+    trust_remote_code: bool = opt(False, "run the model repo's own code (off by default)")
+
+    def __post_init__(self):
+        need("model", self.model)
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """``vlmprune prune``: calibrate, score, plan and cut (or apply a plan, or re-plan from saved scores)."""
+
+    model: str | None = opt(None, "local directory or hub id")
+    output: str | None = opt(None, "output directory (written whole at the end)")
+    plan: str | None = opt(None, "pruning_plan.json to apply (indices of the input model)")
+    scores: str | None = opt(None, "scores.json of an earlier prune of the same model: re-plan for --ratio "
+                                   "without calibrating again")
+    method: str | None = opt(None, "drop decoder layers, or heads and MLP channels", choices=("layer", "width"))
+    ratio: float | None = opt(None, "fraction of the WHOLE model's parameters to remove, in (0, 1)", type=float)
+    criterion: str | None = opt(None, "a registered criterion (`vlmprune criteria` lists them); default: "
+                                      "block_influence for layer, taylor for width")
+    calibration: str | None = opt(None, "LLaVA-format JSON/JSONL, a save_to_disk directory or a hub dataset id")
+    image_folder: str | None = opt(None, "root of the relative image paths in --calibration")
+    split: str = opt("train", "dataset split (HF datasets)")
+    num_samples: int = opt(128, "calibration samples (seeded draw)", type=int)
+    seed: int = opt(0, "seed of the calibration draw and of the random criterion", type=int)
+    batch_size: int = opt(1, "calibration batch size", type=int)
+    max_length: int | None = opt(None, "truncate longer samples (never their image tokens)", type=int)
+    tokens: str | None = opt(None, "positions the statistics use (default: the criterion's)",
+                             choices=("all", "text", "image", "answer"))
+    attention: str = opt("groups", "width: drop whole kv groups, q heads inside every group, or leave attention alone",
+                         choices=("groups", "heads", "none"))
+    mlp_multiple: int | None = opt(None, "kept MLP widths are multiples of this (default 64 for MLPs >= 4096, else 8)",
+                                   type=int)
+    layers: str | None = opt(None, "width: prune only layers START:END (python slice; gives non-uniform widths)")
+    global_ranking: bool = opt(False, "width: rank structures across layers instead of the same widths in each",
+                               flag="--global")
+    device: str | None = opt(None, "cpu, cuda, cuda:1, ... (default: where the model loads)")
+    dtype: str | None = opt(None, "float32, float16, bfloat16 (default: the checkpoint's)", choices=DTYPES)
+    overwrite: bool = opt(False, "replace an existing output directory (only one vlmprune wrote)")
+    trust_remote_code: bool = opt(False, "run the model repo's own code (off by default)")
+
+    def __post_init__(self):
+        need("model", self.model)
+        need("output", self.output)
+        if self.plan is not None:
+            if self.method is not None or self.scores is not None:
+                raise VlmpruneError("give either --plan, or --method/--ratio (optionally with --scores), not both")
+        else:
+            if self.method is None and self.scores is None:
+                raise VlmpruneError("vlmprune prune needs --plan PLAN.json, or --method layer|width with --ratio R")
+            if self.ratio is None:
+                raise VlmpruneError("--ratio is required with --method or --scores (the fraction of the whole "
+                                    "model's parameters to remove, e.g. 0.2)")
+            check_ratio(self.ratio)
+        one_of("method", self.method, ("layer", "width"))
+        one_of("tokens", self.tokens, ("all", "text", "image", "answer"))
+        one_of("attention", self.attention, ("groups", "heads", "none"), allow_none=False)
+        one_of("dtype", self.dtype, DTYPES)
+        for name in ("num_samples", "batch_size", "max_length", "mlp_multiple"):
+            positive(name, getattr(self, name))
+        positive("seed", self.seed, zero=True, allow_none=False)
+        if self.method == "layer":
+            for name, value, default in (("layers", self.layers, None), ("global_ranking", self.global_ranking, False),
+                                         ("mlp_multiple", self.mlp_multiple, None),
+                                         ("attention", self.attention, "groups")):
+                if value != default:
+                    flag = "--global" if name == "global_ranking" else _flag(name)
+                    raise VlmpruneError(f"{flag} applies to --method width only; --method layer drops whole layers")
+        parse_layer_range(self.layers)
+        if self.image_folder and not self.calibration:
+            raise VlmpruneError("--image-folder needs --calibration (the data whose images it holds)")
+
+    def check_paths(self) -> None:
+        """Inputs exist and the output may be written (before anything loads)."""
+        from vlmprune.paths import check_model_source, check_output
+
+        check_model_source(self.model)
+        for name in ("plan", "scores"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).is_file():
+                raise VlmpruneError(f"{_flag(name)} {value}: file not found")
+        if self.image_folder is not None and not Path(self.image_folder).is_dir():
+            raise VlmpruneError(f"--image-folder {self.image_folder}: directory not found")
+        check_device(self.device)
+        check_output(self.output, self.inputs(), self.overwrite)
+
+    def inputs(self) -> list[tuple[str, str | None]]:
+        return [("input model", self.model), ("calibration data", self.calibration),
+                ("image folder", self.image_folder), ("plan", self.plan), ("scores", self.scores)]
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """``vlmprune evaluate``: exact-match tasks and efficiency measures."""
+
+    model: str | None = opt(None, "model directory (pruned or not) or hub id")
+    tasks: str | list | None = opt("easyvqa,digits", "comma-separated built-in tasks ('' for none)")
+    task_file: str | None = opt(None, "your own LLaVA-format test file (exact match; choice letters recognised)")
+    limit: int | None = opt(None, "a seeded subset of this many questions per task", type=int)
+    data_dir: str | None = opt(None, "where the built-in tasks' data lives (default: the user cache)")
+    batch_size: int = opt(32, "questions per generation batch", type=int)
+    max_new_tokens: int = opt(10, "answer length limit in tokens", type=int)
+    efficiency: bool = opt(False, "add parameters, FLOPs per sample, prefill latency, decode speed, peak memory")
+    output: str | None = opt(None, "write the results JSON to this file")
+
+    def __post_init__(self):
+        from vlmprune.evaluate.tasks import BUILTIN_TASKS
+
+        tasks = self.tasks
+        if isinstance(tasks, str):
+            tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+        object.__setattr__(self, "tasks", list(tasks or []))
+        unknown = [t for t in self.tasks if t not in BUILTIN_TASKS]
+        if unknown:
+            raise VlmpruneError(f"unknown task(s) {unknown}; built-in tasks: {', '.join(BUILTIN_TASKS)} "
+                                f"(or pass your own LLaVA-format test file with --task-file)")
+        if not self.tasks and not self.task_file:
+            raise VlmpruneError("nothing to evaluate: give --tasks and/or --task-file")
+        for name in ("limit", "batch_size", "max_new_tokens"):
+            positive(name, getattr(self, name), allow_none=name == "limit")
+
+    def check_paths(self, model: bool = True) -> None:
+        from vlmprune.paths import check_model_source
+
+        if model:
+            need("model", self.model)
+            check_model_source(self.model)
+        if self.task_file is not None:
+            from vlmprune.evaluate.tasks import load_task
+
+            load_task(self.task_file, limit=1)  # reads and checks every record and image
+        if self.output is not None:
+            out = Path(self.output)
+            if out.is_dir():
+                raise VlmpruneError(f"--output {self.output} is a directory; give a file path such as "
+                                    f"{out / 'results.json'}")
+            if self.model and Path(self.model).exists() and out.resolve().is_relative_to(Path(self.model).resolve()):
+                raise VlmpruneError(f"--output {self.output} lies inside the model directory; write results elsewhere")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``vlmprune data``: write a demo data set in the LLaVA conversation format."""
+
+    dataset: str | None = opt(None, "easyvqa or digits", positional=True, choices=("easyvqa", "digits"))
+    output: str | None = opt(None, "output directory")
+    limit: int | None = opt(None, "only the first N images per split", type=int)
+
+    def __post_init__(self):
+        one_of("dataset", self.dataset, ("easyvqa", "digits"), allow_none=False)
+        need("output", self.output)
+        positive("limit", self.limit)
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """``vlmprune report``: aggregate a study run directory into tables and plots."""
+
+    run: str | None = opt(None, "the study's run directory", positional=True)
+
+    def __post_init__(self):
+        need("run", self.run)
+        if not Path(self.run).is_dir():
+            raise VlmpruneError(f"run directory not found: {self.run}")
+
+
+LOSSES = ("sft", "logits", "hidden")
+TRAIN_MODES = ("projector", "lm", "lora", "all")
+# transformers.SchedulerType values (checked against transformers when a run starts)
+REPORT_TO = ("none", "all", "tensorboard", "wandb", "mlflow", "comet_ml", "clearml", "dvclive", "trackio", "swanlab")
+
+
+def parse_losses(spec: str | dict) -> dict[str, float]:
+    """``"sft=1,hidden=0.5"`` (or a dict) -> ``{"sft": 1.0, "hidden": 0.5}``; unknown names, repeated names
+    and weights that are negative or not finite are refused."""
+    if isinstance(spec, dict):
+        items = list(spec.items())
+    else:
+        items = []
+        for part in str(spec).split(","):
+            name, sep, weight = part.partition("=")
+            if not sep:
+                raise VlmpruneError(f"--loss entries are NAME=WEIGHT (e.g. sft=1,hidden=1), got {part!r}")
+            items.append((name.strip(), weight.strip()))
+    weights: dict[str, float] = {}
+    seen = set()
+    for name, weight in items:
+        if name not in LOSSES:
+            raise VlmpruneError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}")
+        if name in seen:
+            raise VlmpruneError(f"--loss names {name!r} twice; give each loss once (e.g. sft=1,hidden=1)")
+        seen.add(name)
+        try:
+            value = float(weight)
+        except (TypeError, ValueError):
+            raise VlmpruneError(f"loss {name!r} has weight {weight!r}, not a number") from None
+        if not math.isfinite(value) or value < 0:
+            raise VlmpruneError(f"loss {name!r} has weight {value}; weights are finite numbers >= 0")
+        if value > 0:
+            weights[name] = value
+    if not weights:
+        raise VlmpruneError(f"--loss {spec!r} gives no loss a positive weight")
+    return weights
+
+
+@dataclass(frozen=True)
+class RecoverConfig:
+    """``vlmprune recover``: train a pruned student on a seeded data subset (SFT and distillation)."""
+
+    # what: models, data, output
+    student: str | None = opt(None, "the pruned model directory")
+    teacher: str | None = opt(None, "the unpruned model (needed by the logits and hidden losses; same tokenizer)")
+    data: str | None = opt(None, "LLaVA-format JSON/JSONL, a save_to_disk directory or a hub dataset id")
+    image_folder: str | None = opt(None, "root of the relative image paths in --data")
+    split: str = opt("train", "dataset split (HF datasets)")
+    output: str | None = opt(None, "output directory (written at the end; checkpoints go to OUTPUT.checkpoints)")
+    overwrite: bool = opt(False, "replace an existing output and discard earlier checkpoints")
+    resume: bool = opt(False, "continue from the last complete checkpoint in OUTPUT.checkpoints")
+    keep_checkpoints: bool = opt(False, "keep OUTPUT.checkpoints after success")
+    trust_remote_code: bool = opt(False, "run the model repo's own code")
+    # losses
+    loss: dict | str = opt(None, f"weighted losses NAME=W,... with NAME in {', '.join(LOSSES)}, e.g. sft=1,hidden=1",
+                           default_factory=lambda: {"sft": 1.0, "hidden": 1.0})
+    temperature: float = opt(2.0, "logit KD temperature", type=float)
+    kd_tokens: str = opt("answer", "positions of the logit KD", choices=("answer", "text"))
+    hidden_layers: str = opt("all", "student layers of the hidden loss: all, last or i,j,...")
+    hidden_tokens: str = opt("all", "real tokens the hidden loss counts", choices=("all", "text", "answer"))
+    # what trains
+    train: str = opt("all", "what trains (the vision tower never does)", choices=TRAIN_MODES)
+    lora_r: int = opt(16, "LoRA rank", type=int)
+    lora_alpha: float = opt(32, "LoRA alpha", type=float)
+    lora_dropout: float = opt(0.05, "LoRA dropout", type=float)
+    # data fraction and collation
+    fraction: float | None = opt(None, "train on this fraction of the data, in (0, 1] (seeded, stratified by source)",
+                                 type=float)
+    num_samples: int | None = opt(None, "train on this many samples (seeded, stratified by source)", type=int)
+    max_length: int | None = opt(None, "truncate longer samples (never their image tokens)", type=int)
+    system_prompt: str | None = opt(None, "system message for samples without one")
+    # training (passed to transformers.TrainingArguments under the same names)
+    learning_rate: float = opt(2e-5, "peak learning rate", type=float)
+    num_train_epochs: float = opt(1.0, "epochs", type=float)
+    max_steps: int = opt(-1, "optimizer steps; overrides epochs when > 0", type=int)
+    per_device_train_batch_size: int = opt(1, "samples per process per micro-batch", type=int)
+    gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step", type=int)
+    warmup_steps: float = opt(0.0, "warmup steps, or a fraction of the run when < 1", type=float)
+    weight_decay: float = opt(0.0, "AdamW weight decay", type=float)
+    lr_scheduler_type: str = opt("cosine", "transformers scheduler name (linear, cosine, constant, ...)")
+    seed: int = opt(0, "seed of the data subset, the data order and initialisation", type=int)
+    bf16: bool = opt(False, "bfloat16 mixed precision (where the device supports it)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    logging_steps: int = opt(10, "log every N optimizer steps", type=int)
+    save_steps: int = opt(200, "checkpoint every N optimizer steps", type=int)
+    save_total_limit: int = opt(2, "checkpoints kept", type=int)
+    report_to: str = opt("none", "none, tensorboard, wandb, mlflow, all (installed ones)")
+    dataloader_num_workers: int = opt(0, "data loading worker processes", type=int)
+
+    def __post_init__(self):
+        object.__setattr__(self, "loss", parse_losses(self.loss))
+        for name in ("student", "data", "output"):
+            need(name, getattr(self, name))
+        if set(self.loss) & {"logits", "hidden"} and not self.teacher:
+            raise VlmpruneError(f"the losses {sorted(set(self.loss) - {'sft'})} distil from a teacher: pass --teacher")
+        one_of("kd_tokens", self.kd_tokens, ("answer", "text"), allow_none=False)
+        one_of("hidden_tokens", self.hidden_tokens, ("all", "text", "answer"), allow_none=False)
+        one_of("train", self.train, TRAIN_MODES, allow_none=False)
+        for name in ("temperature", "learning_rate", "num_train_epochs", "lora_alpha"):
+            positive(name, getattr(self, name), allow_none=False, kind=float)
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "lora_r", "logging_steps",
+                     "save_steps", "save_total_limit"):
+            positive(name, getattr(self, name), allow_none=False)
+        for name in ("num_samples", "max_length"):
+            positive(name, getattr(self, name))
+        for name in ("warmup_steps", "weight_decay"):
+            positive(name, getattr(self, name), allow_none=False, zero=True, kind=float)
+        positive("seed", self.seed, allow_none=False, zero=True)
+        positive("dataloader_num_workers", self.dataloader_num_workers, allow_none=False, zero=True)
+        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+            raise VlmpruneError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if not isinstance(self.max_steps, int) or self.max_steps == 0 or self.max_steps < -1:
+            raise VlmpruneError(f"--max-steps must be >= 1 (or -1: train --num-train-epochs), got {self.max_steps!r}")
+        if self.fraction is not None and (not isinstance(self.fraction, (int, float)) or not 0 < self.fraction <= 1):
+            raise VlmpruneError(f"--fraction must be in (0, 1], got {self.fraction!r}")
+        if self.fraction is not None and self.num_samples is not None:
+            raise VlmpruneError("give either --fraction or --num-samples, not both")
+        if self.resume and self.overwrite:
+            raise VlmpruneError("--resume continues a run and --overwrite starts over: give one")
+        if self.temperature <= 0:
+            raise VlmpruneError(f"--temperature must be > 0, got {self.temperature}")
+        reports = [r.strip() for r in str(self.report_to).split(",")]
+        for r in reports:
+            one_of("report_to", r, REPORT_TO, allow_none=False)
+        hidden = str(self.hidden_layers)
+        if hidden not in ("all", "last") and not all(x.strip().lstrip("-").isdigit() for x in hidden.split(",")):
+            raise VlmpruneError(f"--hidden-layers must be all, last or student layer indices i,j,..., got {hidden!r}")
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where the Trainer keeps its periodic checkpoints (beside the output, which is written at the end)."""
+        out = Path(self.output).resolve()
+        return out.with_name(out.name + ".checkpoints")
+
+    def check_paths(self) -> None:
+        """Inputs exist, the output may be written, the scheduler is one transformers knows."""
+        from transformers.trainer_utils import SchedulerType
+
+        from vlmprune.paths import check_model_source, check_output
+
+        check_model_source(self.student, "student")
+        if self.teacher:
+            check_model_source(self.teacher, "teacher")
+        if self.image_folder is not None and not Path(self.image_folder).is_dir():
+            raise VlmpruneError(f"--image-folder {self.image_folder}: directory not found")
+        one_of("lr_scheduler_type", self.lr_scheduler_type, [s.value for s in SchedulerType], allow_none=False)
+        inputs = [("student", self.student), ("teacher", self.teacher), ("training data", self.data),
+                  ("image folder", self.image_folder)]
+        check_output(self.output, inputs, self.overwrite)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML + overrides + flags -> a config
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["evaluation.limit=100", "teacher=/m"]`` -> nested dict; values parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise VlmpruneError(f"overrides are key=value (dotted keys for nested options), got {item!r}")
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise VlmpruneError(f"override {item!r} conflicts with another override of {part!r}")
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            node[parts[-1]] = raw
+    return out
+
+
+def read_yaml(path: str | Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise VlmpruneError(f"config file not found: {path}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise VlmpruneError(f"{path} is not valid YAML: {exc}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise VlmpruneError(f"{path} must hold a mapping of option: value")
+    return loaded
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merged[key] = deep_merge(base[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def check_keys(values: dict, known, where: str) -> None:
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise VlmpruneError(f"unknown option(s) {', '.join(where + k for k in unknown)}; "
+                            f"known{' under ' + where.rstrip('.') if where else ''}: {', '.join(sorted(known))}")
+
+
+def build(cls, values: dict[str, Any]):
+    """``cls(**values)`` with unknown keys named and type errors turned into messages."""
+    check_keys(values, [f.name for f in dataclasses.fields(cls)], "")
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise VlmpruneError(f"bad option value: {exc}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls, overrides: bool = True) -> None:
+    """Flags for every field of ``cls``, plus ``--config`` and ``key=value`` overrides."""
+    parser.set_defaults(config_class=cls)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        kwargs: dict[str, Any] = {"help": meta.get("help", ""), "default": argparse.SUPPRESS}
+        if f.type in ("bool", bool):
+            kwargs["action"] = "store_true"
+        else:
+            if meta.get("type"):
+                kwargs["type"] = meta["type"]
+            if meta.get("choices"):
+                kwargs["choices"] = meta["choices"]
+            if f.default not in (None, dataclasses.MISSING) and not meta.get("positional"):
+                kwargs["help"] += f" (default: {f.default})"
+        if meta.get("positional"):
+            kwargs.pop("default")
+            kwargs["nargs"] = "?"
+            parser.add_argument(f.name, **kwargs)
+        else:
+            parser.add_argument(meta.get("flag") or _flag(f.name), dest=f.name, **kwargs)
+    parser.add_argument("--config", dest="config_file", metavar="YAML",
+                        help="options from a YAML file (field names with _); overrides and flags win")
+    if overrides:
+        parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                            help="override an option, dotted for nested ones (repeatable; also as trailing KEY=VALUE)")
+
+
+def resolve(cls, args: argparse.Namespace, extra: list[str] | None = None):
+    """The config of one command line: YAML, then ``key=value`` overrides, then flags."""
+    values = read_yaml(getattr(args, "config_file", None))
+    values = deep_merge(values, parse_overrides(list(getattr(args, "overrides", None) or []) + list(extra or [])))
+    names = {f.name for f in dataclasses.fields(cls)}
+    flags = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return build(cls, deep_merge(values, flags))
+
+
+def to_yaml(config) -> str:
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+
+
+def load_stage_config(cls, path: str | Path | None = None, values: dict[str, Any] | None = None):
+    """A stage config from a YAML file (optional) with ``values`` on top (None = not given)."""
+    merged = deep_merge(read_yaml(path), {k: v for k, v in (values or {}).items() if v is not None})
+    return build(cls, merged)

@@ -1,0 +1,71 @@
+"""The built-in criteria, each registered under its name (the pure functions live in layer.py / width.py)."""
+
+from __future__ import annotations
+
+from vlmprune.importance import layer as L
+from vlmprune.importance import width as W
+from vlmprune.importance.registry import register_criterion
+from vlmprune.importance.structures import layer_params
+
+
+@register_criterion("block_influence", method="layer", stats="hidden_states")
+def block_influence(stats, ctx):
+    """ShortGPT: sum over tokens of 1 - cos(h_in, h_out) of each layer's own output"""
+    return L.block_influence(stats)
+
+
+@register_criterion("angular", method="layer", stats="hidden_states")
+def angular(stats, ctx):
+    """the contiguous block of n layers whose input and output are closest in angle"""
+    n = stats.num_layers
+    blocks = [L.angular_block(stats, k)[1] for k in range(1, n)]
+    return L.LayerScores(L.angular(stats), blocks)
+
+
+@register_criterion("skip_loss", method="layer", stats="skip_loss", default_tokens="answer")
+def skip_loss(stats, ctx):
+    """increase of the answer loss when the layer is skipped"""
+    return L.skip_loss(stats)
+
+
+@register_criterion("last", method="layer")
+def last(stats, ctx):
+    """drop the last n layers (no data needed)"""
+    return L.last(len(ctx.shapes))
+
+
+@register_criterion("taylor", method="width", stats="taylor", default_tokens="text")
+def taylor(stats, ctx):
+    """LLM-Pruner: sum of |W * dL/dW| over a structure's weights (the collector reduces as gradients arrive)"""
+    return W.taylor(stats, ctx.shapes)
+
+
+@register_criterion("magnitude", method="width")
+def magnitude(stats, ctx):
+    """L1 of the weights a structure owns (no data needed)"""
+    adapter, model = ctx.adapter, ctx.model
+    params = [(role, p) for i, layer in enumerate(adapter.layers(model))
+              for p, role in layer_params(layer, adapter, i).items()]
+    return W.magnitude(params, ctx.shapes, p=1)
+
+
+@register_criterion("activation", method="width", stats="activations")
+def activation(stats, ctx):
+    """Minitron: mean |activation| of a channel / of a head's o_proj input"""
+    return W.activation(stats, ctx.shapes)
+
+
+@register_criterion("wanda", method="width", stats="activations")
+def wanda(stats, ctx):
+    """Wanda-sp: |W| * ||X|| of the o_proj / down-projection columns a structure owns"""
+    adapter, lay = ctx.adapter, ctx.adapter.layout
+    layers = adapter.layers(ctx.model)
+    o_w = [getattr(adapter.attention(x), lay.o).weight for x in layers]
+    d_w = [getattr(adapter.mlp(x), lay.down).weight for x in layers]
+    return W.wanda(stats, o_w, d_w, ctx.shapes)
+
+
+@register_criterion("random", method="width")
+def random(stats, ctx):
+    """seeded baseline"""
+    return W.random(ctx.shapes, ctx.seed)

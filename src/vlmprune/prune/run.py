@@ -1,0 +1,243 @@
+"""The prune stage: calibrate -> score -> plan -> cut -> write, each step a verb that returns a value.
+
+``score`` runs a registered criterion (collecting the statistics it names); ``plan_for`` turns
+scores into a plan for a ratio; ``prune`` is the whole command on a :class:`PruneConfig` and
+returns a :class:`PruneResult` (nothing here prints: the CLI presents results).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlmprune import calibrate
+from vlmprune.adapters import get_adapter
+from vlmprune.config import RESOLVED_CONFIG, PruneConfig, check_ratio, parse_layer_range, to_yaml
+from vlmprune.errors import VlmpruneError
+from vlmprune.importance.layer import LayerScores
+from vlmprune.importance.registry import get_criterion
+from vlmprune.importance.structures import WidthScores
+from vlmprune.inspect import ModelSummary, source_record, summarize
+from vlmprune.io import load, load_processor, save_model
+from vlmprune.paths import claim_output
+from vlmprune.plan import LayerShape, PruningPlan
+from vlmprune.planning import ModelBudget, achieved, layers_to_drop, plan_layers, plan_width
+from vlmprune.plots import plot_layer_scores, plot_width_scores
+from vlmprune.prune.apply import apply_plan_, layer_shapes
+
+log = logging.getLogger(__name__)
+
+SCORES_FILE = "scores.json"
+
+
+@dataclass
+class ScoringContext:
+    """What a criterion may read besides its statistics."""
+
+    model: nn.Module
+    adapter: Any
+    shapes: list[LayerShape]
+    seed: int = 0
+
+
+@dataclass
+class Scores:
+    """A criterion's scores of one model: per-layer (``LayerScores``) or per-structure (``WidthScores``)."""
+
+    method: str
+    criterion: str
+    tokens: str
+    values: LayerScores | WidthScores
+    model: dict = field(default_factory=dict)  # source_record of the scored model
+
+    def to_json(self) -> dict:
+        if isinstance(self.values, LayerScores):
+            values = {"layers": self.values.layers.tolist(),
+                      "blocks": None if self.values.blocks is None else [b.tolist() for b in self.values.blocks]}
+        else:
+            v = self.values
+            values = {"heads": [t.tolist() for t in v.heads], "kv_groups": [t.tolist() for t in v.groups],
+                      "mlp_channels": [t.tolist() for t in v.channels]}
+        return {"version": 1, "method": self.method, "criterion": self.criterion, "tokens": self.tokens,
+                "model": self.model, "scores": values}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Scores":
+        t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+        try:
+            s = data["scores"]
+            if data["method"] == "layer":
+                values = LayerScores(t(s["layers"]), None if s.get("blocks") is None else [t(b) for b in s["blocks"]])
+            else:
+                values = WidthScores([t(x) for x in s["heads"]], [t(x) for x in s["kv_groups"]],
+                                     [t(x) for x in s["mlp_channels"]])
+            return cls(data["method"], data["criterion"], data["tokens"], values, data.get("model", {}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise VlmpruneError(f"not a vlmprune scores file ({type(exc).__name__}: {exc}); use the {SCORES_FILE} "
+                                f"that `vlmprune prune` wrote") from None
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_json()))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Scores":
+        try:
+            return cls.from_json(json.loads(Path(path).read_text()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise VlmpruneError(f"cannot read scores {path}: {exc}") from None
+
+
+def score(model: nn.Module, method: str, criterion: str | None = None, batches=None, tokens: str | None = None,
+          seed: int = 0) -> Scores:
+    """Score ``model`` with a registered criterion (collecting the statistics it needs from ``batches``)."""
+    crit = get_criterion(method, criterion)
+    tokens = tokens or crit.default_tokens
+    if crit.stats is not None and not batches:
+        raise VlmpruneError(f"criterion {crit.name!r} needs calibration data (--calibration)")
+    stats = calibrate.COLLECTORS[crit.stats](model, batches, tokens) if crit.stats else None
+    adapter = get_adapter(model)
+    values = crit(stats, ScoringContext(model, adapter, layer_shapes(model, adapter), seed))
+    if method == "layer" and not isinstance(values, LayerScores):
+        values = LayerScores(torch.as_tensor(values, dtype=torch.float64))
+    if method == "width" and not isinstance(values, WidthScores):
+        raise VlmpruneError(f"width criterion {crit.name!r} returned {type(values).__name__}, not WidthScores")
+    return Scores(method, crit.name, tokens, values, source_record(model))
+
+
+def plan_for(model: nn.Module, scores: Scores, ratio: float, attention: str = "groups",
+             mlp_multiple: int | None = None, layers: str | None = None, global_ranking: bool = False) -> PruningPlan:
+    """The plan that removes the fraction ``ratio`` of the whole model, from ``scores`` of this model.
+
+    ``plan.extra`` records the method, criterion, options, every score and the achieved ratios.
+    """
+    check_ratio(ratio)
+    shapes = layer_shapes(model)
+    budget = ModelBudget.of(model)
+    extra: dict[str, Any] = {"method": scores.method, "criterion": scores.criterion, "tokens": scores.tokens,
+                             "ratio_target": ratio}
+    if scores.method == "layer":
+        values = scores.values
+        n = layers_to_drop(len(shapes), budget, ratio)
+        plan = PruningPlan(drop_layers=plan_layers(values.layers, budget, ratio, values.block_start(n)))
+        extra["scores"] = {"layers": [float(f"{v:.6g}") for v in values.layers.tolist()]}
+    else:
+        chosen = parse_layer_range(layers, len(shapes))
+        plan = plan_width(scores.values, shapes, budget, ratio, attention, mlp_multiple, chosen, global_ranking)
+        extra.update({"attention": attention, "mlp_multiple": mlp_multiple, "layer_range": layers,
+                      "global": global_ranking, "scores": scores.values.to_dict()})
+    extra["achieved"] = achieved(plan, budget, shapes)
+    plan.extra.update(extra)
+    return plan
+
+
+def score_and_plan(model: nn.Module, method: str, ratio: float, criterion: str | None = None, batches=None,
+                   tokens: str | None = None, attention: str = "groups", mlp_multiple: int | None = None,
+                   layers: str | None = None, global_ranking: bool = False, seed: int = 0):
+    """``score`` then ``plan_for`` on a model in memory; returns (plan, scores)."""
+    check_ratio(ratio)
+    if method == "layer":  # a ratio that drops no layer (or all) fails before calibration
+        layers_to_drop(len(layer_shapes(model)), ModelBudget.of(model), ratio)
+    scores = score(model, method, criterion, batches, tokens, seed)
+    return plan_for(model, scores, ratio, attention, mlp_multiple, layers, global_ranking), scores
+
+
+@dataclass
+class PruneResult:
+    """What ``prune`` did: where the model went, the plan, and the model before and after."""
+
+    output: Path
+    plan: PruningPlan
+    before: ModelSummary
+    after: ModelSummary
+    scores: Scores | None = None
+
+    @property
+    def removed(self) -> float:
+        return 1 - self.after.parameters["total"] / self.before.parameters["total"]
+
+    @property
+    def removed_language_model(self) -> float:
+        return 1 - self.after.parameters["language_model"] / self.before.parameters["language_model"]
+
+
+def prune(config: PruneConfig | None = None, **options) -> PruneResult:
+    """Prune a model as ``config`` (or keyword options of :class:`PruneConfig`) says and write it.
+
+    With ``plan``: apply it. Otherwise calibrate (unless ``scores`` gives an earlier run's scores
+    or the criterion needs no data), score, plan for ``ratio``, cut, and write the model with
+    ``pruning_plan.json``, ``scores.json``, ``importance.png`` and ``resolved_config.yaml``. Every
+    input is checked and the output claimed before the model loads; nothing is written unless
+    pruning succeeds.
+    """
+    cfg = config if config is not None else PruneConfig(**options)
+    if config is not None and options:
+        raise VlmpruneError("give a PruneConfig or keyword options, not both")
+    cfg.check_paths()
+    with claim_output(cfg.output, cfg.inputs(), cfg.overwrite) as out:
+        return _prune(cfg, out)
+
+
+def _prune(cfg: PruneConfig, out: Path) -> PruneResult:
+    dtype = None if cfg.dtype in (None, "auto") else getattr(torch, cfg.dtype)
+    net = load(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    if cfg.device:
+        net.to(cfg.device)
+    before = summarize(net)
+    scores = None
+    if cfg.plan is not None:
+        plan = PruningPlan.load(cfg.plan)
+    else:
+        if cfg.scores is not None:
+            scores = Scores.load(cfg.scores)
+            if cfg.method is not None and cfg.method != scores.method:
+                raise VlmpruneError(f"--scores holds {scores.method} scores ({scores.criterion}); --method is {cfg.method}")
+            if cfg.criterion is not None and cfg.criterion != scores.criterion:
+                raise VlmpruneError(f"--scores holds {scores.criterion} scores; --criterion is {cfg.criterion}")
+            here = source_record(net)
+            if scores.model.get("fingerprint") != here["fingerprint"]:
+                raise VlmpruneError(f"--scores {cfg.scores} were computed on another model than {cfg.model} "
+                                    f"(fingerprint {scores.model.get('fingerprint')} vs {here['fingerprint']})")
+            method = scores.method
+        else:
+            method = cfg.method
+        if method == "layer":
+            layers_to_drop(len(before.layers), ModelBudget.of(net), cfg.ratio)  # before any calibration
+        if scores is None:
+            batches = None
+            if cfg.calibration is not None:
+                processor = load_processor(cfg.model, cfg.trust_remote_code)
+                batches = calibrate.calibration_batches(processor, cfg.calibration, cfg.image_folder, cfg.num_samples,
+                                                        cfg.seed, cfg.batch_size, cfg.max_length, cfg.split)
+            scores = score(net, method, cfg.criterion, batches, cfg.tokens, cfg.seed)
+        plan = plan_for(net, scores, cfg.ratio, cfg.attention, cfg.mlp_multiple, cfg.layers, cfg.global_ranking)
+        plan.extra.update({"source_model": str(cfg.model),
+                           "calibration": str(cfg.calibration) if cfg.calibration else None,
+                           "num_samples": cfg.num_samples, "seed": cfg.seed})
+    plan.extra["source"] = source_record(net)
+    apply_plan_(net, plan)
+    after = summarize(net)
+    plan.extra["parameters"] = {"before": before.parameters, "after": after.parameters}
+    measured = 1 - after.parameters["total"] / before.parameters["total"]
+    if "achieved" in plan.extra and abs(measured - plan.extra["achieved"]["ratio"]) > 1e-9:
+        raise AssertionError(f"planned ratio {plan.extra['achieved']['ratio']} != measured {measured}")
+
+    def extras(directory: Path) -> None:
+        (directory / RESOLVED_CONFIG).write_text(to_yaml(cfg))
+        if scores is None:
+            return
+        scores.save(directory / SCORES_FILE)
+        title = scores.criterion
+        if scores.method == "layer":
+            plot_layer_scores(scores.values.layers.tolist(), plan.drop_layers, directory / "importance.png", title)
+        else:
+            plot_width_scores(scores.values, plan, directory / "importance.png", title, cfg.attention)
+
+    save_model(net, out, plan=plan, source=cfg.model, overwrite=cfg.overwrite, extras=extras, inputs=cfg.inputs())
+    return PruneResult(out, plan, before, after, scores)
+
