@@ -22,8 +22,10 @@ from tiny_data import tiny_llava_processor
 from vlmprune.adapters import get_adapter
 from vlmprune.data import Collator, read_samples, select
 from vlmprune.plan import PruningPlan
-from vlmprune.recover import load_config, recover
-from vlmprune.recover.cli import main
+from vlmprune.config import RecoverConfig, load_stage_config
+from vlmprune.recover import recover
+
+from vlmprune.cli import main
 from vlmprune.recover.run import hidden_pairs, training_arguments
 from vlmprune.recover.trainer import RecoveryTrainer, layer_outputs
 
@@ -152,7 +154,7 @@ def test_two_process_accelerate_run_picks_the_same_samples(dirs, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs/accelerate/ddp.yaml"), "-m", "vlmprune.recover.cli",
+           str(ROOT / "configs/accelerate/ddp.yaml"), "-m", "vlmprune.cli",
            *argv(dirs, out, "--max-steps", "2", "--fraction", "0.5", "--seed", "3", "--train", "lora")]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -184,7 +186,7 @@ def test_resume_continues_the_loss_curve_and_ends_at_the_same_step(dirs, tmp_pat
     full = [(e["step"], e["loss"]) for e in json.loads((tmp_path / "full/trainer_log.json").read_text()) if "loss" in e]
 
     out = tmp_path / "killed"
-    cfg = load_config(overrides=vars(_parse(argv(dirs, out, *common))))
+    cfg = load_stage_config(RecoverConfig, values=_parse(argv(dirs, out, *common)))
     with pytest.raises(KeyboardInterrupt):
         recover(cfg, callbacks=[StopAt(3)])
     assert not out.exists()  # nothing half-written
@@ -200,22 +202,17 @@ def test_resume_continues_the_loss_curve_and_ends_at_the_same_step(dirs, tmp_pat
 
 
 def _parse(args):
-    import argparse
+    from vlmprune.cli import build_parser
 
-    from vlmprune.recover.cli import add_parser
-
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers(dest="command"))
-    ns = parser.parse_args(args)
-    del ns.func, ns.command, ns.config
-    return ns
+    ns, _ = build_parser().parse_known_args(args)
+    return {f: getattr(ns, f) for f in RecoverConfig.__dataclass_fields__ if hasattr(ns, f)}
 
 
 def test_yaml_config_with_flags_on_top(dirs, tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(f"student: {dirs['student']}\ndata: {dirs['data']}\noutput: {tmp_path}/o\nloss: sft=1\n"
                     "learning_rate: 0.1\ntemperature: 3\n")
-    cfg = load_config(path, {"learning_rate": 0.5, "train": "lora"})
+    cfg = load_stage_config(RecoverConfig, path, {"learning_rate": 0.5, "train": "lora"})
     assert (cfg.learning_rate, cfg.temperature, cfg.train, cfg.loss) == (0.5, 3, "lora", {"sft": 1.0})
     assert training_arguments(cfg).learning_rate == 0.5
 

@@ -9,7 +9,8 @@ import torch
 
 from vlmprune.errors import VlmpruneError
 from vlmprune.plan import PruningPlan
-from vlmprune.recover.losses import hidden_mse, layer_map, logit_kd, next_token, parse_losses, sft_loss
+from vlmprune.config import parse_losses
+from vlmprune.recover.losses import hidden_mse, layer_map, logit_kd, next_token, sft_loss
 
 
 def test_sft_is_cross_entropy_per_answer_token():
@@ -107,6 +108,7 @@ def test_parse_losses():
     assert parse_losses("sft=0.5, logits=0.5") == {"sft": 0.5, "logits": 0.5}
     assert parse_losses({"sft": 1, "hidden": 0}) == {"sft": 1.0}
     for bad, match in (("kd=1", "unknown loss"), ("sft", "NAME=WEIGHT"), ("sft=x", "not a number"),
-                       ("sft=-1", "negative"), ("sft=0", "no loss")):
+                       ("sft=-1", "finite numbers >= 0"), ("sft=inf", "finite numbers >= 0"),
+                       ("sft=nan", "finite numbers >= 0"), ("sft=1,sft=2", "names 'sft' twice"), ("sft=0", "no loss")):
         with pytest.raises(VlmpruneError, match=match):
             parse_losses(bad)

@@ -39,7 +39,7 @@ def test_overrides_and_grid_expansion():
     assert kinds == sorted(kinds)  # no recovery first, then projector-only, then full training
     full = [c.fraction for c in ordered if c.recipe not in ("none", "projector")]
     assert full == sorted(full) and full[-1] == 0.25  # the largest data fractions last
-    with pytest.raises(VlmpruneError, match="unknown option\(s\) nope"):
+    with pytest.raises(VlmpruneError, match=r"unknown option\(s\) nope"):
         load_study_config(SMOKE, ["nope=1"])
     with pytest.raises(VlmpruneError, match="key=value"):
         parse_overrides(["teacher"])
@@ -76,10 +76,11 @@ def test_smoke_grid_resumes_after_kill_and_reports_both_cells(inputs, tmp_path):
     assert (run / "accuracy_vs_params.png").exists()
 
 
-def test_failed_cell_is_reported_and_others_complete(inputs, tmp_path):
+def test_failed_cell_is_reported_and_others_complete(inputs, tmp_path, capsys):
     run = tmp_path / "run"
     grid = "[{method: layer, ratio: 0.99, recipe: none}, {method: layer, ratio: 0.2, recipe: none}]"
-    assert main(["study", "--config", str(SMOKE), f"output={run}", f"grid={grid}", *inputs]) == 0
+    assert main(["study", "--config", str(SMOKE), f"output={run}", f"grid={grid}", *inputs]) == 1
+    assert "1 of 2 cells failed (layer-block_influence-r0.99-none)" in capsys.readouterr().err
     results = {c["id"]: c for c in json.loads((run / "results.json").read_text())["cells"]}
     assert results["layer-block_influence-r0.99-none"]["status"] == "failed"
     assert "would remove all 4 decoder layers" in results["layer-block_influence-r0.99-none"]["error"]

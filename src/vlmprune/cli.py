@@ -31,9 +31,10 @@ def console():
 
 def _say(label: str, message: str) -> None:
     """A red label and a plain message (brackets in it are text, not markup)."""
+    from rich.console import Console
     from rich.text import Text
 
-    console().print(Text.assemble((label, "bold red"), message), soft_wrap=True)
+    Console(stderr=True).print(Text.assemble((label, "bold red"), message), soft_wrap=True)
 
 
 def _fmt_params(n: int) -> str:
