@@ -86,6 +86,7 @@ def parse_layer_range(spec: str | None, num_layers: int | None = None) -> list[i
     return chosen
 
 
+BUILTIN_TASKS = ("easyvqa", "digits")  # test.json files under --data-dir (written by `vlmprune data`)
 DTYPES = ("float32", "float16", "bfloat16", "auto")
 
 
@@ -225,8 +226,6 @@ class EvalConfig:
     output: str | None = opt(None, "write the results JSON to this file")
 
     def __post_init__(self):
-        from vlmprune.evaluate.tasks import BUILTIN_TASKS
-
         tasks = self.tasks
         if isinstance(tasks, str):
             tasks = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -246,10 +245,9 @@ class EvalConfig:
         if model:
             need("model", self.model)
             check_model_source(self.model)
-        if self.task_file is not None:
-            from vlmprune.evaluate.tasks import load_task
-
-            load_task(self.task_file, limit=1)  # reads and checks every record and image
+        if self.task_file is not None and not Path(self.task_file).is_file():
+            raise VlmpruneError(f"--task-file {self.task_file}: file not found" if not Path(self.task_file).exists()
+                                else f"--task-file {self.task_file} is a directory; give the JSON file of test records")
         if self.output is not None:
             out = Path(self.output)
             if out.is_dir():

@@ -87,7 +87,11 @@ def check_study_config(config: dict[str, Any], origin: str) -> None:
                             "criterion": config["criterion"].get(method), **calibration,
                             **(width if method == "width" else {})})
     evaluation = build(EvalConfig, {k: v for k, v in config["evaluation"].items() if v is not None})
-    evaluation.check_paths(model=False)  # a task file that is not JSON fails here, not in every cell
+    evaluation.check_paths(model=False)
+    if evaluation.task_file is not None:  # a task file that is not JSON fails here, not in every cell
+        from vlmprune.evaluate.tasks import load_task
+
+        load_task(evaluation.task_file, limit=1)
     expand_grid(config)
 
 

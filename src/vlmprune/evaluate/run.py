@@ -22,6 +22,8 @@ def evaluate_model_dir(config: EvalConfig | None = None, **options) -> dict:
     """
     cfg = config if config is not None else EvalConfig(**options)
     cfg.check_paths()
+    if cfg.task_file is not None:
+        load_task(cfg.task_file, limit=1)  # every record and image checked before the model loads
     net, processor = load(cfg.model), load_processor(cfg.model)
     result = evaluate(net, processor, tasks=cfg.tasks, data_dir=cfg.data_dir, limit=cfg.limit,
                       task_file=cfg.task_file, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)

@@ -14,7 +14,8 @@ import string
 from collections.abc import Iterable
 from pathlib import Path
 
-BUILTIN_TASKS = ("easyvqa", "digits")
+from vlmprune.config import BUILTIN_TASKS
+
 NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 ARTICLES = {"a", "an", "the"}
 _PUNCT = str.maketrans({c: " " for c in string.punctuation})

@@ -1,0 +1,106 @@
+"""The package's shape: the layering contract, a lean CLI, the criterion registry, scores as an
+artefact, and one config system (YAML < overrides < flags) for every command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import vlmprune
+from vlmprune.cli import build_parser, main
+from vlmprune.config import PruneConfig, RecoverConfig, resolve
+from vlmprune.importance.structures import WidthScores
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_layers_contract_is_kept():
+    lint = shutil.which("lint-imports") or str(Path(sys.executable).with_name("lint-imports"))
+    run = subprocess.run([lint, "--config", str(ROOT / "pyproject.toml")], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert "1 kept, 0 broken" in run.stdout
+
+
+def test_cli_imports_neither_torch_nor_transformers():
+    run = subprocess.run([sys.executable, "-X", "importtime", "-c", "import vlmprune.cli; import vlmprune"],
+                         capture_output=True, text=True, check=True)
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in run.stderr.splitlines() if "|" in line}
+    assert "vlmprune" in imported and not imported & {"torch", "transformers", "accelerate", "peft"}
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("inspect", "prune", "recover", "evaluate", "study", "report", "data", "demo", "criteria"):
+        assert command in out
+
+
+def test_a_criterion_registered_from_user_code_prunes_through_the_public_api(tiny_repo, tmp_path):
+    @vlmprune.register_criterion("last_channels_first", method="width")
+    def last_channels_first(stats, ctx):
+        """keeps the first MLP channels and kv groups of every layer"""
+        return WidthScores([torch.arange(s.num_heads, 0, -1, dtype=torch.float64) for s in ctx.shapes],
+                           [torch.arange(s.num_kv_heads, 0, -1, dtype=torch.float64) for s in ctx.shapes],
+                           [torch.arange(s.intermediate_size, 0, -1, dtype=torch.float64) for s in ctx.shapes])
+
+    assert "last_channels_first" in [c.name for c in vlmprune.criteria("width")]
+    result = vlmprune.prune(model=str(tiny_repo.model), output=str(tmp_path / "out"), method="width", ratio=0.2,
+                            criterion="last_channels_first", attention="none", mlp_multiple=8)
+    plan = json.loads((tmp_path / "out" / "pruning_plan.json").read_text())
+    assert plan["criterion"] == "last_channels_first"
+    for keep in plan["layers"].values():  # the lowest scores (the last channels) went
+        n = len(keep["mlp_channels"])
+        assert keep["mlp_channels"] == list(range(n))
+    assert result.removed == pytest.approx(plan["achieved"]["ratio"])
+    assert (tmp_path / "out" / "scores.json").exists()
+
+
+@pytest.mark.parametrize("method, criterion", [("width", "taylor"), ("layer", "angular")])
+def test_scores_replan_another_ratio_exactly_like_a_fresh_run(tiny_repo, tmp_path, method, criterion):
+    common = ["--model", str(tiny_repo.model), "--method", method, "--criterion", criterion, "--calibration",
+              str(tiny_repo.data), "--image-folder", str(tiny_repo.images), "--num-samples", "6", "--batch-size", "2"]
+    first, second = ("0.1", "0.25") if method == "width" else ("0.2", "0.4")
+    assert main(["prune", *common, "--ratio", first, "--output", str(tmp_path / "a")]) == 0
+    assert main(["prune", *common, "--ratio", second, "--output", str(tmp_path / "fresh")]) == 0
+    assert main(["prune", "--model", str(tiny_repo.model), "--scores", str(tmp_path / "a" / "scores.json"),
+                 "--ratio", second, "--output", str(tmp_path / "replanned")]) == 0
+    fresh = json.loads((tmp_path / "fresh" / "pruning_plan.json").read_text())
+    replanned = json.loads((tmp_path / "replanned" / "pruning_plan.json").read_text())
+    assert fresh["drop_layers"] == replanned["drop_layers"] and fresh["layers"] == replanned["layers"]
+    assert fresh["achieved"] == replanned["achieved"] and fresh["achieved"]["ratio"] > 0
+
+
+def test_scores_of_another_model_are_refused(tiny_repo, tmp_path, capsys):
+    assert main(["prune", "--model", str(tiny_repo.model), "--method", "width", "--criterion", "magnitude",
+                 "--ratio", "0.1", "--output", str(tmp_path / "a")]) == 0
+    assert main(["prune", "--model", str(tmp_path / "a"), "--scores", str(tmp_path / "a" / "scores.json"),
+                 "--ratio", "0.1", "--output", str(tmp_path / "b")]) == 2
+    assert "computed on another model" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+def test_yaml_then_overrides_then_flags_for_every_stage(tmp_path):
+    config = tmp_path / "prune.yaml"
+    config.write_text(yaml.safe_dump({"model": "m", "output": "o", "method": "width", "ratio": 0.1,
+                                      "num_samples": 16, "attention": "heads"}))
+    parser = build_parser()
+    args, rest = parser.parse_known_args(["prune", "--config", str(config), "ratio=0.3", "--set", "num_samples=8"])
+    cfg = resolve(PruneConfig, args, rest)
+    assert (cfg.ratio, cfg.num_samples, cfg.attention) == (0.3, 8, "heads")  # overrides beat the YAML
+    args, rest = parser.parse_known_args(["prune", "--config", str(config), "ratio=0.3", "--ratio", "0.2"])
+    assert resolve(PruneConfig, args, rest).ratio == 0.2  # a flag beats both
+    recover_yaml = tmp_path / "recover.yaml"
+    recover_yaml.write_text("student: s\ndata: d\noutput: o\nloss: sft=1\nlearning_rate: 0.1\n")
+    args, rest = parser.parse_known_args(["recover", "--config", str(recover_yaml), "learning_rate=0.5"])
+    assert resolve(RecoverConfig, args, rest).learning_rate == 0.5
+    for command in ("inspect", "evaluate", "data", "report"):
+        actions = {a.dest for a in parser._subparsers._group_actions[0].choices[command]._actions}
+        assert {"config_file", "overrides"} <= actions, command
