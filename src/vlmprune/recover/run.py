@@ -142,12 +142,13 @@ def _prepare_checkpoints(cfg: RecoverConfig, is_main: bool) -> Path | None:
     return complete[0]
 
 
-def _finished_at(checkpoint: Path | None) -> bool:
-    """Whether ``checkpoint`` already holds the last step of its run (a kill during the final write)."""
+def _finished_at(checkpoint: Path | None, cfg: RecoverConfig) -> bool:
+    """Whether ``checkpoint`` already holds this run's last step (a kill during the final write)."""
     if checkpoint is None:
         return False
     state = json.loads((checkpoint / "trainer_state.json").read_text())
-    return 0 < state.get("max_steps", 0) <= state.get("global_step", -1)
+    target = cfg.max_steps if cfg.max_steps > 0 else state.get("max_steps", 0)
+    return 0 < target <= state.get("global_step", -1)
 
 
 def recover(cfg: RecoverConfig, callbacks: list[transformers.TrainerCallback] | None = None) -> Path:
@@ -223,7 +224,7 @@ def _recover(cfg: RecoverConfig, args, state, callbacks) -> Path:
         kd_tokens=cfg.kd_tokens, student_layers=student_layers, teacher_layers=teacher_layers,
         hidden_tokens=cfg.hidden_tokens,
     )
-    if _finished_at(resume):
+    if _finished_at(resume, cfg):
         # The Trainer would run one step past the end from here; the checkpoint already is the result.
         log.info("vlmprune recover: %s is the run's last step; writing it without training further", resume)
         trainer._load_from_checkpoint(str(resume))
