@@ -71,6 +71,14 @@ def cmd_prune(args) -> None:
     )
 
 
+def cmd_convert(args) -> None:
+    from vlmprune.convert import convert
+
+    out = convert(args.family, args.source, args.output, overwrite=args.overwrite, vision_tower=args.vision_tower,
+                  image_token_id=args.image_token_id)
+    console.print(f"native checkpoint -> {out}")
+
+
 def cmd_study(args) -> None:
     from vlmprune.study import load_study_config, run_study
 
@@ -157,6 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("convert", help="an original Bunny / Mini-InternVL-Chat checkpoint -> a native one")
+    p.add_argument("--from", dest="family", required=True, choices=["bunny", "internvl-chat"],
+                   help="bunny: BunnyPhiForCausalLM (Bunny-v1.0); internvl-chat: InternVLChatModel with Phi-3")
+    p.add_argument("source", help="local directory of the original checkpoint (its code is never run)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--vision-tower", help="bunny: directory of the SigLIP tower config that mm_vision_tower "
+                                          "names (default: that name, as a path or from the hub cache)")
+    p.add_argument("--image-token-id", type=int,
+                   help="internvl-chat without tokenizer files: the <IMG_CONTEXT> id")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=cmd_convert)
 
     from vlmprune.recover.cli import add_parser as add_recover_parser
 

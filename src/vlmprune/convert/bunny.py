@@ -69,7 +69,7 @@ def _vision_config(src: Path, config: dict, vision_tower: str | Path | None):
                               f"google/siglip-so400m-patch14-384)")
     for candidate in (Path(name), Path(src) / name):
         if (candidate / "config.json").is_file():
-            return SiglipVisionConfig.from_pretrained(str(candidate)), str(candidate)
+            return SiglipVisionConfig.from_pretrained(str(candidate)), str(candidate.resolve())
     try:  # a hub id: the config comes from the local hub cache, or the hub when online
         return SiglipVisionConfig.from_pretrained(name), name
     except Exception as exc:  # noqa: BLE001 - re-raised with what to do

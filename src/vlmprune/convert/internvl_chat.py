@@ -88,7 +88,10 @@ def build(src: str | Path, image_token_id: int | None = None):
         raise ConversionError(f"config.json: model_type {model_type!r} / architectures {archs} is not "
                               f"InternVLChatModel")
     # v1 leaves every tile's token grid transposed; the native pixel shuffle always transposes back
-    require(config, "ps_version", "v2")
+    if config.get("ps_version") != "v2":
+        raise ConversionError(
+            f"config.json: ps_version = {config.get('ps_version')!r} cannot be converted exactly: the v1 pixel shuffle "
+            f"leaves every tile's token grid transposed, and the native InternVL class implements only 'v2'")
     require(config, "select_layer", -1)
     require(config, "downsample_ratio", 0.5)
     require(config, "pad2square", (False, None))
