@@ -260,3 +260,74 @@ def test_converted_model_prunes_saves_and_reloads(converted, name, method, crite
     assert pruned.num_parameters() < original.num_parameters()
     mask = mask[..., None].expand(-1, -1, pruned.config.text_config.vocab_size)
     assert_close(logits(pruned, inputs)[mask], logits(reference, inputs)[mask])
+
+
+# --------------------------------------------------------------------------- processors
+# The expected values below follow the ORIGINAL preprocessing as written in the projects' code,
+# computed here with PIL/numpy/tokenizers only (never with vlmprune or a transformers processor).
+
+
+def _word_tokenizer(words: list[str], specials: list[str], fixed: dict[str, int], bos: str | None = None):
+    """A small word-level tokenizer (ids < the fixtures' vocabulary of 100) saved as tokenizer.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = dict(fixed)
+    for word in ["[UNK]", *specials, *words]:
+        if word not in vocab:
+            while len(vocab) in vocab.values():
+                vocab[f"[unused{len(vocab)}]"] = len(vocab)
+            vocab[word] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bos is not None:  # a Llama-style tokenizer: BOS before every encoded text
+        backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", additional_special_tokens=specials,
+                                   **({"bos_token": bos} if bos else {}))
+
+
+def _test_image(width: int, height: int, seed: int = 7):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
+
+
+def test_bunny_processor_matches_the_original_preprocessing(tmp_path):
+    from PIL import Image
+    from tokenizers import Tokenizer, pre_tokenizers
+
+    system = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+              "detailed, and polite answers to the user's questions.")
+    question = "What colour is the square?"
+    words = sorted({w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(f"{system} USER: ASSISTANT: {question}")})
+    src = writable_copy(FIXTURES / "bunny", tmp_path / "bunny")
+    _word_tokenizer(words, ["<|endoftext|>"], {}).save_pretrained(src)
+    original = Tokenizer.from_file(str(src / "tokenizer.json"))
+    out = tmp_path / "native"
+    assert main(["convert", "--from", "bunny", str(src), "--output", str(out)]) == 0
+    processor = transformers.AutoProcessor.from_pretrained(out)
+
+    # conv_bunny.get_prompt() (bunny/conversation.py, SeparatorStyle.TWO) for one question + image
+    prompt = f"{system} USER: <image>\n{question} ASSISTANT:"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    assert processor.apply_chat_template(messages, add_generation_prompt=True) == prompt
+
+    image = _test_image(50, 30)
+    got = processor(images=image, text=prompt, return_tensors="pt")
+    # tokenizer_image_token: the chunks around <image> tokenized separately, -200 between them; the
+    # native model takes one <image> id (the next free id) per image feature instead of -200
+    image_id = original.get_vocab_size()
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == image_id
+    before, after = (original.encode(chunk).ids for chunk in prompt.split("<image>"))
+    expected_ids = before + [image_id] * BUNNY_TOKENS_PER_IMAGE + after
+    assert got["input_ids"][0].tolist() == expected_ids
+
+    # process_images with image_aspect_ratio "pad": expand2square with int(0.5 * 255) = 127 grey,
+    # the pasted image centred; SigLipImageProcessor: 384x384 bicubic, * 1/255, (x - 0.5) / 0.5
+    square = Image.new("RGB", (50, 50), (127, 127, 127))
+    square.paste(image, (0, (50 - 30) // 2))
+    pixels = np.asarray(square.resize((384, 384), Image.BICUBIC)).astype(np.float32) * np.float32(1 / 255)
+    expected_pixels = torch.from_numpy(((pixels - 0.5) / 0.5).transpose(2, 0, 1).copy())[None]
+    assert got["pixel_values"].shape == (1, 3, 384, 384)
+    torch.testing.assert_close(got["pixel_values"], expected_pixels, rtol=0, atol=1e-6)
