@@ -273,11 +273,12 @@ def _word_tokenizer(words: list[str], specials: list[str], fixed: dict[str, int]
     from transformers import PreTrainedTokenizerFast
 
     vocab = dict(fixed)
+    free = (i for i in range(1000) if i not in fixed.values())
     for word in ["[UNK]", *specials, *words]:
-        if word not in vocab:
-            while len(vocab) in vocab.values():
-                vocab[f"[unused{len(vocab)}]"] = len(vocab)
-            vocab[word] = len(vocab)
+        vocab.setdefault(word, next(free))
+    for i in range(max(vocab.values())):  # no gaps: ids run 0..N-1 as in a real vocabulary
+        if i not in vocab.values():
+            vocab[f"[unused{i}]"] = i
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     if bos is not None:  # a Llama-style tokenizer: BOS before every encoded text
@@ -331,3 +332,72 @@ def test_bunny_processor_matches_the_original_preprocessing(tmp_path):
     expected_pixels = torch.from_numpy(((pixels - 0.5) / 0.5).transpose(2, 0, 1).copy())[None]
     assert got["pixel_values"].shape == (1, 3, 384, 384)
     torch.testing.assert_close(got["pixel_values"], expected_pixels, rtol=0, atol=1e-6)
+
+
+def _closest_tiling(width: int, height: int, tile: int, min_num: int, max_num: int) -> tuple[int, int]:
+    """InternVL's find_closest_aspect_ratio (over dynamic_preprocess's candidate grids)."""
+    ratios = sorted({(i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+                     if min_num <= i * j <= max_num}, key=lambda r: r[0] * r[1])
+    best, best_diff = (1, 1), float("inf")
+    for ratio in ratios:
+        diff = abs(width / height - ratio[0] / ratio[1])
+        if diff < best_diff:
+            best, best_diff = ratio, diff
+        elif diff == best_diff and width * height > 0.5 * tile * tile * ratio[0] * ratio[1]:
+            best = ratio
+    return best
+
+
+def test_internvl_processor_matches_the_original_preprocessing(tmp_path, monkeypatch):
+    from PIL import Image
+    from tokenizers import Tokenizer, pre_tokenizers
+
+    from vlmprune.convert.internvl_chat import SYSTEM_MESSAGE
+
+    question = "What is in the picture?"
+    fixed = {"<s>": 1, "<|endoftext|>": 80, "<img>": 91, "</img>": 92, "<IMG_CONTEXT>": 93}  # internvl/meta.json
+    specials = ["<|system|>", "<|end|>", "<|user|>", "<|assistant|>", "<img>", "</img>", "<IMG_CONTEXT>"]
+    words = sorted({w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(f"{SYSTEM_MESSAGE} {question}")})
+    src = writable_copy(FIXTURES / "internvl", tmp_path / "internvl")
+    _word_tokenizer(words, specials, fixed, bos="<s>").save_pretrained(src)
+    original = Tokenizer.from_file(str(src / "tokenizer.json"))
+    out = tmp_path / "native"
+    assert main(["convert", "--from", "internvl-chat", str(src), "--output", str(out)]) == 0  # id from tokenizer
+    assert json.loads((out / "conversion.json").read_text())["image_token_id"] == INTERNVL_IMAGE_TOKEN_ID
+    # InternVLProcessor needs torchvision for its video part only; build it from the saved parts
+    # with no video processor (this image + text path never touches it)
+    from transformers import AutoTokenizer, GotOcr2ImageProcessorPil, InternVLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    check = ProcessorMixin.check_argument_for_proper_class
+    monkeypatch.setattr(ProcessorMixin, "check_argument_for_proper_class",
+                        lambda self, name, arg: None if arg is None else check(self, name, arg))
+    processor = InternVLProcessor(
+        image_processor=GotOcr2ImageProcessorPil.from_pretrained(out), tokenizer=AutoTokenizer.from_pretrained(out),
+        video_processor=None, chat_template=(out / "chat_template.jinja").read_text(),
+        **{k: v for k, v in json.loads((out / "processor_config.json").read_text()).items() if k != "processor_class"})
+
+    image = _test_image(100, 45)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    got = processor(images=image, text=text, return_tensors="pt")
+
+    # load_image(): dynamic_preprocess with the config's 56-px tiles, 1..12 tiles and a thumbnail
+    tile = 56
+    cols, rows = _closest_tiling(100, 45, tile, 1, 12)
+    assert (cols, rows) == (2, 1)
+    resized = image.resize((cols * tile, rows * tile), Image.BICUBIC)
+    tiles = [resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(cols)]
+    tiles.append(image.resize((tile, tile), Image.BICUBIC))
+    # build_transform: ToTensor (x / 255) then Normalize with the ImageNet mean / std
+    mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+    expected_pixels = torch.stack([torch.from_numpy(
+        ((np.asarray(t).astype(np.float32) / 255 - mean) / std).transpose(2, 0, 1).copy()) for t in tiles])
+    torch.testing.assert_close(got["pixel_values"], expected_pixels, rtol=0, atol=1e-6)
+
+    # chat(): the phi3-chat template (MPT style), "<image>\n" before the question, then <image> ->
+    # <img> + <IMG_CONTEXT> x (4 tokens per tile x tiles) + </img>; the tokenizer adds BOS
+    context = "<IMG_CONTEXT>" * 4 * len(tiles)
+    query = (f"<|system|>\n{SYSTEM_MESSAGE}<|end|><|user|>\n<img>{context}</img>\n{question}<|end|>"
+             f"<|assistant|>\n")
+    assert got["input_ids"][0].tolist() == original.encode(query).ids

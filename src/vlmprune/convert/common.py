@@ -127,12 +127,15 @@ def has_tokenizer(src: Path) -> bool:
     return any((src / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json"))
 
 
-def load_tokenizer(src: Path):
-    """The source's tokenizer through the native classes only (trust_remote_code stays off)."""
+def load_tokenizer(src: Path, **named_tokens: str):
+    """The source's tokenizer through the native classes only (trust_remote_code stays off).
+
+    ``named_tokens`` (``start_image_token="<img>"``, ...) become named special tokens, saved with it.
+    """
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(src), trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(str(src), trust_remote_code=False, **named_tokens)
     except Exception as exc:  # noqa: BLE001 - re-raised with what to do
         raise ConversionError(f"the tokenizer files in {src} do not load with the native tokenizer classes "
                               f"({type(exc).__name__}: {exc}); remove them to convert the model alone") from exc

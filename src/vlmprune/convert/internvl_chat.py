@@ -120,7 +120,10 @@ def build(src: str | Path, image_token_id: int | None = None):
         raise ConversionError(f"vision depth: vision_config.num_hidden_layers = {vis.get('num_hidden_layers')} but "
                               f"the checkpoint has {depth} InternViT layers")
 
-    tokenizer = load_tokenizer(src) if has_tokenizer(src) else None
+    # InternVLProcessor finds its image tokens as named special tokens of the tokenizer; the video
+    # token is only named (the original has no video input; it is not added to the vocabulary)
+    tokenizer = load_tokenizer(src, start_image_token=IMG_START, end_image_token=IMG_END,
+                               context_image_token=IMG_CONTEXT, video_token="<video>") if has_tokenizer(src) else None
     if tokenizer is not None:
         vocab_tokens = tokenizer.get_vocab()
         missing = [t for t in (IMG_CONTEXT, IMG_START, IMG_END) if t not in vocab_tokens]
@@ -206,22 +209,47 @@ def build(src: str | Path, image_token_id: int | None = None):
     return model.eval(), processor, record
 
 
-def _processor(config: dict, image_size: int, image_seq_length: int, tokenizer):
+def _processor(config: dict, image_size: int, image_seq_length: int, tokenizer) -> "InternVLProcessorFiles":
     """The original load_image(): dynamic 448-px tiles (+ thumbnail), bicubic, ImageNet mean/std."""
-    from transformers import GotOcr2ImageProcessorPil, InternVLProcessor
+    from transformers import GotOcr2ImageProcessorPil
 
     dynamic = config.get("dynamic_image_size", True)
+    if not config.get("use_thumbnail", True) and dynamic:
+        raise ConversionError("config.json: use_thumbnail = false; the native image processor always adds the "
+                              "thumbnail when an image is tiled")
     image_processor = GotOcr2ImageProcessorPil(
         do_resize=True, size={"height": image_size, "width": image_size}, resample=3, do_rescale=True,
         rescale_factor=1 / 255, do_normalize=True, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
         do_convert_rgb=True, crop_to_patches=bool(dynamic), min_patches=config.get("min_dynamic_patch", 1),
         max_patches=config.get("max_dynamic_patch", 12) if dynamic else 1)
-    if not config.get("use_thumbnail", True) and dynamic:
-        raise ConversionError("config.json: use_thumbnail = false; the native image processor always adds the "
-                              "thumbnail when an image is tiled")
-    # InternVLProcessor finds its three image tokens as named special tokens of the tokenizer
-    tokenizer.add_special_tokens({"start_image_token": IMG_START, "end_image_token": IMG_END,
-                                  "context_image_token": IMG_CONTEXT})
     tokenizer.chat_template = CHAT_TEMPLATE
-    return InternVLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                             image_seq_length=image_seq_length, chat_template=CHAT_TEMPLATE)
+    return InternVLProcessorFiles(image_processor, tokenizer, image_seq_length)
+
+
+class InternVLProcessorFiles:
+    """Writes what ``InternVLProcessor.from_pretrained`` reads, without building an ``InternVLProcessor``.
+
+    ``InternVLProcessor`` cannot be constructed without torchvision (its video processor needs it),
+    and vlmprune does not depend on torchvision; the files are the processor's own parts saved by
+    their own classes, plus the processor's config.
+    """
+
+    def __init__(self, image_processor, tokenizer, image_seq_length: int):
+        self.image_processor, self.tokenizer, self.image_seq_length = image_processor, tokenizer, image_seq_length
+
+    def save_pretrained(self, dest) -> None:
+        import json
+
+        dest = Path(dest)
+        self.image_processor.save_pretrained(dest)
+        self.tokenizer.save_pretrained(dest)
+        (dest / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+        (dest / "processor_config.json").write_text(json.dumps(
+            {"processor_class": "InternVLProcessor", "image_seq_length": self.image_seq_length}, indent=2) + "\n")
+        # the original has no video path; this only lets InternVLProcessor build its video part
+        ip = self.image_processor
+        (dest / "video_preprocessor_config.json").write_text(json.dumps(
+            {"video_processor_type": "InternVLVideoProcessor", "processor_class": "InternVLProcessor",
+             "size": dict(ip.size), "resample": 3, "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255,
+             "do_normalize": True, "image_mean": list(ip.image_mean), "image_std": list(ip.image_std),
+             "do_convert_rgb": True}, indent=2) + "\n")
