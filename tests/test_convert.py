@@ -401,3 +401,34 @@ def test_internvl_processor_matches_the_original_preprocessing(tmp_path, monkeyp
     query = (f"<|system|>\n{SYSTEM_MESSAGE}<|end|><|user|>\n<img>{context}</img>\n{question}<|end|>"
              f"<|assistant|>\n")
     assert got["input_ids"][0].tolist() == original.encode(query).ids
+
+
+@pytest.mark.parametrize("perturb", [False, True], ids=["tower-equals-checkpoint", "tower-differs"])
+def test_bunny_takes_the_vision_weights_from_the_tower_like_the_original(tmp_path, perturb):
+    """With the tower's own weights at hand, they win (the original reloads the tower from them)."""
+    src = writable_copy(FIXTURES / "bunny", tmp_path / "bunny")
+    prefix = "model.vision_tower.vision_tower."
+    state = load_file(src / "model.safetensors")
+    tower = {k[len(prefix):]: v.clone() for k, v in state.items() if k.startswith(prefix)}
+    gen = torch.Generator().manual_seed(5)
+    for name, value in list(tower.items()):  # the layer and head the original deletes on loading
+        if ".layers.1." in name:
+            tower[name.replace(".layers.1.", ".layers.2.")] = torch.randn(value.shape, generator=gen)
+    tower["vision_model.head.probe"] = torch.randn(1, 1, 32, generator=gen)
+    changed = "vision_model.encoder.layers.0.mlp.fc1.weight"
+    if perturb:
+        tower[changed] = tower[changed] + 0.5
+    save_file(tower, src / "siglip-tiny-patch14-384" / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "native"
+    assert main(["convert", "--from", "bunny", str(src), "--output", str(out)]) == 0
+    record = json.loads((out / "conversion.json").read_text())
+    model = load_eager(out)
+    native = model.model.vision_tower.encoder.layers[0].mlp.fc1.weight
+    assert torch.equal(native, tower[changed])
+    if perturb:
+        assert "differs in 1 tensor(s), e.g. encoder.layers.0.mlp.fc1.weight" in record["vision_weights"]
+    else:
+        assert record["vision_weights"] == "tower's own weights (equal to the checkpoint's copy)"
+        inputs, mask = bunny_inputs(100)
+        expected = load_file(FIXTURES / "bunny" / "outputs.safetensors")["logits"]
+        assert relative_error(logits(model, inputs)[..., :100], expected, mask)[1] <= REL_TOL

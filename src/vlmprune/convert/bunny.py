@@ -69,7 +69,7 @@ def _vision_config(src: Path, config: dict, vision_tower: str | Path | None):
                               f"google/siglip-so400m-patch14-384)")
     for candidate in (Path(name), Path(src) / name):
         if (candidate / "config.json").is_file():
-            return SiglipVisionConfig.from_pretrained(str(candidate)), str(candidate.resolve())
+            return SiglipVisionConfig.from_pretrained(str(candidate)), candidate.resolve()
     try:  # a hub id: the config comes from the local hub cache, or the hub when online
         return SiglipVisionConfig.from_pretrained(name), name
     except Exception as exc:  # noqa: BLE001 - re-raised with what to do
@@ -109,6 +109,39 @@ def _check_vision(vision, tower_name: str, state: dict[str, torch.Tensor], confi
     return depth
 
 
+def _use_tower_weights(tower, state: dict[str, torch.Tensor]) -> str:
+    """Take the vision weights from the tower's own checkpoint when it is a local directory that has one.
+
+    That is what the original runs: from_pretrained skips the checkpoint's vision keys (the tower is
+    built lazily) and ``load_model`` reloads the tower from ``mm_vision_tower``, then drops its last
+    layer and its head. Without local tower weights the checkpoint's copy is used; the record says
+    which, and whether the two copies agree.
+    """
+    from vlmprune.convert.common import load_state_dict, safetensors_files
+
+    if not isinstance(tower, Path) or not safetensors_files(tower):
+        return "checkpoint copy (no local tower weights to compare with)"
+    prefix = "vision_model."
+    tower_state = load_state_dict(tower, prefix)
+    differ = []
+    for key in [k for k in state if k.startswith(_VISION)]:
+        rest = key[len(_VISION):]
+        if prefix + rest not in tower_state:
+            raise ConversionError(f"the vision tower at {tower} has no {prefix + rest}, which the checkpoint has")
+        # the original casts the fp32 tower to the model's dtype: compare and take it in that dtype
+        theirs = tower_state[prefix + rest].to(state[key].dtype)
+        if theirs.shape != state[key].shape:
+            raise ConversionError(f"{prefix + rest}: shape {tuple(theirs.shape)} in {tower} but "
+                                  f"{tuple(state[key].shape)} in the checkpoint")
+        if not torch.equal(theirs, state[key]):
+            differ.append(rest)
+        state[key] = theirs
+    if differ:
+        return (f"tower's own weights (as the original loads them); the checkpoint's copy differs in "
+                f"{len(differ)} tensor(s), e.g. {', '.join(differ[:3])}")
+    return "tower's own weights (equal to the checkpoint's copy)"
+
+
 def _split_fused_qkv(rest: str, tensor: torch.Tensor, heads: int) -> dict[str, torch.Tensor]:
     """6986cac-era Phi: one ``query_key_value`` whose rows are per head [q | k | v] (Bloom layout)."""
     match = re.fullmatch(r"(\d+\.self_attn\.)query_key_value\.(weight|bias)", rest)
@@ -142,8 +175,10 @@ def build(src: str | Path, vision_tower: str | Path | None = None):
     if "lm_head.bias" in state:
         raise ConversionError("lm_head.bias: the checkpoint's lm_head has a bias; the native LLaVA lm_head has none")
 
-    vision, tower_name = _vision_config(src, config, vision_tower)
+    vision, tower = _vision_config(src, config, vision_tower)
+    tower_name = str(tower)
     depth = _check_vision(vision, tower_name, state, config)
+    vision_weights = _use_tower_weights(tower, state)
     vocab = config["vocab_size"]
     heads = config["num_attention_heads"]
 
@@ -218,6 +253,7 @@ def build(src: str | Path, vision_tower: str | Path | None = None):
 
     processor = _processor(vision, tokenizer) if tokenizer is not None else None
     record = {"family": "bunny", "vision_tower": tower_name, "vision_layers_kept": depth,
+              "vision_weights": vision_weights,
               "image_token_id": image_token_id, "rows_added": new_vocab - vocab,
               "fused_qkv_split": any("query_key_value" in k for k in state)}
     return model.eval(), processor, record

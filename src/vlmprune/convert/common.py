@@ -30,27 +30,32 @@ def read_config(src: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def load_state_dict(src: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a (possibly sharded) safetensors checkpoint, by their original names."""
-    from safetensors.torch import load_file
-
+def safetensors_files(src: Path) -> list[Path]:
+    """The weight files of a checkpoint directory: the index's shards, else every model*.safetensors."""
     src = Path(src)
     index = src / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = sorted(p.name for p in src.glob("*.safetensors") if p.name.startswith("model"))
+        return [src / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return sorted(p for p in src.glob("*.safetensors") if p.name.startswith("model"))
+
+
+def load_state_dict(src: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors (under ``prefix``) of a (possibly sharded) safetensors checkpoint, by their original names."""
+    from safetensors import safe_open
+
+    src = Path(src)
+    files = safetensors_files(src)
     if not files:
         pickled = [p.name for p in src.glob("*.bin")]
         hint = (f" It has {', '.join(pickled)}: vlmprune never reads pickled weights; convert them to safetensors "
                 f"first (or download the repository's safetensors revision).") if pickled else ""
         raise ConversionError(f"{src} has no model*.safetensors weights.{hint}")
     state: dict[str, torch.Tensor] = {}
-    for name in files:
-        path = src / name
+    for path in files:
         if not path.is_file():
-            raise ConversionError(f"shard {name} listed in model.safetensors.index.json is missing from {src}")
-        state.update(load_file(path))
+            raise ConversionError(f"shard {path.name} listed in model.safetensors.index.json is missing from {src}")
+        with safe_open(path, framework="pt") as f:
+            state.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)})
     return state
 
 
