@@ -219,6 +219,22 @@ def test_prune_and_load_name_the_convert_command(folder, family, tmp_path, capsy
     assert not (tmp_path / "out").exists()
 
 
+def test_a_cached_hub_id_of_a_convertible_family_is_named(tmp_path, monkeypatch):
+    """A hub id is recognised from the hub cache (no network): the error says how to download and convert."""
+    import huggingface_hub.constants
+
+    snapshot = tmp_path / "models--BAAI--Bunny-v1_0-3B" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    shutil.copy(FIXTURES / "bunny" / "config.json", snapshot / "config.json")
+    (tmp_path / "models--BAAI--Bunny-v1_0-3B" / "refs").mkdir()
+    (tmp_path / "models--BAAI--Bunny-v1_0-3B" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UnsupportedModelError, match="hf download BAAI/Bunny-v1_0-3B --local-dir Bunny-v1_0-3B-src "
+                       "&& vlmprune convert --from bunny Bunny-v1_0-3B-src --output Bunny-v1_0-3B-native"):
+        vlmprune.load("BAAI/Bunny-v1_0-3B")
+
+
 def test_wrong_family_is_named(tmp_path):
     with pytest.raises(VlmpruneError, match="use --from internvl-chat"):
         vlmprune.convert.convert("bunny", FIXTURES / "internvl", tmp_path / "out")

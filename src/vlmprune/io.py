@@ -65,7 +65,12 @@ def load(
 
     if (hint := convert_hint(path)) is not None:  # before AutoConfig, which fails on their remote code
         raise UnsupportedModelError(hint)
-    config = transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        if (hint := convert_hint(path)) is not None:  # a hub id whose config.json the failed call cached
+            raise UnsupportedModelError(hint) from exc
+        raise
     get_adapter(config)  # a clear error for unsupported families, before any weights load
     cls = transformers.AutoModelForImageTextToText._model_mapping[type(config)]
     if getattr(config.get_text_config(), WIDTHS_KEY, None):

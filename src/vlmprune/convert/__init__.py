@@ -34,9 +34,20 @@ def detect_family(config: dict) -> str | None:
 def convert_hint(source: str | Path) -> str | None:
     """What to tell a user who passes an unconverted checkpoint of a convertible family to vlmprune.
 
-    Reads only the local ``config.json`` (a hub id gives None: it is never downloaded here).
+    Reads the local ``config.json``, or for a hub id the copy in the local hub cache (never the
+    network); None when there is none or it is not a convertible family.
     """
     path = Path(str(source)) / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(str(source), "config.json")
+        except (ValueError, OSError):  # not a repo id
+            cached = None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -45,9 +56,13 @@ def convert_hint(source: str | Path) -> str | None:
     if family is None:
         return None
     kind = config.get("model_type") or ", ".join(config.get("architectures") or [])
+    local = Path(str(source)).is_dir()
+    name = Path(str(source)).name
+    first = "" if local else f"hf download {source} --local-dir {name}-src && "
+    src = source if local else f"{name}-src"
     return (f"{source} is an original remote-code checkpoint ({kind}) that vlmprune does not load; convert it to "
-            f"a native transformers checkpoint first: vlmprune convert --from {family} {source} --output "
-            f"{Path(str(source)).name}-native, then pass that directory instead")
+            f"a native transformers checkpoint first: {first}vlmprune convert --from {family} {src} --output "
+            f"{name}-native, then pass that directory instead")
 
 
 def convert(family: str, source: str | Path, output: str | Path, overwrite: bool = False,
