@@ -380,6 +380,8 @@ def test_internvl_processor_matches_the_original_preprocessing(tmp_path, monkeyp
     out = tmp_path / "native"
     assert main(["convert", "--from", "internvl-chat", str(src), "--output", str(out)]) == 0  # id from tokenizer
     assert json.loads((out / "conversion.json").read_text())["image_token_id"] == INTERNVL_IMAGE_TOKEN_ID
+    # chat() stops at EOS and at the template's separator
+    assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == [80, original.token_to_id("<|end|>")]
     # InternVLProcessor needs torchvision for its video part only; build it from the saved parts
     # with no video processor (this image + text path never touches it)
     from transformers import AutoTokenizer, GotOcr2ImageProcessorPil, InternVLProcessor

@@ -201,7 +201,11 @@ def build(src: str | Path, image_token_id: int | None = None):
     with no_init_weights():
         model = InternVLForConditionalGeneration._from_config(native, dtype=source_dtype(config))
     load_native(model, weights)
-    model.generation_config = GenerationConfig(bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id,
+    # chat() stops at the template's separator <|end|> as well as at EOS
+    eos = [text.eos_token_id] if text.eos_token_id is not None else []
+    if tokenizer is not None and "<|end|>" in tokenizer.get_vocab():
+        eos.append(tokenizer.convert_tokens_to_ids("<|end|>"))
+    model.generation_config = GenerationConfig(bos_token_id=text.bos_token_id, eos_token_id=eos or None,
                                                pad_token_id=text.pad_token_id)
     processor = _processor(config, image_size, native.image_seq_length, tokenizer) if tokenizer is not None else None
     record = {"family": "internvl-chat", "image_token_id": image_token_id, "vision_layers": depth,
