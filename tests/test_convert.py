@@ -329,6 +329,10 @@ def test_bunny_processor_matches_the_original_preprocessing(tmp_path):
     prompt = f"{system} USER: <image>\n{question} ASSISTANT:"
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     assert processor.apply_chat_template(messages, add_generation_prompt=True) == prompt
+    follow_up = messages + [{"role": "assistant", "content": [{"type": "text", "text": "Red."}]},
+                            {"role": "user", "content": [{"type": "text", "text": "Why?"}]}]
+    assert processor.apply_chat_template(follow_up, add_generation_prompt=True) == (
+        f"{system} USER: <image>\n{question} ASSISTANT: Red.<|endoftext|>USER: Why? ASSISTANT:")
 
     image = _test_image(50, 30)
     got = processor(images=image, text=prompt, return_tensors="pt")
@@ -398,6 +402,13 @@ def test_internvl_processor_matches_the_original_preprocessing(tmp_path, monkeyp
     image = _test_image(100, 45)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    follow_up = messages + [{"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+                            {"role": "user", "content": [{"type": "text", "text": "Why?"}]}]
+    # MPT style: system_template + sep, then role + message + sep per turn (the image placeholder
+    # here is the native one, <IMG_CONTEXT>, which the processor expands like chat() expands <image>)
+    assert processor.apply_chat_template(follow_up, add_generation_prompt=True) == (
+        f"<|system|>\n{SYSTEM_MESSAGE}<|end|><|user|>\n<IMG_CONTEXT>\n{question}<|end|><|assistant|>\nA cat.<|end|>"
+        f"<|user|>\nWhy?<|end|><|assistant|>\n")
     got = processor(images=image, text=text, return_tensors="pt")
 
     # load_image(): dynamic_preprocess with the config's 56-px tiles, 1..12 tiles and a thumbnail

@@ -34,27 +34,31 @@ MODEL_TYPES = ("bunny-phi",)
 IMAGE_TOKEN = "<image>"
 
 _VISION = "model.vision_tower.vision_tower.vision_model."
-# The "bunny" conversation template (bunny/conversation.py, conv_bunny, SeparatorStyle.TWO): the
-# system prompt, then "USER: <image>\n{question} ASSISTANT: {answer}<|endoftext|>" turns; the image
-# goes first in the first user turn (get_prompt moves it there).
+# The "bunny" conversation template (bunny/conversation.py: conv_bunny, SeparatorStyle.TWO):
+# system + " ", then "USER: {message} " and "ASSISTANT: {message}<|endoftext|>" per turn, and
+# "ASSISTANT:" to prompt an answer; get_prompt moves the image to the front of the first user
+# message as "<image>\n". A system message, when given, replaces the default system prompt.
 SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}"
-    "{{ '" + SYSTEM_PROMPT.replace("'", "\\'") + "' }}"
+    "{% set system = namespace(text='" + SYSTEM_PROMPT.replace("'", "\\'") + "') %}"
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{% set system.text = message['content'] if message['content'] is string else message['content'][0]['text'] %}"
+    "{% endif %}{% endfor %}"
+    "{{ system.text + ' ' }}"
     "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ ' USER: ' }}"
+    "{% if message['role'] == 'user' %}{{ 'USER: ' }}"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
     "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
-    "{% endif %}"
-    "{% elif message['role'] == 'assistant' %}{{ ' ASSISTANT: ' }}"
+    "{% endif %}{{ ' ' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'ASSISTANT: ' }}"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
     "{% endif %}{{ '<|endoftext|>' }}"
     "{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ ' ASSISTANT:' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 
 
@@ -190,6 +194,8 @@ def build(src: str | Path, vision_tower: str | Path | None = None):
             tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]},
                                          replace_extra_special_tokens=False)
         image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if tokenizer.pad_token is None:  # batches need one; Bunny's train.py pads with unk (Phi-2: EOS)
+            tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     else:
         image_token_id = vocab  # no tokenizer to take an id from: one new row after the vocabulary
     new_vocab = max(vocab, image_token_id + 1)
