@@ -461,3 +461,42 @@ def test_bunny_takes_the_vision_weights_from_the_tower_like_the_original(tmp_pat
         inputs, mask = bunny_inputs(100)
         expected = load_file(FIXTURES / "bunny" / "outputs.safetensors")["logits"]
         assert relative_error(logits(model, inputs)[..., :100], expected, mask)[1] <= REL_TOL
+
+
+def test_converted_bunny_with_tokenizer_takes_calibrated_pruning(tmp_path):
+    """The converted processor and chat template feed vlmprune's own collator (answer-only labels)."""
+    from tiny_data import write_llava_dataset
+
+    src = writable_copy(FIXTURES / "bunny", tmp_path / "bunny")
+    _word_tokenizer(["What", "is", "the", "colour", "?", "red"], ["<|endoftext|>"], {}).save_pretrained(src)
+    data = write_llava_dataset(tmp_path / "data", 4)
+    native = tmp_path / "native"
+    assert main(["convert", "--from", "bunny", str(src), "--output", str(native)]) == 0
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(native), "--method", "width", "--ratio", "0.2", "--criterion", "taylor",
+                 "--calibration", str(data), "--image-folder", str(tmp_path / "data" / "images"),
+                 "--num-samples", "4", "--output", str(out)]) == 0
+    plan = json.loads((out / "pruning_plan.json").read_text())
+    assert plan["criterion"] == "taylor" and plan["layers"]
+    check_config(load_eager(out))
+    assert transformers.AutoProcessor.from_pretrained(out).tokenizer.convert_tokens_to_ids("<image>") == \
+        load_eager(out).config.image_token_id
+
+
+def test_sharded_checkpoint(tmp_path):
+    """Real checkpoints come in shards listed by model.safetensors.index.json."""
+    src = writable_copy(FIXTURES / "internvl", tmp_path / "internvl")
+    state = load_file(src / "model.safetensors")
+    (src / "model.safetensors").unlink()
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for file, keys in shards.items():
+        save_file({k: state[k] for k in keys}, src / file, metadata={"format": "pt"})
+    (src / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: file for file, keys in shards.items() for k in keys}}))
+    out = tmp_path / "native"
+    assert main(["convert", "--from", "internvl-chat", str(src), "--image-token-id", "93", "--output", str(out)]) == 0
+    inputs, mask = internvl_inputs()
+    expected = load_file(FIXTURES / "internvl" / "outputs.safetensors")["logits"]
+    assert relative_error(logits(load_eager(out), inputs), expected, mask)[1] <= REL_TOL
