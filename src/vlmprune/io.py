@@ -17,7 +17,7 @@ import transformers
 from torch import nn
 
 from vlmprune.adapters import get_adapter
-from vlmprune.errors import UnsupportedModelError, VlmpruneError
+from vlmprune.errors import VlmpruneError
 from vlmprune.plan import PLAN_FILE, LayerKeep, PruningPlan
 from vlmprune.prune.apply import WIDTHS_KEY, layer_shapes, prune_layer_width_, sync_config_
 
@@ -61,16 +61,10 @@ def load(
     vlmprune checkpoint has layers of different widths (recorded in the text config as
     ``vlmprune_layer_widths``), the model class is built with those widths before the weights load.
     """
-    from vlmprune.convert import convert_hint
+    from vlmprune.convert import refuse_original
 
-    if (hint := convert_hint(path)) is not None:  # before AutoConfig, which fails on their remote code
-        raise UnsupportedModelError(hint)
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        if (hint := convert_hint(path)) is not None:  # a hub id whose config.json the failed call cached
-            raise UnsupportedModelError(hint) from exc
-        raise
+    refuse_original(path)  # Bunny / InternVLChatModel: before AutoConfig fails on their remote code
+    config = transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     get_adapter(config)  # a clear error for unsupported families, before any weights load
     cls = transformers.AutoModelForImageTextToText._model_mapping[type(config)]
     if getattr(config.get_text_config(), WIDTHS_KEY, None):

@@ -16,7 +16,7 @@ from pathlib import Path
 from vlmprune.convert import bunny, internvl_chat
 from vlmprune.convert.common import ConversionError
 
-__all__ = ["FAMILIES", "ConversionError", "convert", "convert_hint", "detect_family"]
+__all__ = ["FAMILIES", "ConversionError", "convert", "convert_hint", "detect_family", "refuse_original"]
 
 FAMILIES = {"bunny": bunny, "internvl-chat": internvl_chat}
 RECORD_FILE = "conversion.json"
@@ -34,20 +34,19 @@ def detect_family(config: dict) -> str | None:
 def convert_hint(source: str | Path) -> str | None:
     """What to tell a user who passes an unconverted checkpoint of a convertible family to vlmprune.
 
-    Reads the local ``config.json``, or for a hub id the copy in the local hub cache (never the
-    network); None when there is none or it is not a convertible family.
+    Reads the local ``config.json``, or for a hub id the one ``AutoConfig`` would fetch next
+    (from the hub cache when it is there); None when there is none or it is not a convertible family.
     """
     path = Path(str(source)) / "config.json"
     if not path.is_file():
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(str(source), "config.json")
-        except (ValueError, OSError):  # not a repo id
-            cached = None
-        if not isinstance(cached, str):
+        if Path(str(source)).exists():  # a local directory without config.json is no hub id
             return None
-        path = Path(cached)
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(str(source), "config.json"))
+        except Exception:  # noqa: BLE001 - not a repo id, offline, gated...: AutoConfig will say why
+            return None
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -63,6 +62,14 @@ def convert_hint(source: str | Path) -> str | None:
     return (f"{source} is an original remote-code checkpoint ({kind}) that vlmprune does not load; convert it to "
             f"a native transformers checkpoint first: {first}vlmprune convert --from {family} {src} --output "
             f"{name}-native, then pass that directory instead")
+
+
+def refuse_original(source: str | Path) -> None:
+    """Raise ``UnsupportedModelError`` with the convert command for an original Bunny / InternVL-Chat checkpoint."""
+    from vlmprune.errors import UnsupportedModelError
+
+    if (hint := convert_hint(source)) is not None:
+        raise UnsupportedModelError(hint)
 
 
 def convert(family: str, source: str | Path, output: str | Path, overwrite: bool = False,
