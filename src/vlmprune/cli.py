@@ -226,6 +226,15 @@ def cmd_demo(args, overrides: list[str]) -> int:
     return code
 
 
+def cmd_convert(args, overrides: list[str]) -> int:
+    from vlmprune.convert import convert
+
+    out = convert(args.family, args.source, args.output, overwrite=args.overwrite, vision_tower=args.vision_tower,
+                  image_token_id=args.image_token_id)
+    console().print(f"native checkpoint -> {out}")
+    return 0
+
+
 def cmd_criteria(args, overrides: list[str]) -> int:
     from rich.table import Table
 
@@ -272,6 +281,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                    help="run: study overrides (also trailing KEY=VALUE)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("convert", help="an original Bunny / Mini-InternVL-Chat checkpoint -> a native one")
+    p.add_argument("--from", dest="family", required=True, choices=["bunny", "internvl-chat"],
+                   help="bunny: BunnyPhiForCausalLM (Bunny-v1.0); internvl-chat: InternVLChatModel with Phi-3")
+    p.add_argument("source", help="local directory of the original checkpoint (its code is never run)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--vision-tower", help="bunny: directory of the SigLIP tower config that mm_vision_tower "
+                                          "names (default: that name, as a path or from the hub cache)")
+    p.add_argument("--image-token-id", type=int,
+                   help="internvl-chat without tokenizer files: the <IMG_CONTEXT> id")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("criteria", help="list the registered pruning criteria")
     p.set_defaults(func=cmd_criteria)

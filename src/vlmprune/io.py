@@ -31,6 +31,9 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json
 
 def load_config(path: str | Path, trust_remote_code: bool = False):
     """The model's config, with clear errors for a bad path, bad JSON or an unknown model_type."""
+    from vlmprune.convert import refuse_original
+
+    refuse_original(path)  # Bunny / InternVLChatModel: say how to convert, before AutoConfig fails on their code
     source = check_model_source(path)
     try:
         return transformers.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)

@@ -1,0 +1,112 @@
+"""``vlmprune convert``: remote-code checkpoints of the study's families -> native transformers checkpoints.
+
+Bunny-v1.0 (``BunnyPhiForCausalLM``) becomes a ``LlavaForConditionalGeneration`` (SigLIP + Phi);
+Mini-InternVL-Chat-V1-5 (``InternVLChatModel``) becomes an ``InternVLForConditionalGeneration``
+(InternViT + Phi-3). The source is read as data (config.json, safetensors, tokenizer files); its
+Python code is never imported. The output is written by the native model's ``save_pretrained``
+(safetensors only) with the processor beside it, atomically, plus ``conversion.json`` recording
+what was converted and how.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vlmprune.convert import bunny, internvl_chat
+from vlmprune.convert.common import ConversionError
+
+__all__ = ["FAMILIES", "ConversionError", "convert", "convert_hint", "detect_family", "refuse_original"]
+
+FAMILIES = {"bunny": bunny, "internvl-chat": internvl_chat}
+RECORD_FILE = "conversion.json"
+
+
+def detect_family(config: dict) -> str | None:
+    """The ``--from`` family of an original config.json (a dict), or None when it is not convertible."""
+    archs = set(config.get("architectures") or [])
+    for name, module in FAMILIES.items():
+        if config.get("model_type") in module.MODEL_TYPES or archs & set(module.ARCHITECTURES):
+            return name
+    return None
+
+
+def convert_hint(source: str | Path) -> str | None:
+    """What to tell a user who passes an unconverted checkpoint of a convertible family to vlmprune.
+
+    Reads the local ``config.json``, or for a hub id the one ``AutoConfig`` would fetch next
+    (from the hub cache when it is there); None when there is none or it is not a convertible family.
+    """
+    path = Path(str(source)) / "config.json"
+    if not path.is_file():
+        if Path(str(source)).exists():  # a local directory without config.json is no hub id
+            return None
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(str(source), "config.json"))
+        except Exception:  # noqa: BLE001 - not a repo id, offline, gated...: AutoConfig will say why
+            return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    family = detect_family(config) if isinstance(config, dict) else None
+    if family is None:
+        return None
+    kind = config.get("model_type") or ", ".join(config.get("architectures") or [])
+    local = Path(str(source)).is_dir()
+    name = Path(str(source)).name
+    first = "" if local else f"hf download {source} --local-dir {name}-src && "
+    src = source if local else f"{name}-src"
+    return (f"{source} is an original remote-code checkpoint ({kind}) that vlmprune does not load; convert it to "
+            f"a native transformers checkpoint first: {first}vlmprune convert --from {family} {src} --output "
+            f"{name}-native, then pass that directory instead")
+
+
+def refuse_original(source: str | Path) -> None:
+    """Raise ``UnsupportedModelError`` with the convert command for an original Bunny / InternVL-Chat checkpoint."""
+    from vlmprune.errors import UnsupportedModelError
+
+    if (hint := convert_hint(source)) is not None:
+        raise UnsupportedModelError(hint)
+
+
+def convert(family: str, source: str | Path, output: str | Path, overwrite: bool = False,
+            vision_tower: str | Path | None = None, image_token_id: int | None = None) -> Path:
+    """Convert ``source`` (a local checkpoint directory of ``family``) into a native checkpoint at ``output``."""
+    from vlmprune.io import save_model
+
+    if family not in FAMILIES:
+        raise ConversionError(f"--from must be one of {', '.join(FAMILIES)}, got {family!r}")
+    source = Path(source)
+    if not source.is_dir():
+        raise ConversionError(f"{source} is not a directory; download the original checkpoint first, e.g. "
+                              f"`hf download <hub id> --local-dir {source}`")
+    found = detect_family(_read(source))
+    if found is not None and found != family:
+        raise ConversionError(f"{source} is a {found} checkpoint; use --from {found}")
+    if family == "bunny":
+        if image_token_id is not None:
+            raise ConversionError("--image-token-id applies to --from internvl-chat only (Bunny's image token is "
+                                  "added to its tokenizer)")
+        model, processor, record = bunny.build(source, vision_tower=vision_tower)
+    else:
+        if vision_tower is not None:
+            raise ConversionError("--vision-tower applies to --from bunny only (InternVL checkpoints contain "
+                                  "their vision config)")
+        model, processor, record = internvl_chat.build(source, image_token_id=image_token_id)
+    record.update(source=str(source.resolve()), processor_written=processor is not None)
+
+    def write_record(tmp: Path) -> None:
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
+
+    # save_model with a processor saves it instead of copying the source's files: the source's
+    # tokenizer_config may name remote-code classes (auto_map), which the native one must not.
+    return save_model(model, output, processor=processor, overwrite=overwrite, extras=write_record)
+
+
+def _read(source: Path) -> dict:
+    from vlmprune.convert.common import read_config
+
+    return read_config(source)
