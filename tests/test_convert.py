@@ -132,7 +132,7 @@ def test_internvl_v1_pixel_shuffle_is_refused(tmp_path, capsys):
     out = tmp_path / "v1"
     assert main(["convert", "--from", "internvl-chat", str(FIXTURES / "internvl-v1"), "--image-token-id", "93",
                  "--output", str(out)]) == 2
-    assert "ps_version = 'v1'" in capsys.readouterr().out.replace("\n", " ")
+    assert "ps_version = 'v1'" in capsys.readouterr().err.replace("\n", " ")
     assert not out.exists() and not list(tmp_path.glob(".v1*"))
 
 
@@ -204,7 +204,7 @@ def test_what_cannot_be_expressed_is_refused_by_name(case, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["convert", "--from", family, str(src), "--image-token-id", "93", "--output", str(out)]
                 if family == "internvl-chat" else ["convert", "--from", family, str(src), "--output", str(out)]) == 2
-    assert message in capsys.readouterr().out.replace("\n", " ")
+    assert message in capsys.readouterr().err.replace("\n", " ")
     assert not out.exists()
 
 
@@ -215,7 +215,7 @@ def test_prune_and_load_name_the_convert_command(folder, family, tmp_path, capsy
         vlmprune.load(src)
     assert main(["prune", "--model", str(src), "--method", "layer", "--ratio", "0.2", "--criterion", "last",
                  "--output", str(tmp_path / "out")]) == 2
-    assert f"vlmprune convert --from {family}" in capsys.readouterr().out.replace("\n", " ")
+    assert f"vlmprune convert --from {family}" in capsys.readouterr().err.replace("\n", " ")
     assert not (tmp_path / "out").exists()
 
 

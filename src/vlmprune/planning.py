@@ -108,6 +108,37 @@ def _mlp_widths(size: int, multiple: int) -> list[int]:
     return sorted({size, *range(multiple, size, multiple)})
 
 
+def _choose_widths(units: int, attn_step: float, size: int, mlp_step: float, widths: list[int], target: float,
+                   tolerance: float) -> tuple[int, int]:
+    """Kept attention units and kept MLP width for a removal of ``target`` parameters.
+
+    ``attn_step`` / ``mlp_step``: parameters removed by one attention unit / one MLP channel fewer in
+    every selected layer; ``widths``: the MLP widths allowed (the multiple honoured).
+
+    Two steps, because they answer different questions. The attention cut is coarse (a third of
+    the attention per unit on a 3-group model), so it is chosen for balance: among the attention
+    cuts whose best MLP completion lands within ``tolerance`` (one MLP step) of the closest plan
+    of all, the one where attention and MLP give up the most similar shares. The MLP width is then
+    the allowed width closest to the target given that attention cut. (Choosing both by balance
+    picked, with --attention none, a smaller MLP cut than the closest one: the "imbalance" there
+    is just the MLP share, so the smallest cut within the tolerance always won: 400 channels of
+    1536 for a target of ~408.)
+    """
+    best = {}  # kept units -> (error, kept width) of the closest width for that attention cut
+    for kept_units in range(units, 0, -1):
+        attn_removed = (units - kept_units) * attn_step
+        best[kept_units] = min((abs(attn_removed + (size - w) * mlp_step - target), -w) for w in widths)
+    closest = min(err for err, _ in best.values())
+
+    def imbalance(kept_units: int) -> float:
+        w = -best[kept_units][1]
+        return abs((units - kept_units) / units - (size - w) / size)
+
+    candidates = [k for k, (err, _) in best.items() if err <= closest + tolerance]
+    kept_units = min(candidates, key=lambda k: (imbalance(k), best[k][0], -k))
+    return kept_units, -best[kept_units][1]
+
+
 def plan_width(
     scores: WidthScores,
     shapes: list[LayerShape],
@@ -151,15 +182,8 @@ def plan_width(
     attn_step = sum(unit_params(i) for i in layers)            # removing one unit in every layer
     mlp_step = sum(budget.channel_params(i) for i in layers)   # removing one channel in every layer
     widths = _mlp_widths(ref.intermediate_size, multiple)
-    options = []  # (error, imbalance, kept units, kept MLP width)
-    for kept_units in range(units, 0, -1):
-        for w in widths:
-            removed = (units - kept_units) * attn_step + (ref.intermediate_size - w) * mlp_step
-            imbalance = abs((units - kept_units) / units - (ref.intermediate_size - w) / ref.intermediate_size)
-            options.append((abs(removed - target), imbalance, kept_units, w))
-    # Closest to the target; among options within one MLP step of the closest, the most balanced.
-    tolerance = min(o[0] for o in options) + multiple * mlp_step
-    _, _, kept_units, kept_width = min((o for o in options if o[0] <= tolerance), key=lambda o: (o[1], o[0]))
+    kept_units, kept_width = _choose_widths(units, attn_step, ref.intermediate_size, mlp_step, widths, target,
+                                            tolerance=multiple * mlp_step)
     max_removable = (units - 1) * attn_step + (ref.intermediate_size - widths[0]) * mlp_step
     if target > max_removable + multiple * mlp_step:
         raise VlmpruneError(
