@@ -95,6 +95,19 @@ def cmd_evaluate(args) -> None:
                        args.efficiency, args.output, console)
 
 
+def cmd_quantize(args) -> None:
+    from vlmprune.quantize import quantize_model_dir
+
+    out, record = quantize_model_dir(args.model, args.scheme, args.output, overwrite=args.overwrite, dtype=args.dtype,
+                                     device=args.device, trust_remote_code=args.trust_remote_code)
+    lm, whole = record["language_model_bytes"], record["model_bytes"]
+    console.print(f"{args.scheme} ({record['backend']} {record['backend_version']}): {record['quantized_modules']} decoder "
+                  f"Linear layers quantized; kept: {', '.join(record['kept'])}")
+    console.print(f"language model {lm['before'] / 2**20:,.1f} MB -> {lm['after'] / 2**20:,.1f} MB "
+                  f"({lm['after'] / lm['before']:.2f}x), whole model {whole['before'] / 2**20:,.1f} MB -> "
+                  f"{whole['after'] / 2**20:,.1f} MB -> {out}")
+
+
 def cmd_data(args) -> None:
     from vlmprune.demo import datasets
 
@@ -179,6 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add parameters, FLOPs per sample, prefill latency, decode speed, peak memory")
     p.add_argument("--output", help="write the results JSON here")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("quantize", help="quantize the language model's decoder layers and write a checkpoint")
+    model_arg(p)
+    p.add_argument("--scheme", required=True, choices=["int8", "int8-dynamic", "nf4", "int4"],
+                   help="int8: int8 weights (torchao, CPU); int8-dynamic: int8 weights and activations (torchao, CPU); "
+                        "nf4: 4-bit NormalFloat (bitsandbytes, CPU); int4: int4 weights (torchao, CUDA + bfloat16)")
+    p.add_argument("--device", help="where to quantize (default: cuda for int4, else cpu)")
+    p.add_argument("--dtype", help="load the model in this dtype first, e.g. bfloat16 for int4 (default: the checkpoint's)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("data", help="write a demo data set in the LLaVA conversation format")
     p.add_argument("dataset", choices=["easyvqa", "digits"])

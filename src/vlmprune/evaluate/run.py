@@ -67,4 +67,9 @@ def print_result(result: dict, console: Console) -> None:
         t.add_row("prefill latency", f"{1000 * eff['prefill_s']:.1f} ms")
         t.add_row("decode speed", f"{eff['decode_tokens_per_s']:.1f} tokens/s")
         t.add_row("peak memory", f"{eff['peak_memory_mb']:.0f} MB")
+        if "weight_bytes" in eff:  # stored sizes: quantized weights at their packed size
+            t.add_row("weights in memory (language model)", f"{eff['weight_bytes']['language_model'] / 2**20:,.1f} MB")
+            t.add_row("weights in memory (total)", f"{eff['weight_bytes']['total'] / 2**20:,.1f} MB")
+        if eff.get("disk_bytes") is not None:
+            t.add_row("weights on disk", f"{eff['disk_bytes'] / 2**20:,.1f} MB")
         console.print(t)
