@@ -6,6 +6,7 @@ from vlmprune.inspect import count_parameters, summarize
 from vlmprune.io import load, save_model
 from vlmprune.plan import PruningPlan
 from vlmprune.prune import apply_plan_
+from vlmprune.quantize import quantize
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,7 @@ __all__ = [
     "count_parameters",
     "get_adapter",
     "load",
+    "quantize",
     "save_model",
     "summarize",
     "supported_model_types",

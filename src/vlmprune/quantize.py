@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,18 @@ from vlmprune.adapters import Adapter, get_adapter
 from vlmprune.errors import VlmpruneError
 
 QUANTIZATION_KEY = "quantization"  # the record's key in pruning_plan.json
+
+
+class _NoKernelLibraryNoise(logging.Filter):
+    """torchao tries to load its CUDA-only kernel libraries (mxfp8, cutlass) at import and logs a
+    warning for each on a CPU build of torch; none of the schemes here uses them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Failed to load") and ".so" in message)
+
+
+logging.getLogger("torchao").addFilter(_NoKernelLibraryNoise())
 
 
 class QuantizationError(VlmpruneError):
