@@ -223,3 +223,35 @@ def test_efficiency_counts_stored_bytes_and_true_flops(scheme, tmp_path):
     # prefill and cached decoding run on the quantized kernels
     speed = measure(loaded, inputs, decode_tokens=2, repeats=1, warmup=0)
     assert speed["prefill_s"] > 0 and speed["decode_tokens_per_s"] > 0
+
+
+def test_study_quantization_axis_shares_recovery_and_reports_disk_size(tiny_repo, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import vlmprune.recover
+
+    root = Path(__file__).resolve().parents[1]
+    calls = []
+    real_recover = vlmprune.recover.recover
+    monkeypatch.setattr(vlmprune.recover, "recover", lambda config: calls.append(config) or real_recover(config))
+    run = tmp_path / "run"
+    grid = ("[{method: layer, ratio: 0.2, recipe: none, quantization: [none, int8]}, "
+            "{method: layer, ratio: 0.2, recipe: sft, fraction: 0.5, quantization: [int8, int8-dynamic]}]")
+    argv = ["study", "--config", str(root / "configs" / "study" / "smoke.yaml"), f"output={run}", f"grid={grid}",
+            f"teacher={tiny_repo.model}", f"train_data={tiny_repo.data}", f"image_folder={tiny_repo.images}",
+            f"evaluation.task_file={tiny_repo.task_file}"]
+    assert main(argv) == 0
+    cells = {c["id"]: c for c in json.loads((run / "results.json").read_text())["cells"]}
+    ids = ["layer-block_influence-r0.2-none", "layer-block_influence-r0.2-none-qint8",
+           "layer-block_influence-r0.2-sft-f0.5-qint8", "layer-block_influence-r0.2-sft-f0.5-qint8-dynamic"]
+    assert sorted(cells) == sorted(ids) and all(c["status"] == "done" for c in cells.values())
+    assert len(calls) == 1  # one recovery, shared by both schemes
+    assert (run / "recovered" / "layer-block_influence-r0.2-sft-f0.5" / "sample_ids.json").exists()
+    assert cells[ids[1]]["quantization"] == "int8"
+    assert cells[ids[1]]["disk_bytes"] < 0.75 * cells[ids[0]]["disk_bytes"]
+    quantized = json.loads((run / "cells" / ids[2] / "eval.json").read_text())["quantization"]
+    assert quantized["scheme"] == "int8" and quantized["quantized_modules"] == 3 * 7  # 3 layers x q,k,v,o,gate,up,down
+    assert not (run / "cells" / ids[2] / "quantized").exists()  # not kept by default
+    md = (run / "results.md").read_text()
+    assert "| int8-dynamic |" in md and "![accuracy_vs_disk](accuracy_vs_disk.png)" in md
+    assert (run / "accuracy_vs_disk.png").stat().st_size > 5000
