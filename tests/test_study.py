@@ -117,7 +117,7 @@ def test_report_numbers_and_plots(tmp_path):
     for name in ("retention_vs_ratio", "retention_vs_fraction", "accuracy_vs_params"):
         assert paths[name].stat().st_size > 5000
     md = paths["md"].read_text()
-    assert "| width (c) | 30% / 30.0% | sft | 25.0% | 70 | 72.0% (90.0%) | 36.0% (90.0%) | 90.0% | done |" in md
+    assert "| width (c) | 30% / 30.0% | sft | 25.0% |  | 70 |  | 72.0% (90.0%) | 36.0% (90.0%) | 90.0% | done |" in md
     assert "![accuracy_vs_params](accuracy_vs_params.png)" in md
     assert paths["csv"].read_text().splitlines()[0].startswith("id,method,criterion,ratio,achieved_ratio")
 
@@ -137,4 +137,4 @@ def test_report_lists_grid_cells_not_yet_run_as_pending(tmp_path):
     rows = {r["id"]: r for r in json.loads(write_report(run)["json"].read_text())["cells"]}
     assert rows["layer-c-r0.15-sft-f0.05"]["status"] == "done"
     assert rows["width-c-r0.15-sft-f0.05"]["status"] == "pending"
-    assert "| width (c) | 15% /  | sft | 5.0% |  |  |  | pending |" in (run / "results.md").read_text()
+    assert "| width (c) | 15% /  | sft | 5.0% |  |  |  |  |  | pending |" in (run / "results.md").read_text()

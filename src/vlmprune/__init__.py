@@ -29,6 +29,7 @@ _LAZY = {
     "register_criterion": "vlmprune.importance.registry",
     "criteria": "vlmprune.importance.registry",
     "evaluate_model_dir": "vlmprune.evaluate.run",
+    "quantize": "vlmprune.quantize",
     "PruneConfig": "vlmprune.config",
     "RecoverConfig": "vlmprune.config",
     "EvalConfig": "vlmprune.config",

@@ -114,6 +114,11 @@ def print_eval_result(result: dict) -> None:
         t.add_row("prefill latency", f"{1000 * eff['prefill_s']:.1f} ms")
         t.add_row("decode speed", f"{eff['decode_tokens_per_s']:.1f} tokens/s")
         t.add_row("peak memory", f"{eff['peak_memory_mb']:.0f} MB")
+        if "weight_bytes" in eff:  # stored sizes: quantized weights at their packed size
+            t.add_row("weights in memory (language model)", f"{eff['weight_bytes']['language_model'] / 2**20:,.1f} MB")
+            t.add_row("weights in memory (total)", f"{eff['weight_bytes']['total'] / 2**20:,.1f} MB")
+        if eff.get("disk_bytes") is not None:
+            t.add_row("weights on disk", f"{eff['disk_bytes'] / 2**20:,.1f} MB")
         console().print(t)
 
 
@@ -156,6 +161,20 @@ def cmd_evaluate(cfg: C.EvalConfig) -> int:
 
         cfg = dataclasses.replace(cfg, data_dir=str(demo_data()["root"]))
     print_eval_result(evaluate_model_dir(cfg))
+    return 0
+
+
+def cmd_quantize(args, overrides: list[str]) -> int:
+    from vlmprune.quantize import quantize_model_dir
+
+    out, record = quantize_model_dir(args.model, args.scheme, args.output, overwrite=args.overwrite, dtype=args.dtype,
+                                     device=args.device, trust_remote_code=args.trust_remote_code)
+    lm, whole = record["language_model_bytes"], record["model_bytes"]
+    console().print(f"{args.scheme} ({record['backend']} {record['backend_version']}): {record['quantized_modules']} "
+                    f"decoder Linear layers quantized; kept: {', '.join(record['kept'])}", markup=False)
+    console().print(f"language model {lm['before'] / 2**20:,.1f} MB -> {lm['after'] / 2**20:,.1f} MB "
+                    f"({lm['after'] / lm['before']:.2f}x), whole model {whole['before'] / 2**20:,.1f} MB -> "
+                    f"{whole['after'] / 2**20:,.1f} MB -> {out}", markup=False)
     return 0
 
 
@@ -272,6 +291,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override an option, dotted for nested ones, e.g. evaluation.limit=100 (also trailing)")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("quantize", help="quantize the language model's decoder layers and write a checkpoint")
+    p.add_argument("--model", required=True, help="local directory or hub id")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (off by default)")
+    p.add_argument("--scheme", required=True, choices=["int8", "int8-dynamic", "nf4", "int4"],
+                   help="int8: int8 weights (torchao, CPU); int8-dynamic: int8 weights and activations (torchao, CPU); "
+                        "nf4: 4-bit NormalFloat (bitsandbytes, CPU); int4: int4 weights (torchao, CUDA + bfloat16)")
+    p.add_argument("--device", help="where to quantize (default: cuda for int4, else cpu)")
+    p.add_argument("--dtype", help="load the model in this dtype first, e.g. bfloat16 for int4 (default: the checkpoint's)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("demo", help="the embedded demo model: build it, or run the whole job on it")
     p.add_argument("action", nargs="?", choices=["run", "build"], default="run")

@@ -6,6 +6,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 
+import torch
 from torch import nn
 
 from vlmprune.adapters import Adapter, get_adapter
@@ -16,6 +17,13 @@ from vlmprune.prune.apply import layer_shapes
 
 def _unique(module: nn.Module) -> dict[int, nn.Parameter]:
     return {id(p): p for p in module.parameters()}
+
+
+def _numel(p) -> int:
+    """Logical number of weights: a bitsandbytes 4-bit parameter holds two per packed byte and
+    keeps its real shape in its quant_state."""
+    state = getattr(p, "quant_state", None)
+    return int(torch.Size(state.shape).numel()) if state is not None else p.numel()
 
 
 def count_parameters(model: nn.Module, adapter: Adapter | None = None) -> dict[str, int]:
@@ -29,7 +37,7 @@ def count_parameters(model: nn.Module, adapter: Adapter | None = None) -> dict[s
     projector = _unique(adapter.projector(model))
     vision = {k: p for k, p in _unique(adapter.vision(model)).items() if k not in projector}
     lm = {k: p for k, p in everything.items() if k not in projector and k not in vision}
-    n = lambda d: sum(p.numel() for p in d.values())  # noqa: E731
+    n = lambda d: sum(_numel(p) for p in d.values())  # noqa: E731
     return {"vision": n(vision), "projector": n(projector), "language_model": n(lm), "total": n(everything)}
 
 

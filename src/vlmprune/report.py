@@ -36,11 +36,13 @@ def collect(run: Path) -> tuple[dict, list[dict]]:
         if cell is None:
             continue
         row = {k: cell[k] for k in ("id", "method", "criterion", "ratio", "recipe", "fraction")}
+        row["quantization"] = cell.get("quantization")
         row["status"] = (status or {}).get("status", "unfinished")
         row["error"] = (status or {}).get("error")
         result = _read(cell_dir / "eval.json") if row["status"] == "done" else None
         if result:
             row["params"] = result["parameters"]["total"]
+            row["disk_bytes"] = result.get("disk_bytes")
             row["achieved_ratio"] = (result.get("achieved") or {}).get("ratio")
             for t in tasks:
                 score = result["tasks"].get(t, {}).get("accuracy")
@@ -71,6 +73,10 @@ def _fmt_int(value) -> str:
     return f"{value:,}" if isinstance(value, int) else ""
 
 
+def _fmt_mb(value) -> str:
+    return f"{value / 2**20:,.1f}" if isinstance(value, int) else ""
+
+
 def write_report(run: str | Path) -> dict[str, Path]:
     """Write results.{md,csv,json} and plots into the run directory; return their paths."""
     run = Path(run)
@@ -79,7 +85,8 @@ def write_report(run: str | Path) -> dict[str, Path]:
     out = {"json": run / "results.json", "csv": run / "results.csv", "md": run / "results.md"}
     out["json"].write_text(json.dumps({"original": {"tasks": {t: original["tasks"][t]["accuracy"] for t in tasks},
                                                     "parameters": original["parameters"]}, "cells": rows}, indent=1))
-    columns = ["id", "method", "criterion", "ratio", "achieved_ratio", "recipe", "fraction", "params",
+    columns = ["id", "method", "criterion", "ratio", "achieved_ratio", "recipe", "fraction", "quantization", "params",
+               "disk_bytes",
                *[c for t in tasks for c in (t, f"{t}_retention")], "mean_retention", "status", "error"]
     with out["csv"].open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
@@ -88,15 +95,17 @@ def write_report(run: str | Path) -> dict[str, Path]:
     lines = [f"# Study results: {run.name}", "",
              f"Original model: {original['parameters']['total']:,} parameters; "
              + ", ".join(f"{t} {original['tasks'][t]['accuracy']:.1%}" for t in tasks), "",
-             "| method | ratio (target / achieved) | recovery | data fraction | params | "
+             "| method | ratio (target / achieved) | recovery | data fraction | quantization | params | disk MB | "
              + " | ".join(f"{t} (retention)" for t in tasks) + " | mean retention | status |",
-             "|---|---|---|---:|---:|" + "---:|" * len(tasks) + "---:|---|"]
-    for r in sorted(rows, key=lambda r: (r["method"], r["ratio"], r["recipe"], r["fraction"] or 0)):
+             "|---|---|---|---:|---|---:|---:|" + "---:|" * len(tasks) + "---:|---|"]
+    for r in sorted(rows, key=lambda r: (r["method"], r["ratio"], r["recipe"], r["fraction"] or 0,
+                                         r.get("quantization") or "")):
         scores = " | ".join(f"{_fmt(r.get(t), True)} ({_fmt(r.get(f'{t}_retention'), True)})" if r.get(t) is not None
                             else "" for t in tasks)
         status = r["status"] if r["status"] != "failed" else f"failed: {r['error']}"
         lines.append(f"| {r['method']} ({r['criterion']}) | {r['ratio']:.0%} / {_fmt(r.get('achieved_ratio'), True)} | "
-                     f"{r['recipe']} | {_fmt(r['fraction'], True)} | {_fmt_int(r.get('params'))} | {scores} | "
+                     f"{r['recipe']} | {_fmt(r['fraction'], True)} | {r.get('quantization') or ''} | "
+                     f"{_fmt_int(r.get('params'))} | {_fmt_mb(r.get('disk_bytes'))} | {scores} | "
                      f"{_fmt(r.get('mean_retention'), True)} | {status} |")
     out.update(_plots(run, original, rows, tasks))
     lines += ["", *[f"![{name}]({path.name})" for name, path in out.items() if path.suffix == ".png"]]
@@ -110,6 +119,9 @@ def _plots(run: Path, original: dict, rows: list[dict], tasks: list[str]) -> dic
     paths = {}
     if finished:
         paths.update(_accuracy_plot(run, original, finished, tasks))
+        sized = [r for r in finished if r.get("disk_bytes")]
+        if sized and original.get("disk_bytes"):  # runs before sizes were recorded have none
+            paths.update(_accuracy_plot(run, original, sized, tasks, size="disk_bytes"))
     if not done:
         return paths
     # 1. retention vs ratio, per method and recipe (at each recipe's most common fraction)
@@ -159,30 +171,34 @@ def _plots(run: Path, original: dict, rows: list[dict], tasks: list[str]) -> dic
     return paths
 
 
-def _accuracy_plot(run: Path, original: dict, rows: list[dict], tasks: list[str]) -> dict[str, Path]:
-    """Mean accuracy against parameters, with the Pareto front (no smaller model is better) marked."""
+def _accuracy_plot(run: Path, original: dict, rows: list[dict], tasks: list[str],
+                   size: str = "params") -> dict[str, Path]:
+    """Mean accuracy against parameters (or bytes of weights on disk, ``size="disk_bytes"``: what
+    fits in N MB), with the Pareto front (no smaller model is better) marked."""
     paths = {}
     mean_acc = lambda r: sum(r[t] for t in tasks if r.get(t) is not None) / len(tasks)  # noqa: E731
-    points = [(r["params"], mean_acc(r), r["id"]) for r in rows]
-    points.append((original["parameters"]["total"], sum(original["tasks"][t]["accuracy"] for t in tasks) / len(tasks),
-                   "original"))
+    scale, label, name = ((1e6, "parameters (millions)", "accuracy_vs_params") if size == "params"
+                          else (2**20, "weights on disk (MB)", "accuracy_vs_disk"))
+    points = [(r[size], mean_acc(r), r["id"]) for r in rows]
+    points.append((original["parameters"]["total"] if size == "params" else original[size],
+                   sum(original["tasks"][t]["accuracy"] for t in tasks) / len(tasks), "original"))
     front, best = [], -1.0
     for p in sorted(points, key=lambda p: (p[0], -p[1])):
         if p[1] > best:
             front.append(p)
             best = p[1]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.scatter([p[0] / 1e6 for p in points], [100 * p[1] for p in points], color="tab:gray", s=18)
-    ax.plot([p[0] / 1e6 for p in front], [100 * p[1] for p in front], color="tab:red", marker="o", label="Pareto front")
+    ax.scatter([p[0] / scale for p in points], [100 * p[1] for p in points], color="tab:gray", s=18)
+    ax.plot([p[0] / scale for p in front], [100 * p[1] for p in front], color="tab:red", marker="o", label="Pareto front")
     for p in front:
-        ax.annotate(p[2], (p[0] / 1e6, 100 * p[1]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("parameters (millions)")
+        ax.annotate(p[2], (p[0] / scale, 100 * p[1]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(label)
     ax.set_ylabel("mean accuracy (%)")
     ax.set_title("Accuracy vs size")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    paths["accuracy_vs_params"] = run / "accuracy_vs_params.png"
-    fig.savefig(paths["accuracy_vs_params"], dpi=120)
+    paths[name] = run / f"{name}.png"
+    fig.savefig(paths[name], dpi=120)
     plt.close(fig)
     return paths

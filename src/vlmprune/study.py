@@ -6,6 +6,8 @@ A run directory holds::
     resolved_config.yaml       the config with overrides applied
     original/eval.json         the unpruned model's scores (the retention baseline)
     pruned/<prune id>/         pruned models, shared by cells that differ only in recovery
+    recovered/<cell id>/       recovered models of quantized cells, shared by cells that differ only
+                               in the quantization scheme (kept: the next scheme needs them)
     cells/<cell id>/           cell.json (resolved cell), eval.json, status.json (done | failed)
 
 A cell whose status.json says "done" is skipped on the next run, so an interrupted study resumes
@@ -113,19 +115,25 @@ class Cell:
     ratio: float
     recipe: str
     fraction: float | None
+    quantization: str | None = None  # a `vlmprune quantize` scheme applied last, None for float
 
     @property
     def prune_id(self) -> str:
         return f"{self.method}-{self.criterion}-r{self.ratio:g}"
 
     @property
-    def id(self) -> str:
+    def float_id(self) -> str:
+        """The id of the same cell without quantization (its recovered model is shared)."""
         tail = "" if self.fraction is None else f"-f{self.fraction:g}"
         return f"{self.prune_id}-{self.recipe}{tail}"
 
+    @property
+    def id(self) -> str:
+        return self.float_id + ("" if self.quantization is None else f"-q{self.quantization}")
+
     def to_dict(self) -> dict:
         return {"id": self.id, "method": self.method, "criterion": self.criterion, "ratio": self.ratio,
-                "recipe": self.recipe, "fraction": self.fraction}
+                "recipe": self.recipe, "fraction": self.fraction, "quantization": self.quantization}
 
 
 def expand_grid(config: dict) -> list[Cell]:
@@ -133,17 +141,24 @@ def expand_grid(config: dict) -> list[Cell]:
     cells: dict[str, Cell] = {}
     for block in config["grid"]:
         axes = {k: v if isinstance(v, list) else [v] for k, v in block.items()}
-        unknown = set(axes) - {"method", "ratio", "recipe", "fraction", "criterion"}
+        unknown = set(axes) - {"method", "ratio", "recipe", "fraction", "criterion", "quantization"}
         if unknown:
-            raise VlmpruneError(f"grid axes are method, criterion, ratio, recipe, fraction; got {sorted(unknown)}")
-        for method, ratio, recipe, fraction in itertools.product(
+            raise VlmpruneError(f"grid axes are method, criterion, ratio, recipe, fraction, quantization; "
+                                f"got {sorted(unknown)}")
+        schemes = [None if q in (None, "none") else str(q) for q in axes.get("quantization", [None])]
+        from vlmprune.quantize import SCHEMES
+
+        bad = [q for q in schemes if q is not None and q not in SCHEMES]
+        if bad:
+            raise VlmpruneError(f"grid names quantization {bad}; schemes: none, {', '.join(SCHEMES)}")
+        for method, ratio, recipe, fraction, scheme in itertools.product(
                 axes.get("method", ["layer"]), axes.get("ratio", [0.2]), axes.get("recipe", ["none"]),
-                axes.get("fraction", [None])):
+                axes.get("fraction", [None]), schemes):
             if recipe not in config["recipes"]:
                 raise VlmpruneError(f"grid names recipe {recipe!r}, not defined under 'recipes' ({', '.join(config['recipes'])})")
             for criterion in axes.get("criterion", [config["criterion"][method]]):
                 cell = Cell(method, criterion, float(ratio), recipe,
-                            None if config["recipes"][recipe] is None else float(fraction or 1.0))
+                            None if config["recipes"][recipe] is None else float(fraction or 1.0), scheme)
                 cells.setdefault(cell.id, cell)
     return list(cells.values())
 
@@ -250,16 +265,28 @@ def run_study(config: dict) -> StudyResult:
             recipe = config["recipes"][cell.recipe]
             if recipe is not None:
                 model_dir = cell_dir / "model"
+                if cell.quantization is not None:  # shared with the cell's other schemes
+                    model_dir = run / "recovered" / cell.float_id
+            if recipe is not None and not (model_dir / "sample_ids.json").exists():
                 options = {**config["recovery"], **recipe, "student": str(pruned), "teacher": teacher, "data": data,
                            "image_folder": folder, "output": str(model_dir), "fraction": cell.fraction,
                            "seed": config["seed"], "overwrite": True}
                 recover(build(RecoverConfig, options))
+            quantization = None
+            if cell.quantization is not None:
+                from vlmprune.quantize import quantize_model_dir
+
+                model_dir, quantization = quantize_model_dir(model_dir, cell.quantization, cell_dir / "quantized",
+                                                             overwrite=True)
             evaluated = _evaluate(model_dir, evaluation)
+            if quantization is not None:
+                evaluated["quantization"] = quantization
             plan = json.loads((pruned / "pruning_plan.json").read_text())
             evaluated["achieved"] = plan.get("achieved")
             _write_json(cell_dir / "eval.json", evaluated)
-            if recipe is not None and not config["keep_models"]:
-                shutil.rmtree(model_dir, ignore_errors=True)
+            if (recipe is not None or cell.quantization is not None) and not config["keep_models"]:
+                shutil.rmtree(cell_dir / "model", ignore_errors=True)
+                shutil.rmtree(cell_dir / "quantized", ignore_errors=True)
             _write_json(cell_dir / "status.json", {"status": "done", "seconds": time.time() - t0})
             result.done += 1
             log.info("[study] %s: mean accuracy %.3f (%.0f s)", cell.id, evaluated["accuracy"], time.time() - t0)

@@ -12,7 +12,9 @@ import time
 import torch
 from torch import nn
 
+from vlmprune.adapters import get_adapter
 from vlmprune.inspect import count_parameters
+from vlmprune.quantize import tensor_bytes
 
 
 class Timer:
@@ -70,6 +72,22 @@ def count_flops(model: nn.Module, inputs: dict) -> int:
     (CPU SDPA kernels count as zero there)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from vlmprune.quantize import is_quantized_weight
+
+    # Quantized Linear layers run integer or packed-4-bit kernels that FlopCounterMode does not
+    # know (they would count as zero); their multiply-adds are the float layer's, so they are
+    # counted from their shapes instead: 2 * rows of input * in_features * out_features.
+    quantized = {name: m for name, m in model.named_modules()
+                 if isinstance(getattr(m, "weight", None), torch.Tensor) and is_quantized_weight(m.weight)
+                 and hasattr(m, "in_features")}
+    analytic = {name: 0 for name in quantized}
+
+    def hook(name):
+        def count(module, args):
+            analytic[name] += 2 * (args[0].numel() // module.in_features) * module.in_features * module.out_features
+        return count
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in quantized.items()]
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
@@ -77,7 +95,13 @@ def count_flops(model: nn.Module, inputs: dict) -> int:
             model(**inputs, use_cache=False)
     finally:
         model.set_attn_implementation(previous)
-    return int(counter.get_total_flops())
+        for h in handles:
+            h.remove()
+    if not quantized:
+        return int(counter.get_total_flops())
+    counts, root = counter.get_flop_counts(), type(model).__name__
+    seen = sum(sum(counts.get(f"{root}.{name}", {}).values()) for name in quantized)
+    return int(counter.get_total_flops() - seen + sum(analytic.values()))
 
 
 @torch.no_grad()
@@ -110,7 +134,8 @@ def measure(model: nn.Module, inputs: dict, decode_tokens: int = 32, repeats: in
         if i >= warmup:
             pre.append(p)
             dec.append(d)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    # stored size: quantized weights count at their packed size with their scales, not dequantized
+    weights = sum(tensor_bytes(p) for p in model.parameters()) / 2**20
     return {
         "prefill_s": statistics.median(pre),
         "decode_tokens_per_s": batch * decode_tokens / statistics.median(dec),
@@ -118,11 +143,39 @@ def measure(model: nn.Module, inputs: dict, decode_tokens: int = 32, repeats: in
     }
 
 
+def weight_bytes_by_part(model: nn.Module) -> dict[str, int]:
+    """Bytes of the parameters of each part as they are held (quantized tensors at their packed
+    size with scales), split like ``count_parameters``; tied weights count once."""
+    adapter = get_adapter(model)
+    unique = lambda m: {id(p): p for p in m.parameters()}  # noqa: E731
+    everything, projector = unique(model), unique(adapter.projector(model))
+    vision = {k: p for k, p in unique(adapter.vision(model)).items() if k not in projector}
+    lm = {k: p for k, p in everything.items() if k not in projector and k not in vision}
+    size = lambda d: sum(tensor_bytes(p) for p in d.values())  # noqa: E731
+    return {"vision": size(vision), "projector": size(projector), "language_model": size(lm), "total": size(everything)}
+
+
+def disk_bytes(model: nn.Module) -> int | None:
+    """Bytes of the weight files in the directory the model was loaded from (None when it was not
+    loaded from a local directory)."""
+    from pathlib import Path
+
+    path = Path(getattr(model, "name_or_path", "") or "")
+    if not str(path) or not path.is_dir():
+        return None
+    return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin"))
+
+
 def efficiency(model: nn.Module, inputs: dict, decode_tokens: int = 32, repeats: int = 3) -> dict:
     """Everything `vlmprune evaluate --efficiency` reports, for one prepared prompt batch."""
     batch = inputs["input_ids"].shape[0]
+    quantization = getattr(model.config, "quantization_config", None)
     return {
         "parameters": count_parameters(model),
+        "weight_bytes": weight_bytes_by_part(model),
+        "disk_bytes": disk_bytes(model),
+        # the backend that quantized the weights (torchao, bitsandbytes), None for a float model
+        "quantization": getattr(getattr(quantization, "quant_method", None), "value", None),
         "flops_per_sample": count_flops(model, inputs) / batch,
         "prompt_tokens": int(inputs["input_ids"].shape[1]),
         **measure(model, inputs, decode_tokens, repeats),

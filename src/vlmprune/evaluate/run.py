@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from vlmprune.config import EvalConfig
-from vlmprune.evaluate.efficiency import efficiency
+from vlmprune.evaluate.efficiency import disk_bytes, efficiency, weight_bytes_by_part
 from vlmprune.evaluate.tasks import evaluate, load_task, prompt_batch
 from vlmprune.inspect import count_parameters
 from vlmprune.io import load, load_processor
@@ -28,6 +28,9 @@ def evaluate_model_dir(config: EvalConfig | None = None, **options) -> dict:
     result = evaluate(net, processor, tasks=cfg.tasks, data_dir=cfg.data_dir, limit=cfg.limit,
                       task_file=cfg.task_file, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
     result["parameters"] = count_parameters(net)
+    # sizes as stored (quantized weights at their packed size): the edge-device view of a model
+    result["weight_bytes"] = weight_bytes_by_part(net)
+    result["disk_bytes"] = disk_bytes(net)
     result["model"] = str(cfg.model)
     if cfg.efficiency:
         path = Path(cfg.task_file) if cfg.task_file else Path(result["data_dir"]) / cfg.tasks[0] / "test.json"

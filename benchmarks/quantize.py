@@ -1,0 +1,162 @@
+"""Quantized demo model: accuracy, bytes on disk, peak RSS, prefill latency and decode speed.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quantize.py --limit 100
+
+Writes one quantized checkpoint per scheme with `vlmprune.quantize.quantize_model_dir` (a scheme
+this machine cannot run is recorded with its refusal), then measures every variant in its own
+subprocess so that peak RSS belongs to that model alone: accuracy on the same seeded subsets of
+easy-VQA and digits (`vlmprune.evaluate` machinery), weight bytes (disk, language model in memory),
+RSS after loading, peak RSS of the whole process (load + evaluation + timing), and prefill latency /
+decode tokens per second on one prompt (batch 1, `vlmprune.evaluate.efficiency.measure`). One JSON
+line per variant goes to --out; a Markdown table is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SCHEMES = ["fp32", "int8", "int8-dynamic", "nf4", "int4"]
+
+
+def rss_mb(key: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure_one(model_dir: str, scheme: str, limit: int, batch_size: int, decode_tokens: int, repeats: int) -> dict:
+    """Everything about one checkpoint, in this (fresh) process."""
+    import torch
+
+    from vlmprune.demo.datasets import demo_data
+    from vlmprune.evaluate.efficiency import disk_bytes, measure, weight_bytes_by_part
+    from vlmprune.evaluate.tasks import evaluate, load_task, prompt_batch
+    from vlmprune.io import load
+    from vlmprune.pipeline import load_processor
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    paths = demo_data()
+    rss_start = rss_mb("VmRSS")
+    t0 = time.perf_counter()
+    model, processor = load(model_dir), load_processor(model_dir)
+    load_s = time.perf_counter() - t0
+    rss_loaded = rss_mb("VmRSS")
+    t0 = time.perf_counter()
+    result = evaluate(model, processor, tasks=["easyvqa", "digits"], data_dir=str(paths["root"]), limit=limit,
+                      batch_size=batch_size, max_new_tokens=6)
+    eval_s = time.perf_counter() - t0
+    inputs = dict(prompt_batch(processor, load_task(paths["easyvqa"], limit=1)))
+    speed = measure(model, inputs, decode_tokens=decode_tokens, repeats=repeats)
+    return {
+        "variant": scheme,
+        "accuracy": result["accuracy"],
+        "per_task": {name: r["accuracy"] for name, r in result["tasks"].items()},
+        "questions": {name: r["count"] for name, r in result["tasks"].items()},
+        "disk_bytes": disk_bytes(model),
+        "weight_bytes": weight_bytes_by_part(model),
+        "rss_before_load_mb": rss_start,
+        "rss_after_load_mb": rss_loaded,
+        "peak_rss_mb": rss_mb("VmHWM"),
+        "load_s": load_s,
+        "eval_s": eval_s,
+        "prompt_tokens": int(inputs["input_ids"].shape[1]),
+        **speed,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--schemes", default=",".join(SCHEMES), help="fp32 is the unquantized demo model")
+    ap.add_argument("--limit", type=int, default=100, help="questions per task (seeded subset)")
+    ap.add_argument("--batch-size", type=int, default=25)
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--work", default="/tmp/vlmprune-quantize-bench", help="where the quantized checkpoints go")
+    ap.add_argument("--out", default="benchmarks/results/quantize.jsonl")
+    ap.add_argument("--table", action="store_true", help="only print the table of the rows already in --out")
+    ap.add_argument("--one", nargs=2, metavar=("MODEL_DIR", "SCHEME"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.one:  # the child: measure one checkpoint and print its JSON line
+        print("RESULT " + json.dumps(measure_one(args.one[0], args.one[1], args.limit, args.batch_size,
+                                                 args.decode_tokens, args.repeats)), flush=True)
+        return
+
+    if args.table:
+        print(table([json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()]))
+        return
+
+    from vlmprune.demo.assemble import build_demo_model
+    from vlmprune.demo.datasets import demo_data
+    from vlmprune.errors import VlmpruneError
+    from vlmprune.quantize import quantize_model_dir
+
+    source = str(build_demo_model())
+    demo_data()  # written once, before the children read it
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for scheme in args.schemes.split(","):
+        row = {"variant": scheme}
+        model_dir = source
+        if scheme != "fp32":
+            t0 = time.perf_counter()
+            try:
+                model_dir, record = quantize_model_dir(source, scheme, Path(args.work) / scheme, overwrite=True)
+            except VlmpruneError as exc:
+                row["refused"] = str(exc)
+                print(f"{scheme}: refused: {exc}", flush=True)
+                rows.append(row)
+                with out.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                continue
+            row["quantize_s"] = time.perf_counter() - t0
+            row["record"] = record
+        cmd = [sys.executable, __file__, "--one", str(model_dir), scheme, "--limit", str(args.limit),
+               "--batch-size", str(args.batch_size), "--decode-tokens", str(args.decode_tokens),
+               "--repeats", str(args.repeats)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            row["failed"] = proc.stderr[-2000:]
+            print(f"{scheme}: failed\n{proc.stderr[-2000:]}", flush=True)
+        else:
+            row.update(json.loads(lines[-1][len("RESULT "):]))
+            print(f"{scheme}: {json.dumps(row)}", flush=True)
+        rows.append(row)
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    print(table(rows))
+
+
+def table(rows: list[dict]) -> str:
+    base = next((r for r in rows if r["variant"] == "fp32" and "accuracy" in r), None)
+    head = ("| variant | easy-VQA | digits | mean | vs fp32 | disk MB | LM weights MB | LM vs fp32 | RSS after load MB "
+            "| peak RSS MB | prefill ms | decode tok/s |")
+    lines = [head, "|---|" + "---:|" * 11]
+    for r in rows:
+        if "accuracy" not in r:
+            lines.append(f"| {r['variant']} | {'refused' if 'refused' in r else 'failed'} |" + " |" * 10)
+            continue
+        lm = r["weight_bytes"]["language_model"]
+        rel = lambda v, b: f"{v / b:.2f}x" if base else ""  # noqa: E731
+        lines.append(
+            f"| {r['variant']} | {r['per_task']['easyvqa']:.1%} | {r['per_task']['digits']:.1%} | {r['accuracy']:.1%} "
+            f"| {rel(r['accuracy'], base['accuracy']) if base else ''} | {r['disk_bytes'] / 2**20:,.1f} "
+            f"| {lm / 2**20:,.1f} | {rel(lm, base['weight_bytes']['language_model']) if base else ''} "
+            f"| {r['rss_after_load_mb']:,.0f} | {r['peak_rss_mb']:,.0f} | {1000 * r['prefill_s']:.1f} "
+            f"| {r['decode_tokens_per_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
