@@ -42,6 +42,11 @@ def test_load_task_generic_file(tmp_path):
         for k in range(10)
     ]
     (tmp_path / "test.json").write_text(json.dumps(records))
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    for k in range(10):  # every image is opened once when the task loads
+        Image.new("RGB", (8, 8), (k, k, k)).save(tmp_path / "img" / f"{k}.png")
     items = load_task(tmp_path / "test.json", limit=4)
     assert len(items) == 4 and items == load_task(tmp_path / "test.json", limit=4)
     assert all(it["question"].startswith("q") and it["image"].startswith(str(tmp_path)) for it in items)
