@@ -104,3 +104,44 @@ def test_yaml_then_overrides_then_flags_for_every_stage(tmp_path):
     for command in ("inspect", "evaluate", "data", "report"):
         actions = {a.dest for a in parser._subparsers._group_actions[0].choices[command]._actions}
         assert {"config_file", "overrides"} <= actions, command
+
+
+def test_an_adapter_hook_protects_layers_from_layer_pruning(monkeypatch):
+    from tiny_models import build_tiny
+    from vlmprune import adapters
+    from vlmprune.errors import PlanError
+    from vlmprune.prune.run import score_and_plan
+
+    class KeepsLastLayer(adapters.Adapter):
+        def protected_layers(self, model):
+            return {len(self.layers(model)) - 1}
+
+    monkeypatch.setitem(adapters.ADAPTERS, "llava", KeepsLastLayer)
+    model = build_tiny("llava_llama_mha")
+    plan, _ = score_and_plan(model, "layer", 0.2, "last")  # "drop the last n" must skip the protected last layer
+    assert plan.drop_layers == [2]
+    with pytest.raises(PlanError, match=r"drops layer\(s\) \[3\]"):
+        vlmprune.apply_plan_(model, vlmprune.PruningPlan(drop_layers=[3]))
+
+
+def test_slices_cover_every_prunable_row_and_column_once():
+    """The adapter's one description of structures: each row of q/k/v (or fused qkv) and gate/up and each
+    column of o/down belongs to exactly one structure of the right kind, for every layout."""
+    from tiny_models import FAMILIES, build_tiny
+    from vlmprune.adapters import get_adapter
+    from vlmprune.prune import layer_shapes
+
+    for family in FAMILIES:
+        model = build_tiny(family)
+        adapter = get_adapter(model)
+        layer, shape = adapter.layers(model)[0], layer_shapes(model)[0]
+        counts = {"q": shape.num_heads, "kv": shape.num_kv_heads, "mlp": shape.intermediate_size}
+        by_module = {}
+        for s in adapter.slices(layer, shape):
+            size = s.module.weight.shape[s.dim]
+            assert s.owner.shape == (size,), (family, s)
+            assert set(s.owner[s.owner >= 0].tolist()) == set(range(counts[s.unit])), (family, s.unit)
+            by_module.setdefault((id(s.module), s.dim), []).append(s)
+        for slices in by_module.values():
+            owned = torch.stack([s.owner >= 0 for s in slices]).sum(0)
+            assert (owned == 1).all(), family  # every row/column: exactly one owner

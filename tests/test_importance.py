@@ -213,7 +213,7 @@ def test_magnitude_and_random():
     model = build_tiny("llava_phi")
     adapter = get_adapter(model)
     shapes = layer_shapes(model)
-    params = [(role, p) for i, layer in enumerate(adapter.layers(model)) for p, role in layer_params(layer, adapter, i).items()]
+    params = [(role, p) for i, layer in enumerate(adapter.layers(model)) for p, role in layer_params(layer, adapter, i, shapes[i]).items()]
     m1 = W.magnitude(params, shapes, p=1)
     layer = adapter.layers(model)[1]
     fc1, fc2 = layer.mlp.fc1, layer.mlp.fc2

@@ -172,7 +172,7 @@ def test_unknown_scheme_and_missing_backend_leave_no_output(tiny_repo, tmp_path,
 def test_int4_without_cuda_is_refused_by_the_cli(tiny_repo, tmp_path, capsys):
     out = tmp_path / "q"
     assert main(["quantize", "--model", str(tiny_repo.model), "--scheme", "int4", "--output", str(out)]) == 2
-    assert "needs a CUDA GPU" in capsys.readouterr().out
+    assert "needs a CUDA GPU" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 

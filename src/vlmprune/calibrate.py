@@ -30,12 +30,7 @@ TOKEN_CHOICES = ("all", "text", "image", "answer")
 
 
 def image_token_id(model: nn.Module) -> int | None:
-    config = model.config
-    for name in ("image_token_id", "image_token_index"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    return None
+    return get_adapter(model).image_token_id(model)
 
 
 def select_tokens(batch: dict, tokens: str, image_id: int | None) -> torch.Tensor:
@@ -64,7 +59,7 @@ def _progress(batches: Iterable[dict], desc: str) -> Iterator[dict]:
 
 def _base_model(model: nn.Module) -> nn.Module:
     """The VLM without its LM head: hidden-state statistics need no logits."""
-    return getattr(model, "model", model)
+    return get_adapter(model).base_model(model)
 
 
 @contextlib.contextmanager
@@ -184,12 +179,12 @@ def collect_activations(model: nn.Module, batches: Iterable[dict], tokens: str =
             a.tokens += x.shape[0]
 
     handles = []
-    lay = adapter.layout
     for i, layer in enumerate(adapter.layers(model)):
-        o = getattr(adapter.attention(layer), lay.o)
-        down = getattr(adapter.mlp(layer), lay.down)
-        handles.append(o.register_forward_pre_hook(lambda m, a, i=i: record(i, "o", a[0])))
-        handles.append(down.register_forward_pre_hook(lambda m, a, i=i: record(i, "down", a[0])))
+        # the column-owned projections (o, down): their inputs are the heads' and channels' outputs
+        for slc in adapter.slices(layer, shapes[i]):
+            if slc.dim == 1:
+                kind = "o" if slc.unit == "q" else "down"
+                handles.append(slc.module.register_forward_pre_hook(lambda m, a, i=i, k=kind: record(i, k, a[0])))
     device = _device(model)
     with _hooks(handles):
         for batch in _progress(batches, "activations"):
@@ -226,7 +221,7 @@ def collect_taylor(model: nn.Module, batches: Iterable[dict], tokens: str = "tex
     sums = [LayerSums.zeros(s) for s in shapes]
     roles = {}
     for i, layer in enumerate(adapter.layers(model)):
-        roles.update(layer_params(layer, adapter, i))
+        roles.update(layer_params(layer, adapter, i, shapes[i]))
     previous = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     image_id = image_token_id(model)
@@ -238,7 +233,7 @@ def collect_taylor(model: nn.Module, batches: Iterable[dict], tokens: str = "tex
         role = roles[param]
         with torch.no_grad():
             values = (param.detach() * param.grad).abs()
-            reduce_(sums[role.layer], role, values, shapes[role.layer])
+            reduce_(sums[role.layer], role, values)
             batch_mass[-1] += float(values.sum())
         param.grad = None
 

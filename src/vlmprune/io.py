@@ -111,7 +111,9 @@ def _shape_layers_(model: nn.Module) -> None:
 
 def check_finite(model: nn.Module) -> None:
     """Refuse to save a model with NaN or infinite weights (a diverged run must not look like a result)."""
-    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    # plain tensors only: quantized tensor subclasses (torchao, bitsandbytes) hold integer codes
+    bad = [name for name, t in model.state_dict().items()
+           if type(t) is torch.Tensor and t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise VlmpruneError(f"refusing to save: {len(bad)} weight tensor(s) hold NaN or inf values ({', '.join(bad[:3])}"
                             f"{', ...' if len(bad) > 3 else ''}); the run diverged: lower the learning rate or check "

@@ -48,8 +48,8 @@ class ModelBudget:
         per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
         structures = [LayerSums.zeros(s) for s in shapes]
         for i, layer in enumerate(layers):
-            for param, role in layer_params(layer, adapter, i).items():
-                reduce_(structures[i], role, _count_proxy(param, role), shapes[i])
+            for param, owned in layer_params(layer, adapter, i, shapes[i]).items():
+                reduce_(structures[i], owned, _count_proxy(param, owned))
         return cls(counts["total"], counts["language_model"], per_layer, structures)
 
     def head_params(self, i: int) -> float:
@@ -64,13 +64,13 @@ class ModelBudget:
         return float((s.mlp_rows + s.mlp_cols)[0])
 
 
-def _count_proxy(param: torch.Tensor, role) -> torch.Tensor:
+def _count_proxy(param: torch.Tensor, owned) -> torch.Tensor:
     """A small tensor that reduce_ turns into parameter counts per structure: each row (or
     column) of a weight holds as many parameters as the other dimension is long."""
-    if role.is_bias:
+    if owned.is_bias:
         return torch.ones(param.shape[0])
     out_features, in_features = param.shape
-    if role.role in ("o", "down"):  # column-owned
+    if owned.dim == 1:  # column-owned
         return torch.full((1, in_features), float(out_features))
     return torch.full((out_features, 1), float(in_features))
 

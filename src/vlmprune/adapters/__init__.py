@@ -3,13 +3,18 @@
 Two small tables. ``VLM_PARTS`` is keyed by the vision-language model's ``model_type`` and says
 where the vision tower, projector and language model live. ``LAYER_LAYOUTS`` is keyed by the
 text config's ``model_type`` and says how one decoder layer lays out its attention and MLP.
-Everything else in vlmprune is generic and asks these tables.
+From a layout, :meth:`Adapter.slices` derives the one description every other part of vlmprune
+uses: which output rows / input columns of which projection belong to which q head, kv group or
+MLP channel (pruning cuts by it, criteria reduce statistics by it, the planner counts by it).
+A family that deviates registers an :class:`Adapter` subclass (``register_adapter``) overriding
+the small hooks (``slices``, ``base_model``, ``protected_layers``). Everything else is generic.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from vlmprune.errors import UnsupportedModelError
@@ -89,6 +94,25 @@ LAYER_LAYOUTS: dict[str, LayerLayout] = {
 }
 
 
+UNITS = ("q", "kv", "mlp")  # a q head, a kv group (k and v heads), an MLP channel
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Rows (``dim=0``, with their bias entries) or input columns (``dim=1``) of one projection,
+    each owned by one structure of kind ``unit``: ``owner[i]`` is the unit index of row/column i,
+    or -1 where another slice (another unit kind) owns it, as in a fused qkv projection."""
+
+    module: nn.Linear
+    dim: int
+    unit: str
+    owner: torch.Tensor  # [rows or columns] long
+
+
+def _per_unit(n_units: int, size: int) -> torch.Tensor:
+    return torch.arange(n_units * size, device="cpu") // size  # cpu even under a meta-device init
+
+
 def _get(root: nn.Module, path: str) -> nn.Module:
     return root.get_submodule(path)
 
@@ -123,6 +147,68 @@ class Adapter:
     def mlp(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.layout.mlp)
 
+    def base_model(self, model: nn.Module) -> nn.Module:
+        """The model without its LM head (a forward that returns hidden states, not logits)."""
+        return getattr(model, "model", model)
+
+    def image_token_id(self, model: nn.Module) -> int | None:
+        config = model.config
+        for name in ("image_token_id", "image_token_index"):
+            value = getattr(config, name, None)
+            if isinstance(value, int):
+                return value
+        return None
+
+    def protected_layers(self, model: nn.Module) -> set[int]:
+        """Decoder layers that must not be dropped (a family that injects inputs at fixed layers)."""
+        return set()
+
+    def slices(self, layer: nn.Module, shape) -> list[Slice]:
+        """Which rows / columns of which projection each q head, kv group and MLP channel owns.
+
+        ``shape`` is the layer's :class:`~vlmprune.plan.LayerShape`. Separate q/k/v or fused
+        ``qkv`` ([q heads | k heads | v heads]) rows and o columns; gate/up (or fc1) rows, fused
+        ``gate_up`` ([gate | up]) rows, down (fc2) columns.
+        """
+        lay = self.layout
+        attn, mlp = self.attention(layer), self.mlp(layer)
+        h, kv, d, i = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.intermediate_size
+        q_owner, kv_owner = _per_unit(h, d), _per_unit(kv, d)
+        out: list[Slice] = []
+        if lay.qkv:
+            fused = getattr(attn, lay.qkv)
+            none_q, none_kv = torch.full((h * d,), -1, device="cpu"), torch.full((kv * d,), -1, device="cpu")
+            out.append(Slice(fused, 0, "q", torch.cat([q_owner, none_kv, none_kv])))
+            out.append(Slice(fused, 0, "kv", torch.cat([none_q, kv_owner, kv_owner])))
+        else:
+            out.append(Slice(getattr(attn, lay.q), 0, "q", q_owner))
+            out += [Slice(getattr(attn, name), 0, "kv", kv_owner) for name in (lay.k, lay.v)]
+        out.append(Slice(getattr(attn, lay.o), 1, "q", q_owner))
+        channels = torch.arange(i, device="cpu")
+        if lay.gate_up:
+            out.append(Slice(getattr(mlp, lay.gate_up), 0, "mlp", torch.cat([channels, channels])))
+        else:
+            out += [Slice(getattr(mlp, name), 0, "mlp", channels) for name in lay.channel_projections()]
+        out.append(Slice(getattr(mlp, lay.down), 1, "mlp", channels))
+        return out
+
+
+ADAPTERS: dict[str, type[Adapter]] = {}  # model_type -> Adapter subclass of a family with its own hooks
+
+
+def register_adapter(model_type: str, parts: VLMParts, text_layouts: dict[str, LayerLayout] | None = None):
+    """Register a family: its parts, the layouts of its text backbones, and (decorating an Adapter
+    subclass) the hooks it overrides. Returns a decorator; ``register_adapter(...)(Adapter)`` for a
+    family that needs no hooks."""
+
+    def register(cls: type[Adapter]) -> type[Adapter]:
+        VLM_PARTS[model_type] = parts
+        LAYER_LAYOUTS.update(text_layouts or {})
+        ADAPTERS[model_type] = cls
+        return cls
+
+    return register
+
 
 def supported_model_types() -> list[str]:
     return sorted(VLM_PARTS)
@@ -144,4 +230,5 @@ def get_adapter(model_or_config) -> Adapter:
             f"vlmprune supports '{model_type}' but not its language model type '{text_type}'. "
             f"Supported language backbones: {', '.join(sorted(LAYER_LAYOUTS))}."
         )
-    return Adapter(model_type, text_type, VLM_PARTS[model_type], LAYER_LAYOUTS[text_type])
+    cls = ADAPTERS.get(model_type, Adapter)
+    return cls(model_type, text_type, VLM_PARTS[model_type], LAYER_LAYOUTS[text_type])

@@ -45,7 +45,7 @@ def magnitude(stats, ctx):
     """L1 of the weights a structure owns (no data needed)"""
     adapter, model = ctx.adapter, ctx.model
     params = [(role, p) for i, layer in enumerate(adapter.layers(model))
-              for p, role in layer_params(layer, adapter, i).items()]
+              for p, role in layer_params(layer, adapter, i, ctx.shapes[i]).items()]
     return W.magnitude(params, ctx.shapes, p=1)
 
 
@@ -58,11 +58,9 @@ def activation(stats, ctx):
 @register_criterion("wanda", method="width", stats="activations")
 def wanda(stats, ctx):
     """Wanda-sp: |W| * ||X|| of the o_proj / down-projection columns a structure owns"""
-    adapter, lay = ctx.adapter, ctx.adapter.layout
-    layers = adapter.layers(ctx.model)
-    o_w = [getattr(adapter.attention(x), lay.o).weight for x in layers]
-    d_w = [getattr(adapter.mlp(x), lay.down).weight for x in layers]
-    return W.wanda(stats, o_w, d_w, ctx.shapes)
+    columns = [{s.unit: s.module.weight for s in ctx.adapter.slices(layer, shape) if s.dim == 1}
+               for layer, shape in zip(ctx.adapter.layers(ctx.model), ctx.shapes)]  # o and down weights
+    return W.wanda(stats, [c["q"] for c in columns], [c["mlp"] for c in columns], ctx.shapes)
 
 
 @register_criterion("random", method="width")

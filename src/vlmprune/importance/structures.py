@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from vlmprune.adapters import Adapter
+from vlmprune.adapters import Adapter, Slice
 from vlmprune.plan import LayerShape
 
 
@@ -37,67 +37,52 @@ class LayerSums:
         getattr(self, field_name).add_(values.detach().to("cpu", torch.float64))
 
 
+# (unit, dim) of a slice -> the LayerSums field its statistic adds to
+_FIELDS = {("q", 0): "q_rows", ("kv", 0): "kv_rows", ("q", 1): "o_cols", ("mlp", 0): "mlp_rows", ("mlp", 1): "mlp_cols"}
+
+
 @dataclass(frozen=True)
-class ParamRole:
-    """One parameter of a layer and the units its rows or columns belong to."""
+class Owned:
+    """One prunable parameter of a layer: the slices (of its projection) that say which structure
+    owns each row or column, and whether it is the projection's bias."""
 
     layer: int
-    role: str  # "q", "k", "v", "qkv", "o", "mlp_rows", "gate_up", "down"
+    slices: tuple[Slice, ...]
     is_bias: bool = False
 
+    @property
+    def dim(self) -> int:
+        return self.slices[0].dim
 
-def layer_params(layer: nn.Module, adapter: Adapter, index: int) -> dict[nn.Parameter, ParamRole]:
-    """The prunable parameters of one decoder layer with their roles."""
-    lay = adapter.layout
-    attn, mlp = adapter.attention(layer), adapter.mlp(layer)
-    named: list[tuple[nn.Module, str]] = []
-    if lay.qkv:
-        named.append((getattr(attn, lay.qkv), "qkv"))
-    else:
-        named += [(getattr(attn, lay.q), "q"), (getattr(attn, lay.k), "k"), (getattr(attn, lay.v), "v")]
-    named.append((getattr(attn, lay.o), "o"))
-    if lay.gate_up:
-        named.append((getattr(mlp, lay.gate_up), "gate_up"))
-    else:
-        named += [(getattr(mlp, name), "mlp_rows") for name in lay.channel_projections()]
-    named.append((getattr(mlp, lay.down), "down"))
-    out: dict[nn.Parameter, ParamRole] = {}
-    for module, role in named:
-        out[module.weight] = ParamRole(index, role)
-        # o and down biases belong to no head/channel (they are kept whatever is cut)
-        if module.bias is not None and role not in ("o", "down"):
-            out[module.bias] = ParamRole(index, role, is_bias=True)
+
+def layer_params(layer: nn.Module, adapter: Adapter, index: int, shape: LayerShape) -> dict[nn.Parameter, Owned]:
+    """The prunable parameters of one decoder layer, each with the slices that own it (from the adapter)."""
+    by_module: dict[int, list[Slice]] = {}
+    for slc in adapter.slices(layer, shape):
+        by_module.setdefault(id(slc.module), []).append(slc)
+    out: dict[nn.Parameter, Owned] = {}
+    for slices in by_module.values():
+        module = slices[0].module
+        out[module.weight] = Owned(index, tuple(slices))
+        # biases of column-owned projections (o, down) belong to no structure: kept whatever is cut
+        if module.bias is not None and slices[0].dim == 0:
+            out[module.bias] = Owned(index, tuple(slices), is_bias=True)
     return out
 
 
-def _units(values: torch.Tensor, n: int) -> torch.Tensor:
-    """Sum a per-row (or per-column) vector into n equal consecutive units."""
-    return values.reshape(n, -1).sum(-1)
-
-
-def reduce_(sums: LayerSums, role: ParamRole, values: torch.Tensor, shape: LayerShape) -> None:
+def reduce_(sums: LayerSums, owned: Owned, values: torch.Tensor) -> None:
     """Add an elementwise statistic of one parameter (same shape as it) to its structures' sums."""
     values = values.float()
-    per_row = values if role.is_bias else values.sum(dim=1)  # [out]
-    h, kv, d, i = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.intermediate_size
-    if role.role == "q":
-        sums.add_("q_rows", _units(per_row, h))
-    elif role.role in ("k", "v"):
-        sums.add_("kv_rows", _units(per_row, kv))
-    elif role.role == "qkv":
-        sums.add_("q_rows", _units(per_row[: h * d], h))
-        sums.add_("kv_rows", _units(per_row[h * d : (h + kv) * d], kv))
-        sums.add_("kv_rows", _units(per_row[(h + kv) * d :], kv))
-    elif role.role == "o":
-        sums.add_("o_cols", _units(values.sum(dim=0), h))
-    elif role.role == "mlp_rows":
-        sums.add_("mlp_rows", per_row)
-    elif role.role == "gate_up":
-        sums.add_("mlp_rows", per_row[:i] + per_row[i:])
-    elif role.role == "down":
-        sums.add_("mlp_cols", values.sum(dim=0))
-    else:  # pragma: no cover - roles come from layer_params
-        raise ValueError(role.role)
+    if owned.is_bias:
+        per_index = values
+    else:
+        per_index = values.sum(dim=1 - owned.dim)  # [rows] or [columns]
+    for slc in owned.slices:
+        target = getattr(sums, _FIELDS[(slc.unit, slc.dim)])
+        mine = slc.owner >= 0
+        owner = slc.owner[mine].to(per_index.device)
+        unit_sums = torch.zeros(target.shape[0], dtype=per_index.dtype, device=per_index.device)
+        target.add_(unit_sums.index_add_(0, owner, per_index[mine.to(per_index.device)]).to("cpu", torch.float64))
 
 
 @dataclass

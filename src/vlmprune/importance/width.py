@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlmprune.importance.structures import LayerSums, ParamRole, WidthScores, combine, reduce_
+from vlmprune.importance.structures import LayerSums, Owned, WidthScores, combine, reduce_
 from vlmprune.plan import LayerShape
 
 
@@ -33,13 +33,13 @@ def taylor(sums: list[LayerSums], shapes: list[LayerShape]) -> WidthScores:
     return combine(sums, shapes)
 
 
-def magnitude(params: Iterable[tuple[ParamRole, torch.Tensor]], shapes: list[LayerShape], p: int = 1) -> WidthScores:
+def magnitude(params: Iterable[tuple[Owned, torch.Tensor]], shapes: list[LayerShape], p: int = 1) -> WidthScores:
     """Lp magnitude of the weights a structure owns (p=1: sum |w|; p=2: sqrt of sum w^2)."""
     if p not in (1, 2):
         raise ValueError(f"magnitude supports p=1 or p=2, got {p}")
     sums = [LayerSums.zeros(s) for s in shapes]
     for role, weight in params:
-        reduce_(sums[role.layer], role, weight.detach().abs() ** p, shapes[role.layer])
+        reduce_(sums[role.layer], role, weight.detach().abs() ** p)
     scores = combine(sums, shapes)
     if p == 2:
         scores = WidthScores([h.sqrt() for h in scores.heads], [g.sqrt() for g in scores.groups],

@@ -19,8 +19,8 @@ from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
 from vlmprune.adapters import Adapter, get_adapter
-from vlmprune.plan import LayerKeep, LayerShape, PruningPlan
-from vlmprune.prune.surgery import keep_cols_, keep_rows_, unit_rows
+from vlmprune.plan import LayerKeep, LayerShape, PlanError, PruningPlan
+from vlmprune.prune.surgery import keep_cols_, keep_rows_
 
 WIDTHS_KEY = "vlmprune_layer_widths"
 # Text-config lists with one entry per decoder layer; they lose the entries of dropped layers.
@@ -53,6 +53,10 @@ def apply_plan_(model: nn.Module, plan: PruningPlan) -> nn.Module:
     adapter = get_adapter(model)
     shapes = layer_shapes(model, adapter)
     resolved = plan.resolve(shapes)
+    protected = sorted(adapter.protected_layers(model) & set(plan.drop_layers))
+    if protected:
+        raise PlanError(f"the plan drops layer(s) {protected}, which {adapter.model_type} needs in place (it feeds "
+                        f"inputs into them); drop other layers")
     layers = adapter.layers(model)
     for i, keep in resolved.items():
         prune_layer_width_(layers[i], adapter, shapes[i], keep)
@@ -63,31 +67,22 @@ def apply_plan_(model: nn.Module, plan: PruningPlan) -> nn.Module:
 
 
 def prune_layer_width_(layer: nn.Module, adapter: Adapter, shape: LayerShape, keep: LayerKeep) -> None:
-    """Keep only ``keep``'s heads and MLP channels of one decoder layer (original indices)."""
-    lay = adapter.layout
-    attn, mlp = adapter.attention(layer), adapter.mlp(layer)
-    d = shape.head_dim
-    if len(keep.q_heads) != shape.num_heads or len(keep.kv_heads) != shape.num_kv_heads:
-        q_rows = unit_rows(keep.q_heads, d)
-        kv_rows = unit_rows(keep.kv_heads, d)
-        if lay.qkv:
-            k_off = shape.num_heads * d
-            v_off = k_off + shape.num_kv_heads * d
-            fused = torch.cat([q_rows, k_off + kv_rows, v_off + kv_rows])
-            keep_rows_(getattr(attn, lay.qkv), fused)
-        else:
-            keep_rows_(getattr(attn, lay.q), q_rows)
-            keep_rows_(getattr(attn, lay.k), kv_rows)
-            keep_rows_(getattr(attn, lay.v), kv_rows)
-        keep_cols_(getattr(attn, lay.o), q_rows)
-    if len(keep.mlp_channels) != shape.intermediate_size:
-        ch = torch.as_tensor(keep.mlp_channels, dtype=torch.long)
-        if lay.gate_up:
-            keep_rows_(getattr(mlp, lay.gate_up), torch.cat([ch, shape.intermediate_size + ch]))
-        else:
-            for name in lay.channel_projections():
-                keep_rows_(getattr(mlp, name), ch)
-        keep_cols_(getattr(mlp, lay.down), ch)
+    """Keep only ``keep``'s heads and MLP channels of one decoder layer (original indices).
+
+    Every projection keeps the rows / columns whose owning structure is kept, as the adapter's
+    slices say (a fused projection is owned by several slices: a row stays if none drops it).
+    """
+    kept = {"q": keep.q_heads, "kv": keep.kv_heads, "mlp": keep.mlp_channels}
+    full = {"q": shape.num_heads, "kv": shape.num_kv_heads, "mlp": shape.intermediate_size}
+    masks: dict[tuple[int, int], tuple[nn.Linear, int, torch.Tensor]] = {}
+    for slc in adapter.slices(layer, shape):
+        if len(kept[slc.unit]) == full[slc.unit]:
+            continue
+        key = (id(slc.module), slc.dim)
+        _, _, mask = masks.setdefault(key, (slc.module, slc.dim, torch.ones(slc.owner.shape[0], dtype=torch.bool, device="cpu")))
+        mask &= (slc.owner < 0) | torch.isin(slc.owner, torch.as_tensor(kept[slc.unit], dtype=torch.long, device="cpu"))
+    for module, dim, mask in masks.values():
+        (keep_rows_ if dim == 0 else keep_cols_)(module, mask.nonzero().squeeze(1))
 
 
 def _drop_layers_(model: nn.Module, adapter: Adapter, drop: list[int]) -> None:

@@ -122,7 +122,7 @@ def plan_for(model: nn.Module, scores: Scores, ratio: float, attention: str = "g
     extra: dict[str, Any] = {"method": scores.method, "criterion": scores.criterion, "tokens": scores.tokens,
                              "ratio_target": ratio}
     if scores.method == "layer":
-        values = scores.values
+        values = _without(scores.values, get_adapter(model).protected_layers(model))
         n = layers_to_drop(len(shapes), budget, ratio)
         plan = PruningPlan(drop_layers=plan_layers(values.layers, budget, ratio, values.block_start(n)))
         extra["scores"] = {"layers": [float(f"{v:.6g}") for v in values.layers.tolist()]}
@@ -134,6 +134,22 @@ def plan_for(model: nn.Module, scores: Scores, ratio: float, attention: str = "g
     extra["achieved"] = achieved(plan, budget, shapes)
     plan.extra.update(extra)
     return plan
+
+
+def _without(values: LayerScores, protected: set[int]) -> LayerScores:
+    """Layer scores in which protected layers (and blocks that contain one) can never be chosen."""
+    if not protected:
+        return values
+    layers = values.layers.clone()
+    layers[sorted(protected)] = float("inf")
+    blocks = None
+    if values.blocks is not None:
+        blocks = [b.clone() for b in values.blocks]
+        for n, b in enumerate(blocks, 1):
+            for start in range(b.shape[0]):
+                if protected & set(range(start, start + n)):
+                    b[start] = float("inf")
+    return LayerScores(layers, blocks)
 
 
 def score_and_plan(model: nn.Module, method: str, ratio: float, criterion: str | None = None, batches=None,

@@ -2,16 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
-
-
-def unit_rows(units: Sequence[int], unit_size: int, offset: int = 0) -> torch.Tensor:
-    """Row indices of whole units (heads of ``unit_size`` rows), starting at row ``offset``."""
-    units_t = torch.as_tensor(list(units), dtype=torch.long)
-    return (offset + units_t[:, None] * unit_size + torch.arange(unit_size)[None, :]).reshape(-1)
 
 
 @torch.no_grad()
