@@ -283,14 +283,14 @@ def test_14_unclear_cases_have_clear_answers(tiny_repo, pair, tmp_path, capsys):
     assert args.layers == "-2:"
     assert main(recover_args({**pair, "student": tmp_path / "missing"}, tmp_path / "o")) == 2
     assert "student directory not found" in capsys.readouterr().err
-    for extra, message in ((["--mlp-multiple", "0"], "--mlp-multiple must be"),
-                           (["--method", "layer", "--layers", "1:3"], "applies to --method width only")):
-        argv = prune_args(tiny_repo.model, tmp_path / "o", *extra)
-        if "--method" in extra:
-            argv = [a for a in argv if a not in ("width", "magnitude", "--criterion")]
-            argv[argv.index("--method") + 1:argv.index("--method") + 1] = []
-        assert main(argv) == 2
-        assert message in capsys.readouterr().err
+    assert main(prune_args(tiny_repo.model, tmp_path / "o", "--mlp-multiple", "0")) == 2
+    assert "--mlp-multiple must be an integer >= 1" in capsys.readouterr().err
+    layer = ["prune", "--model", str(tiny_repo.model), "--method", "layer", "--ratio", "0.2", "--output",
+             str(tmp_path / "o")]
+    for extra in (["--layers", "1:3"], ["--global"], ["--attention", "heads"], ["--mlp-multiple", "8"]):
+        assert main(layer + extra) == 2
+        assert "applies to --method width only" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
     assert main(recover_args(pair, tmp_path / "o", "--loss", "sft=1,sft=2")) == 2
     assert "names 'sft' twice" in capsys.readouterr().err
 

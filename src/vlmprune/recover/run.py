@@ -160,20 +160,18 @@ def recover(cfg: RecoverConfig, callbacks: list[transformers.TrainerCallback] | 
     ``<output>.checkpoints`` (removed at the end unless ``keep_checkpoints``). ``callbacks``
     are extra Trainer callbacks.
     """
+    cfg.check_paths()  # every input, the output and the scheduler name, before anything starts
     args = training_arguments(cfg)
     state = args.distributed_state
     with contextlib.ExitStack() as stack:
-        if state.is_main_process:  # checks every input and holds the output for the whole run
+        if state.is_main_process:  # one writer per output for the whole run
             stack.enter_context(claim_output(cfg.output, [("student", cfg.student), ("teacher", cfg.teacher),
                                                           ("training data", cfg.data), ("image folder", cfg.image_folder)],
                                              cfg.overwrite))
-        else:
-            cfg.check_paths()
         return _recover(cfg, args, state, callbacks)
 
 
 def _recover(cfg: RecoverConfig, args, state, callbacks) -> Path:
-    cfg.check_paths()
     resume = _prepare_checkpoints(cfg, state.is_main_process)
     state.wait_for_everyone()
 
