@@ -74,6 +74,29 @@ def test_smoke_grid_resumes_after_kill_and_reports_both_cells(inputs, tmp_path):
     md = (run / "results.md").read_text()
     assert "layer (block_influence)" in md and "width (magnitude)" in md
     assert (run / "accuracy_vs_params.png").exists()
+    check_golden_plans(run)
+
+
+# The seeded smoke study's plans, exactly: measured on e098349 + 6919cd4 (the issue-22 solver fix, which
+# moved the width cell from 96 to 104 MLP channels, closer to the 20% target) before the architecture
+# rework, and unchanged by it. A change here is a change of behaviour: say why in the commit.
+GOLDEN = {
+    "layer-block_influence-r0.2": ([0], {"params_removed": 34944, "ratio": 0.16674301420064133,
+                                         "ratio_language_model": 0.19327433628318583}, 174624, "44136fa355b3678a"),
+    "width-magnitude-r0.2": ([], {"params_removed": 38912, "ratio": 0.18567720262635518,
+                                  "ratio_language_model": 0.2152212389380531}, 170656, "b3c731795080c29e"),
+}
+
+
+def check_golden_plans(run: Path) -> None:
+    import hashlib
+
+    for name, (drop, achieved, total_after, layers_digest) in GOLDEN.items():
+        plan = json.loads((run / "pruned" / name / "pruning_plan.json").read_text())
+        assert plan["drop_layers"] == drop and plan["achieved"] == achieved, name
+        assert plan["parameters"]["before"]["total"] == 209568 and plan["parameters"]["after"]["total"] == total_after
+        digest = hashlib.sha256(json.dumps(plan["layers"], sort_keys=True).encode()).hexdigest()[:16]
+        assert digest == layers_digest, (name, plan["layers"])
 
 
 def test_failed_cell_is_reported_and_others_complete(inputs, tmp_path, capsys):
