@@ -479,8 +479,12 @@ def test_token_masks(llava_samples, processor):
 
 
 def test_tiny_llava_model_trains_on_batch(llava_samples, processor):
-    model = build_tiny("llava_llama_gqa")
+    model = build_tiny("llava_llama_gqa").train()
     batch = Collator(processor, max_length=512)(llava_samples)
-    with torch.no_grad():
-        loss = model(**batch).loss
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    loss = model(**batch).loss
     assert torch.isfinite(loss)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        assert model(**batch).loss < loss.detach()  # one step on the collated labels lowers their loss
