@@ -87,6 +87,62 @@ def parse_layer_range(spec: str | None, num_layers: int | None = None) -> list[i
 
 
 BUILTIN_TASKS = ("easyvqa", "digits")  # test.json files under --data-dir (written by `vlmprune data`)
+_UNITS = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+_BYTES = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "int8": 1}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A deployment target: ``params`` (a fraction kept <= 1, or a count) or ``memory`` (bytes) at a context."""
+
+    spec: str
+    kind: str  # "params" | "memory"
+    value: float
+    seq: int = 4096
+    batch: int = 1
+    dtype_bytes: int = 2
+
+
+def parse_target(spec: str) -> Target:
+    """``params=0.7`` | ``params=1.5B`` | ``memory=2GB[,seq=4096,batch=1,dtype=bf16]`` -> Target."""
+    import re
+
+    head, *rest = [part.strip() for part in str(spec).split(",")]
+    kind, sep, raw = head.partition("=")
+    bad = VlmpruneError(f"--target must look like params=0.7, params=1.5B or memory=2GB[,seq=4096,batch=1,dtype=bf16]; "
+                        f"got {spec!r}")
+    if not sep or kind not in ("params", "memory"):
+        raise bad
+    found = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)", raw.strip())
+    if not found:
+        raise bad
+    number, unit = float(found.group(1)), found.group(2).lower()
+    if kind == "params":
+        if unit not in _UNITS or (not unit and not 0 < number < 1 and number < 1000):
+            raise VlmpruneError(f"--target {spec}: params is a fraction kept in (0, 1) or a count such as 1.5B")
+        value = number * _UNITS[unit]
+    else:
+        if unit not in _BYTES:
+            raise VlmpruneError(f"--target {spec}: memory needs a unit: B, KB, MB, GB, KiB, MiB or GiB")
+        value = number * _BYTES[unit]
+    options = {"seq": 4096, "batch": 1, "dtype": "bf16"}
+    for part in rest:
+        key, sep, val = part.partition("=")
+        if not sep or key not in options or (kind == "params"):
+            raise VlmpruneError(f"--target {spec}: unknown option {part!r}; memory targets take seq=, batch=, dtype=")
+        options[key] = val
+    if str(options["dtype"]) not in _DTYPE_BYTES:
+        raise VlmpruneError(f"--target {spec}: dtype must be one of {', '.join(_DTYPE_BYTES)}")
+    try:
+        seq, batch = int(options["seq"]), int(options["batch"])
+    except ValueError:
+        raise bad from None
+    if value <= 0 or seq < 1 or batch < 1:
+        raise bad
+    return Target(str(spec), kind, value, seq, batch, _DTYPE_BYTES[str(options["dtype"])])
+
+
 DTYPES = ("float32", "float16", "bfloat16", "auto")
 
 
@@ -136,10 +192,14 @@ class PruneConfig:
     plan: str | None = opt(None, "pruning_plan.json to apply (indices of the input model)")
     scores: str | None = opt(None, "scores.json of an earlier prune of the same model: re-plan for --ratio "
                                    "without calibrating again")
-    method: str | None = opt(None, "drop decoder layers, or heads and MLP channels", choices=("layer", "width"))
+    method: str | None = opt(None, "drop decoder layers, heads and MLP channels, or search the mix (auto)",
+                             choices=("layer", "width", "auto"))
     ratio: float | None = opt(None, "fraction of the WHOLE model's parameters to remove, in (0, 1)", type=float)
+    target: str | None = opt(None, "instead of --ratio: params=0.7 (kept), params=1.5B, or "
+                                   "memory=2GB[,seq=4096,batch=1,dtype=bf16] (weights + KV cache)")
     criterion: str | None = opt(None, "a registered criterion (`vlmprune criteria` lists them); default: "
-                                      "block_influence for layer, taylor for width")
+                                      "block_influence for layer, taylor for width (and for auto's width part)")
+    layer_criterion: str | None = opt(None, "auto: the layer criterion of the depth part (default block_influence)")
     calibration: str | None = opt(None, "LLaVA-format JSON/JSONL, a save_to_disk directory or a hub dataset id")
     image_folder: str | None = opt(None, "root of the relative image paths in --calibration")
     split: str = opt("train", "dataset split (HF datasets)")
@@ -170,11 +230,19 @@ class PruneConfig:
         else:
             if self.method is None and self.scores is None:
                 raise VlmpruneError("vlmprune prune needs --plan PLAN.json, or --method layer|width with --ratio R")
-            if self.ratio is None:
-                raise VlmpruneError("--ratio is required with --method or --scores (the fraction of the whole "
-                                    "model's parameters to remove, e.g. 0.2)")
-            check_ratio(self.ratio)
-        one_of("method", self.method, ("layer", "width"))
+            if (self.ratio is None) == (self.target is None):
+                raise VlmpruneError("give one of --ratio (the fraction of the whole model's parameters to remove, "
+                                    "e.g. 0.2) or --target (e.g. params=0.8 or memory=2GB)")
+            if self.ratio is not None:
+                check_ratio(self.ratio)
+            else:
+                parse_target(self.target)
+        one_of("method", self.method, ("layer", "width", "auto"))
+        if self.method == "auto" and (self.scores is not None or self.layers or self.global_ranking):
+            raise VlmpruneError("--method auto searches depth x width over all layers: it takes no --scores, "
+                                "--layers or --global")
+        if self.layer_criterion is not None and self.method != "auto":
+            raise VlmpruneError("--layer-criterion is the depth part of --method auto; with --method layer use --criterion")
         one_of("tokens", self.tokens, ("all", "text", "image", "answer"))
         one_of("attention", self.attention, ("groups", "heads", "none"), allow_none=False)
         one_of("dtype", self.dtype, DTYPES)

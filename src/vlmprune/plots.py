@@ -63,3 +63,21 @@ def plot_width_scores(scores: WidthScores, plan: PruningPlan, path: Path, criter
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_search(rows: list[dict], chosen: int, path: Path, quantity: str) -> Path:
+    """The auto search: proxy (KL to the original) against layers dropped, the chosen mix marked."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ks = [r["layers_dropped"] for r in rows]
+    kl = [r["proxy_kl"] for r in rows]
+    ax.plot(ks, kl, "o-", color="tab:blue", label="candidates")
+    pick = rows[chosen]
+    ax.plot([pick["layers_dropped"]], [pick["proxy_kl"]], "*", color="tab:red", markersize=16, label="chosen")
+    ax.set_xlabel("layers dropped (the rest of the cut is width)")
+    ax.set_ylabel("KL to the original (held-out text tokens)")
+    ax.set_title(f"--method auto at {quantity}: 0 = pure width, right end = pure layer")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

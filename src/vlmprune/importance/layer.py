@@ -79,3 +79,18 @@ class LayerScores:
         if self.blocks is None or n < 1 or n > len(self.blocks):
             return None
         return int(self.blocks[n - 1].argmin())
+
+    def without(self, protected: set[int]) -> "LayerScores":
+        """Scores in which protected layers (and blocks that contain one) can never be chosen."""
+        if not protected:
+            return self
+        layers = self.layers.clone()
+        layers[sorted(protected)] = float("inf")
+        blocks = None
+        if self.blocks is not None:
+            blocks = [b.clone() for b in self.blocks]
+            for n, b in enumerate(blocks, 1):
+                for start in range(b.shape[0]):
+                    if protected & set(range(start, start + n)):
+                        b[start] = float("inf")
+        return LayerScores(layers, blocks)

@@ -18,7 +18,7 @@ from torch import nn
 
 from vlmprune import calibrate
 from vlmprune.adapters import get_adapter
-from vlmprune.config import RESOLVED_CONFIG, PruneConfig, check_ratio, parse_layer_range, to_yaml
+from vlmprune.config import RESOLVED_CONFIG, PruneConfig, check_ratio, parse_layer_range, parse_target, to_yaml
 from vlmprune.errors import VlmpruneError
 from vlmprune.importance.layer import LayerScores
 from vlmprune.importance.registry import get_criterion
@@ -28,12 +28,15 @@ from vlmprune.io import load, load_processor, save_model
 from vlmprune.paths import claim_output
 from vlmprune.plan import LayerShape, PruningPlan
 from vlmprune.planning import ModelBudget, achieved, layers_to_drop, plan_layers, plan_width
-from vlmprune.plots import plot_layer_scores, plot_width_scores
+from vlmprune.plots import plot_layer_scores, plot_search, plot_width_scores
+from vlmprune.prune import auto
 from vlmprune.prune.apply import apply_plan_, layer_shapes
+from vlmprune.targets import footprint, ratio_for
 
 log = logging.getLogger(__name__)
 
 SCORES_FILE = "scores.json"
+SEARCH_FILE = "search.json"
 
 
 @dataclass
@@ -122,7 +125,7 @@ def plan_for(model: nn.Module, scores: Scores, ratio: float, attention: str = "g
     extra: dict[str, Any] = {"method": scores.method, "criterion": scores.criterion, "tokens": scores.tokens,
                              "ratio_target": ratio}
     if scores.method == "layer":
-        values = _without(scores.values, get_adapter(model).protected_layers(model))
+        values = scores.values.without(get_adapter(model).protected_layers(model))
         n = layers_to_drop(len(shapes), budget, ratio)
         plan = PruningPlan(drop_layers=plan_layers(values.layers, budget, ratio, values.block_start(n)))
         extra["scores"] = {"layers": [float(f"{v:.6g}") for v in values.layers.tolist()]}
@@ -134,22 +137,6 @@ def plan_for(model: nn.Module, scores: Scores, ratio: float, attention: str = "g
     extra["achieved"] = achieved(plan, budget, shapes)
     plan.extra.update(extra)
     return plan
-
-
-def _without(values: LayerScores, protected: set[int]) -> LayerScores:
-    """Layer scores in which protected layers (and blocks that contain one) can never be chosen."""
-    if not protected:
-        return values
-    layers = values.layers.clone()
-    layers[sorted(protected)] = float("inf")
-    blocks = None
-    if values.blocks is not None:
-        blocks = [b.clone() for b in values.blocks]
-        for n, b in enumerate(blocks, 1):
-            for start in range(b.shape[0]):
-                if protected & set(range(start, start + n)):
-                    b[start] = float("inf")
-    return LayerScores(layers, blocks)
 
 
 def score_and_plan(model: nn.Module, method: str, ratio: float, criterion: str | None = None, batches=None,
@@ -206,6 +193,8 @@ def _prune(cfg: PruneConfig, out: Path) -> PruneResult:
         net.to(cfg.device)
     before = summarize(net)
     scores = None
+    search = None
+    target = parse_target(cfg.target) if cfg.target else None
     if cfg.plan is not None:
         plan = PruningPlan.load(cfg.plan)
     else:
@@ -222,19 +211,53 @@ def _prune(cfg: PruneConfig, out: Path) -> PruneResult:
             method = scores.method
         else:
             method = cfg.method
-        if method == "layer":
+        if method == "layer" and cfg.ratio is not None:
             layers_to_drop(len(before.layers), ModelBudget.of(net), cfg.ratio)  # before any calibration
-        if scores is None:
-            batches = None
-            if cfg.calibration is not None:
-                processor = load_processor(cfg.model, cfg.trust_remote_code)
-                batches = calibrate.calibration_batches(processor, cfg.calibration, cfg.image_folder, cfg.num_samples,
-                                                        cfg.seed, cfg.batch_size, cfg.max_length, cfg.split)
-            scores = score(net, method, cfg.criterion, batches, cfg.tokens, cfg.seed)
-        plan = plan_for(net, scores, cfg.ratio, cfg.attention, cfg.mlp_multiple, cfg.layers, cfg.global_ranking)
+        batches = processor = None
+        if scores is None and cfg.calibration is not None:
+            processor = load_processor(cfg.model, cfg.trust_remote_code)
+            batches = calibrate.calibration_batches(processor, cfg.calibration, cfg.image_folder, cfg.num_samples,
+                                                    cfg.seed, cfg.batch_size, cfg.max_length, cfg.split)
+
+        def ratio_of(plan_at) -> float:
+            return cfg.ratio if target is None else ratio_for(net, target, plan_at)
+
+        if method == "auto":
+            if batches is None:
+                raise VlmpruneError("--method auto ranks candidates on held-out calibration data: pass --calibration")
+            held_out = calibrate.calibration_batches(processor, cfg.calibration, cfg.image_folder,
+                                                     max(2, cfg.num_samples // 4), cfg.seed + 1, cfg.batch_size,
+                                                     cfg.max_length, cfg.split)
+            layer_scores = score(net, "layer", cfg.layer_criterion, batches, None, cfg.seed)
+            scores = score(net, "width", cfg.criterion, batches, cfg.tokens, cfg.seed)
+            best, tried = auto.search(net, layer_scores.values, scores.values, ratio_of, held_out, cfg.attention,
+                                      cfg.mlp_multiple)
+            budget, shapes = ModelBudget.of(net), layer_shapes(net)
+            rows = [c.to_dict(budget, shapes) for c in tried]
+            search = {"target": cfg.target or f"ratio={cfg.ratio}", "layer_criterion": layer_scores.criterion,
+                      "width_criterion": scores.criterion, "chosen": tried.index(best), "candidates": rows}
+            plan = best.plan
+            plan.extra.update({"method": "auto", "criterion": scores.criterion, "tokens": scores.tokens,
+                               "layer_criterion": layer_scores.criterion, "ratio_target": best.ratio,
+                               "attention": cfg.attention, "mlp_multiple": cfg.mlp_multiple,
+                               "scores": {**scores.values.to_dict(), "layers": [float(f"{v:.6g}") for v in
+                                                                               layer_scores.values.layers.tolist()]},
+                               "achieved": achieved(plan, budget, shapes), "proxy_kl": best.proxy})
+        else:
+            if scores is None:
+                scores = score(net, method, cfg.criterion, batches, cfg.tokens, cfg.seed)
+            ratio = ratio_of(lambda r: plan_for(net, scores, r, cfg.attention, cfg.mlp_multiple, cfg.layers,
+                                                 cfg.global_ranking))
+            plan = plan_for(net, scores, ratio, cfg.attention, cfg.mlp_multiple, cfg.layers, cfg.global_ranking)
         plan.extra.update({"source_model": str(cfg.model),
                            "calibration": str(cfg.calibration) if cfg.calibration else None,
                            "num_samples": cfg.num_samples, "seed": cfg.seed})
+        if target is not None:
+            fp = footprint(net, target, plan)
+            plan.extra["target"] = {"spec": target.spec, "kind": target.kind, "required": target.value,
+                                    "achieved": fp.value(target), "parameters": fp.parameters,
+                                    "weight_bytes": fp.weight_bytes, "kv_bytes": fp.kv_bytes,
+                                    "seq": target.seq, "batch": target.batch, "dtype_bytes": target.dtype_bytes}
     plan.extra["source"] = source_record(net)
     apply_plan_(net, plan)
     after = summarize(net)
@@ -248,8 +271,11 @@ def _prune(cfg: PruneConfig, out: Path) -> PruneResult:
         if scores is None:
             return
         scores.save(directory / SCORES_FILE)
+        if search is not None:
+            (directory / SEARCH_FILE).write_text(json.dumps(search, indent=1))
+            plot_search(search["candidates"], search["chosen"], directory / "search.png", search["target"])
         title = scores.criterion
-        if scores.method == "layer":
+        if scores.method == "layer" and search is None:
             plot_layer_scores(scores.values.layers.tolist(), plan.drop_layers, directory / "importance.png", title)
         else:
             plot_width_scores(scores.values, plan, directory / "importance.png", title, cfg.attention)

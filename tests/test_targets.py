@@ -1,0 +1,120 @@
+"""Deployment targets (params, memory with the KV cache) and --method auto."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+import vlmprune
+from tiny_models import FAMILIES, build_tiny
+from vlmprune.cli import main
+from vlmprune.config import parse_target
+from vlmprune.errors import VlmpruneError
+from vlmprune.plan import PruningPlan
+from vlmprune.prune import layer_shapes
+from vlmprune.targets import footprint
+
+
+def hand_kv_bytes(model, seq, batch, nbytes, dropped=(), kv_kept=None) -> int:
+    """K and V of every remaining layer, read off the config (not the modules): kv heads x head_dim x positions."""
+    text = model.config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    types = getattr(text, "layer_types", None)
+    total = 0
+    for i in range(text.num_hidden_layers):
+        if i in dropped:
+            continue
+        positions = seq
+        if types is not None and types[i] == "sliding_attention":
+            positions = min(seq, text.sliding_window)
+        kv = (kv_kept or {}).get(i, text.num_key_value_heads)
+        total += 2 * kv * head_dim * positions * batch * nbytes
+    return total
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_memory_footprint_counts_weights_and_kv_cache_by_hand(family):
+    model = build_tiny(family)
+    target = parse_target("memory=1GB,seq=300,batch=3,dtype=fp32")
+    fp = footprint(model, target)
+    params = sum(p.numel() for p in model.parameters())
+    assert fp.parameters == params and fp.weight_bytes == 4 * params
+    assert fp.kv_bytes == hand_kv_bytes(model, 300, 3, 4)
+    shapes = layer_shapes(model)
+    keep_kv = [0] if shapes[1].num_kv_heads > 1 else None
+    plan = PruningPlan(drop_layers=[0], layers={1: {"kv_heads": keep_kv} if keep_kv else
+                                                {"mlp_channels": list(range(8))}})
+    after = footprint(model, target, plan)
+    pruned = vlmprune.apply_plan_(copy.deepcopy(model), plan)
+    assert after.parameters == sum(p.numel() for p in pruned.parameters())  # computed == applied
+    assert after.kv_bytes == hand_kv_bytes(model, 300, 3, 4, dropped={0}, kv_kept={1: 1} if keep_kv else None)
+
+
+def test_sliding_window_layers_hold_at_most_the_window():
+    model = build_tiny("gemma3")
+    text = model.config.get_text_config()
+    assert "sliding_attention" in text.layer_types  # the tiny config is built like the real one
+    short = footprint(model, parse_target(f"memory=1GB,seq={text.sliding_window},dtype=fp32"))
+    long = footprint(model, parse_target(f"memory=1GB,seq={4 * text.sliding_window},dtype=fp32"))
+    full = sum(t != "sliding_attention" for t in text.layer_types)
+    assert long.kv_bytes < 4 * short.kv_bytes and long.kv_bytes == hand_kv_bytes(model, 4 * text.sliding_window, 1, 4)
+    assert full >= 1
+
+
+def test_params_target_through_the_cli(tiny_repo, tmp_path):
+    out = tmp_path / "o"
+    assert main(["prune", "--model", str(tiny_repo.model), "--method", "width", "--criterion", "magnitude",
+                 "--target", "params=0.85", "--mlp-multiple", "8", "--output", str(out)]) == 0
+    plan = json.loads((out / "pruning_plan.json").read_text())
+    total = plan["parameters"]["before"]["total"]
+    assert plan["target"]["kind"] == "params" and plan["target"]["achieved"] == plan["parameters"]["after"]["total"]
+    assert abs(plan["target"]["achieved"] / total - 0.85) < 0.03
+
+
+def test_memory_target_is_met(tiny_repo, tmp_path):
+    model = vlmprune.load(tiny_repo.model)
+    now = footprint(model, parse_target("memory=1GB,seq=512,dtype=fp32")).memory_bytes
+    goal = int(now * 0.8)
+    out = tmp_path / "o"
+    assert main(["prune", "--model", str(tiny_repo.model), "--method", "width", "--criterion", "magnitude",
+                 "--target", f"memory={goal}B,seq=512,dtype=fp32", "--mlp-multiple", "8", "--output", str(out)]) == 0
+    plan = json.loads((out / "pruning_plan.json").read_text())
+    assert plan["target"]["achieved"] <= goal and plan["target"]["achieved"] > 0.6 * now
+    reloaded = vlmprune.load(out)
+    assert footprint(reloaded, parse_target("memory=1GB,seq=512,dtype=fp32")).memory_bytes == plan["target"]["achieved"]
+
+
+def test_auto_meets_the_target_and_beats_pure_layer_and_pure_width(tiny_repo, tmp_path):
+    out = tmp_path / "auto"
+    assert main(["prune", "--model", str(tiny_repo.model), "--method", "auto", "--criterion", "magnitude",
+                 "--target", "params=0.75", "--mlp-multiple", "8", "--calibration", str(tiny_repo.data),
+                 "--image-folder", str(tiny_repo.images), "--num-samples", "8", "--batch-size", "2",
+                 "--output", str(out)]) == 0
+    search = json.loads((out / "search.json").read_text())
+    rows = search["candidates"]
+    ks = [r["layers_dropped"] for r in rows]
+    assert 0 in ks and max(ks) >= 1  # pure width and (at least partly) pure layer were both tried
+    chosen = rows[search["chosen"]]
+    assert chosen["proxy_kl"] == min(r["proxy_kl"] for r in rows)
+    pure = [r for r in rows if r["layers_dropped"] in (0, max(ks))]
+    assert all(chosen["proxy_kl"] <= r["proxy_kl"] for r in pure)
+    plan = json.loads((out / "pruning_plan.json").read_text())
+    assert plan["method"] == "auto" and plan["drop_layers"] == chosen["drop_layers"]
+    assert abs(plan["target"]["achieved"] / plan["parameters"]["before"]["total"] - 0.75) < 0.05
+    assert (out / "search.png").stat().st_size > 5000
+
+
+@pytest.mark.parametrize("spec", ["params=2", "memory=2", "latency=200ms", "params=0.7,seq=3"])
+def test_bad_targets_are_refused(tiny_repo, tmp_path, capsys, spec):
+    assert main(["prune", "--model", str(tiny_repo.model), "--method", "width", "--target", spec,
+                 "--output", str(tmp_path / "o")]) == 2
+    assert "--target" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_ratio_and_target_are_exclusive():
+    from vlmprune.config import PruneConfig
+
+    with pytest.raises(VlmpruneError, match="one of --ratio"):
+        PruneConfig(model="m", output="o", method="width", ratio=0.2, target="params=0.8")
