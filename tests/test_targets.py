@@ -118,3 +118,19 @@ def test_ratio_and_target_are_exclusive():
 
     with pytest.raises(VlmpruneError, match="one of --ratio"):
         PruneConfig(model="m", output="o", method="width", ratio=0.2, target="params=0.8")
+
+
+def test_auto_is_a_study_grid_value(tiny_repo, tmp_path):
+    from pathlib import Path
+
+    smoke = Path(__file__).resolve().parents[1] / "configs" / "study" / "smoke.yaml"
+    run = tmp_path / "run"
+    grid = "[{method: [auto, layer, width], ratio: 0.25, recipe: none}]"
+    assert main(["study", "--config", str(smoke), f"output={run}", f"teacher={tiny_repo.model}",
+                 f"train_data={tiny_repo.data}", f"image_folder={tiny_repo.images}",
+                 f"evaluation.task_file={tiny_repo.task_file}", f"grid={grid}"]) == 0
+    plan = json.loads((run / "pruned" / "auto-magnitude-r0.25" / "pruning_plan.json").read_text())
+    assert plan["method"] == "auto" and plan["layer_criterion"] == "block_influence"
+    rows = {c["id"]: c for c in json.loads((run / "results.json").read_text())["cells"]}
+    assert {"auto-magnitude-r0.25-none", "layer-block_influence-r0.25-none", "width-magnitude-r0.25-none"} <= set(rows)
+    assert all(r["status"] == "done" for r in rows.values())

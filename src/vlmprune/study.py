@@ -156,7 +156,9 @@ def expand_grid(config: dict) -> list[Cell]:
                 axes.get("fraction", [None]), schemes):
             if recipe not in config["recipes"]:
                 raise VlmpruneError(f"grid names recipe {recipe!r}, not defined under 'recipes' ({', '.join(config['recipes'])})")
-            for criterion in axes.get("criterion", [config["criterion"][method]]):
+            # auto: the width criterion names the cell; the depth part uses criterion.layer
+            default = config["criterion"]["width" if method == "auto" else method]
+            for criterion in axes.get("criterion", [default]):
                 cell = Cell(method, criterion, float(ratio), recipe,
                             None if config["recipes"][recipe] is None else float(fraction or 1.0), scheme)
                 cells.setdefault(cell.id, cell)
@@ -251,8 +253,11 @@ def run_study(config: dict) -> StudyResult:
                 shared = [p / SCORES_FILE for p in (run / "pruned").glob(f"{cell.method}-{cell.criterion}-r*")
                           if (p / SCORES_FILE).is_file()]
                 options = {k: v for k, v in config["calibration"].items() if v is not None}
-                if cell.method == "width":
+                if cell.method in ("width", "auto"):
                     options.update(attention=config["width"]["attention"], mlp_multiple=config["width"]["mlp_multiple"])
+                if cell.method == "auto":
+                    options["layer_criterion"] = config["criterion"]["layer"]
+                    shared = []  # auto scores two criteria and searches: nothing to share
                 if shared:  # one calibration serves every ratio of a method and criterion
                     options = {k: v for k, v in options.items() if k in ("attention", "mlp_multiple")}
                     prune(PruneConfig(model=teacher, output=str(pruned), scores=str(shared[0]), ratio=cell.ratio,
