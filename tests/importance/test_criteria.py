@@ -7,25 +7,14 @@ import copy
 import pytest
 import torch
 
-from tiny_models import FAMILIES, build_tiny, make_inputs
+from checks import labelled
+from tiny_models import FAMILIES, build_tiny
 from vlmprune import calibrate
 from vlmprune.adapters import get_adapter
 from vlmprune.importance import layer as L
 from vlmprune.importance import width as W
 from vlmprune.importance.structures import layer_params
 from vlmprune.prune.apply import layer_shapes
-
-
-def labelled(model, family, answer=6, seed=0):
-    """Inputs whose last ``answer`` real tokens are labelled with the model's own greedy
-    predictions, so the intact model is near its best on them."""
-    batch = make_inputs(family, model, seed=seed)
-    with torch.no_grad():
-        pred = model(**batch).logits.argmax(-1)
-    labels = torch.full_like(batch["input_ids"], -100)
-    labels[:, -answer:] = pred[:, -answer - 1 : -1]
-    batch["labels"] = labels
-    return batch
 
 
 def make_identity_(model, index):

@@ -11,8 +11,7 @@ import transformers
 
 import vlmprune
 from reference import skipped, zeroed
-from test_importance import labelled
-from test_surgery import assert_close, check_config, greedy, logits
+from checks import assert_close, check_config, greedy, labelled, logits
 from tiny_models import FAMILIES, build_tiny, make_inputs
 from vlmprune.cli import main
 from vlmprune.errors import VlmpruneError

@@ -123,7 +123,7 @@ def test_ratio_and_target_are_exclusive():
 def test_auto_is_a_study_grid_value(tiny_repo, tmp_path):
     from pathlib import Path
 
-    smoke = Path(__file__).resolve().parents[1] / "configs" / "study" / "smoke.yaml"
+    smoke = Path(__file__).resolve().parents[2] / "configs" / "study" / "smoke.yaml"
     run = tmp_path / "run"
     grid = "[{method: [auto, layer, width], ratio: 0.25, recipe: none}]"
     assert main(["study", "--config", str(smoke), f"output={run}", f"teacher={tiny_repo.model}",

@@ -319,7 +319,7 @@ def test_select_reproducible_and_seeded():
 def test_select_same_in_another_process():
     # records.py needs only the standard library: load it without the package __init__ (which
     # imports torch and transformers) so the fresh interpreter starts in milliseconds.
-    src = Path(__file__).resolve().parent.parent / "src" / "vlmprune"
+    src = Path(__file__).resolve().parents[2] / "src" / "vlmprune"
     code = (
         "import sys, types\n"
         "for name, path in (('vlmprune', {src!r}), ('vlmprune.data', {src_data!r})):\n"

@@ -9,28 +9,13 @@ import torch
 import transformers
 
 import vlmprune
+from checks import assert_close, check_config, greedy, logits, reload_plain
 from reference import skipped, zeroed
 from tiny_models import FAMILIES, build_tiny, make_inputs
-from vlmprune.adapters import get_adapter
 from vlmprune.plan import PruningPlan
 from vlmprune.prune import apply_plan_, layer_shapes
 
 GQA_FAMILIES = [f for f in FAMILIES if f != "llava_llama_mha"]
-
-
-def logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
-
-
-def greedy(model, inputs, n=6):
-    with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=n, do_sample=False, min_new_tokens=n)
-
-
-def assert_close(actual, expected):
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * max(scale, 1.0))
 
 
 def width_entry(shape, mode: str) -> dict:
@@ -44,38 +29,6 @@ def width_entry(shape, mode: str) -> dict:
         entry = {"q_heads": [k * g + j for k in range(shape.num_kv_heads) for j in range(1, g)]}
     entry["mlp_channels"] = [c for c in range(shape.intermediate_size) if c % 3 != 1]
     return entry
-
-
-def check_config(model):
-    adapter = get_adapter(model)
-    config = model.config.get_text_config()
-    lm = adapter.language_model(model)
-    assert lm.config is config
-    layers = adapter.layers(model)
-    assert config.num_hidden_layers == len(layers)
-    if getattr(config, "layer_types", None) is not None:
-        assert len(config.layer_types) == len(layers)
-    widths = getattr(config, "vlmprune_layer_widths", {}) or {}
-    for i, (layer, shape) in enumerate(zip(layers, layer_shapes(model, adapter))):
-        attn = adapter.attention(layer)
-        assert attn.layer_idx == i
-        assert attn.num_key_value_groups == shape.num_heads // shape.num_kv_heads
-        assert shape.num_heads % shape.num_kv_heads == 0
-        expected = widths.get(str(i), {
-            "num_attention_heads": config.num_attention_heads,
-            "num_key_value_heads": config.num_key_value_heads,
-            "intermediate_size": config.intermediate_size,
-        })
-        assert (shape.num_heads, shape.num_kv_heads, shape.intermediate_size) == (
-            expected["num_attention_heads"], expected["num_key_value_heads"], expected["intermediate_size"])
-        assert shape.head_dim == config.head_dim
-
-
-def reload_plain(model, tmp_path):
-    out = vlmprune.save_model(model, tmp_path / "out")
-    loaded, info = transformers.AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
-    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    return loaded.eval()
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -29,7 +29,7 @@ from vlmprune.cli import main
 from vlmprune.recover.run import hidden_pairs, training_arguments
 from vlmprune.recover.trainer import RecoveryTrainer, layer_outputs
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,12 @@ from safetensors.torch import load_file, save_file
 
 import vlmprune
 from reference import skipped, zeroed
-from test_surgery import assert_close, check_config
+from checks import assert_close, check_config
 from vlmprune.cli import main
 from vlmprune.errors import UnsupportedModelError, VlmpruneError
 from vlmprune.plan import PruningPlan
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FIXTURES = Path(os.environ.get("VLMPRUNE_SEED_FIXTURES", REPO.parent / "shared" / "fixtures" / "seed-families"))
 pytestmark = pytest.mark.skipif(
     not (FIXTURES / "bunny" / "model.safetensors").is_file(),
