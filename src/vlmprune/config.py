@@ -94,7 +94,8 @@ _DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "f
 
 @dataclass(frozen=True)
 class Target:
-    """A deployment target: ``params`` (a fraction kept <= 1, or a count) or ``memory`` (bytes) at a context."""
+    """A deployment target: ``params`` (a fraction kept <= 1, or a count), ``memory`` (bytes) or ``latency``
+    (seconds of prefill on this device) at a context."""
 
     spec: str
     kind: str  # "params" | "memory"
@@ -105,14 +106,15 @@ class Target:
 
 
 def parse_target(spec: str) -> Target:
-    """``params=0.7`` | ``params=1.5B`` | ``memory=2GB[,seq=4096,batch=1,dtype=bf16]`` -> Target."""
+    """``params=0.7`` | ``params=1.5B`` | ``memory=2GB[,seq=4096,batch=1,dtype=bf16]`` |
+    ``latency=200ms[,seq=1024,batch=1]`` -> Target (latency in seconds)."""
     import re
 
     head, *rest = [part.strip() for part in str(spec).split(",")]
     kind, sep, raw = head.partition("=")
-    bad = VlmpruneError(f"--target must look like params=0.7, params=1.5B or memory=2GB[,seq=4096,batch=1,dtype=bf16]; "
-                        f"got {spec!r}")
-    if not sep or kind not in ("params", "memory"):
+    bad = VlmpruneError(f"--target must look like params=0.7, params=1.5B, memory=2GB[,seq=4096,batch=1,dtype=bf16] "
+                        f"or latency=200ms[,seq=1024,batch=1]; got {spec!r}")
+    if not sep or kind not in ("params", "memory", "latency"):
         raise bad
     found = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)", raw.strip())
     if not found:
@@ -122,20 +124,27 @@ def parse_target(spec: str) -> Target:
         if unit not in _UNITS or (not unit and not 0 < number < 1 and number < 1000):
             raise VlmpruneError(f"--target {spec}: params is a fraction kept in (0, 1) or a count such as 1.5B")
         value = number * _UNITS[unit]
-    else:
+    elif kind == "memory":
         if unit not in _BYTES:
             raise VlmpruneError(f"--target {spec}: memory needs a unit: B, KB, MB, GB, KiB, MiB or GiB")
         value = number * _BYTES[unit]
-    options = {"seq": 4096, "batch": 1, "dtype": "bf16"}
+    else:
+        if unit not in ("ms", "s"):
+            raise VlmpruneError(f"--target {spec}: latency needs a unit: ms or s")
+        value = number / 1000 if unit == "ms" else number
+    allowed = {"params": {}, "memory": {"seq": 4096, "batch": 1, "dtype": "bf16"},
+               "latency": {"seq": 1024, "batch": 1}}[kind]
+    options = dict(allowed) | {"dtype": allowed.get("dtype", "bf16")}
     for part in rest:
         key, sep, val = part.partition("=")
-        if not sep or key not in options or (kind == "params"):
-            raise VlmpruneError(f"--target {spec}: unknown option {part!r}; memory targets take seq=, batch=, dtype=")
+        if not sep or key not in allowed:
+            raise VlmpruneError(f"--target {spec}: unknown option {part!r}; {kind} targets take "
+                                f"{', '.join(k + '=' for k in allowed) or 'no options'}")
         options[key] = val
     if str(options["dtype"]) not in _DTYPE_BYTES:
         raise VlmpruneError(f"--target {spec}: dtype must be one of {', '.join(_DTYPE_BYTES)}")
     try:
-        seq, batch = int(options["seq"]), int(options["batch"])
+        seq, batch = int(options.get("seq", 4096)), int(options.get("batch", 1))
     except ValueError:
         raise bad from None
     if value <= 0 or seq < 1 or batch < 1:
@@ -195,8 +204,9 @@ class PruneConfig:
     method: str | None = opt(None, "drop decoder layers, heads and MLP channels, or search the mix (auto)",
                              choices=("layer", "width", "auto"))
     ratio: float | None = opt(None, "fraction of the WHOLE model's parameters to remove, in (0, 1)", type=float)
-    target: str | None = opt(None, "instead of --ratio: params=0.7 (kept), params=1.5B, or "
-                                   "memory=2GB[,seq=4096,batch=1,dtype=bf16] (weights + KV cache)")
+    target: str | None = opt(None, "instead of --ratio: params=0.7 (kept), params=1.5B, "
+                                   "memory=2GB[,seq=4096,batch=1,dtype=bf16] (weights + KV cache), or "
+                                   "latency=200ms[,seq=1024,batch=1] (prefill on this device)")
     criterion: str | None = opt(None, "a registered criterion (`vlmprune criteria` lists them); default: "
                                       "block_influence for layer, taylor for width (and for auto's width part)")
     layer_criterion: str | None = opt(None, "auto: the layer criterion of the depth part (default block_influence)")

@@ -106,7 +106,7 @@ def test_auto_meets_the_target_and_beats_pure_layer_and_pure_width(tiny_repo, tm
     assert (out / "search.png").stat().st_size > 5000
 
 
-@pytest.mark.parametrize("spec", ["params=2", "memory=2", "latency=200ms", "params=0.7,seq=3"])
+@pytest.mark.parametrize("spec", ["params=2", "memory=2", "latency=200", "params=0.7,seq=3", "speed=3"])
 def test_bad_targets_are_refused(tiny_repo, tmp_path, capsys, spec):
     assert main(["prune", "--model", str(tiny_repo.model), "--method", "width", "--target", spec,
                  "--output", str(tmp_path / "o")]) == 2
@@ -134,3 +134,50 @@ def test_auto_is_a_study_grid_value(tiny_repo, tmp_path):
     rows = {c["id"]: c for c in json.loads((run / "results.json").read_text())["cells"]}
     assert {"auto-magnitude-r0.25-none", "layer-block_influence-r0.25-none", "width-magnitude-r0.25-none"} <= set(rows)
     assert all(r["status"] == "done" for r in rows.values())
+
+
+def test_latency_fit_recovers_known_coefficients():
+    from vlmprune.targets import fit_latency, latency_features, predict_latency
+
+    coef = [0.004, 0.002, 0.0005, 0.00001]
+    shapes = layer_shapes(build_tiny("llava_llama_gqa"))
+    plans = [PruningPlan(), PruningPlan(drop_layers=[3]), PruningPlan(drop_layers=[2, 3]),
+             PruningPlan(layers={i: {"mlp_channels": list(range(32))} for i in range(4)}),
+             PruningPlan(layers={i: {"kv_heads": [0]} for i in range(4)})]
+    points = [(latency_features(shapes, p), predict_latency(coef, latency_features(shapes, p))) for p in plans]
+    assert fit_latency(points) == pytest.approx(coef, rel=1e-6, abs=1e-12)
+
+
+def test_latency_target_plans_on_the_profile_and_measures_the_result(tiny_repo, tmp_path, monkeypatch):
+    from vlmprune.inspect import source_record
+    from vlmprune.targets import latency_features, predict_latency
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = vlmprune.load(tiny_repo.model)
+    # a known profile stands in for the timings, so the plan does not depend on this machine's noise
+    coef = [0.001, 0.0004, 0.0001, 0.00002]
+    cache = tmp_path / "cache" / "vlmprune" / "latency" / f"{source_record(model)['fingerprint']}-cpu-s32-b1.json"
+    cache.parent.mkdir(parents=True)
+    cache.write_text(json.dumps({"coef": coef, "points": []}))
+    now = predict_latency(coef, latency_features(layer_shapes(model)))
+    goal_ms = 1000 * 0.8 * now
+    out = tmp_path / "o"
+    assert main(["prune", "--model", str(tiny_repo.model), "--method", "width", "--criterion", "magnitude",
+                 "--mlp-multiple", "8", "--target", f"latency={goal_ms:.4f}ms,seq=32", "--output", str(out)]) == 0
+    t = json.loads((out / "pruning_plan.json").read_text())["target"]
+    assert t["kind"] == "latency" and t["predicted_s"] <= t["required"] and t["predicted_s"] > 0.6 * now
+    assert t["measured_s"] > 0 and t["prediction_error"] == pytest.approx(t["predicted_s"] / t["measured_s"] - 1)
+
+
+def test_latency_profile_times_the_model_and_pruned_copies_once(tmp_path, monkeypatch):
+    import math
+
+    from vlmprune.targets import latency_profile
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model = build_tiny("llava_llama_gqa")
+    target = parse_target("latency=1s,seq=16")
+    profile = latency_profile(model, target)
+    assert len(profile["points"]) == 5 and all(p["seconds"] > 0 for p in profile["points"])
+    assert all(math.isfinite(c) for c in profile["coef"])
+    assert latency_profile(model, target) == profile  # cached: measured once

@@ -31,7 +31,8 @@ from vlmprune.planning import ModelBudget, achieved, layers_to_drop, plan_layers
 from vlmprune.plots import plot_layer_scores, plot_search, plot_width_scores
 from vlmprune.prune import auto
 from vlmprune.prune.apply import apply_plan_, layer_shapes
-from vlmprune.targets import footprint, ratio_for
+from vlmprune.targets import (footprint, latency_features, latency_profile, measure_prefill, predict_latency,
+                              ratio_for)
 
 log = logging.getLogger(__name__)
 
@@ -254,14 +255,26 @@ def _prune(cfg: PruneConfig, out: Path) -> PruneResult:
                            "num_samples": cfg.num_samples, "seed": cfg.seed})
         if target is not None:
             fp = footprint(net, target, plan)
-            plan.extra["target"] = {"spec": target.spec, "kind": target.kind, "required": target.value,
-                                    "achieved": fp.value(target), "parameters": fp.parameters,
-                                    "weight_bytes": fp.weight_bytes, "kv_bytes": fp.kv_bytes,
-                                    "seq": target.seq, "batch": target.batch, "dtype_bytes": target.dtype_bytes}
+            record = {"spec": target.spec, "kind": target.kind, "required": target.value,
+                      "parameters": fp.parameters, "weight_bytes": fp.weight_bytes, "kv_bytes": fp.kv_bytes,
+                      "seq": target.seq, "batch": target.batch, "dtype_bytes": target.dtype_bytes}
+            if target.kind == "latency":
+                profile = latency_profile(net, target)
+                record["predicted_s"] = predict_latency(profile["coef"], latency_features(before.layers, plan))
+                record["profile"] = profile
+            else:
+                record["achieved"] = fp.value(target)
+            plan.extra["target"] = record
     plan.extra["source"] = source_record(net)
     apply_plan_(net, plan)
     after = summarize(net)
     plan.extra["parameters"] = {"before": before.parameters, "after": after.parameters}
+    if plan.extra.get("target", {}).get("kind") == "latency":  # the prediction, checked on the final model
+        t = plan.extra["target"]
+        t["achieved"] = t["measured_s"] = measure_prefill(net, t["seq"], t["batch"])
+        t["prediction_error"] = t["predicted_s"] / t["measured_s"] - 1
+        log.info("prefill latency at seq %d, batch %d: predicted %.1f ms, measured %.1f ms (target %.1f ms)",
+                 t["seq"], t["batch"], 1000 * t["predicted_s"], 1000 * t["measured_s"], 1000 * t["required"])
     measured = 1 - after.parameters["total"] / before.parameters["total"]
     if "achieved" in plan.extra and abs(measured - plan.extra["achieved"]["ratio"]) > 1e-9:
         raise AssertionError(f"planned ratio {plan.extra['achieved']['ratio']} != measured {measured}")
