@@ -210,6 +210,8 @@ class PruneConfig:
     criterion: str | None = opt(None, "a registered criterion (`vlmprune criteria` lists them); default: "
                                       "block_influence for layer, taylor for width (and for auto's width part)")
     layer_criterion: str | None = opt(None, "auto: the layer criterion of the depth part (default block_influence)")
+    top_k: int = opt(1, "auto: also write the 2nd..k-th best candidates as OUTPUT-rank2 ... (recover each, pick after)",
+                     type=int)
     calibration: str | None = opt(None, "LLaVA-format JSON/JSONL, a save_to_disk directory or a hub dataset id")
     image_folder: str | None = opt(None, "root of the relative image paths in --calibration")
     split: str = opt("train", "dataset split (HF datasets)")
@@ -251,6 +253,9 @@ class PruneConfig:
         if self.method == "auto" and (self.scores is not None or self.layers or self.global_ranking):
             raise VlmpruneError("--method auto searches depth x width over all layers: it takes no --scores, "
                                 "--layers or --global")
+        positive("top_k", self.top_k, allow_none=False)
+        if self.top_k > 1 and self.method != "auto":
+            raise VlmpruneError("--top-k applies to --method auto (its ranked candidates)")
         if self.layer_criterion is not None and self.method != "auto":
             raise VlmpruneError("--layer-criterion is the depth part of --method auto; with --method layer use --criterion")
         one_of("tokens", self.tokens, ("all", "text", "image", "answer"))

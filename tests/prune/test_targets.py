@@ -91,7 +91,7 @@ def test_auto_meets_the_target_and_beats_pure_layer_and_pure_width(tiny_repo, tm
     assert main(["prune", "--model", str(tiny_repo.model), "--method", "auto", "--criterion", "magnitude",
                  "--target", "params=0.75", "--mlp-multiple", "8", "--calibration", str(tiny_repo.data),
                  "--image-folder", str(tiny_repo.images), "--num-samples", "8", "--batch-size", "2",
-                 "--output", str(out)]) == 0
+                 "--top-k", "2", "--output", str(out)]) == 0
     search = json.loads((out / "search.json").read_text())
     rows = search["candidates"]
     ks = [r["layers_dropped"] for r in rows]
@@ -104,6 +104,9 @@ def test_auto_meets_the_target_and_beats_pure_layer_and_pure_width(tiny_repo, tm
     assert plan["method"] == "auto" and plan["drop_layers"] == chosen["drop_layers"]
     assert abs(plan["target"]["achieved"] / plan["parameters"]["before"]["total"] - 0.75) < 0.05
     assert (out / "search.png").stat().st_size > 5000
+    second = json.loads((tmp_path / "auto-rank2" / "pruning_plan.json").read_text())  # --top-k 2
+    assert second["rank"] == 2 and second["proxy_kl"] == sorted(r["proxy_kl"] for r in rows)[1]
+    assert second["parameters"]["after"]["total"] == vlmprune.count_parameters(vlmprune.load(tmp_path / "auto-rank2"))["total"]
 
 
 @pytest.mark.parametrize("spec", ["params=2", "memory=2", "latency=200", "params=0.7,seq=3", "speed=3"])

@@ -7,6 +7,7 @@ returns a :class:`PruneResult` (nothing here prints: the CLI presents results).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -183,18 +184,27 @@ def prune(config: PruneConfig | None = None, **options) -> PruneResult:
     if config is not None and options:
         raise VlmpruneError("give a PruneConfig or keyword options, not both")
     cfg.check_paths()
-    with claim_output(cfg.output, cfg.inputs(), cfg.overwrite) as out:
-        return _prune(cfg, out)
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(claim_output(cfg.output, cfg.inputs(), cfg.overwrite))
+        extra = [stack.enter_context(claim_output(rank_output(cfg.output, r), cfg.inputs(), cfg.overwrite))
+                 for r in range(2, cfg.top_k + 1)]
+        return _prune(cfg, out, extra)
 
 
-def _prune(cfg: PruneConfig, out: Path) -> PruneResult:
+def rank_output(output: str | Path, rank: int) -> Path:
+    """Where ``--top-k`` writes the candidate of this rank (the best goes to the output itself)."""
+    output = Path(output)
+    return output.with_name(f"{output.name}-rank{rank}")
+
+
+def _prune(cfg: PruneConfig, out: Path, ranked_outputs: list[Path] = ()) -> PruneResult:
     dtype = None if cfg.dtype in (None, "auto") else getattr(torch, cfg.dtype)
     net = load(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     if cfg.device:
         net.to(cfg.device)
     before = summarize(net)
     scores = None
-    search = None
+    search = tried = None
     target = parse_target(cfg.target) if cfg.target else None
     if cfg.plan is not None:
         plan = PruningPlan.load(cfg.plan)
@@ -294,5 +304,19 @@ def _prune(cfg: PruneConfig, out: Path) -> PruneResult:
             plot_width_scores(scores.values, plan, directory / "importance.png", title, cfg.attention)
 
     save_model(net, out, plan=plan, source=cfg.model, overwrite=cfg.overwrite, extras=extras, inputs=cfg.inputs())
+    if search is not None and ranked_outputs:
+        order = sorted(range(len(search["candidates"])), key=lambda i: search["candidates"][i]["proxy_kl"])
+        for rank, (index, path) in enumerate(zip(order[1:], ranked_outputs), 2):
+            row = search["candidates"][index]
+            other = PruningPlan(drop_layers=tried[index].plan.drop_layers, layers=tried[index].plan.layers)
+            other.extra.update({**{k: v for k, v in plan.extra.items()
+                                   if k not in ("achieved", "proxy_kl", "target", "parameters")},
+                                "achieved": row["achieved"], "proxy_kl": row["proxy_kl"], "rank": rank,
+                                "ratio_target": row["ratio_target"]})
+            copy_of = load(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+            apply_plan_(copy_of, other)
+            other.extra["parameters"] = {"before": before.parameters, "after": summarize(copy_of).parameters}
+            save_model(copy_of, path, plan=other, source=cfg.model, overwrite=cfg.overwrite, inputs=cfg.inputs())
+            del copy_of
     return PruneResult(out, plan, before, after, scores)
 
