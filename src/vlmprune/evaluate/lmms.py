@@ -43,7 +43,19 @@ def manifest():
 
 
 def require_lmms() -> None:
-    """A clear error naming the fix when the extra is not installed."""
+    """A clear error naming the fix when the extra is not installed, or when a torchvision is
+    installed that does not run beside this torch (transformers and lmms-eval would fail obscurely)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is not None:
+        try:
+            import torchvision  # noqa: F401
+        except (ImportError, RuntimeError) as exc:
+            raise VlmpruneError(
+                f"torchvision is installed but does not import beside this torch ({str(exc).splitlines()[-1]}): "
+                f"PyPI's torchvision wheels are built against PyPI's (CUDA) torch, not the CPU build from the PyTorch "
+                f"index. Remove it (`pip uninstall torchvision`: vlmprune and lmms-eval's image tasks do not need "
+                f"it) or install the torchvision build that matches your torch") from None
     try:
         import lmms_eval  # noqa: F401
     except ImportError as exc:
@@ -85,9 +97,21 @@ def _scale(metric: str, value: float) -> str:
     return "fraction" if metric not in NOT_FRACTION and 0 <= value <= 1 else "score"
 
 
-def entries_from_results(raw: dict, limit: int | None = None) -> dict[str, dict]:
+def _examples(samples: list[dict], keep: int) -> list[dict]:
+    """The first ``keep`` logged samples as the built-in tasks' examples (question, answer, prediction)."""
+    out = []
+    for sample in samples[:keep]:
+        doc, responses = sample.get("doc", {}), sample.get("filtered_resps") or [""]
+        prediction = responses[0][0] if isinstance(responses[0], list) and responses[0] else responses[0]
+        out.append({"id": doc.get("id", sample.get("doc_id")), "question": doc.get("question"),
+                    "answer": sample.get("target"), "prediction": prediction})
+    return out
+
+
+def entries_from_results(raw: dict, limit: int | None = None, keep_predictions: int = 20) -> dict[str, dict]:
     """lmms-eval's ``simple_evaluate`` output -> result entries ``{name: {"accuracy": headline value,
-    "metric", "metrics" (every metric of the task), "count", "scale", "source": "lmms-eval"}}``."""
+    "metric", "metrics" (every metric of the task), "count", "scale", "source": "lmms-eval",
+    "examples"}}``."""
     entries: dict[str, dict] = {}
     samples = raw.get("n-samples", {})
     order = {task: list(flags) for task, flags in raw.get("higher_is_better", {}).items()}
@@ -95,7 +119,7 @@ def entries_from_results(raw: dict, limit: int | None = None) -> dict[str, dict]
         values = {}
         for key, value in metrics.items():
             metric = key.split(",")[0]
-            if "," in key and not metric.endswith("_stderr") and isinstance(value, (int, float)) \
+            if "," in key and "_stderr" not in metric and isinstance(value, (int, float)) \
                     and not isinstance(value, bool):
                 values[metric] = float(value)
         if not values:  # a group without an aggregate, or a task whose metric failed
@@ -107,7 +131,8 @@ def entries_from_results(raw: dict, limit: int | None = None) -> dict[str, dict]
                 continue
             entries[name] = {"accuracy": values[metric], "metric": metric, "metrics": values, "count": count,
                              "correct": None, "per_type": {}, "scale": _scale(metric, values[metric]),
-                             "source": "lmms-eval", "lmms_task": task, "limit": limit}
+                             "source": "lmms-eval", "lmms_task": task, "limit": limit,
+                             "examples": _examples(raw.get("samples", {}).get(task, []), keep_predictions)}
     return entries
 
 
@@ -121,9 +146,16 @@ def _known_tasks(manager) -> set[str]:
     return names
 
 
+def _unwrap(exc: BaseException) -> BaseException:
+    """The error behind a tenacity RetryError (lmms-eval retries its downloads)."""
+    attempt = getattr(exc, "last_attempt", None)
+    inner = attempt.exception() if attempt is not None and hasattr(attempt, "exception") else None
+    return inner or exc
+
+
 def _data_error(exc: BaseException) -> bool:
     """Does this exception say a data set could not be fetched (offline, not in the cache, no access)?"""
-    seen = exc
+    seen = _unwrap(exc)
     while seen is not None:
         kind = type(seen).__name__
         text = str(seen)
@@ -138,7 +170,7 @@ def _data_error(exc: BaseException) -> bool:
 
 def run_lmms_tasks(model, processor, tasks: list[str], *, limit: int | None = None, batch_size: int = 8,
                    max_new_tokens: int = 10, data_dir: str | Path | None = None,
-                   include: str | Path | None = None) -> dict[str, dict]:
+                   include: str | Path | None = None, keep_predictions: int = 20) -> dict[str, dict]:
     """Run lmms-eval ``tasks`` on a loaded ``model`` through the vlmprune plugin; return result entries.
 
     The packaged tasks (``easyvqa_lmms``, ``digits_lmms``) are written from the built-in tasks' data
@@ -169,7 +201,10 @@ def run_lmms_tasks(model, processor, tasks: list[str], *, limit: int | None = No
                     raise VlmpruneError(f"lmms-eval task {name} reads the {base} test set, not found at {test}: "
                                         f"write it with `vlmprune data {base} --output {Path(data_dir) / base}`")
                 paths.append(str(write_task(test, tmp, name, limit=limit, max_new_tokens=max_new_tokens)))
-        manager = TaskManager(include_path=paths or None)
+        # indexing lmms-eval's own task folder takes seconds: skip it when the given folders hold every task
+        manager = TaskManager(include_path=paths, include_defaults=False) if paths else None
+        if manager is None or any(t not in _known_tasks(manager) for t in tasks):
+            manager = TaskManager(include_path=paths or None)
         unknown = [t for t in tasks if t not in _known_tasks(manager)]
         if unknown:
             raise VlmpruneError(f"lmms-eval does not know the task(s) {unknown}; the study's benchmarks are "
@@ -178,12 +213,14 @@ def run_lmms_tasks(model, processor, tasks: list[str], *, limit: int | None = No
         lm = VlmpruneLMM(model=model, processor=processor, batch_size=batch_size)
         try:
             raw = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                                  batch_size=batch_size, log_samples=False, bootstrap_iters=0,
+                                  batch_size=batch_size, log_samples=True, bootstrap_iters=0,
                                   verbosity="WARNING")
         except Exception as exc:
             if _data_error(exc):
+                cause = _unwrap(exc)
                 raise VlmpruneError(
-                    f"lmms-eval could not load the data of {tasks} ({type(exc).__name__}: {str(exc).splitlines()[0]}"
+                    f"lmms-eval could not load the data of {tasks} ({type(cause).__name__}: "
+                    f"{(str(cause).splitlines() or [''])[0][:300]}"
                     f"). These tasks download their data sets from the Hugging Face hub on first use: run once "
                     f"online (HF_HUB_OFFLINE and HF_DATASETS_OFFLINE unset; gated sets need `hf auth login`) to "
                     f"fill the cache, or point a task YAML at a local copy (dataset_path: DIR, dataset_kwargs: "
@@ -191,7 +228,7 @@ def run_lmms_tasks(model, processor, tasks: list[str], *, limit: int | None = No
             raise
     if raw is None:  # not the main process
         return {}
-    entries = entries_from_results(raw, limit)
+    entries = entries_from_results(raw, limit, keep_predictions)
     for entry in entries.values():
         entry["lmms_eval_version"] = _version()
     missing = [t for t in tasks if not any(e["lmms_task"] == t or n == t for n, e in entries.items())
