@@ -265,3 +265,39 @@ def test_unknown_task_and_offline_data_errors_name_the_fix(tiny_repo, tmp_path, 
     with pytest.raises(VlmpruneError, match=r"does not know the task\(s\) \['no_such_task'\]; the study's "
                                             r"benchmarks are mmmu_val"):
         evaluate_model_dir(EvalConfig(**cfg, lmms_tasks="hub_only,no_such_task"))
+
+
+@needs_lmms
+def test_plugin_honours_generation_options_and_keeps_request_order(tiny_repo):
+    """Requests with different generation options are batched apart and answered in their own order;
+    ``max_new_tokens`` and ``until`` from gen_kwargs apply, and the model argument caps the length."""
+    from lmms_eval.api.instance import Instance
+    from PIL import Image
+
+    from vlmprune.evaluate.lmms_model import VlmpruneLMM, cut_at
+
+    assert cut_at("a.b\n\nc", ["\n\n"]) == "a.b" and cut_at("abc", ["", "x"]) == "abc"
+    lm = VlmpruneLMM(pretrained=str(tiny_repo.model), device="cpu", dtype="float32", batch_size=2)
+    images = [Image.new("RGB", (28, 28), (40 * k, 0, 0)) for k in range(5)]
+    lm.task_dict = {"t": {"test": [{"image": im} for im in images]}}
+    visual = lambda doc: [doc["image"]]  # noqa: E731
+    long, short = {"max_new_tokens": 12}, {"max_new_tokens": 2}
+    options = [long, short, long, short, long]
+
+    def requests(opts):
+        return [Instance("generate_until", (f"question {k}?", dict(o), visual, k, "t", "test"), k,
+                         {"task": "t", "doc_id": k, "repeats": 1}) for k, o in enumerate(opts)]
+
+    count = lambda text: len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    answers = lm.generate_until(requests(options))
+    assert answers[0] == lm.generate_until(requests([long]))[0]  # batched or alone, in its place
+    assert max(count(answers[1]), count(answers[3])) <= 2 and max(map(count, answers)) > 2
+    stop = answers[0][1:2]
+    assert stop and stop not in lm.generate_until(requests([{"max_new_tokens": 12, "until": [stop]}]))[0]
+    capped = VlmpruneLMM(model=lm.model, processor=lm.processor, max_new_tokens=1)
+    capped.task_dict = lm.task_dict
+    assert count(capped.generate_until(requests([long]))[0]) <= 1
+    with pytest.raises(NotImplementedError, match="generate_until only"):
+        lm.loglikelihood([])
+    with pytest.raises(VlmpruneError, match="unknown model_args"):
+        VlmpruneLMM(pretrained=str(tiny_repo.model), tempreature=0)
