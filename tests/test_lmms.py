@@ -268,6 +268,16 @@ def test_unknown_task_and_offline_data_errors_name_the_fix(tiny_repo, tmp_path, 
 
 
 @needs_lmms
+def test_the_study_benchmarks_are_lmms_eval_task_names():
+    """The eight names the README's command gives are tasks (or groups) of the installed lmms-eval."""
+    from lmms_eval.tasks import TaskManager
+
+    from vlmprune.evaluate.lmms import PAPER_TASKS, _known_tasks
+
+    assert len(PAPER_TASKS) == 8 and set(PAPER_TASKS) <= _known_tasks(TaskManager())
+
+
+@needs_lmms
 def test_plugin_honours_generation_options_and_keeps_request_order(tiny_repo):
     """Requests with different generation options are batched apart and answered in their own order;
     ``max_new_tokens`` and ``until`` from gen_kwargs apply, and the model argument caps the length."""
