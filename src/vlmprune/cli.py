@@ -97,10 +97,15 @@ def print_eval_result(result: dict) -> None:
     for col, justify in (("task", "left"), ("type", "left"), ("accuracy", "right"), ("correct / count", "right")):
         table.add_column(col, justify=justify)
     for name, res in result["tasks"].items():
+        if res.get("source") == "lmms-eval":  # one headline metric of an lmms-eval task
+            value = f"{res['accuracy']:.1%}" if res.get("scale") == "fraction" else f"{res['accuracy']:.2f}"
+            table.add_row(name, f"{res['metric']} (lmms-eval)", value, f"{res['count']}" if res["count"] else "")
+            continue
         table.add_row(name, "all", f"{res['accuracy']:.1%}", f"{res['correct']} / {res['count']}")
         for kind, r in res["per_type"].items():
             table.add_row("", kind, f"{r['accuracy']:.1%}", f"{r['correct']} / {r['count']}")
-    table.add_row("mean", "", f"{result['accuracy']:.1%}", "")
+    if result.get("accuracy") is not None:
+        table.add_row("mean", "", f"{result['accuracy']:.1%}", "")
     console().print(table)
     eff = result.get("efficiency")
     if eff:
@@ -156,7 +161,8 @@ def cmd_evaluate(cfg: C.EvalConfig) -> int:
 
     from vlmprune.evaluate.run import evaluate_model_dir
 
-    if cfg.tasks and cfg.data_dir is None:  # the built-in tasks' data is written on first use
+    packaged = any(t in C.LMMS_PACKAGED_TASKS for t in cfg.lmms_tasks)
+    if (cfg.tasks or packaged) and cfg.data_dir is None:  # the built-in tasks' data is written on first use
         from vlmprune.demo.datasets import demo_data
 
         cfg = dataclasses.replace(cfg, data_dir=str(demo_data()["root"]))
@@ -272,7 +278,7 @@ STAGES = {
     "inspect": (C.InspectConfig, cmd_inspect, "family, part sizes, per-layer widths"),
     "prune": (C.PruneConfig, cmd_prune, "prune the language backbone and write a checkpoint"),
     "recover": (C.RecoverConfig, cmd_recover, "recover a pruned model's quality: SFT and distillation"),
-    "evaluate": (C.EvalConfig, cmd_evaluate, "exact-match accuracy on tasks, and efficiency measures"),
+    "evaluate": (C.EvalConfig, cmd_evaluate, "exact-match accuracy on tasks, lmms-eval benchmarks, and efficiency measures"),
     "data": (C.DataConfig, cmd_data, "write a demo data set in the LLaVA conversation format"),
     "report": (C.ReportConfig, cmd_report, "aggregate a study run directory into tables and plots"),
 }

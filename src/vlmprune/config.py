@@ -87,6 +87,20 @@ def parse_layer_range(spec: str | None, num_layers: int | None = None) -> list[i
 
 
 BUILTIN_TASKS = ("easyvqa", "digits")  # test.json files under --data-dir (written by `vlmprune data`)
+# lmms-eval tasks vlmprune ships (vlmprune/evaluate/lmms_tasks): the built-in tasks' data as lmms-eval
+# task YAMLs over a save_to_disk directory, so lmms-eval runs offline end to end
+LMMS_PACKAGED_TASKS = tuple(f"{t}_lmms" for t in BUILTIN_TASKS)
+
+
+def _task_list(name: str, value: Any) -> list[str]:
+    """``"a, b"`` or ``["a", "b"]`` -> ``["a", "b"]`` (None and '' -> [])."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [t.strip() for t in value.split(",") if t.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) and t.strip() for t in value):
+        raise VlmpruneError(f"{_flag(name)} must be comma-separated task names or a list of them, got {value!r}")
+    return [t.strip() for t in value]
 _UNITS = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 _BYTES = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 _DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "int8": 1}
@@ -299,9 +313,14 @@ class EvalConfig:
     """``vlmprune evaluate``: exact-match tasks and efficiency measures."""
 
     model: str | None = opt(None, "model directory (pruned or not) or hub id")
-    tasks: str | list | None = opt("easyvqa,digits", "comma-separated built-in tasks ('' for none)")
+    tasks: str | list | None = opt(None, "comma-separated built-in tasks ('' for none; default: easyvqa,digits, "
+                                         "or none when --lmms-tasks is given)")
     task_file: str | None = opt(None, "your own LLaVA-format test file (exact match; choice letters recognised)")
-    limit: int | None = opt(None, "a seeded subset of this many questions per task", type=int)
+    lmms_tasks: str | list | None = opt(None, "comma-separated lmms-eval tasks (needs vlmprune[lmms]), e.g. "
+                                              "mme,pope,gqa; packaged offline ones: " + ", ".join(LMMS_PACKAGED_TASKS))
+    lmms_include: str | None = opt(None, "a folder of your own lmms-eval task YAMLs (e.g. over a save_to_disk data set)")
+    limit: int | None = opt(None, "a seeded subset of this many questions per task (lmms-eval tasks: the first N, "
+                                  "packaged ones: the same seeded subset as the built-in task)", type=int)
     data_dir: str | None = opt(None, "where the built-in tasks' data lives (default: the user cache)")
     batch_size: int = opt(32, "questions per generation batch", type=int)
     max_new_tokens: int = opt(10, "answer length limit in tokens", type=int)
@@ -309,16 +328,23 @@ class EvalConfig:
     output: str | None = opt(None, "write the results JSON to this file")
 
     def __post_init__(self):
-        tasks = self.tasks
-        if isinstance(tasks, str):
-            tasks = [t.strip() for t in tasks.split(",") if t.strip()]
-        object.__setattr__(self, "tasks", list(tasks or []))
+        lmms = _task_list("lmms_tasks", self.lmms_tasks)
+        object.__setattr__(self, "lmms_tasks", lmms)
+        tasks = list(BUILTIN_TASKS) if self.tasks is None and not lmms else _task_list("tasks", self.tasks)
+        object.__setattr__(self, "tasks", tasks)
         unknown = [t for t in self.tasks if t not in BUILTIN_TASKS]
         if unknown:
             raise VlmpruneError(f"unknown task(s) {unknown}; built-in tasks: {', '.join(BUILTIN_TASKS)} "
-                                f"(or pass your own LLaVA-format test file with --task-file)")
-        if not self.tasks and not self.task_file:
-            raise VlmpruneError("nothing to evaluate: give --tasks and/or --task-file")
+                                f"(or pass your own LLaVA-format test file with --task-file, or lmms-eval "
+                                f"tasks with --lmms-tasks)")
+        if len(set(lmms)) != len(lmms):
+            raise VlmpruneError(f"--lmms-tasks names a task twice: {lmms}")
+        if not self.tasks and not self.task_file and not self.lmms_tasks:
+            raise VlmpruneError("nothing to evaluate: give --tasks, --task-file and/or --lmms-tasks")
+        if self.efficiency and not self.tasks and not self.task_file:
+            raise VlmpruneError("--efficiency measures a prompt of a built-in task or --task-file: give one of them")
+        if self.lmms_include is not None and not self.lmms_tasks:
+            raise VlmpruneError("--lmms-include adds task YAMLs for --lmms-tasks: name the tasks to run with --lmms-tasks")
         for name in ("limit", "batch_size", "max_new_tokens"):
             positive(name, getattr(self, name), allow_none=name == "limit")
 
@@ -328,6 +354,8 @@ class EvalConfig:
         if model:
             need("model", self.model)
             check_model_source(self.model)
+        if self.lmms_include is not None and not Path(self.lmms_include).is_dir():
+            raise VlmpruneError(f"--lmms-include {self.lmms_include}: directory not found")
         if self.task_file is not None and not Path(self.task_file).is_file():
             raise VlmpruneError(f"--task-file {self.task_file}: file not found" if not Path(self.task_file).exists()
                                 else f"--task-file {self.task_file} is a directory; give the JSON file of test records")

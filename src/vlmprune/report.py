@@ -69,6 +69,11 @@ def _fmt(value, pct=False) -> str:
     return str(value)
 
 
+def _is_fraction(original: dict, task: str) -> bool:
+    """Is the task scored as a fraction (shown in %)? lmms-eval scores such as MME's sums are not."""
+    return original["tasks"][task].get("scale", "fraction") == "fraction"
+
+
 def _fmt_int(value) -> str:
     return f"{value:,}" if isinstance(value, int) else ""
 
@@ -94,13 +99,15 @@ def write_report(run: str | Path) -> dict[str, Path]:
         writer.writerows(rows)
     lines = [f"# Study results: {run.name}", "",
              f"Original model: {original['parameters']['total']:,} parameters; "
-             + ", ".join(f"{t} {original['tasks'][t]['accuracy']:.1%}" for t in tasks), "",
+             + ", ".join(f"{t} {_fmt(original['tasks'][t]['accuracy'], _is_fraction(original, t))}"
+                         for t in tasks), "",
              "| method | ratio (target / achieved) | recovery | data fraction | quantization | params | disk MB | "
              + " | ".join(f"{t} (retention)" for t in tasks) + " | mean retention | status |",
              "|---|---|---|---:|---|---:|---:|" + "---:|" * len(tasks) + "---:|---|"]
     for r in sorted(rows, key=lambda r: (r["method"], r["ratio"], r["recipe"], r["fraction"] or 0,
                                          r.get("quantization") or "")):
-        scores = " | ".join(f"{_fmt(r.get(t), True)} ({_fmt(r.get(f'{t}_retention'), True)})" if r.get(t) is not None
+        scores = " | ".join(f"{_fmt(r.get(t), _is_fraction(original, t))} ({_fmt(r.get(f'{t}_retention'), True)})"
+                            if r.get(t) is not None
                             else "" for t in tasks)
         status = r["status"] if r["status"] != "failed" else f"failed: {r['error']}"
         lines.append(f"| {r['method']} ({r['criterion']}) | {r['ratio']:.0%} / {_fmt(r.get('achieved_ratio'), True)} | "
@@ -176,6 +183,7 @@ def _accuracy_plot(run: Path, original: dict, rows: list[dict], tasks: list[str]
     """Mean accuracy against parameters (or bytes of weights on disk, ``size="disk_bytes"``: what
     fits in N MB), with the Pareto front (no smaller model is better) marked."""
     paths = {}
+    tasks = [t for t in tasks if _is_fraction(original, t)] or tasks  # a mean of fractions, not of MME sums
     mean_acc = lambda r: sum(r[t] for t in tasks if r.get(t) is not None) / len(tasks)  # noqa: E731
     scale, label, name = ((1e6, "parameters (millions)", "accuracy_vs_params") if size == "params"
                           else (2**20, "weights on disk (MB)", "accuracy_vs_disk"))

@@ -294,7 +294,8 @@ def run_study(config: dict) -> StudyResult:
                 shutil.rmtree(cell_dir / "quantized", ignore_errors=True)
             _write_json(cell_dir / "status.json", {"status": "done", "seconds": time.time() - t0})
             result.done += 1
-            log.info("[study] %s: mean accuracy %.3f (%.0f s)", cell.id, evaluated["accuracy"], time.time() - t0)
+            log.info("[study] %s: mean accuracy %s (%.0f s)", cell.id, "n/a" if evaluated["accuracy"] is None
+                     else f"{evaluated['accuracy']:.3f}", time.time() - t0)
         except Exception as exc:  # a failed cell is recorded and the grid goes on
             _write_json(cell_dir / "status.json", {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
                                                    "traceback": traceback.format_exc(), "seconds": time.time() - t0})

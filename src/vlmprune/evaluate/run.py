@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from vlmprune.config import EvalConfig
+from vlmprune.errors import VlmpruneError
 from vlmprune.evaluate.efficiency import disk_bytes, efficiency, weight_bytes_by_part
 from vlmprune.evaluate.tasks import evaluate, load_task, prompt_batch
 from vlmprune.inspect import count_parameters
@@ -24,9 +25,27 @@ def evaluate_model_dir(config: EvalConfig | None = None, **options) -> dict:
     cfg.check_paths()
     if cfg.task_file is not None:
         load_task(cfg.task_file, limit=1)  # every record and image checked before the model loads
+    if cfg.lmms_tasks:
+        from vlmprune.evaluate.lmms import require_lmms
+
+        require_lmms()  # before the model loads
     net, processor = load(cfg.model), load_processor(cfg.model)
-    result = evaluate(net, processor, tasks=cfg.tasks, data_dir=cfg.data_dir, limit=cfg.limit,
-                      task_file=cfg.task_file, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
+    result = {"tasks": {}, "data_dir": cfg.data_dir, "accuracy": 0.0}
+    if cfg.tasks or cfg.task_file:
+        result = evaluate(net, processor, tasks=cfg.tasks, data_dir=cfg.data_dir, limit=cfg.limit,
+                          task_file=cfg.task_file, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
+    if cfg.lmms_tasks:  # lmms-eval tasks through the vlmprune plugin, merged beside the built-in ones
+        from vlmprune.evaluate.lmms import run_lmms_tasks
+
+        entries = run_lmms_tasks(net, processor, cfg.lmms_tasks, limit=cfg.limit, batch_size=cfg.batch_size,
+                                 max_new_tokens=cfg.max_new_tokens, data_dir=cfg.data_dir, include=cfg.lmms_include)
+        clash = sorted(set(entries) & set(result["tasks"]))
+        if clash:
+            raise VlmpruneError(f"lmms-eval task(s) {clash} have the names of built-in tasks; rename them")
+        result["tasks"].update(entries)
+        # the mean over tasks scored as fractions (MME sums and percent scores are kept out of it)
+        fractions = [r["accuracy"] for r in result["tasks"].values() if r.get("scale", "fraction") == "fraction"]
+        result["accuracy"] = sum(fractions) / len(fractions) if fractions else None
     result["parameters"] = count_parameters(net)
     # sizes as stored (quantized weights at their packed size): the edge-device view of a model
     result["weight_bytes"] = weight_bytes_by_part(net)

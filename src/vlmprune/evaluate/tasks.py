@@ -130,13 +130,19 @@ def prompt_batch(processor, items: list[dict]) -> dict:
     the generation prompt, left-padded for batched generation."""
     from PIL import Image
 
+    return chat_inputs(processor, [([Image.open(it["image"]).convert("RGB")] if it["image"] else [], it["question"])
+                                   for it in items])
+
+
+def chat_inputs(processor, prompts: list[tuple[list, str]]) -> dict:
+    """Processor inputs for (images, text) user turns: the images first, then the text, rendered by
+    the model's chat template with the generation prompt, left-padded for batched generation.
+    The one prompt format of both evaluation paths (the built-in tasks and the lmms-eval plugin)."""
     tokenizer = getattr(processor, "tokenizer", processor)
     texts, images = [], []
-    for it in items:
-        content = [{"type": "text", "text": it["question"]}]
-        if it["image"]:
-            content.insert(0, {"type": "image"})
-            images.append(Image.open(it["image"]).convert("RGB"))
+    for pictures, text in prompts:
+        content = [{"type": "image"} for _ in pictures] + [{"type": "text", "text": text}]
+        images += list(pictures)
         texts.append(processor.apply_chat_template([{"role": "user", "content": content}],
                                                    add_generation_prompt=True, tokenize=False))
     old_side = tokenizer.padding_side
