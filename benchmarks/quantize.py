@@ -81,6 +81,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--work", default="/tmp/vlmprune-quantize-bench", help="where the quantized checkpoints go")
     ap.add_argument("--out", default="benchmarks/results/quantize.jsonl")
+    ap.add_argument("--plan", help="also measure the demo model pruned by this pruning_plan.json, with every scheme")
+    ap.add_argument("--plan-name", default="pruned", help="the pruned model's name in the table")
+    ap.add_argument("--only-plan", action="store_true", help="skip the unpruned model (rows already measured)")
     ap.add_argument("--table", action="store_true", help="only print the table of the rows already in --out")
     ap.add_argument("--one", nargs=2, metavar=("MODEL_DIR", "SCHEME"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -99,18 +102,27 @@ def main() -> None:
     from vlmprune.errors import VlmpruneError
     from vlmprune.quantize import quantize_model_dir
 
-    source = str(build_demo_model())
+    teacher = str(build_demo_model())
     demo_data()  # written once, before the children read it
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    bases = [] if args.only_plan else [("original", teacher)]
+    if args.plan:
+        from vlmprune.pipeline import prune_from_plan
+
+        pruned = Path(args.work) / args.plan_name
+        if not (pruned / "pruning_plan.json").exists():
+            prune_from_plan(teacher, args.plan, pruned, overwrite=True)
+        bases.append((args.plan_name, str(pruned)))
     rows = []
-    for scheme in args.schemes.split(","):
-        row = {"variant": scheme}
+    for (name, source), scheme in [(b, s) for b in bases for s in args.schemes.split(",")]:
+        row = {"model": name, "variant": scheme}
         model_dir = source
         if scheme != "fp32":
             t0 = time.perf_counter()
             try:
-                model_dir, record = quantize_model_dir(source, scheme, Path(args.work) / scheme, overwrite=True)
+                model_dir, record = quantize_model_dir(source, scheme, Path(args.work) / f"{name}-{scheme}",
+                                                       overwrite=True)
             except VlmpruneError as exc:
                 row["refused"] = str(exc)
                 print(f"{scheme}: refused: {exc}", flush=True)
@@ -129,7 +141,7 @@ def main() -> None:
             row["failed"] = proc.stderr[-2000:]
             print(f"{scheme}: failed\n{proc.stderr[-2000:]}", flush=True)
         else:
-            row.update(json.loads(lines[-1][len("RESULT "):]))
+            row.update({k: v for k, v in json.loads(lines[-1][len("RESULT "):]).items() if k != "variant"})
             print(f"{scheme}: {json.dumps(row)}", flush=True)
         rows.append(row)
         with out.open("a") as f:
@@ -138,19 +150,23 @@ def main() -> None:
 
 
 def table(rows: list[dict]) -> str:
-    base = next((r for r in rows if r["variant"] == "fp32" and "accuracy" in r), None)
-    head = ("| variant | easy-VQA | digits | mean | vs fp32 | disk MB | LM weights MB | LM vs fp32 | RSS after load MB "
+    """Markdown: one line per row; ratios against the fp32 row of the same model."""
+    fp32 = {r.get("model", "original"): r for r in rows if r["variant"] == "fp32" and "accuracy" in r}
+    head = ("| model | variant | easy-VQA | digits | mean | vs fp32 | disk MB | LM weights MB | LM vs fp32 | RSS after load MB "
             "| peak RSS MB | prefill ms | decode tok/s |")
-    lines = [head, "|---|" + "---:|" * 11]
+    lines = [head, "|---|---|" + "---:|" * 11]
     for r in rows:
+        model = r.get("model", "original")
+        base = fp32.get(model)
         if "accuracy" not in r:
-            lines.append(f"| {r['variant']} | {'refused' if 'refused' in r else 'failed'} |" + " |" * 10)
+            lines.append(f"| {model} | {r['variant']} | {'refused' if 'refused' in r else 'failed'} |" + " |" * 10)
             continue
         lm = r["weight_bytes"]["language_model"]
         rel = lambda v, b: f"{v / b:.2f}x" if base else ""  # noqa: E731
+        retention = f"{r['accuracy'] / base['accuracy']:.1%}" if base else ""
         lines.append(
-            f"| {r['variant']} | {r['per_task']['easyvqa']:.1%} | {r['per_task']['digits']:.1%} | {r['accuracy']:.1%} "
-            f"| {rel(r['accuracy'], base['accuracy']) if base else ''} | {r['disk_bytes'] / 2**20:,.1f} "
+            f"| {model} | {r['variant']} | {r['per_task']['easyvqa']:.1%} | {r['per_task']['digits']:.1%} | {r['accuracy']:.1%} "
+            f"| {retention} | {r['disk_bytes'] / 2**20:,.1f} "
             f"| {lm / 2**20:,.1f} | {rel(lm, base['weight_bytes']['language_model']) if base else ''} "
             f"| {r['rss_after_load_mb']:,.0f} | {r['peak_rss_mb']:,.0f} | {1000 * r['prefill_s']:.1f} "
             f"| {r['decode_tokens_per_s']:.1f} |"
