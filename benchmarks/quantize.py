@@ -50,8 +50,10 @@ def measure_one(model_dir: str, scheme: str, limit: int, batch_size: int, decode
     load_s = time.perf_counter() - t0
     rss_loaded = rss_mb("VmRSS")
     t0 = time.perf_counter()
-    result = evaluate(model, processor, tasks=["easyvqa", "digits"], data_dir=str(paths["root"]), limit=limit,
-                      batch_size=batch_size, max_new_tokens=6)
+    result = {"accuracy": None, "tasks": {}}
+    if limit:  # --limit 0: timing only (a back-to-back speed comparison without the long evaluation)
+        result = evaluate(model, processor, tasks=["easyvqa", "digits"], data_dir=str(paths["root"]), limit=limit,
+                          batch_size=batch_size, max_new_tokens=6)
     eval_s = time.perf_counter() - t0
     inputs = dict(prompt_batch(processor, load_task(paths["easyvqa"], limit=1)))
     speed = measure(model, inputs, decode_tokens=decode_tokens, repeats=repeats)
@@ -75,7 +77,7 @@ def measure_one(model_dir: str, scheme: str, limit: int, batch_size: int, decode
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--schemes", default=",".join(SCHEMES), help="fp32 is the unquantized demo model")
-    ap.add_argument("--limit", type=int, default=100, help="questions per task (seeded subset)")
+    ap.add_argument("--limit", type=int, default=100, help="questions per task (seeded subset); 0: timing only")
     ap.add_argument("--batch-size", type=int, default=25)
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
@@ -151,21 +153,23 @@ def main() -> None:
 
 def table(rows: list[dict]) -> str:
     """Markdown: one line per row; ratios against the fp32 row of the same model."""
-    fp32 = {r.get("model", "original"): r for r in rows if r["variant"] == "fp32" and "accuracy" in r}
+    fp32 = {r.get("model", "original"): r for r in rows if r["variant"] == "fp32" and "disk_bytes" in r}
     head = ("| model | variant | easy-VQA | digits | mean | vs fp32 | disk MB | LM weights MB | LM vs fp32 | RSS after load MB "
             "| peak RSS MB | prefill ms | decode tok/s |")
     lines = [head, "|---|---|" + "---:|" * 11]
     for r in rows:
         model = r.get("model", "original")
         base = fp32.get(model)
-        if "accuracy" not in r:
+        if "disk_bytes" not in r:
             lines.append(f"| {model} | {r['variant']} | {'refused' if 'refused' in r else 'failed'} |" + " |" * 10)
             continue
         lm = r["weight_bytes"]["language_model"]
         rel = lambda v, b: f"{v / b:.2f}x" if base else ""  # noqa: E731
-        retention = f"{r['accuracy'] / base['accuracy']:.1%}" if base else ""
+        pct = lambda v: "" if v is None else f"{v:.1%}"  # noqa: E731
+        retention = pct(r["accuracy"] / base["accuracy"]) if base and r["accuracy"] is not None else ""
         lines.append(
-            f"| {model} | {r['variant']} | {r['per_task']['easyvqa']:.1%} | {r['per_task']['digits']:.1%} | {r['accuracy']:.1%} "
+            f"| {model} | {r['variant']} | {pct(r['per_task'].get('easyvqa'))} | {pct(r['per_task'].get('digits'))} "
+            f"| {pct(r['accuracy'])} "
             f"| {retention} | {r['disk_bytes'] / 2**20:,.1f} "
             f"| {lm / 2**20:,.1f} | {rel(lm, base['weight_bytes']['language_model']) if base else ''} "
             f"| {r['rss_after_load_mb']:,.0f} | {r['peak_rss_mb']:,.0f} | {1000 * r['prefill_s']:.1f} "
