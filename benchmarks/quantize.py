@@ -57,6 +57,10 @@ def measure_one(model_dir: str, scheme: str, limit: int, batch_size: int, decode
     eval_s = time.perf_counter() - t0
     inputs = dict(prompt_batch(processor, load_task(paths["easyvqa"], limit=1)))
     speed = measure(model, inputs, decode_tokens=decode_tokens, repeats=repeats)
+    # CPU seconds of this single-threaded process: comparable between variants even while other
+    # jobs load the machine (wall time above is not, then)
+    cpu = measure(model, inputs, decode_tokens=decode_tokens, repeats=repeats, clock=time.process_time)
+    speed["cpu_prefill_s"], speed["cpu_decode_tokens_per_s"] = cpu["prefill_s"], cpu["decode_tokens_per_s"]
     return {
         "variant": scheme,
         "accuracy": result["accuracy"],
@@ -155,25 +159,27 @@ def table(rows: list[dict]) -> str:
     """Markdown: one line per row; ratios against the fp32 row of the same model."""
     fp32 = {r.get("model", "original"): r for r in rows if r["variant"] == "fp32" and "disk_bytes" in r}
     head = ("| model | variant | easy-VQA | digits | mean | vs fp32 | disk MB | LM weights MB | LM vs fp32 | RSS after load MB "
-            "| peak RSS MB | prefill ms | decode tok/s |")
-    lines = [head, "|---|---|" + "---:|" * 11]
+            "| peak RSS MB | prefill ms | decode tok/s | CPU prefill ms | CPU decode tok/s |")
+    lines = [head, "|---|---|" + "---:|" * 13]
     for r in rows:
         model = r.get("model", "original")
         base = fp32.get(model)
         if "disk_bytes" not in r:
-            lines.append(f"| {model} | {r['variant']} | {'refused' if 'refused' in r else 'failed'} |" + " |" * 10)
+            lines.append(f"| {model} | {r['variant']} | {'refused' if 'refused' in r else 'failed'} |" + " |" * 12)
             continue
         lm = r["weight_bytes"]["language_model"]
         rel = lambda v, b: f"{v / b:.2f}x" if base else ""  # noqa: E731
         pct = lambda v: "" if v is None else f"{v:.1%}"  # noqa: E731
         retention = pct(r["accuracy"] / base["accuracy"]) if base and r["accuracy"] is not None else ""
+        cpu_prefill = f"{1000 * r['cpu_prefill_s']:.1f}" if "cpu_prefill_s" in r else ""
+        cpu_decode = f"{r['cpu_decode_tokens_per_s']:.1f}" if "cpu_decode_tokens_per_s" in r else ""
         lines.append(
             f"| {model} | {r['variant']} | {pct(r['per_task'].get('easyvqa'))} | {pct(r['per_task'].get('digits'))} "
             f"| {pct(r['accuracy'])} "
             f"| {retention} | {r['disk_bytes'] / 2**20:,.1f} "
             f"| {lm / 2**20:,.1f} | {rel(lm, base['weight_bytes']['language_model']) if base else ''} "
             f"| {r['rss_after_load_mb']:,.0f} | {r['peak_rss_mb']:,.0f} | {1000 * r['prefill_s']:.1f} "
-            f"| {r['decode_tokens_per_s']:.1f} |"
+            f"| {r['decode_tokens_per_s']:.1f} | {cpu_prefill} | {cpu_decode} |"
         )
     return "\n".join(lines)
 
