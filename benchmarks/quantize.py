@@ -50,11 +50,17 @@ def measure_one(model_dir: str, scheme: str, limit: int, batch_size: int, decode
     load_s = time.perf_counter() - t0
     rss_loaded = rss_mb("VmRSS")
     t0 = time.perf_counter()
-    result = evaluate(model, processor, tasks=["easyvqa", "digits"], data_dir=str(paths["root"]), limit=limit,
-                      batch_size=batch_size, max_new_tokens=6)
+    result = {"accuracy": None, "tasks": {}}
+    if limit:  # --limit 0: timing only (a back-to-back speed comparison without the long evaluation)
+        result = evaluate(model, processor, tasks=["easyvqa", "digits"], data_dir=str(paths["root"]), limit=limit,
+                          batch_size=batch_size, max_new_tokens=6)
     eval_s = time.perf_counter() - t0
     inputs = dict(prompt_batch(processor, load_task(paths["easyvqa"], limit=1)))
     speed = measure(model, inputs, decode_tokens=decode_tokens, repeats=repeats)
+    # CPU seconds of this single-threaded process: comparable between variants even while other
+    # jobs load the machine (wall time above is not, then)
+    cpu = measure(model, inputs, decode_tokens=decode_tokens, repeats=repeats, clock=time.process_time)
+    speed["cpu_prefill_s"], speed["cpu_decode_tokens_per_s"] = cpu["prefill_s"], cpu["decode_tokens_per_s"]
     return {
         "variant": scheme,
         "accuracy": result["accuracy"],
@@ -75,12 +81,15 @@ def measure_one(model_dir: str, scheme: str, limit: int, batch_size: int, decode
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--schemes", default=",".join(SCHEMES), help="fp32 is the unquantized demo model")
-    ap.add_argument("--limit", type=int, default=100, help="questions per task (seeded subset)")
+    ap.add_argument("--limit", type=int, default=100, help="questions per task (seeded subset); 0: timing only")
     ap.add_argument("--batch-size", type=int, default=25)
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--work", default="/tmp/vlmprune-quantize-bench", help="where the quantized checkpoints go")
     ap.add_argument("--out", default="benchmarks/results/quantize.jsonl")
+    ap.add_argument("--plan", help="also measure the demo model pruned by this pruning_plan.json, with every scheme")
+    ap.add_argument("--plan-name", default="pruned", help="the pruned model's name in the table")
+    ap.add_argument("--only-plan", action="store_true", help="skip the unpruned model (rows already measured)")
     ap.add_argument("--table", action="store_true", help="only print the table of the rows already in --out")
     ap.add_argument("--one", nargs=2, metavar=("MODEL_DIR", "SCHEME"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -99,18 +108,27 @@ def main() -> None:
     from vlmprune.errors import VlmpruneError
     from vlmprune.quantize import quantize_model_dir
 
-    source = str(build_demo_model())
+    teacher = str(build_demo_model())
     demo_data()  # written once, before the children read it
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    bases = [] if args.only_plan else [("original", teacher)]
+    if args.plan:
+        from vlmprune.pipeline import prune_from_plan
+
+        pruned = Path(args.work) / args.plan_name
+        if not (pruned / "pruning_plan.json").exists():
+            prune_from_plan(teacher, args.plan, pruned, overwrite=True)
+        bases.append((args.plan_name, str(pruned)))
     rows = []
-    for scheme in args.schemes.split(","):
-        row = {"variant": scheme}
+    for (name, source), scheme in [(b, s) for b in bases for s in args.schemes.split(",")]:
+        row = {"model": name, "variant": scheme}
         model_dir = source
         if scheme != "fp32":
             t0 = time.perf_counter()
             try:
-                model_dir, record = quantize_model_dir(source, scheme, Path(args.work) / scheme, overwrite=True)
+                model_dir, record = quantize_model_dir(source, scheme, Path(args.work) / f"{name}-{scheme}",
+                                                       overwrite=True)
             except VlmpruneError as exc:
                 row["refused"] = str(exc)
                 print(f"{scheme}: refused: {exc}", flush=True)
@@ -129,7 +147,7 @@ def main() -> None:
             row["failed"] = proc.stderr[-2000:]
             print(f"{scheme}: failed\n{proc.stderr[-2000:]}", flush=True)
         else:
-            row.update(json.loads(lines[-1][len("RESULT "):]))
+            row.update({k: v for k, v in json.loads(lines[-1][len("RESULT "):]).items() if k != "variant"})
             print(f"{scheme}: {json.dumps(row)}", flush=True)
         rows.append(row)
         with out.open("a") as f:
@@ -138,22 +156,30 @@ def main() -> None:
 
 
 def table(rows: list[dict]) -> str:
-    base = next((r for r in rows if r["variant"] == "fp32" and "accuracy" in r), None)
-    head = ("| variant | easy-VQA | digits | mean | vs fp32 | disk MB | LM weights MB | LM vs fp32 | RSS after load MB "
-            "| peak RSS MB | prefill ms | decode tok/s |")
-    lines = [head, "|---|" + "---:|" * 11]
+    """Markdown: one line per row; ratios against the fp32 row of the same model."""
+    fp32 = {r.get("model", "original"): r for r in rows if r["variant"] == "fp32" and "disk_bytes" in r}
+    head = ("| model | variant | easy-VQA | digits | mean | vs fp32 | disk MB | LM weights MB | LM vs fp32 | RSS after load MB "
+            "| peak RSS MB | prefill ms | decode tok/s | CPU prefill ms | CPU decode tok/s |")
+    lines = [head, "|---|---|" + "---:|" * 13]
     for r in rows:
-        if "accuracy" not in r:
-            lines.append(f"| {r['variant']} | {'refused' if 'refused' in r else 'failed'} |" + " |" * 10)
+        model = r.get("model", "original")
+        base = fp32.get(model)
+        if "disk_bytes" not in r:
+            lines.append(f"| {model} | {r['variant']} | {'refused' if 'refused' in r else 'failed'} |" + " |" * 12)
             continue
         lm = r["weight_bytes"]["language_model"]
         rel = lambda v, b: f"{v / b:.2f}x" if base else ""  # noqa: E731
+        pct = lambda v: "" if v is None else f"{v:.1%}"  # noqa: E731
+        retention = pct(r["accuracy"] / base["accuracy"]) if base and r["accuracy"] is not None else ""
+        cpu_prefill = f"{1000 * r['cpu_prefill_s']:.1f}" if "cpu_prefill_s" in r else ""
+        cpu_decode = f"{r['cpu_decode_tokens_per_s']:.1f}" if "cpu_decode_tokens_per_s" in r else ""
         lines.append(
-            f"| {r['variant']} | {r['per_task']['easyvqa']:.1%} | {r['per_task']['digits']:.1%} | {r['accuracy']:.1%} "
-            f"| {rel(r['accuracy'], base['accuracy']) if base else ''} | {r['disk_bytes'] / 2**20:,.1f} "
+            f"| {model} | {r['variant']} | {pct(r['per_task'].get('easyvqa'))} | {pct(r['per_task'].get('digits'))} "
+            f"| {pct(r['accuracy'])} "
+            f"| {retention} | {r['disk_bytes'] / 2**20:,.1f} "
             f"| {lm / 2**20:,.1f} | {rel(lm, base['weight_bytes']['language_model']) if base else ''} "
             f"| {r['rss_after_load_mb']:,.0f} | {r['peak_rss_mb']:,.0f} | {1000 * r['prefill_s']:.1f} "
-            f"| {r['decode_tokens_per_s']:.1f} |"
+            f"| {r['decode_tokens_per_s']:.1f} | {cpu_prefill} | {cpu_decode} |"
         )
     return "\n".join(lines)
 

@@ -20,7 +20,10 @@ from vlmprune.quantize import tensor_bytes
 class Timer:
     """Seconds a callable takes: CUDA events on a GPU, perf_counter on a CPU."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, clock=time.perf_counter):
+        # clock=time.process_time gives CPU seconds of this process, which other jobs on a shared
+        # machine disturb far less than wall time (single-threaded runs only)
+        self.clock = clock
         self.cuda = torch.device(device).type == "cuda"
 
     def __call__(self, fn) -> float:
@@ -32,9 +35,9 @@ class Timer:
             end.record()
             torch.cuda.synchronize()
             return start.elapsed_time(end) / 1000
-        t0 = time.perf_counter()
+        t0 = self.clock()
         fn()
-        return time.perf_counter() - t0
+        return self.clock() - t0
 
 
 def _status_mb(key: str) -> float:
@@ -105,13 +108,14 @@ def count_flops(model: nn.Module, inputs: dict) -> int:
 
 
 @torch.no_grad()
-def measure(model: nn.Module, inputs: dict, decode_tokens: int = 32, repeats: int = 3, warmup: int = 1) -> dict:
+def measure(model: nn.Module, inputs: dict, decode_tokens: int = 32, repeats: int = 3, warmup: int = 1,
+            clock=time.perf_counter) -> dict:
     """Prefill latency (the whole prompt, vision included), greedy decode speed with the KV
     cache, and peak memory over those runs, for one prepared batch of ``inputs``."""
     device = next(model.parameters()).device
     inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     batch = inputs["input_ids"].shape[0]
-    timer = Timer(device)
+    timer = Timer(device, clock)
     state = {}
 
     def prefill():
