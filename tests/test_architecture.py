@@ -101,7 +101,7 @@ def test_yaml_then_overrides_then_flags_for_every_stage(tmp_path):
     recover_yaml.write_text("student: s\ndata: d\noutput: o\nloss: sft=1\nlearning_rate: 0.1\n")
     args, rest = parser.parse_known_args(["recover", "--config", str(recover_yaml), "learning_rate=0.5"])
     assert resolve(RecoverConfig, args, rest).learning_rate == 0.5
-    for command in ("inspect", "evaluate", "data", "report"):
+    for command in ("inspect", "evaluate", "data", "report", "quantize", "convert"):
         actions = {a.dest for a in parser._subparsers._group_actions[0].choices[command]._actions}
         assert {"config_file", "overrides"} <= actions, command
 
@@ -145,3 +145,10 @@ def test_slices_cover_every_prunable_row_and_column_once():
         for slices in by_module.values():
             owned = torch.stack([s.owner >= 0 for s in slices]).sum(0)
             assert (owned == 1).all(), family  # every row/column: exactly one owner
+
+
+def test_quantize_schemes_are_named_once():
+    from vlmprune.config import QUANT_SCHEMES
+    from vlmprune.quantize import SCHEMES
+
+    assert tuple(SCHEMES) == QUANT_SCHEMES

@@ -170,7 +170,7 @@ def cmd_evaluate(cfg: C.EvalConfig) -> int:
     return 0
 
 
-def cmd_quantize(args, overrides: list[str]) -> int:
+def cmd_quantize(args: C.QuantizeConfig) -> int:
     from vlmprune.quantize import quantize_model_dir
 
     out, record = quantize_model_dir(args.model, args.scheme, args.output, overwrite=args.overwrite, dtype=args.dtype,
@@ -251,7 +251,7 @@ def cmd_demo(args, overrides: list[str]) -> int:
     return code
 
 
-def cmd_convert(args, overrides: list[str]) -> int:
+def cmd_convert(args: C.ConvertConfig) -> int:
     from vlmprune.convert import convert
 
     out = convert(args.family, args.source, args.output, overwrite=args.overwrite, vision_tower=args.vision_tower,
@@ -279,6 +279,8 @@ STAGES = {
     "prune": (C.PruneConfig, cmd_prune, "prune the language backbone and write a checkpoint"),
     "recover": (C.RecoverConfig, cmd_recover, "recover a pruned model's quality: SFT and distillation"),
     "evaluate": (C.EvalConfig, cmd_evaluate, "exact-match accuracy on tasks, lmms-eval benchmarks, and efficiency measures"),
+    "quantize": (C.QuantizeConfig, cmd_quantize, "quantize the language model's decoder layers and write a checkpoint"),
+    "convert": (C.ConvertConfig, cmd_convert, "an original Bunny / Mini-InternVL-Chat checkpoint -> a native one"),
     "data": (C.DataConfig, cmd_data, "write a demo data set in the LLaVA conversation format"),
     "report": (C.ReportConfig, cmd_report, "aggregate a study run directory into tables and plots"),
 }
@@ -298,18 +300,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.set_defaults(func=cmd_study)
 
-    p = sub.add_parser("quantize", help="quantize the language model's decoder layers and write a checkpoint")
-    p.add_argument("--model", required=True, help="local directory or hub id")
-    p.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (off by default)")
-    p.add_argument("--scheme", required=True, choices=["int8", "int8-dynamic", "nf4", "int4"],
-                   help="int8: int8 weights (torchao, CPU); int8-dynamic: int8 weights and activations (torchao, CPU); "
-                        "nf4: 4-bit NormalFloat (bitsandbytes, CPU); int4: int4 weights (torchao, CUDA + bfloat16)")
-    p.add_argument("--device", help="where to quantize (default: cuda for int4, else cpu)")
-    p.add_argument("--dtype", help="load the model in this dtype first, e.g. bfloat16 for int4 (default: the checkpoint's)")
-    p.add_argument("--output", required=True)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.set_defaults(func=cmd_quantize)
-
     p = sub.add_parser("demo", help="the embedded demo model: build it, or run the whole job on it")
     p.add_argument("action", nargs="?", choices=["run", "build"], default="run")
     p.add_argument("--output", help="build: checkpoint directory (default: the user cache); run: run directory")
@@ -318,18 +308,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                    help="run: study overrides (also trailing KEY=VALUE)")
     p.set_defaults(func=cmd_demo)
-
-    p = sub.add_parser("convert", help="an original Bunny / Mini-InternVL-Chat checkpoint -> a native one")
-    p.add_argument("--from", dest="family", required=True, choices=["bunny", "internvl-chat"],
-                   help="bunny: BunnyPhiForCausalLM (Bunny-v1.0); internvl-chat: InternVLChatModel with Phi-3")
-    p.add_argument("source", help="local directory of the original checkpoint (its code is never run)")
-    p.add_argument("--output", required=True)
-    p.add_argument("--vision-tower", help="bunny: directory of the SigLIP tower config that mm_vision_tower "
-                                          "names (default: that name, as a path or from the hub cache)")
-    p.add_argument("--image-token-id", type=int,
-                   help="internvl-chat without tokenizer files: the <IMG_CONTEXT> id")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("criteria", help="list the registered pruning criteria")
     p.set_defaults(func=cmd_criteria)

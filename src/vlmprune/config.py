@@ -368,6 +368,51 @@ class EvalConfig:
                 raise VlmpruneError(f"--output {self.output} lies inside the model directory; write results elsewhere")
 
 
+QUANT_SCHEMES = ("int8", "int8-dynamic", "nf4", "int4")  # vlmprune.quantize.SCHEMES describes each
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """``vlmprune quantize``: post-training quantization of the language model's decoder layers."""
+
+    model: str | None = opt(None, "model directory (pruned or not) or hub id")
+    scheme: str | None = opt(None, "int8: int8 weights (torchao, CPU); int8-dynamic: int8 weights and activations "
+                                   "(torchao, CPU); nf4: 4-bit NormalFloat (bitsandbytes); int4: int4 weights "
+                                   "(torchao, CUDA + bfloat16)", choices=QUANT_SCHEMES)
+    output: str | None = opt(None, "output directory (written whole at the end)")
+    device: str | None = opt(None, "where to quantize (default: cuda for int4, else cpu)")
+    dtype: str | None = opt(None, "load the model in this dtype first, e.g. bfloat16 for int4 (default: the "
+                                  "checkpoint's)", choices=DTYPES)
+    overwrite: bool = opt(False, "replace an existing output directory (only one vlmprune wrote)")
+    trust_remote_code: bool = opt(False, "run the model repo's own code (off by default)")
+
+    def __post_init__(self):
+        need("model", self.model)
+        need("output", self.output)
+        one_of("scheme", self.scheme, QUANT_SCHEMES, allow_none=False)
+        one_of("dtype", self.dtype, DTYPES)
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """``vlmprune convert``: an original Bunny / Mini-InternVL-Chat checkpoint -> a native one."""
+
+    family: str | None = opt(None, "bunny: BunnyPhiForCausalLM (Bunny-v1.0); internvl-chat: InternVLChatModel "
+                                   "with Phi-3", flag="--from", choices=("bunny", "internvl-chat"))
+    source: str | None = opt(None, "local directory of the original checkpoint (its code is never run)",
+                             positional=True)
+    output: str | None = opt(None, "output directory")
+    vision_tower: str | None = opt(None, "bunny: directory of the SigLIP tower config that mm_vision_tower names "
+                                         "(default: that name, as a path or from the hub cache)")
+    image_token_id: int | None = opt(None, "internvl-chat without tokenizer files: the <IMG_CONTEXT> id", type=int)
+    overwrite: bool = opt(False, "replace an existing output directory (only one vlmprune wrote)")
+
+    def __post_init__(self):
+        one_of("from", self.family, ("bunny", "internvl-chat"), allow_none=False)
+        need("source", self.source)
+        need("output", self.output)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """``vlmprune data``: write a demo data set in the LLaVA conversation format."""
