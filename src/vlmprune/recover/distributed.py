@@ -110,16 +110,20 @@ def gathered_state_dict(trainer) -> dict[str, torch.Tensor] | None:
 def load_gathered(fresh: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     """Load a gathered state dict into a freshly built copy of the student; every weight must find its place."""
     missing, unexpected = fresh.load_state_dict(state, strict=False)
-    # Tied weights (lm_head -> embed_tokens) may be gathered once; a missing tied key is fine.
-    tied = {k for k in missing if _is_tied(fresh, k)}
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise VlmpruneError(f"the gathered weights do not match the student: missing {missing[:5]}, unexpected "
-                            f"{unexpected[:5]}")
+    check_gathered_keys(fresh, missing, unexpected)
     return fresh
 
 
+def check_gathered_keys(model: nn.Module, missing, unexpected) -> None:
+    """Refuse a state dict that leaves weights unset or brings unknown ones (a tied output head may be absent)."""
+    missing = [k for k in missing if not _is_tied(model, k)]
+    if missing or unexpected:
+        raise VlmpruneError(f"the gathered weights do not match the student: missing {list(missing)[:5]}, "
+                            f"unexpected {list(unexpected)[:5]}")
+
+
 def _is_tied(model: nn.Module, key: str) -> bool:
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return (out is not None and inp is not None and out.weight is inp.weight and key.endswith("lm_head.weight"))
+    base = getattr(model, "get_base_model", lambda: model)()
+    out = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    inp = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    return out is not None and inp is not None and out.weight is inp.weight and key.endswith("lm_head.weight")

@@ -154,6 +154,38 @@ class RecoveryTrainer(transformers.Trainer):
             self._calls += 1
         return (loss, outputs) if return_outputs else loss
 
+    # Resuming under FSDP: accelerate's full-state-dict loaders broadcast from rank 0 and hung over
+    # gloo (accelerate 1.16, torch 2.13); every process reads the full files itself instead and keeps its shard.
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if not self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        from vlmprune.recover.distributed import check_gathered_keys
+
+        target = model if model is not None else self.model
+        state = load_file(str(Path(resume_from_checkpoint) / "model.safetensors"))
+        result = set_model_state_dict(target, state, options=StateDictOptions(full_state_dict=True, strict=False))
+        check_gathered_keys(self.accelerator.unwrap_model(target), result.missing_keys, result.unexpected_keys)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if not (self.is_fsdp_enabled and checkpoint):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        import warnings
+        from pathlib import Path
+
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper
+        state = torch.load(Path(checkpoint) / "optimizer.bin", map_location="cpu", weights_only=True)
+        set_optimizer_state_dict(self.model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / "scheduler.pt", weights_only=True))
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Under FSDP, gather the full weights ourselves (one tensor at a time) before ``_save``."""
         if self.is_fsdp_enabled:
