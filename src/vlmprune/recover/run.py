@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -258,6 +259,11 @@ def _recover(cfg: RecoverConfig, args, state, callbacks) -> Path:
                  f"{trainable:,}", f"{total:,}", 100 * trainable / total, len(samples), cfg.loss)
 
     collator = Collator(processor, max_length=cfg.max_length, system_prompt=cfg.system_prompt)
+    if launcher_backend() == "fsdp":
+        # Shard by the language model's decoder layers only: the vision tower's layers (in the model's
+        # _no_split_modules too) are skipped by text-only batches, and a unit one process skips while
+        # the other gathers it breaks FSDP's collectives. The frozen tower stays in the root unit.
+        os.environ.setdefault("FSDP_TRANSFORMER_CLS_TO_WRAP", type(get_adapter(student).layers(student)[0]).__name__)
     trainer = RecoveryTrainer(
         model=model, args=args, train_dataset=samples, data_collator=collator, callbacks=callbacks,
         teacher=teacher, weights=cfg.loss, image_token_id=collator.image_token_id, temperature=cfg.temperature,

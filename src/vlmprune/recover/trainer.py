@@ -76,6 +76,21 @@ def save_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], outpu
         config.save_pretrained(out)
 
 
+class _ReduceUnusedParams(transformers.TrainerCallback):
+    """FSDP2: reduce-scatter zeros for parameters a process did not use this step.
+
+    A text-only micro-batch leaves the projector without a gradient on that process while the
+    other has one; FSDP2 would then reduce-scatter different sets of gradients and the processes'
+    collectives stop matching (gloo aborts). With this, every process reduces the same set.
+    """
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(model, FSDPModule):
+            model.set_reduce_scatter_unused_params(True)
+
+
 class RecoveryTrainer(transformers.Trainer):
     """Trainer for a pruned student, optionally distilled from its unpruned teacher.
 
@@ -111,6 +126,8 @@ class RecoveryTrainer(transformers.Trainer):
             teacher.to(self.args.device).eval().requires_grad_(False)
         self._sums: dict[str, torch.Tensor] = {}
         self._calls = 0
+        if self.is_fsdp_enabled:
+            self.add_callback(_ReduceUnusedParams())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Weighted sum of the configured losses on one micro-batch."""
