@@ -3,6 +3,7 @@ the DeepSpeed configs are checked without DeepSpeed running (it needs a GPU)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import transformers
@@ -96,9 +98,15 @@ def test_fsdp2_resumes_after_a_kill_and_ends_at_the_same_step(dirs, tmp_path):
             assert proc.poll() is None, proc.stderr.read()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # launcher and both workers, mid-run
+    finally:  # the launcher and both workers, mid-run (torchrun may put workers in their own groups)
+        tree = [proc.pid] + [child.pid for child in psutil.Process(proc.pid).children(recursive=True)]
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         proc.wait(timeout=30)
+        time.sleep(1)
+        assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                       for pid in tree[1:])
     assert not out.exists()
     steps_done = sorted(int(p.name.rsplit("-", 1)[1]) for p in ckpts.iterdir() if p.name.startswith("checkpoint-"))
     assert steps_done and steps_done[-1] < 12, steps_done
