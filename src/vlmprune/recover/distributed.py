@@ -69,9 +69,6 @@ def check_launch(train: str, gradient_checkpointing: bool, bf16: bool) -> None:
         raise VlmpruneError("DeepSpeed needs a GPU (its CPU accelerator does not train transformers models with "
                             "gloo here); on a CPU machine use configs/accelerate/fsdp.yaml (FSDP2 over gloo) or "
                             "configs/accelerate/ddp.yaml")
-    if backend == "fsdp" and bf16 and not torch.accelerator.is_available():
-        raise VlmpruneError("--bf16 under FSDP on CPU processes is not supported (FSDP2's mixed-precision casts "
-                            "assume an accelerator); drop --bf16 and launch with --mixed_precision no, or use a GPU")
 
 
 def is_sharded(trainer) -> bool:
