@@ -66,8 +66,8 @@ def check_launch(train: str, gradient_checkpointing: bool, bf16: bool) -> None:
     """Refuse combinations that cannot work under the launcher's backend, before any model loads."""
     backend = launcher_backend()
     if backend == "deepspeed" and not torch.accelerator.is_available():
-        raise VlmpruneError("DeepSpeed needs a GPU (its CPU accelerator does not train transformers models with "
-                            "gloo here); on a CPU machine use configs/accelerate/fsdp.yaml (FSDP2 over gloo) or "
+        raise VlmpruneError("DeepSpeed needs a GPU here (vlmprune's DeepSpeed configs are for GPUs; its CPU path "
+                            "is untested); on a CPU machine use configs/accelerate/fsdp.yaml (FSDP2 over gloo) or "
                             "configs/accelerate/ddp.yaml")
 
 
