@@ -62,7 +62,7 @@ def enable_cpu_fsdp() -> None:
     AcceleratorState.__init__ = __init__
 
 
-def check_launch(train: str, gradient_checkpointing: bool, bf16: bool) -> None:
+def check_launch() -> None:
     """Refuse combinations that cannot work under the launcher's backend, before any model loads."""
     backend = launcher_backend()
     if backend == "deepspeed" and not torch.accelerator.is_available():

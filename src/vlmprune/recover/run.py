@@ -52,7 +52,7 @@ _CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in tr
 
 def training_arguments(cfg: RecoverConfig) -> transformers.TrainingArguments:
     """The Trainer's arguments; creating them also sets up the process group under a launcher."""
-    check_launch(cfg.train, cfg.gradient_checkpointing, cfg.bf16)
+    check_launch()
     enable_cpu_fsdp()  # an FSDP launch on CPU processes shards (FSDP2 over gloo) instead of falling back to DDP
     return transformers.TrainingArguments(
         output_dir=str(cfg.checkpoint_dir),
