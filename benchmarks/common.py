@@ -48,3 +48,97 @@ def fake_batch(model, batch: int, text: int = 40, answer: int = 8, seed: int = 0
     labels[:, -answer:] = ids[:, -answer:]
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
             "pixel_values": torch.randn(batch, 3, size, size, generator=gen), "labels": labels}
+
+
+# Whole VLMs at their real shapes (random weights), for memory measurements at real sizes.
+REAL_SHAPES = ("qwen2.5-vl-3b", "llava-1.5-7b")
+
+
+def _real_config(shape: str):
+    if shape == "qwen2.5-vl-3b":  # Qwen/Qwen2.5-VL-3B-Instruct config.json
+        from transformers import Qwen2_5_VLConfig
+
+        return Qwen2_5_VLConfig(
+            vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+                               patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                               fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu", in_channels=3),
+            text_config=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                             num_key_value_heads=2, vocab_size=151936, max_position_embeddings=128000,
+                             rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                             rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
+            image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+            tie_word_embeddings=True)
+    if shape == "llava-1.5-7b":  # llava-hf/llava-1.5-7b-hf config.json
+        return transformers.LlavaConfig(
+            vision_config=transformers.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                                        num_attention_heads=16, image_size=336, patch_size=14,
+                                                        projection_dim=768),
+            text_config=transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                                 num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
+                                                 max_position_embeddings=4096, pad_token_id=0),
+            image_token_id=32000, vision_feature_layer=-2, vision_feature_select_strategy="default",
+            projector_hidden_act="gelu", tie_word_embeddings=False)
+    raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(REAL_SHAPES)}")
+
+
+def build_real(shape: str, dtype=torch.bfloat16, device: str = "cpu", seed: int = 0):
+    """A whole VLM at a real checkpoint's shape with random weights, built on the meta device first
+    (no time spent on initialisation), then each parameter materialised once in ``dtype`` on ``device``
+    (normal(0, 0.02); norms 1, biases 0). Buffers (rotary tables) are built normally."""
+    from accelerate import init_empty_weights
+
+    config = _real_config(shape)
+    cls = transformers.AutoModelForImageTextToText._model_mapping[type(config)]
+    with init_empty_weights(include_buffers=False):
+        model = cls._from_config(config, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    made: dict[int, torch.nn.Parameter] = {}
+    for module_name, module in model.named_modules():
+        for name, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            if id(param) not in made:  # tied weights stay tied
+                value = torch.empty(param.shape, dtype=dtype, device=device)
+                if "norm" in f"{module_name}.{name}".lower() and param.dim() == 1:
+                    value.fill_(1.0)
+                elif name == "bias":
+                    value.zero_()
+                else:
+                    value.normal_(0.0, 0.02, generator=gen)
+                made[id(param)] = torch.nn.Parameter(value, requires_grad=param.requires_grad)
+            module._parameters[name] = made[id(param)]
+    for module in model.modules():  # buffers built on CPU: move them along
+        for name, buf in list(module._buffers.items()):
+            if buf is not None:
+                module._buffers[name] = buf.to(device)
+    return model.eval()
+
+
+def fake_real_batch(model, batch: int, text: int = 40, answer: int = 8, seed: int = 0, image_px: int = 224):
+    """A batch for a ``build_real`` model: one small image (``image_px`` square) and random text per sample."""
+    gen = torch.Generator().manual_seed(seed)
+    config = model.config
+    vocab = config.text_config.vocab_size
+    dtype = next(model.parameters()).dtype
+    if config.model_type == "qwen2_5_vl":
+        v = config.vision_config
+        side = image_px // v.patch_size
+        side -= side % v.spatial_merge_size
+        n = side * side // v.spatial_merge_size**2
+        block = [config.vision_start_token_id] + [config.image_token_id] * n + [config.vision_end_token_id]
+        extra = {"pixel_values": torch.randn(batch * side * side, v.in_channels * v.temporal_patch_size * v.patch_size**2,
+                                             generator=gen).to(dtype),
+                 "image_grid_thw": torch.tensor([[1, side, side]] * batch)}
+    else:
+        v = config.vision_config
+        n = (v.image_size // v.patch_size) ** 2
+        block = [config.image_token_id] * n
+        extra = {"pixel_values": torch.randn(batch, 3, v.image_size, v.image_size, generator=gen).to(dtype)}
+    ids = torch.randint(10, min(vocab, 30000), (batch, 1 + len(block) + text), generator=gen)
+    ids[:, 1 : 1 + len(block)] = torch.tensor(block)
+    labels = torch.full_like(ids, -100)
+    labels[:, -answer:] = ids[:, -answer:]
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, **extra}
+    if config.model_type == "qwen2_5_vl":
+        out["mm_token_type_ids"] = (ids == config.image_token_id).int()
+    return out

@@ -1,11 +1,20 @@
-"""Cost of scoring: wall time and peak resident memory of each criterion on 64 calibration samples.
+"""Cost of scoring: wall time and peak memory of each criterion, as a multiple of the weight bytes.
 
     .venv/bin/python benchmarks/prune_cost.py [--samples 64] [--batch-size 8] [--json out.json]
+    .venv/bin/python benchmarks/prune_cost.py --shape qwen2.5-vl-3b --batch-sizes 1,8 [--device cuda]
 
-The model is LLaVA-style with a SmolLM2-135M-shaped language model (30 layers, hidden 576, 9 heads,
-3 kv heads, MLP 1536) and random weights. Each criterion runs in a fresh process; the kernel's peak-RSS
-counter is reset after the model and batches exist, so the peak is the scoring's own.
-"peak / weights" = (peak RSS during scoring - RSS before the model existed) / weight bytes.
+Default shape: LLaVA-style with a SmolLM2-135M-shaped language model (30 layers, hidden 576, 9 heads,
+3 kv heads, MLP 1536), float32. ``--shape qwen2.5-vl-3b|llava-1.5-7b`` builds that whole VLM at its
+real shape (vision tower included) with random weights in bfloat16 (``--dtype``), on the meta device
+first so building costs no initialisation time, with one 112-px image per sample.
+
+Each (criterion, batch size) runs in a fresh process; the peak counter (CPU: the kernel's peak RSS;
+CUDA: the allocator's peak) is reset after the model and batches exist, so the peak is the scoring's own.
+"peak / weights" = (peak during scoring - memory before the model existed) / weight bytes. Two
+references measure the activations of one batch: ``forward`` (no-grad forward of the base model, what
+the forward criteria run) and ``backward`` (forward + backward of the answer loss with every weight
+frozen, what Taylor runs besides its gradients). The budgets checked at the end are the issue's:
+Taylor and activation <= 1.3 x weights + activations of one batch, layer criteria <= 1.1 x weights + activations.
 """
 
 from __future__ import annotations
@@ -31,71 +40,132 @@ def activations_only(model, batches) -> None:
         model(**batch).loss.backward()
 
 
-def worker(method: str, criterion: str, samples: int, batch_size: int) -> dict:
+def forward_only(model, batches) -> None:
+    """No-grad forward of the base model (no LM head): the activations the forward criteria see."""
+    import torch
+
+    with torch.no_grad():
+        for batch in batches:
+            model.model(**{k: v for k, v in batch.items() if k != "labels"})
+
+
+def worker(method: str, criterion: str, samples: int, batch_size: int, shape: str, dtype: str, device: str) -> dict:
+    import torch
+
     sys.path.insert(0, str(Path(__file__).parent))
-    from common import build_llava, fake_batch
+    from common import REAL_SHAPES, build_llava, build_real, fake_batch, fake_real_batch
 
     from vlmprune.evaluate.efficiency import peak_mb, reset_peak
     from vlmprune.prune.run import score_and_plan
 
-    base = reset_peak("cpu")
-    model = build_llava("smollm2-135m")
-    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    batches = [fake_batch(model, batch_size, seed=i) for i in range(max(samples // batch_size, 1))]
-    reset_peak("cpu")
+    torch_dtype = getattr(torch, dtype)
+    base = reset_peak(device)
+    if shape in REAL_SHAPES:
+        model = build_real(shape, torch_dtype, device)
+        make = lambda i: fake_real_batch(model, batch_size, seed=i, image_px=112)  # noqa: E731
+    else:
+        model = build_llava(shape, torch_dtype).to(device)
+        make = lambda i: fake_batch(model, batch_size, seed=i)  # noqa: E731
+    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()) / 2**20
+    batches = [{k: v.to(device) for k, v in make(i).items()} for i in range(max(samples // batch_size, 1))]
+    reset_peak(device)
     t0 = time.perf_counter()
     if method == "reference":
-        activations_only(model, batches)
+        (forward_only if criterion == "forward" else activations_only)(model, batches)
     else:
         score_and_plan(model, method, 0.2, criterion, batches)
     seconds = time.perf_counter() - t0
-    peak = peak_mb("cpu")
-    return {"method": method, "criterion": criterion, "seconds": seconds, "weights_mb": weights,
+    peak = peak_mb(device)
+    return {"shape": shape, "dtype": dtype, "device": device, "batch_size": batch_size, "batches": len(batches),
+            "tokens_per_batch": int(batches[0]["input_ids"].numel()),
+            "method": method, "criterion": criterion, "seconds": seconds, "weights_mb": weights,
             "rss_before_model_mb": base, "peak_rss_mb": peak,
             "peak_over_weights": (peak - base) / weights}
 
 
+def budgets(rows: list[dict]) -> list[str]:
+    """The issue's targets, per batch size: criterion peak vs factor x weights + the matching reference."""
+    lines = []
+    for bs in sorted({r["batch_size"] for r in rows}):
+        at = {r["criterion"]: r for r in rows if r["batch_size"] == bs}
+        for name, factor, ref in (("taylor", 1.3, "backward"), ("activation", 1.3, "forward"), ("wanda", 1.3, "forward"),
+                                  ("block_influence", 1.1, "forward"), ("angular", 1.1, "forward"),
+                                  ("skip_loss", 1.1, "forward")):
+            if name not in at or ref not in at:
+                continue
+            r, a = at[name], at[ref]
+            weights = r["weights_mb"]
+            activations = max(a["peak_rss_mb"] - a["rss_before_model_mb"] - weights, 0.0)
+            used = r["peak_rss_mb"] - r["rss_before_model_mb"]
+            budget = factor * weights + activations
+            lines.append(f"batch {bs} {name}: {used:.0f} MB above the bare process; budget {factor} x {weights:.0f} MB "
+                         f"weights + {activations:.0f} MB activations ({ref} reference) = {budget:.0f} MB -> "
+                         f"{'OK' if used <= budget else 'OVER'} ({used / budget:.2f} of budget)")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--shape", default="smollm2-135m",
+                        help="smollm2-135m (LLaVA-style, default), qwen2.5-vl-3b or llava-1.5-7b (whole real VLM shapes)")
+    parser.add_argument("--samples", type=int, help="calibration samples (default 64; real shapes: one batch)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--criteria", help="comma-separated subset")
-    parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--batch-sizes", help="comma-separated batch sizes (overrides --batch-size)")
+    parser.add_argument("--dtype", help="float32 / bfloat16 (default: bfloat16 for real shapes, else float32)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--criteria", help="comma-separated subset (references: forward, backward)")
+    parser.add_argument("--json", help="write the rows here (appended as they come with --jsonl)")
+    parser.add_argument("--jsonl", help="append each row to this file as soon as it is measured")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).parent))
+    from common import REAL_SHAPES
+
+    real = args.shape in REAL_SHAPES
+    dtype = args.dtype or ("bfloat16" if real else "float32")
+    sizes = [int(x) for x in args.batch_sizes.split(",")] if args.batch_sizes else [args.batch_size]
     if args.worker:
-        method, criterion = args.worker.split(":")
-        print(json.dumps(worker(method, criterion, args.samples, args.batch_size)))
+        method, criterion, bs = args.worker.split(":")
+        samples = args.samples or (int(bs) if real else 64)
+        print(json.dumps(worker(method, criterion, samples, int(bs), args.shape, dtype, args.device)))
         return
     wanted = set(args.criteria.split(",")) if args.criteria else None
+    groups = {**CRITERIA, "reference": ["forward", "backward"]}
+    if real and wanted is None:  # skip_loss runs L+1 forwards per batch: hours at these sizes on a CPU
+        groups["layer"] = [c for c in groups["layer"] if c != "skip_loss"]
     rows = []
-    for method, names in {**CRITERIA, "reference": ["activations"]}.items():
-        for criterion in names:
-            if wanted and criterion not in wanted:
-                continue
-            out = subprocess.run([sys.executable, __file__, "--worker", f"{method}:{criterion}", "--samples",
-                                  str(args.samples), "--batch-size", str(args.batch_size)],
-                                 capture_output=True, text=True, check=True)
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            r = rows[-1]
-            print(f"{method:5s} {criterion:16s} {r['seconds']:8.1f} s  peak {r['peak_rss_mb']:7.0f} MB  "
-                  f"({r['peak_over_weights']:.2f}x weights of {r['weights_mb']:.0f} MB)", flush=True)
-    print(f"\n| method | criterion | wall time (s) | peak RSS (MB) | peak / weight bytes |")
-    print("|---|---|---:|---:|---:|")
+    for bs in sizes:
+        for method, names in groups.items():
+            for criterion in names:
+                if wanted and criterion not in wanted:
+                    continue
+                cmd = [sys.executable, __file__, "--worker", f"{method}:{criterion}:{bs}", "--shape", args.shape,
+                       "--dtype", dtype, "--device", args.device]
+                if args.samples:
+                    cmd += ["--samples", str(args.samples)]
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode != 0:
+                    print(f"{method} {criterion} batch {bs}: FAILED\n{out.stderr[-2000:]}", flush=True)
+                    continue
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                rows.append(r)
+                if args.jsonl:
+                    with open(args.jsonl, "a") as f:
+                        f.write(json.dumps(r) + "\n")
+                print(f"batch {bs} {method:9s} {criterion:16s} {r['seconds']:8.1f} s  peak {r['peak_rss_mb']:7.0f} MB  "
+                      f"({r['peak_over_weights']:.2f}x weights of {r['weights_mb']:.0f} MB)", flush=True)
+    if not rows:
+        return
+    print("\n| batch | method | criterion | wall time (s) | peak (MB) | peak / weight bytes |")
+    print("|---:|---|---|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['method']} | {r['criterion']} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | {r['peak_over_weights']:.2f} |")
-    print(f"\n{args.samples} samples, batch {args.batch_size}, {rows[0]['weights_mb']:.0f} MB of float32 weights; "
-          f"RSS before the model: {rows[0]['rss_before_model_mb']:.0f} MB")
-    by_name = {r["criterion"]: r for r in rows}
-    if "taylor" in by_name and "activations" in by_name:
-        t, a = by_name["taylor"], by_name["activations"]
-        weights = t["weights_mb"]
-        activations = a["peak_rss_mb"] - a["rss_before_model_mb"] - weights
-        used = t["peak_rss_mb"] - t["rss_before_model_mb"]
-        budget = 2.0 * weights + activations
-        print(f"taylor: {used:.0f} MB above the bare process; budget 2.0 x {weights:.0f} MB weights + "
-              f"{activations:.0f} MB activations (frozen forward+backward at batch {args.batch_size}) = {budget:.0f} MB "
-              f"-> {'OK' if used <= budget else 'OVER'} ({used / budget:.2f} of budget)")
+        print(f"| {r['batch_size']} | {r['method']} | {r['criterion']} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} "
+              f"| {r['peak_over_weights']:.2f} |")
+    r0 = rows[0]
+    print(f"\nshape {args.shape}, {dtype}, {args.device}; {r0['weights_mb']:.0f} MB of weights; memory before the "
+          f"model: {r0['rss_before_model_mb']:.0f} MB")
+    for line in budgets(rows):
+        print(line)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

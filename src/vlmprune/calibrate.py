@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from vlmprune.adapters import get_adapter
 from vlmprune.data import token_masks
+from vlmprune.dispatch import input_device, on_placed_weights
 from vlmprune.errors import VlmpruneError
 from vlmprune.importance.layer import HiddenStateStats, SkipLossStats
 from vlmprune.importance.structures import LayerSums, layer_params, reduce_
@@ -44,7 +45,7 @@ def select_tokens(batch: dict, tokens: str, image_id: int | None) -> torch.Tenso
 
 
 def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    return input_device(model)  # a dispatched model takes its inputs on its first accelerator (or the CPU)
 
 
 def _model_inputs(batch: dict, device: torch.device, keep_labels: bool = False) -> dict:
@@ -229,8 +230,22 @@ def collect_taylor(model: nn.Module, batches: Iterable[dict], tokens: str = "tex
 
     batch_mass: list[float] = []  # sum of |W * g| over every prunable weight, per batch
 
-    def on_grad(param: torch.Tensor) -> None:
-        role = roles[param]
+    # Offloaded weights (--device-map with CPU/disk offload) are put in place anew for every forward:
+    # their roles are known by (module, name), and each placed weight gets the same hook.
+    placed_roles = {}
+    for layer in adapter.layers(model):
+        for module in layer.modules():
+            for name, param in module.named_parameters(recurse=False):
+                if param in roles:
+                    placed_roles[(id(module), name)] = roles[param]
+
+    def on_placed(module: nn.Module, name: str, param: nn.Parameter) -> None:
+        role = placed_roles.get((id(module), name))
+        if role is not None and param.requires_grad:
+            param.register_post_accumulate_grad_hook(lambda p, role=role: on_grad(p, role))
+
+    def on_grad(param: torch.Tensor, role=None) -> None:
+        role = role or roles[param]
         with torch.no_grad():
             values = (param.detach() * param.grad).abs()
             reduce_(sums[role.layer], role, values)
@@ -238,12 +253,15 @@ def collect_taylor(model: nn.Module, batches: Iterable[dict], tokens: str = "tex
         param.grad = None
 
     handles = []
+    stack = contextlib.ExitStack()
     try:
         for p in model.parameters():
             p.requires_grad_(p in roles)
-        handles = [p.register_post_accumulate_grad_hook(on_grad) for p in roles]
+        handles = [p.register_post_accumulate_grad_hook(on_grad) for p in roles if p.device.type != "meta"]
         model.eval()  # no dropout: scores must not depend on chance
         used = 0
+        stack.enter_context(on_placed_weights([m for layer in adapter.layers(model) for m in layer.modules()],
+                                              on_placed))
         for batch in _progress(batches, "taylor (grad)"):
             labels = _labels_for(batch, tokens, image_id).to(device)
             if not (labels[:, 1:] != -100).any():
@@ -260,6 +278,7 @@ def collect_taylor(model: nn.Module, batches: Iterable[dict], tokens: str = "tex
                            "zero on most samples, so a few samples decide the plan; use --tokens text",
                            effective, used, tokens)
     finally:
+        stack.close()
         for h in handles:
             h.remove()
         for p, flag in previous.items():

@@ -167,6 +167,43 @@ def parse_target(spec: str) -> Target:
 
 
 DTYPES = ("float32", "float16", "bfloat16", "auto")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_device_map(spec: str | dict | None) -> str | dict | None:
+    """``--device-map``: one of accelerate's strategies, a JSON object ``{"module": device}``, or a JSON file of one."""
+    if spec is None or isinstance(spec, dict) or spec in DEVICE_MAPS:
+        return spec
+    import json
+
+    text = str(spec)
+    if not text.lstrip().startswith("{"):
+        try:
+            text = Path(text).read_text()
+        except OSError:
+            raise VlmpruneError(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, a JSON object or a JSON file "
+                                f"of one; {spec!r} is none of these") from None
+    try:
+        mapping = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise VlmpruneError(f"--device-map {spec!r} is not valid JSON: {exc}") from None
+    if not isinstance(mapping, dict) or not mapping:
+        raise VlmpruneError(f"--device-map {spec!r} must map module names to devices (cpu, disk, 0, cuda:1, ...)")
+    return mapping
+
+
+def parse_max_memory(spec: str | dict | None) -> dict | None:
+    """``--max-memory "0=20GiB,1=20GiB,cpu=64GiB"`` -> ``{0: "20GiB", 1: "20GiB", "cpu": "64GiB"}`` (accelerate's form)."""
+    if spec is None or isinstance(spec, dict):
+        return spec
+    out: dict = {}
+    for part in str(spec).split(","):
+        key, sep, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise VlmpruneError(f"--max-memory entries are DEVICE=SIZE (e.g. 0=20GiB,cpu=64GiB), got {part!r}")
+        out[int(key) if key.isdigit() else key] = value
+    return out
 
 
 def check_device(device: str | None) -> None:
@@ -243,6 +280,12 @@ class PruneConfig:
     global_ranking: bool = opt(False, "width: rank structures across layers instead of the same widths in each",
                                flag="--global")
     device: str | None = opt(None, "cpu, cuda, cuda:1, ... (default: where the model loads)")
+    device_map: str | None = opt(None, "load the model dispatched across GPUs / CPU / disk (accelerate big-model "
+                                       "loading): auto, balanced, balanced_low_0, sequential, or a JSON "
+                                       "{module: device} (inline or a file)")
+    max_memory: str | None = opt(None, "with --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
+    offload_folder: str | None = opt(None, "with --device-map: where disk-offloaded weights go "
+                                           "(default: a temporary folder beside the output)")
     dtype: str | None = opt(None, "float32, float16, bfloat16 (default: the checkpoint's)", choices=DTYPES)
     overwrite: bool = opt(False, "replace an existing output directory (only one vlmprune wrote)")
     trust_remote_code: bool = opt(False, "run the model repo's own code (off by default)")
@@ -286,6 +329,13 @@ class PruneConfig:
                     flag = "--global" if name == "global_ranking" else _flag(name)
                     raise VlmpruneError(f"{flag} applies to --method width only; --method layer drops whole layers")
         parse_layer_range(self.layers)
+        parse_device_map(self.device_map)
+        parse_max_memory(self.max_memory)
+        if self.device_map is not None and self.device is not None:
+            raise VlmpruneError("give either --device (the whole model on one device) or --device-map (dispatched), "
+                                "not both")
+        if self.device_map is None and (self.max_memory is not None or self.offload_folder is not None):
+            raise VlmpruneError("--max-memory and --offload-folder apply to a dispatched model: add --device-map auto")
         if self.image_folder and not self.calibration:
             raise VlmpruneError("--image-folder needs --calibration (the data whose images it holds)")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,9 @@ from torch import nn
 
 from vlmprune import calibrate
 from vlmprune.adapters import get_adapter
-from vlmprune.config import RESOLVED_CONFIG, PruneConfig, check_ratio, parse_layer_range, parse_target, to_yaml
+from vlmprune.config import (RESOLVED_CONFIG, PruneConfig, check_ratio, parse_device_map, parse_layer_range,
+                             parse_max_memory, parse_target, to_yaml)
+from vlmprune.dispatch import materialize_
 from vlmprune.errors import VlmpruneError
 from vlmprune.importance.layer import LayerScores
 from vlmprune.importance.registry import get_criterion
@@ -106,6 +109,7 @@ def score(model: nn.Module, method: str, criterion: str | None = None, batches=N
     if crit.stats is not None and not batches:
         raise VlmpruneError(f"criterion {crit.name!r} needs calibration data (--calibration)")
     stats = calibrate.COLLECTORS[crit.stats](model, batches, tokens) if crit.stats else None
+    materialize_(model)  # a dispatched model's offloaded weights come in once: criteria read weights, the cut follows
     adapter = get_adapter(model)
     values = crit(stats, ScoringContext(model, adapter, layer_shapes(model, adapter), seed))
     if method == "layer" and not isinstance(values, LayerScores):
@@ -199,9 +203,23 @@ def rank_output(output: str | Path, rank: int) -> Path:
 
 def _prune(cfg: PruneConfig, out: Path, ranked_outputs: list[Path] = ()) -> PruneResult:
     dtype = None if cfg.dtype in (None, "auto") else getattr(torch, cfg.dtype)
-    net = load(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
-    if cfg.device:
-        net.to(cfg.device)
+    with contextlib.ExitStack() as stack:
+        dispatch = {}
+        if cfg.device_map is not None:
+            folder = cfg.offload_folder or stack.enter_context(
+                tempfile.TemporaryDirectory(prefix=f".{out.name}.offload-", dir=out.parent))
+            dispatch = {"device_map": parse_device_map(cfg.device_map), "max_memory": parse_max_memory(cfg.max_memory),
+                        "offload_folder": folder}
+        net = load(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **dispatch)
+        if cfg.device:
+            net.to(cfg.device)
+        if cfg.device_map is not None and (cfg.plan is not None or cfg.scores is not None):
+            materialize_(net)  # nothing to calibrate: the weights come in once for the cut
+        return _prune_loaded(cfg, out, net, ranked_outputs)
+
+
+def _prune_loaded(cfg: PruneConfig, out: Path, net: nn.Module, ranked_outputs: list[Path] = ()) -> PruneResult:
+    dtype = None if cfg.dtype in (None, "auto") else getattr(torch, cfg.dtype)
     before = summarize(net)
     scores = None
     search = tried = None

@@ -6,12 +6,15 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
 import transformers
 from torch import nn
+from transformers.trainer import FSDP_MODEL_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from vlmprune.adapters import get_adapter
@@ -23,6 +26,8 @@ from vlmprune.paths import check_safetensors, claim_output
 from vlmprune.plan import PLAN_FILE, PruningPlan
 from vlmprune.config import RESOLVED_CONFIG, RecoverConfig
 from vlmprune.recover.losses import layer_map
+from vlmprune.recover.distributed import (check_launch, enable_cpu_fsdp, gathered_state_dict, is_sharded,
+                                          launcher_backend, load_gathered)
 from vlmprune.recover.plots import plot_loss_curve
 from vlmprune.recover.trainable import count_trainable, merged, set_trainable_
 from vlmprune.recover.trainer import RecoveryTrainer
@@ -47,6 +52,8 @@ _CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in tr
 
 def training_arguments(cfg: RecoverConfig) -> transformers.TrainingArguments:
     """The Trainer's arguments; creating them also sets up the process group under a launcher."""
+    check_launch()
+    enable_cpu_fsdp()  # an FSDP launch on CPU processes shards (FSDP2 over gloo) instead of falling back to DDP
     return transformers.TrainingArguments(
         output_dir=str(cfg.checkpoint_dir),
         **{name: getattr(cfg, name) for name in _TRAINING_FIELDS},
@@ -108,6 +115,9 @@ def complete_checkpoints(directory: Path) -> list[Path]:
                 check_safetensors(file)
             if not (path / "optimizer.pt").is_file() and not (path / "optimizer.bin").is_file():
                 problem = "no optimizer state"
+            fsdp_weights = path / f"{FSDP_MODEL_NAME}.bin"
+            if launcher_backend() == "fsdp" and not (fsdp_weights.is_file() and zipfile.is_zipfile(fsdp_weights)):
+                problem = f"no complete {fsdp_weights.name} (the FSDP shards resume from it)"
         except (OSError, ValueError, VlmpruneError) as exc:
             problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if problem:
@@ -149,6 +159,34 @@ def _finished_at(checkpoint: Path | None, cfg: RecoverConfig) -> bool:
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     target = cfg.max_steps if cfg.max_steps > 0 else state.get("max_steps", 0)
     return 0 < target <= state.get("global_step", -1)
+
+
+def _build_student(cfg: RecoverConfig) -> nn.Module:
+    """The student as training sees it before the first step (LoRA-wrapped for ``--train lora``)."""
+    student = load(cfg.student, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+    return set_trainable_(student, cfg.train, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+
+
+def _final_model(trainer: RecoveryTrainer, cfg: RecoverConfig, is_main: bool) -> nn.Module | None:
+    """The trained plain model (LoRA merged) on the main process, None elsewhere.
+
+    Sharded training (FSDP, ZeRO-3) holds no whole weight anywhere: every process takes part in
+    gathering the full state dict, which the main process loads into a fresh copy of the student.
+    """
+    if not is_sharded(trainer) or not _is_wrapped(trainer):
+        return merged(trainer.accelerator.unwrap_model(trainer.model)) if is_main else None
+    state = gathered_state_dict(trainer)
+    if not is_main:
+        return None
+    return merged(load_gathered(_build_student(cfg), state))
+
+
+def _is_wrapped(trainer: RecoveryTrainer) -> bool:
+    """Whether the Trainer sharded the model (it does so in ``train``; not when the last checkpoint is the result)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    model = trainer.model_wrapped if trainer.model_wrapped is not None else trainer.model
+    return isinstance(model, FSDPModule) or type(model).__name__ == "DeepSpeedEngine"
 
 
 def recover(cfg: RecoverConfig, callbacks: list[transformers.TrainerCallback] | None = None) -> Path:
@@ -209,6 +247,9 @@ def _recover(cfg: RecoverConfig, args, state, callbacks) -> Path:
         if state.is_main_process:
             log.info("vlmprune recover: hidden-state pairs (student layer, teacher layer): %s", pairs)
 
+    # LoRA's initial weights are random: seed them so that every process (FSDP shards each process's
+    # own copy) and a single-process run of the same seed start from the same adapters.
+    transformers.set_seed(cfg.seed)
     model = set_trainable_(student, cfg.train, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
     trainable, total = count_trainable(model)
     if state.is_main_process:
@@ -216,6 +257,11 @@ def _recover(cfg: RecoverConfig, args, state, callbacks) -> Path:
                  f"{trainable:,}", f"{total:,}", 100 * trainable / total, len(samples), cfg.loss)
 
     collator = Collator(processor, max_length=cfg.max_length, system_prompt=cfg.system_prompt)
+    if launcher_backend() == "fsdp":
+        # Shard by the language model's decoder layers only: the vision tower's layers (in the model's
+        # _no_split_modules too) are skipped by text-only batches, and a unit one process skips while
+        # the other gathers it breaks FSDP's collectives. The frozen tower stays in the root unit.
+        os.environ.setdefault("FSDP_TRANSFORMER_CLS_TO_WRAP", type(get_adapter(student).layers(student)[0]).__name__)
     trainer = RecoveryTrainer(
         model=model, args=args, train_dataset=samples, data_collator=collator, callbacks=callbacks,
         teacher=teacher, weights=cfg.loss, image_token_id=collator.image_token_id, temperature=cfg.temperature,
@@ -225,12 +271,18 @@ def _recover(cfg: RecoverConfig, args, state, callbacks) -> Path:
     if _finished_at(resume, cfg):
         # The Trainer would run one step past the end from here; the checkpoint already is the result.
         log.info("vlmprune recover: %s is the run's last step; writing it without training further", resume)
-        trainer._load_from_checkpoint(str(resume))
+        if trainer.is_fsdp_enabled:  # the model is not sharded yet: its full weights are the checkpoint's safetensors
+            from safetensors.torch import load_file
+
+            load_gathered(trainer.model, load_file(str(resume / "model.safetensors")))
+        else:
+            trainer._load_from_checkpoint(str(resume))
         trainer.state = transformers.TrainerState.load_from_json(str(resume / "trainer_state.json"))
     else:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     out = Path(cfg.output).resolve()
+    final = _final_model(trainer, cfg, state.is_main_process)  # a collective under FSDP / ZeRO-3
     if state.is_main_process:
         history = trainer.state.log_history
         losses = [entry["loss"] for entry in history if "loss" in entry]
@@ -248,7 +300,7 @@ def _recover(cfg: RecoverConfig, args, state, callbacks) -> Path:
             (directory / TRAINER_LOG).write_text(json.dumps(history, indent=1))
             plot_loss_curve(history, directory / LOSS_CURVE)
 
-        save_model(merged(trainer.model), out, plan=plan, source=cfg.student, overwrite=cfg.overwrite,
+        save_model(final, out, plan=plan, source=cfg.student, overwrite=cfg.overwrite,
                    extras=extras)
         if not cfg.keep_checkpoints:
             shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)

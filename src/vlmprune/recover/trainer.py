@@ -44,6 +44,53 @@ def layer_outputs(layers: Sequence[nn.Module]) -> Iterator[list]:
             handle.remove()
 
 
+def save_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], output_dir: str) -> None:
+    """Write a gathered full state dict as ``model.safetensors`` (tied duplicates once) plus the model's config.
+
+    ``save_pretrained`` cannot be used here: it inspects the model's own parameters, which under
+    FSDP are DTensor shards. Peft models write their (full) state under peft's names.
+    """
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from vlmprune.errors import VlmpruneError
+
+    bad = [k for k, t in state_dict.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise VlmpruneError(f"refusing to write a checkpoint: {len(bad)} weight tensor(s) hold NaN or inf values "
+                            f"({', '.join(bad[:3])}); the run diverged: lower the learning rate")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seen: dict[tuple, str] = {}
+    tensors = {}
+    for key, tensor in state_dict.items():
+        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if ident in seen:  # a tied weight: stored once, like save_pretrained does
+            continue
+        seen[ident] = key
+        tensors[key] = tensor.detach().cpu().contiguous()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "save_pretrained"):
+        config.save_pretrained(out)
+
+
+class _ReduceUnusedParams(transformers.TrainerCallback):
+    """FSDP2: reduce-scatter zeros for parameters a process did not use this step.
+
+    A text-only micro-batch leaves the projector without a gradient on that process while the
+    other has one; FSDP2 would then reduce-scatter different sets of gradients and the processes'
+    collectives stop matching (gloo aborts). With this, every process reduces the same set.
+    """
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(model, FSDPModule):
+            model.set_reduce_scatter_unused_params(True)
+
+
 class RecoveryTrainer(transformers.Trainer):
     """Trainer for a pruned student, optionally distilled from its unpruned teacher.
 
@@ -79,6 +126,8 @@ class RecoveryTrainer(transformers.Trainer):
             teacher.to(self.args.device).eval().requires_grad_(False)
         self._sums: dict[str, torch.Tensor] = {}
         self._calls = 0
+        if self.is_fsdp_enabled:
+            self.add_callback(_ReduceUnusedParams())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Weighted sum of the configured losses on one micro-batch."""
@@ -122,6 +171,47 @@ class RecoveryTrainer(transformers.Trainer):
             self._calls += 1
         return (loss, outputs) if return_outputs else loss
 
+    # Resuming under FSDP: accelerate's full-state-dict loaders broadcast from rank 0 and hung over
+    # gloo (accelerate 1.16, torch 2.13); every process reads the full files itself instead and keeps its shard.
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if not self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        from vlmprune.recover.distributed import check_gathered_keys
+
+        target = model if model is not None else self.model
+        state = load_file(str(Path(resume_from_checkpoint) / "model.safetensors"))
+        result = set_model_state_dict(target, state, options=StateDictOptions(full_state_dict=True, strict=False))
+        check_gathered_keys(self.accelerator.unwrap_model(target), result.missing_keys, result.unexpected_keys)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if not (self.is_fsdp_enabled and checkpoint):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        import warnings
+        from pathlib import Path
+
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper
+        state = torch.load(Path(checkpoint) / "optimizer.bin", map_location="cpu", weights_only=True)
+        set_optimizer_state_dict(self.model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / "scheduler.pt", weights_only=True))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under FSDP, gather the full weights ourselves (one tensor at a time) before ``_save``."""
+        if self.is_fsdp_enabled:
+            from vlmprune.recover.distributed import gathered_state_dict
+
+            self._save(output_dir, state_dict=gathered_state_dict(self) or {})
+            return
+        super().save_model(output_dir, _internal_call)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Write checkpoints under the model's own parameter names.
 
@@ -131,9 +221,14 @@ class RecoveryTrainer(transformers.Trainer):
         Peft models save their adapters under peft's names and keep the Trainer's own path.
         """
         model = self.accelerator.unwrap_model(self.model)
-        if not self.is_fsdp_enabled:
-            check_finite(model)  # a checkpoint is only as good as its weights: never write a diverged one
-        if not isinstance(model, transformers.PreTrainedModel) or self.is_fsdp_enabled:
+        if self.is_fsdp_enabled:
+            # Every process reaches here with the gathered full state dict (empty off the main process);
+            # the shards are resumed from pytorch_model_fsdp.bin, this file is the readable copy.
+            if self.args.should_save and state_dict:
+                save_state_dict(model, state_dict, output_dir or self.args.output_dir)
+            return
+        check_finite(model)  # a checkpoint is only as good as its weights: never write a diverged one
+        if not isinstance(model, transformers.PreTrainedModel):
             super()._save(output_dir, state_dict)
         elif self.args.should_save:
             model.save_pretrained(output_dir or self.args.output_dir, state_dict=state_dict, save_original_format=False)

@@ -1,0 +1,160 @@
+"""Recovery at scale on this CPU: FSDP2 over two gloo processes equals one process, resumes after a kill;
+the DeepSpeed configs are checked without DeepSpeed running (it needs a GPU)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import transformers
+import yaml
+from safetensors.torch import load_file
+
+from recover_helpers import write_data, write_pair
+from vlmprune.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+ACCELERATE = ROOT / "configs/accelerate"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+       "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scale")
+    teacher, student = write_pair(root)  # 4 layers; the student drops 1 and 3
+    data, images = write_data(root / "data", 12)
+    return {"teacher": teacher, "student": student, "data": data, "images": images}
+
+
+def argv(dirs, out, *extra):
+    return ["recover", "--student", str(dirs["student"]), "--teacher", str(dirs["teacher"]), "--data",
+            str(dirs["data"]), "--image-folder", str(dirs["images"]), "--output", str(out), "--logging-steps", "1",
+            "--learning-rate", "1e-2", "--lora-dropout", "0", "--seed", "5", *extra]
+
+
+def free_port() -> int:
+    """A free TCP port for the rendezvous: the default 29500 may be taken by another run on the machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(config: str, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / config),
+            "--mixed_precision", "no", "--main_process_port", str(free_port()), "-m", "vlmprune.cli", *args]
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+def assert_same_weights(a_dir, b_dir, start_dir, atol=1e-5):
+    a, b, start = weights(a_dir), weights(b_dir), weights(start_dir)
+    assert a.keys() == b.keys() == start.keys()
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    moved = max((a[k] - start[k]).abs().max().item() for k in a)
+    assert moved > 1e-3, moved  # training changed the weights far more than the tolerance
+    assert diff < atol, (diff, moved)
+    return diff, moved
+
+
+@pytest.mark.parametrize("train", ["all", "lora"])
+def test_fsdp2_two_processes_equal_one_process(dirs, tmp_path, train):
+    """Two FSDP2 processes with one sample each per step = one process accumulating two micro-batches."""
+    common = ["--train", train, "--max-steps", "3", "--loss", "sft=1,logits=1,hidden=1"]
+    run = subprocess.run(launch("fsdp.yaml", argv(dirs, tmp_path / "fsdp", *common)), env=ENV,
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert main(argv(dirs, tmp_path / "single", *common, "--gradient-accumulation-steps", "2")) == 0
+    diff, moved = assert_same_weights(tmp_path / "fsdp", tmp_path / "single", dirs["student"])
+    print(f"fsdp2 vs one process ({train}): max |diff| {diff:.2e}, max |change| {moved:.2e}")
+    model = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "fsdp")  # plain load, no LoRA left
+    assert not any("lora" in name for name, _ in model.named_modules())
+    assert json.loads((tmp_path / "fsdp/sample_ids.json").read_text())["processes_checked"] == 2
+    assert json.loads((tmp_path / "fsdp/pruning_plan.json").read_text())["recovery"][-1]["steps"] == 3
+
+
+def test_fsdp2_resumes_after_a_kill_and_ends_at_the_same_step(dirs, tmp_path):
+    common = ["--train", "all", "--max-steps", "12", "--save-steps", "2", "--lr-scheduler-type", "linear",
+              "--loss", "sft=1,hidden=1"]
+    out = tmp_path / "killed"
+    ckpts = tmp_path / "killed.checkpoints"
+    proc = subprocess.Popen(launch("fsdp.yaml", argv(dirs, out, *common)), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 200
+        while not (ckpts / "checkpoint-2" / "trainer_state.json").is_file():
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+    finally:  # the launcher and both workers, mid-run (torchrun may put workers in their own groups)
+        tree = [proc.pid] + [child.pid for child in psutil.Process(proc.pid).children(recursive=True)]
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        time.sleep(1)
+        assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                       for pid in tree[1:])
+    assert not out.exists()
+    steps_done = sorted(int(p.name.rsplit("-", 1)[1]) for p in ckpts.iterdir() if p.name.startswith("checkpoint-"))
+    assert steps_done and steps_done[-1] < 12, steps_done
+
+    run = subprocess.run(launch("fsdp.yaml", argv(dirs, out, *common, "--resume")), env=ENV, capture_output=True,
+                         text=True, timeout=240)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    log = json.loads((out / "trainer_log.json").read_text())
+    assert [e["step"] for e in log if "loss" in e][-1] == 12
+    assert json.loads((out / "pruning_plan.json").read_text())["recovery"][-1]["steps"] == 12
+    # The resumed two-process run lands where an uninterrupted one-process run of the same seed lands.
+    assert main(argv(dirs, tmp_path / "single", *common, "--gradient-accumulation-steps", "2")) == 0
+    assert_same_weights(out, tmp_path / "single", dirs["student"])
+    transformers.AutoModelForImageTextToText.from_pretrained(out)
+
+
+# --------------------------------------------------------------------------- configs for GPUs
+
+
+def test_launch_configs_parse_and_name_their_backend():
+    configs = {p.name: yaml.safe_load(p.read_text()) for p in ACCELERATE.glob("*.yaml")}
+    assert {"ddp.yaml", "fsdp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"} <= configs.keys()
+    assert configs["fsdp.yaml"]["fsdp_config"]["fsdp_version"] == 2
+    assert configs["fsdp.yaml"]["fsdp_config"]["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    assert configs["deepspeed_zero2.yaml"]["deepspeed_config"]["zero_stage"] == 2
+    z3 = configs["deepspeed_zero3.yaml"]["deepspeed_config"]
+    assert z3["zero_stage"] == 3 and z3["zero3_save_16bit_model"] is True  # the final save needs gathered weights
+    for name, cfg in configs.items():
+        assert cfg["num_processes"] >= 1 and cfg["distributed_type"] in ("MULTI_GPU", "FSDP", "DEEPSPEED"), name
+
+
+@pytest.mark.parametrize("name", ["deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
+def test_deepspeed_configs_build_the_trainer_arguments(name, tmp_path):
+    """The accelerate DeepSpeed plugin built from each config, as `accelerate launch` builds it (needs deepspeed)."""
+    pytest.importorskip("deepspeed")
+    from accelerate.utils import DeepSpeedPlugin
+
+    ds = yaml.safe_load((ACCELERATE / name).read_text())["deepspeed_config"]
+    plugin = DeepSpeedPlugin(zero_stage=ds["zero_stage"], gradient_accumulation_steps=ds["gradient_accumulation_steps"],
+                             gradient_clipping=ds["gradient_clipping"], zero3_save_16bit_model=ds.get("zero3_save_16bit_model"))
+    assert plugin.deepspeed_config["zero_optimization"]["stage"] == ds["zero_stage"]
+
+
+def test_deepspeed_without_a_gpu_is_refused_with_the_alternative(dirs, tmp_path, monkeypatch, capsys):
+    if torch.accelerator.is_available():
+        pytest.skip("this machine has an accelerator")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert main(argv(dirs, tmp_path / "o", "--max-steps", "1")) == 2
+    err = capsys.readouterr().err
+    assert "DeepSpeed needs a GPU" in err and "fsdp.yaml" in err
+    assert not (tmp_path / "o").exists()
