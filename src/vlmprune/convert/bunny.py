@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from vlmprune.convert.common import (ConversionError, KeyMapper, has_tokenizer, load_native, load_state_dict,
-                                     load_tokenizer, read_config, require, source_dtype)
+                                     load_tokenizer, read_family_config, require, source_dtype)
 
 ARCHITECTURES = ("BunnyPhiForCausalLM",)
 MODEL_TYPES = ("bunny-phi",)
@@ -163,11 +163,8 @@ def build(src: str | Path, vision_tower: str | Path | None = None):
     from transformers.initialization import no_init_weights
 
     src = Path(src)
-    config = read_config(src)
-    model_type, archs = config.get("model_type"), config.get("architectures") or []
-    if model_type not in MODEL_TYPES and not set(archs) & set(ARCHITECTURES):
-        raise ConversionError(f"config.json: model_type {model_type!r} / architectures {archs} is not Bunny-Phi "
-                              f"(BunnyPhiForCausalLM); other Bunny language models are not converted")
+    config = read_family_config(src, MODEL_TYPES, ARCHITECTURES,
+                                "Bunny-Phi (BunnyPhiForCausalLM); other Bunny language models are not converted")
     require(config, "mm_projector_type", "mlp2x_gelu")
     # Only "pad" works in the original: its other branch calls the processor object, which the
     # SigLIP processor of Bunny does not support.

@@ -144,3 +144,12 @@ def load_tokenizer(src: Path, **named_tokens: str):
     except Exception as exc:  # noqa: BLE001 - re-raised with what to do
         raise ConversionError(f"the tokenizer files in {src} do not load with the native tokenizer classes "
                               f"({type(exc).__name__}: {exc}); remove them to convert the model alone") from exc
+
+
+def read_family_config(src: Path, model_types, architectures, name: str) -> dict:
+    """The original config.json, refused unless its model_type or architectures name the family."""
+    config = read_config(src)
+    model_type, archs = config.get("model_type"), config.get("architectures") or []
+    if model_type not in model_types and not set(archs) & set(architectures):
+        raise ConversionError(f"config.json: model_type {model_type!r} / architectures {archs} is not {name}")
+    return config

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from vlmprune.convert.common import (ConversionError, KeyMapper, has_tokenizer, load_native, load_state_dict,
-                                     load_tokenizer, read_config, require, source_dtype)
+                                     load_tokenizer, read_family_config, require, source_dtype)
 
 ARCHITECTURES = ("InternVLChatModel",)
 MODEL_TYPES = ("internvl_chat",)
@@ -82,11 +82,7 @@ def build(src: str | Path, image_token_id: int | None = None):
     from transformers.initialization import no_init_weights
 
     src = Path(src)
-    config = read_config(src)
-    model_type, archs = config.get("model_type"), config.get("architectures") or []
-    if model_type not in MODEL_TYPES and not set(archs) & set(ARCHITECTURES):
-        raise ConversionError(f"config.json: model_type {model_type!r} / architectures {archs} is not "
-                              f"InternVLChatModel")
+    config = read_family_config(src, MODEL_TYPES, ARCHITECTURES, "InternVLChatModel")
     # v1 leaves every tile's token grid transposed; the native pixel shuffle always transposes back
     if config.get("ps_version") != "v2":
         raise ConversionError(
