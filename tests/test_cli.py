@@ -23,14 +23,14 @@ def tiny_dir(tmp_path_factory):
 
 def test_inspect_prints_parts_and_layers(tiny_dir, capsys):
     assert main(["inspect", str(tiny_dir), "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    summary = json.loads(capsys.readouterr().err)
     assert summary["model_type"] == "llava" and summary["text_model_type"] == "phi3"
     assert summary["num_layers"] == 4
     assert summary["layers"][0] == {"num_heads": 4, "num_kv_heads": 2, "head_dim": 16, "intermediate_size": 128}
     p = summary["parameters"]
     assert p["total"] == p["vision"] + p["projector"] + p["language_model"]
     assert main(["inspect", str(tiny_dir)]) == 0
-    assert "decoder layers" in capsys.readouterr().out
+    assert "decoder layers" in capsys.readouterr().err
 
 
 def test_prune_with_plan_writes_loadable_checkpoint(tiny_dir, tmp_path):
@@ -58,7 +58,7 @@ def test_bad_plan_leaves_no_output(tiny_dir, tmp_path, capsys):
     plan.write_text(json.dumps({"layers": {"0": {"q_heads": [0, 1, 2]}}}))
     out = tmp_path / "pruned"
     assert main(["prune", "--model", str(tiny_dir), "--plan", str(plan), "--output", str(out)]) == 2
-    assert "every kept kv head must keep the same number" in capsys.readouterr().out
+    assert "every kept kv head must keep the same number" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".pruned*"))
 
 
@@ -69,4 +69,4 @@ def test_unsupported_model_is_named(tmp_path, capsys):
         get_adapter(transformers.LlamaForCausalLM(config))
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "m")
     assert main(["inspect", str(tmp_path / "m")]) == 2
-    assert "does not support model_type 'llama'" in capsys.readouterr().out
+    assert "does not support model_type 'llama'" in capsys.readouterr().err

@@ -152,7 +152,7 @@ def test_cli_bad_input_leaves_no_output(tiny_repo, tmp_path, capsys, argv_tail, 
     argv = ["prune", "--model", str(model_dir), "--calibration", str(data), "--image-folder", str(tiny_repo.images),
             "--num-samples", "4", "--output", str(out), *argv_tail]
     assert main(argv) == 2
-    assert message in capsys.readouterr().out
+    assert message in capsys.readouterr().err
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
