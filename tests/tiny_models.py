@@ -43,7 +43,13 @@ from transformers import (
     InternVLForConditionalGeneration,
     InternVLVisionConfig,
     LlamaConfig,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
+    MistralConfig,
+    PixtralVisionConfig,
     LlavaConfig,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
     LlavaForConditionalGeneration,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
@@ -74,6 +80,8 @@ FAMILIES: list[str] = [
     "idefics3",
     "gemma3",
     "llava_onevision",
+    "llava_next",
+    "mistral3",
 ]
 
 ATTN_IMPLEMENTATION = "sdpa"
@@ -250,6 +258,32 @@ def _config_llava_onevision():
     )
 
 
+def _config_llava_next():
+    # LLaVA-NeXT (1.6): CLIP tiles of 28 px (4x4 patches, CLS dropped), anyres grid up to 2x2 tiles,
+    # a learned image_newline after every feature row; a Mistral text backbone (llava-v1.6-mistral).
+    vision = CLIPVisionConfig(**_VISION_COMMON, image_size=28, patch_size=7, projection_dim=32)
+    return LlavaNextConfig(
+        vision_config=vision,
+        text_config=MistralConfig(**_TEXT_COMMON),
+        image_token_index=IMAGE_ID,
+        image_grid_pinpoints=[[28, 28], [28, 56], [56, 28], [56, 56]],
+    )
+
+
+def _config_mistral3():
+    # Mistral 3 (Mistral-Small-3.1): Pixtral tower (7 px patches, 2D rope), RMSNorm + 2x2 patch
+    # merger + MLP projector, Mistral text backbone with an explicit head_dim.
+    vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 head_dim=16, image_size=56, patch_size=7)
+    return Mistral3Config(
+        vision_config=vision,
+        text_config=MistralConfig(**_TEXT_COMMON, head_dim=16),
+        image_token_index=IMAGE_ID,
+        spatial_merge_size=2,
+        vision_feature_layer=-1,
+    )
+
+
 _REGISTRY = {
     "llava_llama_mha": (_config_llava_llama_mha, LlavaForConditionalGeneration),
     "llava_llama_gqa": (_config_llava_llama_gqa, LlavaForConditionalGeneration),
@@ -262,6 +296,8 @@ _REGISTRY = {
     "idefics3": (_config_idefics3, Idefics3ForConditionalGeneration),
     "gemma3": (_config_gemma3, Gemma3ForConditionalGeneration),
     "llava_onevision": (_config_llava_onevision, LlavaOnevisionForConditionalGeneration),
+    "llava_next": (_config_llava_next, LlavaNextForConditionalGeneration),
+    "mistral3": (_config_mistral3, Mistral3ForConditionalGeneration),
 }
 
 
@@ -389,6 +425,48 @@ def _inputs_llava_onevision(config, batch, gen):
     return inputs
 
 
+def _llava_next_num_image_tokens(config, height: int, width: int) -> int:
+    """Number of ``<image>`` tokens, as ``LlavaNextProcessor._get_number_of_features`` computes it."""
+    tile = config.vision_config.image_size
+    side = tile // config.vision_config.patch_size
+    best_h, best_w = select_best_resolution([height, width], config.image_grid_pinpoints)
+    cur_h, cur_w = side * (best_h // tile), side * (best_w // tile)
+    if width / height > cur_w / cur_h:
+        cur_h -= 2 * ((cur_h - int(round(height * (cur_w / width), 7))) // 2)
+    else:
+        cur_w -= 2 * ((cur_w - int(round(width * (cur_h / height), 7))) // 2)
+    base = side * side + (1 if config.vision_feature_select_strategy == "full" else 0)
+    return cur_h * cur_w + cur_h + base
+
+
+def _inputs_llava_next(config, batch, gen):
+    # A 30x50 image: best pinpoint 56x56 (2x2 tiles + the base tile).
+    height, width = 30, 50
+    tile = config.vision_config.image_size
+    best_h, best_w = select_best_resolution([height, width], config.image_grid_pinpoints)
+    num_tiles = (best_h // tile) * (best_w // tile) + 1
+    n = _llava_next_num_image_tokens(config, height, width)
+    inputs = _assemble([config.image_token_id] * n, batch, gen)
+    inputs["pixel_values"] = _pixels(gen, batch, num_tiles, 3, tile, tile)
+    inputs["image_sizes"] = torch.tensor([[height, width]] * batch)
+    return inputs
+
+
+def _inputs_mistral3(config, batch, gen):
+    # A 28x42 image (Pixtral keeps the aspect ratio): 4x6 patches, merged 2x2 -> 2x3 features, laid
+    # out as the processor does: a row of [IMG] tokens, [IMG_BREAK] after each row, [IMG_END] last.
+    height, width = 28, 42
+    step = config.vision_config.patch_size * config.spatial_merge_size
+    rows, cols = height // step, width // step
+    block = []
+    for r in range(rows):
+        block += [config.image_token_id] * cols + [IMAGE_START_ID if r < rows - 1 else IMAGE_END_ID]
+    inputs = _assemble(block, batch, gen)
+    inputs["pixel_values"] = _pixels(gen, batch, 3, height, width)
+    inputs["image_sizes"] = torch.tensor([[height, width]] * batch)
+    return inputs
+
+
 _INPUT_BUILDERS = {
     "llava_llama_mha": _inputs_llava,
     "llava_llama_gqa": _inputs_llava,
@@ -401,6 +479,8 @@ _INPUT_BUILDERS = {
     "idefics3": _inputs_idefics3,
     "gemma3": _inputs_gemma3,
     "llava_onevision": _inputs_llava_onevision,
+    "llava_next": _inputs_llava_next,
+    "mistral3": _inputs_mistral3,
 }
 
 

@@ -73,6 +73,8 @@ _IDEFICS = VLMParts("model.vision_model", "model.connector", "model.text_model")
 VLM_PARTS: dict[str, VLMParts] = {
     "llava": _LLAVA_LIKE,
     "llava_onevision": _LLAVA_LIKE,
+    "llava_next": _LLAVA_LIKE,  # image_newline lives beside the projector, outside the language model
+    "mistral3": _LLAVA_LIKE,  # Pixtral tower; the patch merger is part of the projector
     "internvl": _LLAVA_LIKE,
     "gemma3": _LLAVA_LIKE,
     "qwen2_vl": _QWEN_VL,
@@ -85,6 +87,8 @@ _STANDARD = LayerLayout()
 LAYER_LAYOUTS: dict[str, LayerLayout] = {
     "llama": _STANDARD,
     "mistral": _STANDARD,
+    "ministral": _STANDARD,
+    "ministral3": _STANDARD,
     "qwen2": _STANDARD,
     "qwen2_vl_text": LayerLayout(config_head_dim=False),
     "qwen2_5_vl_text": LayerLayout(config_head_dim=False),
