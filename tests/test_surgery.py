@@ -159,7 +159,10 @@ def test_non_uniform_widths_need_vlmprune_load(family, tmp_path):
     assert torch.equal(logits(loaded, inputs), logits(model, inputs))
     assert torch.equal(greedy(loaded, inputs), greedy(model, inputs))
     # pruning a pruned model again: indices refer to the model it is applied to
+    # (layer 0, or layer 2 where the family needs layer 0 in place: Qwen3-VL's DeepStack)
     again = copy.deepcopy(loaded)
-    apply_plan_(again, PruningPlan(drop_layers=[0]))
+    victim = 2 if 0 in get_adapter(again).protected_layers(again) else 0
+    apply_plan_(again, PruningPlan(drop_layers=[victim]))
     check_config(again)
-    assert again.config.get_text_config().vlmprune_layer_widths == {"0": model.config.get_text_config().vlmprune_layer_widths["1"]}
+    moved = "0" if victim == 0 else "1"
+    assert again.config.get_text_config().vlmprune_layer_widths == {moved: model.config.get_text_config().vlmprune_layer_widths["1"]}

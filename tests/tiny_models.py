@@ -64,6 +64,11 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen2VLTextConfig,
     Qwen2VLVisionConfig,
+    Qwen3Config,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLTextConfig,
+    Qwen3VLVisionConfig,
     SiglipVisionConfig,
 )
 from transformers.image_processing_utils import select_best_resolution
@@ -82,6 +87,8 @@ FAMILIES: list[str] = [
     "llava_onevision",
     "llava_next",
     "mistral3",
+    "qwen3_vl",
+    "internvl_qwen3",
 ]
 
 ATTN_IMPLEMENTATION = "sdpa"
@@ -284,6 +291,30 @@ def _config_mistral3():
     )
 
 
+def _config_qwen3_vl():
+    # DeepStack on, as in every Qwen3-VL checkpoint (3 of 36 layers in the 8B; 1 of 4 here): the
+    # features of vision block 0 are added after language layer 0. head_dim 16 (explicit, q/k norm
+    # over it), interleaved M-RoPE sections summing to 8.
+    vision = Qwen3VLVisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                                 patch_size=7, spatial_merge_size=2, temporal_patch_size=2,
+                                 num_position_embeddings=16, deepstack_visual_indexes=[0])
+    text = Qwen3VLTextConfig(**_TEXT_COMMON, head_dim=16, rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+    return Qwen3VLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_ID,
+        video_token_id=VIDEO_ID,
+        vision_start_token_id=IMAGE_START_ID,
+        vision_end_token_id=IMAGE_END_ID,
+    )
+
+
+def _config_internvl_qwen3():
+    # InternVL3.5: InternViT + a Qwen3 text backbone (q_norm / k_norm, explicit head_dim).
+    return _internvl_config(Qwen3Config(**_TEXT_COMMON, head_dim=16))
+
+
 _REGISTRY = {
     "llava_llama_mha": (_config_llava_llama_mha, LlavaForConditionalGeneration),
     "llava_llama_gqa": (_config_llava_llama_gqa, LlavaForConditionalGeneration),
@@ -298,6 +329,8 @@ _REGISTRY = {
     "llava_onevision": (_config_llava_onevision, LlavaOnevisionForConditionalGeneration),
     "llava_next": (_config_llava_next, LlavaNextForConditionalGeneration),
     "mistral3": (_config_mistral3, Mistral3ForConditionalGeneration),
+    "qwen3_vl": (_config_qwen3_vl, Qwen3VLForConditionalGeneration),
+    "internvl_qwen3": (_config_internvl_qwen3, InternVLForConditionalGeneration),
 }
 
 
@@ -481,6 +514,8 @@ _INPUT_BUILDERS = {
     "llava_onevision": _inputs_llava_onevision,
     "llava_next": _inputs_llava_next,
     "mistral3": _inputs_mistral3,
+    "qwen3_vl": _inputs_qwen_vl,
+    "internvl_qwen3": _inputs_internvl,
 }
 
 

@@ -93,6 +93,8 @@ LAYER_LAYOUTS: dict[str, LayerLayout] = {
     "qwen2_vl_text": LayerLayout(config_head_dim=False),
     "qwen2_5_vl_text": LayerLayout(config_head_dim=False),
     "gemma3_text": _STANDARD,
+    # q_norm / k_norm: one RMSNorm over head_dim shared by every head, so nothing to slice.
+    "qwen3": _STANDARD,
     "phi": LayerLayout(o="dense", gate=None, up="fc1", down="fc2"),
     "phi3": LayerLayout(q=None, k=None, v=None, qkv="qkv_proj", gate=None, up=None, gate_up="gate_up_proj"),
 }
@@ -167,6 +169,10 @@ class Adapter:
         """Decoder layers that must not be dropped (a family that injects inputs at fixed layers)."""
         return set()
 
+    def protected_reason(self, model: nn.Module) -> str:
+        """Why :meth:`protected_layers` must stay (said when a plan tries to drop one)."""
+        return "it feeds inputs into them"
+
     def slices(self, layer: nn.Module, shape) -> list[Slice]:
         """Which rows / columns of which projection each q head, kv group and MLP channel owns.
 
@@ -212,6 +218,23 @@ def register_adapter(model_type: str, parts: VLMParts, text_layouts: dict[str, L
         return cls
 
     return register
+
+
+@register_adapter("qwen3_vl", _QWEN_VL, {"qwen3_vl_text": _STANDARD})
+class Qwen3VLAdapter(Adapter):
+    """Qwen3-VL: DeepStack adds features of several vision layers to the hidden states after
+    language-model layers ``0 .. len(deepstack_visual_indexes) - 1`` (by position in the layer list),
+    so dropping one of those layers would silently move an injection to another layer. The DeepStack
+    mergers (``model.visual.deepstack_merger_list``) sit beside the main merger and are kept."""
+
+    def protected_layers(self, model: nn.Module) -> set[int]:
+        vision = model.config.vision_config
+        return set(range(len(getattr(vision, "deepstack_visual_indexes", None) or ())))
+
+    def protected_reason(self, model: nn.Module) -> str:
+        n = len(self.protected_layers(model))
+        return (f"DeepStack adds the features of {n} vision layer(s) to the hidden states after language-model "
+                f"layers 0..{n - 1}, by position; dropping one would move an injection to another layer")
 
 
 def supported_model_types() -> list[str]:

@@ -55,8 +55,8 @@ def apply_plan_(model: nn.Module, plan: PruningPlan) -> nn.Module:
     resolved = plan.resolve(shapes)
     protected = sorted(adapter.protected_layers(model) & set(plan.drop_layers))
     if protected:
-        raise PlanError(f"the plan drops layer(s) {protected}, which {adapter.model_type} needs in place (it feeds "
-                        f"inputs into them); drop other layers")
+        raise PlanError(f"the plan drops layer(s) {protected}, which {adapter.model_type} needs in place "
+                        f"({adapter.protected_reason(model)}); drop other layers")
     layers = adapter.layers(model)
     for i, keep in resolved.items():
         prune_layer_width_(layers[i], adapter, shapes[i], keep)

@@ -122,10 +122,14 @@ def plan_for(model: nn.Module, scores: Scores, ratio: float, attention: str = "g
     extra: dict[str, Any] = {"method": scores.method, "criterion": scores.criterion, "tokens": scores.tokens,
                              "ratio_target": ratio}
     if scores.method == "layer":
-        values = _without(scores.values, get_adapter(model).protected_layers(model))
+        protected = get_adapter(model).protected_layers(model)
+        values = _without(scores.values, protected)
         n = layers_to_drop(len(shapes), budget, ratio)
         plan = PruningPlan(drop_layers=plan_layers(values.layers, budget, ratio, values.block_start(n)))
-        extra["scores"] = {"layers": [float(f"{v:.6g}") for v in values.layers.tolist()]}
+        # the criterion's own scores, protected layers included (they are scored, never chosen)
+        extra["scores"] = {"layers": [float(f"{v:.6g}") for v in scores.values.layers.tolist()]}
+        if protected:
+            extra["protected_layers"] = sorted(protected)
     else:
         chosen = parse_layer_range(layers, len(shapes))
         plan = plan_width(scores.values, shapes, budget, ratio, attention, mlp_multiple, chosen, global_ranking)

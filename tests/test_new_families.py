@@ -1,0 +1,52 @@
+"""Constraints of the 2025-26 families (issue 16): what each one refuses, and why."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import vlmprune
+from test_importance import labelled
+from test_surgery import logits
+from tiny_models import build_tiny, make_inputs
+from vlmprune.adapters import get_adapter
+from vlmprune.errors import PlanError
+from vlmprune.plan import PruningPlan
+from vlmprune.prune.run import score_and_plan
+
+
+# ---------------------------------------------------------------- Qwen3-VL: DeepStack
+
+
+def test_qwen3_vl_tiny_model_has_deepstack_on():
+    model = build_tiny("qwen3_vl")
+    inputs = make_inputs("qwen3_vl", model)
+    before = logits(model, inputs)
+    with torch.no_grad():
+        for p in model.model.visual.deepstack_merger_list.parameters():
+            p.zero_()
+    assert not torch.allclose(logits(model, inputs), before)  # the injection reaches the logits
+
+
+def test_dropping_a_deepstack_layer_is_refused_and_leaves_the_model_untouched():
+    model = build_tiny("qwen3_vl")
+    assert get_adapter(model).protected_layers(model) == {0}
+    inputs = make_inputs("qwen3_vl", model)
+    before = logits(model, inputs)
+    with pytest.raises(PlanError, match=r"drops layer\(s\) \[0\], which qwen3_vl needs in place \(DeepStack adds"):
+        vlmprune.apply_plan_(model, PruningPlan(drop_layers=[0, 2]))
+    assert len(get_adapter(model).layers(model)) == 4
+    assert torch.equal(logits(model, inputs), before)
+
+
+def test_layer_criteria_score_deepstack_layers_but_never_choose_them():
+    model = build_tiny("qwen3_vl")
+    batches = [labelled(model, "qwen3_vl", seed=0)]
+    plan, _ = score_and_plan(model, "layer", 0.4, "block_influence", batches)  # three of four layers
+    assert plan.drop_layers == [1, 2, 3]
+    plan, scores = score_and_plan(model, "layer", 0.2, "block_influence", batches)
+    assert 0 not in plan.drop_layers and plan.extra["protected_layers"] == [0]
+    assert all(math.isfinite(v) for v in plan.extra["scores"]["layers"])  # layer 0 is scored like the others
+    assert plan.extra["scores"]["layers"] == pytest.approx(scores.values.layers.tolist(), rel=1e-5)
