@@ -50,3 +50,37 @@ def test_layer_criteria_score_deepstack_layers_but_never_choose_them():
     assert 0 not in plan.drop_layers and plan.extra["protected_layers"] == [0]
     assert all(math.isfinite(v) for v in plan.extra["scores"]["layers"])  # layer 0 is scored like the others
     assert plan.extra["scores"]["layers"] == pytest.approx(scores.values.layers.tolist(), rel=1e-5)
+
+
+# ---------------------------------------------------------------- Qwen3.5: hybrid linear / gated full attention
+
+
+def test_qwen3_5_linear_attention_heads_are_kept_whole():
+    model = build_tiny("qwen3_5")
+    adapter = get_adapter(model)
+    assert [adapter.has_heads(layer) for layer in adapter.layers(model)] == [False, False, False, True]
+    with pytest.raises(PlanError, match=r"cuts attention heads in layer\(s\) \[0\], whose qwen3_5 token mixer keeps"):
+        vlmprune.apply_plan_(model, PruningPlan(layers={0: {"kv_heads": [1]}, 3: {"kv_heads": [1]}}))
+    # the gated q projection: each head owns 2 * head_dim rows ([query | gate]) and head_dim o_proj columns
+    q = next(s for s in adapter.slices(adapter.layers(model)[3], vlmprune.prune.layer_shapes(model)[3])
+             if s.unit == "q" and s.dim == 0)
+    assert q.owner.tolist() == [h for h in range(4) for _ in range(64)]
+
+
+def test_qwen3_5_width_plans_from_scores_leave_linear_attention_whole():
+    model = build_tiny("qwen3_5")
+    batches = [labelled(model, "qwen3_5", seed=0)]
+    plan, _ = score_and_plan(model, "width", 0.2, "taylor", batches)
+    for i in (0, 1, 2):
+        assert not {"q_heads", "kv_heads"} & set(plan.layers.get(i, {}))
+    vlmprune.apply_plan_(model, plan)
+
+
+def test_qwen3_5_keeps_a_full_attention_layer():
+    model = build_tiny("qwen3_5")
+    with pytest.raises(PlanError, match=r"drops layer\(s\) \[3\], which qwen3_5 needs in place \(it is the last full-attention"):
+        vlmprune.apply_plan_(model, PruningPlan(drop_layers=[3]))
+    text = model.config.get_text_config()
+    text.layer_types = ["full_attention", "linear_attention", "linear_attention", "full_attention"]
+    with pytest.raises(PlanError, match="drops every full-attention layer"):
+        vlmprune.apply_plan_(model, PruningPlan(drop_layers=[0, 3]))

@@ -33,10 +33,13 @@ def assert_close(actual, expected):
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * max(scale, 1.0))
 
 
-def width_entry(shape, mode: str) -> dict:
-    """Kept heads/channels of one layer: drop alternate kv groups, or one q head in every group."""
+def width_entry(shape, mode: str, heads: bool = True) -> dict:
+    """Kept heads/channels of one layer: drop alternate kv groups, or one q head in every group
+    (only MLP channels in a layer without prunable heads: Qwen3.5's linear attention)."""
     g = shape.group_size
-    if mode == "groups":
+    if not heads:
+        entry = {}
+    elif mode == "groups":
         kv = list(range(1, shape.num_kv_heads, 2))
         q = [h for k in kv for h in range(k * g, (k + 1) * g)]
         entry = {"kv_heads": kv, "q_heads": q}
@@ -59,7 +62,14 @@ def check_config(model):
     for i, (layer, shape) in enumerate(zip(layers, layer_shapes(model, adapter))):
         attn = adapter.attention(layer)
         assert attn.layer_idx == i
-        assert attn.num_key_value_groups == shape.num_heads // shape.num_kv_heads
+        if getattr(config, "layer_types", None) is not None:  # what the layer was built as still matches
+            for owner, name in ((layer, "block_type"), (attn, "layer_type")):
+                if isinstance(getattr(owner, name, None), str):
+                    assert getattr(owner, name) == config.layer_types[i], (i, name)
+        if not adapter.has_heads(layer):
+            assert not hasattr(attn, "num_key_value_groups")  # a linear-attention mixer: nothing more to check
+        else:
+            assert attn.num_key_value_groups == shape.num_heads // shape.num_kv_heads
         assert shape.num_heads % shape.num_kv_heads == 0
         expected = widths.get(str(i), {
             "num_attention_heads": config.num_attention_heads,
@@ -99,7 +109,9 @@ def test_width_plan_equals_zeroed_original_and_reloads(family, mode, tmp_path):
     shapes = layer_shapes(model)
     if mode == "heads" and shapes[0].group_size == 1:
         pytest.skip("multi-head attention has one q head per kv head: only whole groups can go")
-    plan = PruningPlan(layers={i: width_entry(s, mode) for i, s in enumerate(shapes)})
+    adapter = get_adapter(model)
+    plan = PruningPlan(layers={i: width_entry(s, mode, adapter.has_heads(layer))
+                               for i, (s, layer) in enumerate(zip(shapes, adapter.layers(model)))})
     inputs = make_inputs(family, model)
     expected = logits(zeroed(model, plan), inputs)
     apply_plan_(model, plan)
@@ -144,9 +156,11 @@ def test_non_uniform_widths_need_vlmprune_load(family, tmp_path):
     model = build_tiny(family)
     shapes = layer_shapes(model)
     mode = "heads" if shapes[0].group_size > 1 else "groups"
-    plan = PruningPlan(drop_layers=[3], layers={1: width_entry(shapes[1], mode)})
+    adapter = get_adapter(model)
+    last = 3 if 3 not in adapter.protected_layers(model) else 2  # Qwen3.5 keeps its one full-attention layer
+    plan = PruningPlan(drop_layers=[last], layers={1: width_entry(shapes[1], mode, adapter.has_heads(adapter.layers(model)[1]))})
     inputs = make_inputs(family, model)
-    reference = logits(skipped(zeroed(model, plan), [3]), inputs)
+    reference = logits(skipped(zeroed(model, plan), [last]), inputs)
     apply_plan_(model, plan)
     check_config(model)
     assert set(model.config.get_text_config().vlmprune_layer_widths) == {"1"}

@@ -64,6 +64,10 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen2VLTextConfig,
     Qwen2VLVisionConfig,
+    Qwen3_5Config,
+    Qwen3_5ForConditionalGeneration,
+    Qwen3_5TextConfig,
+    Qwen3_5VisionConfig,
     Qwen3Config,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
@@ -89,6 +93,7 @@ FAMILIES: list[str] = [
     "mistral3",
     "qwen3_vl",
     "internvl_qwen3",
+    "qwen3_5",
 ]
 
 ATTN_IMPLEMENTATION = "sdpa"
@@ -315,6 +320,29 @@ def _config_internvl_qwen3():
     return _internvl_config(Qwen3Config(**_TEXT_COMMON, head_dim=16))
 
 
+def _config_qwen3_5():
+    # Qwen3.5: hybrid layer_types as in the checkpoints (three Gated DeltaNet layers, then one gated
+    # full-attention layer: full_attention_interval 4); full attention with head_dim 32 and a quarter
+    # of it rotated (partial_rotary_factor 0.25 -> 8 dims, M-RoPE sections summing to 4); linear
+    # attention with 2 k heads and 4 v heads of 8 dims, conv kernel 4.
+    vision = Qwen3_5VisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                                 patch_size=7, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16)
+    text = Qwen3_5TextConfig(
+        **_TEXT_COMMON, head_dim=32, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_conv_kernel_dim=4,
+        layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                         "mrope_section": [2, 1, 1], "mrope_interleaved": True})
+    return Qwen3_5Config(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_ID,
+        video_token_id=VIDEO_ID,
+        vision_start_token_id=IMAGE_START_ID,
+        vision_end_token_id=IMAGE_END_ID,
+    )
+
+
 _REGISTRY = {
     "llava_llama_mha": (_config_llava_llama_mha, LlavaForConditionalGeneration),
     "llava_llama_gqa": (_config_llava_llama_gqa, LlavaForConditionalGeneration),
@@ -331,6 +359,7 @@ _REGISTRY = {
     "mistral3": (_config_mistral3, Mistral3ForConditionalGeneration),
     "qwen3_vl": (_config_qwen3_vl, Qwen3VLForConditionalGeneration),
     "internvl_qwen3": (_config_internvl_qwen3, InternVLForConditionalGeneration),
+    "qwen3_5": (_config_qwen3_5, Qwen3_5ForConditionalGeneration),
 }
 
 
@@ -516,6 +545,7 @@ _INPUT_BUILDERS = {
     "mistral3": _inputs_mistral3,
     "qwen3_vl": _inputs_qwen_vl,
     "internvl_qwen3": _inputs_internvl,
+    "qwen3_5": _inputs_qwen_vl,
 }
 
 

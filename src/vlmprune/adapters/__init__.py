@@ -173,6 +173,18 @@ class Adapter:
         """Why :meth:`protected_layers` must stay (said when a plan tries to drop one)."""
         return "it feeds inputs into them"
 
+    def refuse_drop(self, model: nn.Module, drop: set[int]) -> str | None:
+        """Why dropping this set of layers together is not allowed (None: allowed), for constraints
+        that no single protected layer expresses."""
+        return None
+
+    def has_heads(self, layer: nn.Module) -> bool:
+        """Whether this layer's attention has prunable q heads / kv groups. A hybrid family's
+        layers without them (Qwen3.5's linear attention) keep their token mixer whole: their
+        :meth:`slices` list only MLP channels, their shape borrows the head widths of the
+        layers that have heads, and a plan that cuts heads in them is refused."""
+        return True
+
     def slices(self, layer: nn.Module, shape) -> list[Slice]:
         """Which rows / columns of which projection each q head, kv group and MLP channel owns.
 
@@ -180,9 +192,13 @@ class Adapter:
         ``qkv`` ([q heads | k heads | v heads]) rows and o columns; gate/up (or fc1) rows, fused
         ``gate_up`` ([gate | up]) rows, down (fc2) columns.
         """
+        return self.head_slices(layer, shape) + self.mlp_slices(layer, shape)
+
+    def head_slices(self, layer: nn.Module, shape) -> list[Slice]:
+        """The attention part of :meth:`slices`: q/k/v (or fused qkv) rows and o columns."""
         lay = self.layout
-        attn, mlp = self.attention(layer), self.mlp(layer)
-        h, kv, d, i = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.intermediate_size
+        attn = self.attention(layer)
+        h, kv, d = shape.num_heads, shape.num_kv_heads, shape.head_dim
         q_owner, kv_owner = _per_unit(h, d), _per_unit(kv, d)
         out: list[Slice] = []
         if lay.qkv:
@@ -194,7 +210,14 @@ class Adapter:
             out.append(Slice(getattr(attn, lay.q), 0, "q", q_owner))
             out += [Slice(getattr(attn, name), 0, "kv", kv_owner) for name in (lay.k, lay.v)]
         out.append(Slice(getattr(attn, lay.o), 1, "q", q_owner))
-        channels = torch.arange(i, device="cpu")
+        return out
+
+    def mlp_slices(self, layer: nn.Module, shape) -> list[Slice]:
+        """The MLP part of :meth:`slices`: gate/up (or fc1, or fused gate_up) rows, down columns."""
+        lay = self.layout
+        mlp = self.mlp(layer)
+        channels = torch.arange(shape.intermediate_size, device="cpu")
+        out: list[Slice] = []
         if lay.gate_up:
             out.append(Slice(getattr(mlp, lay.gate_up), 0, "mlp", torch.cat([channels, channels])))
         else:
@@ -235,6 +258,49 @@ class Qwen3VLAdapter(Adapter):
         n = len(self.protected_layers(model))
         return (f"DeepStack adds the features of {n} vision layer(s) to the hidden states after language-model "
                 f"layers 0..{n - 1}, by position; dropping one would move an injection to another layer")
+
+
+@register_adapter("qwen3_5", _QWEN_VL, {"qwen3_5_text": _STANDARD})
+class Qwen35Adapter(Adapter):
+    """Qwen3.5: a hybrid decoder whose ``layer_types`` mix ``linear_attention`` (Gated DeltaNet,
+    ``layer.linear_attn``) and gated full attention (``layer.self_attn``). The full-attention q
+    projection carries a sigmoid output gate per head, laid out per head as [query (d) | gate (d)]
+    (``view(..., -1, 2 * head_dim).chunk(2)``): a head owns 2 * head_dim rows of q_proj and head_dim
+    columns of o_proj. Linear-attention layers keep their heads whole (their v/k heads, conv
+    channels, A_log, dt_bias and gated norm are not cut); their MLP channels and the layers
+    themselves can go."""
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn if hasattr(layer, "self_attn") else layer.linear_attn
+
+    def has_heads(self, layer: nn.Module) -> bool:
+        return hasattr(layer, "self_attn")
+
+    def _full_attention(self, model: nn.Module) -> list[int]:
+        return [i for i, t in enumerate(self.text_config(model).layer_types) if t == "full_attention"]
+
+    def protected_layers(self, model: nn.Module) -> set[int]:
+        full = self._full_attention(model)
+        return set(full) if len(full) == 1 else set()
+
+    def protected_reason(self, model: nn.Module) -> str:
+        return ("it is the last full-attention layer: the hybrid cache reads the sequence length from a "
+                "full-attention layer, and a stack of linear attention alone cannot generate")
+
+    def refuse_drop(self, model: nn.Module, drop: set[int]) -> str | None:
+        full = self._full_attention(model)
+        if full and set(full) <= drop:
+            return (f"it drops every full-attention layer ({full}); the hybrid cache reads the sequence length "
+                    f"from a full-attention layer, so keep at least one")
+        return None
+
+    def head_slices(self, layer: nn.Module, shape) -> list[Slice]:
+        if not self.has_heads(layer):
+            return []
+        attn = self.attention(layer)
+        gated_q = _per_unit(shape.num_heads, 2 * shape.head_dim)  # [query | gate] rows of each head
+        return [Slice(s.module, 0, "q", gated_q) if s.module is attn.q_proj else s
+                for s in Adapter.head_slices(self, layer, shape)]
 
 
 def supported_model_types() -> list[str]:

@@ -31,17 +31,29 @@ def layer_shapes(model: nn.Module, adapter: Adapter | None = None) -> list[Layer
     """Widths of every decoder layer, read from the modules' weights (the truth)."""
     adapter = adapter or get_adapter(model)
     lay = adapter.layout
-    shapes = []
+    shapes: list[LayerShape | None] = []
+    heads = None  # (q, kv, head_dim) of the first layer with prunable heads
     for layer in adapter.layers(model):
-        attn, mlp = adapter.attention(layer), adapter.mlp(layer)
+        mlp = adapter.mlp(layer)
+        channels = getattr(mlp, lay.down).in_features
+        if not adapter.has_heads(layer):
+            shapes.append(channels)  # filled in below: its head widths are borrowed
+            continue
+        attn = adapter.attention(layer)
         head_dim = attn.head_dim
         n_q = getattr(attn, lay.o).in_features // head_dim
         if lay.qkv:
             n_kv = (getattr(attn, lay.qkv).out_features - n_q * head_dim) // (2 * head_dim)
         else:
             n_kv = getattr(attn, lay.k).out_features // head_dim
-        shapes.append(LayerShape(n_q, n_kv, head_dim, getattr(mlp, lay.down).in_features))
-    return shapes
+        heads = heads or (n_q, n_kv, head_dim)
+        shapes.append(LayerShape(n_q, n_kv, head_dim, channels))
+    if heads is None:  # no layer with heads: the config's widths
+        config = adapter.text_config(model)
+        heads = (config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+    # A layer without prunable heads (hybrid linear attention) reports the head widths of the first
+    # layer with heads, so that uniform cuts of the attention layers stay uniform (and stock-loadable).
+    return [s if isinstance(s, LayerShape) else LayerShape(*heads, s) for s in shapes]
 
 
 def apply_plan_(model: nn.Module, plan: PruningPlan) -> nn.Module:
@@ -53,11 +65,20 @@ def apply_plan_(model: nn.Module, plan: PruningPlan) -> nn.Module:
     adapter = get_adapter(model)
     shapes = layer_shapes(model, adapter)
     resolved = plan.resolve(shapes)
+    layers = adapter.layers(model)
+    headless = sorted(i for i, keep in resolved.items()
+                      if not adapter.has_heads(layers[i]) and (len(keep.q_heads), len(keep.kv_heads))
+                      != (shapes[i].num_heads, shapes[i].num_kv_heads))
+    if headless:
+        raise PlanError(f"the plan cuts attention heads in layer(s) {headless}, whose {adapter.model_type} token mixer "
+                        f"keeps its heads whole (no prunable q heads / kv groups there); cut only MLP channels in them")
     protected = sorted(adapter.protected_layers(model) & set(plan.drop_layers))
     if protected:
         raise PlanError(f"the plan drops layer(s) {protected}, which {adapter.model_type} needs in place "
                         f"({adapter.protected_reason(model)}); drop other layers")
-    layers = adapter.layers(model)
+    refusal = adapter.refuse_drop(model, set(plan.drop_layers)) if plan.drop_layers else None
+    if refusal:
+        raise PlanError(f"the plan cannot drop layer(s) {sorted(plan.drop_layers)} of {adapter.model_type}: {refusal}")
     for i, keep in resolved.items():
         prune_layer_width_(layers[i], adapter, shapes[i], keep)
     if plan.drop_layers:
@@ -132,10 +153,11 @@ def sync_config_(model: nn.Module, adapter: Adapter | None = None) -> None:
     overrides = {}
     for idx, (layer, shape) in enumerate(zip(adapter.layers(model), shapes)):
         attn, mlp = adapter.attention(layer), adapter.mlp(layer)
-        attn.num_key_value_groups = shape.group_size
-        for attr, value in (("num_heads", shape.num_heads), ("num_key_value_heads", shape.num_kv_heads)):
-            if hasattr(attn, attr):
-                setattr(attn, attr, value)
+        if adapter.has_heads(layer):
+            attn.num_key_value_groups = shape.group_size
+            for attr, value in (("num_heads", shape.num_heads), ("num_key_value_heads", shape.num_kv_heads)):
+                if hasattr(attn, attr):
+                    setattr(attn, attr, value)
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = shape.intermediate_size
         if shape != base:
@@ -144,7 +166,8 @@ def sync_config_(model: nn.Module, adapter: Adapter | None = None) -> None:
                 "num_key_value_heads": shape.num_kv_heads,
                 "intermediate_size": shape.intermediate_size,
             }
-        _give_layer_config(attn, config, overrides.get(str(idx)))
+        if adapter.has_heads(layer):
+            _give_layer_config(attn, config, overrides.get(str(idx)))
     if overrides:
         setattr(config, WIDTHS_KEY, overrides)
 

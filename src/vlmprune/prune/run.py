@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -132,12 +132,30 @@ def plan_for(model: nn.Module, scores: Scores, ratio: float, attention: str = "g
             extra["protected_layers"] = sorted(protected)
     else:
         chosen = parse_layer_range(layers, len(shapes))
-        plan = plan_width(scores.values, shapes, budget, ratio, attention, mlp_multiple, chosen, global_ranking)
+        adapter = get_adapter(model)
+        headless = {i for i, layer in enumerate(adapter.layers(model)) if not adapter.has_heads(layer)}
+        values = _headless(scores.values, headless)
+        plan = plan_width(values, shapes, budget, ratio, attention, mlp_multiple, chosen, global_ranking)
+        for i in headless & set(plan.layers):  # their heads own no parameters and stay whole
+            entry = {k: v for k, v in plan.layers[i].items() if k not in ("q_heads", "kv_heads")}
+            if entry:
+                plan.layers[i] = entry
+            else:
+                del plan.layers[i]
         extra.update({"attention": attention, "mlp_multiple": mlp_multiple, "layer_range": layers,
                       "global": global_ranking, "scores": scores.values.to_dict()})
     extra["achieved"] = achieved(plan, budget, shapes)
     plan.extra.update(extra)
     return plan
+
+
+def _headless(values, headless: set[int]):
+    """Width scores in which the heads of layers without prunable heads are never the weakest."""
+    if not headless:
+        return values
+    heads = [torch.full_like(h, float("inf")) if i in headless else h for i, h in enumerate(values.heads)]
+    groups = [torch.full_like(g, float("inf")) if i in headless else g for i, g in enumerate(values.groups)]
+    return replace(values, heads=heads, groups=groups)
 
 
 def _without(values: LayerScores, protected: set[int]) -> LayerScores:
