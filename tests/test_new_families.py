@@ -84,3 +84,54 @@ def test_qwen3_5_keeps_a_full_attention_layer():
     text.layer_types = ["full_attention", "linear_attention", "linear_attention", "full_attention"]
     with pytest.raises(PlanError, match="drops every full-attention layer"):
         vlmprune.apply_plan_(model, PruningPlan(drop_layers=[0, 3]))
+
+
+# ---------------------------------------------------------------- Gemma 4: KV sharing, per-layer inputs
+
+
+def test_gemma4_kv_sharing_producers_are_protected():
+    model = build_tiny("gemma4")
+    text = model.config.get_text_config()
+    assert text.kv_sharing_modes == ["store", None, None, "store", "reuse", "reuse"]
+    assert get_adapter(model).protected_layers(model) == {0, 3, 5}  # producers, and the last (full) layer
+    with pytest.raises(PlanError, match=r"drops layer\(s\) \[3\], which gemma4 needs in place \(KV sharing: a producer"):
+        vlmprune.apply_plan_(model, PruningPlan(drop_layers=[3]))
+    batches = [labelled(model, "gemma4", seed=0)]
+    plan, _ = score_and_plan(model, "layer", 0.3, "block_influence", batches)
+    assert not {0, 3, 5} & set(plan.drop_layers)
+    adapter = get_adapter(model)  # the rule behind protecting the last layer, for any set of dropped layers
+    assert "the last remaining layer (4) would be sliding_attention" in adapter.refuse_drop(model, {5})
+    assert adapter.refuse_drop(model, {1, 2}) is None
+
+
+def test_gemma4_dropping_consumers_and_per_layer_inputs(tmp_path):
+    from reference import skipped
+    from test_surgery import assert_close, check_config, greedy, reload_plain
+
+    model = build_tiny("gemma4")
+    inputs = make_inputs("gemma4", model)
+    lm = model.model.language_model
+    table = lm.embed_tokens_per_layer.weight.detach().clone()
+    proj = lm.per_layer_model_projection.weight.detach().clone()
+    drop = [2, 4]  # a plain sliding layer and a KV consumer
+    expected = logits(skipped(model, drop), inputs)
+    vlmprune.apply_plan_(model, PruningPlan(drop_layers=drop))
+    check_config(model)
+    text = model.config.get_text_config()
+    assert text.num_kv_shared_layers == 1 and text.kv_sharing_modes == ["store", None, "store", "reuse"]
+    assert lm.first_kv_shared_layer_idx == 3
+    kept = [0, 1, 3, 5]
+    cols = torch.cat([torch.arange(i * 8, (i + 1) * 8) for i in kept])
+    assert torch.equal(lm.embed_tokens_per_layer.weight, table[:, cols])  # each kept layer keeps its own slice
+    assert torch.equal(lm.per_layer_model_projection.weight, proj[cols])
+    assert text.per_layer_config[3].head_dim == 32 and text.per_layer_config[2].head_dim == 16  # full layer 5 -> 3
+    assert_close(logits(model, inputs), expected)
+    loaded = reload_plain(model, tmp_path)
+    assert torch.equal(logits(loaded, inputs), logits(model, inputs))
+    assert torch.equal(greedy(loaded, inputs), greedy(model, inputs))
+
+
+def test_gemma4_heads_and_experts_stay_whole():
+    model = build_tiny("gemma4")
+    with pytest.raises(PlanError, match=r"cuts attention heads in layer\(s\) \[1\], whose gemma4 token mixer keeps"):
+        vlmprune.apply_plan_(model, PruningPlan(layers={1: {"kv_heads": [0]}}))

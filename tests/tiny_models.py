@@ -36,6 +36,10 @@ from transformers import (
     Gemma3Config,
     Gemma3ForConditionalGeneration,
     Gemma3TextConfig,
+    Gemma4Config,
+    Gemma4ForConditionalGeneration,
+    Gemma4TextConfig,
+    Gemma4VisionConfig,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     Idefics3VisionConfig,
@@ -94,6 +98,7 @@ FAMILIES: list[str] = [
     "qwen3_vl",
     "internvl_qwen3",
     "qwen3_5",
+    "gemma4",
 ]
 
 ATTN_IMPLEMENTATION = "sdpa"
@@ -343,6 +348,24 @@ def _config_qwen3_5():
     )
 
 
+def _config_gemma4():
+    # Gemma 4 (E2B/E4B layout, 6 layers here): per-layer inputs on (8 dims per layer), KV sharing on
+    # (the last 2 layers reuse the keys/values of layer 3, the last sliding layer, and of layer 0, the
+    # only full-attention layer before them), full-attention layers with their own head_dim (32) and
+    # one kv head with k = v, sliding window 16. Double-wide MLPs (E2B) are off: see the README.
+    text = Gemma4TextConfig(
+        **{**_TEXT_COMMON, "num_hidden_layers": 6}, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+        attention_k_eq_v=True, sliding_window=16,
+        layer_types=["full_attention"] + ["sliding_attention"] * 4 + ["full_attention"],
+        vocab_size_per_layer_input=VOCAB_SIZE, hidden_size_per_layer_input=8, num_kv_shared_layers=2,
+    )
+    vision = Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                num_key_value_heads=2, head_dim=16, patch_size=7, pooling_kernel_size=2,
+                                position_embedding_size=64)
+    return Gemma4Config(text_config=text, vision_config=vision, audio_config=None, image_token_id=IMAGE_ID,
+                        video_token_id=VIDEO_ID, boi_token_id=IMAGE_START_ID, eoi_token_id=IMAGE_END_ID)
+
+
 _REGISTRY = {
     "llava_llama_mha": (_config_llava_llama_mha, LlavaForConditionalGeneration),
     "llava_llama_gqa": (_config_llava_llama_gqa, LlavaForConditionalGeneration),
@@ -360,6 +383,7 @@ _REGISTRY = {
     "qwen3_vl": (_config_qwen3_vl, Qwen3VLForConditionalGeneration),
     "internvl_qwen3": (_config_internvl_qwen3, InternVLForConditionalGeneration),
     "qwen3_5": (_config_qwen3_5, Qwen3_5ForConditionalGeneration),
+    "gemma4": (_config_gemma4, Gemma4ForConditionalGeneration),
 }
 
 
@@ -529,6 +553,21 @@ def _inputs_mistral3(config, batch, gen):
     return inputs
 
 
+def _inputs_gemma4(config, batch, gen):
+    # A 28x28 image: 4x4 patches of 7 px, flattened ([patches, 3 * 7 * 7]) with their (x, y)
+    # positions, pooled 2x2 -> 4 soft tokens between <boi> and <eoi>.
+    vision = config.vision_config
+    side = 4
+    n = side * side // vision.pooling_kernel_size**2
+    block = [config.boi_token_id] + [config.image_token_id] * n + [config.eoi_token_id]
+    inputs = _assemble(block, batch, gen)
+    inputs["pixel_values"] = torch.rand(batch, side * side, 3 * vision.patch_size**2, generator=gen)
+    grid = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="xy"), -1).reshape(-1, 2)
+    inputs["image_position_ids"] = grid[None].expand(batch, -1, -1).clone()
+    inputs["mm_token_type_ids"] = (inputs["input_ids"] == config.image_token_id).long()
+    return inputs
+
+
 _INPUT_BUILDERS = {
     "llava_llama_mha": _inputs_llava,
     "llava_llama_gqa": _inputs_llava,
@@ -546,6 +585,7 @@ _INPUT_BUILDERS = {
     "qwen3_vl": _inputs_qwen_vl,
     "internvl_qwen3": _inputs_internvl,
     "qwen3_5": _inputs_qwen_vl,
+    "gemma4": _inputs_gemma4,
 }
 
 
@@ -561,7 +601,7 @@ def make_inputs(family: str, model, batch: int = 2, seed: int = 0) -> dict[str, 
 # --------------------------------------------------------------------------- self-check
 
 _VISION_PATHS = ("model.vision_tower", "model.visual", "model.vision_model")
-_PROJECTOR_PATHS = ("model.multi_modal_projector", "model.connector", "model.visual.merger")
+_PROJECTOR_PATHS = ("model.multi_modal_projector", "model.connector", "model.visual.merger", "model.embed_vision")
 _LM_PATHS = ("model.language_model", "model.text_model")
 
 
@@ -593,9 +633,10 @@ def _describe(model) -> None:
         print(f"  layer.{child_name:<14} {type(child).__name__}")
         for name, param in child.named_parameters():
             print(f"      {name:<22} {tuple(param.shape)}")
+    raw = getattr(text, "_getattr_without_heterogeneous_validation", lambda k, d=None: getattr(text, k, d))
     print(
-        f"  text: heads={text.num_attention_heads} kv={text.num_key_value_heads} "
-        f"head_dim={getattr(text, 'head_dim', None)} layer_types={getattr(text, 'layer_types', None)} "
+        f"  text: heads={text.num_attention_heads} kv={raw('num_key_value_heads')} "
+        f"head_dim={raw('head_dim', None)} layer_types={getattr(text, 'layer_types', None)} "
         f"rope={text.rope_parameters}"
     )
 

@@ -178,6 +178,15 @@ class Adapter:
         that no single protected layer expresses."""
         return None
 
+    def outside_layer_params(self, model: nn.Module) -> list[int]:
+        """Parameters outside each decoder layer that go when it is dropped (see :meth:`layers_dropped_`)."""
+        return [0] * len(self.layers(model))
+
+    def layers_dropped_(self, model: nn.Module, kept: list[int]) -> None:
+        """Called after decoder layers were removed (``kept``: original indices of the survivors, in
+        order; config lists, num_hidden_layers and layer_idx already updated): drop what else a
+        family keeps per layer outside the layers (Gemma 4's per-layer input slices)."""
+
     def has_heads(self, layer: nn.Module) -> bool:
         """Whether this layer's attention has prunable q heads / kv groups. A hybrid family's
         layers without them (Qwen3.5's linear attention) keep their token mixer whole: their
@@ -192,7 +201,8 @@ class Adapter:
         ``qkv`` ([q heads | k heads | v heads]) rows and o columns; gate/up (or fc1) rows, fused
         ``gate_up`` ([gate | up]) rows, down (fc2) columns.
         """
-        return self.head_slices(layer, shape) + self.mlp_slices(layer, shape)
+        heads = self.head_slices(layer, shape) if self.has_heads(layer) else []
+        return heads + self.mlp_slices(layer, shape)
 
     def head_slices(self, layer: nn.Module, shape) -> list[Slice]:
         """The attention part of :meth:`slices`: q/k/v (or fused qkv) rows and o columns."""
@@ -295,12 +305,89 @@ class Qwen35Adapter(Adapter):
         return None
 
     def head_slices(self, layer: nn.Module, shape) -> list[Slice]:
-        if not self.has_heads(layer):
-            return []
         attn = self.attention(layer)
         gated_q = _per_unit(shape.num_heads, 2 * shape.head_dim)  # [query | gate] rows of each head
         return [Slice(s.module, 0, "q", gated_q) if s.module is attn.q_proj else s
                 for s in Adapter.head_slices(self, layer, shape)]
+
+
+def config_value(config, name: str):
+    """A text-config value, read past transformers' per-layer (heterogeneous) config guard."""
+    raw = getattr(config, "_getattr_without_heterogeneous_validation", None)
+    return raw(name) if raw is not None else getattr(config, name)
+
+
+@register_adapter("gemma4", VLMParts("model.vision_tower", "model.embed_vision", "model.language_model"),
+                  {"gemma4_text": _STANDARD})
+class Gemma4Adapter(Adapter):
+    """Gemma 4: per-layer inputs (PLE: ``embed_tokens_per_layer`` columns and
+    ``per_layer_model_projection`` rows ``[i * P, (i + 1) * P)`` belong to layer i, P =
+    ``hidden_size_per_layer_input``), KV sharing (the last ``num_kv_shared_layers`` layers reuse the
+    keys/values of the last earlier layer of their type, the "store" layer), full-attention layers
+    with their own head_dim and kv heads (``per_layer_config``), k = v on those, an optional MoE block.
+
+    Layers and MLP channels can be pruned; attention heads are kept whole (a consumer's q heads read
+    its producer's kv groups, and head widths differ per layer type); MoE experts are kept whole."""
+
+    def has_heads(self, layer: nn.Module) -> bool:
+        return False
+
+    def protected_layers(self, model: nn.Module) -> set[int]:
+        config = self.text_config(model)
+        modes, types = config.kv_sharing_modes, config.layer_types
+        consumed = {types[i] for i, m in enumerate(modes) if m == "reuse"}
+        # the last layer too: Gemma4TextConfig forces the last layer to full attention on loading
+        return {i for i, m in enumerate(modes) if m == "store" and types[i] in consumed} | {len(types) - 1}
+
+    def protected_reason(self, model: nn.Module) -> str:
+        return ("KV sharing: a producer holds the keys and values that the last num_kv_shared_layers layers of its "
+                "type reuse, so drop those consumers first; and the last layer must stay a full-attention layer, "
+                "which Gemma4TextConfig forces on loading")
+
+    def refuse_drop(self, model: nn.Module, drop: set[int]) -> str | None:
+        types = self.text_config(model).layer_types
+        kept = [i for i in range(len(types)) if i not in drop]
+        if kept and types[kept[-1]] != "full_attention":
+            return (f"the last remaining layer ({kept[-1]}) would be {types[kept[-1]]}; Gemma4TextConfig forces the "
+                    f"last layer to full attention on loading")
+        return None
+
+    def outside_layer_params(self, model: nn.Module) -> list[int]:
+        lm = self.language_model(model)
+        n = len(lm.layers)
+        if not config_value(self.text_config(model), "hidden_size_per_layer_input"):
+            return [0] * n
+        per_layer = lm.embed_tokens_per_layer.weight.numel() + lm.per_layer_model_projection.weight.numel()
+        return [per_layer // n] * n  # its columns of the PLE table, its rows of the PLE projection
+
+    def layers_dropped_(self, model: nn.Module, kept: list[int]) -> None:
+        lm, config = self.language_model(model), self.text_config(model)
+        first_shared_old = lm.first_kv_shared_layer_idx
+        config.num_kv_shared_layers = sum(1 for i in kept if i >= first_shared_old)
+        lm.first_kv_shared_layer_idx = config.num_hidden_layers - config.num_kv_shared_layers
+        spec = getattr(config, "_heterogeneity_spec", None)
+        if spec is not None:
+            overrides = {new: dict(spec.per_layer_overrides[old]) for new, old in enumerate(kept)
+                         if old in spec.per_layer_overrides}
+            config.per_layer_config = overrides
+        width = config_value(config, "hidden_size_per_layer_input")
+        if width:
+            cols = torch.cat([torch.arange(i * width, (i + 1) * width) for i in kept])
+            table = lm.embed_tokens_per_layer
+            table.weight = nn.Parameter(table.weight.data[:, cols].clone(), requires_grad=table.weight.requires_grad)
+            table.embedding_dim = len(cols)
+            proj = lm.per_layer_model_projection
+            proj.weight = nn.Parameter(proj.weight.data[cols].clone(), requires_grad=proj.weight.requires_grad)
+            proj.out_features = len(cols)
+        lm._keys_to_ignore_on_load_unexpected = [
+            f"layers.{i}.self_attn.{name}" for i, layer in enumerate(lm.layers) if layer.self_attn.is_kv_shared_layer
+            for name in ("k_proj", "v_proj", "k_norm", "v_norm")]
+        modes = config.kv_sharing_modes  # the config's view must match what each layer was built as
+        for i, layer in enumerate(lm.layers):
+            built = "reuse" if layer.self_attn.is_kv_shared_layer else ("store" if layer.self_attn.store_full_length_kv else None)
+            if modes[i] != built and not (built is None and modes[i] == "store"):
+                raise AssertionError(f"layer {i} was built as KV {built!r} but the config now says {modes[i]!r}")
+            layer.self_attn.store_full_length_kv = modes[i] == "store"
 
 
 def supported_model_types() -> list[str]:

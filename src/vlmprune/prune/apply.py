@@ -18,7 +18,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
-from vlmprune.adapters import Adapter, get_adapter
+from vlmprune.adapters import Adapter, config_value, get_adapter
 from vlmprune.plan import LayerKeep, LayerShape, PlanError, PruningPlan
 from vlmprune.prune.surgery import keep_cols_, keep_rows_
 
@@ -50,7 +50,7 @@ def layer_shapes(model: nn.Module, adapter: Adapter | None = None) -> list[Layer
         shapes.append(LayerShape(n_q, n_kv, head_dim, channels))
     if heads is None:  # no layer with heads: the config's widths
         config = adapter.text_config(model)
-        heads = (config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        heads = tuple(config_value(config, k) for k in ("num_attention_heads", "num_key_value_heads", "head_dim"))
     # A layer without prunable heads (hybrid linear attention) reports the head widths of the first
     # layer with heads, so that uniform cuts of the attention layers stay uniform (and stock-loadable).
     return [s if isinstance(s, LayerShape) else LayerShape(*heads, s) for s in shapes]
@@ -121,6 +121,7 @@ def _drop_layers_(model: nn.Module, adapter: Adapter, drop: list[int]) -> None:
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_idx
+    adapter.layers_dropped_(model, [i for i in range(old_n) if i not in dropped])
 
 
 def sync_config_(model: nn.Module, adapter: Adapter | None = None) -> None:
@@ -129,16 +130,17 @@ def sync_config_(model: nn.Module, adapter: Adapter | None = None) -> None:
     config = adapter.text_config(model)
     shapes = layer_shapes(model, adapter)
     config.num_hidden_layers = len(shapes)
+    # A family whose heads are all kept whole (Gemma 4: head widths per layer type in per_layer_config)
+    # keeps its head fields as they are.
+    any_heads = any(adapter.has_heads(layer) for layer in adapter.layers(model))
     head_dims = {s.head_dim for s in shapes}
     if len(head_dims) != 1:
         raise AssertionError(f"layers disagree on head_dim: {sorted(head_dims)}")
-    # Written explicitly: several families derive head_dim from hidden_size // num_heads.
-    config.head_dim = shapes[0].head_dim
-    widths = {
-        "num_attention_heads": shapes[0].num_heads,
-        "num_key_value_heads": shapes[0].num_kv_heads,
-        "intermediate_size": shapes[0].intermediate_size,
-    }
+    widths = {"intermediate_size": shapes[0].intermediate_size}
+    if any_heads:
+        # Written explicitly: several families derive head_dim from hidden_size // num_heads.
+        config.head_dim = shapes[0].head_dim
+        widths = {"num_attention_heads": shapes[0].num_heads, "num_key_value_heads": shapes[0].num_kv_heads, **widths}
     # Uniform widths go into the config's own fields when the model class can be built from them
     # (Llama and Gemma3 configs refuse a hidden_size not divisible by num_attention_heads, even
     # with an explicit head_dim; Qwen2-VL derives head_dim from the head count); otherwise they
@@ -149,7 +151,8 @@ def sync_config_(model: nn.Module, adapter: Adapter | None = None) -> None:
             setattr(config, key, value)
         if hasattr(config, WIDTHS_KEY):
             delattr(config, WIDTHS_KEY)
-    base = LayerShape(config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.intermediate_size)
+    base = LayerShape(*(config_value(config, k) for k in ("num_attention_heads", "num_key_value_heads", "head_dim",
+                                                            "intermediate_size")))
     overrides = {}
     for idx, (layer, shape) in enumerate(zip(adapter.layers(model), shapes)):
         attn, mlp = adapter.attention(layer), adapter.mlp(layer)
