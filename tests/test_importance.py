@@ -39,7 +39,9 @@ def make_identity_(model, index):
     adapter = get_adapter(model)
     layer = adapter.layers(model)[index]
     with torch.no_grad():
-        for module in (attention_out(adapter, layer), getattr(adapter.mlp(layer), adapter.layout.down)):
+        # (Gemma 4 layers also write their per-layer input through per_layer_projection)
+        writers = [attention_out(adapter, layer), getattr(adapter.mlp(layer), adapter.layout.down)]
+        for module in writers + ([layer.per_layer_projection] if hasattr(layer, "per_layer_projection") else []):
             module.weight.zero_()
             if module.bias is not None:
                 module.bias.zero_()
