@@ -135,3 +135,58 @@ def test_gemma4_heads_and_experts_stay_whole():
     model = build_tiny("gemma4")
     with pytest.raises(PlanError, match=r"cuts attention heads in layer\(s\) \[1\], whose gemma4 token mixer keeps"):
         vlmprune.apply_plan_(model, PruningPlan(layers={1: {"kv_heads": [0]}}))
+
+
+# ---------------------------------------------------------------- loadability, said before the cut; --stock
+
+from tiny_models import FAMILIES  # noqa: E402
+from vlmprune.prune.apply import loads_stock  # noqa: E402
+
+
+def _source(family, tmp_path):
+    model = build_tiny(family)
+    return model, vlmprune.save_model(model, tmp_path / "src")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stock_prune_loads_with_plain_from_pretrained(family, tmp_path):
+    import transformers
+
+    model, src = _source(family, tmp_path)
+    mode = "heads" if vlmprune.prune.layer_shapes(model)[-1].group_size > 1 else "groups"
+    result = vlmprune.prune(model=str(src), output=str(tmp_path / "out"), method="width", ratio=0.2,
+                            criterion="magnitude", attention=mode, stock=True)
+    plan = result.plan
+    assert plan.extra["loads_with"] == "from_pretrained"
+    # where cutting heads could not load stock, attention is left whole and the plan says why
+    unrestricted, _ = score_and_plan(model, "width", 0.2, "magnitude", attention=mode)
+    assert ("stock_note" in plan.extra) == (loads_stock(model, unrestricted) is not None)
+    if "stock_note" in plan.extra:
+        assert not any({"q_heads", "kv_heads"} & set(entry) for entry in plan.layers.values())
+    loaded, info = transformers.AutoModelForImageTextToText.from_pretrained(result.output, output_loading_info=True)
+    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    inputs = make_inputs(family, model)
+    assert torch.equal(logits(loaded.eval(), inputs), logits(vlmprune.load(result.output), inputs))
+
+
+def test_the_plan_says_before_the_cut_when_vlmprune_load_is_needed(tmp_path, caplog):
+    _, src = _source("qwen2_5_vl", tmp_path)
+    with caplog.at_level("WARNING", logger="vlmprune"):
+        result = vlmprune.prune(model=str(src), output=str(tmp_path / "out"), method="width", ratio=0.2,
+                                criterion="magnitude", attention="groups")
+    assert result.plan.extra["loads_with"] == "vlmprune.load"
+    assert "derives head_dim from hidden_size // num_attention_heads" in result.plan.extra["loads_with_reason"]
+    assert "will need vlmprune.load" in caplog.text
+    saved = PruningPlan.load(result.output)
+    assert saved.extra["loads_with"] == "vlmprune.load"
+
+
+def test_stock_refuses_shapes_no_stock_class_holds(tmp_path):
+    from vlmprune.errors import VlmpruneError
+
+    _, src = _source("llava_llama_gqa", tmp_path)
+    with pytest.raises(VlmpruneError, match="--stock: the pruned model could not load with plain from_pretrained: "
+                                            "layers would have different widths"):
+        vlmprune.prune(model=str(src), output=str(tmp_path / "out"), method="width", ratio=0.1,
+                       criterion="magnitude", layers="1:3", stock=True)
+    assert not (tmp_path / "out").exists()

@@ -145,8 +145,7 @@ def sync_config_(model: nn.Module, adapter: Adapter | None = None) -> None:
     # (Llama and Gemma3 configs refuse a hidden_size not divisible by num_attention_heads, even
     # with an explicit head_dim; Qwen2-VL derives head_dim from the head count); otherwise they
     # are recorded per layer like non-uniform widths and vlmprune.load rebuilds them.
-    expressible = adapter.layout.config_head_dim or config.hidden_size == shapes[0].num_heads * shapes[0].head_dim
-    if len(set(shapes)) == 1 and expressible and _config_accepts(config, widths):
+    if stock_obstacle(config, adapter, shapes, any_heads) is None:
         for key, value in widths.items():
             setattr(config, key, value)
         if hasattr(config, WIDTHS_KEY):
@@ -173,6 +172,51 @@ def sync_config_(model: nn.Module, adapter: Adapter | None = None) -> None:
             _give_layer_config(attn, config, overrides.get(str(idx)))
     if overrides:
         setattr(config, WIDTHS_KEY, overrides)
+
+
+def stock_obstacle(config, adapter: Adapter, shapes: list[LayerShape], any_heads: bool = True) -> str | None:
+    """Why the family's stock class could not be built with these layer shapes from its config
+    (so plain ``from_pretrained`` refuses and ``vlmprune.load`` is needed), or None when it can."""
+    if len(set(shapes)) != 1:
+        return "layers would have different widths (stock configs hold one width per field)"
+    shape = shapes[0]
+    if not adapter.layout.config_head_dim and config.hidden_size != shape.num_heads * shape.head_dim:
+        return (f"{adapter.text_model_type} derives head_dim from hidden_size // num_attention_heads, which "
+                f"{shape.num_heads} heads of {shape.head_dim} would not give")
+    widths = {"intermediate_size": shape.intermediate_size}
+    if any_heads:
+        widths.update(num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_kv_heads)
+    if not _config_accepts(config, widths):
+        return (f"the {type(config).__name__} refuses {shape.num_heads} attention heads with hidden_size "
+                f"{config.hidden_size} (it requires hidden_size divisible by the head count)")
+    return None
+
+
+def predicted_shapes(model: nn.Module, plan: PruningPlan, adapter: Adapter | None = None) -> list[LayerShape]:
+    """The layer shapes ``apply_plan_`` would leave, computed without cutting (checks the plan)."""
+    adapter = adapter or get_adapter(model)
+    shapes = layer_shapes(model, adapter)
+    resolved = plan.resolve(shapes)
+    layers = adapter.layers(model)
+    new = {i: LayerShape(len(k.q_heads), len(k.kv_heads), shapes[i].head_dim, len(k.mlp_channels))
+           for i, k in resolved.items()}
+    headed = [i for i, layer in enumerate(layers) if adapter.has_heads(layer)]
+    first = new.get(headed[0], shapes[headed[0]]) if headed else None
+    out = []
+    for i in plan.kept_layers(len(shapes)):
+        s = new.get(i, shapes[i])
+        if first is not None and not adapter.has_heads(layers[i]):  # borrows the first headed layer's heads
+            s = LayerShape(first.num_heads, first.num_kv_heads, first.head_dim, s.intermediate_size)
+        out.append(s)
+    return out
+
+
+def loads_stock(model: nn.Module, plan: PruningPlan) -> str | None:
+    """None when the model ``plan`` makes loads with plain ``from_pretrained``; else the reason
+    it needs ``vlmprune.load`` (said before cutting)."""
+    adapter = get_adapter(model)
+    any_heads = any(adapter.has_heads(layer) for layer in adapter.layers(model))
+    return stock_obstacle(adapter.text_config(model), adapter, predicted_shapes(model, plan, adapter), any_heads)
 
 
 def _config_accepts(config, values: dict) -> bool:

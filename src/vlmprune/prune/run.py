@@ -29,7 +29,7 @@ from vlmprune.paths import claim_output
 from vlmprune.plan import LayerShape, PruningPlan
 from vlmprune.planning import ModelBudget, achieved, layers_to_drop, plan_layers, plan_width
 from vlmprune.plots import plot_layer_scores, plot_width_scores
-from vlmprune.prune.apply import apply_plan_, layer_shapes
+from vlmprune.prune.apply import apply_plan_, layer_shapes, loads_stock
 
 log = logging.getLogger(__name__)
 
@@ -254,10 +254,28 @@ def _prune(cfg: PruneConfig, out: Path) -> PruneResult:
                                                         cfg.seed, cfg.batch_size, cfg.max_length, cfg.split)
             scores = score(net, method, cfg.criterion, batches, cfg.tokens, cfg.seed)
         plan = plan_for(net, scores, cfg.ratio, cfg.attention, cfg.mlp_multiple, cfg.layers, cfg.global_ranking)
+        obstacle = loads_stock(net, plan)
+        if cfg.stock and obstacle and plan.extra["method"] == "width" and cfg.attention != "none":
+            mlp_only = plan_for(net, scores, cfg.ratio, "none", cfg.mlp_multiple, cfg.layers, cfg.global_ranking)
+            if loads_stock(net, mlp_only) is None:
+                log.warning("--stock: cutting attention would need vlmprune.load (%s); attention is kept whole and "
+                            "only MLP channels go", obstacle)
+                mlp_only.extra["stock_note"] = f"attention kept whole: {obstacle}"
+                plan = mlp_only
         plan.extra.update({"source_model": str(cfg.model),
                            "calibration": str(cfg.calibration) if cfg.calibration else None,
                            "num_samples": cfg.num_samples, "seed": cfg.seed})
     plan.extra["source"] = source_record(net)
+    obstacle = loads_stock(net, plan)  # said before the cut, recorded in the plan
+    if obstacle and cfg.stock:
+        raise VlmpruneError(f"--stock: the pruned model could not load with plain from_pretrained: {obstacle}; "
+                            f"drop --stock (and load it with vlmprune.load), or ask for other shapes")
+    plan.extra["loads_with"] = "vlmprune.load" if obstacle else "from_pretrained"
+    if obstacle:
+        plan.extra["loads_with_reason"] = obstacle
+        log.warning("the pruned model will need vlmprune.load (plain from_pretrained refuses it): %s", obstacle)
+    else:
+        log.info("the pruned model will load with plain from_pretrained")
     apply_plan_(net, plan)
     after = summarize(net)
     plan.extra["parameters"] = {"before": before.parameters, "after": after.parameters}
