@@ -131,6 +131,33 @@ def test_gemma4_dropping_consumers_and_per_layer_inputs(tmp_path):
     assert torch.equal(greedy(loaded, inputs), greedy(model, inputs))
 
 
+def test_gemma4_double_wide_mlps_stay_stock_loadable(tmp_path):
+    import transformers
+
+    from reference import skipped
+    from test_surgery import assert_close, check_config, greedy, reload_plain
+    from tiny_models import ATTN_IMPLEMENTATION, _config_gemma4
+
+    config = _config_gemma4()
+    config.text_config.use_double_wide_mlp = True  # E2B: the KV-shared layers' MLPs are twice as wide
+    torch.manual_seed(0)
+    model = transformers.Gemma4ForConditionalGeneration._from_config(
+        config, attn_implementation=ATTN_IMPLEMENTATION, dtype=torch.float32).eval()
+    lm = model.model.language_model
+    assert [layer.mlp.down_proj.in_features for layer in lm.layers] == [128] * 4 + [256] * 2
+    inputs = make_inputs("gemma4", model)
+    plan = PruningPlan(drop_layers=[1, 4])
+    assert loads_stock(model, plan) is None
+    expected = logits(skipped(model, plan.drop_layers), inputs)
+    vlmprune.apply_plan_(model, plan)
+    text = model.config.get_text_config()
+    assert text.intermediate_size == 128 and not getattr(text, "vlmprune_layer_widths", None)
+    assert_close(logits(model, inputs), expected)
+    loaded = reload_plain(model, tmp_path)
+    assert torch.equal(logits(loaded, inputs), logits(model, inputs))
+    assert torch.equal(greedy(loaded, inputs), greedy(model, inputs))
+
+
 def test_gemma4_heads_and_experts_stay_whole():
     model = build_tiny("gemma4")
     with pytest.raises(PlanError, match=r"cuts attention heads in layer\(s\) \[1\], whose gemma4 token mixer keeps"):

@@ -178,6 +178,11 @@ class Adapter:
         that no single protected layer expresses."""
         return None
 
+    def mlp_width_factor(self, model: nn.Module, index: int) -> int:
+        """How many times the config's ``intermediate_size`` the stock class builds layer ``index``'s
+        MLP (Gemma 4's double-wide MLPs on KV-shared layers: 2). Index of the model as it is."""
+        return 1
+
     def outside_layer_params(self, model: nn.Module) -> list[int]:
         """Parameters outside each decoder layer that go when it is dropped (see :meth:`layers_dropped_`)."""
         return [0] * len(self.layers(model))
@@ -351,6 +356,10 @@ class Gemma4Adapter(Adapter):
             return (f"the last remaining layer ({kept[-1]}) would be {types[kept[-1]]}; Gemma4TextConfig forces the "
                     f"last layer to full attention on loading")
         return None
+
+    def mlp_width_factor(self, model: nn.Module, index: int) -> int:
+        config = self.text_config(model)
+        return 2 if config.use_double_wide_mlp and config.kv_sharing_modes[index] == "reuse" else 1
 
     def outside_layer_params(self, model: nn.Module) -> list[int]:
         lm = self.language_model(model)

@@ -128,8 +128,10 @@ def sync_config_(model: nn.Module, adapter: Adapter | None = None) -> None:
     """Make the text config and the per-module cached attributes match the weights."""
     adapter = adapter or get_adapter(model)
     config = adapter.text_config(model)
-    shapes = layer_shapes(model, adapter)
-    config.num_hidden_layers = len(shapes)
+    actual = layer_shapes(model, adapter)
+    config.num_hidden_layers = len(actual)
+    # what the config must say for the stock class to build each layer (Gemma 4 doubles some MLPs)
+    shapes = stock_view(actual, [adapter.mlp_width_factor(model, i) for i in range(len(actual))])
     # A family whose heads are all kept whole (Gemma 4: head widths per layer type in per_layer_config)
     # keeps its head fields as they are.
     any_heads = any(adapter.has_heads(layer) for layer in adapter.layers(model))
@@ -153,7 +155,7 @@ def sync_config_(model: nn.Module, adapter: Adapter | None = None) -> None:
     base = LayerShape(*(config_value(config, k) for k in ("num_attention_heads", "num_key_value_heads", "head_dim",
                                                             "intermediate_size")))
     overrides = {}
-    for idx, (layer, shape) in enumerate(zip(adapter.layers(model), shapes)):
+    for idx, (layer, shape, stock) in enumerate(zip(adapter.layers(model), actual, shapes)):
         attn, mlp = adapter.attention(layer), adapter.mlp(layer)
         if adapter.has_heads(layer):
             attn.num_key_value_groups = shape.group_size
@@ -162,7 +164,7 @@ def sync_config_(model: nn.Module, adapter: Adapter | None = None) -> None:
                     setattr(attn, attr, value)
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = shape.intermediate_size
-        if shape != base:
+        if stock != base:
             overrides[str(idx)] = {
                 "num_attention_heads": shape.num_heads,
                 "num_key_value_heads": shape.num_kv_heads,
@@ -172,6 +174,16 @@ def sync_config_(model: nn.Module, adapter: Adapter | None = None) -> None:
             _give_layer_config(attn, config, overrides.get(str(idx)))
     if overrides:
         setattr(config, WIDTHS_KEY, overrides)
+
+
+def stock_view(shapes: list[LayerShape], factors: list[int]) -> list[LayerShape]:
+    """Layer shapes with each MLP width divided by the factor the stock class multiplies it by
+    (a width it cannot divide stays as a negative, unique value: no config field gives it)."""
+    out = []
+    for s, f in zip(shapes, factors):
+        width = s.intermediate_size // f if s.intermediate_size % f == 0 else -s.intermediate_size - 10**9 * f
+        out.append(LayerShape(s.num_heads, s.num_kv_heads, s.head_dim, width))
+    return out
 
 
 def stock_obstacle(config, adapter: Adapter, shapes: list[LayerShape], any_heads: bool = True) -> str | None:
@@ -211,12 +223,18 @@ def predicted_shapes(model: nn.Module, plan: PruningPlan, adapter: Adapter | Non
     return out
 
 
+def _kept_factors(model: nn.Module, plan: PruningPlan, adapter: Adapter) -> list[int]:
+    # a kept layer keeps its role (a KV consumer stays one), so its factor is the one it has now
+    return [adapter.mlp_width_factor(model, i) for i in plan.kept_layers(len(adapter.layers(model)))]
+
+
 def loads_stock(model: nn.Module, plan: PruningPlan) -> str | None:
     """None when the model ``plan`` makes loads with plain ``from_pretrained``; else the reason
     it needs ``vlmprune.load`` (said before cutting)."""
     adapter = get_adapter(model)
     any_heads = any(adapter.has_heads(layer) for layer in adapter.layers(model))
-    return stock_obstacle(adapter.text_config(model), adapter, predicted_shapes(model, plan, adapter), any_heads)
+    shapes = stock_view(predicted_shapes(model, plan, adapter), _kept_factors(model, plan, adapter))
+    return stock_obstacle(adapter.text_config(model), adapter, shapes, any_heads)
 
 
 def _config_accepts(config, values: dict) -> bool:
