@@ -7,7 +7,7 @@ import transformers
 
 import vlmprune
 from tiny_models import make_inputs
-from vlmprune.adapters import get_adapter
+from vlmprune.adapters import config_value, get_adapter
 from vlmprune.prune import layer_shapes
 
 
@@ -39,16 +39,18 @@ def check_config(model):
     for i, (layer, shape) in enumerate(zip(layers, layer_shapes(model, adapter))):
         attn = adapter.attention(layer)
         assert attn.layer_idx == i
-        assert attn.num_key_value_groups == shape.num_heads // shape.num_kv_heads
+        if getattr(config, "layer_types", None) is not None:  # what the layer was built as still matches
+            for owner, name in ((layer, "block_type"), (attn, "layer_type")):
+                if isinstance(getattr(owner, name, None), str):
+                    assert getattr(owner, name) == config.layer_types[i], (i, name)
+        if adapter.has_heads(layer):  # (heads kept whole elsewhere: Qwen3.5 linear attention, Gemma 4)
+            assert attn.num_key_value_groups == shape.num_heads // shape.num_kv_heads
         assert shape.num_heads % shape.num_kv_heads == 0
-        expected = widths.get(str(i), {
-            "num_attention_heads": config.num_attention_heads,
-            "num_key_value_heads": config.num_key_value_heads,
-            "intermediate_size": config.intermediate_size,
-        })
+        expected = widths.get(str(i), {k: config_value(config, k) for k in  # (past Gemma 4's per-layer guard)
+                                        ("num_attention_heads", "num_key_value_heads", "intermediate_size")})
         assert (shape.num_heads, shape.num_kv_heads, shape.intermediate_size) == (
             expected["num_attention_heads"], expected["num_key_value_heads"], expected["intermediate_size"])
-        assert shape.head_dim == config.head_dim
+        assert shape.head_dim == config_value(config, "head_dim")
 
 
 def reload_plain(model, tmp_path):

@@ -26,16 +26,22 @@ def zeroed(model: nn.Module, plan) -> nn.Module:
         layer, s = adapter.layers(ref)[i], shapes[i]
         attn, mlp = adapter.attention(layer), adapter.mlp(layer)
         d = s.head_dim
-        for h in set(range(s.num_heads)) - set(keep.q_heads):
+        # Qwen3.5's hybrid layers: a linear-attention layer (Gated DeltaNet) has no heads to zero.
+        heads_here = not hasattr(layer, "linear_attn")
+        # Qwen3.5's gated attention: q_proj is twice as wide, each head's rows are [query (d) | gate (d)].
+        gated = heads_here and not lay.qkv and getattr(attn, lay.q).out_features == 2 * s.num_heads * d
+        for h in set(range(s.num_heads)) - set(keep.q_heads) if heads_here else ():
             rows = slice(h * d, (h + 1) * d)
-            if lay.qkv:
+            if gated:
+                getattr(attn, lay.q).weight[2 * h * d : 2 * (h + 1) * d] = 0
+            elif lay.qkv:
                 getattr(attn, lay.qkv).weight[rows] = 0
             else:
                 getattr(attn, lay.q).weight[rows] = 0
                 if getattr(attn, lay.q).bias is not None:
                     getattr(attn, lay.q).bias[rows] = 0
             getattr(attn, lay.o).weight[:, rows] = 0
-        for g in set(range(s.num_kv_heads)) - set(keep.kv_heads):
+        for g in set(range(s.num_kv_heads)) - set(keep.kv_heads) if heads_here else ():
             rows = slice(g * d, (g + 1) * d)
             if lay.qkv:
                 k0 = s.num_heads * d

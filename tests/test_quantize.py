@@ -36,7 +36,11 @@ def _nf4_ragged_cpu() -> bool:
 
 
 # llava_llama_gqa's k/v projections have 16 rows: bitsandbytes' AVX512-BF16 CPU kernel needs 32
-NF4_FAMILIES = [f for f in FAMILIES if f != "llava_llama_gqa" or not _nf4_ragged_cpu()]
+# tiny shapes the AVX512-BF16 nf4 kernel refuses (outputs not a multiple of 32 or inputs of 64): an
+# 8-head GQA k_proj of 16 rows, Qwen3.5's Gated DeltaNet out_proj (32 inputs), Gemma 4's 8-wide
+# per-layer input gate; nf4 on those runs only on other CPUs / GPUs
+RAGGED_FOR_NF4 = {"llava_llama_gqa", "qwen3_5", "gemma4"}
+NF4_FAMILIES = [f for f in FAMILIES if f not in RAGGED_FOR_NF4 or not _nf4_ragged_cpu()]
 
 
 def logits(model, inputs):

@@ -4,7 +4,7 @@ Every model is built offline from native ``transformers`` config classes (nothin
 downloaded from the Hub).  All families share the same language-backbone shape so
 tests can compare them:
 
-* 4 decoder layers, hidden size 64, intermediate size 128, 4 attention heads with
+* 4 decoder layers (Gemma 4: 6, so that KV sharing has producers and consumers), hidden size 64, intermediate size 128, 4 attention heads with
   2 key/value heads (GQA) unless stated otherwise, vocabulary of 320 tokens;
 * a 2-layer vision tower of width 32 on 28x28 or 56x56 images;
 * float32 weights, eval mode, ``attn_implementation="sdpa"`` (the default that
@@ -36,6 +36,10 @@ from transformers import (
     Gemma3Config,
     Gemma3ForConditionalGeneration,
     Gemma3TextConfig,
+    Gemma4Config,
+    Gemma4ForConditionalGeneration,
+    Gemma4TextConfig,
+    Gemma4VisionConfig,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     Idefics3VisionConfig,
@@ -43,7 +47,13 @@ from transformers import (
     InternVLForConditionalGeneration,
     InternVLVisionConfig,
     LlamaConfig,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
+    MistralConfig,
+    PixtralVisionConfig,
     LlavaConfig,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
     LlavaForConditionalGeneration,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
@@ -58,6 +68,15 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen2VLTextConfig,
     Qwen2VLVisionConfig,
+    Qwen3_5Config,
+    Qwen3_5ForConditionalGeneration,
+    Qwen3_5TextConfig,
+    Qwen3_5VisionConfig,
+    Qwen3Config,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLTextConfig,
+    Qwen3VLVisionConfig,
     SiglipVisionConfig,
 )
 from transformers.image_processing_utils import select_best_resolution
@@ -74,6 +93,12 @@ FAMILIES: list[str] = [
     "idefics3",
     "gemma3",
     "llava_onevision",
+    "llava_next",
+    "mistral3",
+    "qwen3_vl",
+    "internvl_qwen3",
+    "qwen3_5",
+    "gemma4",
 ]
 
 ATTN_IMPLEMENTATION = "sdpa"
@@ -250,6 +275,97 @@ def _config_llava_onevision():
     )
 
 
+def _config_llava_next():
+    # LLaVA-NeXT (1.6): CLIP tiles of 28 px (4x4 patches, CLS dropped), anyres grid up to 2x2 tiles,
+    # a learned image_newline after every feature row; a Mistral text backbone (llava-v1.6-mistral).
+    vision = CLIPVisionConfig(**_VISION_COMMON, image_size=28, patch_size=7, projection_dim=32)
+    return LlavaNextConfig(
+        vision_config=vision,
+        text_config=MistralConfig(**_TEXT_COMMON),
+        image_token_index=IMAGE_ID,
+        image_grid_pinpoints=[[28, 28], [28, 56], [56, 28], [56, 56]],
+    )
+
+
+def _config_mistral3():
+    # Mistral 3 (Mistral-Small-3.1): Pixtral tower (7 px patches, 2D rope), RMSNorm + 2x2 patch
+    # merger + MLP projector, Mistral text backbone with an explicit head_dim.
+    vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 head_dim=16, image_size=56, patch_size=7)
+    return Mistral3Config(
+        vision_config=vision,
+        text_config=MistralConfig(**_TEXT_COMMON, head_dim=16),
+        image_token_index=IMAGE_ID,
+        spatial_merge_size=2,
+        vision_feature_layer=-1,
+    )
+
+
+def _config_qwen3_vl():
+    # DeepStack on, as in every Qwen3-VL checkpoint (3 of 36 layers in the 8B; 1 of 4 here): the
+    # features of vision block 0 are added after language layer 0. head_dim 16 (explicit, q/k norm
+    # over it), interleaved M-RoPE sections summing to 8.
+    vision = Qwen3VLVisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                                 patch_size=7, spatial_merge_size=2, temporal_patch_size=2,
+                                 num_position_embeddings=16, deepstack_visual_indexes=[0])
+    text = Qwen3VLTextConfig(**_TEXT_COMMON, head_dim=16, rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+    return Qwen3VLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_ID,
+        video_token_id=VIDEO_ID,
+        vision_start_token_id=IMAGE_START_ID,
+        vision_end_token_id=IMAGE_END_ID,
+    )
+
+
+def _config_internvl_qwen3():
+    # InternVL3.5: InternViT + a Qwen3 text backbone (q_norm / k_norm, explicit head_dim).
+    return _internvl_config(Qwen3Config(**_TEXT_COMMON, head_dim=16))
+
+
+def _config_qwen3_5():
+    # Qwen3.5: hybrid layer_types as in the checkpoints (three Gated DeltaNet layers, then one gated
+    # full-attention layer: full_attention_interval 4); full attention with head_dim 32 and a quarter
+    # of it rotated (partial_rotary_factor 0.25 -> 8 dims, M-RoPE sections summing to 4); linear
+    # attention with 2 k heads and 4 v heads of 8 dims, conv kernel 4.
+    vision = Qwen3_5VisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                                 patch_size=7, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16)
+    text = Qwen3_5TextConfig(
+        **_TEXT_COMMON, head_dim=32, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_conv_kernel_dim=4,
+        layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                         "mrope_section": [2, 1, 1], "mrope_interleaved": True})
+    return Qwen3_5Config(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_ID,
+        video_token_id=VIDEO_ID,
+        vision_start_token_id=IMAGE_START_ID,
+        vision_end_token_id=IMAGE_END_ID,
+    )
+
+
+def _config_gemma4():
+    # Gemma 4 (E2B/E4B layout, 6 layers here): per-layer inputs on (8 dims per layer), KV sharing on
+    # (the last 2 layers reuse the keys/values of layer 3, the last sliding layer, and of layer 0, the
+    # only full-attention layer before them), full-attention layers with their own head_dim (32) and
+    # one kv head with k = v, sliding window 16. Double-wide MLPs (E2B) are off: see the README.
+    text = Gemma4TextConfig(
+        **{**_TEXT_COMMON, "num_hidden_layers": 6}, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+        attention_k_eq_v=True, sliding_window=16,
+        layer_types=["full_attention"] + ["sliding_attention"] * 4 + ["full_attention"],
+        vocab_size_per_layer_input=VOCAB_SIZE, hidden_size_per_layer_input=8, num_kv_shared_layers=2,
+    )
+    vision = Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                num_key_value_heads=2, head_dim=16, patch_size=7, pooling_kernel_size=2,
+                                position_embedding_size=64)
+    return Gemma4Config(text_config=text, vision_config=vision, audio_config=None, image_token_id=IMAGE_ID,
+                        video_token_id=VIDEO_ID, boi_token_id=IMAGE_START_ID, eoi_token_id=IMAGE_END_ID)
+
+
 _REGISTRY = {
     "llava_llama_mha": (_config_llava_llama_mha, LlavaForConditionalGeneration),
     "llava_llama_gqa": (_config_llava_llama_gqa, LlavaForConditionalGeneration),
@@ -262,6 +378,12 @@ _REGISTRY = {
     "idefics3": (_config_idefics3, Idefics3ForConditionalGeneration),
     "gemma3": (_config_gemma3, Gemma3ForConditionalGeneration),
     "llava_onevision": (_config_llava_onevision, LlavaOnevisionForConditionalGeneration),
+    "llava_next": (_config_llava_next, LlavaNextForConditionalGeneration),
+    "mistral3": (_config_mistral3, Mistral3ForConditionalGeneration),
+    "qwen3_vl": (_config_qwen3_vl, Qwen3VLForConditionalGeneration),
+    "internvl_qwen3": (_config_internvl_qwen3, InternVLForConditionalGeneration),
+    "qwen3_5": (_config_qwen3_5, Qwen3_5ForConditionalGeneration),
+    "gemma4": (_config_gemma4, Gemma4ForConditionalGeneration),
 }
 
 
@@ -389,6 +511,63 @@ def _inputs_llava_onevision(config, batch, gen):
     return inputs
 
 
+def _llava_next_num_image_tokens(config, height: int, width: int) -> int:
+    """Number of ``<image>`` tokens, as ``LlavaNextProcessor._get_number_of_features`` computes it."""
+    tile = config.vision_config.image_size
+    side = tile // config.vision_config.patch_size
+    best_h, best_w = select_best_resolution([height, width], config.image_grid_pinpoints)
+    cur_h, cur_w = side * (best_h // tile), side * (best_w // tile)
+    if width / height > cur_w / cur_h:
+        cur_h -= 2 * ((cur_h - int(round(height * (cur_w / width), 7))) // 2)
+    else:
+        cur_w -= 2 * ((cur_w - int(round(width * (cur_h / height), 7))) // 2)
+    base = side * side + (1 if config.vision_feature_select_strategy == "full" else 0)
+    return cur_h * cur_w + cur_h + base
+
+
+def _inputs_llava_next(config, batch, gen):
+    # A 30x50 image: best pinpoint 56x56 (2x2 tiles + the base tile).
+    height, width = 30, 50
+    tile = config.vision_config.image_size
+    best_h, best_w = select_best_resolution([height, width], config.image_grid_pinpoints)
+    num_tiles = (best_h // tile) * (best_w // tile) + 1
+    n = _llava_next_num_image_tokens(config, height, width)
+    inputs = _assemble([config.image_token_id] * n, batch, gen)
+    inputs["pixel_values"] = _pixels(gen, batch, num_tiles, 3, tile, tile)
+    inputs["image_sizes"] = torch.tensor([[height, width]] * batch)
+    return inputs
+
+
+def _inputs_mistral3(config, batch, gen):
+    # A 28x42 image (Pixtral keeps the aspect ratio): 4x6 patches, merged 2x2 -> 2x3 features, laid
+    # out as the processor does: a row of [IMG] tokens, [IMG_BREAK] after each row, [IMG_END] last.
+    height, width = 28, 42
+    step = config.vision_config.patch_size * config.spatial_merge_size
+    rows, cols = height // step, width // step
+    block = []
+    for r in range(rows):
+        block += [config.image_token_id] * cols + [IMAGE_START_ID if r < rows - 1 else IMAGE_END_ID]
+    inputs = _assemble(block, batch, gen)
+    inputs["pixel_values"] = _pixels(gen, batch, 3, height, width)
+    inputs["image_sizes"] = torch.tensor([[height, width]] * batch)
+    return inputs
+
+
+def _inputs_gemma4(config, batch, gen):
+    # A 28x28 image: 4x4 patches of 7 px, flattened ([patches, 3 * 7 * 7]) with their (x, y)
+    # positions, pooled 2x2 -> 4 soft tokens between <boi> and <eoi>.
+    vision = config.vision_config
+    side = 4
+    n = side * side // vision.pooling_kernel_size**2
+    block = [config.boi_token_id] + [config.image_token_id] * n + [config.eoi_token_id]
+    inputs = _assemble(block, batch, gen)
+    inputs["pixel_values"] = torch.rand(batch, side * side, 3 * vision.patch_size**2, generator=gen)
+    grid = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="xy"), -1).reshape(-1, 2)
+    inputs["image_position_ids"] = grid[None].expand(batch, -1, -1).clone()
+    inputs["mm_token_type_ids"] = (inputs["input_ids"] == config.image_token_id).long()
+    return inputs
+
+
 _INPUT_BUILDERS = {
     "llava_llama_mha": _inputs_llava,
     "llava_llama_gqa": _inputs_llava,
@@ -401,6 +580,12 @@ _INPUT_BUILDERS = {
     "idefics3": _inputs_idefics3,
     "gemma3": _inputs_gemma3,
     "llava_onevision": _inputs_llava_onevision,
+    "llava_next": _inputs_llava_next,
+    "mistral3": _inputs_mistral3,
+    "qwen3_vl": _inputs_qwen_vl,
+    "internvl_qwen3": _inputs_internvl,
+    "qwen3_5": _inputs_qwen_vl,
+    "gemma4": _inputs_gemma4,
 }
 
 
@@ -416,7 +601,7 @@ def make_inputs(family: str, model, batch: int = 2, seed: int = 0) -> dict[str, 
 # --------------------------------------------------------------------------- self-check
 
 _VISION_PATHS = ("model.vision_tower", "model.visual", "model.vision_model")
-_PROJECTOR_PATHS = ("model.multi_modal_projector", "model.connector", "model.visual.merger")
+_PROJECTOR_PATHS = ("model.multi_modal_projector", "model.connector", "model.visual.merger", "model.embed_vision")
 _LM_PATHS = ("model.language_model", "model.text_model")
 
 
@@ -448,9 +633,10 @@ def _describe(model) -> None:
         print(f"  layer.{child_name:<14} {type(child).__name__}")
         for name, param in child.named_parameters():
             print(f"      {name:<22} {tuple(param.shape)}")
+    raw = getattr(text, "_getattr_without_heterogeneous_validation", lambda k, d=None: getattr(text, k, d))
     print(
-        f"  text: heads={text.num_attention_heads} kv={text.num_key_value_heads} "
-        f"head_dim={getattr(text, 'head_dim', None)} layer_types={getattr(text, 'layer_types', None)} "
+        f"  text: heads={text.num_attention_heads} kv={raw('num_key_value_heads')} "
+        f"head_dim={raw('head_dim', None)} layer_types={getattr(text, 'layer_types', None)} "
         f"rope={text.rope_parameters}"
     )
 

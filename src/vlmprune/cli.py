@@ -69,10 +69,15 @@ def print_prune_result(result) -> None:
     from rich.table import Table
 
     plan = result.plan
+    loads = plan.extra.get("loads_with")
+    loads_line = (f"loads with: {loads}" + (f" ({plan.extra['loads_with_reason']})" if plan.extra.get("loads_with_reason") else "")
+                  + (f"; {plan.extra['stock_note']}" if plan.extra.get("stock_note") else ""))
     if "method" not in plan.extra:  # a plan applied as given
         print_summary(result.after, title=f"pruned model -> {result.output}")
         console().print(f"removed {result.removed:.2%} of all parameters "
                         f"({result.removed_language_model:.2%} of the language model)")
+        if loads:
+            console().print(loads_line)
         return
     table = Table(title=f"vlmprune prune: {plan.extra['method']} / {plan.extra['criterion']} -> {result.output}")
     table.add_column("")
@@ -86,6 +91,8 @@ def print_prune_result(result) -> None:
     if plan.drop_layers:
         table.add_row("layers dropped", str(result.before.num_layers), f"{plan.drop_layers}")
     console().print(table)
+    if loads:
+        console().print(loads_line)
     if plan.layers:
         print_summary(result.after, title="widths kept")
 

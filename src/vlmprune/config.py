@@ -279,6 +279,9 @@ class PruneConfig:
     layers: str | None = opt(None, "width: prune only layers START:END (python slice; gives non-uniform widths)")
     global_ranking: bool = opt(False, "width: rank structures across layers instead of the same widths in each",
                                flag="--global")
+    stock: bool = opt(False, "only shapes the family's stock class can hold (the output loads with plain "
+                             "from_pretrained, vLLM, ...): attention is left whole where its cut could not load, "
+                             "else the prune is refused with the reason")
     device: str | None = opt(None, "cpu, cuda, cuda:1, ... (default: where the model loads)")
     device_map: str | None = opt(None, "load the model dispatched across GPUs / CPU / disk (accelerate big-model "
                                        "loading): auto, balanced, balanced_low_0, sequential, or a JSON "

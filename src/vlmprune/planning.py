@@ -45,7 +45,8 @@ class ModelBudget:
         shapes = layer_shapes(model, adapter)
         counts = count_parameters(model, adapter)
         layers = adapter.layers(model)
-        per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+        outside = adapter.outside_layer_params(model)  # e.g. Gemma 4's per-layer input slices
+        per_layer = [sum(p.numel() for p in layer.parameters()) + extra for layer, extra in zip(layers, outside)]
         structures = [LayerSums.zeros(s) for s in shapes]
         for i, layer in enumerate(layers):
             for param, owned in layer_params(layer, adapter, i, shapes[i]).items():

@@ -17,12 +17,20 @@ from vlmprune.importance.structures import layer_params
 from vlmprune.prune.apply import layer_shapes
 
 
+def attention_out(adapter, layer):
+    """The attention's output projection (Qwen3.5's linear attention: out_proj)."""
+    attn = adapter.attention(layer)
+    return getattr(attn, adapter.layout.o) if hasattr(attn, adapter.layout.o) else attn.out_proj
+
+
 def make_identity_(model, index):
     """Zero the layer's residual writes (o_proj/dense and down/fc2, with biases): output == input."""
     adapter = get_adapter(model)
     layer = adapter.layers(model)[index]
     with torch.no_grad():
-        for module in (getattr(adapter.attention(layer), adapter.layout.o), getattr(adapter.mlp(layer), adapter.layout.down)):
+        # (Gemma 4 layers also write their per-layer input through per_layer_projection)
+        writers = [attention_out(adapter, layer), getattr(adapter.mlp(layer), adapter.layout.down)]
+        for module in writers + ([layer.per_layer_projection] if hasattr(layer, "per_layer_projection") else []):
             module.weight.zero_()
             if module.bias is not None:
                 module.bias.zero_()
@@ -52,7 +60,7 @@ def test_identity_layer_is_least_important(family):
         for i, layer in enumerate(adapter.layers(model)):
             if i != 2:
                 getattr(adapter.mlp(layer), adapter.layout.down).weight.mul_(20)
-                getattr(adapter.attention(layer), adapter.layout.o).weight.mul_(20)
+                attention_out(adapter, layer).weight.mul_(20)
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight * 100)  # (unties embeddings)
     batches = [labelled(model, family)]
     hs = calibrate.collect_hidden_states(model, batches)

@@ -12,16 +12,20 @@ import vlmprune
 from checks import assert_close, check_config, greedy, logits, reload_plain
 from reference import skipped, zeroed
 from tiny_models import FAMILIES, build_tiny, make_inputs
+from vlmprune.adapters import get_adapter
 from vlmprune.plan import PruningPlan
 from vlmprune.prune import apply_plan_, layer_shapes
 
 GQA_FAMILIES = [f for f in FAMILIES if f != "llava_llama_mha"]
 
 
-def width_entry(shape, mode: str) -> dict:
-    """Kept heads/channels of one layer: drop alternate kv groups, or one q head in every group."""
+def width_entry(shape, mode: str, heads: bool = True) -> dict:
+    """Kept heads/channels of one layer: drop alternate kv groups, or one q head in every group
+    (only MLP channels in a layer without prunable heads: Qwen3.5's linear attention)."""
     g = shape.group_size
-    if mode == "groups":
+    if not heads:
+        entry = {}
+    elif mode == "groups":
         kv = list(range(1, shape.num_kv_heads, 2))
         q = [h for k in kv for h in range(k * g, (k + 1) * g)]
         entry = {"kv_heads": kv, "q_heads": q}
@@ -52,7 +56,9 @@ def test_width_plan_equals_zeroed_original_and_reloads(family, mode, tmp_path):
     shapes = layer_shapes(model)
     if mode == "heads" and shapes[0].group_size == 1:
         pytest.skip("multi-head attention has one q head per kv head: only whole groups can go")
-    plan = PruningPlan(layers={i: width_entry(s, mode) for i, s in enumerate(shapes)})
+    adapter = get_adapter(model)
+    plan = PruningPlan(layers={i: width_entry(s, mode, adapter.has_heads(layer))
+                               for i, (s, layer) in enumerate(zip(shapes, adapter.layers(model)))})
     inputs = make_inputs(family, model)
     expected = logits(zeroed(model, plan), inputs)
     apply_plan_(model, plan)
@@ -78,13 +84,14 @@ def test_width_plan_equals_zeroed_original_and_reloads(family, mode, tmp_path):
 def test_layer_plan_equals_skipped_layers_and_reloads(family, tmp_path):
     model = build_tiny(family)
     inputs = make_inputs(family, model)
-    drop = [1, 2]
+    protected = get_adapter(model).protected_layers(model)
+    drop = [i for i in (1, 2, 3, 0) if i not in protected][:2]  # [1, 2] unless the family needs one of them
     expected = logits(skipped(model, drop), inputs)
     old_types = getattr(model.config.get_text_config(), "layer_types", None)
     apply_plan_(model, PruningPlan(drop_layers=drop))
     check_config(model)
     if old_types is not None:
-        assert model.config.get_text_config().layer_types == [old_types[0], old_types[3]]
+        assert model.config.get_text_config().layer_types == [t for i, t in enumerate(old_types) if i not in drop]
     assert_close(logits(model, inputs), expected)
     loaded = reload_plain(model, tmp_path)
     check_config(loaded)
@@ -97,9 +104,11 @@ def test_non_uniform_widths_need_vlmprune_load(family, tmp_path):
     model = build_tiny(family)
     shapes = layer_shapes(model)
     mode = "heads" if shapes[0].group_size > 1 else "groups"
-    plan = PruningPlan(drop_layers=[3], layers={1: width_entry(shapes[1], mode)})
+    adapter = get_adapter(model)
+    last = 3 if 3 not in adapter.protected_layers(model) else 2  # Qwen3.5 keeps its one full-attention layer
+    plan = PruningPlan(drop_layers=[last], layers={1: width_entry(shapes[1], mode, adapter.has_heads(adapter.layers(model)[1]))})
     inputs = make_inputs(family, model)
-    reference = logits(skipped(zeroed(model, plan), [3]), inputs)
+    reference = logits(skipped(zeroed(model, plan), [last]), inputs)
     apply_plan_(model, plan)
     check_config(model)
     assert set(model.config.get_text_config().vlmprune_layer_widths) == {"1"}
@@ -112,7 +121,10 @@ def test_non_uniform_widths_need_vlmprune_load(family, tmp_path):
     assert torch.equal(logits(loaded, inputs), logits(model, inputs))
     assert torch.equal(greedy(loaded, inputs), greedy(model, inputs))
     # pruning a pruned model again: indices refer to the model it is applied to
+    # (layer 0, or a later one where the family needs layer 0 in place: DeepStack, KV-sharing producers)
     again = copy.deepcopy(loaded)
-    apply_plan_(again, PruningPlan(drop_layers=[0]))
+    victim = next(i for i in (0, 2, 3) if i not in get_adapter(again).protected_layers(again))
+    apply_plan_(again, PruningPlan(drop_layers=[victim]))
     check_config(again)
-    assert again.config.get_text_config().vlmprune_layer_widths == {"0": model.config.get_text_config().vlmprune_layer_widths["1"]}
+    moved = "0" if victim == 0 else "1"
+    assert again.config.get_text_config().vlmprune_layer_widths == {moved: model.config.get_text_config().vlmprune_layer_widths["1"]}

@@ -73,6 +73,8 @@ _IDEFICS = VLMParts("model.vision_model", "model.connector", "model.text_model")
 VLM_PARTS: dict[str, VLMParts] = {
     "llava": _LLAVA_LIKE,
     "llava_onevision": _LLAVA_LIKE,
+    "llava_next": _LLAVA_LIKE,  # image_newline lives beside the projector, outside the language model
+    "mistral3": _LLAVA_LIKE,  # Pixtral tower; the patch merger is part of the projector
     "internvl": _LLAVA_LIKE,
     "gemma3": _LLAVA_LIKE,
     "qwen2_vl": _QWEN_VL,
@@ -85,10 +87,14 @@ _STANDARD = LayerLayout()
 LAYER_LAYOUTS: dict[str, LayerLayout] = {
     "llama": _STANDARD,
     "mistral": _STANDARD,
+    "ministral": _STANDARD,
+    "ministral3": _STANDARD,
     "qwen2": _STANDARD,
     "qwen2_vl_text": LayerLayout(config_head_dim=False),
     "qwen2_5_vl_text": LayerLayout(config_head_dim=False),
     "gemma3_text": _STANDARD,
+    # q_norm / k_norm: one RMSNorm over head_dim shared by every head, so nothing to slice.
+    "qwen3": _STANDARD,
     "phi": LayerLayout(o="dense", gate=None, up="fc1", down="fc2"),
     "phi3": LayerLayout(q=None, k=None, v=None, qkv="qkv_proj", gate=None, up=None, gate_up="gate_up_proj"),
 }
@@ -163,6 +169,36 @@ class Adapter:
         """Decoder layers that must not be dropped (a family that injects inputs at fixed layers)."""
         return set()
 
+    def protected_reason(self, model: nn.Module) -> str:
+        """Why :meth:`protected_layers` must stay (said when a plan tries to drop one)."""
+        return "it feeds inputs into them"
+
+    def refuse_drop(self, model: nn.Module, drop: set[int]) -> str | None:
+        """Why dropping this set of layers together is not allowed (None: allowed), for constraints
+        that no single protected layer expresses."""
+        return None
+
+    def mlp_width_factor(self, model: nn.Module, index: int) -> int:
+        """How many times the config's ``intermediate_size`` the stock class builds layer ``index``'s
+        MLP (Gemma 4's double-wide MLPs on KV-shared layers: 2). Index of the model as it is."""
+        return 1
+
+    def outside_layer_params(self, model: nn.Module) -> list[int]:
+        """Parameters outside each decoder layer that go when it is dropped (see :meth:`layers_dropped_`)."""
+        return [0] * len(self.layers(model))
+
+    def layers_dropped_(self, model: nn.Module, kept: list[int]) -> None:
+        """Called after decoder layers were removed (``kept``: original indices of the survivors, in
+        order; config lists, num_hidden_layers and layer_idx already updated): drop what else a
+        family keeps per layer outside the layers (Gemma 4's per-layer input slices)."""
+
+    def has_heads(self, layer: nn.Module) -> bool:
+        """Whether this layer's attention has prunable q heads / kv groups. A hybrid family's
+        layers without them (Qwen3.5's linear attention) keep their token mixer whole: their
+        :meth:`slices` list only MLP channels, their shape borrows the head widths of the
+        layers that have heads, and a plan that cuts heads in them is refused."""
+        return True
+
     def slices(self, layer: nn.Module, shape) -> list[Slice]:
         """Which rows / columns of which projection each q head, kv group and MLP channel owns.
 
@@ -170,9 +206,14 @@ class Adapter:
         ``qkv`` ([q heads | k heads | v heads]) rows and o columns; gate/up (or fc1) rows, fused
         ``gate_up`` ([gate | up]) rows, down (fc2) columns.
         """
+        heads = self.head_slices(layer, shape) if self.has_heads(layer) else []
+        return heads + self.mlp_slices(layer, shape)
+
+    def head_slices(self, layer: nn.Module, shape) -> list[Slice]:
+        """The attention part of :meth:`slices`: q/k/v (or fused qkv) rows and o columns."""
         lay = self.layout
-        attn, mlp = self.attention(layer), self.mlp(layer)
-        h, kv, d, i = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.intermediate_size
+        attn = self.attention(layer)
+        h, kv, d = shape.num_heads, shape.num_kv_heads, shape.head_dim
         q_owner, kv_owner = _per_unit(h, d), _per_unit(kv, d)
         out: list[Slice] = []
         if lay.qkv:
@@ -184,7 +225,14 @@ class Adapter:
             out.append(Slice(getattr(attn, lay.q), 0, "q", q_owner))
             out += [Slice(getattr(attn, name), 0, "kv", kv_owner) for name in (lay.k, lay.v)]
         out.append(Slice(getattr(attn, lay.o), 1, "q", q_owner))
-        channels = torch.arange(i, device="cpu")
+        return out
+
+    def mlp_slices(self, layer: nn.Module, shape) -> list[Slice]:
+        """The MLP part of :meth:`slices`: gate/up (or fc1, or fused gate_up) rows, down columns."""
+        lay = self.layout
+        mlp = self.mlp(layer)
+        channels = torch.arange(shape.intermediate_size, device="cpu")
+        out: list[Slice] = []
         if lay.gate_up:
             out.append(Slice(getattr(mlp, lay.gate_up), 0, "mlp", torch.cat([channels, channels])))
         else:
@@ -208,6 +256,147 @@ def register_adapter(model_type: str, parts: VLMParts, text_layouts: dict[str, L
         return cls
 
     return register
+
+
+@register_adapter("qwen3_vl", _QWEN_VL, {"qwen3_vl_text": _STANDARD})
+class Qwen3VLAdapter(Adapter):
+    """Qwen3-VL: DeepStack adds features of several vision layers to the hidden states after
+    language-model layers ``0 .. len(deepstack_visual_indexes) - 1`` (by position in the layer list),
+    so dropping one of those layers would silently move an injection to another layer. The DeepStack
+    mergers (``model.visual.deepstack_merger_list``) sit beside the main merger and are kept."""
+
+    def protected_layers(self, model: nn.Module) -> set[int]:
+        vision = model.config.vision_config
+        return set(range(len(getattr(vision, "deepstack_visual_indexes", None) or ())))
+
+    def protected_reason(self, model: nn.Module) -> str:
+        n = len(self.protected_layers(model))
+        return (f"DeepStack adds the features of {n} vision layer(s) to the hidden states after language-model "
+                f"layers 0..{n - 1}, by position; dropping one would move an injection to another layer")
+
+
+@register_adapter("qwen3_5", _QWEN_VL, {"qwen3_5_text": _STANDARD})
+class Qwen35Adapter(Adapter):
+    """Qwen3.5: a hybrid decoder whose ``layer_types`` mix ``linear_attention`` (Gated DeltaNet,
+    ``layer.linear_attn``) and gated full attention (``layer.self_attn``). The full-attention q
+    projection carries a sigmoid output gate per head, laid out per head as [query (d) | gate (d)]
+    (``view(..., -1, 2 * head_dim).chunk(2)``): a head owns 2 * head_dim rows of q_proj and head_dim
+    columns of o_proj. Linear-attention layers keep their heads whole (their v/k heads, conv
+    channels, A_log, dt_bias and gated norm are not cut); their MLP channels and the layers
+    themselves can go."""
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn if hasattr(layer, "self_attn") else layer.linear_attn
+
+    def has_heads(self, layer: nn.Module) -> bool:
+        return hasattr(layer, "self_attn")
+
+    def _full_attention(self, model: nn.Module) -> list[int]:
+        return [i for i, t in enumerate(self.text_config(model).layer_types) if t == "full_attention"]
+
+    def protected_layers(self, model: nn.Module) -> set[int]:
+        full = self._full_attention(model)
+        return set(full) if len(full) == 1 else set()
+
+    def protected_reason(self, model: nn.Module) -> str:
+        return ("it is the last full-attention layer: the hybrid cache reads the sequence length from a "
+                "full-attention layer, and a stack of linear attention alone cannot generate")
+
+    def refuse_drop(self, model: nn.Module, drop: set[int]) -> str | None:
+        full = self._full_attention(model)
+        if full and set(full) <= drop:
+            return (f"it drops every full-attention layer ({full}); the hybrid cache reads the sequence length "
+                    f"from a full-attention layer, so keep at least one")
+        return None
+
+    def head_slices(self, layer: nn.Module, shape) -> list[Slice]:
+        attn = self.attention(layer)
+        gated_q = _per_unit(shape.num_heads, 2 * shape.head_dim)  # [query | gate] rows of each head
+        return [Slice(s.module, 0, "q", gated_q) if s.module is attn.q_proj else s
+                for s in Adapter.head_slices(self, layer, shape)]
+
+
+def config_value(config, name: str):
+    """A text-config value, read past transformers' per-layer (heterogeneous) config guard."""
+    raw = getattr(config, "_getattr_without_heterogeneous_validation", None)
+    return raw(name) if raw is not None else getattr(config, name)
+
+
+@register_adapter("gemma4", VLMParts("model.vision_tower", "model.embed_vision", "model.language_model"),
+                  {"gemma4_text": _STANDARD})
+class Gemma4Adapter(Adapter):
+    """Gemma 4: per-layer inputs (PLE: ``embed_tokens_per_layer`` columns and
+    ``per_layer_model_projection`` rows ``[i * P, (i + 1) * P)`` belong to layer i, P =
+    ``hidden_size_per_layer_input``), KV sharing (the last ``num_kv_shared_layers`` layers reuse the
+    keys/values of the last earlier layer of their type, the "store" layer), full-attention layers
+    with their own head_dim and kv heads (``per_layer_config``), k = v on those, an optional MoE block.
+
+    Layers and MLP channels can be pruned; attention heads are kept whole (a consumer's q heads read
+    its producer's kv groups, and head widths differ per layer type); MoE experts are kept whole."""
+
+    def has_heads(self, layer: nn.Module) -> bool:
+        return False
+
+    def protected_layers(self, model: nn.Module) -> set[int]:
+        config = self.text_config(model)
+        modes, types = config.kv_sharing_modes, config.layer_types
+        consumed = {types[i] for i, m in enumerate(modes) if m == "reuse"}
+        # the last layer too: Gemma4TextConfig forces the last layer to full attention on loading
+        return {i for i, m in enumerate(modes) if m == "store" and types[i] in consumed} | {len(types) - 1}
+
+    def protected_reason(self, model: nn.Module) -> str:
+        return ("KV sharing: a producer holds the keys and values that the last num_kv_shared_layers layers of its "
+                "type reuse, so drop those consumers first; and the last layer must stay a full-attention layer, "
+                "which Gemma4TextConfig forces on loading")
+
+    def refuse_drop(self, model: nn.Module, drop: set[int]) -> str | None:
+        types = self.text_config(model).layer_types
+        kept = [i for i in range(len(types)) if i not in drop]
+        if kept and types[kept[-1]] != "full_attention":
+            return (f"the last remaining layer ({kept[-1]}) would be {types[kept[-1]]}; Gemma4TextConfig forces the "
+                    f"last layer to full attention on loading")
+        return None
+
+    def mlp_width_factor(self, model: nn.Module, index: int) -> int:
+        config = self.text_config(model)
+        return 2 if config.use_double_wide_mlp and config.kv_sharing_modes[index] == "reuse" else 1
+
+    def outside_layer_params(self, model: nn.Module) -> list[int]:
+        lm = self.language_model(model)
+        n = len(lm.layers)
+        if not config_value(self.text_config(model), "hidden_size_per_layer_input"):
+            return [0] * n
+        per_layer = lm.embed_tokens_per_layer.weight.numel() + lm.per_layer_model_projection.weight.numel()
+        return [per_layer // n] * n  # its columns of the PLE table, its rows of the PLE projection
+
+    def layers_dropped_(self, model: nn.Module, kept: list[int]) -> None:
+        lm, config = self.language_model(model), self.text_config(model)
+        first_shared_old = lm.first_kv_shared_layer_idx
+        config.num_kv_shared_layers = sum(1 for i in kept if i >= first_shared_old)
+        lm.first_kv_shared_layer_idx = config.num_hidden_layers - config.num_kv_shared_layers
+        spec = getattr(config, "_heterogeneity_spec", None)
+        if spec is not None:
+            overrides = {new: dict(spec.per_layer_overrides[old]) for new, old in enumerate(kept)
+                         if old in spec.per_layer_overrides}
+            config.per_layer_config = overrides
+        width = config_value(config, "hidden_size_per_layer_input")
+        if width:
+            cols = torch.cat([torch.arange(i * width, (i + 1) * width) for i in kept])
+            table = lm.embed_tokens_per_layer
+            table.weight = nn.Parameter(table.weight.data[:, cols].clone(), requires_grad=table.weight.requires_grad)
+            table.embedding_dim = len(cols)
+            proj = lm.per_layer_model_projection
+            proj.weight = nn.Parameter(proj.weight.data[cols].clone(), requires_grad=proj.weight.requires_grad)
+            proj.out_features = len(cols)
+        lm._keys_to_ignore_on_load_unexpected = [
+            f"layers.{i}.self_attn.{name}" for i, layer in enumerate(lm.layers) if layer.self_attn.is_kv_shared_layer
+            for name in ("k_proj", "v_proj", "k_norm", "v_norm")]
+        modes = config.kv_sharing_modes  # the config's view must match what each layer was built as
+        for i, layer in enumerate(lm.layers):
+            built = "reuse" if layer.self_attn.is_kv_shared_layer else ("store" if layer.self_attn.store_full_length_kv else None)
+            if modes[i] != built and not (built is None and modes[i] == "store"):
+                raise AssertionError(f"layer {i} was built as KV {built!r} but the config now says {modes[i]!r}")
+            layer.self_attn.store_full_length_kv = modes[i] == "store"
 
 
 def supported_model_types() -> list[str]:

@@ -60,7 +60,7 @@ def wanda(stats, ctx):
     """Wanda-sp: |W| * ||X|| of the o_proj / down-projection columns a structure owns"""
     columns = [{s.unit: s.module.weight for s in ctx.adapter.slices(layer, shape) if s.dim == 1}
                for layer, shape in zip(ctx.adapter.layers(ctx.model), ctx.shapes)]  # o and down weights
-    return W.wanda(stats, [c["q"] for c in columns], [c["mlp"] for c in columns], ctx.shapes)
+    return W.wanda(stats, [c.get("q") for c in columns], [c["mlp"] for c in columns], ctx.shapes)  # no "q": no heads
 
 
 @register_criterion("random", method="width")

@@ -66,7 +66,10 @@ def wanda(stats: list[ActivationSums], o_weights: list[torch.Tensor], down_weigh
     with ||X|| the L2 norm of that input feature over the selected tokens."""
     heads, groups, channels = [], [], []
     for a, w_o, w_down, s in zip(stats, o_weights, down_weights, shapes):
-        col_o = w_o.detach().abs().double().sum(0).cpu() * a.o_sq.sqrt()        # [H * d]
+        if w_o is None:  # a layer without prunable heads (hybrid linear attention)
+            col_o = torch.zeros(s.num_heads * s.head_dim, dtype=torch.float64)
+        else:
+            col_o = w_o.detach().abs().double().sum(0).cpu() * a.o_sq.sqrt()    # [H * d]
         head = col_o.reshape(s.num_heads, s.head_dim).sum(-1)
         heads.append(head)
         groups.append(head.reshape(s.num_kv_heads, -1).sum(-1))

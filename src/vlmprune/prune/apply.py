@@ -18,7 +18,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
-from vlmprune.adapters import Adapter, get_adapter
+from vlmprune.adapters import Adapter, config_value, get_adapter
 from vlmprune.plan import LayerKeep, LayerShape, PlanError, PruningPlan
 from vlmprune.prune.surgery import keep_cols_, keep_rows_
 
@@ -31,17 +31,29 @@ def layer_shapes(model: nn.Module, adapter: Adapter | None = None) -> list[Layer
     """Widths of every decoder layer, read from the modules' weights (the truth)."""
     adapter = adapter or get_adapter(model)
     lay = adapter.layout
-    shapes = []
+    shapes: list[LayerShape | None] = []
+    heads = None  # (q, kv, head_dim) of the first layer with prunable heads
     for layer in adapter.layers(model):
-        attn, mlp = adapter.attention(layer), adapter.mlp(layer)
+        mlp = adapter.mlp(layer)
+        channels = getattr(mlp, lay.down).in_features
+        if not adapter.has_heads(layer):
+            shapes.append(channels)  # filled in below: its head widths are borrowed
+            continue
+        attn = adapter.attention(layer)
         head_dim = attn.head_dim
         n_q = getattr(attn, lay.o).in_features // head_dim
         if lay.qkv:
             n_kv = (getattr(attn, lay.qkv).out_features - n_q * head_dim) // (2 * head_dim)
         else:
             n_kv = getattr(attn, lay.k).out_features // head_dim
-        shapes.append(LayerShape(n_q, n_kv, head_dim, getattr(mlp, lay.down).in_features))
-    return shapes
+        heads = heads or (n_q, n_kv, head_dim)
+        shapes.append(LayerShape(n_q, n_kv, head_dim, channels))
+    if heads is None:  # no layer with heads: the config's widths
+        config = adapter.text_config(model)
+        heads = tuple(config_value(config, k) for k in ("num_attention_heads", "num_key_value_heads", "head_dim"))
+    # A layer without prunable heads (hybrid linear attention) reports the head widths of the first
+    # layer with heads, so that uniform cuts of the attention layers stay uniform (and stock-loadable).
+    return [s if isinstance(s, LayerShape) else LayerShape(*heads, s) for s in shapes]
 
 
 def apply_plan_(model: nn.Module, plan: PruningPlan) -> nn.Module:
@@ -53,11 +65,20 @@ def apply_plan_(model: nn.Module, plan: PruningPlan) -> nn.Module:
     adapter = get_adapter(model)
     shapes = layer_shapes(model, adapter)
     resolved = plan.resolve(shapes)
+    layers = adapter.layers(model)
+    headless = sorted(i for i, keep in resolved.items()
+                      if not adapter.has_heads(layers[i]) and (len(keep.q_heads), len(keep.kv_heads))
+                      != (shapes[i].num_heads, shapes[i].num_kv_heads))
+    if headless:
+        raise PlanError(f"the plan cuts attention heads in layer(s) {headless}, whose {adapter.model_type} token mixer "
+                        f"keeps its heads whole (no prunable q heads / kv groups there); cut only MLP channels in them")
     protected = sorted(adapter.protected_layers(model) & set(plan.drop_layers))
     if protected:
-        raise PlanError(f"the plan drops layer(s) {protected}, which {adapter.model_type} needs in place (it feeds "
-                        f"inputs into them); drop other layers")
-    layers = adapter.layers(model)
+        raise PlanError(f"the plan drops layer(s) {protected}, which {adapter.model_type} needs in place "
+                        f"({adapter.protected_reason(model)}); drop other layers")
+    refusal = adapter.refuse_drop(model, set(plan.drop_layers)) if plan.drop_layers else None
+    if refusal:
+        raise PlanError(f"the plan cannot drop layer(s) {sorted(plan.drop_layers)} of {adapter.model_type}: {refusal}")
     for i, keep in resolved.items():
         prune_layer_width_(layers[i], adapter, shapes[i], keep)
     if plan.drop_layers:
@@ -100,53 +121,120 @@ def _drop_layers_(model: nn.Module, adapter: Adapter, drop: list[int]) -> None:
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_idx
+    adapter.layers_dropped_(model, [i for i in range(old_n) if i not in dropped])
 
 
 def sync_config_(model: nn.Module, adapter: Adapter | None = None) -> None:
     """Make the text config and the per-module cached attributes match the weights."""
     adapter = adapter or get_adapter(model)
     config = adapter.text_config(model)
-    shapes = layer_shapes(model, adapter)
-    config.num_hidden_layers = len(shapes)
+    actual = layer_shapes(model, adapter)
+    config.num_hidden_layers = len(actual)
+    # what the config must say for the stock class to build each layer (Gemma 4 doubles some MLPs)
+    shapes = stock_view(actual, [adapter.mlp_width_factor(model, i) for i in range(len(actual))])
+    # A family whose heads are all kept whole (Gemma 4: head widths per layer type in per_layer_config)
+    # keeps its head fields as they are.
+    any_heads = any(adapter.has_heads(layer) for layer in adapter.layers(model))
     head_dims = {s.head_dim for s in shapes}
     if len(head_dims) != 1:
         raise AssertionError(f"layers disagree on head_dim: {sorted(head_dims)}")
-    # Written explicitly: several families derive head_dim from hidden_size // num_heads.
-    config.head_dim = shapes[0].head_dim
-    widths = {
-        "num_attention_heads": shapes[0].num_heads,
-        "num_key_value_heads": shapes[0].num_kv_heads,
-        "intermediate_size": shapes[0].intermediate_size,
-    }
+    widths = {"intermediate_size": shapes[0].intermediate_size}
+    if any_heads:
+        # Written explicitly: several families derive head_dim from hidden_size // num_heads.
+        config.head_dim = shapes[0].head_dim
+        widths = {"num_attention_heads": shapes[0].num_heads, "num_key_value_heads": shapes[0].num_kv_heads, **widths}
     # Uniform widths go into the config's own fields when the model class can be built from them
     # (Llama and Gemma3 configs refuse a hidden_size not divisible by num_attention_heads, even
     # with an explicit head_dim; Qwen2-VL derives head_dim from the head count); otherwise they
     # are recorded per layer like non-uniform widths and vlmprune.load rebuilds them.
-    expressible = adapter.layout.config_head_dim or config.hidden_size == shapes[0].num_heads * shapes[0].head_dim
-    if len(set(shapes)) == 1 and expressible and _config_accepts(config, widths):
+    if stock_obstacle(config, adapter, shapes, any_heads) is None:
         for key, value in widths.items():
             setattr(config, key, value)
         if hasattr(config, WIDTHS_KEY):
             delattr(config, WIDTHS_KEY)
-    base = LayerShape(config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.intermediate_size)
+    base = LayerShape(*(config_value(config, k) for k in ("num_attention_heads", "num_key_value_heads", "head_dim",
+                                                            "intermediate_size")))
     overrides = {}
-    for idx, (layer, shape) in enumerate(zip(adapter.layers(model), shapes)):
+    for idx, (layer, shape, stock) in enumerate(zip(adapter.layers(model), actual, shapes)):
         attn, mlp = adapter.attention(layer), adapter.mlp(layer)
-        attn.num_key_value_groups = shape.group_size
-        for attr, value in (("num_heads", shape.num_heads), ("num_key_value_heads", shape.num_kv_heads)):
-            if hasattr(attn, attr):
-                setattr(attn, attr, value)
+        if adapter.has_heads(layer):
+            attn.num_key_value_groups = shape.group_size
+            for attr, value in (("num_heads", shape.num_heads), ("num_key_value_heads", shape.num_kv_heads)):
+                if hasattr(attn, attr):
+                    setattr(attn, attr, value)
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = shape.intermediate_size
-        if shape != base:
+        if stock != base:
             overrides[str(idx)] = {
                 "num_attention_heads": shape.num_heads,
                 "num_key_value_heads": shape.num_kv_heads,
                 "intermediate_size": shape.intermediate_size,
             }
-        _give_layer_config(attn, config, overrides.get(str(idx)))
+        if adapter.has_heads(layer):
+            _give_layer_config(attn, config, overrides.get(str(idx)))
     if overrides:
         setattr(config, WIDTHS_KEY, overrides)
+
+
+def stock_view(shapes: list[LayerShape], factors: list[int]) -> list[LayerShape]:
+    """Layer shapes with each MLP width divided by the factor the stock class multiplies it by
+    (a width it cannot divide stays as a negative, unique value: no config field gives it)."""
+    out = []
+    for s, f in zip(shapes, factors):
+        width = s.intermediate_size // f if s.intermediate_size % f == 0 else -s.intermediate_size - 10**9 * f
+        out.append(LayerShape(s.num_heads, s.num_kv_heads, s.head_dim, width))
+    return out
+
+
+def stock_obstacle(config, adapter: Adapter, shapes: list[LayerShape], any_heads: bool = True) -> str | None:
+    """Why the family's stock class could not be built with these layer shapes from its config
+    (so plain ``from_pretrained`` refuses and ``vlmprune.load`` is needed), or None when it can."""
+    if len(set(shapes)) != 1:
+        return "layers would have different widths (stock configs hold one width per field)"
+    shape = shapes[0]
+    if not adapter.layout.config_head_dim and config.hidden_size != shape.num_heads * shape.head_dim:
+        return (f"{adapter.text_model_type} derives head_dim from hidden_size // num_attention_heads, which "
+                f"{shape.num_heads} heads of {shape.head_dim} would not give")
+    widths = {"intermediate_size": shape.intermediate_size}
+    if any_heads:
+        widths.update(num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_kv_heads)
+    if not _config_accepts(config, widths):
+        return (f"the {type(config).__name__} refuses {shape.num_heads} attention heads with hidden_size "
+                f"{config.hidden_size} (it requires hidden_size divisible by the head count)")
+    return None
+
+
+def predicted_shapes(model: nn.Module, plan: PruningPlan, adapter: Adapter | None = None) -> list[LayerShape]:
+    """The layer shapes ``apply_plan_`` would leave, computed without cutting (checks the plan)."""
+    adapter = adapter or get_adapter(model)
+    shapes = layer_shapes(model, adapter)
+    resolved = plan.resolve(shapes)
+    layers = adapter.layers(model)
+    new = {i: LayerShape(len(k.q_heads), len(k.kv_heads), shapes[i].head_dim, len(k.mlp_channels))
+           for i, k in resolved.items()}
+    headed = [i for i, layer in enumerate(layers) if adapter.has_heads(layer)]
+    first = new.get(headed[0], shapes[headed[0]]) if headed else None
+    out = []
+    for i in plan.kept_layers(len(shapes)):
+        s = new.get(i, shapes[i])
+        if first is not None and not adapter.has_heads(layers[i]):  # borrows the first headed layer's heads
+            s = LayerShape(first.num_heads, first.num_kv_heads, first.head_dim, s.intermediate_size)
+        out.append(s)
+    return out
+
+
+def _kept_factors(model: nn.Module, plan: PruningPlan, adapter: Adapter) -> list[int]:
+    # a kept layer keeps its role (a KV consumer stays one), so its factor is the one it has now
+    return [adapter.mlp_width_factor(model, i) for i in plan.kept_layers(len(adapter.layers(model)))]
+
+
+def loads_stock(model: nn.Module, plan: PruningPlan) -> str | None:
+    """None when the model ``plan`` makes loads with plain ``from_pretrained``; else the reason
+    it needs ``vlmprune.load`` (said before cutting)."""
+    adapter = get_adapter(model)
+    any_heads = any(adapter.has_heads(layer) for layer in adapter.layers(model))
+    shapes = stock_view(predicted_shapes(model, plan, adapter), _kept_factors(model, plan, adapter))
+    return stock_obstacle(adapter.text_config(model), adapter, shapes, any_heads)
 
 
 def _config_accepts(config, values: dict) -> bool:

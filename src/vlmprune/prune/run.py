@@ -11,7 +11,7 @@ import contextlib
 import json
 import logging
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from vlmprune.plan import LayerShape, PruningPlan
 from vlmprune.planning import ModelBudget, achieved, layers_to_drop, plan_layers, plan_width
 from vlmprune.plots import plot_layer_scores, plot_search, plot_width_scores
 from vlmprune.prune import auto
-from vlmprune.prune.apply import apply_plan_, layer_shapes
+from vlmprune.prune.apply import apply_plan_, layer_shapes, loads_stock
 from vlmprune.targets import (footprint, latency_features, latency_profile, measure_prefill, predict_latency,
                               ratio_for)
 
@@ -131,18 +131,40 @@ def plan_for(model: nn.Module, scores: Scores, ratio: float, attention: str = "g
     extra: dict[str, Any] = {"method": scores.method, "criterion": scores.criterion, "tokens": scores.tokens,
                              "ratio_target": ratio}
     if scores.method == "layer":
-        values = scores.values.without(get_adapter(model).protected_layers(model))
+        protected = get_adapter(model).protected_layers(model)
+        values = scores.values.without(protected)
         n = layers_to_drop(len(shapes), budget, ratio)
         plan = PruningPlan(drop_layers=plan_layers(values.layers, budget, ratio, values.block_start(n)))
-        extra["scores"] = {"layers": [float(f"{v:.6g}") for v in values.layers.tolist()]}
+        # the criterion's own scores, protected layers included (they are scored, never chosen)
+        extra["scores"] = {"layers": [float(f"{v:.6g}") for v in scores.values.layers.tolist()]}
+        if protected:
+            extra["protected_layers"] = sorted(protected)
     else:
         chosen = parse_layer_range(layers, len(shapes))
-        plan = plan_width(scores.values, shapes, budget, ratio, attention, mlp_multiple, chosen, global_ranking)
+        adapter = get_adapter(model)
+        headless = {i for i, layer in enumerate(adapter.layers(model)) if not adapter.has_heads(layer)}
+        values = _headless(scores.values, headless)
+        plan = plan_width(values, shapes, budget, ratio, attention, mlp_multiple, chosen, global_ranking)
+        for i in headless & set(plan.layers):  # their heads own no parameters and stay whole
+            entry = {k: v for k, v in plan.layers[i].items() if k not in ("q_heads", "kv_heads")}
+            if entry:
+                plan.layers[i] = entry
+            else:
+                del plan.layers[i]
         extra.update({"attention": attention, "mlp_multiple": mlp_multiple, "layer_range": layers,
                       "global": global_ranking, "scores": scores.values.to_dict()})
     extra["achieved"] = achieved(plan, budget, shapes)
     plan.extra.update(extra)
     return plan
+
+
+def _headless(values, headless: set[int]):
+    """Width scores in which the heads of layers without prunable heads are never the weakest."""
+    if not headless:
+        return values
+    heads = [torch.full_like(h, float("inf")) if i in headless else h for i, h in enumerate(values.heads)]
+    groups = [torch.full_like(g, float("inf")) if i in headless else g for i, g in enumerate(values.groups)]
+    return replace(values, heads=heads, groups=groups)
 
 
 def score_and_plan(model: nn.Module, method: str, ratio: float, criterion: str | None = None, batches=None,
@@ -278,6 +300,14 @@ def _prune_loaded(cfg: PruneConfig, out: Path, net: nn.Module, ranked_outputs: l
             ratio = ratio_of(lambda r: plan_for(net, scores, r, cfg.attention, cfg.mlp_multiple, cfg.layers,
                                                  cfg.global_ranking))
             plan = plan_for(net, scores, ratio, cfg.attention, cfg.mlp_multiple, cfg.layers, cfg.global_ranking)
+            obstacle = loads_stock(net, plan)
+            if cfg.stock and obstacle and plan.extra["method"] == "width" and cfg.attention != "none":
+                mlp_only = plan_for(net, scores, ratio, "none", cfg.mlp_multiple, cfg.layers, cfg.global_ranking)
+                if loads_stock(net, mlp_only) is None:
+                    log.warning("--stock: cutting attention would need vlmprune.load (%s); attention is kept whole "
+                                "and only MLP channels go", obstacle)
+                    mlp_only.extra["stock_note"] = f"attention kept whole: {obstacle}"
+                    plan = mlp_only
         plan.extra.update({"source_model": str(cfg.model),
                            "calibration": str(cfg.calibration) if cfg.calibration else None,
                            "num_samples": cfg.num_samples, "seed": cfg.seed})
@@ -294,6 +324,16 @@ def _prune_loaded(cfg: PruneConfig, out: Path, net: nn.Module, ranked_outputs: l
                 record["achieved"] = fp.value(target)
             plan.extra["target"] = record
     plan.extra["source"] = source_record(net)
+    obstacle = loads_stock(net, plan)  # said before the cut, recorded in the plan
+    if obstacle and cfg.stock:
+        raise VlmpruneError(f"--stock: the pruned model could not load with plain from_pretrained: {obstacle}; "
+                            f"drop --stock (and load it with vlmprune.load), or ask for other shapes")
+    plan.extra["loads_with"] = "vlmprune.load" if obstacle else "from_pretrained"
+    if obstacle:
+        plan.extra["loads_with_reason"] = obstacle
+        log.warning("the pruned model will need vlmprune.load (plain from_pretrained refuses it): %s", obstacle)
+    else:
+        log.info("the pruned model will load with plain from_pretrained")
     apply_plan_(net, plan)
     after = summarize(net)
     plan.extra["parameters"] = {"before": before.parameters, "after": after.parameters}
