@@ -172,3 +172,86 @@ def test_cli_bad_data_leaves_no_output(tiny_repo, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "record 0" in err and "conversations" in err, err
     assert not out.exists()
+
+
+def text_batches(n=3, length=24):
+    """Text-only calibration batches (the LM's own tokens as labels)."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, 300, (2, length), generator=gen)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    return out
+
+
+WEAK = 1e-3
+
+
+def plant_weak_heads_(model, heads_per_layer):
+    """Scale the q rows and o_proj columns of the given q heads by WEAK: whatever a criterion
+    reads from weights, gradients or the weighted o_proj input, these heads are the least
+    important. (The Minitron activation criterion reads the o_proj input alone, which a shared
+    kv head keeps alive, so it cannot see such a plant: it is left out.)"""
+    d = model.config.text_config.head_dim
+    with torch.no_grad():
+        for layer, heads in zip(model.model.language_model.layers, heads_per_layer):
+            for h in heads:
+                layer.self_attn.q_proj.weight[h * d : (h + 1) * d] *= WEAK
+                layer.self_attn.o_proj.weight[:, h * d : (h + 1) * d] *= WEAK
+
+
+def plant_weak_channels_(model, channels):
+    """Scale the up row and the down column of the given MLP channels by WEAK in every layer:
+    small weights, small down-projection input, small gradients, for every criterion."""
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.mlp.up_proj.weight[channels] *= WEAK
+            layer.mlp.down_proj.weight[:, channels] *= WEAK
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "magnitude", "wanda"])
+def test_heads_mode_removes_exactly_the_planted_weak_heads(criterion):
+    """Issue 22: with --attention heads one q head per kv group goes; it must be the planted one
+    of each group, wherever it sits in the group (the groups are heads 0-2, 3-5, 6-8)."""
+    model = gqa_9_3()
+    weak = [[0, 4, 8], [2, 3, 7], [1, 5, 6]]  # one per group, at every position in some layer
+    plant_weak_heads_(model, weak)
+    weak_channels = list(range(0, 144, 3))  # 48 of 144
+    plant_weak_channels_(model, weak_channels)
+    plan, _ = plan_from_scores(model, "width", 0.2, criterion, text_batches(), attention="heads", mlp_multiple=8)
+    for i, heads in enumerate(weak):
+        assert sorted(set(range(9)) - set(plan.layers[i]["q_heads"])) == heads, (criterion, i, plan.layers[i])
+        removed = set(range(144)) - set(plan.layers[i]["mlp_channels"])
+        assert removed and removed <= set(weak_channels), (criterion, i, sorted(removed))
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "magnitude", "wanda"])
+def test_groups_mode_removes_the_planted_weak_group(criterion):
+    model = gqa_9_3()
+    weak_group = [2, 0, 1]  # per layer
+    plant_weak_heads_(model, [[3 * k, 3 * k + 1, 3 * k + 2] for k in weak_group])
+    with torch.no_grad():  # its k and v rows too (they belong to the group alone)
+        for layer, k in zip(model.model.language_model.layers, weak_group):
+            for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.weight[8 * k : 8 * (k + 1)] *= WEAK
+    plan, _ = plan_from_scores(model, "width", 0.2, criterion, text_batches(), attention="groups", mlp_multiple=8)
+    for i, k in enumerate(weak_group):
+        assert plan.layers[i]["kv_heads"] == sorted(set(range(3)) - {k}), (criterion, i, plan.layers[i])
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "magnitude", "activation", "wanda"])
+def test_mlp_channels_planted_weak_go_first(criterion):
+    """--attention none: the planted channels are the first to go (all of them when the cut is
+    larger, only they when it is smaller)."""
+    model = gqa_9_3()
+    weak_channels = sorted({5, 17, 18, 40, 41, 42, 101, 120, 131, 143} | set(range(60, 98)))  # 48 of 144
+    plant_weak_channels_(model, weak_channels)
+    for ratio in (0.05, 0.15):
+        plan, _ = plan_from_scores(model, "width", ratio, criterion, text_batches(), attention="none", mlp_multiple=8)
+        for i in range(3):
+            removed = set(range(144)) - set(plan.layers[i]["mlp_channels"])
+            assert removed, (criterion, ratio)
+            if len(removed) <= len(weak_channels):
+                assert removed <= set(weak_channels), (criterion, ratio, i, sorted(removed))
+            else:
+                assert set(weak_channels) <= removed, (criterion, ratio, i, sorted(removed))

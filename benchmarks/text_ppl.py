@@ -1,0 +1,203 @@
+"""Text perplexity of the demo language model after pruning (no recovery), per criterion and mode.
+
+    PYTHONPATH=src .venv/bin/python benchmarks/text_ppl.py [--runs width] [--samples 32] \
+        [--eval-windows 40] [--out benchmarks/results/text_ppl.jsonl]
+
+Corpus: the docstrings of Python's own standard library (they ship with every interpreter, so the
+benchmark needs nothing downloaded). Calibration and evaluation come from disjoint modules
+(CALIBRATION_MODULES / EVAL_MODULES), so the evaluated text is held out from the scoring.
+Calibration records are text-only LLaVA conversations (first half of a docstring as the question,
+the rest as the answer) that go through the real `vlmprune prune` command and its chat template;
+evaluation is plain next-token cross-entropy over consecutive 256-token windows of raw text.
+
+Every prune is `vlmprune prune` in its own process: "prune s" is that command's wall time (load,
+calibration, planning, plot, save) and "peak RSS" the process's own peak (os.wait4's ru_maxrss).
+The ratio removes ~20% of the language model's non-embedding parameters (decoder layers), given
+to --ratio as the equivalent fraction of the whole model. Rows go to a JSONL file; a row already
+there is not run again (the script resumes), and the table is printed from all rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+CALIBRATION_MODULES = ["argparse", "collections", "json", "logging", "pathlib", "subprocess", "threading",
+                       "unittest", "socket", "csv", "configparser", "heapq", "itertools", "random", "string"]
+EVAL_MODULES = ["email.message", "http.client", "tarfile", "zipfile", "decimal", "fractions", "statistics",
+                "textwrap", "difflib", "shutil", "asyncio.tasks", "typing", "dataclasses", "enum", "functools"]
+WINDOW = 256
+WIDTH_RUNS = [(c, a) for c in ("taylor", "activation", "wanda", "magnitude", "random") for a in ("groups", "heads", "none")]
+LAYER_RUNS = [(c, None) for c in ("block_influence", "angular", "last")]
+
+
+def docstrings(modules: list[str]) -> list[str]:
+    """Docstrings (> 200 characters) of the objects each module defines itself, in a fixed order."""
+    out = []
+    for name in modules:
+        module = importlib.import_module(name)
+        for _, obj in sorted(vars(module).items()):
+            doc = getattr(obj, "__doc__", None)
+            if isinstance(doc, str) and len(doc) > 200 and getattr(obj, "__module__", name) == name:
+                out.append(inspect.cleandoc(doc))
+    return list(dict.fromkeys(out))
+
+
+def write_calibration(path: Path) -> int:
+    records = []
+    for doc in docstrings(CALIBRATION_MODULES):
+        cut = doc.find(" ", len(doc) // 2)
+        if cut < 0:
+            continue
+        records.append({"id": f"doc{len(records)}", "conversations": [
+            {"from": "human", "value": doc[:cut]}, {"from": "gpt", "value": doc[cut + 1 :]}]})
+    path.write_text(json.dumps(records))
+    return len(records)
+
+
+def eval_windows(tokenizer, n: int) -> list[torch.Tensor]:
+    ids = tokenizer("\n\n".join(docstrings(EVAL_MODULES)))["input_ids"]
+    windows = [torch.tensor(ids[i : i + WINDOW]) for i in range(0, len(ids) - WINDOW + 1, WINDOW)]
+    if len(windows) < n:
+        raise SystemExit(f"the evaluation text has only {len(windows)} windows of {WINDOW} tokens")
+    return windows[:n]
+
+
+@torch.no_grad()
+def perplexity(model, windows: list[torch.Tensor]) -> float:
+    nll, count = 0.0, 0
+    for w in windows:
+        logits = model(input_ids=w[None]).logits[0, :-1].float()
+        nll += float(torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum"))
+        count += len(w) - 1
+    return math.exp(nll / count)
+
+
+def run_prune(argv: list[str], log: Path) -> tuple[float, float, int]:
+    """(wall seconds, peak RSS MiB, exit code) of one `vlmprune prune` process."""
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "vlmprune.cli", "prune", *argv], stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return time.perf_counter() - t0, usage.ru_maxrss / 1024, proc.returncode
+
+
+def widths(model) -> str:
+    from vlmprune.prune import layer_shapes
+
+    shapes = layer_shapes(model)
+    s = shapes[0]
+    return f"{len(shapes)}L h{s.num_heads}/kv{s.num_kv_heads} mlp{s.intermediate_size}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default="width", help="width, layer, all, or criterion:mode,... (e.g. taylor:heads)")
+    parser.add_argument("--lm-fraction", type=float, default=0.2, help="share of the LM's decoder-layer parameters to remove")
+    parser.add_argument("--samples", type=int, default=32, help="calibration samples (--num-samples)")
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--eval-windows", type=int, default=40, help=f"evaluation windows of {WINDOW} tokens")
+    parser.add_argument("--seeds", default="0", help="seeds for the random criterion (one row each)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/vlmprune-text-ppl"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "text_ppl.jsonl")
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+    import transformers
+
+    from vlmprune.io import load
+    from vlmprune.planning import ModelBudget
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    built = subprocess.run([sys.executable, "-m", "vlmprune.cli", "demo", "build"], capture_output=True, text=True,
+                           check=True).stdout
+    demo = next(line.split(":", 1)[1].strip() for line in built.splitlines() if line.startswith("demo model:"))
+    calibration = args.workdir / "calibration.json"
+    n_records = write_calibration(calibration)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(demo)
+    windows = eval_windows(tokenizer, args.eval_windows)
+
+    dense = load(demo).eval()
+    budget = ModelBudget.of(dense)
+    decoder = sum(budget.layer_params)
+    ratio = args.lm_fraction * decoder / budget.total
+    weight_mib = sum(p.numel() * p.element_size() for p in dense.parameters()) / 2**20
+
+    done = {}
+    if args.out.exists():
+        for line in args.out.read_text().splitlines():
+            row = json.loads(line)
+            done[(row["method"], row["criterion"], row["attention"], row["seed"])] = row
+    if ("dense", None, None, None) not in done:
+        row = {"method": "dense", "criterion": None, "attention": None, "seed": None, "widths": widths(dense),
+               "ppl": perplexity(dense, windows), "eval_tokens": len(windows) * WINDOW,
+               "calibration_records": n_records, "weight_mib": weight_mib}
+        with args.out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        done[("dense", None, None, None)] = row
+    del dense
+
+    runs = [("width", c, a) for c, a in WIDTH_RUNS] if args.runs in ("width", "all") else []
+    runs += [("layer", c, a) for c, a in LAYER_RUNS] if args.runs in ("layer", "all") else []
+    if not runs:  # criterion:mode items are width runs, a bare criterion is a layer run
+        runs = [("width", *item.split(":")) if ":" in item else ("layer", item, None) for item in args.runs.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for method, criterion, attention in runs:
+        for seed in seeds if criterion == "random" else [0]:
+            key = (method, criterion, attention, seed)
+            if key in done:
+                continue
+            out_dir = args.workdir / f"{method}-{criterion}-{attention}-{seed}"
+            argv = ["--model", demo, "--method", method, "--criterion", criterion, "--ratio", f"{ratio:.6f}",
+                    "--output", str(out_dir), "--overwrite", "--seed", str(seed)]
+            if criterion not in ("last", "magnitude", "random"):
+                argv += ["--calibration", str(calibration), "--num-samples", str(args.samples),
+                         "--max-length", str(args.max_length)]
+            if attention:
+                argv += ["--attention", attention]
+            seconds, peak, code = run_prune(argv, args.workdir / f"{out_dir.name}.log")
+            if code != 0:
+                print(f"{key}: vlmprune prune failed (exit {code}); see {args.workdir / (out_dir.name + '.log')}")
+                continue
+            model = load(out_dir).eval()
+            plan = json.loads((out_dir / "pruning_plan.json").read_text())
+            decoder_after = sum(sum(p.numel() for p in layer.parameters()) for layer in model.model.language_model.layers)
+            row = {"method": method, "criterion": criterion, "attention": attention, "seed": seed,
+                   "widths": widths(model), "removed_total": plan["achieved"]["ratio"],
+                   "removed_decoder": 1 - decoder_after / decoder, "ppl": perplexity(model, windows),
+                   "prune_s": seconds, "peak_rss_mib": peak, "peak_over_weights": peak / weight_mib}
+            with args.out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            done[key] = row
+            print(json.dumps(row), flush=True)
+            del model
+    print_table(list(done.values()))
+
+
+def print_table(rows: list[dict]) -> None:
+    dense = next(r for r in rows if r["method"] == "dense")
+    print(f"dense: {dense['widths']}, PPL {dense['ppl']:.2f} on {dense['eval_tokens']:,} tokens")
+    print("| method | criterion | attention | widths | removed (decoder) | PPL | x dense | prune s | peak RSS MiB | / weights |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        if r["method"] == "dense":
+            continue
+        name = r["criterion"] + (f" (seed {r['seed']})" if r["criterion"] == "random" else "")
+        print(f"| {r['method']} | {name} | {r['attention'] or ''} | {r['widths']} | {r['removed_decoder']:.2%} | "
+              f"{r['ppl']:.2f} | {r['ppl'] / dense['ppl']:.2f} | {r['prune_s']:.0f} | {r['peak_rss_mib']:.0f} | "
+              f"{r['peak_over_weights']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
