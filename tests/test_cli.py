@@ -23,14 +23,14 @@ def tiny_dir(tmp_path_factory):
 
 def test_inspect_prints_parts_and_layers(tiny_dir, capsys):
     assert main(["inspect", str(tiny_dir), "--json"]) == 0
-    summary = json.loads(capsys.readouterr().err)
+    summary = json.loads(capsys.readouterr().out)
     assert summary["model_type"] == "llava" and summary["text_model_type"] == "phi3"
     assert summary["num_layers"] == 4
     assert summary["layers"][0] == {"num_heads": 4, "num_kv_heads": 2, "head_dim": 16, "intermediate_size": 128}
     p = summary["parameters"]
     assert p["total"] == p["vision"] + p["projector"] + p["language_model"]
     assert main(["inspect", str(tiny_dir)]) == 0
-    assert "decoder layers" in capsys.readouterr().err
+    assert "decoder layers" in capsys.readouterr().out
 
 
 def test_prune_with_plan_writes_loadable_checkpoint(tiny_dir, tmp_path):

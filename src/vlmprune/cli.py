@@ -342,7 +342,10 @@ def _setup_logging() -> None:
         return
     from rich.logging import RichHandler
 
-    handler = RichHandler(console=console(), show_time=False, show_path=False, markup=False,
+    from rich.console import Console
+
+    # progress and notes go to stderr: stdout carries results (tables, --json) that may be piped
+    handler = RichHandler(console=Console(stderr=True), show_time=False, show_path=False, markup=False,
                           rich_tracebacks=False)
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)

@@ -2,8 +2,9 @@
 
 A target is ``params=0.7`` (fraction of the whole model kept), ``params=1.5B`` (absolute), or
 ``memory=2GB[,seq=4096,batch=1,dtype=bf16]``: weight bytes plus the KV cache at that context, with
-the cache counted the way the family stores it (per-layer kv heads x head_dim x K and V; sliding-
-window layers hold at most the window). The planner works in parameters; for a memory target the
+the cache counted the way the family stores it (per-layer kv heads x head_dim x K and V at the
+positions the adapter says the layer keeps: sliding-window layers the window, KV-sharing consumers and
+linear-attention layers none). The planner works in parameters; for a memory target the
 smallest ratio whose plan fits is found by bisection over the planner's own plans.
 """
 
@@ -37,16 +38,6 @@ class Footprint:
         return self.parameters if target.kind == "params" else self.memory_bytes
 
 
-def kv_tokens(model: nn.Module, layer: int, seq: int) -> int:
-    """How many positions layer ``layer`` keeps in its KV cache at context ``seq``."""
-    text = get_adapter(model).text_config(model)
-    types = getattr(text, "layer_types", None)
-    window = getattr(text, "sliding_window", None)
-    if types is not None and layer < len(types) and types[layer] == "sliding_attention" and window:
-        return min(seq, int(window))
-    return seq
-
-
 def footprint(model: nn.Module, target: Target, plan: PruningPlan | None = None,
               budget: ModelBudget | None = None, shapes: list[LayerShape] | None = None) -> Footprint:
     """The model's footprint, or the footprint it would have after ``plan`` (computed, not applied)."""
@@ -56,10 +47,11 @@ def footprint(model: nn.Module, target: Target, plan: PruningPlan | None = None,
     parameters = budget.total - achieved(plan, budget, shapes)["params_removed"]
     kept = plan.kept_layers(len(shapes))
     widths = plan.resolve(shapes)
+    adapter = get_adapter(model)
     kv = 0
-    for i in kept:
+    for i in kept:  # the cache as the family stores it: K and V of each kv head at each kept position
         kv_heads = len(widths[i].kv_heads) if i in widths else shapes[i].num_kv_heads
-        kv += 2 * kv_heads * shapes[i].head_dim * kv_tokens(model, i, target.seq) * target.batch
+        kv += 2 * kv_heads * shapes[i].head_dim * adapter.kv_positions(model, i, target.seq) * target.batch
     return Footprint(parameters, parameters * target.dtype_bytes, kv * target.dtype_bytes)
 
 

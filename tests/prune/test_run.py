@@ -218,7 +218,7 @@ def test_heads_mode_removes_exactly_the_planted_weak_heads(criterion):
     plant_weak_heads_(model, weak)
     weak_channels = list(range(0, 144, 3))  # 48 of 144
     plant_weak_channels_(model, weak_channels)
-    plan, _ = plan_from_scores(model, "width", 0.2, criterion, text_batches(), attention="heads", mlp_multiple=8)
+    plan, _ = score_and_plan(model, "width", 0.2, criterion, text_batches(), attention="heads", mlp_multiple=8)
     for i, heads in enumerate(weak):
         assert sorted(set(range(9)) - set(plan.layers[i]["q_heads"])) == heads, (criterion, i, plan.layers[i])
         removed = set(range(144)) - set(plan.layers[i]["mlp_channels"])
@@ -234,7 +234,7 @@ def test_groups_mode_removes_the_planted_weak_group(criterion):
         for layer, k in zip(model.model.language_model.layers, weak_group):
             for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj):
                 proj.weight[8 * k : 8 * (k + 1)] *= WEAK
-    plan, _ = plan_from_scores(model, "width", 0.2, criterion, text_batches(), attention="groups", mlp_multiple=8)
+    plan, _ = score_and_plan(model, "width", 0.2, criterion, text_batches(), attention="groups", mlp_multiple=8)
     for i, k in enumerate(weak_group):
         assert plan.layers[i]["kv_heads"] == sorted(set(range(3)) - {k}), (criterion, i, plan.layers[i])
 
@@ -247,7 +247,7 @@ def test_mlp_channels_planted_weak_go_first(criterion):
     weak_channels = sorted({5, 17, 18, 40, 41, 42, 101, 120, 131, 143} | set(range(60, 98)))  # 48 of 144
     plant_weak_channels_(model, weak_channels)
     for ratio in (0.05, 0.15):
-        plan, _ = plan_from_scores(model, "width", ratio, criterion, text_batches(), attention="none", mlp_multiple=8)
+        plan, _ = score_and_plan(model, "width", ratio, criterion, text_batches(), attention="none", mlp_multiple=8)
         for i in range(3):
             removed = set(range(144)) - set(plan.layers[i]["mlp_channels"])
             assert removed, (criterion, ratio)

@@ -169,6 +169,17 @@ class Adapter:
         """Decoder layers that must not be dropped (a family that injects inputs at fixed layers)."""
         return set()
 
+    def kv_positions(self, model: nn.Module, index: int, seq: int) -> int:
+        """How many positions layer ``index`` keeps in its KV cache after a context of ``seq`` tokens
+        (a sliding-window layer keeps the window minus the token being added)."""
+        config = self.text_config(model)
+        types = getattr(config, "layer_types", None)
+        if types is not None and index < len(types) and types[index] == "sliding_attention":
+            window = config_value(config, "sliding_window")
+            if window:
+                return min(seq, int(window) - 1)
+        return seq
+
     def protected_reason(self, model: nn.Module) -> str:
         """Why :meth:`protected_layers` must stay (said when a plan tries to drop one)."""
         return "it feeds inputs into them"
@@ -309,6 +320,11 @@ class Qwen35Adapter(Adapter):
                     f"from a full-attention layer, so keep at least one")
         return None
 
+    def kv_positions(self, model: nn.Module, index: int, seq: int) -> int:
+        if self.text_config(model).layer_types[index] == "linear_attention":
+            return 0  # Gated DeltaNet keeps a fixed-size recurrent state, not keys and values
+        return Adapter.kv_positions(self, model, index, seq)
+
     def head_slices(self, layer: nn.Module, shape) -> list[Slice]:
         attn = self.attention(layer)
         gated_q = _per_unit(shape.num_heads, 2 * shape.head_dim)  # [query | gate] rows of each head
@@ -356,6 +372,11 @@ class Gemma4Adapter(Adapter):
             return (f"the last remaining layer ({kept[-1]}) would be {types[kept[-1]]}; Gemma4TextConfig forces the "
                     f"last layer to full attention on loading")
         return None
+
+    def kv_positions(self, model: nn.Module, index: int, seq: int) -> int:
+        if self.text_config(model).kv_sharing_modes[index] == "reuse":
+            return 0  # reads the keys and values its store layer keeps
+        return Adapter.kv_positions(self, model, index, seq)
 
     def mlp_width_factor(self, model: nn.Module, index: int) -> int:
         config = self.text_config(model)
