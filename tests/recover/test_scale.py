@@ -119,7 +119,9 @@ def test_fsdp2_resumes_after_a_kill_and_ends_at_the_same_step(dirs, tmp_path):
     assert json.loads((out / "pruning_plan.json").read_text())["recovery"][-1]["steps"] == 12
     # The resumed two-process run lands where an uninterrupted one-process run of the same seed lands.
     assert main(argv(dirs, tmp_path / "single", *common, "--gradient-accumulation-steps", "2")) == 0
-    assert_same_weights(out, tmp_path / "single", dirs["student"])
+    # 12 steps of gloo all-reduces, split by a restart, sum in another order than one process does:
+    # up to ~2e-5 apart here, against ~6e-2 of training change (a wrong resume is off by ~1e-2)
+    assert_same_weights(out, tmp_path / "single", dirs["student"], atol=1e-4)
     transformers.AutoModelForImageTextToText.from_pretrained(out)
 
 
