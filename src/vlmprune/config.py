@@ -297,8 +297,9 @@ class PruneConfig:
         need("model", self.model)
         need("output", self.output)
         if self.plan is not None:
-            if self.method is not None or self.scores is not None:
-                raise VlmpruneError("give either --plan, or --method/--ratio (optionally with --scores), not both")
+            if any(v is not None for v in (self.method, self.scores, self.ratio, self.target)):
+                raise VlmpruneError("give either --plan, or --method with --ratio/--target (optionally with --scores), "
+                                    "not both: a plan already says what goes")
         else:
             if self.method is None and self.scores is None:
                 raise VlmpruneError("vlmprune prune needs --plan PLAN.json, or --method layer|width with --ratio R")

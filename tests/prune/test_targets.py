@@ -123,6 +123,8 @@ def test_ratio_and_target_are_exclusive():
 
     with pytest.raises(VlmpruneError, match="one of --ratio"):
         PruneConfig(model="m", output="o", method="width", ratio=0.2, target="params=0.8")
+    with pytest.raises(VlmpruneError, match="a plan already says what goes"):
+        PruneConfig(model="m", output="o", plan="p.json", target="params=0.8")
 
 
 def test_auto_is_a_study_grid_value(tiny_repo, tmp_path):
