@@ -311,6 +311,9 @@ class PruneConfig:
             else:
                 parse_target(self.target)
         one_of("method", self.method, ("layer", "width", "auto"))
+        if self.method == "auto" and self.device_map is not None:
+            raise VlmpruneError("--method auto ranks candidates on pruned copies held in memory; it cannot run on a "
+                                "--device-map dispatched model: choose --method layer or width there")
         if self.method == "auto" and (self.scores is not None or self.layers or self.global_ranking):
             raise VlmpruneError("--method auto searches depth x width over all layers: it takes no --scores, "
                                 "--layers or --global")
