@@ -311,6 +311,9 @@ class PruneConfig:
             else:
                 parse_target(self.target)
         one_of("method", self.method, ("layer", "width", "auto"))
+        if self.device_map is not None and self.target is not None and parse_target(self.target).kind == "latency":
+            raise VlmpruneError("a latency target times pruned copies of the model on one device; it cannot run on a "
+                                "--device-map dispatched model: use a params or memory target there")
         if self.method == "auto" and self.device_map is not None:
             raise VlmpruneError("--method auto ranks candidates on pruned copies held in memory; it cannot run on a "
                                 "--device-map dispatched model: choose --method layer or width there")
