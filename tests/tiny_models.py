@@ -195,6 +195,11 @@ def _config_internvl_qwen2():
     return _internvl_config(Qwen2Config(**_TEXT_COMMON))
 
 
+# the special tokens every Qwen-VL family config takes
+_QWEN_VL_TOKENS = dict(image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, vision_start_token_id=IMAGE_START_ID,
+                       vision_end_token_id=IMAGE_END_ID)
+
+
 def _config_qwen2_vl():
     vision = Qwen2VLVisionConfig(
         depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=7, spatial_merge_size=2
@@ -202,10 +207,7 @@ def _config_qwen2_vl():
     return Qwen2VLConfig(
         vision_config=vision,
         text_config=Qwen2VLTextConfig(**_qwen_text_kwargs()),
-        image_token_id=IMAGE_ID,
-        video_token_id=VIDEO_ID,
-        vision_start_token_id=IMAGE_START_ID,
-        vision_end_token_id=IMAGE_END_ID,
+        **_QWEN_VL_TOKENS,
     )
 
 
@@ -225,10 +227,7 @@ def _config_qwen2_5_vl():
     return Qwen2_5_VLConfig(
         vision_config=vision,
         text_config=Qwen2_5_VLTextConfig(**_qwen_text_kwargs()),
-        image_token_id=IMAGE_ID,
-        video_token_id=VIDEO_ID,
-        vision_start_token_id=IMAGE_START_ID,
-        vision_end_token_id=IMAGE_END_ID,
+        **_QWEN_VL_TOKENS,
     )
 
 
@@ -313,10 +312,7 @@ def _config_qwen3_vl():
     return Qwen3VLConfig(
         vision_config=vision,
         text_config=text,
-        image_token_id=IMAGE_ID,
-        video_token_id=VIDEO_ID,
-        vision_start_token_id=IMAGE_START_ID,
-        vision_end_token_id=IMAGE_END_ID,
+        **_QWEN_VL_TOKENS,
     )
 
 
@@ -341,10 +337,7 @@ def _config_qwen3_5():
     return Qwen3_5Config(
         vision_config=vision,
         text_config=text,
-        image_token_id=IMAGE_ID,
-        video_token_id=VIDEO_ID,
-        vision_start_token_id=IMAGE_START_ID,
-        vision_end_token_id=IMAGE_END_ID,
+        **_QWEN_VL_TOKENS,
     )
 
 
