@@ -21,7 +21,21 @@ import sys
 import time
 from pathlib import Path
 
-SCHEMES = ["fp32", "int8", "int8-dynamic", "nf4", "int4"]
+# a variant is a scheme, optionally loaded in another dtype first ("@bf16": everything the scheme
+# keeps -- vision tower, projector, embeddings, lm_head, norms -- is stored in bfloat16, the dtype
+# edge deployments run in); "fp32" and "bf16" are the unquantized model
+VARIANTS = ["fp32", "bf16", "int8", "int8@bf16", "int8-dynamic", "nf4", "int4"]
+DTYPES = {"fp32": None, "bf16": "bfloat16"}
+
+
+def split_variant(variant: str) -> tuple[str | None, str | None]:
+    """'int8@bf16' -> ('int8', 'bfloat16'); 'bf16' -> (None, 'bfloat16'); 'int8' -> ('int8', None)."""
+    if variant in DTYPES:
+        return None, DTYPES[variant]
+    scheme, _, dtype = variant.partition("@")
+    if dtype and dtype not in DTYPES:
+        raise SystemExit(f"variant {variant!r}: the dtype after @ must be one of {', '.join(DTYPES)}")
+    return scheme, DTYPES.get(dtype)
 
 
 def rss_mb(key: str) -> float:
@@ -32,21 +46,20 @@ def rss_mb(key: str) -> float:
     return float("nan")
 
 
-def measure_one(model_dir: str, scheme: str, limit: int, batch_size: int, decode_tokens: int, repeats: int) -> dict:
+def measure_one(model_dir: str, variant: str, limit: int, batch_size: int, decode_tokens: int, repeats: int) -> dict:
     """Everything about one checkpoint, in this (fresh) process."""
     import torch
 
     from vlmprune.demo.datasets import demo_data
     from vlmprune.evaluate.efficiency import disk_bytes, measure, weight_bytes_by_part
     from vlmprune.evaluate.tasks import evaluate, load_task, prompt_batch
-    from vlmprune.io import load
-    from vlmprune.pipeline import load_processor
+    from vlmprune.io import load, load_processor
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     paths = demo_data()
     rss_start = rss_mb("VmRSS")
     t0 = time.perf_counter()
-    model, processor = load(model_dir), load_processor(model_dir)
+    model, processor = load(model_dir), load_processor(model_dir)  # as stored: its dtype, its quantization
     load_s = time.perf_counter() - t0
     rss_loaded = rss_mb("VmRSS")
     t0 = time.perf_counter()
@@ -62,7 +75,7 @@ def measure_one(model_dir: str, scheme: str, limit: int, batch_size: int, decode
     cpu = measure(model, inputs, decode_tokens=decode_tokens, repeats=repeats, clock=time.process_time)
     speed["cpu_prefill_s"], speed["cpu_decode_tokens_per_s"] = cpu["prefill_s"], cpu["decode_tokens_per_s"]
     return {
-        "variant": scheme,
+        "variant": variant,
         "accuracy": result["accuracy"],
         "per_task": {name: r["accuracy"] for name, r in result["tasks"].items()},
         "questions": {name: r["count"] for name, r in result["tasks"].items()},
@@ -80,7 +93,9 @@ def measure_one(model_dir: str, scheme: str, limit: int, batch_size: int, decode
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--schemes", default=",".join(SCHEMES), help="fp32 is the unquantized demo model")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="schemes of `vlmprune quantize`, SCHEME@bf16 to quantize the model loaded in bfloat16, "
+                         "fp32/bf16 for the unquantized model")
     ap.add_argument("--limit", type=int, default=100, help="questions per task (seeded subset); 0: timing only")
     ap.add_argument("--batch-size", type=int, default=25)
     ap.add_argument("--decode-tokens", type=int, default=32)
@@ -89,7 +104,10 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/quantize.jsonl")
     ap.add_argument("--plan", help="also measure the demo model pruned by this pruning_plan.json, with every scheme")
     ap.add_argument("--plan-name", default="pruned", help="the pruned model's name in the table")
-    ap.add_argument("--only-plan", action="store_true", help="skip the unpruned model (rows already measured)")
+    ap.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
+                    help="also measure this checkpoint (e.g. a pruned and recovered one), with every variant; repeatable")
+    ap.add_argument("--only-plan", action="store_true",
+                    help="skip the unpruned model (rows already measured); measure only --plan / --model")
     ap.add_argument("--table", action="store_true", help="only print the table of the rows already in --out")
     ap.add_argument("--one", nargs=2, metavar=("MODEL_DIR", "SCHEME"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -114,41 +132,59 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     bases = [] if args.only_plan else [("original", teacher)]
     if args.plan:
-        from vlmprune.pipeline import prune_from_plan
+        from vlmprune.prune.run import prune
 
         pruned = Path(args.work) / args.plan_name
         if not (pruned / "pruning_plan.json").exists():
-            prune_from_plan(teacher, args.plan, pruned, overwrite=True)
+            prune(model=teacher, plan=args.plan, output=str(pruned), overwrite=True)
         bases.append((args.plan_name, str(pruned)))
+    for spec in args.model:
+        name, sep, path = spec.partition("=")
+        if not sep or not (Path(path) / "config.json").is_file():
+            raise SystemExit(f"--model {spec!r}: expected NAME=DIR of a saved model")
+        bases.append((name, path))
+    variants = args.variants.split(",")
+    for variant in variants:
+        split_variant(variant)
     rows = []
-    for (name, source), scheme in [(b, s) for b in bases for s in args.schemes.split(",")]:
-        row = {"model": name, "variant": scheme}
+    for (name, source), variant in [(b, v) for b in bases for v in variants]:
+        row = {"model": name, "variant": variant}
         model_dir = source
-        if scheme != "fp32":
+        scheme, dtype = split_variant(variant)
+        if scheme is None and dtype is not None:  # the float model stored in another dtype
+            import torch
+
+            from vlmprune.io import load, save_model
+            from vlmprune.plan import PLAN_FILE, PruningPlan
+
+            model_dir = Path(args.work) / f"{name}-{variant}"
+            plan = PruningPlan.load(Path(source) / PLAN_FILE) if (Path(source) / PLAN_FILE).exists() else None
+            save_model(load(source, dtype=getattr(torch, dtype)), model_dir, plan=plan, source=source, overwrite=True)
+        elif scheme is not None:
             t0 = time.perf_counter()
             try:
-                model_dir, record = quantize_model_dir(source, scheme, Path(args.work) / f"{name}-{scheme}",
-                                                       overwrite=True)
+                model_dir, record = quantize_model_dir(source, scheme, Path(args.work) / f"{name}-{variant}",
+                                                       overwrite=True, dtype=dtype)
             except VlmpruneError as exc:
                 row["refused"] = str(exc)
-                print(f"{scheme}: refused: {exc}", flush=True)
+                print(f"{variant}: refused: {exc}", flush=True)
                 rows.append(row)
                 with out.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 continue
             row["quantize_s"] = time.perf_counter() - t0
             row["record"] = record
-        cmd = [sys.executable, __file__, "--one", str(model_dir), scheme, "--limit", str(args.limit),
+        cmd = [sys.executable, __file__, "--one", str(model_dir), variant, "--limit", str(args.limit),
                "--batch-size", str(args.batch_size), "--decode-tokens", str(args.decode_tokens),
                "--repeats", str(args.repeats)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not lines:
             row["failed"] = proc.stderr[-2000:]
-            print(f"{scheme}: failed\n{proc.stderr[-2000:]}", flush=True)
+            print(f"{variant}: failed\n{proc.stderr[-2000:]}", flush=True)
         else:
             row.update({k: v for k, v in json.loads(lines[-1][len("RESULT "):]).items() if k != "variant"})
-            print(f"{scheme}: {json.dumps(row)}", flush=True)
+            print(f"{variant}: {json.dumps(row)}", flush=True)
         rows.append(row)
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
