@@ -76,10 +76,10 @@ def ratio_for(model: nn.Module, target: Target, plan_at, budget: ModelBudget | N
 
         unit, scale = "GB", 1e9
     else:
-        coef = latency_profile(model, target)["coef"]
+        profile = latency_profile(model, target)
 
         def measure(plan: PruningPlan | None) -> float:
-            return predict_latency(coef, latency_features(shapes, plan))
+            return predict_latency(profile, shapes, plan)
 
         unit, scale = "ms (predicted)", 1e-3
     now = measure(None)
@@ -107,92 +107,182 @@ def ratio_for(model: nn.Module, target: Target, plan_at, budget: ModelBudget | N
 
 
 # ------------------------------------------------------------------------------------------ latency
-# Prefill time is modelled as t = c0 + c1 * layers + c2 * (q heads, summed over layers) + c3 * (MLP
-# channels, summed over layers): each kept layer costs a fixed part (norms, residuals, the attention
-# kernel launch) plus a part proportional to its heads and channels (their GEMMs). The coefficients
-# are fitted to timings of the real model and of pruned copies of it (fewer layers, half the
-# attention, half the MLP) on this device, cached per model, device and context.
+# Prefill time is modelled per layer from a timing profile of this device: one text prefill of the
+# model and of three copies with every layer narrowed (attention and MLP at 3/4, 1/2 and 1/4 of their
+# width), each timed with hooks around every decoder layer, its attention and its MLP. Per layer kind
+# (layers of the same shape and cached positions) that gives a table attention-time(q heads) and
+# MLP-time(channels), plus the layer's own fixed part (norms, residuals: layer time - attention - MLP);
+# the rest of the model (embeddings, final norm, LM head) is the base. A plan's prediction is
+#     base + sum over kept layers of [fixed + attention(q heads kept) + MLP(channels kept)],
+# read off the tables by piecewise-linear interpolation. Cached per model, device and context.
+
+PROFILE_VERSION = 2
+PROFILE_FRACTIONS = (0.75, 0.5, 0.25)
 
 
-def latency_features(shapes: list[LayerShape], plan: PruningPlan | None = None) -> list[float]:
+def _interp(points: list[list[float]], x: float) -> float:
+    """Piecewise-linear through ``points`` ([[x, y], ...]); linear beyond the ends, never below 0."""
+    pts = sorted(points)
+    if len(pts) == 1:
+        return pts[0][1]
+    k = next((k for k in range(len(pts) - 1) if x <= pts[k + 1][0]), len(pts) - 2)
+    (x0, y0), (x1, y1) = pts[k], pts[k + 1]
+    return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+
+
+def predict_latency(profile: dict, shapes: list[LayerShape], plan: PruningPlan | None = None) -> float:
+    """Predicted prefill seconds of the model after ``plan`` (a pure function of the profile)."""
     plan = plan or PruningPlan()
     widths = plan.resolve(shapes)
-    kept = plan.kept_layers(len(shapes))
-    heads = sum(len(widths[i].q_heads) if i in widths else shapes[i].num_heads for i in kept)
-    channels = sum(len(widths[i].mlp_channels) if i in widths else shapes[i].intermediate_size for i in kept)
-    return [1.0, float(len(kept)), float(heads), float(channels)]
+    kind = {i: k for k, entry in enumerate(profile["kinds"]) for i in entry["layers"]}
+    total = profile["base_s"]
+    for i in plan.kept_layers(len(shapes)):
+        entry = profile["kinds"][kind[i]]
+        heads = len(widths[i].q_heads) if i in widths else shapes[i].num_heads
+        channels = len(widths[i].mlp_channels) if i in widths else shapes[i].intermediate_size
+        total += entry["fixed_s"] + _interp(entry["attention"], heads) + _interp(entry["mlp"], channels)
+    return total
 
 
-def fit_latency(points: list[tuple[list[float], float]]) -> list[float]:
-    """Least-squares coefficients of ``latency_features`` -> seconds (a pure function: no timing here)."""
-    import torch
+def _narrowed(model: nn.Module, shapes: list[LayerShape], fraction: float) -> PruningPlan:
+    """Every layer at ``fraction`` of its width: whole kv groups where there are several, else q heads."""
+    adapter = get_adapter(model)
+    layers = {}
+    for i, (layer, s) in enumerate(zip(adapter.layers(model), shapes)):
+        entry = {"mlp_channels": list(range(max(1, round(s.intermediate_size * fraction))))}
+        if adapter.has_heads(layer):
+            if s.num_kv_heads > 1:
+                entry["kv_heads"] = list(range(max(1, round(s.num_kv_heads * fraction))))
+            elif s.num_heads > 1:
+                entry["q_heads"] = list(range(max(1, round(s.num_heads * fraction))))
+        layers[i] = entry
+    return PruningPlan(layers=layers)
 
-    x = torch.tensor([f for f, _ in points], dtype=torch.float64)
-    y = torch.tensor([[t] for _, t in points], dtype=torch.float64)
-    return torch.linalg.lstsq(x, y).solution.squeeze(1).tolist()
 
-
-def predict_latency(coef: list[float], features: list[float]) -> float:
-    return float(sum(c * f for c, f in zip(coef, features)))
-
-
-def measure_prefill(model: nn.Module, seq: int, batch: int, repeats: int = 3) -> float:
-    """Median wall time of one text prefill of ``batch`` x ``seq`` tokens (no image), after one warm-up."""
+def _timed_layers(model: nn.Module, seq: int, batch: int, repeats: int) -> tuple[float, list[list[float]]]:
+    """Median prefill seconds and, per decoder layer, median [layer, attention, MLP] seconds."""
     import statistics
     import time
 
     import torch
 
+    adapter = get_adapter(model)
+    sync = torch.cuda.synchronize if next(model.parameters()).device.type == "cuda" else (lambda: None)
+    modules = [(i, j, m) for i, layer in enumerate(adapter.layers(model))
+               for j, m in enumerate((layer, adapter.attention(layer), adapter.mlp(layer)))]
+    started, elapsed = {}, {}
+
+    def before(key):
+        def hook(module, args):
+            sync()
+            started[key] = time.perf_counter()
+        return hook
+
+    def after(key):
+        def hook(module, args, output):
+            sync()
+            elapsed[key] = elapsed.get(key, 0.0) + time.perf_counter() - started[key]
+        return hook
+
+    handles = [h for i, j, m in modules for h in (m.register_forward_pre_hook(before((i, j))),
+                                                 m.register_forward_hook(after((i, j))))]
+    ids, mask = _prefill_inputs(model, seq, batch)
+    runs, totals = [], []
+    try:
+        for _ in range(repeats + 1):  # the first is a warm-up
+            elapsed.clear()
+            totals.append(_prefill_seconds(model, ids, mask))
+            runs.append(dict(elapsed))
+    finally:
+        for h in handles:
+            h.remove()
+    n = len(adapter.layers(model))
+    per_layer = [[statistics.median(run.get((i, j), 0.0) for run in runs[1:]) for j in range(3)] for i in range(n)]
+    return statistics.median(totals[1:]), per_layer
+
+
+def _prefill_inputs(model: nn.Module, seq: int, batch: int):
+    import torch
+
     device = next(model.parameters()).device
     vocab = model.get_output_embeddings().weight.shape[0]
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
-    mask = torch.ones_like(ids)
-    times = []
+    return ids, torch.ones_like(ids)
+
+
+def _prefill_seconds(model: nn.Module, ids, mask) -> float:
+    """Wall time of one text prefill (no image; the LM head on the last position only)."""
+    import time
+
+    import torch
+
+    sync = torch.cuda.synchronize if ids.device.type == "cuda" else (lambda: None)
     with torch.no_grad():
-        for _ in range(repeats + 1):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+        sync()
+        start = time.perf_counter()
+        model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+        sync()
+    return time.perf_counter() - start
 
 
-def latency_profile(model: nn.Module, target: Target) -> dict:
-    """The fitted latency model of ``model`` on its device at the target's context (measured once, cached)."""
+def measure_prefill(model: nn.Module, seq: int, batch: int, repeats: int = 3) -> float:
+    """Median wall time of one text prefill of ``batch`` x ``seq`` tokens (no image), after one warm-up."""
+    import statistics
+
+    ids, mask = _prefill_inputs(model, seq, batch)
+    return statistics.median([_prefill_seconds(model, ids, mask) for _ in range(repeats + 1)][1:])
+
+
+def latency_profile(model: nn.Module, target: Target, repeats: int = 5) -> dict:
+    """The latency profile of ``model`` on its device at the target's context (measured once, cached)."""
     import copy
     import json
+    import statistics
 
     from vlmprune.inspect import source_record
     from vlmprune.paths import cache_root
 
     device = next(model.parameters()).device
-    key = f"{source_record(model)['fingerprint']}-{device.type}-s{target.seq}-b{target.batch}"
+    key = f"{source_record(model)['fingerprint']}-{device.type}-s{target.seq}-b{target.batch}-v{PROFILE_VERSION}"
     cache = cache_root() / "latency" / f"{key}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
+    adapter = get_adapter(model)
     shapes = layer_shapes(model)
-    n = len(shapes)
-    variants = [PruningPlan(), PruningPlan(drop_layers=list(range(n - max(1, n // 4), n))),
-                PruningPlan(drop_layers=list(range(n // 2, n)) if n >= 2 else [])]
-    half_mlp = {i: {"mlp_channels": list(range(max(1, s.intermediate_size // 2)))} for i, s in enumerate(shapes)}
-    variants.append(PruningPlan(layers=half_mlp))
-    if all(s.num_kv_heads > 1 for s in shapes):
-        variants.append(PruningPlan(layers={i: {"kv_heads": list(range(s.num_kv_heads // 2))}
-                                            for i, s in enumerate(shapes)}))
-    elif all(s.group_size > 1 for s in shapes):
-        variants.append(PruningPlan(layers={i: {"q_heads": [k * s.group_size + j for k in range(s.num_kv_heads)
-                                                            for j in range(s.group_size // 2)]}
-                                            for i, s in enumerate(shapes)}))
-    points = []
-    for plan in variants:
-        candidate = model if not plan.drop_layers and not plan.layers else _applied(copy.deepcopy(model), plan)
-        points.append((latency_features(shapes, plan), measure_prefill(candidate, target.seq, target.batch)))
+    layers = adapter.layers(model)
+    total, full = _timed_layers(model, target.seq, target.batch, repeats)
+    timed = [(PruningPlan(), full)]
+    for fraction in PROFILE_FRACTIONS:
+        plan = _narrowed(model, shapes, fraction)
+        try:
+            candidate = _applied(copy.deepcopy(model), plan)
+        except VlmpruneError:  # a family that cannot narrow its attention this way: the MLP alone
+            plan = PruningPlan(layers={i: {"mlp_channels": e["mlp_channels"]} for i, e in plan.layers.items()})
+            candidate = _applied(copy.deepcopy(model), plan)
+        timed.append((plan, _timed_layers(candidate, target.seq, target.batch, repeats)[1]))
         del candidate
-    profile = {"coef": fit_latency(points), "points": [{"features": f, "seconds": t} for f, t in points],
-               "device": str(device), "seq": target.seq, "batch": target.batch}
+    groups: dict[tuple, list[int]] = {}
+    for i, (layer, s) in enumerate(zip(layers, shapes)):
+        sig = (s.num_heads, s.num_kv_heads, s.head_dim, s.intermediate_size, adapter.has_heads(layer),
+               adapter.kv_positions(model, i, target.seq), type(layer).__name__)
+        groups.setdefault(sig, []).append(i)
+    kinds = []
+    for members in groups.values():
+        attention, mlp = {}, {}
+        for plan, per_layer in timed:
+            widths = plan.resolve(shapes)
+            s = shapes[members[0]]
+            heads = len(widths[members[0]].q_heads) if members[0] in widths else s.num_heads
+            channels = len(widths[members[0]].mlp_channels) if members[0] in widths else s.intermediate_size
+            # a width met twice (a cut that rounds to the full width) keeps its first timing, the full model's
+            attention.setdefault(heads, statistics.fmean(per_layer[i][1] for i in members))
+            mlp.setdefault(channels, statistics.fmean(per_layer[i][2] for i in members))
+        fixed = statistics.fmean(full[i][0] - full[i][1] - full[i][2] for i in members)
+        kinds.append({"layers": members, "fixed_s": max(0.0, fixed),
+                      "attention": [[h, t] for h, t in sorted(attention.items())],
+                      "mlp": [[c, t] for c, t in sorted(mlp.items())]})
+    profile = {"version": PROFILE_VERSION, "device": str(device), "seq": target.seq, "batch": target.batch,
+               "measured_s": total, "base_s": max(0.0, total - sum(t[0] for t in full)), "kinds": kinds}
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(profile, indent=1))
     return profile

@@ -143,30 +143,44 @@ def test_auto_is_a_study_grid_value(tiny_repo, tmp_path):
     assert all(r["status"] == "done" for r in rows.values())
 
 
-def test_latency_fit_recovers_known_coefficients():
-    from vlmprune.targets import fit_latency, latency_features, predict_latency
+def test_latency_prediction_by_hand():
+    from vlmprune.targets import predict_latency
 
-    coef = [0.004, 0.002, 0.0005, 0.00001]
-    shapes = layer_shapes(build_tiny("llava_llama_gqa"))
-    plans = [PruningPlan(), PruningPlan(drop_layers=[3]), PruningPlan(drop_layers=[2, 3]),
-             PruningPlan(layers={i: {"mlp_channels": list(range(32))} for i in range(4)}),
-             PruningPlan(layers={i: {"kv_heads": [0]} for i in range(4)})]
-    points = [(latency_features(shapes, p), predict_latency(coef, latency_features(shapes, p))) for p in plans]
-    assert fit_latency(points) == pytest.approx(coef, rel=1e-6, abs=1e-12)
+    shapes = layer_shapes(build_tiny("llava_llama_gqa"))  # 4 layers, 8 q heads in 2 kv groups, MLP 128
+    assert [(s.num_heads, s.num_kv_heads, s.intermediate_size) for s in shapes] == [(8, 2, 128)] * 4
+    profile = {"base_s": 0.010, "kinds": [
+        {"layers": [0, 1], "fixed_s": 0.001, "attention": [[8, 0.008], [4, 0.005]], "mlp": [[128, 0.006], [64, 0.004]]},
+        {"layers": [2, 3], "fixed_s": 0.002, "attention": [[8, 0.010], [4, 0.004]], "mlp": [[128, 0.012], [32, 0.001]]}]}
+    assert predict_latency(profile, shapes) == pytest.approx(0.010 + 2 * (0.001 + 0.008 + 0.006)
+                                                             + 2 * (0.002 + 0.010 + 0.012))
+    plan = PruningPlan(drop_layers=[3], layers={0: {"kv_heads": [1], "mlp_channels": list(range(96))},
+                                                2: {"q_heads": [0, 4], "mlp_channels": list(range(48))}})
+    layer0 = 0.001 + 0.005 + 0.005           # 4 q heads: the table's point; 96 channels: halfway from 64 to 128
+    layer1 = 0.001 + 0.008 + 0.006           # untouched
+    layer2 = 0.002 + 0.001 + (0.001 + 16 * 0.011 / 96)  # 2 heads: below the table, along its last segment
+    assert predict_latency(profile, shapes, plan) == pytest.approx(0.010 + layer0 + layer1 + layer2)
+    narrow = PruningPlan(layers={2: {"kv_heads": [0], "mlp_channels": [0]}})  # extrapolation never goes below 0
+    assert predict_latency(profile, shapes, narrow) == pytest.approx(
+        0.010 + 2 * (0.001 + 0.008 + 0.006) + (0.002 + 0.004 + 0.0) + (0.002 + 0.010 + 0.012))
 
 
 def test_latency_target_plans_on_the_profile_and_measures_the_result(tiny_repo, tmp_path, monkeypatch):
     from vlmprune.inspect import source_record
-    from vlmprune.targets import latency_features, predict_latency
+    from vlmprune.targets import PROFILE_VERSION, predict_latency
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     model = vlmprune.load(tiny_repo.model)
+    shapes = layer_shapes(model)
     # a known profile stands in for the timings, so the plan does not depend on this machine's noise
-    coef = [0.001, 0.0004, 0.0001, 0.00002]
-    cache = tmp_path / "cache" / "vlmprune" / "latency" / f"{source_record(model)['fingerprint']}-cpu-s32-b1.json"
+    profile = {"version": PROFILE_VERSION, "base_s": 0.001, "kinds": [
+        {"layers": list(range(len(shapes))), "fixed_s": 0.0004,
+         "attention": [[shapes[0].num_heads, 0.002], [shapes[0].num_heads // 2, 0.001]],
+         "mlp": [[shapes[0].intermediate_size, 0.003], [shapes[0].intermediate_size // 2, 0.0015]]}]}
+    key = f"{source_record(model)['fingerprint']}-cpu-s32-b1-v{PROFILE_VERSION}"
+    cache = tmp_path / "cache" / "vlmprune" / "latency" / f"{key}.json"
     cache.parent.mkdir(parents=True)
-    cache.write_text(json.dumps({"coef": coef, "points": []}))
-    now = predict_latency(coef, latency_features(layer_shapes(model)))
+    cache.write_text(json.dumps(profile))
+    now = predict_latency(profile, shapes)
     goal_ms = 1000 * 0.8 * now
     out = tmp_path / "o"
     assert main(["prune", "--model", str(tiny_repo.model), "--method", "width", "--criterion", "magnitude",
@@ -176,15 +190,38 @@ def test_latency_target_plans_on_the_profile_and_measures_the_result(tiny_repo, 
     assert t["measured_s"] > 0 and t["prediction_error"] == pytest.approx(t["predicted_s"] / t["measured_s"] - 1)
 
 
-def test_latency_profile_times_the_model_and_pruned_copies_once(tmp_path, monkeypatch):
-    import math
-
-    from vlmprune.targets import latency_profile
+def test_latency_profile_times_every_layer_at_four_widths_once(tmp_path, monkeypatch):
+    from vlmprune.targets import latency_profile, predict_latency
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     model = build_tiny("llava_llama_gqa")
+    shapes = layer_shapes(model)
     target = parse_target("latency=1s,seq=16")
-    profile = latency_profile(model, target)
-    assert len(profile["points"]) == 5 and all(p["seconds"] > 0 for p in profile["points"])
-    assert all(math.isfinite(c) for c in profile["coef"])
+    profile = latency_profile(model, target, repeats=1)
+    assert sorted(i for kind in profile["kinds"] for i in kind["layers"]) == list(range(len(shapes)))
+    for kind in profile["kinds"]:  # full width and 3/4, 1/2, 1/4 (2 kv groups: 2 or 1 kept)
+        assert [c for c, _ in kind["mlp"]] == [32, 64, 96, 128]
+        assert [h for h, _ in kind["attention"]] == [4, 8]
+        assert all(t > 0 for _, t in kind["mlp"] + kind["attention"]) and kind["fixed_s"] >= 0
+    # the parts add up: the unpruned model's prediction is its measured prefill
+    assert predict_latency(profile, shapes) == pytest.approx(profile["measured_s"], rel=1e-6)
     assert latency_profile(model, target) == profile  # cached: measured once
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen3_5", "gemma4"])
+def test_latency_profile_of_families_with_several_layer_kinds(family, tmp_path, monkeypatch):
+    """Sliding-window and full-attention layers (gemma3), linear-attention layers whose token mixer is
+    kept whole (qwen3_5), and a family whose heads are never cut (gemma4): each kind is its own table."""
+    from vlmprune.targets import latency_profile, predict_latency
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model = build_tiny(family)
+    shapes = layer_shapes(model)
+    profile = latency_profile(model, parse_target("latency=1s,seq=16"), repeats=1)
+    assert sorted(i for kind in profile["kinds"] for i in kind["layers"]) == list(range(len(shapes)))
+    assert len(profile["kinds"]) >= 2 and all(len(kind["mlp"]) == 4 for kind in profile["kinds"])
+    adapter = get_adapter(model)
+    for kind in profile["kinds"]:  # attention narrowed only where the family can cut heads
+        cut = all(adapter.has_heads(adapter.layers(model)[i]) for i in kind["layers"])
+        assert (len(kind["attention"]) > 1) == cut
+    assert predict_latency(profile, shapes) == pytest.approx(profile["measured_s"], rel=1e-6)

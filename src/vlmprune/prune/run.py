@@ -35,8 +35,7 @@ from vlmprune.planning import ModelBudget, achieved, layers_to_drop, plan_layers
 from vlmprune.plots import plot_layer_scores, plot_search, plot_width_scores
 from vlmprune.prune import auto
 from vlmprune.prune.apply import apply_plan_, layer_shapes, loads_stock
-from vlmprune.targets import (footprint, latency_features, latency_profile, measure_prefill, predict_latency,
-                              ratio_for)
+from vlmprune.targets import footprint, latency_profile, measure_prefill, predict_latency, ratio_for
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +317,7 @@ def _prune_loaded(cfg: PruneConfig, out: Path, net: nn.Module, ranked_outputs: l
                       "seq": target.seq, "batch": target.batch, "dtype_bytes": target.dtype_bytes}
             if target.kind == "latency":
                 profile = latency_profile(net, target)
-                record["predicted_s"] = predict_latency(profile["coef"], latency_features(before.layers, plan))
+                record["predicted_s"] = predict_latency(profile, before.layers, plan)
                 record["profile"] = profile
             else:
                 record["achieved"] = fp.value(target)
