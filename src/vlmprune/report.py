@@ -36,6 +36,7 @@ def collect(run: Path) -> tuple[dict, list[dict]]:
         if cell is None:
             continue
         row = {k: cell[k] for k in ("id", "method", "criterion", "ratio", "recipe", "fraction")}
+        row["target"] = cell.get("target")
         row["quantization"] = cell.get("quantization")
         row["status"] = (status or {}).get("status", "unfinished")
         row["error"] = (status or {}).get("error")
@@ -44,6 +45,8 @@ def collect(run: Path) -> tuple[dict, list[dict]]:
             row["params"] = result["parameters"]["total"]
             row["disk_bytes"] = result.get("disk_bytes")
             row["achieved_ratio"] = (result.get("achieved") or {}).get("ratio")
+            if result.get("target"):  # what the cut achieved of the quantity the target is in
+                row["target_achieved"] = result["target"].get("achieved")
             for t in tasks:
                 score = result["tasks"].get(t, {}).get("accuracy")
                 base = original["tasks"][t]["accuracy"]
@@ -90,8 +93,8 @@ def write_report(run: str | Path) -> dict[str, Path]:
     out = {"json": run / "results.json", "csv": run / "results.csv", "md": run / "results.md"}
     out["json"].write_text(json.dumps({"original": {"tasks": {t: original["tasks"][t]["accuracy"] for t in tasks},
                                                     "parameters": original["parameters"]}, "cells": rows}, indent=1))
-    columns = ["id", "method", "criterion", "ratio", "achieved_ratio", "recipe", "fraction", "quantization", "params",
-               "disk_bytes",
+    columns = ["id", "method", "criterion", "ratio", "target", "achieved_ratio", "target_achieved", "recipe",
+               "fraction", "quantization", "params", "disk_bytes",
                *[c for t in tasks for c in (t, f"{t}_retention")], "mean_retention", "status", "error"]
     with out["csv"].open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
@@ -104,20 +107,57 @@ def write_report(run: str | Path) -> dict[str, Path]:
              "| method | ratio (target / achieved) | recovery | data fraction | quantization | params | disk MB | "
              + " | ".join(f"{t} (retention)" for t in tasks) + " | mean retention | status |",
              "|---|---|---|---:|---|---:|---:|" + "---:|" * len(tasks) + "---:|---|"]
-    for r in sorted(rows, key=lambda r: (r["method"], r["ratio"], r["recipe"], r["fraction"] or 0,
-                                         r.get("quantization") or "")):
+    for r in sorted(rows, key=lambda r: (r["method"], r.get("target") or "", r["ratio"] or 0, r["recipe"],
+                                         r["fraction"] or 0, r.get("quantization") or "")):
         scores = " | ".join(f"{_fmt(r.get(t), _is_fraction(original, t))} ({_fmt(r.get(f'{t}_retention'), True)})"
                             if r.get(t) is not None
                             else "" for t in tasks)
         status = r["status"] if r["status"] != "failed" else f"failed: {r['error']}"
-        lines.append(f"| {r['method']} ({r['criterion']}) | {r['ratio']:.0%} / {_fmt(r.get('achieved_ratio'), True)} | "
+        size = r["target"] if r.get("target") else f"{r['ratio']:.0%}"
+        lines.append(f"| {r['method']} ({r['criterion']}) | {size} / {_fmt(r.get('achieved_ratio'), True)} | "
                      f"{r['recipe']} | {_fmt(r['fraction'], True)} | {r.get('quantization') or ''} | "
                      f"{_fmt_int(r.get('params'))} | {_fmt_mb(r.get('disk_bytes'))} | {scores} | "
                      f"{_fmt(r.get('mean_retention'), True)} | {status} |")
+    lines += _by_size(rows, tasks)
     out.update(_plots(run, original, rows, tasks))
     lines += ["", *[f"![{name}]({path.name})" for name, path in out.items() if path.suffix == ".png"]]
     out["md"].write_text("\n".join(lines) + "\n")
     return out
+
+
+def _by_size(rows: list[dict], tasks: list[str]) -> list[str]:
+    """Methods side by side at the same ratio or target (and recovery, fraction, quantization): the
+    mean task score, retention and achieved ratio per method, the best in bold. Empty unless some
+    size was cut by more than one method."""
+    groups: dict[tuple, dict[str, tuple[float, dict]]] = {}
+    for r in rows:
+        scores = [r[t] for t in tasks if r.get(t) is not None]
+        if r["status"] == "done" and scores:
+            size = r["target"] if r.get("target") else f"ratio={r['ratio']:g}"
+            key = (size, r["recipe"], r["fraction"] or 0, r.get("quantization") or "")
+            groups.setdefault(key, {})[f"{r['method']} ({r['criterion']})"] = (sum(scores) / len(scores), r)
+    groups = {k: v for k, v in groups.items() if len({m.split(" ")[0] for m in v}) > 1}
+    if not groups:
+        return []
+    methods = sorted({m for v in groups.values() for m in v})
+    lines = ["", "## Methods at the same size", "",
+             "Mean task score (retention; ratio of the whole model's parameters removed); the best of each row "
+             "in bold.", "",
+             "| size | recovery | data fraction | quantization | " + " | ".join(methods) + " |",
+             "|---|---|---:|---|" + "---:|" * len(methods)]
+    for (size, recipe, fraction, scheme), cells in sorted(groups.items()):
+        best = max(score for score, _ in cells.values())
+        shown = []
+        for m in methods:
+            if m not in cells:
+                shown.append("")
+                continue
+            score, r = cells[m]
+            text = (f"{_fmt(score)} ({_fmt(r.get('mean_retention'), True) or 'n/a'}; "
+                    f"{_fmt(r.get('achieved_ratio'), True)})")
+            shown.append(f"**{text}**" if score == best else text)
+        lines.append(f"| {size} | {recipe} | {_fmt(fraction or None, True)} | {scheme} | " + " | ".join(shown) + " |")
+    return lines
 
 
 def _plots(run: Path, original: dict, rows: list[dict], tasks: list[str]) -> dict[str, Path]:
@@ -139,10 +179,10 @@ def _plots(run: Path, original: dict, rows: list[dict], tasks: list[str]) -> dic
         pts = [r for r in done if r["method"] == method and r["recipe"] == recipe]
         fractions = [r["fraction"] for r in pts]
         main = max(set(fractions), key=fractions.count)
-        pts = sorted((r for r in pts if r["fraction"] == main), key=lambda r: r["ratio"])
+        pts = sorted((r for r in pts if r["fraction"] == main), key=lambda r: r["achieved_ratio"] or r["ratio"] or 0)
         ax.plot([r["achieved_ratio"] or r["ratio"] for r in pts], [100 * r["mean_retention"] for r in pts],
-                marker="s" if method == "width" else "o", color=colour[recipe],
-                linestyle="-" if method == "width" else "--",
+                marker={"width": "s", "auto": "^"}.get(method, "o"), color=colour[recipe],
+                linestyle={"width": "-", "auto": ":"}.get(method, "--"),
                 label=f"{method} / {recipe}")
     ax.set_xlabel("parameters removed (fraction of the whole model)")
     ax.set_ylabel("mean retention (%)")
@@ -157,14 +197,15 @@ def _plots(run: Path, original: dict, rows: list[dict], tasks: list[str]) -> dic
     sweeps = {}
     for r in done:
         if r["fraction"] is not None:
-            sweeps.setdefault((r["method"], r["recipe"], r["ratio"]), []).append(r)
+            size = r["target"] if r.get("target") else f"{r['ratio']:.0%}"
+            sweeps.setdefault((r["method"], r["recipe"], size), []).append(r)
     sweeps = {k: v for k, v in sweeps.items() if len({r["fraction"] for r in v}) > 1}
     if sweeps:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for (method, recipe, ratio), pts in sorted(sweeps.items()):
+        for (method, recipe, size), pts in sorted(sweeps.items()):
             pts = sorted(pts, key=lambda r: r["fraction"])
             ax.plot([100 * r["fraction"] for r in pts], [100 * r["mean_retention"] for r in pts], marker="o",
-                    label=f"{method} {ratio:.0%} / {recipe}")
+                    label=f"{method} {size} / {recipe}")
         ax.set_xscale("log")
         ax.set_xlabel("recovery data (% of the training set, log scale)")
         ax.set_ylabel("mean retention (%)")

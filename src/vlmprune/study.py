@@ -112,14 +112,22 @@ def load_study_config(path: str | Path, overrides: list[str] | None = None) -> d
 class Cell:
     method: str
     criterion: str
-    ratio: float
+    ratio: float | None  # None when the cell prunes to a deployment target instead
     recipe: str
     fraction: float | None
     quantization: str | None = None  # a `vlmprune quantize` scheme applied last, None for float
+    target: str | None = None        # `vlmprune prune --target` (params=0.7, memory=450MB,seq=1024, ...)
 
     @property
     def prune_id(self) -> str:
+        if self.target is not None:  # memory=450MB,seq=1024 -> t-memory450MB-seq1024
+            return f"{self.method}-{self.criterion}-t-{self.target.replace('=', '').replace(',', '-')}"
         return f"{self.method}-{self.criterion}-r{self.ratio:g}"
+
+    @property
+    def size(self) -> str:
+        """What the cell cuts to, as a user wrote it: a ratio or a target."""
+        return self.target if self.target is not None else f"ratio={self.ratio:g}"
 
     @property
     def float_id(self) -> str:
@@ -133,7 +141,8 @@ class Cell:
 
     def to_dict(self) -> dict:
         return {"id": self.id, "method": self.method, "criterion": self.criterion, "ratio": self.ratio,
-                "recipe": self.recipe, "fraction": self.fraction, "quantization": self.quantization}
+                "target": self.target, "recipe": self.recipe, "fraction": self.fraction,
+                "quantization": self.quantization}
 
 
 def expand_grid(config: dict) -> list[Cell]:
@@ -141,26 +150,36 @@ def expand_grid(config: dict) -> list[Cell]:
     cells: dict[str, Cell] = {}
     for block in config["grid"]:
         axes = {k: v if isinstance(v, list) else [v] for k, v in block.items()}
-        unknown = set(axes) - {"method", "ratio", "recipe", "fraction", "criterion", "quantization"}
+        unknown = set(axes) - {"method", "ratio", "target", "recipe", "fraction", "criterion", "quantization"}
         if unknown:
-            raise VlmpruneError(f"grid axes are method, criterion, ratio, recipe, fraction, quantization; "
+            raise VlmpruneError(f"grid axes are method, criterion, ratio or target, recipe, fraction, quantization; "
                                 f"got {sorted(unknown)}")
+        if "ratio" in axes and "target" in axes:
+            raise VlmpruneError(f"a grid block takes ratio or target, not both: {block}; write two blocks")
+        from vlmprune.config import parse_target
+
+        for spec in axes.get("target", []):
+            if parse_target(str(spec)).kind == "latency":
+                raise VlmpruneError(f"grid target {spec}: a latency target times the model on the machine that runs "
+                                    f"the cell; use params= or memory= targets in a study")
+        sizes = ([(None, str(t)) for t in axes["target"]] if "target" in axes
+                 else [(float(r), None) for r in axes.get("ratio", [0.2])])
         schemes = [None if q in (None, "none") else str(q) for q in axes.get("quantization", [None])]
         from vlmprune.quantize import SCHEMES
 
         bad = [q for q in schemes if q is not None and q not in SCHEMES]
         if bad:
             raise VlmpruneError(f"grid names quantization {bad}; schemes: none, {', '.join(SCHEMES)}")
-        for method, ratio, recipe, fraction, scheme in itertools.product(
-                axes.get("method", ["layer"]), axes.get("ratio", [0.2]), axes.get("recipe", ["none"]),
+        for method, (ratio, target), recipe, fraction, scheme in itertools.product(
+                axes.get("method", ["layer"]), sizes, axes.get("recipe", ["none"]),
                 axes.get("fraction", [None]), schemes):
             if recipe not in config["recipes"]:
                 raise VlmpruneError(f"grid names recipe {recipe!r}, not defined under 'recipes' ({', '.join(config['recipes'])})")
             # auto: the width criterion names the cell; the depth part uses criterion.layer
             default = config["criterion"]["width" if method == "auto" else method]
             for criterion in axes.get("criterion", [default]):
-                cell = Cell(method, criterion, float(ratio), recipe,
-                            None if config["recipes"][recipe] is None else float(fraction or 1.0), scheme)
+                cell = Cell(method, criterion, ratio, recipe,
+                            None if config["recipes"][recipe] is None else float(fraction or 1.0), scheme, target)
                 cells.setdefault(cell.id, cell)
     return list(cells.values())
 
@@ -213,8 +232,8 @@ def run_study(config: dict) -> StudyResult:
     """Run every cell not yet done; return the run directory and the cells' fate (then `vlmprune report` it).
 
     ``teacher`` and ``train_data`` must be concrete paths here (the demo launcher resolves ``demo``).
-    Cells that differ only in ratio share one calibration: the first writes ``scores.json`` and the
-    others plan from it (``vlmprune prune --scores``).
+    Cells that differ only in ratio or target share one calibration: the first writes ``scores.json``
+    and the others plan from it (``vlmprune prune --scores``).
     """
     from vlmprune.prune.run import SCORES_FILE, prune
     from vlmprune.recover import recover
@@ -250,7 +269,7 @@ def run_study(config: dict) -> StudyResult:
         try:
             pruned = run / "pruned" / cell.prune_id
             if not (pruned / "pruning_plan.json").exists():
-                shared = [p / SCORES_FILE for p in (run / "pruned").glob(f"{cell.method}-{cell.criterion}-r*")
+                shared = [p / SCORES_FILE for p in (run / "pruned").glob(f"{cell.method}-{cell.criterion}-[rt]*")
                           if (p / SCORES_FILE).is_file()]
                 options = {k: v for k, v in config["calibration"].items() if v is not None}
                 if cell.method in ("width", "auto"):
@@ -261,10 +280,11 @@ def run_study(config: dict) -> StudyResult:
                 if shared:  # one calibration serves every ratio of a method and criterion
                     options = {k: v for k, v in options.items() if k in ("attention", "mlp_multiple")}
                     prune(PruneConfig(model=teacher, output=str(pruned), scores=str(shared[0]), ratio=cell.ratio,
-                                      overwrite=True, **options))
+                                      target=cell.target, overwrite=True, **options))
                 else:
                     prune(PruneConfig(model=teacher, output=str(pruned), method=cell.method, ratio=cell.ratio,
-                                      criterion=cell.criterion, calibration=data, image_folder=folder,
+                                      target=cell.target, criterion=cell.criterion, calibration=data,
+                                      image_folder=folder,
                                       seed=config["seed"], overwrite=True, **options))
             model_dir = pruned
             recipe = config["recipes"][cell.recipe]
@@ -288,6 +308,8 @@ def run_study(config: dict) -> StudyResult:
                 evaluated["quantization"] = quantization
             plan = json.loads((pruned / "pruning_plan.json").read_text())
             evaluated["achieved"] = plan.get("achieved")
+            if "target" in plan:
+                evaluated["target"] = plan["target"]
             _write_json(cell_dir / "eval.json", evaluated)
             if (recipe is not None or cell.quantization is not None) and not config["keep_models"]:
                 shutil.rmtree(cell_dir / "model", ignore_errors=True)

@@ -225,3 +225,37 @@ def test_latency_profile_of_families_with_several_layer_kinds(family, tmp_path, 
         cut = all(adapter.has_heads(adapter.layers(model)[i]) for i in kind["layers"])
         assert (len(kind["attention"]) > 1) == cut
     assert predict_latency(profile, shapes) == pytest.approx(profile["measured_s"], rel=1e-6)
+
+
+def test_a_study_grid_cuts_to_a_target_and_the_report_compares_methods_at_it(tiny_repo, tmp_path):
+    from pathlib import Path
+
+    from vlmprune.study import expand_grid
+
+    model = vlmprune.load(tiny_repo.model)
+    goal = footprint(model, parse_target("memory=1GB,seq=64")).memory_bytes * 0.85  # a 15% smaller footprint
+    spec = f"memory={goal:.0f}B,seq=64"
+    smoke = Path(__file__).resolve().parents[2] / "configs" / "study" / "smoke.yaml"
+    run = tmp_path / "run"
+    grid = f"[{{method: [layer, width], target: '{spec}', recipe: none}}]"
+    assert main(["study", "--config", str(smoke), f"output={run}", f"teacher={tiny_repo.model}",
+                 f"train_data={tiny_repo.data}", f"image_folder={tiny_repo.images}",
+                 f"evaluation.task_file={tiny_repo.task_file}", f"grid={grid}"]) == 0
+    slug = spec.replace("=", "").replace(",", "-")
+    for method, criterion in (("layer", "block_influence"), ("width", "magnitude")):
+        plan = json.loads((run / "pruned" / f"{method}-{criterion}-t-{slug}" / "pruning_plan.json").read_text())
+        assert plan["target"]["kind"] == "memory" and plan["target"]["achieved"] <= goal
+    rows = {c["id"]: c for c in json.loads((run / "results.json").read_text())["cells"]}
+    assert set(rows) == {f"layer-block_influence-t-{slug}-none", f"width-magnitude-t-{slug}-none"}
+    assert all(r["status"] == "done" and r["target"] == spec and r["ratio"] is None and r["target_achieved"] <= goal
+               for r in rows.values())
+    md = (run / "results.md").read_text()
+    assert "## Methods at the same size" in md and f"| {spec} | none |" in md
+    # a block takes a ratio or a target; a latency target depends on the machine that runs the cell
+    config = {"recipes": {"none": None}, "criterion": {"layer": "block_influence", "width": "taylor"}}
+    with pytest.raises(VlmpruneError, match="ratio or target, not both"):
+        expand_grid({**config, "grid": [{"method": "layer", "ratio": 0.2, "target": "params=0.8"}]})
+    with pytest.raises(VlmpruneError, match="latency"):
+        expand_grid({**config, "grid": [{"method": "layer", "target": "latency=20ms"}]})
+    with pytest.raises(VlmpruneError, match="--target"):
+        expand_grid({**config, "grid": [{"method": "layer", "target": "memory=2"}]})
