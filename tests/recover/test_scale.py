@@ -185,6 +185,23 @@ def test_offloaded_teacher_trains_the_same_student_bit_for_bit(dirs, replicated_
         assert list((tmp_path / "offload").iterdir()) == []  # its vlmprune-teacher-* folder is gone
 
 
+@pytest.mark.parametrize("device", [torch.device("cpu", 0), "cpu:0", "cpu"])
+def test_offload_runs_whatever_the_cpu_device_is_called(device):
+    """accelerate's offload hooks fail on "cpu:0" (torch.device("cpu", 0) != torch.device("cpu")); place_teacher
+    gives them the plain device."""
+    from recover_helpers import build_tiny_deep
+    from vlmprune.recover.teacher import place_teacher, resident_bytes
+
+    ids = torch.randint(5, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = build_tiny_deep(2)(input_ids=ids).logits
+    teacher = place_teacher(build_tiny_deep(2), "offload", device)
+    for _ in range(2):  # the second forward after the first put every weight back
+        with torch.no_grad():
+            assert torch.equal(teacher(input_ids=ids).logits, want)
+    assert resident_bytes(teacher) == sum(b.numel() * b.element_size() for b in teacher.buffers())
+
+
 def test_a_sharded_teacher_outside_fsdp_is_refused_before_anything_loads(dirs, tmp_path, monkeypatch, capsys):
     out = tmp_path / "o"
     assert main(argv(dirs, out, "--max-steps", "1", "--teacher-placement", "shard")) == 2

@@ -105,8 +105,9 @@ def _offload(teacher: nn.Module, device: torch.device, folder: str | None,
              cleanup: contextlib.ExitStack | None) -> nn.Module:
     from accelerate import cpu_offload, disk_offload
 
-    # accelerate keys its weight placement by the execution device as given; torch.device("cpu:0") and
-    # torch.device("cpu") compare unequal, so give the plain device (no index on CPU).
+    # An indexed CPU device ("cpu:0", which compares unequal to "cpu") breaks accelerate 1.16's hooks: its
+    # set_module_tensor_to_device raises a TypeError when it puts a weight back after the forward. Give
+    # them the plain device.
     device = _plain_device(device)
     if folder is None:
         return cpu_offload(teacher, execution_device=device)
