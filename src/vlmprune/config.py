@@ -167,6 +167,8 @@ def parse_target(spec: str) -> Target:
 
 
 DTYPES = ("float32", "float16", "bfloat16", "auto")
+# Where recovery keeps the distillation teacher (vlmprune.recover.teacher).
+TEACHER_PLACEMENTS = ("replicate", "shard", "offload")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
@@ -545,6 +547,15 @@ class RecoverConfig:
     # what: models, data, output
     student: str | None = opt(None, "the pruned model directory")
     teacher: str | None = opt(None, "the unpruned model (needed by the logits and hidden losses; same tokenizer)")
+    teacher_placement: str = opt("replicate", "where the teacher's weights live on each process: replicate (a "
+                                              "full copy), shard (FSDP2 like the student; under "
+                                              "configs/accelerate/fsdp.yaml only) or offload (kept on the CPU, or "
+                                              "on disk with --teacher-offload-folder; each module's weights come "
+                                              "to the device for its forward)", choices=TEACHER_PLACEMENTS)
+    teacher_offload_folder: str | None = opt(None, "with --teacher-placement offload: offload the teacher to disk "
+                                                   "in this folder (each process writes a temporary "
+                                                   "vlmprune-teacher-* folder there, removed at the end) instead "
+                                                   "of CPU memory")
     data: str | None = opt(None, "LLaVA-format JSON/JSONL, a save_to_disk directory or a hub dataset id")
     image_folder: str | None = opt(None, "root of the relative image paths in --data")
     split: str = opt("train", "dataset split (HF datasets)")
@@ -595,6 +606,13 @@ class RecoverConfig:
             need(name, getattr(self, name))
         if set(self.loss) & {"logits", "hidden"} and not self.teacher:
             raise VlmpruneError(f"the losses {sorted(set(self.loss) - {'sft'})} distil from a teacher: pass --teacher")
+        one_of("teacher_placement", self.teacher_placement, TEACHER_PLACEMENTS, allow_none=False)
+        if self.teacher_placement != "replicate" and not self.teacher:
+            raise VlmpruneError(f"--teacher-placement {self.teacher_placement} places the distillation teacher: "
+                                f"pass --teacher, or drop the option")
+        if self.teacher_offload_folder is not None and self.teacher_placement != "offload":
+            raise VlmpruneError("--teacher-offload-folder is where an offloaded teacher goes: add "
+                                "--teacher-placement offload")
         one_of("kd_tokens", self.kd_tokens, ("answer", "text"), allow_none=False)
         one_of("hidden_tokens", self.hidden_tokens, ("all", "text", "answer"), allow_none=False)
         one_of("train", self.train, TRAIN_MODES, allow_none=False)
@@ -648,7 +666,16 @@ class RecoverConfig:
         one_of("lr_scheduler_type", self.lr_scheduler_type, [s.value for s in SchedulerType], allow_none=False)
         inputs = [("student", self.student), ("teacher", self.teacher), ("training data", self.data),
                   ("image folder", self.image_folder)]
-        check_output(self.output, inputs, self.overwrite)
+        out = check_output(self.output, inputs, self.overwrite)
+        if self.teacher_offload_folder is not None:
+            folder = Path(self.teacher_offload_folder).expanduser().resolve()
+            if folder.exists() and not folder.is_dir():
+                raise VlmpruneError(f"--teacher-offload-folder {self.teacher_offload_folder} is a file: give a "
+                                    f"directory (it is created if missing)")
+            if folder.is_relative_to(out):
+                raise VlmpruneError(f"--teacher-offload-folder {self.teacher_offload_folder} lies inside --output "
+                                    f"{self.output}, which is written whole at the end: put the teacher's offload "
+                                    f"folder elsewhere")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

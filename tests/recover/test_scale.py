@@ -1,5 +1,6 @@
 """Recovery at scale on this CPU: FSDP2 over two gloo processes equals one process, resumes after a kill;
-the DeepSpeed configs are checked without DeepSpeed running (it needs a GPU)."""
+the teacher sharded or offloaded trains the same student as a full copy; the DeepSpeed configs are
+checked without DeepSpeed running (it needs a GPU)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from safetensors.torch import load_file
 
 from recover_helpers import write_data, write_pair
 from vlmprune.cli import main
+from vlmprune.errors import VlmpruneError
 
 ROOT = Path(__file__).resolve().parents[2]
 ACCELERATE = ROOT / "configs/accelerate"
@@ -55,6 +57,27 @@ def launch(config: str, args: list[str]) -> list[str]:
             "--mixed_precision", "no", "--main_process_port", str(free_port()), "-m", "vlmprune.cli", *args]
 
 
+@pytest.fixture(scope="module")
+def fsdp_run(dirs, tmp_path_factory):
+    """``fsdp_run(*extra)``: the output of a two-process FSDP2 recovery with ``extra`` arguments (run once per module)."""
+    done: dict[tuple, Path] = {}
+
+    def run(*extra: str) -> Path:
+        if extra not in done:
+            out = tmp_path_factory.mktemp("fsdp") / "out"
+            proc = subprocess.run(launch("fsdp.yaml", argv(dirs, out, *extra)), env=ENV, capture_output=True,
+                                  text=True, timeout=240)
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            done[extra] = out
+        return done[extra]
+
+    return run
+
+
+def recovery_record(out) -> dict:
+    return json.loads((Path(out) / "pruning_plan.json").read_text())["recovery"][-1]
+
+
 def weights(path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(path) / "model.safetensors"))
 
@@ -70,19 +93,17 @@ def assert_same_weights(a_dir, b_dir, start_dir, atol=1e-5):
 
 
 @pytest.mark.parametrize("train", ["all", "lora"])
-def test_fsdp2_two_processes_equal_one_process(dirs, tmp_path, train):
+def test_fsdp2_two_processes_equal_one_process(dirs, fsdp_run, tmp_path, train):
     """Two FSDP2 processes with one sample each per step = one process accumulating two micro-batches."""
     common = ["--train", train, "--max-steps", "3", "--loss", "sft=1,logits=1,hidden=1"]
-    run = subprocess.run(launch("fsdp.yaml", argv(dirs, tmp_path / "fsdp", *common)), env=ENV,
-                         capture_output=True, text=True, timeout=240)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    fsdp = fsdp_run(*common)
     assert main(argv(dirs, tmp_path / "single", *common, "--gradient-accumulation-steps", "2")) == 0
-    diff, moved = assert_same_weights(tmp_path / "fsdp", tmp_path / "single", dirs["student"])
+    diff, moved = assert_same_weights(fsdp, tmp_path / "single", dirs["student"])
     print(f"fsdp2 vs one process ({train}): max |diff| {diff:.2e}, max |change| {moved:.2e}")
-    model = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "fsdp")  # plain load, no LoRA left
+    model = transformers.AutoModelForImageTextToText.from_pretrained(fsdp)  # plain load, no LoRA left
     assert not any("lora" in name for name, _ in model.named_modules())
-    assert json.loads((tmp_path / "fsdp/sample_ids.json").read_text())["processes_checked"] == 2
-    assert json.loads((tmp_path / "fsdp/pruning_plan.json").read_text())["recovery"][-1]["steps"] == 3
+    assert json.loads((fsdp / "sample_ids.json").read_text())["processes_checked"] == 2
+    assert recovery_record(fsdp)["steps"] == 3
 
 
 def test_fsdp2_resumes_after_a_kill_and_ends_at_the_same_step(dirs, tmp_path):
@@ -123,6 +144,92 @@ def test_fsdp2_resumes_after_a_kill_and_ends_at_the_same_step(dirs, tmp_path):
     # up to ~2e-5 apart here, against ~6e-2 of training change (a wrong resume is off by ~1e-2)
     assert_same_weights(out, tmp_path / "single", dirs["student"], atol=1e-4)
     transformers.AutoModelForImageTextToText.from_pretrained(out)
+
+
+# --------------------------------------------------------------------------- the teacher's placement
+
+TEACHER_RUN = ("--train", "all", "--max-steps", "3", "--loss", "sft=1,logits=1,hidden=1")
+
+
+def test_fsdp2_sharded_teacher_trains_the_same_student_with_half_the_teacher_per_process(dirs, fsdp_run):
+    replicated = fsdp_run(*TEACHER_RUN)
+    sharded = fsdp_run(*TEACHER_RUN, "--teacher-placement", "shard")
+    diff, moved = assert_same_weights(sharded, replicated, dirs["student"], atol=1e-6)
+    print(f"sharded vs replicated teacher under fsdp2: max |diff| {diff:.2e}, max |change| {moved:.2e}")
+    full, = {b for b in recovery_record(replicated)["teacher_bytes_per_process"]}  # the same whole copy on both
+    record = recovery_record(sharded)
+    assert record["teacher_placement"] == "shard" and len(record["teacher_bytes_per_process"]) == 2
+    for held in record["teacher_bytes_per_process"]:  # each rank's shards (plus the few unsharded buffers)
+        assert abs(held - full / 2) < 0.01 * full, (held, full)
+
+
+@pytest.fixture(scope="module")
+def replicated_single(dirs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("replicated") / "out"
+    assert main(argv(dirs, out, *TEACHER_RUN)) == 0
+    return out
+
+
+@pytest.mark.parametrize("where", ["cpu", "disk"])
+def test_offloaded_teacher_trains_the_same_student_bit_for_bit(dirs, replicated_single, tmp_path, where):
+    folder = ["--teacher-offload-folder", str(tmp_path / "offload")] if where == "disk" else []
+    out = tmp_path / "offloaded"
+    assert main(argv(dirs, out, *TEACHER_RUN, "--teacher-placement", "offload", *folder)) == 0
+    a, b = weights(out), weights(replicated_single)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    record, full = recovery_record(out), recovery_record(replicated_single)["teacher_bytes_per_process"][0]
+    assert record["teacher_placement"] == "offload"
+    assert record["teacher_bytes_per_process"][0] < 0.01 * full  # only buffers stay on the device
+    assert (record["teacher_host_bytes"] > 0.9 * full) if where == "cpu" else record["teacher_host_bytes"] == 0
+    if where == "disk":
+        assert list((tmp_path / "offload").iterdir()) == []  # its vlmprune-teacher-* folder is gone
+
+
+@pytest.mark.parametrize("device", [torch.device("cpu", 0), "cpu:0", "cpu"])
+def test_offload_runs_whatever_the_cpu_device_is_called(device):
+    """accelerate's offload hooks fail on "cpu:0" (torch.device("cpu", 0) != torch.device("cpu")); place_teacher
+    gives them the plain device."""
+    from recover_helpers import build_tiny_deep
+    from vlmprune.recover.teacher import place_teacher, resident_bytes
+
+    ids = torch.randint(5, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = build_tiny_deep(2)(input_ids=ids).logits
+    teacher = place_teacher(build_tiny_deep(2), "offload", device)
+    for _ in range(2):  # the second forward after the first put every weight back
+        with torch.no_grad():
+            assert torch.equal(teacher(input_ids=ids).logits, want)
+    assert resident_bytes(teacher) == sum(b.numel() * b.element_size() for b in teacher.buffers())
+
+
+def test_a_sharded_teacher_outside_fsdp_is_refused_before_anything_loads(dirs, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "o"
+    assert main(argv(dirs, out, "--max-steps", "1", "--teacher-placement", "shard")) == 2
+    err = capsys.readouterr().err
+    assert "--teacher-placement shard" in err and "single process" in err
+    assert "fsdp.yaml" in err and "--teacher-placement offload" in err
+    assert not out.exists()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a DDP launch (refused before its process group starts)
+    assert main(argv(dirs, out, "--max-steps", "1", "--teacher-placement", "shard")) == 2
+    assert "under DDP" in capsys.readouterr().err and not out.exists()
+
+
+def test_teacher_placement_options_are_checked(dirs, tmp_path, monkeypatch, capsys):
+    from vlmprune.recover.teacher import check_teacher_placement
+
+    out = tmp_path / "o"
+    assert main(argv(dirs, out, "--teacher-offload-folder", str(tmp_path / "f"))) == 2
+    assert "add --teacher-placement offload" in capsys.readouterr().err
+    assert main(["recover", "--student", str(dirs["student"]), "--data", str(dirs["data"]), "--output", str(out),
+                 "--loss", "sft=1", "--teacher-placement", "offload"]) == 2
+    assert "pass --teacher" in capsys.readouterr().err
+    assert main(argv(dirs, out, "--teacher-placement", "offload", "--teacher-offload-folder", str(out / "t"))) == 2
+    assert "lies inside --output" in capsys.readouterr().err
+    assert not out.exists()
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(VlmpruneError, match="under DeepSpeed.*fsdp.yaml.*--teacher-placement offload"):
+        check_teacher_placement("shard")
+    check_teacher_placement("offload")
 
 
 # --------------------------------------------------------------------------- configs for GPUs

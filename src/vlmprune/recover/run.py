@@ -29,6 +29,7 @@ from vlmprune.recover.losses import layer_map
 from vlmprune.recover.distributed import (check_launch, enable_cpu_fsdp, gathered_state_dict, is_sharded,
                                           launcher_backend, load_gathered)
 from vlmprune.recover.plots import plot_loss_curve
+from vlmprune.recover.teacher import check_teacher_placement, host_bytes, place_teacher, resident_bytes
 from vlmprune.recover.trainable import count_trainable, merged, set_trainable_
 from vlmprune.recover.trainer import RecoveryTrainer
 
@@ -53,6 +54,7 @@ _CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in tr
 def training_arguments(cfg: RecoverConfig) -> transformers.TrainingArguments:
     """The Trainer's arguments; creating them also sets up the process group under a launcher."""
     check_launch()
+    check_teacher_placement(cfg.teacher_placement)  # e.g. shard outside FSDP: refused before anything loads
     enable_cpu_fsdp()  # an FSDP launch on CPU processes shards (FSDP2 over gloo) instead of falling back to DDP
     return transformers.TrainingArguments(
         output_dir=str(cfg.checkpoint_dir),
@@ -206,10 +208,10 @@ def recover(cfg: RecoverConfig, callbacks: list[transformers.TrainerCallback] | 
             stack.enter_context(claim_output(cfg.output, [("student", cfg.student), ("teacher", cfg.teacher),
                                                           ("training data", cfg.data), ("image folder", cfg.image_folder)],
                                              cfg.overwrite))
-        return _recover(cfg, args, state, callbacks)
+        return _recover(cfg, args, state, callbacks, stack)
 
 
-def _recover(cfg: RecoverConfig, args, state, callbacks) -> Path:
+def _recover(cfg: RecoverConfig, args, state, callbacks, cleanup: contextlib.ExitStack) -> Path:
     resume = _prepare_checkpoints(cfg, state.is_main_process)
     state.wait_for_everyone()
 
@@ -246,6 +248,17 @@ def _recover(cfg: RecoverConfig, args, state, callbacks) -> Path:
         student_layers, teacher_layers, pairs = hidden_pairs(student, teacher, plan, cfg.hidden_layers)
         if state.is_main_process:
             log.info("vlmprune recover: hidden-state pairs (student layer, teacher layer): %s", pairs)
+
+    teacher_bytes = teacher_host = None
+    if teacher is not None:
+        # After the checks above and the layer pairs (the same modules, whatever the placement).
+        teacher = place_teacher(teacher, cfg.teacher_placement, args.device,
+                                offload_folder=cfg.teacher_offload_folder, cleanup=cleanup)
+        teacher_bytes = gather_object([resident_bytes(teacher)])  # one entry per process, in rank order
+        teacher_host = host_bytes(teacher)
+        if state.is_main_process:
+            log.info("vlmprune recover: teacher placement %s: %s bytes held per process (%s in a host copy)",
+                     cfg.teacher_placement, ", ".join(f"{b:,}" for b in teacher_bytes), f"{teacher_host:,}")
 
     # LoRA's initial weights are random: seed them so that every process (FSDP shards each process's
     # own copy) and a single-process run of the same seed start from the same adapters.
@@ -288,7 +301,9 @@ def _recover(cfg: RecoverConfig, args, state, callbacks) -> Path:
         losses = [entry["loss"] for entry in history if "loss" in entry]
         record = {"losses": cfg.loss, "train": cfg.train, "fraction": cfg.fraction, "num_samples": len(samples),
                   "steps": trainer.state.global_step, "final_loss": losses[-1] if losses else None,
-                  "teacher": cfg.teacher, "hidden_layers": cfg.hidden_layers if "hidden" in cfg.loss else None}
+                  "teacher": cfg.teacher, "hidden_layers": cfg.hidden_layers if "hidden" in cfg.loss else None,
+                  "teacher_placement": cfg.teacher_placement if teacher is not None else None,
+                  "teacher_bytes_per_process": teacher_bytes, "teacher_host_bytes": teacher_host}
         plan = plan or PruningPlan()
         plan.extra.setdefault("recovery", []).append(record)
 

@@ -95,9 +95,10 @@ class RecoveryTrainer(transformers.Trainer):
     """Trainer for a pruned student, optionally distilled from its unpruned teacher.
 
     Args (beyond the Trainer's):
-        teacher: the unpruned model, or None for SFT alone. It is moved to the training device,
-            put in eval mode, frozen, run under ``no_grad`` on the same batch (its own vision
-            tower and projector), and never saved: it is not part of ``self.model``.
+        teacher: the unpruned model, or None for SFT alone. It is moved to the training device
+            (unless :func:`~vlmprune.recover.teacher.place_teacher` sharded or offloaded it), put in
+            eval mode, frozen, run under ``no_grad`` on the same batch (its own vision tower and
+            projector), and never saved: it is not part of ``self.model``.
         weights: loss name -> weight, names from :data:`vlmprune.recover.losses.LOSSES`.
         image_token_id: the processor's image token, to tell image from text positions.
         temperature / kd_tokens: logit KD temperature, and ``answer`` or ``text`` targets.
@@ -123,7 +124,11 @@ class RecoveryTrainer(transformers.Trainer):
         self.teacher_layers = list(teacher_layers)
         self.teacher = teacher
         if teacher is not None:
-            teacher.to(self.args.device).eval().requires_grad_(False)
+            from vlmprune.recover.teacher import is_placed
+
+            if not is_placed(teacher):  # a sharded or offloaded teacher stays where place_teacher put it
+                teacher.to(self.args.device)
+            teacher.eval().requires_grad_(False)
         self._sums: dict[str, torch.Tensor] = {}
         self._calls = 0
         if self.is_fsdp_enabled:
