@@ -150,9 +150,14 @@ def cmd_inspect(cfg: C.InspectConfig) -> int:
 
 
 def cmd_prune(cfg: C.PruneConfig) -> int:
-    from vlmprune.prune.run import prune
+    from vlmprune import phases
 
-    print_prune_result(prune(cfg))
+    # the record in pruning_plan.json covers this whole process: the interpreter and imports count too
+    with phases.recording(since_process_start=True) as recorder:
+        with recorder.phase("import"):
+            from vlmprune.prune.run import prune
+        result = prune(cfg)
+    print_prune_result(result)
     return 0
 
 
