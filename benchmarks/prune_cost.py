@@ -172,6 +172,7 @@ def command_main(args) -> None:
             if args.jsonl:
                 with open(args.jsonl, "a") as f:
                     f.write(json.dumps(row) + "\n")
+            peak = process_peak(row)
             print(f"{criterion:16s} run {repeat}: {seconds:6.1f} s  peak {peak:6.0f} MiB ({peak / weights_mib:.2f}x "
                   f"weights)  load {load_before:.1f}", flush=True)
     if not rows:
@@ -181,6 +182,13 @@ def command_main(args) -> None:
     print_command_tables(rows, PHASES)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def process_peak(row: dict) -> float:
+    """The prune process's peak RSS: its own record when it wrote one. (Resetting VmHWM, as the
+    recorder does, also resets what the kernel reports to the parent through wait4.)"""
+    cost = row.get("cost")
+    return cost["peak_rss_mib"] if cost and cost.get("peak_rss_mib") else row["peak_rss_mib"]
 
 
 def print_command_tables(rows: list[dict], phases) -> None:
@@ -193,7 +201,7 @@ def print_command_tables(rows: list[dict], phases) -> None:
         for c in criteria:
             got = [r for r in rows if r["criterion"] == c]
             weights = got[0]["weights_mib"]
-            whole = median([r["wall_s"] if key == "seconds" else r["peak_rss_mib"] / weights for r in got])
+            whole = median([r["wall_s"] if key == "seconds" else process_peak(r) / weights for r in got])
             cells = []
             for name in phases:
                 values = [r["cost"]["phases"][name][key] for r in got if r.get("cost")]

@@ -22,7 +22,7 @@ from vlmprune import calibrate, phases
 from vlmprune.adapters import get_adapter
 from vlmprune.config import (RESOLVED_CONFIG, PruneConfig, check_ratio, parse_device_map, parse_layer_range,
                              parse_max_memory, parse_target, to_yaml)
-from vlmprune.dispatch import materialize_
+from vlmprune.dispatch import is_dispatched, materialize_
 from vlmprune.errors import VlmpruneError
 from vlmprune.importance.layer import LayerScores
 from vlmprune.importance.registry import get_criterion
@@ -108,10 +108,13 @@ def score(model: nn.Module, method: str, criterion: str | None = None, batches=N
     tokens = tokens or crit.default_tokens
     if crit.stats is not None and not batches:
         raise VlmpruneError(f"criterion {crit.name!r} needs calibration data (--calibration)")
-    with phases.phase("calibration"):
-        stats = calibrate.COLLECTORS[crit.stats](model, batches, tokens) if crit.stats else None
-    with phases.phase("load"):
-        materialize_(model)  # a dispatched model's offloaded weights come in once: criteria read weights, the cut follows
+    stats = None
+    if crit.stats:
+        with phases.phase("calibration"):
+            stats = calibrate.COLLECTORS[crit.stats](model, batches, tokens)
+    if is_dispatched(model):
+        with phases.phase("load"):
+            materialize_(model)  # offloaded weights come in once: criteria read weights, the cut follows
     with phases.phase("scoring"):
         adapter = get_adapter(model)
         values = crit(stats, ScoringContext(model, adapter, layer_shapes(model, adapter), seed))
