@@ -194,25 +194,28 @@ def process_peak(row: dict) -> float:
 def print_command_tables(rows: list[dict], phases) -> None:
     """Two tables (seconds; peak RSS / weight bytes) with a row per criterion and a column per phase."""
     criteria = list(dict.fromkeys(r["criterion"] for r in rows))
-    for title, key in (("seconds", "seconds"), ("peak RSS / weights", "peak_rss_mib")):
+    for title, key in (("wall seconds", "seconds"), ("CPU seconds (the process, all threads)", "cpu_seconds"),
+                       ("peak RSS / weights", "peak_rss_mib")):
         print(f"\n{title}:")
         print("| criterion | whole command | " + " | ".join(phases) + " |")
         print("|---|---:|" + "---:|" * len(phases))
         for c in criteria:
             got = [r for r in rows if r["criterion"] == c]
             weights = got[0]["weights_mib"]
-            whole = median([r["wall_s"] if key == "seconds" else process_peak(r) / weights for r in got])
+            whole = {"seconds": lambda r: r["wall_s"], "cpu_seconds": lambda r: (r.get("cost") or {}).get("cpu_seconds"),
+                     "peak_rss_mib": lambda r: process_peak(r) / weights}[key]
+            whole = median([whole(r) for r in got])
             cells = []
             for name in phases:
                 values = [r["cost"]["phases"][name][key] for r in got if r.get("cost")]
                 value = median(values)
                 if value is None:
                     cells.append("")
-                elif key == "seconds":
+                elif key != "peak_rss_mib":
                     cells.append(f"{value:.2f}")
                 else:
                     cells.append(f"{value / weights:.2f}")
-            print(f"| {c} | {whole:.2f} | " + " | ".join(cells) + " |")
+            print(f"| {c} | {'' if whole is None else f'{whole:.2f}'} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:

@@ -93,6 +93,8 @@ class PhaseRecorder:
     def __init__(self, since_process_start: bool = False):
         now = time.perf_counter()
         self.seconds = dict.fromkeys(PHASES, 0.0)
+        self.cpu_seconds = dict.fromkeys(PHASES, 0.0)  # this process's CPU time, all threads: other jobs on
+        # the machine inflate wall time, much less CPU time
         self.peak_kib: dict[str, int | None] = dict.fromkeys(PHASES, None)
         self.rss_start_kib: dict[str, int | None] = dict.fromkeys(PHASES, None)  # RSS entering its first stretch
         self.rss_end_kib: dict[str, int | None] = dict.fromkeys(PHASES, None)  # RSS leaving its last stretch
@@ -105,6 +107,7 @@ class PhaseRecorder:
                 self.scope = "process"
                 self.start = now - age
                 self.seconds["import"] = age
+                self.cpu_seconds["import"] = time.process_time()
                 self.peak_kib["import"] = peak_rss_kib()
         self.stack = ["other"]
         self.rss = rss_kib()
@@ -113,12 +116,14 @@ class PhaseRecorder:
             self.rss_end_kib["import"] = self.rss
         self.peak_per_phase = reset_peak_rss()
         self.mark = now
+        self.cpu_mark = time.process_time()
 
     def _close(self) -> None:
         """End the current stretch of the phase on top: its time and its peak since the last reset."""
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         top = self.stack[-1]
         self.seconds[top] += now - self.mark
+        self.cpu_seconds[top] += cpu - self.cpu_mark
         status = _status_kib("VmHWM", "VmRSS")
         peak = status.get("VmHWM")
         if peak is None:
@@ -129,7 +134,7 @@ class PhaseRecorder:
             self.peak_kib[top] = peak if old is None else max(old, peak)
         if self.peak_per_phase:
             reset_peak_rss()
-        self.mark = now  # this bookkeeping counts in the next stretch: the phases' times add up to the total
+        self.mark, self.cpu_mark = now, cpu  # this bookkeeping counts in the next stretch: the phases add up
 
     def enter(self, name: str) -> None:
         if name not in PHASES:
@@ -168,7 +173,9 @@ class PhaseRecorder:
             "peak_rss_mib": mib(max(peaks)) if peaks else None,
             "peak_per_phase": self.peak_per_phase,
             "threads": _threads(),
-            "phases": {name: {"seconds": round(self.seconds[name], 3), "peak_rss_mib": mib(self.peak_kib[name]),
+            "cpu_seconds": round(sum(self.cpu_seconds.values()), 3),
+            "phases": {name: {"seconds": round(self.seconds[name], 3), "cpu_seconds": round(self.cpu_seconds[name], 3),
+                              "peak_rss_mib": mib(self.peak_kib[name]),
                               "rss_start_mib": mib(self.rss_start_kib[name]), "rss_end_mib": mib(self.rss_end_kib[name])}
                        for name in PHASES},
         }
