@@ -152,6 +152,7 @@ def cmd_inspect(cfg: C.InspectConfig) -> int:
 def cmd_prune(cfg: C.PruneConfig) -> int:
     from vlmprune import phases
 
+    phases.limit_malloc_arenas(1)  # before torch starts threads: freed memory is reused and trimmed
     # the record in pruning_plan.json covers this whole process: the interpreter and imports count too
     with phases.recording(since_process_start=True) as recorder:
         with recorder.phase("import"):

@@ -118,6 +118,8 @@ def score(model: nn.Module, method: str, criterion: str | None = None, batches=N
     with phases.phase("scoring"):
         adapter = get_adapter(model)
         values = crit(stats, ScoringContext(model, adapter, layer_shapes(model, adapter), seed))
+        del stats
+        phases.trim_malloc()  # calibration's activations and statistics are gone: give their memory back
     if method == "layer" and not isinstance(values, LayerScores):
         values = LayerScores(torch.as_tensor(values, dtype=torch.float64))
     if method == "width" and not isinstance(values, WidthScores):
@@ -246,6 +248,7 @@ def _prune(cfg: PruneConfig, out: Path, ranked_outputs: list[Path] = ()) -> Prun
                 net.to(cfg.device)
             if cfg.device_map is not None and (cfg.plan is not None or cfg.scores is not None):
                 materialize_(net)  # nothing to calibrate: the weights come in once for the cut
+            phases.trim_malloc()  # what loading freed (read buffers, the skeleton's init) goes back
         return _prune_loaded(cfg, out, net, ranked_outputs)
 
 
