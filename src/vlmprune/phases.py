@@ -118,7 +118,7 @@ class PhaseRecorder:
         self.mark = now
         self.cpu_mark = time.process_time()
 
-    def _close(self) -> None:
+    def _close(self) -> float:
         """End the current stretch of the phase on top: its time and its peak since the last reset."""
         now, cpu = time.perf_counter(), time.process_time()
         top = self.stack[-1]
@@ -135,6 +135,7 @@ class PhaseRecorder:
         if self.peak_per_phase:
             reset_peak_rss()
         self.mark, self.cpu_mark = now, cpu  # this bookkeeping counts in the next stretch: the phases add up
+        return now
 
     def enter(self, name: str) -> None:
         if name not in PHASES:
@@ -163,9 +164,9 @@ class PhaseRecorder:
 
     def record(self, weight_bytes: int | None = None) -> dict:
         """The cost so far, as JSON-ready data (the phase in progress is counted up to now)."""
-        self._close()
+        now = self._close()
         mib = lambda kib: None if kib is None else round(kib / 1024, 1)  # noqa: E731
-        total = time.perf_counter() - self.start
+        total = now - self.start
         peaks = [k for k in self.peak_kib.values() if k is not None]
         out = {
             "scope": self.scope,  # "process": from the interpreter's start; "call": from prune() being called
