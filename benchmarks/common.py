@@ -193,7 +193,8 @@ def weight_bytes(model) -> int:
 
 
 def run_vlmprune(argv: list[str], log: Path, env: dict | None = None) -> tuple[float, float, int]:
-    """(wall seconds, peak RSS MiB, exit code) of one `vlmprune` process (os.wait4: its own peak)."""
+    """(wall seconds, peak RSS MiB, exit code) of one `vlmprune` process (os.wait4: its own peak; but a
+    `vlmprune prune` resets its peak counter per phase, so take its peak from its plan's "cost" record)."""
     t0 = time.perf_counter()
     with log.open("w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "vlmprune.cli", *argv], stdout=f, stderr=subprocess.STDOUT,

@@ -216,6 +216,26 @@ def print_command_tables(rows: list[dict], phases) -> None:
                 else:
                     cells.append(f"{value / weights:.2f}")
             print(f"| {c} | {'' if whole is None else f'{whole:.2f}'} | " + " | ".join(cells) + " |")
+    print("\nagainst the target (peak <= 1.5 x weights + one batch's activations, above the imported process):")
+    print("| criterion | peak MiB | imports MiB | one batch's activations MiB | (peak - imports - activations) / weights |")
+    print("|---|---:|---:|---:|---:|")
+    for c in criteria:
+        got = [r for r in rows if r["criterion"] == c and r.get("cost")]
+        if not got:
+            continue
+        parts = [target_parts(r) for r in got]
+        peak, imports, act = (median([p[i] for p in parts]) for i in range(3))
+        net = median([(p[0] - p[1] - p[2]) / r["weights_mib"] for p, r in zip(parts, got)])
+        print(f"| {c} | {peak:.0f} | {imports:.0f} | {act:.0f} | {net:.2f} |")
+
+
+def target_parts(row: dict) -> tuple[float, float, float]:
+    """(process peak, RSS once everything is imported, one batch's activations) in MiB. The activations:
+    how far the calibration phase rose above the RSS it started from (0 for criteria without data)."""
+    phases = row["cost"]["phases"]
+    cal = phases["calibration"]
+    act = cal["peak_rss_mib"] - cal["rss_start_mib"] if cal["peak_rss_mib"] is not None else 0.0
+    return process_peak(row), phases["import"]["rss_end_mib"], max(act, 0.0)
 
 
 def main() -> None:

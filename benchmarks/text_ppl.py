@@ -11,7 +11,9 @@ the rest as the answer) that go through the real `vlmprune prune` command and it
 evaluation is plain next-token cross-entropy over consecutive 256-token windows of raw text.
 
 Every prune is `vlmprune prune` in its own process: "prune s" is that command's wall time (load,
-calibration, planning, plot, save) and "peak RSS" the process's own peak (os.wait4's ru_maxrss).
+calibration, planning, plot, save) and "peak RSS" the process's own peak, from the cost record it
+writes into pruning_plan.json (os.wait4's ru_maxrss where there is none: the recorder resets the
+kernel's peak counter per phase, which also resets what wait4 reports).
 The ratio removes ~20% of the language model's non-embedding parameters (decoder layers), given
 to --ratio as the equivalent fraction of the whole model. Rows go to a JSONL file; a row already
 there is not run again (the script resumes), and the table is printed from all rows.
@@ -136,6 +138,7 @@ def main() -> None:
                 continue
             model = load(out_dir).eval()
             plan = json.loads((out_dir / "pruning_plan.json").read_text())
+            peak = (plan.get("cost") or {}).get("peak_rss_mib") or peak
             decoder_after = sum(sum(p.numel() for p in layer.parameters()) for layer in model.model.language_model.layers)
             row = {"method": method, "criterion": criterion, "attention": attention, "seed": seed,
                    "widths": widths(model), "removed_total": plan["achieved"]["ratio"],
