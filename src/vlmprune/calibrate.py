@@ -23,6 +23,7 @@ from vlmprune.errors import VlmpruneError
 from vlmprune.importance.layer import HiddenStateStats, SkipLossStats
 from vlmprune.importance.structures import LayerSums, layer_params, reduce_
 from vlmprune.importance.width import ActivationSums
+from vlmprune.phases import phase
 from vlmprune.prune.apply import layer_shapes
 
 logger = logging.getLogger(__name__)
@@ -310,7 +311,9 @@ class Batches:
 
     def __iter__(self):
         for start in range(0, len(self.samples), self.batch_size):
-            yield self.collator(self.samples[start : start + self.batch_size])
+            with phase("data"):  # collating (tokenizing, opening images) is data work, not calibration
+                batch = self.collator(self.samples[start : start + self.batch_size])
+            yield batch
 
 
 def calibration_batches(processor, data, image_folder=None, num_samples: int | None = 128, seed: int = 0,

@@ -6,8 +6,9 @@ interrupted run never leaves a half-written directory behind.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -56,7 +57,8 @@ def load(
     Uniform-width checkpoints are ordinary ``AutoModelForImageTextToText`` checkpoints. When a
     vlmprune checkpoint has layers of different widths (recorded in the text config as
     ``vlmprune_layer_widths``), the model class is built with those widths before the weights load.
-    Only safetensors weights are read.
+    Only safetensors weights are read, tensor by tensor into the process's own memory (not
+    memory-mapped: see :func:`_read_not_mapped`).
     """
     config = load_config(path, trust_remote_code)
     get_adapter(config)  # a clear error for unsupported families, before any weights load
@@ -64,11 +66,41 @@ def load(
     if getattr(config.get_text_config(), WIDTHS_KEY, None):
         cls = _with_layer_widths(cls)
     try:
-        model = cls.from_pretrained(str(path), config=config, dtype=dtype or "auto", use_safetensors=True,
-                                    trust_remote_code=trust_remote_code, **kwargs)
+        with _read_not_mapped():
+            model = cls.from_pretrained(str(path), config=config, dtype=dtype or "auto", use_safetensors=True,
+                                        trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, RuntimeError, ValueError) as exc:
         raise VlmpruneError(f"cannot load the weights of {path}: {str(exc).splitlines()[0]}") from None
     return model.eval()
+
+
+@contextlib.contextmanager
+def _read_not_mapped() -> Iterator[None]:
+    """Make transformers read safetensors files with pread(2) instead of mapping them.
+
+    transformers maps each checkpoint file and makes the parameters views of the mapping. Every page
+    the process touches then counts in its RSS for as long as any parameter still views the file,
+    so weights the cut replaces (or the scoring copies) stay resident on top of their successors:
+    `vlmprune prune` peaked higher by about the cut-away share of the weights (docs/performance.md).
+    Read into memory of its own, a replaced weight is freed. The values are the same bytes either
+    way (tests/test_io.py). Where this transformers does not open files through
+    ``modeling_utils.safe_open`` the load goes on as transformers does it.
+    """
+    import transformers.modeling_utils as modeling_utils
+
+    original = getattr(modeling_utils, "safe_open", None)
+    if original is None:
+        yield
+        return
+
+    def safe_open(*args, backend: str = "mmap", **kwargs):
+        return original(*args, backend="pread" if backend == "mmap" else backend, **kwargs)
+
+    modeling_utils.safe_open = safe_open
+    try:
+        yield
+    finally:
+        modeling_utils.safe_open = original
 
 
 def load_processor(model: str | Path, trust_remote_code: bool = False):
@@ -113,11 +145,24 @@ def check_finite(model: nn.Module) -> None:
     """Refuse to save a model with NaN or infinite weights (a diverged run must not look like a result)."""
     # plain tensors only: quantized tensor subclasses (torchao, bitsandbytes) hold integer codes
     bad = [name for name, t in model.state_dict().items()
-           if type(t) is torch.Tensor and t.is_floating_point() and not torch.isfinite(t).all()]
+           if type(t) is torch.Tensor and t.is_floating_point() and not _all_finite(t)]
     if bad:
         raise VlmpruneError(f"refusing to save: {len(bad)} weight tensor(s) hold NaN or inf values ({', '.join(bad[:3])}"
                             f"{', ...' if len(bad) > 3 else ''}); the run diverged: lower the learning rate or check "
                             f"the loss weights, and start again")
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every value of ``t`` is finite, from its min and max (NaN and inf propagate through
+    both): no temporary as large as the tensor, which ``torch.isfinite(t).all()`` makes (|t| and a
+    mask: 1.25x the tensor, and a few seconds on the embedding of a small model)."""
+    if t.numel() == 0:
+        return True
+    try:
+        low, high = torch.aminmax(t.detach())
+    except (RuntimeError, NotImplementedError):  # a dtype without aminmax (float8): the plain way
+        return bool(torch.isfinite(t).all())
+    return bool(torch.isfinite(low) and torch.isfinite(high))
 
 
 def save_model(

@@ -404,10 +404,10 @@ class Gemma4Adapter(Adapter):
         if width:
             cols = torch.cat([torch.arange(i * width, (i + 1) * width) for i in kept])
             table = lm.embed_tokens_per_layer
-            table.weight = nn.Parameter(table.weight.data[:, cols].clone(), requires_grad=table.weight.requires_grad)
+            table.weight = nn.Parameter(table.weight.data[:, cols], requires_grad=table.weight.requires_grad)
             table.embedding_dim = len(cols)
             proj = lm.per_layer_model_projection
-            proj.weight = nn.Parameter(proj.weight.data[cols].clone(), requires_grad=proj.weight.requires_grad)
+            proj.weight = nn.Parameter(proj.weight.data[cols], requires_grad=proj.weight.requires_grad)
             proj.out_features = len(cols)
         lm._keys_to_ignore_on_load_unexpected = [
             f"layers.{i}.self_attn.{name}" for i, layer in enumerate(lm.layers) if layer.self_attn.is_kv_shared_layer

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmprune import calibrate
+from vlmprune import calibrate, phases
 from vlmprune.adapters import get_adapter
 from vlmprune.config import (RESOLVED_CONFIG, PruneConfig, check_ratio, parse_device_map, parse_layer_range,
                              parse_max_memory, parse_target, to_yaml)
-from vlmprune.dispatch import materialize_
+from vlmprune.dispatch import is_dispatched, materialize_
 from vlmprune.errors import VlmpruneError
 from vlmprune.importance.layer import LayerScores
 from vlmprune.importance.registry import get_criterion
@@ -30,7 +30,7 @@ from vlmprune.importance.structures import WidthScores
 from vlmprune.inspect import ModelSummary, source_record, summarize
 from vlmprune.io import load, load_processor, save_model
 from vlmprune.paths import claim_output
-from vlmprune.plan import LayerShape, PruningPlan
+from vlmprune.plan import PLAN_FILE, LayerShape, PruningPlan
 from vlmprune.planning import ModelBudget, achieved, layers_to_drop, plan_layers, plan_width
 from vlmprune.plots import plot_layer_scores, plot_search, plot_width_scores
 from vlmprune.prune import auto
@@ -107,10 +107,18 @@ def score(model: nn.Module, method: str, criterion: str | None = None, batches=N
     tokens = tokens or crit.default_tokens
     if crit.stats is not None and not batches:
         raise VlmpruneError(f"criterion {crit.name!r} needs calibration data (--calibration)")
-    stats = calibrate.COLLECTORS[crit.stats](model, batches, tokens) if crit.stats else None
-    materialize_(model)  # a dispatched model's offloaded weights come in once: criteria read weights, the cut follows
-    adapter = get_adapter(model)
-    values = crit(stats, ScoringContext(model, adapter, layer_shapes(model, adapter), seed))
+    stats = None
+    if crit.stats:
+        with phases.phase("calibration"):
+            stats = calibrate.COLLECTORS[crit.stats](model, batches, tokens)
+    if is_dispatched(model):
+        with phases.phase("load"):
+            materialize_(model)  # offloaded weights come in once: criteria read weights, the cut follows
+    with phases.phase("scoring"):
+        adapter = get_adapter(model)
+        values = crit(stats, ScoringContext(model, adapter, layer_shapes(model, adapter), seed))
+        del stats
+        phases.trim_malloc()  # calibration's activations and statistics are gone: give their memory back
     if method == "layer" and not isinstance(values, LayerScores):
         values = LayerScores(torch.as_tensor(values, dtype=torch.float64))
     if method == "width" and not isinstance(values, WidthScores):
@@ -186,6 +194,7 @@ class PruneResult:
     before: ModelSummary
     after: ModelSummary
     scores: Scores | None = None
+    cost: dict | None = None  # wall time and peak RSS per phase (vlmprune.phases), as in the plan's "cost"
 
     @property
     def removed(self) -> float:
@@ -210,6 +219,7 @@ def prune(config: PruneConfig | None = None, **options) -> PruneResult:
         raise VlmpruneError("give a PruneConfig or keyword options, not both")
     cfg.check_paths()
     with contextlib.ExitStack() as stack:
+        stack.enter_context(phases.recording())  # joins the CLI's recording, which also counts the imports
         out = stack.enter_context(claim_output(cfg.output, cfg.inputs(), cfg.overwrite))
         extra = [stack.enter_context(claim_output(rank_output(cfg.output, r), cfg.inputs(), cfg.overwrite))
                  for r in range(2, cfg.top_k + 1)]
@@ -231,22 +241,26 @@ def _prune(cfg: PruneConfig, out: Path, ranked_outputs: list[Path] = ()) -> Prun
                 tempfile.TemporaryDirectory(prefix=f".{out.name}.offload-", dir=out.parent))
             dispatch = {"device_map": parse_device_map(cfg.device_map), "max_memory": parse_max_memory(cfg.max_memory),
                         "offload_folder": folder}
-        net = load(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **dispatch)
-        if cfg.device:
-            net.to(cfg.device)
-        if cfg.device_map is not None and (cfg.plan is not None or cfg.scores is not None):
-            materialize_(net)  # nothing to calibrate: the weights come in once for the cut
+        with phases.phase("load"):
+            net = load(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **dispatch)
+            if cfg.device:
+                net.to(cfg.device)
+            if cfg.device_map is not None and (cfg.plan is not None or cfg.scores is not None):
+                materialize_(net)  # nothing to calibrate: the weights come in once for the cut
+            phases.trim_malloc()  # what loading freed (read buffers, the skeleton's init) goes back
         return _prune_loaded(cfg, out, net, ranked_outputs)
 
 
 def _prune_loaded(cfg: PruneConfig, out: Path, net: nn.Module, ranked_outputs: list[Path] = ()) -> PruneResult:
     dtype = None if cfg.dtype in (None, "auto") else getattr(torch, cfg.dtype)
     before = summarize(net)
+    weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in net.parameters()}.values())
     scores = None
     search = tried = None
     target = parse_target(cfg.target) if cfg.target else None
     if cfg.plan is not None:
-        plan = PruningPlan.load(cfg.plan)
+        with phases.phase("planning"):
+            plan = PruningPlan.load(cfg.plan)
     else:
         if cfg.scores is not None:
             scores = Scores.load(cfg.scores)
@@ -265,9 +279,11 @@ def _prune_loaded(cfg: PruneConfig, out: Path, net: nn.Module, ranked_outputs: l
             layers_to_drop(len(before.layers), ModelBudget.of(net), cfg.ratio)  # before any calibration
         batches = processor = None
         if scores is None and cfg.calibration is not None:
-            processor = load_processor(cfg.model, cfg.trust_remote_code)
-            batches = calibrate.calibration_batches(processor, cfg.calibration, cfg.image_folder, cfg.num_samples,
-                                                    cfg.seed, cfg.batch_size, cfg.max_length, cfg.split)
+            with phases.phase("data"):
+                processor = load_processor(cfg.model, cfg.trust_remote_code)
+                batches = calibrate.calibration_batches(processor, cfg.calibration, cfg.image_folder,
+                                                        cfg.num_samples, cfg.seed, cfg.batch_size, cfg.max_length,
+                                                        cfg.split)
 
         def ratio_of(plan_at) -> float:
             return cfg.ratio if target is None else ratio_for(net, target, plan_at)
@@ -275,13 +291,15 @@ def _prune_loaded(cfg: PruneConfig, out: Path, net: nn.Module, ranked_outputs: l
         if method == "auto":
             if batches is None:
                 raise VlmpruneError("--method auto ranks candidates on held-out calibration data: pass --calibration")
-            held_out = calibrate.calibration_batches(processor, cfg.calibration, cfg.image_folder,
-                                                     max(2, cfg.num_samples // 4), cfg.seed + 1, cfg.batch_size,
-                                                     cfg.max_length, cfg.split)
+            with phases.phase("data"):
+                held_out = calibrate.calibration_batches(processor, cfg.calibration, cfg.image_folder,
+                                                         max(2, cfg.num_samples // 4), cfg.seed + 1, cfg.batch_size,
+                                                         cfg.max_length, cfg.split)
             layer_scores = score(net, "layer", cfg.layer_criterion, batches, None, cfg.seed)
             scores = score(net, "width", cfg.criterion, batches, cfg.tokens, cfg.seed)
-            best, tried = auto.search(net, layer_scores.values, scores.values, ratio_of, held_out, cfg.attention,
-                                      cfg.mlp_multiple)
+            with phases.phase("planning"):  # candidates planned and ranked on the held-out batches
+                best, tried = auto.search(net, layer_scores.values, scores.values, ratio_of, held_out,
+                                          cfg.attention, cfg.mlp_multiple)
             budget, shapes = ModelBudget.of(net), layer_shapes(net)
             rows = [c.to_dict(budget, shapes) for c in tried]
             search = {"target": cfg.target or f"ratio={cfg.ratio}", "layer_criterion": layer_scores.criterion,
@@ -296,34 +314,37 @@ def _prune_loaded(cfg: PruneConfig, out: Path, net: nn.Module, ranked_outputs: l
         else:
             if scores is None:
                 scores = score(net, method, cfg.criterion, batches, cfg.tokens, cfg.seed)
-            ratio = ratio_of(lambda r: plan_for(net, scores, r, cfg.attention, cfg.mlp_multiple, cfg.layers,
-                                                 cfg.global_ranking))
-            plan = plan_for(net, scores, ratio, cfg.attention, cfg.mlp_multiple, cfg.layers, cfg.global_ranking)
-            obstacle = loads_stock(net, plan)
-            if cfg.stock and obstacle and plan.extra["method"] == "width" and cfg.attention != "none":
-                mlp_only = plan_for(net, scores, ratio, "none", cfg.mlp_multiple, cfg.layers, cfg.global_ranking)
-                if loads_stock(net, mlp_only) is None:
-                    log.warning("--stock: cutting attention would need vlmprune.load (%s); attention is kept whole "
-                                "and only MLP channels go", obstacle)
-                    mlp_only.extra["stock_note"] = f"attention kept whole: {obstacle}"
-                    plan = mlp_only
+            with phases.phase("planning"):
+                ratio = ratio_of(lambda r: plan_for(net, scores, r, cfg.attention, cfg.mlp_multiple, cfg.layers,
+                                                     cfg.global_ranking))
+                plan = plan_for(net, scores, ratio, cfg.attention, cfg.mlp_multiple, cfg.layers, cfg.global_ranking)
+                obstacle = loads_stock(net, plan)
+                if cfg.stock and obstacle and plan.extra["method"] == "width" and cfg.attention != "none":
+                    mlp_only = plan_for(net, scores, ratio, "none", cfg.mlp_multiple, cfg.layers, cfg.global_ranking)
+                    if loads_stock(net, mlp_only) is None:
+                        log.warning("--stock: cutting attention would need vlmprune.load (%s); attention is kept whole "
+                                    "and only MLP channels go", obstacle)
+                        mlp_only.extra["stock_note"] = f"attention kept whole: {obstacle}"
+                        plan = mlp_only
         plan.extra.update({"source_model": str(cfg.model),
                            "calibration": str(cfg.calibration) if cfg.calibration else None,
                            "num_samples": cfg.num_samples, "seed": cfg.seed})
-        if target is not None:
-            fp = footprint(net, target, plan)
-            record = {"spec": target.spec, "kind": target.kind, "required": target.value,
-                      "parameters": fp.parameters, "weight_bytes": fp.weight_bytes, "kv_bytes": fp.kv_bytes,
-                      "seq": target.seq, "batch": target.batch, "dtype_bytes": target.dtype_bytes}
-            if target.kind == "latency":
-                profile = latency_profile(net, target)
-                record["predicted_s"] = predict_latency(profile, before.layers, plan)
-                record["profile"] = profile
-            else:
-                record["achieved"] = fp.value(target)
-            plan.extra["target"] = record
+        with phases.phase("planning"):  # the target's footprint (and latency profile)
+            if target is not None:
+                fp = footprint(net, target, plan)
+                record = {"spec": target.spec, "kind": target.kind, "required": target.value,
+                          "parameters": fp.parameters, "weight_bytes": fp.weight_bytes, "kv_bytes": fp.kv_bytes,
+                          "seq": target.seq, "batch": target.batch, "dtype_bytes": target.dtype_bytes}
+                if target.kind == "latency":
+                    profile = latency_profile(net, target)
+                    record["predicted_s"] = predict_latency(profile, before.layers, plan)
+                    record["profile"] = profile
+                else:
+                    record["achieved"] = fp.value(target)
+                plan.extra["target"] = record
     plan.extra["source"] = source_record(net)
-    obstacle = loads_stock(net, plan)  # said before the cut, recorded in the plan
+    with phases.phase("planning"):
+        obstacle = loads_stock(net, plan)  # said before the cut, recorded in the plan
     if obstacle and cfg.stock:
         raise VlmpruneError(f"--stock: the pruned model could not load with plain from_pretrained: {obstacle}; "
                             f"drop --stock (and load it with vlmprune.load), or ask for other shapes")
@@ -333,7 +354,8 @@ def _prune_loaded(cfg: PruneConfig, out: Path, net: nn.Module, ranked_outputs: l
         log.warning("the pruned model will need vlmprune.load (plain from_pretrained refuses it): %s", obstacle)
     else:
         log.info("the pruned model will load with plain from_pretrained")
-    apply_plan_(net, plan)
+    with phases.phase("surgery"):
+        apply_plan_(net, plan)
     after = summarize(net)
     plan.extra["parameters"] = {"before": before.parameters, "after": after.parameters}
     if plan.extra.get("target", {}).get("kind") == "latency":  # the prediction, checked on the final model
@@ -346,28 +368,38 @@ def _prune_loaded(cfg: PruneConfig, out: Path, net: nn.Module, ranked_outputs: l
     if "achieved" in plan.extra and abs(measured - plan.extra["achieved"]["ratio"]) > 1e-9:
         raise AssertionError(f"planned ratio {plan.extra['achieved']['ratio']} != measured {measured}")
 
-    def extras(directory: Path) -> None:
-        (directory / RESOLVED_CONFIG).write_text(to_yaml(cfg))
-        if scores is None:
-            return
-        scores.save(directory / SCORES_FILE)
-        if search is not None:
-            (directory / SEARCH_FILE).write_text(json.dumps(search, indent=1))
-            plot_search(search["candidates"], search["chosen"], directory / "search.png", search["target"])
-        title = scores.criterion
-        if scores.method == "layer" and search is None:
-            plot_layer_scores(scores.values.layers.tolist(), plan.drop_layers, directory / "importance.png", title)
-        else:
-            plot_width_scores(scores.values, plan, directory / "importance.png", title, cfg.attention)
+    cost = None
 
-    save_model(net, out, plan=plan, source=cfg.model, overwrite=cfg.overwrite, extras=extras, inputs=cfg.inputs())
+    def extras(directory: Path) -> None:
+        nonlocal cost
+        with phases.phase("records"):
+            (directory / RESOLVED_CONFIG).write_text(to_yaml(cfg))
+            if scores is not None:
+                scores.save(directory / SCORES_FILE)
+                if search is not None:
+                    (directory / SEARCH_FILE).write_text(json.dumps(search, indent=1))
+                    plot_search(search["candidates"], search["chosen"], directory / "search.png", search["target"])
+                title = scores.criterion
+                if scores.method == "layer" and search is None:
+                    plot_layer_scores(scores.values.layers.tolist(), plan.drop_layers, directory / "importance.png",
+                                      title)
+                else:
+                    plot_width_scores(scores.values, plan, directory / "importance.png", title, cfg.attention)
+            # the plan goes last, with what the run cost up to here (the ranked --top-k outputs come after)
+            recorder = phases.current()
+            if recorder is not None:
+                cost = plan.extra["cost"] = recorder.record(weight_bytes)
+            plan.save(directory / PLAN_FILE)
+
+    with phases.phase("save"):
+        save_model(net, out, source=cfg.model, overwrite=cfg.overwrite, extras=extras, inputs=cfg.inputs())
     if search is not None and ranked_outputs:
         order = sorted(range(len(search["candidates"])), key=lambda i: search["candidates"][i]["proxy_kl"])
         for rank, (index, path) in enumerate(zip(order[1:], ranked_outputs), 2):
             row = search["candidates"][index]
             other = PruningPlan(drop_layers=tried[index].plan.drop_layers, layers=tried[index].plan.layers)
             other.extra.update({**{k: v for k, v in plan.extra.items()
-                                   if k not in ("achieved", "proxy_kl", "target", "parameters")},
+                                   if k not in ("achieved", "proxy_kl", "target", "parameters", "cost")},
                                 "achieved": row["achieved"], "proxy_kl": row["proxy_kl"], "rank": rank,
                                 "ratio_target": row["ratio_target"]})
             copy_of = load(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
@@ -375,5 +407,5 @@ def _prune_loaded(cfg: PruneConfig, out: Path, net: nn.Module, ranked_outputs: l
             other.extra["parameters"] = {"before": before.parameters, "after": summarize(copy_of).parameters}
             save_model(copy_of, path, plan=other, source=cfg.model, overwrite=cfg.overwrite, inputs=cfg.inputs())
             del copy_of
-    return PruneResult(out, plan, before, after, scores)
+    return PruneResult(out, plan, before, after, scores, cost)
 

@@ -10,9 +10,10 @@ from torch import nn
 def keep_rows_(linear: nn.Linear, rows: torch.Tensor) -> None:
     """Keep only the given output rows (and bias entries) of ``linear``, in place."""
     rows = rows.to(linear.weight.device)
-    linear.weight = nn.Parameter(linear.weight.index_select(0, rows).clone(), linear.weight.requires_grad)
+    # index_select writes a new tensor: no clone (a second copy) is needed for it to own its memory
+    linear.weight = nn.Parameter(linear.weight.index_select(0, rows), linear.weight.requires_grad)
     if linear.bias is not None:
-        linear.bias = nn.Parameter(linear.bias.index_select(0, rows).clone(), linear.bias.requires_grad)
+        linear.bias = nn.Parameter(linear.bias.index_select(0, rows), linear.bias.requires_grad)
     linear.out_features = int(rows.numel())
 
 
@@ -20,5 +21,5 @@ def keep_rows_(linear: nn.Linear, rows: torch.Tensor) -> None:
 def keep_cols_(linear: nn.Linear, cols: torch.Tensor) -> None:
     """Keep only the given input columns of ``linear``, in place (the bias is untouched)."""
     cols = cols.to(linear.weight.device)
-    linear.weight = nn.Parameter(linear.weight.index_select(1, cols).clone(), linear.weight.requires_grad)
+    linear.weight = nn.Parameter(linear.weight.index_select(1, cols), linear.weight.requires_grad)
     linear.in_features = int(cols.numel())
