@@ -248,3 +248,11 @@ def test_magnitude_owns_the_right_weights_gqa():
         groups = kv + heads.reshape(s.num_kv_heads, s.group_size).sum(1)
     for got, want in ((scores.channels[1], channels), (scores.heads[1], heads), (scores.groups[1], groups)):
         torch.testing.assert_close(got, want.double(), rtol=1e-5, atol=1e-5)  # float32 sums, summed in another order
+
+
+def test_magnitude_warns_that_it_is_a_baseline(caplog):
+    from vlmprune.prune.run import score
+
+    with caplog.at_level("WARNING", logger="vlmprune"):
+        score(build_tiny("llava_llama_gqa"), "width", "magnitude")
+    assert "without data: a baseline" in caplog.text and "docs/performance.md" in caplog.text
