@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import subprocess
 import sys
@@ -85,10 +86,14 @@ def test_phase_times_add_up_to_the_command(tiny_repo, tmp_path):
 def test_recorder_nests_phases_and_resets_the_peak():
     with phases.recording() as rec:
         with phases.phase("load"):
-            big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+            # 64 MiB of fresh anonymous pages, touched: never memory the allocator already holds resident
+            # (in a long test process, earlier tests' freed heap would absorb a torch allocation unseen)
+            big = mmap.mmap(-1, 64 * 2**20)
+            for offset in range(0, len(big), mmap.PAGESIZE):
+                big[offset] = 1
             with phases.phase("data"):  # nested: pauses load
                 time.sleep(0.05)
-            del big
+            big.close()
         with phases.phase("save"):
             time.sleep(0.01)
         cost = rec.record()
