@@ -20,6 +20,10 @@ Parts (rows go to --out as JSON lines and are printed):
 - ``layers``: the MLP of ONE layer cut by magnitude or by random (408 channels), for every layer.
 - ``attention``: attention-only cuts (MLP intact): one kv group per layer (`groups`) or one q head per
   kv group (`heads`), by magnitude, activation and random.
+- ``ranges``: the same ~20% of the decoder cut from the MLPs of a layer range only (`--layers`, planned
+  by `plan_for` with `--attention none`): 1:-1 (the study's recipe skips the first and last layers)
+  and 4:-2 (LLM-Pruner's LLaMA recipe, --block_mlp_layer_start 4 --block_mlp_layer_end 30 of 32),
+  by magnitude, activation and random (seeds 0 and 1).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import text_ppl as T  # noqa: E402
+import text_ppl as T
 
 KEEP = 1128  # the --attention none cut of text_ppl.py at ~20% of the decoder
 CHANNELS = 1536
@@ -91,7 +95,7 @@ def max_abs_down_inputs(model, layers, batches) -> list[torch.Tensor]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="stats,cuts,layers,attention")
+    parser.add_argument("--parts", default="stats,cuts,layers,attention,ranges")
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--eval-windows", type=int, default=16, help="windows for whole-model cuts")
     parser.add_argument("--layer-windows", type=int, default=8, help="windows for the one-layer cuts (30 x 2 of them)")
@@ -107,9 +111,9 @@ def main() -> None:
 
     from vlmprune import calibrate
     from vlmprune.io import load, load_processor
-    from vlmprune.planning import _top_heads_per_group
+    from vlmprune.planning import ModelBudget, _top_heads_per_group
     from vlmprune.prune import layer_shapes
-    from vlmprune.prune.run import score
+    from vlmprune.prune.run import Scores, plan_for, score
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     built = subprocess.run([sys.executable, "-m", "vlmprune.cli", "demo", "build"], capture_output=True, text=True,
@@ -221,6 +225,23 @@ def main() -> None:
                 with Zeroed(outs, cols):
                     emit({"part": "attention", "mode": mode, "criterion": name, "ppl": ppl(windows),
                           "windows": len(windows), "seconds": time.perf_counter() - t0})
+
+    if "ranges" in parts:
+        windows = T.eval_windows(tokenizer, args.eval_windows)
+        budget = ModelBudget.of(model)
+        ratio = 0.2 * sum(budget.layer_params) / budget.total  # text_ppl.py's --lm-fraction 0.2
+        runs = [("magnitude", scores["magnitude"]), ("activation", scores["activation"]), ("random seed 0", scores["random"]),
+                ("random seed 1", score(model, "width", "random", seed=1).values)]
+        for spec in ("1:-1", "4:-2"):
+            for name, values in runs:
+                plan = plan_for(model, Scores("width", name, "all", values), ratio, "none", layers=spec)
+                cols = {i: torch.tensor(sorted(set(range(CHANNELS)) - set(e["mlp_channels"])))
+                        for i, e in plan.layers.items()}
+                with Zeroed(downs, cols):
+                    emit({"part": "ranges", "layers": spec, "criterion": name, "ppl": ppl(windows),
+                          "kept": CHANNELS - len(next(iter(cols.values()))), "cut_layers": sorted(cols),
+                          "removed_decoder": plan.extra["achieved"]["params_removed"] / sum(budget.layer_params),
+                          "windows": len(windows)})
 
 
 if __name__ == "__main__":
