@@ -221,3 +221,17 @@ def test_magnitude_and_random():
     torch.testing.assert_close(m2.channels[1], expected2.double().detach())
     r1, r2, r3 = W.random(shapes, 1), W.random(shapes, 1), W.random(shapes, 2)
     assert torch.equal(r1.channels[0], r2.channels[0]) and not torch.equal(r1.channels[0], r3.channels[0])
+
+
+def test_wanda_column_sums_are_bit_identical_to_the_plain_expression():
+    """Wanda's |W| column sums go through one reused float64 buffer (no per-layer copies that fragment
+    the heap); they must be exactly what ``w.abs().double().sum(0)`` gives, whatever the call order."""
+    from vlmprune.importance.width import _ColumnL1
+
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(shape, generator=gen) for shape in ((64, 128), (128, 64), (64, 64), (96, 160), (64, 128))]
+    weights.append(torch.randn(64, 128, generator=gen).to(torch.bfloat16))
+    column_l1 = _ColumnL1()
+    for w in weights:
+        got = column_l1(w)
+        assert got.dtype == torch.float64 and torch.equal(got, w.abs().double().sum(0))
