@@ -256,3 +256,17 @@ def test_magnitude_warns_that_it_is_a_baseline(caplog):
     with caplog.at_level("WARNING", logger="vlmprune"):
         score(build_tiny("llava_llama_gqa"), "width", "magnitude")
     assert "without data: a baseline" in caplog.text and "docs/performance.md" in caplog.text
+
+
+def test_wanda_column_sums_are_bit_identical_to_the_plain_expression():
+    """Wanda's |W| column sums go through one reused float64 buffer (no per-layer copies that fragment
+    the heap); they must be exactly what ``w.abs().double().sum(0)`` gives, whatever the call order."""
+    from vlmprune.importance.width import _ColumnL1
+
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(shape, generator=gen) for shape in ((64, 128), (128, 64), (64, 64), (96, 160), (64, 128))]
+    weights.append(torch.randn(64, 128, generator=gen).to(torch.bfloat16))
+    column_l1 = _ColumnL1()
+    for w in weights:
+        got = column_l1(w)
+        assert got.dtype == torch.float64 and torch.equal(got, w.abs().double().sum(0))

@@ -65,16 +65,36 @@ def wanda(stats: list[ActivationSums], o_weights: list[torch.Tensor], down_weigh
     """Wanda-sp: |W| * ||X|| of the columns a structure owns in o_proj / the down projection,
     with ||X|| the L2 norm of that input feature over the selected tokens."""
     heads, groups, channels = [], [], []
+    column_l1 = _ColumnL1()
     for a, w_o, w_down, s in zip(stats, o_weights, down_weights, shapes):
         if w_o is None:  # a layer without prunable heads (hybrid linear attention)
             col_o = torch.zeros(s.num_heads * s.head_dim, dtype=torch.float64)
         else:
-            col_o = w_o.detach().abs().double().sum(0).cpu() * a.o_sq.sqrt()    # [H * d]
+            col_o = column_l1(w_o) * a.o_sq.sqrt()    # [H * d]
         head = col_o.reshape(s.num_heads, s.head_dim).sum(-1)
         heads.append(head)
         groups.append(head.reshape(s.num_kv_heads, -1).sum(-1))
-        channels.append(w_down.detach().abs().double().sum(0).cpu() * a.down_sq.sqrt())
+        channels.append(column_l1(w_down) * a.down_sq.sqrt())
     return WidthScores(heads, groups, channels)
+
+
+class _ColumnL1:
+    """Sum of |w| over each input column of a weight, in float64: ``weight.abs().double().sum(0)``,
+    bit for bit, but through one float64 scratch buffer reused for every weight. Fresh |W| and
+    float64 copies per layer (freed at once, but with the small results placed between them) left
+    ~150 MiB of fragmented heap resident on the 135M demo model: the peak of the wanda command."""
+
+    def __init__(self):
+        self.scratch = None
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        weight = weight.detach()
+        n = weight.numel()
+        if self.scratch is None or self.scratch.numel() < n or self.scratch.device != weight.device:
+            self.scratch = torch.empty(n, dtype=torch.float64, device=weight.device)
+        work = self.scratch[:n].view(weight.shape)
+        work.copy_(weight).abs_()
+        return work.sum(0).cpu()
 
 
 def random(shapes: list[LayerShape], seed: int = 0) -> WidthScores:
