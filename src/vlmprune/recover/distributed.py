@@ -1,4 +1,4 @@
-"""Recovery under a launcher: FSDP2 on CPU processes, and the final model gathered from shards.
+"""Recovery under a launcher: FSDP2 on CPU processes, DeepSpeed, and the final model gathered from shards.
 
 ``accelerate launch --config_file configs/accelerate/fsdp.yaml`` on a machine without an
 accelerator would silently train plain DDP: accelerate 1.x turns FSDP on only for GPU-like
@@ -10,10 +10,16 @@ Under FSDP the student's parameters are DTensor shards; the final model is gathe
 process as a full state dict (a collective: every process calls :func:`gathered_state_dict`) and
 loaded into a fresh copy of the student built the same way (LoRA wrappers included), so the output
 is the same plain ``save_pretrained`` directory as a single-process run writes.
+
+DeepSpeed (ZeRO-1/2/3) runs on CPU processes as it is: deepspeed picks its CPU accelerator and
+gloo. Models load whole under it (:func:`whole_weights`), and it refuses data that mixes image
+and text-only samples (:func:`check_modalities`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import logging
 import os
 
@@ -64,11 +70,64 @@ def enable_cpu_fsdp() -> None:
 
 def check_launch() -> None:
     """Refuse combinations that cannot work under the launcher's backend, before any model loads."""
-    backend = launcher_backend()
-    if backend == "deepspeed" and not torch.accelerator.is_available():
-        raise VlmpruneError("DeepSpeed needs a GPU here (vlmprune's DeepSpeed configs are for GPUs; its CPU path "
-                            "is untested); on a CPU machine use configs/accelerate/fsdp.yaml (FSDP2 over gloo) or "
-                            "configs/accelerate/ddp.yaml")
+    if launcher_backend() == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise VlmpruneError("the launch config asks for DeepSpeed, which is not installed: pip install "
+                            "'vlmprune[deepspeed]' (it builds a small C++ op on first use, so a compiler is needed), "
+                            "or launch with configs/accelerate/fsdp.yaml (FSDP2, no extra package)")
+
+
+def zero_stage() -> int | None:
+    """The DeepSpeed ZeRO stage the launcher asked for (None outside DeepSpeed)."""
+    if launcher_backend() != "deepspeed":
+        return None
+    return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+
+
+def check_modalities(samples, num_processes: int) -> None:
+    """Refuse DeepSpeed on data that mixes image and text-only samples, before any model loads.
+
+    A process whose micro-batch has no image skips the vision tower and projector while another
+    runs them. ZeRO-3 gathers a module's weight shards with a collective when the module runs, so
+    the processes' collectives stop matching (training hangs; deepspeedai/DeepSpeed#7170). ZeRO-1/2
+    reduce gradients in buckets filled in the order gradients arrive: the projector's gradients are
+    missing on one process (gloo aborts), and if they are made up (zeros) they arrive at another
+    point of the backward and are summed with other weights' gradients (measured: a step with the
+    text-only sample moved the weights 1e-3 away from one process's, silently).
+    """
+    if zero_stage() is None or num_processes < 2:
+        return
+    with_images = sum(bool(s.images) for s in samples)
+    if 0 < with_images < len(samples):
+        raise VlmpruneError(
+            f"DeepSpeed ZeRO-{zero_stage()} cannot train on data that mixes samples with images ({with_images}) and "
+            f"text-only samples ({len(samples) - with_images}): a process with a text-only micro-batch skips the "
+            f"vision tower and projector the other processes run, and DeepSpeed's collectives stop matching. Use "
+            f"configs/accelerate/fsdp.yaml (FSDP2 keeps the vision tower and projector in its root unit and reduces "
+            f"zeros for unused weights) or ddp.yaml, or train on the samples with images only")
+
+
+@contextlib.contextmanager
+def whole_weights():
+    """Load models whole inside this block, even under a DeepSpeed ZeRO-3 launch.
+
+    Creating the TrainingArguments of a ZeRO-3 launch registers transformers' DeepSpeed config
+    globally, and from then on every ``from_pretrained`` builds its model under ``deepspeed.zero.Init``:
+    each process keeps a 0-element placeholder per weight. vlmprune counts, wraps (LoRA) and pairs
+    the student's layers before training, and runs the teacher outside any DeepSpeed engine, so
+    both load whole (as ``zero3_init_flag: false`` in the launch config says); DeepSpeed partitions
+    the student when the Trainer prepares it. Elsewhere this does nothing.
+    """
+    if launcher_backend() != "deepspeed":
+        yield
+        return
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
 
 
 def is_sharded(trainer) -> bool:

@@ -26,8 +26,8 @@ from vlmprune.paths import check_safetensors, claim_output
 from vlmprune.plan import PLAN_FILE, PruningPlan
 from vlmprune.config import RESOLVED_CONFIG, RecoverConfig
 from vlmprune.recover.losses import layer_map
-from vlmprune.recover.distributed import (check_launch, enable_cpu_fsdp, gathered_state_dict, is_sharded,
-                                          launcher_backend, load_gathered)
+from vlmprune.recover.distributed import (check_launch, check_modalities, enable_cpu_fsdp, gathered_state_dict,
+                                          is_sharded, launcher_backend, load_gathered, whole_weights)
 from vlmprune.recover.plots import plot_loss_curve
 from vlmprune.recover.teacher import check_teacher_placement, host_bytes, place_teacher, resident_bytes
 from vlmprune.recover.trainable import count_trainable, merged, set_trainable_
@@ -115,18 +115,46 @@ def complete_checkpoints(directory: Path) -> list[Path]:
                 problem = "no weights"
             for file in weights:
                 check_safetensors(file)
-            if not (path / "optimizer.pt").is_file() and not (path / "optimizer.bin").is_file():
+            if launcher_backend() != "deepspeed" and not any((path / f).is_file() for f in ("optimizer.pt", "optimizer.bin")):
                 problem = "no optimizer state"
             fsdp_weights = path / f"{FSDP_MODEL_NAME}.bin"
             if launcher_backend() == "fsdp" and not (fsdp_weights.is_file() and zipfile.is_zipfile(fsdp_weights)):
                 problem = f"no complete {fsdp_weights.name} (the FSDP shards resume from it)"
         except (OSError, ValueError, VlmpruneError) as exc:
             problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if not problem and launcher_backend() == "deepspeed":
+            problem = _deepspeed_checkpoint_problem(path)  # raises for a launch of another size
         if problem:
             log.warning("vlmprune recover: skipping incomplete checkpoint %s (%s)", path, problem)
             continue
         found.append((int(step), path))
     return [path for _, path in sorted(found, reverse=True)]
+
+
+def _deepspeed_checkpoint_problem(path: Path) -> str | None:
+    """What is missing from a DeepSpeed checkpoint (None: complete), or an error if it cannot resume here.
+
+    DeepSpeed writes ``global_step<N>/`` with the model states and one optimizer-state file per
+    process, then the file ``latest`` naming that folder. Its ZeRO shards resume only on the number of
+    processes that wrote them.
+    """
+    latest = path / "latest"
+    if not latest.is_file():
+        return "no 'latest' file (DeepSpeed writes it last)"
+    tag = path / latest.read_text().strip()
+    models = list(tag.glob("*model_states.pt")) if tag.is_dir() else []
+    optims = list(tag.glob("*optim_states.pt")) if tag.is_dir() else []
+    if not models or not optims:
+        return f"no DeepSpeed model and optimizer states in {tag.name}"
+    for file in models + optims:
+        if not zipfile.is_zipfile(file):
+            return f"{file.name} is cut short"
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if len(optims) != processes:
+        raise VlmpruneError(f"{path} was written by {len(optims)} DeepSpeed processes and this launch has {processes}: "
+                            f"ZeRO optimizer shards resume only on as many processes as wrote them; launch with "
+                            f"--num_processes {len(optims)}, or pass --overwrite to start over")
+    return None
 
 
 def _prepare_checkpoints(cfg: RecoverConfig, is_main: bool) -> Path | None:
@@ -165,7 +193,8 @@ def _finished_at(checkpoint: Path | None, cfg: RecoverConfig) -> bool:
 
 def _build_student(cfg: RecoverConfig) -> nn.Module:
     """The student as training sees it before the first step (LoRA-wrapped for ``--train lora``)."""
-    student = load(cfg.student, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+    with whole_weights():
+        student = load(cfg.student, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
     return set_trainable_(student, cfg.train, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
 
 
@@ -213,6 +242,8 @@ def recover(cfg: RecoverConfig, callbacks: list[transformers.TrainerCallback] | 
 
 def _recover(cfg: RecoverConfig, args, state, callbacks, cleanup: contextlib.ExitStack) -> Path:
     resume = _prepare_checkpoints(cfg, state.is_main_process)
+    if resume is not None and state.is_main_process:
+        log.info("vlmprune recover: resuming from %s", resume)
     state.wait_for_everyone()
 
     # Data first: a bad fraction or an empty subset fails before any model loads.
@@ -223,6 +254,7 @@ def _recover(cfg: RecoverConfig, args, state, callbacks, cleanup: contextlib.Exi
 
     if len(set(gather_object([_ids_digest(ids)]))) > 1:
         raise VlmpruneError("the processes of this run chose different samples; the data differs between them")
+    check_modalities(samples, state.num_processes)
 
     processor = load_processor(cfg.student, cfg.trust_remote_code)
     plan_path = Path(cfg.student) / PLAN_FILE
@@ -230,11 +262,13 @@ def _recover(cfg: RecoverConfig, args, state, callbacks, cleanup: contextlib.Exi
     teacher = None
     if cfg.teacher:
         check_same_tokenizer(processor, load_processor(cfg.teacher, cfg.trust_remote_code), cfg.student, cfg.teacher)
-        teacher = load(cfg.teacher, dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
-                       trust_remote_code=cfg.trust_remote_code)
+        with whole_weights():  # a ZeRO-3 launch would load it as empty shards no engine gathers
+            teacher = load(cfg.teacher, dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
+                           trust_remote_code=cfg.trust_remote_code)
         if plan is not None and "source" in plan.extra:
             check_teacher(teacher, plan.extra["source"], cfg.teacher)
-    student = load(cfg.student, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+    with whole_weights():  # counted, wrapped and paired below; DeepSpeed partitions it when the Trainer prepares it
+        student = load(cfg.student, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
     if teacher is not None and "logits" in cfg.loss:
         s_vocab = student.get_output_embeddings().weight.shape[0]
         t_vocab = teacher.get_output_embeddings().weight.shape[0]
