@@ -322,11 +322,13 @@ def test_deepspeed_two_processes_equal_one_process(dirs, launched, single, stage
     """ZeRO-2 (optimizer state and gradients sharded) and ZeRO-3 (weights too) with hidden+logit
     distillation from a whole teacher per process: the final weights, gathered from the shards under
     ZeRO-3, equal one process's."""
-    common = ("--train", train, "--max-steps", "3", "--loss", "sft=1,logits=1,hidden=1", "--images-only")
+    # a tenth of the other tests' learning rate: at 1e-2 the gradient norm reaches ~450 by step 3 on these
+    # samples and amplifies rounding (LoRA ended ~1e-4 apart)
+    common = ("--train", train, "--max-steps", "3", "--loss", "sft=1,logits=1,hidden=1", "--images-only",
+              "--learning-rate", "1e-3")
     out = launched(f"deepspeed_zero{stage}.yaml", *common)
-    # DeepSpeed reduces its gradients in buckets of another order: up to ~4e-5 apart against ~2e-2 of
-    # change (a gradient summed with the wrong weights' was 1e-3 off)
-    assert_equals_one_process(out, single(*common), dirs, f"deepspeed zero-{stage} ({train})", atol=1e-4)
+    # DeepSpeed reduces its gradients in buckets of another order: up to ~4e-6 apart against ~2e-3 of change
+    assert_equals_one_process(out, single(*common), dirs, f"deepspeed zero-{stage} ({train})", atol=2e-5)
     record = recovery_record(out)
     assert len(set(record["teacher_bytes_per_process"])) == 1 and record["teacher_bytes_per_process"][0] > 0
 
