@@ -348,3 +348,41 @@ def test_deepspeed_refuses_data_mixing_images_and_text_only_samples(dirs, monkey
     check_modalities(read_samples(dirs["image_only"], dirs["images"]), num_processes=2)
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")  # FSDP and DDP train on mixed data (tests above)
     check_modalities(mixed, num_processes=2)
+
+
+def test_deepspeed_checkpoints_count_as_complete_only_when_whole(tmp_path, monkeypatch):
+    """A DeepSpeed checkpoint resumes from ``latest`` -> ``global_step*/`` (model states + one optimizer file
+    per process, each a whole zip); cut short it is skipped; written by another process count it is refused."""
+    import zipfile
+
+    from vlmprune.recover.run import complete_checkpoints
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    torch_file = tmp_path / "state.pt"
+    torch.save({"x": torch.zeros(2)}, torch_file)  # a zip, as DeepSpeed writes them
+    assert zipfile.is_zipfile(torch_file)
+
+    def checkpoint(step, ranks=2, latest=True, cut=False):
+        path = tmp_path / "ckpts" / f"checkpoint-{step}"
+        tag = path / f"global_step{step}"
+        tag.mkdir(parents=True)
+        (path / "trainer_state.json").write_text("{}")
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.zeros(2)}, str(path / "model.safetensors"))
+        (tag / "mp_rank_00_model_states.pt").write_bytes(torch_file.read_bytes())
+        for rank in range(ranks):
+            data = torch_file.read_bytes()
+            (tag / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(data[:20] if cut and rank else data)
+        if latest:
+            (path / "latest").write_text(tag.name)
+        return path
+
+    good = checkpoint(2)
+    checkpoint(4, latest=False)  # killed before DeepSpeed named it
+    checkpoint(6, cut=True)      # rank 1's optimizer file cut short
+    assert complete_checkpoints(tmp_path / "ckpts") == [good]
+    checkpoint(8, ranks=4)
+    with pytest.raises(VlmpruneError, match="written by 4 DeepSpeed processes and this launch has 2.*--num_processes 4"):
+        complete_checkpoints(tmp_path / "ckpts")
