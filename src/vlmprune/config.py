@@ -503,6 +503,7 @@ class ReportConfig:
 
 LOSSES = ("sft", "logits", "hidden")
 TRAIN_MODES = ("projector", "lm", "lora", "all")
+MODALITY_GROUPING = ("auto", "on", "off")
 # transformers.SchedulerType values (checked against transformers when a run starts)
 REPORT_TO = ("none", "all", "tensorboard", "wandb", "mlflow", "comet_ml", "clearml", "dvclive", "trackio", "swanlab")
 
@@ -581,6 +582,9 @@ class RecoverConfig:
                                  type=float)
     num_samples: int | None = opt(None, "train on this many samples (seeded, stratified by source)", type=int)
     max_length: int | None = opt(None, "truncate longer samples (never their image tokens)", type=int)
+    group_by_modality: str = opt("auto", "train every optimizer step on samples of one kind (all with images or "
+                                         "all text-only): on, off, or auto (on where a DeepSpeed launch of 2+ "
+                                         "processes needs it, on data that mixes the two)", choices=MODALITY_GROUPING)
     system_prompt: str | None = opt(None, "system message for samples without one")
     # training (passed to transformers.TrainingArguments under the same names)
     learning_rate: float = opt(2e-5, "peak learning rate", type=float)
@@ -616,6 +620,7 @@ class RecoverConfig:
         one_of("kd_tokens", self.kd_tokens, ("answer", "text"), allow_none=False)
         one_of("hidden_tokens", self.hidden_tokens, ("all", "text", "answer"), allow_none=False)
         one_of("train", self.train, TRAIN_MODES, allow_none=False)
+        one_of("group_by_modality", self.group_by_modality, MODALITY_GROUPING, allow_none=False)
         for name in ("temperature", "learning_rate", "num_train_epochs", "lora_alpha"):
             positive(name, getattr(self, name), allow_none=False, kind=float)
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "lora_r", "logging_steps",

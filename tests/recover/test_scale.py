@@ -65,9 +65,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(config: str, args: list[str]) -> list[str]:
+def launch(config: str, args: list[str], processes: int = 2) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / config),
-            "--mixed_precision", "no", "--main_process_port", str(free_port()), "-m", "vlmprune.cli", *args]
+            "--num_processes", str(processes), "--mixed_precision", "no", "--main_process_port", str(free_port()),
+            "-m", "vlmprune.cli", *args]
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +143,16 @@ def test_fsdp2_two_processes_equal_one_process(dirs, fsdp_run, single, train):
     """Two FSDP2 processes with one sample each per step = one process accumulating two micro-batches."""
     common = ("--train", train, "--max-steps", "3", "--loss", "sft=1,logits=1,hidden=1")
     assert_equals_one_process(fsdp_run(*common), single(*common), dirs, f"fsdp2 ({train})")
+
+
+def test_ddp_with_activation_checkpointing_trains_data_mixing_images_and_text(dirs, launched, single):
+    """Step 6 gives one process the text-only sample: its projector goes unused there. With activation
+    checkpointing the Trainer tells DDP that every parameter is used, and the run hung at that step;
+    DDP now looks for unused parameters whenever the data mixes the two kinds."""
+    common = ("--train", "all", "--max-steps", "6", "--loss", "sft=1,hidden=1", "--gradient-checkpointing")
+    # six steps at lr 1e-2 (gradient norms up to ~540): 1.6e-5 apart against 3.5e-2 of change
+    assert_equals_one_process(launched("ddp.yaml", *common), single(*common), dirs, "ddp + checkpointing",
+                              atol=5e-5, steps=6)
 
 
 @pytest.mark.parametrize("config", ["fsdp.yaml", pytest.param("deepspeed_zero3.yaml", marks=needs_deepspeed)])
@@ -295,8 +306,9 @@ def test_deepspeed_configs_build_the_trainer_arguments(name, tmp_path):
     from accelerate.utils import DeepSpeedPlugin
 
     ds = yaml.safe_load((ACCELERATE / name).read_text())["deepspeed_config"]
-    plugin = DeepSpeedPlugin(zero_stage=ds["zero_stage"], gradient_accumulation_steps=ds["gradient_accumulation_steps"],
-                             gradient_clipping=ds["gradient_clipping"], zero3_save_16bit_model=ds.get("zero3_save_16bit_model"))
+    # no gradient_accumulation_steps in the config: "auto", the Trainer's --gradient-accumulation-steps
+    assert "gradient_accumulation_steps" not in ds
+    plugin = DeepSpeedPlugin(zero_stage=ds["zero_stage"], gradient_clipping=ds["gradient_clipping"], zero3_save_16bit_model=ds.get("zero3_save_16bit_model"))
     assert plugin.deepspeed_config["zero_optimization"]["stage"] == ds["zero_stage"]
 
 
@@ -333,21 +345,63 @@ def test_deepspeed_two_processes_equal_one_process(dirs, launched, single, stage
     assert len(set(record["teacher_bytes_per_process"])) == 1 and record["teacher_bytes_per_process"][0] > 0
 
 
-@pytest.mark.parametrize("stage", ["1", "2", "3"])
-def test_deepspeed_refuses_data_mixing_images_and_text_only_samples(dirs, monkeypatch, stage):
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_trains_data_mixing_images_and_text_a_kind_per_step(dirs, tmp_path, stage):
+    """On data with a text-only sample every step trains on one kind (grouped by default under
+    DeepSpeed): without it ZeRO-3 hung and ZeRO-2 aborted at the step where one process had the
+    text-only sample. Seven steps cover the epoch (six image steps and the text-only one). The reference
+    is one DeepSpeed process accumulating two micro-batches: DeepSpeed's flat optimizer state moves the
+    projector on a text-only step too (a zero gradient), where torch's AdamW skips a weight with none."""
+    common = ["--train", "all", "--max-steps", "7", "--loss", "sft=1,hidden=1", "--learning-rate", "1e-3"]
+    config = f"deepspeed_zero{stage}.yaml"
+    two = subprocess.run(launch(config, argv(dirs, tmp_path / "two", *common)), env=ENV, capture_output=True,
+                         text=True, timeout=300)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    assert "every optimizer step trains on samples of one kind" in two.stderr
+    one = subprocess.run(launch(config, argv(dirs, tmp_path / "one", *common, "--gradient-accumulation-steps", "2",
+                                             "--group-by-modality", "on"), processes=1),
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    diff, moved = assert_same_weights(tmp_path / "two", tmp_path / "one", dirs["student"], atol=2e-5)
+    print(f"deepspeed zero-{stage} on mixed data vs one process: max |diff| {diff:.2e}, max |change| {moved:.2e}")
+    assert recovery_record(tmp_path / "two")["steps"] == 7
+
+
+def test_modality_grouping_is_decided_before_anything_loads(dirs, monkeypatch):
     from vlmprune.data import read_samples
-    from vlmprune.recover.distributed import check_modalities
+    from vlmprune.recover.distributed import group_by_modality
 
     mixed = read_samples(dirs["data"], dirs["images"])
+    images = read_samples(dirs["image_only"], dirs["images"])
+    assert not group_by_modality(mixed, num_processes=2)  # DDP and FSDP train mixed steps (tests above)
+    assert group_by_modality(mixed, num_processes=1, choice="on")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", stage)
-    with pytest.raises(VlmpruneError, match=rf"ZeRO-{stage} .* mixes samples with images \(11\) and text-only "
-                                            r"samples \(1\).*fsdp.yaml.*ddp.yaml"):
-        check_modalities(mixed, num_processes=2)
-    check_modalities(mixed, num_processes=1)  # one process reduces nothing
-    check_modalities(read_samples(dirs["image_only"], dirs["images"]), num_processes=2)
-    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")  # FSDP and DDP train on mixed data (tests above)
-    check_modalities(mixed, num_processes=2)
+    for stage in ("1", "2", "3"):
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", stage)
+        assert group_by_modality(mixed, num_processes=2)
+        with pytest.raises(VlmpruneError, match=rf"ZeRO-{stage} .* mix samples with images \(11\) and text-only "
+                                                r"samples \(1\).*--group-by-modality off.*fsdp.yaml.*ddp.yaml"):
+            group_by_modality(mixed, num_processes=2, choice="off")
+    assert not group_by_modality(mixed, num_processes=1)  # one process reduces nothing
+    assert not group_by_modality(images, num_processes=2)  # one kind only
+    group_by_modality(images, num_processes=2, choice="off")
+
+
+@pytest.mark.parametrize("unit", [1, 2, 3, 4])
+def test_modality_grouped_sampler_gives_every_step_one_kind(unit):
+    from vlmprune.recover.distributed import ModalityGroupedSampler
+
+    has_image = [True] * 11 + [False] * 3
+    sampler = ModalityGroupedSampler(has_image, unit, seed=5)
+    order = list(sampler)
+    assert len(order) == len(sampler) and len(order) % unit == 0
+    assert set(order) == set(range(len(has_image)))  # every sample, some repeated to fill a kind's last unit
+    assert len(order) - len(has_image) < 2 * unit
+    assert all(len({has_image[i] for i in order[k:k + unit]}) == 1 for k in range(0, len(order), unit))
+    assert list(ModalityGroupedSampler(has_image, unit, seed=5)) == order  # the same on every process
+    sampler.set_epoch(1)
+    assert list(sampler) != order and sorted(set(sampler)) == sorted(set(order))
 
 
 def test_deepspeed_checkpoints_count_as_complete_only_when_whole(tmp_path, monkeypatch):

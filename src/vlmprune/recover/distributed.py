@@ -12,8 +12,8 @@ loaded into a fresh copy of the student built the same way (LoRA wrappers includ
 is the same plain ``save_pretrained`` directory as a single-process run writes.
 
 DeepSpeed (ZeRO-1/2/3) runs on CPU processes as it is: deepspeed picks its CPU accelerator and
-gloo. Models load whole under it (:func:`whole_weights`), and it refuses data that mixes image
-and text-only samples (:func:`check_modalities`).
+gloo. Models load whole under it (:func:`whole_weights`); on data that mixes image and text-only
+samples every step trains on one kind (:func:`group_by_modality`, :class:`ModalityGroupedSampler`).
 """
 
 from __future__ import annotations
@@ -83,8 +83,9 @@ def zero_stage() -> int | None:
     return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
 
 
-def check_modalities(samples, num_processes: int) -> None:
-    """Refuse DeepSpeed on data that mixes image and text-only samples, before any model loads.
+def group_by_modality(samples, num_processes: int, choice: str = "auto") -> bool:
+    """Whether every optimizer step must train on samples of one kind (all with images, or all
+    text-only); refuses, before any model loads, what cannot train.
 
     A process whose micro-batch has no image skips the vision tower and projector while another
     runs them. ZeRO-3 gathers a module's weight shards with a collective when the module runs, so
@@ -92,18 +93,62 @@ def check_modalities(samples, num_processes: int) -> None:
     reduce gradients in buckets filled in the order gradients arrive: the projector's gradients are
     missing on one process (gloo aborts), and if they are made up (zeros) they arrive at another
     point of the backward and are summed with other weights' gradients (measured: a step with the
-    text-only sample moved the weights 1e-3 away from one process's, silently).
+    text-only sample moved the weights 1e-3 away from one process's, silently). With every step of
+    one kind (:class:`ModalityGroupedSampler`) all processes run the same modules. FSDP2 and DDP
+    train on mixed steps (FSDP2 reduces zeros for unused weights; DDP looks for unused parameters).
+
+    ``choice``: ``on`` / ``off``, or ``auto``: on for DeepSpeed with 2+ processes on mixed data.
     """
-    if zero_stage() is None or num_processes < 2:
-        return
     with_images = sum(bool(s.images) for s in samples)
-    if 0 < with_images < len(samples):
+    mixed = 0 < with_images < len(samples)
+    needed = mixed and zero_stage() is not None and num_processes >= 2
+    if choice == "off" and needed:
         raise VlmpruneError(
-            f"DeepSpeed ZeRO-{zero_stage()} cannot train on data that mixes samples with images ({with_images}) and "
+            f"DeepSpeed ZeRO-{zero_stage()} cannot train steps that mix samples with images ({with_images}) and "
             f"text-only samples ({len(samples) - with_images}): a process with a text-only micro-batch skips the "
-            f"vision tower and projector the other processes run, and DeepSpeed's collectives stop matching. Use "
-            f"configs/accelerate/fsdp.yaml (FSDP2 keeps the vision tower and projector in its root unit and reduces "
-            f"zeros for unused weights) or ddp.yaml, or train on the samples with images only")
+            f"vision tower and projector the other processes run, and DeepSpeed's collectives stop matching. Drop "
+            f"--group-by-modality off (every step then trains on one kind of sample), or use "
+            f"configs/accelerate/fsdp.yaml (FSDP2 reduces zeros for unused weights) or ddp.yaml")
+    return choice == "on" or (choice == "auto" and needed)
+
+
+class ModalityGroupedSampler(torch.utils.data.Sampler):
+    """Sample indices so that each run of ``unit`` consecutive indices is of one kind: all samples
+    with images or all text-only. With ``unit`` = micro-batch x accumulation steps x processes,
+    every optimizer step trains on one kind on every process (accelerate hands process ``i`` the
+    batches ``i, i + P, ...`` of this order).
+
+    Per epoch (seeded by ``seed + epoch``, the same on every process): each kind is shuffled and its
+    last unit filled up by repeating the kind's first samples of the epoch (as a distributed sampler
+    pads), then the units are shuffled. One process with accumulation A sees the same order as A
+    processes, so the two train alike.
+    """
+
+    def __init__(self, has_image, unit: int, seed: int):
+        self.has_image = [bool(h) for h in has_image]
+        self.unit = int(unit)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _kinds(self) -> list[list[int]]:
+        return [idx for idx in ([i for i, h in enumerate(self.has_image) if h == kind] for kind in (True, False))
+                if idx]
+
+    def __len__(self) -> int:
+        return sum(-(-len(idx) // self.unit) * self.unit for idx in self._kinds())
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        units = []
+        for idx in self._kinds():
+            order = [idx[j] for j in torch.randperm(len(idx), generator=generator).tolist()]
+            order += [order[k % len(order)] for k in range(-len(order) % self.unit)]
+            units += [order[k:k + self.unit] for k in range(0, len(order), self.unit)]
+        for u in torch.randperm(len(units), generator=generator).tolist():
+            yield from units[u]
 
 
 @contextlib.contextmanager

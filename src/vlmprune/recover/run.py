@@ -26,7 +26,7 @@ from vlmprune.paths import check_safetensors, claim_output
 from vlmprune.plan import PLAN_FILE, PruningPlan
 from vlmprune.config import RESOLVED_CONFIG, RecoverConfig
 from vlmprune.recover.losses import layer_map
-from vlmprune.recover.distributed import (check_launch, check_modalities, enable_cpu_fsdp, gathered_state_dict,
+from vlmprune.recover.distributed import (check_launch, enable_cpu_fsdp, gathered_state_dict, group_by_modality,
                                           is_sharded, launcher_backend, load_gathered, whole_weights)
 from vlmprune.recover.plots import plot_loss_curve
 from vlmprune.recover.teacher import check_teacher_placement, host_bytes, place_teacher, resident_bytes
@@ -254,7 +254,14 @@ def _recover(cfg: RecoverConfig, args, state, callbacks, cleanup: contextlib.Exi
 
     if len(set(gather_object([_ids_digest(ids)]))) > 1:
         raise VlmpruneError("the processes of this run chose different samples; the data differs between them")
-    check_modalities(samples, state.num_processes)
+    grouped = group_by_modality(samples, state.num_processes, cfg.group_by_modality)
+    if grouped and state.is_main_process:
+        log.info("vlmprune recover: every optimizer step trains on samples of one kind (with images or text-only)")
+    if len({bool(s.images) for s in samples}) == 2 and args.ddp_find_unused_parameters is None:
+        # A text-only micro-batch leaves the projector unused. Under DDP with activation checkpointing the
+        # Trainer would tell DDP that every parameter is used, and the processes would wait for each other
+        # forever; non-reentrant checkpointing works with unused-parameter detection.
+        args.ddp_find_unused_parameters = True
 
     processor = load_processor(cfg.student, cfg.trust_remote_code)
     plan_path = Path(cfg.student) / PLAN_FILE
@@ -313,7 +320,7 @@ def _recover(cfg: RecoverConfig, args, state, callbacks, cleanup: contextlib.Exi
         model=model, args=args, train_dataset=samples, data_collator=collator, callbacks=callbacks,
         teacher=teacher, weights=cfg.loss, image_token_id=collator.image_token_id, temperature=cfg.temperature,
         kd_tokens=cfg.kd_tokens, student_layers=student_layers, teacher_layers=teacher_layers,
-        hidden_tokens=cfg.hidden_tokens,
+        hidden_tokens=cfg.hidden_tokens, group_by_modality=grouped,
     )
     if _finished_at(resume, cfg):
         # The Trainer would run one step past the end from here; the checkpoint already is the result.

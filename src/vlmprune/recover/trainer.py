@@ -19,6 +19,7 @@ from torch import nn
 from vlmprune.data import IGNORE_INDEX, token_masks
 from vlmprune.errors import VlmpruneError
 from vlmprune.io import check_finite
+from vlmprune.recover.distributed import ModalityGroupedSampler
 from vlmprune.recover.losses import hidden_mse, logit_kd, next_token, sft_loss
 
 
@@ -104,6 +105,8 @@ class RecoveryTrainer(transformers.Trainer):
         temperature / kd_tokens: logit KD temperature, and ``answer`` or ``text`` targets.
         student_layers / teacher_layers: paired decoder-layer modules for the hidden loss.
         hidden_tokens: ``all`` (every real token), ``text`` or ``answer``.
+        group_by_modality: train every optimizer step on samples of one kind (all with images, or
+            all text-only; :class:`~vlmprune.recover.distributed.ModalityGroupedSampler`).
 
     Each loss is a per-token mean over one micro-batch (``loss_is_scaled_for_ga = False``, so the
     Trainer divides by the accumulation steps). Unweighted terms are logged as ``loss_<name>``.
@@ -113,7 +116,9 @@ class RecoveryTrainer(transformers.Trainer):
 
     def __init__(self, *args, teacher: nn.Module | None = None, weights: dict[str, float], image_token_id: int,
                  temperature: float = 2.0, kd_tokens: str = "answer", student_layers: Sequence[nn.Module] = (),
-                 teacher_layers: Sequence[nn.Module] = (), hidden_tokens: str = "all", **kwargs):
+                 teacher_layers: Sequence[nn.Module] = (), hidden_tokens: str = "all", group_by_modality: bool = False,
+                 **kwargs):
+        self.group_by_modality = group_by_modality
         super().__init__(*args, **kwargs)
         self.weights = dict(weights)
         self.image_token_id = image_token_id
@@ -133,6 +138,15 @@ class RecoveryTrainer(transformers.Trainer):
         self._calls = 0
         if self.is_fsdp_enabled:
             self.add_callback(_ReduceUnusedParams())
+
+    def _get_train_sampler(self, train_dataset=None):
+        if not self.group_by_modality:
+            return super()._get_train_sampler(train_dataset)
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        args = self.args
+        unit = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+        return ModalityGroupedSampler([bool(s.images) for s in dataset], unit,
+                                      args.seed if args.data_seed is None else args.data_seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Weighted sum of the configured losses on one micro-batch."""
