@@ -355,7 +355,8 @@ def test_deepspeed_trains_data_mixing_images_and_text_a_kind_per_step(dirs, tmp_
     projector on a text-only step too (a zero gradient), where torch's AdamW skips a weight with none."""
     common = ["--train", "all", "--max-steps", "7", "--loss", "sft=1,hidden=1", "--learning-rate", "1e-3"]
     config = f"deepspeed_zero{stage}.yaml"
-    two = subprocess.run(launch(config, argv(dirs, tmp_path / "two", *common)), env=ENV, capture_output=True,
+    two = subprocess.run(launch(config, argv(dirs, tmp_path / "two", *common, "--save-steps", "7", "--keep-checkpoints")), env=ENV,
+                         capture_output=True,
                          text=True, timeout=300)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     assert "every optimizer step trains on samples of one kind" in two.stderr
@@ -366,6 +367,13 @@ def test_deepspeed_trains_data_mixing_images_and_text_a_kind_per_step(dirs, tmp_
     diff, moved = assert_same_weights(tmp_path / "two", tmp_path / "one", dirs["student"], atol=2e-5)
     print(f"deepspeed zero-{stage} on mixed data vs one process: max |diff| {diff:.2e}, max |change| {moved:.2e}")
     assert recovery_record(tmp_path / "two")["steps"] == 7
+    if stage == 3:  # killed while writing the output: --resume finds the last step's checkpoint and writes it
+        (tmp_path / "two").rename(tmp_path / "first")
+        again = subprocess.run(launch(config, argv(dirs, tmp_path / "two", *common, "--save-steps", "7", "--resume")), env=ENV,
+                               capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        assert again.stderr.count("is the run's last step; writing it without training further") == 1
+        assert_same_weights(tmp_path / "two", tmp_path / "first", dirs["student"], atol=1e-12)  # the same bits
 
 
 def test_modality_grouping_is_decided_before_anything_loads(dirs, monkeypatch):

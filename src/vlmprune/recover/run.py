@@ -324,7 +324,8 @@ def _recover(cfg: RecoverConfig, args, state, callbacks, cleanup: contextlib.Exi
     )
     if _finished_at(resume, cfg):
         # The Trainer would run one step past the end from here; the checkpoint already is the result.
-        log.info("vlmprune recover: %s is the run's last step; writing it without training further", resume)
+        if state.is_main_process:
+            log.info("vlmprune recover: %s is the run's last step; writing it without training further", resume)
         if trainer.is_fsdp_enabled:  # the model is not sharded yet: its full weights are the checkpoint's safetensors
             from safetensors.torch import load_file
 
