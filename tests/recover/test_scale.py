@@ -376,6 +376,20 @@ def test_deepspeed_trains_data_mixing_images_and_text_a_kind_per_step(dirs, tmp_
         assert_same_weights(tmp_path / "two", tmp_path / "first", dirs["student"], atol=1e-12)  # the same bits
 
 
+@needs_deepspeed
+def test_a_deepspeed_config_that_disagrees_with_the_options_is_a_clear_error(dirs, tmp_path):
+    config = yaml.safe_load((ACCELERATE / "deepspeed_zero2.yaml").read_text())
+    config["deepspeed_config"]["gradient_accumulation_steps"] = 1
+    (tmp_path / "fixed.yaml").write_text(yaml.safe_dump(config))
+    cmd = launch("deepspeed_zero2.yaml", argv(dirs, tmp_path / "out", "--max-steps", "1", "--images-only",
+                                               "--gradient-accumulation-steps", "2"), processes=1)
+    cmd[cmd.index("--config_file") + 1] = str(tmp_path / "fixed.yaml")
+    run = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "internal error" not in run.stderr
+    assert "fixes values that vlmprune recover's options set: remove those keys or set them to auto" in run.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_modality_grouping_is_decided_before_anything_loads(dirs, monkeypatch):
     from vlmprune.data import read_samples
     from vlmprune.recover.distributed import group_by_modality

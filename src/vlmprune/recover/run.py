@@ -334,7 +334,15 @@ def _recover(cfg: RecoverConfig, args, state, callbacks, cleanup: contextlib.Exi
             trainer._load_from_checkpoint(str(resume))
         trainer.state = transformers.TrainerState.load_from_json(str(resume / "trainer_state.json"))
     else:
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        try:
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        except ValueError as e:
+            if "DeepSpeed config values that mismatch" not in str(e):
+                raise
+            # a launch config that fixes a value vlmprune recover's options also set (accumulation, clipping)
+            raise VlmpruneError(f"{e}\nThe DeepSpeed config of this launch fixes values that vlmprune recover's "
+                                f"options set: remove those keys or set them to auto (as "
+                                f"configs/accelerate/deepspeed_zero*.yaml do)") from None
 
     out = Path(cfg.output).resolve()
     final = _final_model(trainer, cfg, state.is_main_process)  # a collective under FSDP / ZeRO-3
