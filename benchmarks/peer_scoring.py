@@ -130,12 +130,11 @@ def child_llm_pruner(args, clock: Clock) -> dict:
     import torch
 
     sys.path.insert(0, str(Path(args.checkout).resolve()))
-    import transformers
-
     import LLMPruner.datasets.example_samples as examples
-    import LLMPruner.evaluator.ppl as ppl
     import LLMPruner.pruner.hf_llama_pruner as llama_pruner
     import LLMPruner.torch_pruning as tp
+    import transformers
+    from LLMPruner.evaluator import ppl
 
     force_float32(transformers.LlamaForCausalLM)
     info = {}
@@ -197,7 +196,7 @@ def child_llm_pruner(args, clock: Clock) -> dict:
               "step": clock.span("step_start", "step_end"), "script": clock.span("script_start", "script_end")}
     scoring = {k: round(phases["graph"][k] + phases["fwd_bwd"][k] + phases["importance"][k], 4)
                for k in ("wall_s", "cpu_s")}
-    info["forward_backward"] = "one over the whole batch of %d x %d" % tuple(info["examples_shape"])
+    info["forward_backward"] = "one over the whole batch of {} x {}".format(*info["examples_shape"])
     info["layers"] = f"block_wise range(3, {end})"
     info["torch_threads"] = torch.get_num_threads()
     return {"scoring": scoring, "phases": phases, "info": info}
@@ -270,11 +269,11 @@ def run(args) -> dict:
     for key in ("peer", "checkout", "model", "calibration", "threads", "samples", "max_length", "workdir",
                 "pruning_ratio", "layer_end", "prune_layers"):
         argv += ["--" + key.replace("_", "-"), str(getattr(args, key))]
-    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    uptime = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
     load_before = os.getloadavg()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0 or not result_file.exists():
