@@ -198,6 +198,40 @@ def test_resumes_after_a_kill_and_ends_at_the_same_step(dirs, tmp_path, config):
     transformers.AutoModelForImageTextToText.from_pretrained(out)
 
 
+def test_workers_end_when_the_launcher_is_killed(dirs, tmp_path):
+    """A launcher killed outright used to leave its workers training (and writing checkpoints into the
+    folder a --resume of the run writes to); now each worker gets SIGTERM when its launcher is gone."""
+    # 5,000 steps: ~4 min here. Orphaned workers (before) trained on and wrote the output.
+    common = ["--train", "all", "--max-steps", "5000", "--save-steps", "2", "--save-total-limit", "1", "--loss", "sft=1"]
+    with (tmp_path / "launch.log").open("w") as log:
+        proc = subprocess.Popen(launch("ddp.yaml", argv(dirs, tmp_path / "out", *common)), env=ENV,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    workers = []
+    try:
+        deadline = time.monotonic() + 200
+        while not (tmp_path / "out.checkpoints" / "checkpoint-2" / "trainer_state.json").is_file():
+            assert proc.poll() is None, (tmp_path / "launch.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        workers = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+        assert len(workers) >= 2
+        os.kill(proc.pid, signal.SIGKILL)  # the launcher only
+        proc.wait(timeout=30)
+
+        def alive():
+            return [pid for pid in workers if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+
+        deadline = time.monotonic() + 30
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive()
+        assert not (tmp_path / "out").exists()  # they stopped; they did not train on to the end and write it
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError, psutil.NoSuchProcess):
+                os.kill(pid, signal.SIGKILL)
+
+
 # --------------------------------------------------------------------------- the teacher's placement
 
 TEACHER_RUN = ("--train", "all", "--max-steps", "3", "--loss", "sft=1,logits=1,hidden=1")

@@ -22,6 +22,8 @@ import contextlib
 import importlib.util
 import logging
 import os
+import signal
+import sys
 
 import torch
 from torch import nn
@@ -31,6 +33,23 @@ from vlmprune.errors import VlmpruneError
 log = logging.getLogger(__name__)
 
 _PATCHED = "_vlmprune_cpu_fsdp"
+
+
+def end_with_launcher() -> None:
+    """Under a launcher, end this worker when the launcher dies (Linux: the parent-death signal).
+
+    A launcher killed outright (SIGKILL, an out-of-memory kill) cannot stop its workers: they went on
+    training and writing checkpoints into the run's checkpoint folder, where a ``--resume`` of the same
+    run then writes too. With this each worker gets SIGTERM when its parent, the launcher, is gone.
+    """
+    if os.environ.get("LOCAL_RANK") is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() == 1:  # the launcher died before the call: nobody is left to signal us
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def launcher_backend() -> str:

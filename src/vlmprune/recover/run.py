@@ -26,8 +26,9 @@ from vlmprune.paths import check_safetensors, claim_output
 from vlmprune.plan import PLAN_FILE, PruningPlan
 from vlmprune.config import RESOLVED_CONFIG, RecoverConfig
 from vlmprune.recover.losses import layer_map
-from vlmprune.recover.distributed import (check_launch, enable_cpu_fsdp, gathered_state_dict, group_by_modality,
-                                          is_sharded, launcher_backend, load_gathered, whole_weights)
+from vlmprune.recover.distributed import (check_launch, enable_cpu_fsdp, end_with_launcher, gathered_state_dict,
+                                          group_by_modality, is_sharded, launcher_backend, load_gathered,
+                                          whole_weights)
 from vlmprune.recover.plots import plot_loss_curve
 from vlmprune.recover.teacher import check_teacher_placement, host_bytes, place_teacher, resident_bytes
 from vlmprune.recover.trainable import count_trainable, merged, set_trainable_
@@ -230,6 +231,7 @@ def recover(cfg: RecoverConfig, callbacks: list[transformers.TrainerCallback] | 
     are extra Trainer callbacks.
     """
     cfg.check_paths()  # every input, the output and the scheduler name, before anything starts
+    end_with_launcher()
     args = training_arguments(cfg)
     state = args.distributed_state
     with contextlib.ExitStack() as stack:
