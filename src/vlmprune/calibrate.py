@@ -248,7 +248,8 @@ def collect_taylor(model: nn.Module, batches: Iterable[dict], tokens: str = "tex
     def on_grad(param: torch.Tensor, role=None) -> None:
         role = role or roles[param]
         with torch.no_grad():
-            values = (param.detach() * param.grad).abs()
+            # |W * g| in the gradient's own storage: it is dropped right after (no temporary per weight)
+            values = param.grad.mul_(param.detach()).abs_()
             reduce_(sums[role.layer], role, values)
             batch_mass[-1] += float(values.sum())
         param.grad = None
