@@ -102,6 +102,11 @@ def zero_stage() -> int | None:
     return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
 
 
+def mixes_modalities(samples) -> bool:
+    """Whether ``samples`` hold both samples with images and text-only ones."""
+    return len({bool(s.images) for s in samples}) == 2
+
+
 def group_by_modality(samples, num_processes: int, choice: str = "auto") -> bool:
     """Whether every optimizer step must train on samples of one kind (all with images, or all
     text-only); refuses, before any model loads, what cannot train.
@@ -118,10 +123,9 @@ def group_by_modality(samples, num_processes: int, choice: str = "auto") -> bool
 
     ``choice``: ``on`` / ``off``, or ``auto``: on for DeepSpeed with 2+ processes on mixed data.
     """
-    with_images = sum(bool(s.images) for s in samples)
-    mixed = 0 < with_images < len(samples)
-    needed = mixed and zero_stage() is not None and num_processes >= 2
+    needed = mixes_modalities(samples) and zero_stage() is not None and num_processes >= 2
     if choice == "off" and needed:
+        with_images = sum(bool(s.images) for s in samples)
         raise VlmpruneError(
             f"DeepSpeed ZeRO-{zero_stage()} cannot train steps that mix samples with images ({with_images}) and "
             f"text-only samples ({len(samples) - with_images}): a process with a text-only micro-batch skips the "

@@ -28,7 +28,7 @@ from vlmprune.config import RESOLVED_CONFIG, RecoverConfig
 from vlmprune.recover.losses import layer_map
 from vlmprune.recover.distributed import (check_launch, enable_cpu_fsdp, end_with_launcher, gathered_state_dict,
                                           group_by_modality, is_sharded, launcher_backend, load_gathered,
-                                          whole_weights)
+                                          mixes_modalities, whole_weights)
 from vlmprune.recover.plots import plot_loss_curve
 from vlmprune.recover.teacher import check_teacher_placement, host_bytes, place_teacher, resident_bytes
 from vlmprune.recover.trainable import count_trainable, merged, set_trainable_
@@ -259,7 +259,7 @@ def _recover(cfg: RecoverConfig, args, state, callbacks, cleanup: contextlib.Exi
     grouped = group_by_modality(samples, state.num_processes, cfg.group_by_modality)
     if grouped and state.is_main_process:
         log.info("vlmprune recover: every optimizer step trains on samples of one kind (with images or text-only)")
-    if len({bool(s.images) for s in samples}) == 2 and args.ddp_find_unused_parameters is None:
+    if mixes_modalities(samples) and args.ddp_find_unused_parameters is None:
         # A text-only micro-batch leaves the projector unused. Under DDP with activation checkpointing the
         # Trainer would tell DDP that every parameter is used, and the processes would wait for each other
         # forever; non-reentrant checkpointing works with unused-parameter detection.
