@@ -24,6 +24,7 @@ import yaml
 from vlmprune.errors import VlmpruneError
 
 RESOLVED_CONFIG = "resolved_config.yaml"
+COMPENSATE_MODES = ("none", "ls", "bias")  # vlmprune.compensate: what a cut's kept weights take over
 
 
 def opt(default: Any = None, help: str = "", *, flag: str | None = None, choices=None, type=None,
@@ -284,6 +285,14 @@ class PruneConfig:
     stock: bool = opt(False, "only shapes the family's stock class can hold (the output loads with plain "
                              "from_pretrained, vLLM, ...): attention is left whole where its cut could not load, "
                              "else the prune is refused with the reason")
+    compensate: str = opt("none", "update the kept weights to stand in for what goes, from the calibration data: "
+                                  "ls (least squares into o_proj / down_proj, and a linear map for dropped layers; "
+                                  "no new parameter), bias (FLAP's mean into the consumer's bias), none",
+                          choices=COMPENSATE_MODES)
+    compensate_sequential: bool = opt(False, "compensate layer by layer on the states of the already cut and "
+                                             "compensated layers (errors do not compound; one more pass per layer)")
+    compensate_ridge: float = opt(1e-3, "ridge of the compensation fits, times the mean diagonal of the Gram "
+                                        "matrix", type=float)
     device: str | None = opt(None, "cpu, cuda, cuda:1, ... (default: where the model loads)")
     device_map: str | None = opt(None, "load the model dispatched across GPUs / CPU / disk (accelerate big-model "
                                        "loading): auto, balanced, balanced_low_0, sequential, or a JSON "
@@ -350,6 +359,13 @@ class PruneConfig:
             raise VlmpruneError("--max-memory and --offload-folder apply to a dispatched model: add --device-map auto")
         if self.image_folder and not self.calibration:
             raise VlmpruneError("--image-folder needs --calibration (the data whose images it holds)")
+        one_of("compensate", self.compensate, COMPENSATE_MODES, allow_none=False)
+        positive("compensate_ridge", self.compensate_ridge, allow_none=False, kind=float)
+        if self.compensate != "none" and not self.calibration:
+            raise VlmpruneError(f"--compensate {self.compensate} fits the kept weights on calibration data: add "
+                                f"--calibration DATA (the plan or scores alone do not carry the activations)")
+        if self.compensate == "none" and self.compensate_sequential:
+            raise VlmpruneError("--compensate-sequential applies to a compensated cut: add --compensate ls")
 
     def check_paths(self) -> None:
         """Inputs exist and the output may be written (before anything loads)."""

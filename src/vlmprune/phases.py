@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Iterator
 
-PHASES = ("import", "load", "data", "calibration", "scoring", "planning", "surgery", "save", "records", "other")
+PHASES = ("import", "load", "data", "calibration", "scoring", "planning", "compensation", "surgery", "save", "records", "other")
 
 _STATUS = "/proc/self/status"
 _CLEAR_REFS = "/proc/self/clear_refs"

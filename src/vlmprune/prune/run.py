@@ -226,6 +226,31 @@ def prune(config: PruneConfig | None = None, **options) -> PruneResult:
         return _prune(cfg, out, extra)
 
 
+def _compensate(cfg: PruneConfig, net: nn.Module, plan: PruningPlan, batches) -> dict:
+    """Fit the kept weights to stand in for what the plan removes (the statistics are collected anew,
+    also for --plan and --scores: neither carries activations)."""
+    from vlmprune.compensate import check_mode, compensate_
+
+    check_mode(net, plan, cfg.compensate)
+    if batches is None:
+        with phases.phase("data"):
+            batches = calibrate.calibration_batches(load_processor(cfg.model, cfg.trust_remote_code), cfg.calibration,
+                                                    cfg.image_folder, cfg.num_samples, cfg.seed, cfg.batch_size,
+                                                    cfg.max_length, cfg.split)
+    with phases.phase("compensation"):
+        record = compensate_(net, plan, batches, cfg.compensate, cfg.compensate_sequential, cfg.compensate_ridge)
+    width = [e for layer in record["layers"].values() for e in layer.values()]
+    if width:
+        log.info("compensation (%s): consumer output error %.3g -> %.3g (mean over %d projections)", cfg.compensate,
+                 sum(e["error_before"] for e in width) / len(width), sum(e["error_after"] for e in width) / len(width),
+                 len(width))
+    for run in record["dropped_runs"]:
+        if "error_after" in run:
+            log.info("compensation: dropped layers %s -> a linear map in layer %d's MLP output (error %.3g -> %.3g)",
+                     run["layers"], run["into"], run["error_before"], run["error_after"])
+    return record
+
+
 def rank_output(output: str | Path, rank: int) -> Path:
     """Where ``--top-k`` writes the candidate of this rank (the best goes to the output itself)."""
     output = Path(output)
@@ -258,6 +283,7 @@ def _prune_loaded(cfg: PruneConfig, out: Path, net: nn.Module, ranked_outputs: l
     scores = None
     search = tried = None
     target = parse_target(cfg.target) if cfg.target else None
+    batches = None
     if cfg.plan is not None:
         with phases.phase("planning"):
             plan = PruningPlan.load(cfg.plan)
@@ -278,7 +304,7 @@ def _prune_loaded(cfg: PruneConfig, out: Path, net: nn.Module, ranked_outputs: l
         if method == "layer" and cfg.ratio is not None:
             layers_to_drop(len(before.layers), ModelBudget.of(net), cfg.ratio)  # before any calibration
         batches = processor = None
-        if scores is None and cfg.calibration is not None:
+        if (scores is None or cfg.compensate != "none") and cfg.calibration is not None:
             with phases.phase("data"):
                 processor = load_processor(cfg.model, cfg.trust_remote_code)
                 batches = calibrate.calibration_batches(processor, cfg.calibration, cfg.image_folder,
@@ -354,6 +380,8 @@ def _prune_loaded(cfg: PruneConfig, out: Path, net: nn.Module, ranked_outputs: l
         log.warning("the pruned model will need vlmprune.load (plain from_pretrained refuses it): %s", obstacle)
     else:
         log.info("the pruned model will load with plain from_pretrained")
+    if cfg.compensate != "none":
+        plan.extra["compensation"] = _compensate(cfg, net, plan, batches)
     with phases.phase("surgery"):
         apply_plan_(net, plan)
     after = summarize(net)
