@@ -77,6 +77,11 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=40, help=f"evaluation windows of {WINDOW} tokens")
     parser.add_argument("--seeds", default="0", help="seeds for the random criterion (one row each)")
+    parser.add_argument("--compensate", default="none", help="none, ls or bias (vlmprune prune --compensate); "
+                        "comma-separated for several")
+    parser.add_argument("--sequential", action="store_true", help="with --compensate: --compensate-sequential")
+    parser.add_argument("--ridge", type=float, default=None, help="with --compensate: --compensate-ridge")
+    parser.add_argument("--model", default=None, help="a model directory instead of the demo model")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/vlmprune-text-ppl"))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "text_ppl.jsonl")
     args = parser.parse_args()
@@ -88,7 +93,7 @@ def main() -> None:
     from vlmprune.planning import ModelBudget
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    demo = str(demo_model())
+    demo = args.model or str(demo_model())
     calibration = args.workdir / "calibration.json"
     n_records = write_calibration(calibration)
     tokenizer = transformers.AutoTokenizer.from_pretrained(demo)
@@ -104,14 +109,14 @@ def main() -> None:
     if args.out.exists():
         for line in args.out.read_text().splitlines():
             row = json.loads(line)
-            done[(row["method"], row["criterion"], row["attention"], row["seed"])] = row
-    if ("dense", None, None, None) not in done:
+            done[row_key(row)] = row
+    if ("dense", None, None, None, "none") not in done:
         row = {"method": "dense", "criterion": None, "attention": None, "seed": None, "widths": widths(dense),
                "ppl": perplexity(dense, windows), "eval_tokens": len(windows) * WINDOW,
                "calibration_records": n_records, "weight_mib": weight_mib}
         with args.out.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        done[("dense", None, None, None)] = row
+        done[("dense", None, None, None, "none")] = row
     del dense
 
     runs = [("width", c, a) for c, a in WIDTH_RUNS] if args.runs in ("width", "all") else []
@@ -119,12 +124,15 @@ def main() -> None:
     if not runs:  # criterion:mode items are width runs, a bare criterion is a layer run
         runs = [("width", *item.split(":")) if ":" in item else ("layer", item, None) for item in args.runs.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
+    compensations = [c for c in args.compensate.split(",") if c]
     for method, criterion, attention in runs:
-        for seed in seeds if criterion == "random" else [0]:
-            key = (method, criterion, attention, seed)
+        for seed, compensate in [(s, c) for s in (seeds if criterion == "random" else [0]) for c in compensations]:
+            comp = compensate if compensate == "none" else (
+                compensate + ("+seq" if args.sequential else "") + (f"@{args.ridge:g}" if args.ridge else ""))
+            key = (method, criterion, attention, seed, comp)
             if key in done:
                 continue
-            out_dir = args.workdir / f"{method}-{criterion}-{attention}-{seed}"
+            out_dir = args.workdir / f"{method}-{criterion}-{attention}-{seed}-{comp}"
             argv = ["--model", demo, "--method", method, "--criterion", criterion, "--ratio", f"{ratio:.6f}",
                     "--output", str(out_dir), "--overwrite", "--seed", str(seed)]
             if criterion not in ("last", "magnitude", "random"):
@@ -132,6 +140,13 @@ def main() -> None:
                          "--max-length", str(args.max_length)]
             if attention:
                 argv += ["--attention", attention]
+            if compensate != "none":
+                argv += ["--compensate", compensate]
+                if "--calibration" not in argv:
+                    argv += ["--calibration", str(calibration), "--num-samples", str(args.samples),
+                             "--max-length", str(args.max_length)]
+                argv += ["--compensate-sequential"] if args.sequential else []
+                argv += ["--compensate-ridge", str(args.ridge)] if args.ridge else []
             seconds, peak, code = run_prune(argv, args.workdir / f"{out_dir.name}.log")
             if code != 0:
                 print(f"{key}: vlmprune prune failed (exit {code}); see {args.workdir / (out_dir.name + '.log')}")
@@ -140,7 +155,7 @@ def main() -> None:
             plan = json.loads((out_dir / "pruning_plan.json").read_text())
             peak = (plan.get("cost") or {}).get("peak_rss_mib") or peak
             decoder_after = sum(sum(p.numel() for p in layer.parameters()) for layer in model.model.language_model.layers)
-            row = {"method": method, "criterion": criterion, "attention": attention, "seed": seed,
+            row = {"method": method, "criterion": criterion, "attention": attention, "seed": seed, "compensate": comp,
                    "widths": widths(model), "removed_total": plan["achieved"]["ratio"],
                    "removed_decoder": 1 - decoder_after / decoder, "ppl": perplexity(model, windows),
                    "prune_s": seconds, "peak_rss_mib": peak, "peak_over_weights": peak / weight_mib}
@@ -152,17 +167,31 @@ def main() -> None:
     print_table(list(done.values()))
 
 
+def row_key(row: dict) -> tuple:
+    return row["method"], row["criterion"], row["attention"], row["seed"], row.get("compensate", "none")
+
+
+def closure(ppl_comp: float, ppl_plain: float, ppl_dense: float) -> float:
+    """Log-gap closure C = 1 - ln(PPL_comp / PPL_dense) / ln(PPL_plain / PPL_dense) (same cut, same calibration)."""
+    return 1 - math.log(ppl_comp / ppl_dense) / math.log(ppl_plain / ppl_dense)
+
+
 def print_table(rows: list[dict]) -> None:
     dense = next(r for r in rows if r["method"] == "dense")
+    plain = {row_key(r)[:4]: r for r in rows if r["method"] != "dense" and row_key(r)[4] == "none"}
     print(f"dense: {dense['widths']}, PPL {dense['ppl']:.2f} on {dense['eval_tokens']:,} tokens")
-    print("| method | criterion | attention | widths | removed (decoder) | PPL | x dense | prune s | peak RSS MiB | / weights |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| method | criterion | attention | compensate | widths | removed (decoder) | PPL | x dense | C | prune s "
+          "| peak RSS MiB | / weights |")
+    print("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if r["method"] == "dense":
             continue
         name = r["criterion"] + (f" (seed {r['seed']})" if r["criterion"] == "random" else "")
-        print(f"| {r['method']} | {name} | {r['attention'] or ''} | {r['widths']} | {r['removed_decoder']:.2%} | "
-              f"{r['ppl']:.2f} | {r['ppl'] / dense['ppl']:.2f} | {r['prune_s']:.0f} | {r['peak_rss_mib']:.0f} | "
+        comp = r.get("compensate", "none")
+        base = plain.get(row_key(r)[:4])
+        c = "" if comp == "none" or base is None else f"{closure(r['ppl'], base['ppl'], dense['ppl']):.2f}"
+        print(f"| {r['method']} | {name} | {r['attention'] or ''} | {comp} | {r['widths']} | {r['removed_decoder']:.2%} | "
+              f"{r['ppl']:.2f} | {r['ppl'] / dense['ppl']:.2f} | {c} | {r['prune_s']:.0f} | {r['peak_rss_mib']:.0f} | "
               f"{r['peak_over_weights']:.2f} |")
 
 
