@@ -240,3 +240,25 @@ def test_cli_compensate_with_a_plan_and_no_calibration_is_refused_before_loading
                  "--compensate", "ls"]) == 2
     assert "--calibration" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_study_compensate_axis_shares_scores_and_compensates(tiny_repo, tmp_path):
+    from vlmprune.study import expand_grid, load_study_config, run_study
+
+    config_file = tmp_path / "study.yaml"
+    config_file.write_text(
+        "name: comp\ncalibration: {num_samples: 6, batch_size: 2}\nevaluation: {tasks: [], limit: 4}\n"
+        "grid:\n  - {method: width, criterion: magnitude, ratio: 0.2, compensate: [none, ls]}\n")
+    overrides = [f"output={tmp_path / 'run'}", f"teacher={tiny_repo.model}", f"train_data={tiny_repo.data}",
+                 f"image_folder={tiny_repo.images}", f"evaluation.task_file={tiny_repo.task_file}"]
+    config = load_study_config(config_file, overrides)
+    cells = expand_grid(config)
+    assert [c.id for c in cells] == ["width-magnitude-r0.2-none", "width-magnitude-r0.2+ls-none"]
+    with pytest.raises(VlmpruneError, match="grid names compensate"):
+        load_study_config(config_file, [*overrides, "grid=[{method: width, compensate: lsq}]"])
+    result = run_study(config)
+    assert result.done == 2 and not result.failed
+    plain, comp = (json.loads((tmp_path / "run" / "pruned" / c.prune_id / "pruning_plan.json").read_text())
+                   for c in cells)
+    assert "compensation" not in plain and comp["compensation"]["mode"] == "ls"
+    assert plain["layers"] == comp["layers"]  # the same cut, compensated

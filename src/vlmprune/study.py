@@ -29,8 +29,8 @@ from typing import Any
 
 import yaml
 
-from vlmprune.config import (EvalConfig, PruneConfig, RecoverConfig, build, check_keys, deep_merge, parse_overrides,
-                             read_yaml)
+from vlmprune.config import (COMPENSATE_MODES, EvalConfig, PruneConfig, RecoverConfig, build, check_keys, deep_merge,
+                             parse_overrides, read_yaml)
 from vlmprune.errors import VlmpruneError
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "calibration": {"num_samples": 128, "batch_size": 4, "max_length": None},
     "criterion": {"layer": "block_influence", "width": "taylor"},
     "width": {"attention": "groups", "mlp_multiple": None},
+    "compensation": {"sequential": False, "ridge": None},  # how a grid's `compensate` axis fits (vlmprune prune)
     "evaluation": {"tasks": ["easyvqa", "digits"], "limit": None, "task_file": None, "batch_size": 32,
                    "data_dir": None, "max_new_tokens": 10},
     "recovery": {},
@@ -66,7 +67,8 @@ def check_study_config(config: dict[str, Any], origin: str) -> None:
     """Refuse unknown keys at any depth and bad values, before any cell runs."""
     check_keys(config, DEFAULTS, "")
     for section, known in (("calibration", _CALIBRATION_KEYS), ("criterion", ("layer", "width")),
-                           ("width", ("attention", "mlp_multiple")), ("evaluation", _EVALUATION_KEYS),
+                           ("width", ("attention", "mlp_multiple")), ("compensation", ("sequential", "ridge")),
+                           ("evaluation", _EVALUATION_KEYS),
                            ("recovery", _RECOVERY_KEYS)):
         if not isinstance(config[section], dict):
             raise VlmpruneError(f"{origin}: '{section}' must be a mapping of option: value")
@@ -117,12 +119,14 @@ class Cell:
     fraction: float | None
     quantization: str | None = None  # a `vlmprune quantize` scheme applied last, None for float
     target: str | None = None        # `vlmprune prune --target` (params=0.7, memory=450MB,seq=1024, ...)
+    compensate: str = "none"         # `vlmprune prune --compensate`: what the kept weights take over
 
     @property
     def prune_id(self) -> str:
+        tail = "" if self.compensate == "none" else f"+{self.compensate}"
         if self.target is not None:  # memory=450MB,seq=1024 -> t-memory450MB-seq1024
-            return f"{self.method}-{self.criterion}-t-{self.target.replace('=', '').replace(',', '-')}"
-        return f"{self.method}-{self.criterion}-r{self.ratio:g}"
+            return f"{self.method}-{self.criterion}-t-{self.target.replace('=', '').replace(',', '-')}{tail}"
+        return f"{self.method}-{self.criterion}-r{self.ratio:g}{tail}"
 
     @property
     def size(self) -> str:
@@ -142,7 +146,7 @@ class Cell:
     def to_dict(self) -> dict:
         return {"id": self.id, "method": self.method, "criterion": self.criterion, "ratio": self.ratio,
                 "target": self.target, "recipe": self.recipe, "fraction": self.fraction,
-                "quantization": self.quantization}
+                "quantization": self.quantization, "compensate": self.compensate}
 
 
 def expand_grid(config: dict) -> list[Cell]:
@@ -150,10 +154,15 @@ def expand_grid(config: dict) -> list[Cell]:
     cells: dict[str, Cell] = {}
     for block in config["grid"]:
         axes = {k: v if isinstance(v, list) else [v] for k, v in block.items()}
-        unknown = set(axes) - {"method", "ratio", "target", "recipe", "fraction", "criterion", "quantization"}
+        unknown = set(axes) - {"method", "ratio", "target", "recipe", "fraction", "criterion", "quantization",
+                               "compensate"}
         if unknown:
-            raise VlmpruneError(f"grid axes are method, criterion, ratio or target, recipe, fraction, quantization; "
-                                f"got {sorted(unknown)}")
+            raise VlmpruneError(f"grid axes are method, criterion, ratio or target, recipe, fraction, quantization, "
+                                f"compensate; got {sorted(unknown)}")
+        compensations = [str(c) for c in axes.get("compensate", ["none"])]
+        bad = [c for c in compensations if c not in COMPENSATE_MODES]
+        if bad:
+            raise VlmpruneError(f"grid names compensate {bad}; modes: {', '.join(COMPENSATE_MODES)}")
         if "ratio" in axes and "target" in axes:
             raise VlmpruneError(f"a grid block takes ratio or target, not both: {block}; write two blocks")
         from vlmprune.config import parse_target
@@ -170,16 +179,17 @@ def expand_grid(config: dict) -> list[Cell]:
         bad = [q for q in schemes if q is not None and q not in SCHEMES]
         if bad:
             raise VlmpruneError(f"grid names quantization {bad}; schemes: none, {', '.join(SCHEMES)}")
-        for method, (ratio, target), recipe, fraction, scheme in itertools.product(
+        for method, (ratio, target), recipe, fraction, scheme, compensate in itertools.product(
                 axes.get("method", ["layer"]), sizes, axes.get("recipe", ["none"]),
-                axes.get("fraction", [None]), schemes):
+                axes.get("fraction", [None]), schemes, compensations):
             if recipe not in config["recipes"]:
                 raise VlmpruneError(f"grid names recipe {recipe!r}, not defined under 'recipes' ({', '.join(config['recipes'])})")
             # auto: the width criterion names the cell; the depth part uses criterion.layer
             default = config["criterion"]["width" if method == "auto" else method]
             for criterion in axes.get("criterion", [default]):
                 cell = Cell(method, criterion, ratio, recipe,
-                            None if config["recipes"][recipe] is None else float(fraction or 1.0), scheme, target)
+                            None if config["recipes"][recipe] is None else float(fraction or 1.0), scheme, target,
+                            compensate)
                 cells.setdefault(cell.id, cell)
     return list(cells.values())
 
@@ -277,15 +287,20 @@ def run_study(config: dict) -> StudyResult:
                 if cell.method == "auto":
                     options["layer_criterion"] = config["criterion"]["layer"]
                     shared = []  # auto scores two criteria and searches: nothing to share
-                if shared:  # one calibration serves every ratio of a method and criterion
-                    options = {k: v for k, v in options.items() if k in ("attention", "mlp_multiple")}
+                if cell.compensate != "none":  # the fits need the calibration data, even where scores are shared
+                    options.update(compensate=cell.compensate, calibration=data, image_folder=folder,
+                                   seed=config["seed"], compensate_sequential=bool(config["compensation"]["sequential"]))
+                    if config["compensation"]["ridge"] is not None:
+                        options["compensate_ridge"] = config["compensation"]["ridge"]
+                if shared:  # one calibration serves every ratio of a method and criterion (and every compensation)
+                    if cell.compensate == "none":
+                        options = {k: v for k, v in options.items() if k in ("attention", "mlp_multiple")}
                     prune(PruneConfig(model=teacher, output=str(pruned), scores=str(shared[0]), ratio=cell.ratio,
                                       target=cell.target, overwrite=True, **options))
                 else:
+                    options.update(calibration=data, image_folder=folder, seed=config["seed"])
                     prune(PruneConfig(model=teacher, output=str(pruned), method=cell.method, ratio=cell.ratio,
-                                      target=cell.target, criterion=cell.criterion, calibration=data,
-                                      image_folder=folder,
-                                      seed=config["seed"], overwrite=True, **options))
+                                      target=cell.target, criterion=cell.criterion, overwrite=True, **options))
             model_dir = pruned
             recipe = config["recipes"][cell.recipe]
             if recipe is not None:
