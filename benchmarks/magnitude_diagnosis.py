@@ -110,9 +110,9 @@ def main() -> None:
     import transformers
 
     from vlmprune import calibrate
-    from vlmprune.io import load, load_processor
-    from vlmprune.planning import ModelBudget, _top_heads_per_group
-    from vlmprune.prune import layer_shapes
+    from vlmprune.checkpoint import load, load_processor
+    from vlmprune.planning.solve import ModelBudget, _top_heads_per_group
+    from vlmprune.summary import layer_shapes
     from vlmprune.prune.run import Scores, plan_for, score
 
     args.workdir.mkdir(parents=True, exist_ok=True)

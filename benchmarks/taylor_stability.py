@@ -27,11 +27,12 @@ from vlmprune.demo.assemble import build_demo_model
 from vlmprune.demo.datasets import demo_data
 from vlmprune.evaluate.tasks import evaluate
 from vlmprune.importance import width as W
-from vlmprune.io import load
-from vlmprune.io import load_processor
+from vlmprune.checkpoint import load
+from vlmprune.checkpoint import load_processor
 from vlmprune.config import parse_layer_range
-from vlmprune.planning import ModelBudget, plan_width
-from vlmprune.prune.apply import apply_plan_, layer_shapes
+from vlmprune.planning.solve import ModelBudget, plan_width
+from vlmprune.surgery.apply import apply_plan_
+from vlmprune.summary import layer_shapes
 
 
 def total(per_batch):

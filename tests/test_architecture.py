@@ -129,7 +129,7 @@ def test_slices_cover_every_prunable_row_and_column_once():
     column of o/down belongs to exactly one structure of the right kind, for every layout."""
     from tiny_models import FAMILIES, build_tiny
     from vlmprune.adapters import get_adapter
-    from vlmprune.prune import layer_shapes
+    from vlmprune.summary import layer_shapes
 
     for family in FAMILIES:
         model = build_tiny(family)

@@ -7,8 +7,8 @@ import torch
 
 from vlmprune.importance import width as W
 from vlmprune.importance.structures import LayerSums
-from vlmprune.plan import LayerShape
-from vlmprune.planning import ModelBudget, achieved, plan_width
+from vlmprune.planning.plan import LayerShape
+from vlmprune.planning.solve import ModelBudget, achieved, plan_width
 
 # SmolLM2-135M's decoder layer: 9 q heads / 3 kv heads of 64, hidden 576, MLP 1536, 30 layers.
 SHAPE = LayerShape(num_heads=9, num_kv_heads=3, head_dim=64, intermediate_size=1536)

@@ -138,8 +138,8 @@ def print_eval_result(result: dict) -> None:
 
 
 def cmd_inspect(cfg: C.InspectConfig) -> int:
-    from vlmprune.inspect import summarize
-    from vlmprune.io import load
+    from vlmprune.checkpoint import load
+    from vlmprune.summary import summarize
 
     summary = summarize(load(cfg.model, trust_remote_code=cfg.trust_remote_code))
     if cfg.json:
@@ -361,9 +361,8 @@ def _join_dash_values(argv: list[str]) -> list[str]:
 def _setup_logging() -> None:
     if log.handlers:
         return
-    from rich.logging import RichHandler
-
     from rich.console import Console
+    from rich.logging import RichHandler
 
     # progress and notes go to stderr: stdout carries results (tables, --json) that may be piped
     handler = RichHandler(console=Console(stderr=True), show_time=False, show_path=False, markup=False,

@@ -310,8 +310,8 @@ def quantize_model_dir(model: str | Path, scheme: str, output: str | Path, overw
     """Load ``model`` (any widths), quantize its decoder, write ``output`` atomically with the
     processor files and ``pruning_plan.json`` (the input's plan, or an empty one, with a
     ``quantization`` record). Nothing is written when the scheme cannot run here."""
-    from vlmprune.io import load, save_model
-    from vlmprune.plan import PLAN_FILE, PruningPlan
+    from vlmprune.checkpoint import load, save_model
+    from vlmprune.planning.plan import PLAN_FILE, PruningPlan
 
     # refuse before loading anything: a missing package or device must not cost a model load
     wanted_device = device or ("cuda" if SCHEMES.get(scheme, SCHEMES["int8"]).needs_cuda else "cpu")

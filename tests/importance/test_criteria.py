@@ -14,7 +14,7 @@ from vlmprune.adapters import get_adapter
 from vlmprune.importance import layer as L
 from vlmprune.importance import width as W
 from vlmprune.importance.structures import layer_params
-from vlmprune.prune.apply import layer_shapes
+from vlmprune.summary import layer_shapes
 
 
 def attention_out(adapter, layer):

@@ -75,7 +75,7 @@ def refuse_original(source: str | Path) -> None:
 def convert(family: str, source: str | Path, output: str | Path, overwrite: bool = False,
             vision_tower: str | Path | None = None, image_token_id: int | None = None) -> Path:
     """Convert ``source`` (a local checkpoint directory of ``family``) into a native checkpoint at ``output``."""
-    from vlmprune.io import save_model
+    from vlmprune.checkpoint import save_model
 
     if family not in FAMILIES:
         raise ConversionError(f"--from must be one of {', '.join(FAMILIES)}, got {family!r}")

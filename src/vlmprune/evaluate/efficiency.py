@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from vlmprune.adapters import get_adapter
-from vlmprune.inspect import count_parameters
 from vlmprune.quantize import tensor_bytes
+from vlmprune.summary import count_parameters
 
 
 class Timer:

@@ -20,6 +20,7 @@ from torch import nn
 
 from vlmprune import calibrate, phases
 from vlmprune.adapters import get_adapter
+from vlmprune.checkpoint import load, load_processor, save_model
 from vlmprune.config import (RESOLVED_CONFIG, PruneConfig, check_ratio, parse_device_map, parse_layer_range,
                              parse_max_memory, parse_target, to_yaml)
 from vlmprune.dispatch import is_dispatched, materialize_
@@ -27,15 +28,14 @@ from vlmprune.errors import VlmpruneError
 from vlmprune.importance.layer import LayerScores
 from vlmprune.importance.registry import get_criterion
 from vlmprune.importance.structures import WidthScores
-from vlmprune.inspect import ModelSummary, source_record, summarize
-from vlmprune.io import load, load_processor, save_model
 from vlmprune.paths import claim_output
-from vlmprune.plan import PLAN_FILE, LayerShape, PruningPlan
-from vlmprune.planning import ModelBudget, achieved, layers_to_drop, plan_layers, plan_width
+from vlmprune.planning.plan import PLAN_FILE, LayerShape, PruningPlan
+from vlmprune.planning.search import search as auto_search
+from vlmprune.planning.solve import ModelBudget, achieved, layers_to_drop, plan_layers, plan_width
+from vlmprune.planning.targets import footprint, latency_profile, measure_prefill, predict_latency, ratio_for
 from vlmprune.plots import plot_layer_scores, plot_search, plot_width_scores
-from vlmprune.prune import auto
-from vlmprune.prune.apply import apply_plan_, layer_shapes, loads_stock
-from vlmprune.targets import footprint, latency_profile, measure_prefill, predict_latency, ratio_for
+from vlmprune.summary import ModelSummary, layer_shapes, source_record, summarize
+from vlmprune.surgery.apply import apply_plan_, loads_stock
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +298,7 @@ def _prune_loaded(cfg: PruneConfig, out: Path, net: nn.Module, ranked_outputs: l
             layer_scores = score(net, "layer", cfg.layer_criterion, batches, None, cfg.seed)
             scores = score(net, "width", cfg.criterion, batches, cfg.tokens, cfg.seed)
             with phases.phase("planning"):  # candidates planned and ranked on the held-out batches
-                best, tried = auto.search(net, layer_scores.values, scores.values, ratio_of, held_out,
+                best, tried = auto_search(net, layer_scores.values, scores.values, ratio_of, held_out,
                                           cfg.attention, cfg.mlp_multiple)
             budget, shapes = ModelBudget.of(net), layer_shapes(net)
             rows = [c.to_dict(budget, shapes) for c in tried]

@@ -15,8 +15,8 @@ from vlmprune.adapters import Adapter, get_adapter
 from vlmprune.config import check_ratio
 from vlmprune.errors import VlmpruneError
 from vlmprune.importance.structures import LayerSums, WidthScores, layer_params, reduce_
-from vlmprune.plan import LayerShape, PruningPlan
-from vlmprune.prune.apply import layer_shapes
+from vlmprune.planning.plan import LayerShape, PruningPlan
+from vlmprune.summary import layer_shapes
 
 ATTENTION_MODES = ("groups", "heads", "none")
 
@@ -39,7 +39,7 @@ class ModelBudget:
 
     @classmethod
     def of(cls, model: nn.Module, adapter: Adapter | None = None) -> "ModelBudget":
-        from vlmprune.inspect import count_parameters
+        from vlmprune.summary import count_parameters
 
         adapter = adapter or get_adapter(model)
         shapes = layer_shapes(model, adapter)

@@ -18,8 +18,9 @@ from torch import nn
 from vlmprune.adapters import get_adapter, supported_model_types
 from vlmprune.errors import VlmpruneError
 from vlmprune.paths import atomic_output_dir, check_model_source
-from vlmprune.plan import PLAN_FILE, LayerKeep, PruningPlan
-from vlmprune.prune.apply import WIDTHS_KEY, layer_shapes, prune_layer_width_, sync_config_
+from vlmprune.planning.plan import PLAN_FILE, LayerKeep, PruningPlan
+from vlmprune.summary import layer_shapes
+from vlmprune.surgery.apply import WIDTHS_KEY, prune_layer_width_, sync_config_
 
 # Files save_pretrained writes itself, or that describe weights; everything else in a model
 # directory (tokenizer, processor, chat template) is copied to the output.
