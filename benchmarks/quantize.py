@@ -39,21 +39,20 @@ def split_variant(variant: str) -> tuple[str | None, str | None]:
 
 
 def rss_mb(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    """VmRSS or VmHWM of this process in MB, from vlmprune's one /proc reader."""
+    from vlmprune.measure import status_kib
+
+    return status_kib(key).get(key, float("nan")) / 1024
 
 
 def measure_one(model_dir: str, variant: str, limit: int, batch_size: int, decode_tokens: int, repeats: int) -> dict:
     """Everything about one checkpoint, in this (fresh) process."""
     import torch
 
+    from vlmprune.checkpoint import load, load_processor
     from vlmprune.demo.datasets import demo_data
     from vlmprune.evaluate.efficiency import disk_bytes, measure, weight_bytes_by_part
     from vlmprune.evaluate.tasks import evaluate, load_task, prompt_batch
-    from vlmprune.checkpoint import load, load_processor
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     paths = demo_data()

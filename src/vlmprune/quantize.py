@@ -35,6 +35,7 @@ from torch import nn
 
 from vlmprune.adapters import Adapter, get_adapter
 from vlmprune.errors import VlmpruneError
+from vlmprune.measure import is_quantized_weight, tensor_bytes
 
 QUANTIZATION_KEY = "quantization"  # the record's key in pruning_plan.json
 
@@ -236,27 +237,6 @@ def weight_bytes(module: nn.Module) -> int:
             seen.add(id(t))
             total += tensor_bytes(t)
     return total
-
-
-def tensor_bytes(t: torch.Tensor) -> int:
-    """Stored size of one tensor: a torchao tensor subclass is the sum of its inner tensors
-    (int8/int4 data, scales, zero points); a bitsandbytes 4-bit parameter is its packed bytes plus
-    the block scales kept in its ``quant_state``. ``numel * element_size`` would report the
-    dequantized size for the first and miss the scales of the second."""
-    if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
-        names, _ = t.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(t, n)) for n in names if isinstance(getattr(t, n), torch.Tensor))
-    total = t.numel() * t.element_size()
-    state = getattr(t, "quant_state", None)
-    while state is not None:  # nested: double quantization keeps the scales' own scales in state2
-        total += sum(x.numel() * x.element_size() for x in (state.absmax, state.code) if x is not None)
-        state = getattr(state, "state2", None)
-    return total
-
-
-def is_quantized_weight(t: torch.Tensor) -> bool:
-    """True for a torchao tensor subclass or a bitsandbytes quantized parameter."""
-    return type(t) not in (torch.Tensor, nn.Parameter)
 
 
 def quantize(model: nn.Module, scheme: str) -> dict:
