@@ -16,6 +16,7 @@ import transformers
 from torch import nn
 
 from vlmprune.adapters import get_adapter, supported_model_types
+from vlmprune.convert.detect import refuse_original
 from vlmprune.errors import VlmpruneError
 from vlmprune.paths import atomic_output_dir, check_model_source
 from vlmprune.planning.plan import PLAN_FILE, LayerKeep, PruningPlan
@@ -33,8 +34,6 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json
 
 def load_config(path: str | Path, trust_remote_code: bool = False):
     """The model's config, with clear errors for a bad path, bad JSON or an unknown model_type."""
-    from vlmprune.convert import refuse_original
-
     refuse_original(path)  # Bunny / InternVLChatModel: say how to convert, before AutoConfig fails on their code
     source = check_model_source(path)
     try:
