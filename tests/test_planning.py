@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmprune.importance import width as W
+from vlmprune.importance import width as width_criteria
 from vlmprune.importance.structures import LayerSums
 from vlmprune.planning.plan import LayerShape
 from vlmprune.planning.solve import ModelBudget, achieved, plan_width
@@ -34,7 +34,7 @@ def synthetic_budget() -> ModelBudget:
 
 
 SHAPES = [SHAPE] * N_LAYERS
-SCORES = W.random(SHAPES, seed=0)
+SCORES = width_criteria.random(SHAPES, seed=0)
 
 
 def kept_width(plan) -> int:
