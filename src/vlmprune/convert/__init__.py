@@ -15,10 +15,11 @@ from pathlib import Path
 
 from vlmprune.convert import bunny, internvl_chat
 from vlmprune.convert.common import ConversionError
-from vlmprune.convert.detect import FAMILIES, convert_hint, detect_family, refuse_original
+from vlmprune.convert.detect import convert_hint, detect_family, refuse_original
 
 __all__ = ["FAMILIES", "ConversionError", "convert", "convert_hint", "detect_family", "refuse_original"]
 
+FAMILIES = {"bunny": bunny, "internvl-chat": internvl_chat}
 RECORD_FILE = "conversion.json"
 
 

@@ -3,7 +3,8 @@ passes one to vlmprune unconverted.
 
 It imports nothing of :mod:`vlmprune.checkpoint`, which calls :func:`refuse_original` before it loads
 a config: the checkpoint I/O stands below ``convert`` (whose :func:`~vlmprune.convert.convert` saves
-with it), and this module is the one piece of ``convert`` it needs.
+with it), and this module, which imports nothing else of ``convert``, is the one piece of it that
+checkpoint needs.
 """
 
 from __future__ import annotations
@@ -11,17 +12,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vlmprune.convert import bunny, internvl_chat
 from vlmprune.errors import UnsupportedModelError
 
-FAMILIES = {"bunny": bunny, "internvl-chat": internvl_chat}
+# What marks each convertible family's original config.json: (model_type values, architectures).
+SIGNATURES = {"bunny": (("bunny-phi",), ("BunnyPhiForCausalLM",)),
+              "internvl-chat": (("internvl_chat",), ("InternVLChatModel",))}
 
 
 def detect_family(config: dict) -> str | None:
     """The ``--from`` family of an original config.json (a dict), or None when it is not convertible."""
     archs = set(config.get("architectures") or [])
-    for name, module in FAMILIES.items():
-        if config.get("model_type") in module.MODEL_TYPES or archs & set(module.ARCHITECTURES):
+    for name, (model_types, architectures) in SIGNATURES.items():
+        if config.get("model_type") in model_types or archs & set(architectures):
             return name
     return None
 
