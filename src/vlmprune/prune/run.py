@@ -1,8 +1,9 @@
 """The prune stage: calibrate -> score -> plan -> cut -> write, each step a verb that returns a value.
 
 ``score`` runs a registered criterion (collecting the statistics it names);
-:func:`vlmprune.planning.solve.plan_for` turns scores into a plan for a ratio; ``prune`` is the whole command on a :class:`PruneConfig` and
-returns a :class:`PruneResult` (nothing here prints: the CLI presents results).
+:func:`vlmprune.planning.solve.plan_for` turns scores into a plan for a ratio; ``prune`` is the whole
+command on a :class:`PruneConfig` and returns a :class:`PruneResult` (nothing here prints: the CLI
+presents results).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from torch import nn
 from vlmprune import calibrate, phases
 from vlmprune.adapters import get_adapter
 from vlmprune.checkpoint import load, load_processor, save_model
-from vlmprune.config import (RESOLVED_CONFIG, PruneConfig, check_ratio, parse_device_map, parse_max_memory, parse_target,
-                             to_yaml)
+from vlmprune.config import (RESOLVED_CONFIG, PruneConfig, check_ratio, parse_device_map, parse_max_memory,
+                             parse_target, to_yaml)
 from vlmprune.dispatch import is_dispatched, materialize_
 from vlmprune.errors import VlmpruneError
 from vlmprune.importance.layer import LayerScores
