@@ -30,7 +30,7 @@ def main() -> None:
 
     import vlmprune
     from vlmprune.cli import main as cli
-    from vlmprune.targets import measure_prefill
+    from vlmprune.planning.targets import measure_prefill
 
     model_dir = args.model
     if model_dir is None:

@@ -110,10 +110,11 @@ def main() -> None:
     import transformers
 
     from vlmprune import calibrate
-    from vlmprune.io import load, load_processor
-    from vlmprune.planning import ModelBudget, _top_heads_per_group
-    from vlmprune.prune import layer_shapes
-    from vlmprune.prune.run import Scores, plan_for, score
+    from vlmprune.checkpoint import load, load_processor
+    from vlmprune.importance.scores import Scores
+    from vlmprune.planning.solve import ModelBudget, _top_heads_per_group, plan_for
+    from vlmprune.prune.run import score
+    from vlmprune.summary import layer_shapes
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     built = subprocess.run([sys.executable, "-m", "vlmprune.cli", "demo", "build"], capture_output=True, text=True,

@@ -130,9 +130,9 @@ def command_main(args) -> None:
 
     from common import run_vlmprune, save_llava, weight_bytes, write_calibration
 
-    from vlmprune.io import load
+    from vlmprune.checkpoint import load
     from vlmprune.phases import PHASES
-    from vlmprune.planning import ModelBudget
+    from vlmprune.planning.solve import ModelBudget
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -39,21 +39,20 @@ def split_variant(variant: str) -> tuple[str | None, str | None]:
 
 
 def rss_mb(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    """VmRSS or VmHWM of this process in MB, from vlmprune's one /proc reader."""
+    from vlmprune.measure import status_kib
+
+    return status_kib(key).get(key, float("nan")) / 1024
 
 
 def measure_one(model_dir: str, variant: str, limit: int, batch_size: int, decode_tokens: int, repeats: int) -> dict:
     """Everything about one checkpoint, in this (fresh) process."""
     import torch
 
+    from vlmprune.checkpoint import load, load_processor
     from vlmprune.demo.datasets import demo_data
     from vlmprune.evaluate.efficiency import disk_bytes, measure, weight_bytes_by_part
     from vlmprune.evaluate.tasks import evaluate, load_task, prompt_batch
-    from vlmprune.io import load, load_processor
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     paths = demo_data()
@@ -154,8 +153,8 @@ def main() -> None:
         if scheme is None and dtype is not None:  # the float model stored in another dtype
             import torch
 
-            from vlmprune.io import load, save_model
-            from vlmprune.plan import PLAN_FILE, PruningPlan
+            from vlmprune.checkpoint import load, save_model
+            from vlmprune.planning.plan import PLAN_FILE, PruningPlan
 
             model_dir = Path(args.work) / f"{name}-{variant}"
             plan = PruningPlan.load(Path(source) / PLAN_FILE) if (Path(source) / PLAN_FILE).exists() else None

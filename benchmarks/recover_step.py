@@ -20,7 +20,7 @@ import time
 import torch
 import transformers
 
-from vlmprune.plan import PruningPlan
+from vlmprune.planning.plan import PruningPlan
 from vlmprune.prune import apply_plan_
 from vlmprune.recover.run import hidden_pairs
 from vlmprune.recover.trainable import set_trainable_

@@ -21,17 +21,17 @@ from pathlib import Path
 import torch
 
 from vlmprune import calibrate
-from vlmprune.calibrate import calibration_batches
 from vlmprune.adapters import get_adapter
+from vlmprune.calibrate import calibration_batches
+from vlmprune.checkpoint import load, load_processor
+from vlmprune.config import parse_layer_range
 from vlmprune.demo.assemble import build_demo_model
 from vlmprune.demo.datasets import demo_data
 from vlmprune.evaluate.tasks import evaluate
-from vlmprune.importance import width as W
-from vlmprune.io import load
-from vlmprune.io import load_processor
-from vlmprune.config import parse_layer_range
-from vlmprune.planning import ModelBudget, plan_width
-from vlmprune.prune.apply import apply_plan_, layer_shapes
+from vlmprune.importance import width as width_criteria
+from vlmprune.planning.solve import ModelBudget, plan_width
+from vlmprune.summary import layer_shapes
+from vlmprune.surgery.apply import apply_plan_
 
 
 def total(per_batch):
@@ -73,7 +73,7 @@ def main() -> None:
                 losses.append(float(calibrate._answer_loss(model, calibrate._model_inputs(batch, "cpu"), labels)))
             per_batch.append(calibrate.collect_taylor(model, [batch], tokens))
         masses = [mass(s) for s in per_batch]
-        scores = W.taylor(total(per_batch), shapes)
+        scores = width_criteria.taylor(total(per_batch), shapes)
         plan = plan_width(scores, shapes, budget, args.ratio, "groups", None, parse_layer_range(None, len(shapes)), False)
         pruned = copy.deepcopy(model)
         apply_plan_(pruned, plan)

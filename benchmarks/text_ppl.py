@@ -62,7 +62,7 @@ def run_prune(argv: list[str], log: Path) -> tuple[float, float, int]:
 
 
 def widths(model) -> str:
-    from vlmprune.prune import layer_shapes
+    from vlmprune.summary import layer_shapes
 
     shapes = layer_shapes(model)
     s = shapes[0]
@@ -89,8 +89,8 @@ def main() -> None:
 
     import transformers
 
-    from vlmprune.io import load
-    from vlmprune.planning import ModelBudget
+    from vlmprune.checkpoint import load
+    from vlmprune.planning.solve import ModelBudget
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     demo = args.model or str(demo_model())

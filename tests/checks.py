@@ -8,7 +8,7 @@ import transformers
 import vlmprune
 from tiny_models import make_inputs
 from vlmprune.adapters import config_value, get_adapter
-from vlmprune.prune import layer_shapes
+from vlmprune.summary import layer_shapes
 
 
 def logits(model, inputs):

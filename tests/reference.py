@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from vlmprune.adapters import get_adapter
-from vlmprune.prune.apply import layer_shapes
+from vlmprune.summary import layer_shapes
 
 
 @torch.no_grad()

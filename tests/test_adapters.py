@@ -12,7 +12,7 @@ from checks import assert_close, check_config, greedy, labelled, logits, reload_
 from tiny_models import build_tiny, make_inputs
 from vlmprune.adapters import get_adapter
 from vlmprune.errors import PlanError
-from vlmprune.plan import PruningPlan
+from vlmprune.planning.plan import PruningPlan
 from vlmprune.prune.run import score_and_plan
 
 
@@ -164,7 +164,7 @@ def test_gemma4_heads_and_experts_stay_whole():
 # ---------------------------------------------------------------- loadability, said before the cut; --stock
 
 from tiny_models import FAMILIES  # noqa: E402
-from vlmprune.prune.apply import loads_stock  # noqa: E402
+from vlmprune.surgery.apply import loads_stock  # noqa: E402
 
 
 def _source(family, tmp_path):

@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,23 @@ def test_import_layers_contract_is_kept():
     run = subprocess.run([lint, "--config", str(ROOT / "pyproject.toml")], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert "1 kept, 0 broken" in run.stdout
+
+
+def test_the_layers_contract_covers_every_module():
+    """Every module of src/vlmprune stands on a floor of the contract: a layer entry covers a module when it
+    is the module or a package above it. Only the containers of listed entries (the package face, and
+    ``planning``, whose parts stand on two floors) hold no floor of their own."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    entries = {e.strip() for contract in config["contracts"] if contract["type"] == "layers"
+               for layer in contract["layers"] for e in layer.replace("|", ":").split(":")}
+    containers = {".".join(e.split(".")[:i]) for e in entries for i in range(1, e.count(".") + 1)}
+    src = ROOT / "src"
+    modules = {".".join(p.relative_to(src).with_suffix("").parts).removesuffix(".__init__")
+               for p in (src / "vlmprune").rglob("*.py")}
+    covered = lambda m: any(m == e or m.startswith(e + ".") for e in entries)  # noqa: E731
+    missing = sorted(m for m in modules if not covered(m) and m not in containers)
+    assert not missing, f"modules on no floor of the import-linter contract in pyproject.toml: {missing}"
+    assert not entries - modules, f"contract entries that name no module: {sorted(entries - modules)}"
 
 
 def test_cli_imports_neither_torch_nor_transformers():
@@ -129,7 +147,7 @@ def test_slices_cover_every_prunable_row_and_column_once():
     column of o/down belongs to exactly one structure of the right kind, for every layout."""
     from tiny_models import FAMILIES, build_tiny
     from vlmprune.adapters import get_adapter
-    from vlmprune.prune import layer_shapes
+    from vlmprune.summary import layer_shapes
 
     for family in FAMILIES:
         model = build_tiny(family)

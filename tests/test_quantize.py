@@ -12,21 +12,17 @@ import transformers
 pytest.importorskip("torchao")
 pytest.importorskip("bitsandbytes")
 
-import vlmprune  # noqa: E402
 from tiny_models import FAMILIES, build_tiny, make_inputs  # noqa: E402
+
+import vlmprune  # noqa: E402
 from vlmprune.adapters import get_adapter  # noqa: E402
 from vlmprune.cli import main  # noqa: E402
 from vlmprune.evaluate.efficiency import count_flops, disk_bytes, measure, weight_bytes_by_part  # noqa: E402
-from vlmprune.inspect import count_parameters  # noqa: E402
-from vlmprune.plan import PruningPlan  # noqa: E402
-from vlmprune.prune import apply_plan_, layer_shapes  # noqa: E402
-from vlmprune.quantize import (  # noqa: E402
-    QuantizationError,
-    decoder_linears,
-    is_quantized_weight,
-    quantize,
-    quantize_model_dir,
-)
+from vlmprune.measure import is_quantized_weight  # noqa: E402
+from vlmprune.planning.plan import PruningPlan  # noqa: E402
+from vlmprune.quantize import QuantizationError, decoder_linears, quantize, quantize_model_dir  # noqa: E402
+from vlmprune.summary import count_parameters, layer_shapes  # noqa: E402
+from vlmprune.surgery.apply import apply_plan_  # noqa: E402
 
 
 def _nf4_ragged_cpu() -> bool:

@@ -24,7 +24,7 @@ from vlmprune.importance.layer import HiddenStateStats, SkipLossStats
 from vlmprune.importance.structures import LayerSums, layer_params, reduce_
 from vlmprune.importance.width import ActivationSums
 from vlmprune.phases import phase
-from vlmprune.prune.apply import layer_shapes
+from vlmprune.summary import layer_shapes
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,8 @@ import logging
 import os
 import sys
 
-from vlmprune import config as C
+from vlmprune.config import (LMMS_PACKAGED_TASKS, ConvertConfig, DataConfig, EvalConfig, InspectConfig, PruneConfig,
+                             QuantizeConfig, RecoverConfig, ReportConfig, add_arguments, resolve)
 from vlmprune.errors import VlmpruneError
 
 log = logging.getLogger("vlmprune")
@@ -137,9 +138,9 @@ def print_eval_result(result: dict) -> None:
 # ------------------------------------------------------------------------------------------ commands
 
 
-def cmd_inspect(cfg: C.InspectConfig) -> int:
-    from vlmprune.inspect import summarize
-    from vlmprune.io import load
+def cmd_inspect(cfg: InspectConfig) -> int:
+    from vlmprune.checkpoint import load
+    from vlmprune.summary import summarize
 
     summary = summarize(load(cfg.model, trust_remote_code=cfg.trust_remote_code))
     if cfg.json:
@@ -149,7 +150,7 @@ def cmd_inspect(cfg: C.InspectConfig) -> int:
     return 0
 
 
-def cmd_prune(cfg: C.PruneConfig) -> int:
+def cmd_prune(cfg: PruneConfig) -> int:
     from vlmprune import phases
 
     phases.limit_malloc_arenas(1)  # before torch starts threads: freed memory is reused and trimmed
@@ -177,19 +178,19 @@ def _skip_final_collection() -> None:
     atexit.register(gc.freeze)
 
 
-def cmd_recover(cfg: C.RecoverConfig) -> int:
+def cmd_recover(cfg: RecoverConfig) -> int:
     from vlmprune.recover import recover
 
     recover(cfg)
     return 0
 
 
-def cmd_evaluate(cfg: C.EvalConfig) -> int:
+def cmd_evaluate(cfg: EvalConfig) -> int:
     import dataclasses
 
     from vlmprune.evaluate.run import evaluate_model_dir
 
-    packaged = any(t in C.LMMS_PACKAGED_TASKS for t in cfg.lmms_tasks)
+    packaged = any(t in LMMS_PACKAGED_TASKS for t in cfg.lmms_tasks)
     if (cfg.tasks or packaged) and cfg.data_dir is None:  # the built-in tasks' data is written on first use
         from vlmprune.demo.datasets import demo_data
 
@@ -198,7 +199,7 @@ def cmd_evaluate(cfg: C.EvalConfig) -> int:
     return 0
 
 
-def cmd_quantize(args: C.QuantizeConfig) -> int:
+def cmd_quantize(args: QuantizeConfig) -> int:
     from vlmprune.quantize import quantize_model_dir
 
     out, record = quantize_model_dir(args.model, args.scheme, args.output, overwrite=args.overwrite, dtype=args.dtype,
@@ -212,7 +213,7 @@ def cmd_quantize(args: C.QuantizeConfig) -> int:
     return 0
 
 
-def cmd_data(cfg: C.DataConfig) -> int:
+def cmd_data(cfg: DataConfig) -> int:
     from vlmprune.demo import datasets
 
     writer = {"easyvqa": datasets.write_easyvqa, "digits": datasets.write_digits}[cfg.dataset]
@@ -222,7 +223,7 @@ def cmd_data(cfg: C.DataConfig) -> int:
     return 0
 
 
-def cmd_report(cfg: C.ReportConfig) -> int:
+def cmd_report(cfg: ReportConfig) -> int:
     from vlmprune.report import write_report
 
     paths = write_report(cfg.run)
@@ -237,7 +238,7 @@ def _run_study(config: dict, report: bool = True) -> tuple[int, object]:
 
     result = run_study(resolve_demo(config))
     if report:
-        cmd_report(C.ReportConfig(run=str(result.run)))
+        cmd_report(ReportConfig(run=str(result.run)))
     if result.failed:
         _say("error: ", f"{len(result.failed)} of {result.done + result.skipped + len(result.failed)} cells failed "
                         f"({', '.join(result.failed)}); their errors are in cells/<id>/status.json, and the same "
@@ -279,7 +280,7 @@ def cmd_demo(args, overrides: list[str]) -> int:
     return code
 
 
-def cmd_convert(args: C.ConvertConfig) -> int:
+def cmd_convert(args: ConvertConfig) -> int:
     from vlmprune.convert import convert
 
     out = convert(args.family, args.source, args.output, overwrite=args.overwrite, vision_tower=args.vision_tower,
@@ -303,14 +304,14 @@ def cmd_criteria(args, overrides: list[str]) -> int:
 
 
 STAGES = {
-    "inspect": (C.InspectConfig, cmd_inspect, "family, part sizes, per-layer widths"),
-    "prune": (C.PruneConfig, cmd_prune, "prune the language backbone and write a checkpoint"),
-    "recover": (C.RecoverConfig, cmd_recover, "recover a pruned model's quality: SFT and distillation"),
-    "evaluate": (C.EvalConfig, cmd_evaluate, "exact-match accuracy on tasks, lmms-eval benchmarks, and efficiency measures"),
-    "quantize": (C.QuantizeConfig, cmd_quantize, "quantize the language model's decoder layers and write a checkpoint"),
-    "convert": (C.ConvertConfig, cmd_convert, "an original Bunny / Mini-InternVL-Chat checkpoint -> a native one"),
-    "data": (C.DataConfig, cmd_data, "write a demo data set in the LLaVA conversation format"),
-    "report": (C.ReportConfig, cmd_report, "aggregate a study run directory into tables and plots"),
+    "inspect": (InspectConfig, cmd_inspect, "family, part sizes, per-layer widths"),
+    "prune": (PruneConfig, cmd_prune, "prune the language backbone and write a checkpoint"),
+    "recover": (RecoverConfig, cmd_recover, "recover a pruned model's quality: SFT and distillation"),
+    "evaluate": (EvalConfig, cmd_evaluate, "exact-match accuracy on tasks, lmms-eval benchmarks, and efficiency measures"),
+    "quantize": (QuantizeConfig, cmd_quantize, "quantize the language model's decoder layers and write a checkpoint"),
+    "convert": (ConvertConfig, cmd_convert, "an original Bunny / Mini-InternVL-Chat checkpoint -> a native one"),
+    "data": (DataConfig, cmd_data, "write a demo data set in the LLaVA conversation format"),
+    "report": (ReportConfig, cmd_report, "aggregate a study run directory into tables and plots"),
 }
 
 
@@ -319,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (cls, _, help_) in STAGES.items():
         p = sub.add_parser(name, help=help_, description=cls.__doc__)
-        C.add_arguments(p, cls)
+        add_arguments(p, cls)
 
     p = sub.add_parser("study", help="run a grid of prune x recover x evaluate cells (resumable)")
     p.add_argument("--config", dest="config_file", required=True, help="configs/study/<name>.yaml")
@@ -361,9 +362,8 @@ def _join_dash_values(argv: list[str]) -> list[str]:
 def _setup_logging() -> None:
     if log.handlers:
         return
-    from rich.logging import RichHandler
-
     from rich.console import Console
+    from rich.logging import RichHandler
 
     # progress and notes go to stderr: stdout carries results (tables, --json) that may be piped
     handler = RichHandler(console=Console(stderr=True), show_time=False, show_path=False, markup=False,
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     try:
         if hasattr(args, "config_class"):
-            cfg = C.resolve(args.config_class, args, overrides)
+            cfg = resolve(args.config_class, args, overrides)
             return STAGES[args.command][1](cfg)
         return args.func(args, overrides)
     except VlmpruneError as exc:

@@ -24,7 +24,7 @@ import yaml
 from vlmprune.errors import VlmpruneError
 
 RESOLVED_CONFIG = "resolved_config.yaml"
-COMPENSATE_MODES = ("none", "ls", "bias")  # vlmprune.compensate: what a cut's kept weights take over
+COMPENSATE_MODES = ("none", "ls", "bias")  # vlmprune.surgery.compensate: what a cut's kept weights take over
 
 
 def opt(default: Any = None, help: str = "", *, flag: str | None = None, choices=None, type=None,

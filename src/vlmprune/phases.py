@@ -25,54 +25,9 @@ import sys
 import time
 from collections.abc import Iterator
 
+from vlmprune.measure import peak_rss_kib, reset_peak_rss, rss_kib, status_kib
+
 PHASES = ("import", "load", "data", "calibration", "scoring", "planning", "compensation", "surgery", "save", "records", "other")
-
-_STATUS = "/proc/self/status"
-_CLEAR_REFS = "/proc/self/clear_refs"
-
-
-def _status_kib(*keys: str) -> dict[str, int]:
-    """The given fields of /proc/self/status, in KiB (missing ones left out)."""
-    out = {}
-    try:
-        with open(_STATUS, "rb") as f:
-            for line in f:
-                name, _, value = line.partition(b":")
-                key = name.decode()
-                if key in keys:
-                    out[key] = int(value.split()[0])
-    except OSError:
-        pass
-    return out
-
-
-def peak_rss_kib() -> int | None:
-    """The process's peak RSS since the last reset (VmHWM), or its lifetime peak from getrusage."""
-    hwm = _status_kib("VmHWM").get("VmHWM")
-    if hwm is not None:
-        return hwm
-    try:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak // 1024 if sys.platform == "darwin" else peak  # bytes on macOS, KiB on Linux
-    except (ImportError, OSError):
-        return None
-
-
-def rss_kib() -> int | None:
-    return _status_kib("VmRSS").get("VmRSS")
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS; False where the kernel does not allow it."""
-    try:
-        with open(_CLEAR_REFS, "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
 
 def process_age() -> float | None:
     """Seconds since this process started (10 ms resolution), from /proc; None without it."""
@@ -124,7 +79,7 @@ class PhaseRecorder:
         top = self.stack[-1]
         self.seconds[top] += now - self.mark
         self.cpu_seconds[top] += cpu - self.cpu_mark
-        status = _status_kib("VmHWM", "VmRSS")
+        status = status_kib("VmHWM", "VmRSS")
         peak = status.get("VmHWM")
         if peak is None:
             peak = peak_rss_kib()

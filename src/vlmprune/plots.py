@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vlmprune.importance.structures import WidthScores  # noqa: E402
-from vlmprune.plan import PruningPlan  # noqa: E402
+from vlmprune.planning.plan import PruningPlan  # noqa: E402
 
 
 def plot_layer_scores(scores, dropped: list[int], path: Path, criterion: str) -> Path:

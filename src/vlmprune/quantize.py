@@ -35,6 +35,7 @@ from torch import nn
 
 from vlmprune.adapters import Adapter, get_adapter
 from vlmprune.errors import VlmpruneError
+from vlmprune.measure import is_quantized_weight, tensor_bytes
 
 QUANTIZATION_KEY = "quantization"  # the record's key in pruning_plan.json
 
@@ -238,27 +239,6 @@ def weight_bytes(module: nn.Module) -> int:
     return total
 
 
-def tensor_bytes(t: torch.Tensor) -> int:
-    """Stored size of one tensor: a torchao tensor subclass is the sum of its inner tensors
-    (int8/int4 data, scales, zero points); a bitsandbytes 4-bit parameter is its packed bytes plus
-    the block scales kept in its ``quant_state``. ``numel * element_size`` would report the
-    dequantized size for the first and miss the scales of the second."""
-    if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
-        names, _ = t.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(t, n)) for n in names if isinstance(getattr(t, n), torch.Tensor))
-    total = t.numel() * t.element_size()
-    state = getattr(t, "quant_state", None)
-    while state is not None:  # nested: double quantization keeps the scales' own scales in state2
-        total += sum(x.numel() * x.element_size() for x in (state.absmax, state.code) if x is not None)
-        state = getattr(state, "state2", None)
-    return total
-
-
-def is_quantized_weight(t: torch.Tensor) -> bool:
-    """True for a torchao tensor subclass or a bitsandbytes quantized parameter."""
-    return type(t) not in (torch.Tensor, nn.Parameter)
-
-
 def quantize(model: nn.Module, scheme: str) -> dict:
     """Quantize the decoder layers' Linear weights of ``model`` in place; returns the record that
     goes into ``pruning_plan.json``.
@@ -310,8 +290,8 @@ def quantize_model_dir(model: str | Path, scheme: str, output: str | Path, overw
     """Load ``model`` (any widths), quantize its decoder, write ``output`` atomically with the
     processor files and ``pruning_plan.json`` (the input's plan, or an empty one, with a
     ``quantization`` record). Nothing is written when the scheme cannot run here."""
-    from vlmprune.io import load, save_model
-    from vlmprune.plan import PLAN_FILE, PruningPlan
+    from vlmprune.checkpoint import load, save_model
+    from vlmprune.planning.plan import PLAN_FILE, PruningPlan
 
     # refuse before loading anything: a missing package or device must not cost a model load
     wanted_device = device or ("cuda" if SCHEMES.get(scheme, SCHEMES["int8"]).needs_cuda else "cpu")

@@ -24,7 +24,7 @@ from reference import skipped, zeroed
 from checks import assert_close, check_config
 from vlmprune.cli import main
 from vlmprune.errors import UnsupportedModelError, VlmpruneError
-from vlmprune.plan import PruningPlan
+from vlmprune.planning.plan import PruningPlan
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = Path(os.environ.get("VLMPRUNE_SEED_FIXTURES", REPO.parent / "shared" / "fixtures" / "seed-families"))

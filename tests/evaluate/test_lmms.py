@@ -176,7 +176,7 @@ def _task_with_known_answers(tiny_repo, model_dir, tmp_path) -> Path:
 
 
 def _per_layer_width_model(tiny_repo, tmp_path) -> Path:
-    from vlmprune.plan import PruningPlan
+    from vlmprune.planning.plan import PruningPlan
 
     model = vlmprune.load(tiny_repo.model)
     plan = PruningPlan(drop_layers=[3], layers={1: {"mlp_channels": list(range(0, 128, 2))}})

@@ -11,10 +11,10 @@ from checks import labelled
 from tiny_models import FAMILIES, build_tiny
 from vlmprune import calibrate
 from vlmprune.adapters import get_adapter
-from vlmprune.importance import layer as L
-from vlmprune.importance import width as W
+from vlmprune.importance import layer as layer_criteria
+from vlmprune.importance import width as width_criteria
 from vlmprune.importance.structures import layer_params
-from vlmprune.prune.apply import layer_shapes
+from vlmprune.summary import layer_shapes
 
 
 def attention_out(adapter, layer):
@@ -64,11 +64,11 @@ def test_identity_layer_is_least_important(family):
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight * 100)  # (unties embeddings)
     batches = [labelled(model, family)]
     hs = calibrate.collect_hidden_states(model, batches)
-    assert int(L.block_influence(hs).argmin()) == 2
-    assert int(L.angular(hs).argmin()) == 2
-    assert L.angular_block(hs, 1)[0] == 2
-    assert int(L.skip_loss(calibrate.collect_skip_losses(model, batches)).argmin()) == 2
-    assert L.last(4).argsort()[:1].tolist() == [3]
+    assert int(layer_criteria.block_influence(hs).argmin()) == 2
+    assert int(layer_criteria.angular(hs).argmin()) == 2
+    assert layer_criteria.angular_block(hs, 1)[0] == 2
+    assert int(layer_criteria.skip_loss(calibrate.collect_skip_losses(model, batches)).argmin()) == 2
+    assert layer_criteria.last(4).argsort()[:1].tolist() == [3]
 
 
 def reference_taylor(model, batches):
@@ -123,7 +123,7 @@ def reference_taylor(model, batches):
 def test_taylor_equals_full_autograd_reference(family):
     model = build_tiny(family)
     batches = [labelled(model, family, seed=0), labelled(model, family, seed=1)]
-    scores = W.taylor(calibrate.collect_taylor(model, batches, tokens="answer"), layer_shapes(model))
+    scores = width_criteria.taylor(calibrate.collect_taylor(model, batches, tokens="answer"), layer_shapes(model))
     assert all(p.grad is None for p in model.parameters())
     heads, groups, channels = reference_taylor(copy.deepcopy(model), batches)
     for got, want in ((scores.heads, heads), (scores.groups, groups), (scores.channels, channels)):
@@ -168,8 +168,8 @@ def test_activation_and_wanda_equal_hand_computed_values():
     mask = batch["attention_mask"].bool()
     shapes = layer_shapes(model)
     stats = calibrate.collect_activations(model, [batch], tokens="all")
-    act = W.activation(stats, shapes)
-    wanda = W.wanda(stats, [x.self_attn.o_proj.weight for x in layers], [x.mlp.down_proj.weight for x in layers], shapes)
+    act = width_criteria.activation(stats, shapes)
+    wanda = width_criteria.wanda(stats, [x.self_attn.o_proj.weight for x in layers], [x.mlp.down_proj.weight for x in layers], shapes)
     for i, s in enumerate(shapes):
         o = seen[("o", i)][mask].double()          # [N, H*d]
         d = seen[("d", i)][mask].double()          # [N, I]
@@ -193,12 +193,12 @@ def test_padding_never_changes_a_score(family):
     close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)  # noqa: E731
     a, b = (calibrate.collect_hidden_states(model, [x]) for x in (batch, padded))
     assert a.tokens == b.tokens
-    close(L.block_influence(a), L.block_influence(b))
-    close(L.angular(a), L.angular(b))
-    close(L.skip_loss(calibrate.collect_skip_losses(model, [batch])),
-          L.skip_loss(calibrate.collect_skip_losses(model, [padded])))
-    for x, y in zip(W.taylor(calibrate.collect_taylor(model, [batch]), shapes).channels,
-                    W.taylor(calibrate.collect_taylor(model, [padded]), shapes).channels):
+    close(layer_criteria.block_influence(a), layer_criteria.block_influence(b))
+    close(layer_criteria.angular(a), layer_criteria.angular(b))
+    close(layer_criteria.skip_loss(calibrate.collect_skip_losses(model, [batch])),
+          layer_criteria.skip_loss(calibrate.collect_skip_losses(model, [padded])))
+    for x, y in zip(width_criteria.taylor(calibrate.collect_taylor(model, [batch]), shapes).channels,
+                    width_criteria.taylor(calibrate.collect_taylor(model, [padded]), shapes).channels):
         close(x, y)
     for x, y in zip(calibrate.collect_activations(model, [batch]), calibrate.collect_activations(model, [padded])):
         close(x.o_abs, y.o_abs)
@@ -211,15 +211,15 @@ def test_magnitude_and_random():
     adapter = get_adapter(model)
     shapes = layer_shapes(model)
     params = [(role, p) for i, layer in enumerate(adapter.layers(model)) for p, role in layer_params(layer, adapter, i, shapes[i]).items()]
-    m1 = W.magnitude(params, shapes, p=1)
+    m1 = width_criteria.magnitude(params, shapes, p=1)
     layer = adapter.layers(model)[1]
     fc1, fc2 = layer.mlp.fc1, layer.mlp.fc2
     expected = fc1.weight.abs().sum(1) + fc1.bias.abs() + fc2.weight.abs().sum(0)
     torch.testing.assert_close(m1.channels[1], expected.double().detach())
-    m2 = W.magnitude(params, shapes, p=2)
+    m2 = width_criteria.magnitude(params, shapes, p=2)
     expected2 = (fc1.weight.pow(2).sum(1) + fc1.bias.pow(2) + fc2.weight.pow(2).sum(0)).sqrt()
     torch.testing.assert_close(m2.channels[1], expected2.double().detach())
-    r1, r2, r3 = W.random(shapes, 1), W.random(shapes, 1), W.random(shapes, 2)
+    r1, r2, r3 = width_criteria.random(shapes, 1), width_criteria.random(shapes, 1), width_criteria.random(shapes, 2)
     assert torch.equal(r1.channels[0], r2.channels[0]) and not torch.equal(r1.channels[0], r3.channels[0])
 
 
@@ -234,7 +234,7 @@ def test_magnitude_owns_the_right_weights_gqa():
     params = [(role, p) for i, layer in enumerate(adapter.layers(model)) for p, role in layer_params(layer, adapter, i, shapes[i]).items()]
     names = {id(p): n for n, p in model.named_parameters()}
     assert not any("norm" in names[id(p)] or "embed" in names[id(p)] for _, p in params)
-    scores = W.magnitude(params, shapes, p=1)
+    scores = width_criteria.magnitude(params, shapes, p=1)
     s = shapes[1]
     assert s.group_size > 1  # the test means GQA
     layer = adapter.layers(model)[1]

@@ -18,8 +18,8 @@ from tiny_models import build_tiny
 from vlmprune import phases
 from vlmprune.cli import main
 from vlmprune.errors import VlmpruneError
-from vlmprune.io import check_finite
-from vlmprune.prune.surgery import keep_cols_, keep_rows_
+from vlmprune.checkpoint import check_finite
+from vlmprune.surgery.rows import keep_cols_, keep_rows_
 
 SRC = Path(vlmprune.__file__).resolve().parents[1]
 

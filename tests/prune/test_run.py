@@ -16,8 +16,9 @@ from tiny_models import FAMILIES, build_tiny, make_inputs
 from vlmprune.cli import main
 from vlmprune.errors import VlmpruneError
 from vlmprune.prune.run import score_and_plan
-from vlmprune.planning import ModelBudget
-from vlmprune.prune import apply_plan_, layer_shapes
+from vlmprune.planning.solve import ModelBudget
+from vlmprune.surgery.apply import apply_plan_
+from vlmprune.summary import layer_shapes
 
 
 def granularity(budget: ModelBudget, plan, shapes) -> float:

@@ -21,7 +21,7 @@ from recover_helpers import build_tiny_deep, write_data, write_pair
 from tiny_data import tiny_llava_processor
 from vlmprune.adapters import get_adapter
 from vlmprune.data import Collator, read_samples, select
-from vlmprune.plan import PruningPlan
+from vlmprune.planning.plan import PruningPlan
 from vlmprune.config import RecoverConfig, load_stage_config
 from vlmprune.recover import recover
 

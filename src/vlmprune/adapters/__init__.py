@@ -213,7 +213,7 @@ class Adapter:
     def slices(self, layer: nn.Module, shape) -> list[Slice]:
         """Which rows / columns of which projection each q head, kv group and MLP channel owns.
 
-        ``shape`` is the layer's :class:`~vlmprune.plan.LayerShape`. Separate q/k/v or fused
+        ``shape`` is the layer's :class:`~vlmprune.planning.plan.LayerShape`. Separate q/k/v or fused
         ``qkv`` ([q heads | k heads | v heads]) rows and o columns; gate/up (or fc1) rows, fused
         ``gate_up`` ([gate | up]) rows, down (fc2) columns.
         """

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from vlmprune.convert import bunny, internvl_chat
 from vlmprune.convert.common import ConversionError
+from vlmprune.convert.detect import convert_hint, detect_family, refuse_original
 
 __all__ = ["FAMILIES", "ConversionError", "convert", "convert_hint", "detect_family", "refuse_original"]
 
@@ -22,60 +23,10 @@ FAMILIES = {"bunny": bunny, "internvl-chat": internvl_chat}
 RECORD_FILE = "conversion.json"
 
 
-def detect_family(config: dict) -> str | None:
-    """The ``--from`` family of an original config.json (a dict), or None when it is not convertible."""
-    archs = set(config.get("architectures") or [])
-    for name, module in FAMILIES.items():
-        if config.get("model_type") in module.MODEL_TYPES or archs & set(module.ARCHITECTURES):
-            return name
-    return None
-
-
-def convert_hint(source: str | Path) -> str | None:
-    """What to tell a user who passes an unconverted checkpoint of a convertible family to vlmprune.
-
-    Reads the local ``config.json``, or for a hub id the one ``AutoConfig`` would fetch next
-    (from the hub cache when it is there); None when there is none or it is not a convertible family.
-    """
-    path = Path(str(source)) / "config.json"
-    if not path.is_file():
-        if Path(str(source)).exists():  # a local directory without config.json is no hub id
-            return None
-        try:
-            from huggingface_hub import hf_hub_download
-
-            path = Path(hf_hub_download(str(source), "config.json"))
-        except Exception:  # noqa: BLE001 - not a repo id, offline, gated...: AutoConfig will say why
-            return None
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    family = detect_family(config) if isinstance(config, dict) else None
-    if family is None:
-        return None
-    kind = config.get("model_type") or ", ".join(config.get("architectures") or [])
-    local = Path(str(source)).is_dir()
-    name = Path(str(source)).name
-    first = "" if local else f"hf download {source} --local-dir {name}-src && "
-    src = source if local else f"{name}-src"
-    return (f"{source} is an original remote-code checkpoint ({kind}) that vlmprune does not load; convert it to "
-            f"a native transformers checkpoint first: {first}vlmprune convert --from {family} {src} --output "
-            f"{name}-native, then pass that directory instead")
-
-
-def refuse_original(source: str | Path) -> None:
-    """Raise ``UnsupportedModelError`` with the convert command for an original Bunny / InternVL-Chat checkpoint."""
-    from vlmprune.errors import UnsupportedModelError
-
-    if (hint := convert_hint(source)) is not None:
-        raise UnsupportedModelError(hint)
-
-
 def convert(family: str, source: str | Path, output: str | Path, overwrite: bool = False,
             vision_tower: str | Path | None = None, image_token_id: int | None = None) -> Path:
     """Convert ``source`` (a local checkpoint directory of ``family``) into a native checkpoint at ``output``."""
-    from vlmprune.io import save_model
+    from vlmprune.checkpoint import save_model
 
     if family not in FAMILIES:
         raise ConversionError(f"--from must be one of {', '.join(FAMILIES)}, got {family!r}")

@@ -28,9 +28,9 @@ import torch
 
 from vlmprune.convert.common import (ConversionError, KeyMapper, has_tokenizer, load_native, load_state_dict,
                                      load_tokenizer, read_family_config, require, source_dtype)
+from vlmprune.convert.detect import SIGNATURES
 
-ARCHITECTURES = ("BunnyPhiForCausalLM",)
-MODEL_TYPES = ("bunny-phi",)
+MODEL_TYPES, ARCHITECTURES = SIGNATURES["bunny"]
 IMAGE_TOKEN = "<image>"
 
 _VISION = "model.vision_tower.vision_tower.vision_model."

@@ -27,9 +27,9 @@ import torch
 
 from vlmprune.convert.common import (ConversionError, KeyMapper, has_tokenizer, load_native, load_state_dict,
                                      load_tokenizer, read_family_config, require, source_dtype)
+from vlmprune.convert.detect import SIGNATURES
 
-ARCHITECTURES = ("InternVLChatModel",)
-MODEL_TYPES = ("internvl_chat",)
+MODEL_TYPES, ARCHITECTURES = SIGNATURES["internvl-chat"]
 IMG_CONTEXT, IMG_START, IMG_END = "<IMG_CONTEXT>", "<img>", "</img>"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

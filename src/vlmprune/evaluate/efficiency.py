@@ -5,7 +5,6 @@ The timing and memory helpers are shared with benchmarks/inference_speed.py.
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 
@@ -13,8 +12,8 @@ import torch
 from torch import nn
 
 from vlmprune.adapters import get_adapter
-from vlmprune.inspect import count_parameters
-from vlmprune.quantize import tensor_bytes
+from vlmprune.measure import is_quantized_weight, peak_rss_kib, reset_peak_rss, rss_kib, tensor_bytes
+from vlmprune.summary import count_parameters
 
 
 class Timer:
@@ -40,15 +39,8 @@ class Timer:
         return self.clock() - t0
 
 
-def _status_mb(key: str) -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+def _mb(kib: int | None) -> float:
+    return float("nan") if kib is None else kib / 1024
 
 
 def reset_peak(device) -> float:
@@ -57,9 +49,8 @@ def reset_peak(device) -> float:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device) / 2**20
-    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # Linux: resets VmHWM to the current RSS
-    return _status_mb("VmRSS")
+    reset_peak_rss()  # Linux: VmHWM back to the current RSS
+    return _mb(rss_kib())
 
 
 def peak_mb(device) -> float:
@@ -67,15 +58,13 @@ def peak_mb(device) -> float:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return _status_mb("VmHWM")
+    return _mb(peak_rss_kib())
 
 
 def count_flops(model: nn.Module, inputs: dict) -> int:
     """FLOPs of one forward pass, counted by torch's FlopCounterMode with eager attention
     (CPU SDPA kernels count as zero there)."""
     from torch.utils.flop_counter import FlopCounterMode
-
-    from vlmprune.quantize import is_quantized_weight
 
     # Quantized Linear layers run integer or packed-4-bit kernels that FlopCounterMode does not
     # know (they would count as zero); their multiply-adds are the float layer's, so they are

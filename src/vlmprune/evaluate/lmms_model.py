@@ -66,8 +66,8 @@ class VlmpruneLMM(lmms):
         if model is None:
             if not pretrained:
                 raise VlmpruneError("vlmprune model: give --model_args pretrained=MODEL_DIR")
+            from vlmprune.checkpoint import load, load_processor
             from vlmprune.config import DTYPES, check_device
-            from vlmprune.io import load, load_processor
 
             if dtype not in (None, *DTYPES):
                 raise VlmpruneError(f"vlmprune model: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")

@@ -7,12 +7,12 @@ import json
 import os
 from pathlib import Path
 
+from vlmprune.checkpoint import load, load_processor
 from vlmprune.config import EvalConfig
 from vlmprune.errors import VlmpruneError
 from vlmprune.evaluate.efficiency import disk_bytes, efficiency, weight_bytes_by_part
 from vlmprune.evaluate.tasks import evaluate, load_task, prompt_batch
-from vlmprune.inspect import count_parameters
-from vlmprune.io import load, load_processor
+from vlmprune.summary import count_parameters
 
 
 def evaluate_model_dir(config: EvalConfig | None = None, **options) -> dict:

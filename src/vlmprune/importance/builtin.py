@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from vlmprune.importance import layer as L
-from vlmprune.importance import width as W
+from vlmprune.importance import layer as layer_criteria
+from vlmprune.importance import width as width_criteria
 from vlmprune.importance.registry import register_criterion
 from vlmprune.importance.structures import layer_params
 
@@ -23,33 +23,33 @@ MAGNITUDE_WARNING = (
 @register_criterion("block_influence", method="layer", stats="hidden_states")
 def block_influence(stats, ctx):
     """ShortGPT: sum over tokens of 1 - cos(h_in, h_out) of each layer's own output"""
-    return L.block_influence(stats)
+    return layer_criteria.block_influence(stats)
 
 
 @register_criterion("angular", method="layer", stats="hidden_states")
 def angular(stats, ctx):
     """the contiguous block of n layers whose input and output are closest in angle"""
     n = stats.num_layers
-    blocks = [L.angular_block(stats, k)[1] for k in range(1, n)]
-    return L.LayerScores(L.angular(stats), blocks)
+    blocks = [layer_criteria.angular_block(stats, k)[1] for k in range(1, n)]
+    return layer_criteria.LayerScores(layer_criteria.angular(stats), blocks)
 
 
 @register_criterion("skip_loss", method="layer", stats="skip_loss", default_tokens="answer")
 def skip_loss(stats, ctx):
     """increase of the answer loss when the layer is skipped"""
-    return L.skip_loss(stats)
+    return layer_criteria.skip_loss(stats)
 
 
 @register_criterion("last", method="layer")
 def last(stats, ctx):
     """drop the last n layers (no data needed)"""
-    return L.last(len(ctx.shapes))
+    return layer_criteria.last(len(ctx.shapes))
 
 
 @register_criterion("taylor", method="width", stats="taylor", default_tokens="text")
 def taylor(stats, ctx):
     """LLM-Pruner: sum of |W * dL/dW| over a structure's weights (the collector reduces as gradients arrive)"""
-    return W.taylor(stats, ctx.shapes)
+    return width_criteria.taylor(stats, ctx.shapes)
 
 
 @register_criterion("magnitude", method="width")
@@ -59,13 +59,13 @@ def magnitude(stats, ctx):
     adapter, model = ctx.adapter, ctx.model
     params = [(role, p) for i, layer in enumerate(adapter.layers(model))
               for p, role in layer_params(layer, adapter, i, ctx.shapes[i]).items()]
-    return W.magnitude(params, ctx.shapes, p=1)
+    return width_criteria.magnitude(params, ctx.shapes, p=1)
 
 
 @register_criterion("activation", method="width", stats="activations")
 def activation(stats, ctx):
     """Minitron: mean |activation| of a channel / of a head's o_proj input"""
-    return W.activation(stats, ctx.shapes)
+    return width_criteria.activation(stats, ctx.shapes)
 
 
 @register_criterion("wanda", method="width", stats="activations")
@@ -73,10 +73,11 @@ def wanda(stats, ctx):
     """Wanda-sp: |W| * ||X|| of the o_proj / down-projection columns a structure owns"""
     columns = [{s.unit: s.module.weight for s in ctx.adapter.slices(layer, shape) if s.dim == 1}
                for layer, shape in zip(ctx.adapter.layers(ctx.model), ctx.shapes)]  # o and down weights
-    return W.wanda(stats, [c.get("q") for c in columns], [c["mlp"] for c in columns], ctx.shapes)  # no "q": no heads
+    heads = [c.get("q") for c in columns]  # no "q": no heads
+    return width_criteria.wanda(stats, heads, [c["mlp"] for c in columns], ctx.shapes)
 
 
 @register_criterion("random", method="width")
 def random(stats, ctx):
     """seeded baseline"""
-    return W.random(ctx.shapes, ctx.seed)
+    return width_criteria.random(ctx.shapes, ctx.seed)

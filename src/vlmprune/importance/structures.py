@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from vlmprune.adapters import Adapter, Slice
-from vlmprune.plan import LayerShape
+from vlmprune.planning.plan import LayerShape
 
 
 @dataclass

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from vlmprune.importance.structures import LayerSums, Owned, WidthScores, combine, reduce_
-from vlmprune.plan import LayerShape
+from vlmprune.planning.plan import LayerShape
 
 
 @dataclass

@@ -7,7 +7,8 @@
 import sys
 import types
 
-from vlmprune.prune.apply import apply_plan_, layer_shapes
+from vlmprune.summary import layer_shapes
+from vlmprune.surgery.apply import apply_plan_
 
 __all__ = ["apply_plan_", "layer_shapes"]
 

@@ -1,8 +1,9 @@
 """The prune stage: calibrate -> score -> plan -> cut -> write, each step a verb that returns a value.
 
-``score`` runs a registered criterion (collecting the statistics it names); ``plan_for`` turns
-scores into a plan for a ratio; ``prune`` is the whole command on a :class:`PruneConfig` and
-returns a :class:`PruneResult` (nothing here prints: the CLI presents results).
+``score`` runs a registered criterion (collecting the statistics it names);
+:func:`vlmprune.planning.solve.plan_for` turns scores into a plan for a ratio; ``prune`` is the whole
+command on a :class:`PruneConfig` and returns a :class:`PruneResult` (nothing here prints: the CLI
+presents results).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import contextlib
 import json
 import logging
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,26 +21,27 @@ from torch import nn
 
 from vlmprune import calibrate, phases
 from vlmprune.adapters import get_adapter
-from vlmprune.config import (RESOLVED_CONFIG, PruneConfig, check_ratio, parse_device_map, parse_layer_range,
-                             parse_max_memory, parse_target, to_yaml)
+from vlmprune.checkpoint import load, load_processor, save_model
+from vlmprune.config import (RESOLVED_CONFIG, PruneConfig, check_ratio, parse_device_map, parse_max_memory,
+                             parse_target, to_yaml)
 from vlmprune.dispatch import is_dispatched, materialize_
 from vlmprune.errors import VlmpruneError
 from vlmprune.importance.layer import LayerScores
 from vlmprune.importance.registry import get_criterion
+from vlmprune.importance.scores import SCORES_FILE, Scores
 from vlmprune.importance.structures import WidthScores
-from vlmprune.inspect import ModelSummary, source_record, summarize
-from vlmprune.io import load, load_processor, save_model
 from vlmprune.paths import claim_output
-from vlmprune.plan import PLAN_FILE, LayerShape, PruningPlan
-from vlmprune.planning import ModelBudget, achieved, layers_to_drop, plan_layers, plan_width
+from vlmprune.planning.plan import PLAN_FILE, LayerShape, PruningPlan
+from vlmprune.planning.search import search as auto_search
+from vlmprune.planning.solve import ModelBudget, achieved, layers_to_drop, plan_for, stock_plan
+from vlmprune.planning.targets import footprint, latency_profile, measure_prefill, predict_latency, ratio_for
 from vlmprune.plots import plot_layer_scores, plot_search, plot_width_scores
-from vlmprune.prune import auto
-from vlmprune.prune.apply import apply_plan_, layer_shapes, loads_stock
-from vlmprune.targets import footprint, latency_profile, measure_prefill, predict_latency, ratio_for
+from vlmprune.summary import ModelSummary, layer_shapes, source_record, summarize
+from vlmprune.surgery.apply import apply_plan_, loads_stock
+from vlmprune.surgery.compensate import check_mode, compensate_
 
 log = logging.getLogger(__name__)
 
-SCORES_FILE = "scores.json"
 SEARCH_FILE = "search.json"
 
 
@@ -51,53 +53,6 @@ class ScoringContext:
     adapter: Any
     shapes: list[LayerShape]
     seed: int = 0
-
-
-@dataclass
-class Scores:
-    """A criterion's scores of one model: per-layer (``LayerScores``) or per-structure (``WidthScores``)."""
-
-    method: str
-    criterion: str
-    tokens: str
-    values: LayerScores | WidthScores
-    model: dict = field(default_factory=dict)  # source_record of the scored model
-
-    def to_json(self) -> dict:
-        if isinstance(self.values, LayerScores):
-            values = {"layers": self.values.layers.tolist(),
-                      "blocks": None if self.values.blocks is None else [b.tolist() for b in self.values.blocks]}
-        else:
-            v = self.values
-            values = {"heads": [t.tolist() for t in v.heads], "kv_groups": [t.tolist() for t in v.groups],
-                      "mlp_channels": [t.tolist() for t in v.channels]}
-        return {"version": 1, "method": self.method, "criterion": self.criterion, "tokens": self.tokens,
-                "model": self.model, "scores": values}
-
-    @classmethod
-    def from_json(cls, data: dict) -> "Scores":
-        t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
-        try:
-            s = data["scores"]
-            if data["method"] == "layer":
-                values = LayerScores(t(s["layers"]), None if s.get("blocks") is None else [t(b) for b in s["blocks"]])
-            else:
-                values = WidthScores([t(x) for x in s["heads"]], [t(x) for x in s["kv_groups"]],
-                                     [t(x) for x in s["mlp_channels"]])
-            return cls(data["method"], data["criterion"], data["tokens"], values, data.get("model", {}))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise VlmpruneError(f"not a vlmprune scores file ({type(exc).__name__}: {exc}); use the {SCORES_FILE} "
-                                f"that `vlmprune prune` wrote") from None
-
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_json()))
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Scores":
-        try:
-            return cls.from_json(json.loads(Path(path).read_text()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise VlmpruneError(f"cannot read scores {path}: {exc}") from None
 
 
 def score(model: nn.Module, method: str, criterion: str | None = None, batches=None, tokens: str | None = None,
@@ -124,54 +79,6 @@ def score(model: nn.Module, method: str, criterion: str | None = None, batches=N
     if method == "width" and not isinstance(values, WidthScores):
         raise VlmpruneError(f"width criterion {crit.name!r} returned {type(values).__name__}, not WidthScores")
     return Scores(method, crit.name, tokens, values, source_record(model))
-
-
-def plan_for(model: nn.Module, scores: Scores, ratio: float, attention: str = "groups",
-             mlp_multiple: int | None = None, layers: str | None = None, global_ranking: bool = False) -> PruningPlan:
-    """The plan that removes the fraction ``ratio`` of the whole model, from ``scores`` of this model.
-
-    ``plan.extra`` records the method, criterion, options, every score and the achieved ratios.
-    """
-    check_ratio(ratio)
-    shapes = layer_shapes(model)
-    budget = ModelBudget.of(model)
-    extra: dict[str, Any] = {"method": scores.method, "criterion": scores.criterion, "tokens": scores.tokens,
-                             "ratio_target": ratio}
-    if scores.method == "layer":
-        protected = get_adapter(model).protected_layers(model)
-        values = scores.values.without(protected)
-        n = layers_to_drop(len(shapes), budget, ratio)
-        plan = PruningPlan(drop_layers=plan_layers(values.layers, budget, ratio, values.block_start(n)))
-        # the criterion's own scores, protected layers included (they are scored, never chosen)
-        extra["scores"] = {"layers": [float(f"{v:.6g}") for v in scores.values.layers.tolist()]}
-        if protected:
-            extra["protected_layers"] = sorted(protected)
-    else:
-        chosen = parse_layer_range(layers, len(shapes))
-        adapter = get_adapter(model)
-        headless = {i for i, layer in enumerate(adapter.layers(model)) if not adapter.has_heads(layer)}
-        values = _headless(scores.values, headless)
-        plan = plan_width(values, shapes, budget, ratio, attention, mlp_multiple, chosen, global_ranking)
-        for i in headless & set(plan.layers):  # their heads own no parameters and stay whole
-            entry = {k: v for k, v in plan.layers[i].items() if k not in ("q_heads", "kv_heads")}
-            if entry:
-                plan.layers[i] = entry
-            else:
-                del plan.layers[i]
-        extra.update({"attention": attention, "mlp_multiple": mlp_multiple, "layer_range": layers,
-                      "global": global_ranking, "scores": scores.values.to_dict()})
-    extra["achieved"] = achieved(plan, budget, shapes)
-    plan.extra.update(extra)
-    return plan
-
-
-def _headless(values, headless: set[int]):
-    """Width scores in which the heads of layers without prunable heads are never the weakest."""
-    if not headless:
-        return values
-    heads = [torch.full_like(h, float("inf")) if i in headless else h for i, h in enumerate(values.heads)]
-    groups = [torch.full_like(g, float("inf")) if i in headless else g for i, g in enumerate(values.groups)]
-    return replace(values, heads=heads, groups=groups)
 
 
 def score_and_plan(model: nn.Module, method: str, ratio: float, criterion: str | None = None, batches=None,
@@ -229,8 +136,6 @@ def prune(config: PruneConfig | None = None, **options) -> PruneResult:
 def _compensate(cfg: PruneConfig, net: nn.Module, plan: PruningPlan, batches) -> dict:
     """Fit the kept weights to stand in for what the plan removes (the statistics are collected anew,
     also for --plan and --scores: neither carries activations)."""
-    from vlmprune.compensate import check_mode, compensate_
-
     check_mode(net, plan, cfg.compensate)
     if batches is None:
         with phases.phase("data"):
@@ -324,7 +229,7 @@ def _prune_loaded(cfg: PruneConfig, out: Path, net: nn.Module, ranked_outputs: l
             layer_scores = score(net, "layer", cfg.layer_criterion, batches, None, cfg.seed)
             scores = score(net, "width", cfg.criterion, batches, cfg.tokens, cfg.seed)
             with phases.phase("planning"):  # candidates planned and ranked on the held-out batches
-                best, tried = auto.search(net, layer_scores.values, scores.values, ratio_of, held_out,
+                best, tried = auto_search(net, layer_scores.values, scores.values, ratio_of, held_out,
                                           cfg.attention, cfg.mlp_multiple)
             budget, shapes = ModelBudget.of(net), layer_shapes(net)
             rows = [c.to_dict(budget, shapes) for c in tried]
@@ -343,15 +248,8 @@ def _prune_loaded(cfg: PruneConfig, out: Path, net: nn.Module, ranked_outputs: l
             with phases.phase("planning"):
                 ratio = ratio_of(lambda r: plan_for(net, scores, r, cfg.attention, cfg.mlp_multiple, cfg.layers,
                                                      cfg.global_ranking))
-                plan = plan_for(net, scores, ratio, cfg.attention, cfg.mlp_multiple, cfg.layers, cfg.global_ranking)
-                obstacle = loads_stock(net, plan)
-                if cfg.stock and obstacle and plan.extra["method"] == "width" and cfg.attention != "none":
-                    mlp_only = plan_for(net, scores, ratio, "none", cfg.mlp_multiple, cfg.layers, cfg.global_ranking)
-                    if loads_stock(net, mlp_only) is None:
-                        log.warning("--stock: cutting attention would need vlmprune.load (%s); attention is kept whole "
-                                    "and only MLP channels go", obstacle)
-                        mlp_only.extra["stock_note"] = f"attention kept whole: {obstacle}"
-                        plan = mlp_only
+                plan = (stock_plan if cfg.stock else plan_for)(net, scores, ratio, cfg.attention, cfg.mlp_multiple,
+                                                               cfg.layers, cfg.global_ranking)
         plan.extra.update({"source_model": str(cfg.model),
                            "calibration": str(cfg.calibration) if cfg.calibration else None,
                            "num_samples": cfg.num_samples, "seed": cfg.seed})

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 
 from vlmprune.data import IGNORE_INDEX
 from vlmprune.errors import VlmpruneError
-from vlmprune.plan import PruningPlan
-
+from vlmprune.planning.plan import PruningPlan
 
 
 def next_token(mask: torch.Tensor) -> torch.Tensor:

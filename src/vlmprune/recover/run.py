@@ -18,21 +18,21 @@ from transformers.trainer import FSDP_MODEL_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from vlmprune.adapters import get_adapter
+from vlmprune.checkpoint import load, load_processor, save_model
+from vlmprune.config import RESOLVED_CONFIG, RecoverConfig
 from vlmprune.data import Collator, read_samples, select
 from vlmprune.errors import VlmpruneError
-from vlmprune.inspect import check_teacher
-from vlmprune.io import load, load_processor, save_model
 from vlmprune.paths import check_safetensors, claim_output
-from vlmprune.plan import PLAN_FILE, PruningPlan
-from vlmprune.config import RESOLVED_CONFIG, RecoverConfig
-from vlmprune.recover.losses import layer_map
+from vlmprune.planning.plan import PLAN_FILE, PruningPlan
 from vlmprune.recover.distributed import (check_launch, enable_cpu_fsdp, end_with_launcher, gathered_state_dict,
                                           group_by_modality, is_sharded, launcher_backend, load_gathered,
                                           mixes_modalities, whole_weights)
+from vlmprune.recover.losses import layer_map
 from vlmprune.recover.plots import plot_loss_curve
 from vlmprune.recover.teacher import check_teacher_placement, host_bytes, place_teacher, resident_bytes
 from vlmprune.recover.trainable import count_trainable, merged, set_trainable_
 from vlmprune.recover.trainer import RecoveryTrainer
+from vlmprune.summary import check_teacher
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ import torch
 import transformers
 from torch import nn
 
+from vlmprune.checkpoint import check_finite
 from vlmprune.data import IGNORE_INDEX, token_masks
 from vlmprune.errors import VlmpruneError
-from vlmprune.io import check_finite
 from vlmprune.recover.distributed import ModalityGroupedSampler
 from vlmprune.recover.losses import hidden_mse, logit_kd, next_token, sft_loss
 

@@ -1,4 +1,4 @@
-"""Compensation: the kept weights take over what a cut removes (vlmprune/compensate.py)."""
+"""Compensation: the kept weights take over what a cut removes (vlmprune/surgery/compensate.py)."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ from checks import assert_close, logits, reload_plain
 from tiny_models import FAMILIES, build_tiny, make_inputs
 from vlmprune.adapters import get_adapter
 from vlmprune.cli import main
-from vlmprune.compensate import compensate_, ridge_fold
+from vlmprune.surgery.compensate import compensate_, ridge_fold
 from vlmprune.errors import VlmpruneError
-from vlmprune.plan import PruningPlan
+from vlmprune.planning.plan import PruningPlan
 from vlmprune.prune import apply_plan_, layer_shapes
-from vlmprune.prune.apply import loads_stock
+from vlmprune.surgery.apply import loads_stock
 
 
 def batches(family, model, n=8):
@@ -194,7 +194,7 @@ def test_bias_mode_is_refused_where_the_consumer_has_no_bias():
 def test_too_few_tokens_raise_the_ridge_and_warn_with_the_counts(caplog):
     model = build_tiny("llava_llama_gqa")
     plan = width_plan(model)
-    with caplog.at_level(logging.WARNING, logger="vlmprune.compensate"):
+    with caplog.at_level(logging.WARNING, logger="vlmprune.surgery.compensate"):
         record = compensate_(model, plan, [make_inputs("llava_llama_gqa", model, batch=1, seed=1)], "ls")
     assert "calibration tokens for" in caplog.text and "underdetermined" in caplog.text
     assert all(torch.isfinite(p).all() for p in model.parameters())

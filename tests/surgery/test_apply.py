@@ -13,8 +13,9 @@ from checks import assert_close, check_config, greedy, logits, reload_plain
 from reference import skipped, zeroed
 from tiny_models import FAMILIES, build_tiny, make_inputs
 from vlmprune.adapters import get_adapter
-from vlmprune.plan import PruningPlan
-from vlmprune.prune import apply_plan_, layer_shapes
+from vlmprune.planning.plan import PruningPlan
+from vlmprune.surgery.apply import apply_plan_
+from vlmprune.summary import layer_shapes
 
 GQA_FAMILIES = [f for f in FAMILIES if f != "llava_llama_mha"]
 

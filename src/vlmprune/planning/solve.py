@@ -6,17 +6,23 @@ the achieved fraction is computed exactly from the structures each plan removes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
 
 from vlmprune.adapters import Adapter, get_adapter
-from vlmprune.config import check_ratio
+from vlmprune.config import check_ratio, parse_layer_range
 from vlmprune.errors import VlmpruneError
+from vlmprune.importance.scores import Scores
 from vlmprune.importance.structures import LayerSums, WidthScores, layer_params, reduce_
-from vlmprune.plan import LayerShape, PruningPlan
-from vlmprune.prune.apply import layer_shapes
+from vlmprune.planning.plan import LayerShape, PruningPlan
+from vlmprune.summary import layer_shapes
+from vlmprune.surgery.apply import loads_stock
+
+log = logging.getLogger(__name__)
 
 ATTENTION_MODES = ("groups", "heads", "none")
 
@@ -39,7 +45,7 @@ class ModelBudget:
 
     @classmethod
     def of(cls, model: nn.Module, adapter: Adapter | None = None) -> "ModelBudget":
-        from vlmprune.inspect import count_parameters
+        from vlmprune.summary import count_parameters
 
         adapter = adapter or get_adapter(model)
         shapes = layer_shapes(model, adapter)
@@ -286,3 +292,68 @@ def achieved(plan: PruningPlan, budget: ModelBudget, shapes: list[LayerShape]) -
         "ratio": removed / budget.total,
         "ratio_language_model": removed / budget.language_model,
     }
+
+
+def plan_for(model: nn.Module, scores: Scores, ratio: float, attention: str = "groups",
+             mlp_multiple: int | None = None, layers: str | None = None, global_ranking: bool = False) -> PruningPlan:
+    """The plan that removes the fraction ``ratio`` of the whole model, from ``scores`` of this model.
+
+    ``plan.extra`` records the method, criterion, options, every score and the achieved ratios.
+    """
+    check_ratio(ratio)
+    shapes = layer_shapes(model)
+    budget = ModelBudget.of(model)
+    extra: dict[str, Any] = {"method": scores.method, "criterion": scores.criterion, "tokens": scores.tokens,
+                             "ratio_target": ratio}
+    if scores.method == "layer":
+        protected = get_adapter(model).protected_layers(model)
+        values = scores.values.without(protected)
+        n = layers_to_drop(len(shapes), budget, ratio)
+        plan = PruningPlan(drop_layers=plan_layers(values.layers, budget, ratio, values.block_start(n)))
+        # the criterion's own scores, protected layers included (they are scored, never chosen)
+        extra["scores"] = {"layers": [float(f"{v:.6g}") for v in scores.values.layers.tolist()]}
+        if protected:
+            extra["protected_layers"] = sorted(protected)
+    else:
+        chosen = parse_layer_range(layers, len(shapes))
+        adapter = get_adapter(model)
+        headless = {i for i, layer in enumerate(adapter.layers(model)) if not adapter.has_heads(layer)}
+        values = _headless(scores.values, headless)
+        plan = plan_width(values, shapes, budget, ratio, attention, mlp_multiple, chosen, global_ranking)
+        for i in headless & set(plan.layers):  # their heads own no parameters and stay whole
+            entry = {k: v for k, v in plan.layers[i].items() if k not in ("q_heads", "kv_heads")}
+            if entry:
+                plan.layers[i] = entry
+            else:
+                del plan.layers[i]
+        extra.update({"attention": attention, "mlp_multiple": mlp_multiple, "layer_range": layers,
+                      "global": global_ranking, "scores": scores.values.to_dict()})
+    extra["achieved"] = achieved(plan, budget, shapes)
+    plan.extra.update(extra)
+    return plan
+
+
+def _headless(values, headless: set[int]):
+    """Width scores in which the heads of layers without prunable heads are never the weakest."""
+    if not headless:
+        return values
+    heads = [torch.full_like(h, float("inf")) if i in headless else h for i, h in enumerate(values.heads)]
+    groups = [torch.full_like(g, float("inf")) if i in headless else g for i, g in enumerate(values.groups)]
+    return replace(values, heads=heads, groups=groups)
+
+
+def stock_plan(model: nn.Module, scores: Scores, ratio: float, attention: str = "groups",
+               mlp_multiple: int | None = None, layers: str | None = None, global_ranking: bool = False) -> PruningPlan:
+    """``plan_for`` under ``--stock``: a width plan whose attention cut would need ``vlmprune.load`` gives way
+    to the plan of the same ratio from MLP channels alone, when that one loads with plain ``from_pretrained``
+    (said in the log and in ``plan.extra["stock_note"]``); otherwise the plan ``plan_for`` makes."""
+    plan = plan_for(model, scores, ratio, attention, mlp_multiple, layers, global_ranking)
+    obstacle = loads_stock(model, plan)
+    if obstacle and plan.extra["method"] == "width" and attention != "none":
+        mlp_only = plan_for(model, scores, ratio, "none", mlp_multiple, layers, global_ranking)
+        if loads_stock(model, mlp_only) is None:
+            log.warning("--stock: cutting attention would need vlmprune.load (%s); attention is kept whole "
+                        "and only MLP channels go", obstacle)
+            mlp_only.extra["stock_note"] = f"attention kept whole: {obstacle}"
+            return mlp_only
+    return plan

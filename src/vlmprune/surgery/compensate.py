@@ -47,8 +47,8 @@ from vlmprune.calibrate import image_token_id, select_tokens
 from vlmprune.config import COMPENSATE_MODES
 from vlmprune.dispatch import input_device
 from vlmprune.errors import VlmpruneError
-from vlmprune.plan import LayerKeep, PruningPlan
-from vlmprune.prune.apply import layer_shapes
+from vlmprune.planning.plan import LayerKeep, PruningPlan
+from vlmprune.summary import layer_shapes
 
 log = logging.getLogger(__name__)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmprune.importance import width as W
+from vlmprune.importance import width as width_criteria
 from vlmprune.importance.structures import LayerSums
-from vlmprune.plan import LayerShape
-from vlmprune.planning import ModelBudget, achieved, plan_width
+from vlmprune.planning.plan import LayerShape
+from vlmprune.planning.solve import ModelBudget, achieved, plan_width
 
 # SmolLM2-135M's decoder layer: 9 q heads / 3 kv heads of 64, hidden 576, MLP 1536, 30 layers.
 SHAPE = LayerShape(num_heads=9, num_kv_heads=3, head_dim=64, intermediate_size=1536)
@@ -34,7 +34,7 @@ def synthetic_budget() -> ModelBudget:
 
 
 SHAPES = [SHAPE] * N_LAYERS
-SCORES = W.random(SHAPES, seed=0)
+SCORES = width_criteria.random(SHAPES, seed=0)
 
 
 def kept_width(plan) -> int:

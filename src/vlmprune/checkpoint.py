@@ -16,10 +16,12 @@ import transformers
 from torch import nn
 
 from vlmprune.adapters import get_adapter, supported_model_types
+from vlmprune.convert.detect import refuse_original
 from vlmprune.errors import VlmpruneError
 from vlmprune.paths import atomic_output_dir, check_model_source
-from vlmprune.plan import PLAN_FILE, LayerKeep, PruningPlan
-from vlmprune.prune.apply import WIDTHS_KEY, layer_shapes, prune_layer_width_, sync_config_
+from vlmprune.planning.plan import PLAN_FILE, LayerKeep, PruningPlan
+from vlmprune.summary import layer_shapes
+from vlmprune.surgery.apply import WIDTHS_KEY, prune_layer_width_, sync_config_
 
 # Files save_pretrained writes itself, or that describe weights; everything else in a model
 # directory (tokenizer, processor, chat template) is copied to the output.
@@ -32,8 +34,6 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json
 
 def load_config(path: str | Path, trust_remote_code: bool = False):
     """The model's config, with clear errors for a bad path, bad JSON or an unknown model_type."""
-    from vlmprune.convert import refuse_original
-
     refuse_original(path)  # Bunny / InternVLChatModel: say how to convert, before AutoConfig fails on their code
     source = check_model_source(path)
     try:
@@ -83,7 +83,7 @@ def _read_not_mapped() -> Iterator[None]:
     so weights the cut replaces (or the scoring copies) stay resident on top of their successors:
     `vlmprune prune` peaked higher by about the cut-away share of the weights (docs/performance.md).
     Read into memory of its own, a replaced weight is freed. The values are the same bytes either
-    way (tests/test_io.py). Where this transformers does not open files through
+    way (tests/test_checkpoint.py). Where this transformers does not open files through
     ``modeling_utils.safe_open`` the load goes on as transformers does it.
     """
     import transformers.modeling_utils as modeling_utils

@@ -14,9 +14,9 @@ from vlmprune.cli import main
 from vlmprune.config import parse_target
 from vlmprune.adapters import get_adapter
 from vlmprune.errors import PlanError, VlmpruneError
-from vlmprune.plan import PruningPlan
-from vlmprune.prune import layer_shapes
-from vlmprune.targets import footprint
+from vlmprune.planning.plan import PruningPlan
+from vlmprune.summary import layer_shapes
+from vlmprune.planning.targets import footprint
 
 
 def stored_kv_bytes(model, seq: int, batch: int) -> int:
@@ -144,7 +144,7 @@ def test_auto_is_a_study_grid_value(tiny_repo, tmp_path):
 
 
 def test_latency_prediction_by_hand():
-    from vlmprune.targets import predict_latency
+    from vlmprune.planning.targets import predict_latency
 
     shapes = layer_shapes(build_tiny("llava_llama_gqa"))  # 4 layers, 8 q heads in 2 kv groups, MLP 128
     assert [(s.num_heads, s.num_kv_heads, s.intermediate_size) for s in shapes] == [(8, 2, 128)] * 4
@@ -165,8 +165,8 @@ def test_latency_prediction_by_hand():
 
 
 def test_latency_target_plans_on_the_profile_and_measures_the_result(tiny_repo, tmp_path, monkeypatch):
-    from vlmprune.inspect import source_record
-    from vlmprune.targets import PROFILE_VERSION, predict_latency
+    from vlmprune.summary import source_record
+    from vlmprune.planning.targets import PROFILE_VERSION, predict_latency
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     model = vlmprune.load(tiny_repo.model)
@@ -191,7 +191,7 @@ def test_latency_target_plans_on_the_profile_and_measures_the_result(tiny_repo, 
 
 
 def test_latency_profile_times_every_layer_at_four_widths_once(tmp_path, monkeypatch):
-    from vlmprune.targets import latency_profile, predict_latency
+    from vlmprune.planning.targets import latency_profile, predict_latency
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     model = build_tiny("llava_llama_gqa")
@@ -212,7 +212,7 @@ def test_latency_profile_times_every_layer_at_four_widths_once(tmp_path, monkeyp
 def test_latency_profile_of_families_with_several_layer_kinds(family, tmp_path, monkeypatch):
     """Sliding-window and full-attention layers (gemma3), linear-attention layers whose token mixer is
     kept whole (qwen3_5), and a family whose heads are never cut (gemma4): each kind is its own table."""
-    from vlmprune.targets import latency_profile, predict_latency
+    from vlmprune.planning.targets import latency_profile, predict_latency
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     model = build_tiny(family)

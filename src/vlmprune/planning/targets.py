@@ -17,9 +17,9 @@ from torch import nn
 from vlmprune.adapters import get_adapter
 from vlmprune.config import Target
 from vlmprune.errors import VlmpruneError
-from vlmprune.plan import LayerShape, PruningPlan
-from vlmprune.planning import ModelBudget, achieved
-from vlmprune.prune.apply import layer_shapes
+from vlmprune.planning.plan import LayerShape, PruningPlan
+from vlmprune.planning.solve import ModelBudget, achieved
+from vlmprune.summary import layer_shapes
 
 
 @dataclass
@@ -239,8 +239,8 @@ def latency_profile(model: nn.Module, target: Target, repeats: int = 5) -> dict:
     import json
     import statistics
 
-    from vlmprune.inspect import source_record
     from vlmprune.paths import cache_root
+    from vlmprune.summary import source_record
 
     device = next(model.parameters()).device
     key = f"{source_record(model)['fingerprint']}-{device.type}-s{target.seq}-b{target.batch}-v{PROFILE_VERSION}"
@@ -289,6 +289,6 @@ def latency_profile(model: nn.Module, target: Target, repeats: int = 5) -> dict:
 
 
 def _applied(model: nn.Module, plan: PruningPlan) -> nn.Module:
-    from vlmprune.prune.apply import apply_plan_
+    from vlmprune.surgery.apply import apply_plan_
 
     return apply_plan_(model, plan)

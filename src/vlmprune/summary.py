@@ -9,10 +9,38 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from vlmprune.adapters import Adapter, get_adapter
+from vlmprune.adapters import Adapter, config_value, get_adapter
 from vlmprune.errors import VlmpruneError
-from vlmprune.plan import LayerShape
-from vlmprune.prune.apply import layer_shapes
+from vlmprune.planning.plan import LayerShape
+
+
+def layer_shapes(model: nn.Module, adapter: Adapter | None = None) -> list[LayerShape]:
+    """Widths of every decoder layer, read from the modules' weights (the truth)."""
+    adapter = adapter or get_adapter(model)
+    lay = adapter.layout
+    shapes: list[LayerShape | None] = []
+    heads = None  # (q, kv, head_dim) of the first layer with prunable heads
+    for layer in adapter.layers(model):
+        mlp = adapter.mlp(layer)
+        channels = getattr(mlp, lay.down).in_features
+        if not adapter.has_heads(layer):
+            shapes.append(channels)  # filled in below: its head widths are borrowed
+            continue
+        attn = adapter.attention(layer)
+        head_dim = attn.head_dim
+        n_q = getattr(attn, lay.o).in_features // head_dim
+        if lay.qkv:
+            n_kv = (getattr(attn, lay.qkv).out_features - n_q * head_dim) // (2 * head_dim)
+        else:
+            n_kv = getattr(attn, lay.k).out_features // head_dim
+        heads = heads or (n_q, n_kv, head_dim)
+        shapes.append(LayerShape(n_q, n_kv, head_dim, channels))
+    if heads is None:  # no layer with heads: the config's widths
+        config = adapter.text_config(model)
+        heads = tuple(config_value(config, k) for k in ("num_attention_heads", "num_key_value_heads", "head_dim"))
+    # A layer without prunable heads (hybrid linear attention) reports the head widths of the first
+    # layer with heads, so that uniform cuts of the attention layers stay uniform (and stock-loadable).
+    return [s if isinstance(s, LayerShape) else LayerShape(*heads, s) for s in shapes]
 
 
 def _unique(module: nn.Module) -> dict[int, nn.Parameter]:

@@ -21,9 +21,10 @@ from vlmprune.adapters import get_adapter
 from vlmprune.errors import VlmpruneError
 from vlmprune.importance.layer import LayerScores
 from vlmprune.importance.structures import WidthScores
-from vlmprune.plan import PruningPlan
-from vlmprune.planning import ModelBudget, achieved, plan_layers, plan_width
-from vlmprune.prune.apply import apply_plan_, layer_shapes
+from vlmprune.planning.plan import PruningPlan
+from vlmprune.planning.solve import ModelBudget, achieved, plan_layers, plan_width
+from vlmprune.summary import layer_shapes
+from vlmprune.surgery.apply import apply_plan_
 
 
 @dataclass

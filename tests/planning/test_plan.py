@@ -5,7 +5,7 @@ import json
 import pytest
 
 from vlmprune.errors import PlanError
-from vlmprune.plan import LayerShape, PruningPlan
+from vlmprune.planning.plan import LayerShape, PruningPlan
 
 # 4 layers; 8 q heads in 2 kv groups of 4; 16 MLP channels
 SHAPES = [LayerShape(8, 2, 4, 16)] * 4

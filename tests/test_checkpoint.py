@@ -7,7 +7,7 @@ import torch
 
 from checks import logits
 from tiny_models import build_tiny, make_inputs
-from vlmprune.io import load, save_model
+from vlmprune.checkpoint import load, save_model
 from vlmprune.paths import MARKER, atomic_output_dir
 
 

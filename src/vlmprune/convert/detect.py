@@ -1,0 +1,67 @@
+"""Which convertible family an original (remote-code) checkpoint belongs to, and what to tell a user who
+passes one to vlmprune unconverted.
+
+It imports nothing of :mod:`vlmprune.checkpoint`, which calls :func:`refuse_original` before it loads
+a config: the checkpoint I/O stands below ``convert`` (whose :func:`~vlmprune.convert.convert` saves
+with it), and this module, which imports nothing else of ``convert``, is the one piece of it that
+checkpoint needs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vlmprune.errors import UnsupportedModelError
+
+# What marks each convertible family's original config.json: (model_type values, architectures).
+SIGNATURES = {"bunny": (("bunny-phi",), ("BunnyPhiForCausalLM",)),
+              "internvl-chat": (("internvl_chat",), ("InternVLChatModel",))}
+
+
+def detect_family(config: dict) -> str | None:
+    """The ``--from`` family of an original config.json (a dict), or None when it is not convertible."""
+    archs = set(config.get("architectures") or [])
+    for name, (model_types, architectures) in SIGNATURES.items():
+        if config.get("model_type") in model_types or archs & set(architectures):
+            return name
+    return None
+
+
+def convert_hint(source: str | Path) -> str | None:
+    """What to tell a user who passes an unconverted checkpoint of a convertible family to vlmprune.
+
+    Reads the local ``config.json``, or for a hub id the one ``AutoConfig`` would fetch next
+    (from the hub cache when it is there); None when there is none or it is not a convertible family.
+    """
+    path = Path(str(source)) / "config.json"
+    if not path.is_file():
+        if Path(str(source)).exists():  # a local directory without config.json is no hub id
+            return None
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(str(source), "config.json"))
+        except Exception:  # noqa: BLE001 - not a repo id, offline, gated...: AutoConfig will say why
+            return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    family = detect_family(config) if isinstance(config, dict) else None
+    if family is None:
+        return None
+    kind = config.get("model_type") or ", ".join(config.get("architectures") or [])
+    local = Path(str(source)).is_dir()
+    name = Path(str(source)).name
+    first = "" if local else f"hf download {source} --local-dir {name}-src && "
+    src = source if local else f"{name}-src"
+    return (f"{source} is an original remote-code checkpoint ({kind}) that vlmprune does not load; convert it to "
+            f"a native transformers checkpoint first: {first}vlmprune convert --from {family} {src} --output "
+            f"{name}-native, then pass that directory instead")
+
+
+def refuse_original(source: str | Path) -> None:
+    """Raise ``UnsupportedModelError`` with the convert command for an original Bunny / InternVL-Chat checkpoint."""
+    if (hint := convert_hint(source)) is not None:
+        raise UnsupportedModelError(hint)
