@@ -81,10 +81,10 @@ def _read_not_mapped() -> Iterator[None]:
     transformers maps each checkpoint file and makes the parameters views of the mapping. Every page
     the process touches then counts in its RSS for as long as any parameter still views the file,
     so weights the cut replaces (or the scoring copies) stay resident on top of their successors:
-    `vlmprune prune` peaked higher by about the cut-away share of the weights (docs/performance.md).
-    Read into memory of its own, a replaced weight is freed. The values are the same bytes either
-    way (tests/test_checkpoint.py). Where this transformers does not open files through
-    ``modeling_utils.safe_open`` the load goes on as transformers does it.
+    `vlmprune prune` peaked higher by about the cut-away share of the weights
+    (docs/performance/prune-cost.md). Read into memory of its own, a replaced weight is freed.
+    The values are the same bytes either way (tests/test_checkpoint.py). Where this transformers does not
+    open files through ``modeling_utils.safe_open`` the load goes on as transformers does it.
     """
     import transformers.modeling_utils as modeling_utils
 

@@ -169,8 +169,8 @@ def _skip_final_collection() -> None:
 
     That collection visits every object torch, transformers and the model left behind: 1-2 s after a
     prune of a 135M-parameter model on this project's VM, longer than planning, surgery and the plot
-    together (docs/performance.md). Everything the command writes is written and closed by then; the
-    operating system takes the memory back either way.
+    together (docs/performance/prune-cost.md). Everything the command writes is written and closed by
+    then; the operating system takes the memory back either way.
     """
     import atexit
     import gc

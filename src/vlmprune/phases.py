@@ -14,7 +14,7 @@ and the record says so (``"peak_per_phase": false``). One phase change costs a w
 a small ``/proc`` file (tens of microseconds); phases change a few times per calibration batch.
 
 Also here: the glibc allocator settings the prune command uses (:func:`limit_malloc_arenas`,
-:func:`trim_malloc`), which give freed memory back to the system (see docs/performance.md).
+:func:`trim_malloc`), which give freed memory back to the system (see docs/performance/prune-cost.md).
 """
 
 from __future__ import annotations

@@ -255,7 +255,7 @@ def test_magnitude_warns_that_it_is_a_baseline(caplog):
 
     with caplog.at_level("WARNING", logger="vlmprune"):
         score(build_tiny("llava_llama_gqa"), "width", "magnitude")
-    assert "without data: a baseline" in caplog.text and "docs/performance.md" in caplog.text
+    assert "without data: a baseline" in caplog.text and "docs/performance/perplexity.md" in caplog.text
 
 
 def test_wanda_column_sums_are_bit_identical_to_the_plain_expression():

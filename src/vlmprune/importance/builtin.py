@@ -15,7 +15,7 @@ MAGNITUDE_WARNING = (
     "magnitude ranks heads and channels by the size of their weights alone, without data: a baseline, not a "
     "criterion to trust. On the demo's SmolLM2 language model it removes MLP channels that carry large "
     "activations and loses far more than a seeded random cut of the same shape (20% of the decoder cut: text "
-    "perplexity 5.7e5-2.5e6 against 444-11,745 for random cuts, 37 dense; docs/performance.md). For a model "
+    "perplexity 5.7e5-2.5e6 against 444-11,745 for random cuts, 37 dense; docs/performance/perplexity.md). For a model "
     "you mean to use, pass --calibration and a data criterion (taylor, activation or wanda)."
 )
 
