@@ -34,9 +34,11 @@ from common import LM_SHAPES, build_llava  # noqa: E402
 
 from vlmprune.adapters import get_adapter  # noqa: E402
 from vlmprune.evaluate.efficiency import Timer, peak_mb, reset_peak  # noqa: E402
-from vlmprune.summary import count_parameters  # noqa: E402
 from vlmprune.prune.run import score_and_plan  # noqa: E402
-from vlmprune.summary import layer_shapes  # noqa: E402
+from vlmprune.summary import (
+    count_parameters,  # noqa: E402
+    layer_shapes,  # noqa: E402
+)
 from vlmprune.surgery.apply import apply_plan_  # noqa: E402
 
 PROMPT, IMAGE_POSITIONS = 600, 576

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 import transformers
+from tiny_models import make_inputs
 
 import vlmprune
-from tiny_models import make_inputs
 from vlmprune.adapters import config_value, get_adapter
 from vlmprune.summary import layer_shapes
 

@@ -6,10 +6,10 @@ import copy
 from pathlib import Path
 
 import transformers
-
-import vlmprune
 from tiny_data import tiny_llava_processor, write_llava_dataset
 from tiny_models import _config_llava_llama_gqa, build_tiny
+
+import vlmprune
 
 FAMILY = "llava_llama_gqa"
 

@@ -6,15 +6,14 @@ import math
 
 import pytest
 import torch
-
-import vlmprune
 from checks import assert_close, check_config, greedy, labelled, logits, reload_plain
 from tiny_models import build_tiny, make_inputs
+
+import vlmprune
 from vlmprune.adapters import get_adapter
 from vlmprune.errors import PlanError
 from vlmprune.planning.plan import PruningPlan
 from vlmprune.prune.run import score_and_plan
-
 
 # ---------------------------------------------------------------- Qwen3-VL: DeepStack
 
@@ -131,7 +130,6 @@ def test_gemma4_dropping_consumers_and_per_layer_inputs(tmp_path):
 
 def test_gemma4_double_wide_mlps_stay_stock_loadable(tmp_path):
     import transformers
-
     from reference import skipped
     from tiny_models import ATTN_IMPLEMENTATION, _config_gemma4
 
@@ -164,6 +162,7 @@ def test_gemma4_heads_and_experts_stay_whole():
 # ---------------------------------------------------------------- loadability, said before the cut; --stock
 
 from tiny_models import FAMILIES  # noqa: E402
+
 from vlmprune.surgery.apply import loads_stock  # noqa: E402
 
 

@@ -126,6 +126,7 @@ def test_yaml_then_overrides_then_flags_for_every_stage(tmp_path):
 
 def test_an_adapter_hook_protects_layers_from_layer_pruning(monkeypatch):
     from tiny_models import build_tiny
+
     from vlmprune import adapters
     from vlmprune.errors import PlanError
     from vlmprune.prune.run import score_and_plan
@@ -146,6 +147,7 @@ def test_slices_cover_every_prunable_row_and_column_once():
     """The adapter's one description of structures: each row of q/k/v (or fused qkv) and gate/up and each
     column of o/down belongs to exactly one structure of the right kind, for every layout."""
     from tiny_models import FAMILIES, build_tiny
+
     from vlmprune.adapters import get_adapter
     from vlmprune.summary import layer_shapes
 

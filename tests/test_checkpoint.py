@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from checks import logits
 from tiny_models import build_tiny, make_inputs
+
 from vlmprune.checkpoint import load, save_model
 from vlmprune.paths import MARKER, atomic_output_dir
 

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 import transformers
-
 from tiny_models import build_tiny, make_inputs
+
+from vlmprune.adapters import get_adapter
 from vlmprune.cli import main
 from vlmprune.errors import UnsupportedModelError
-from vlmprune.adapters import get_adapter
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
+from recover_helpers import write_data, write_pair
 from safetensors.torch import load_file
 
 import vlmprune
-from recover_helpers import write_data, write_pair
 from vlmprune.config import PruneConfig
 from vlmprune.errors import VlmpruneError
 

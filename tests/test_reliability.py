@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from recover_helpers import write_data, write_pair
+
 from vlmprune.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -277,7 +277,7 @@ def test_13_study_unknown_keys_bad_task_file_and_failed_cells(tiny_repo, tmp_pat
 
 
 def test_14_unclear_cases_have_clear_answers(tiny_repo, pair, tmp_path, capsys):
-    from vlmprune.cli import build_parser, _join_dash_values
+    from vlmprune.cli import _join_dash_values, build_parser
 
     args, _ = build_parser().parse_known_args(_join_dash_values(prune_args(tiny_repo.model, "o", "--layers", "-2:")))
     assert args.layers == "-2:"

@@ -13,8 +13,19 @@ import logging
 import os
 import sys
 
-from vlmprune.config import (LMMS_PACKAGED_TASKS, ConvertConfig, DataConfig, EvalConfig, InspectConfig, PruneConfig,
-                             QuantizeConfig, RecoverConfig, ReportConfig, add_arguments, resolve)
+from vlmprune.config import (
+    LMMS_PACKAGED_TASKS,
+    ConvertConfig,
+    DataConfig,
+    EvalConfig,
+    InspectConfig,
+    PruneConfig,
+    QuantizeConfig,
+    RecoverConfig,
+    ReportConfig,
+    add_arguments,
+    resolve,
+)
 from vlmprune.errors import VlmpruneError
 
 log = logging.getLogger("vlmprune")

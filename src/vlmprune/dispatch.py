@@ -18,6 +18,7 @@ from torch import nn
 
 from vlmprune.errors import VlmpruneError
 
+
 def is_dispatched(model: nn.Module) -> bool:
     return bool(getattr(model, "hf_device_map", None))
 

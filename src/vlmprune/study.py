@@ -29,8 +29,17 @@ from typing import Any
 
 import yaml
 
-from vlmprune.config import (COMPENSATE_MODES, EvalConfig, PruneConfig, RecoverConfig, build, check_keys, deep_merge,
-                             parse_overrides, read_yaml)
+from vlmprune.config import (
+    COMPENSATE_MODES,
+    EvalConfig,
+    PruneConfig,
+    RecoverConfig,
+    build,
+    check_keys,
+    deep_merge,
+    parse_overrides,
+    read_yaml,
+)
 from vlmprune.errors import VlmpruneError
 
 log = logging.getLogger(__name__)

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from checks import assert_close, check_config
+from reference import skipped, zeroed
 from safetensors.torch import load_file, save_file
 
 import vlmprune
-from reference import skipped, zeroed
-from checks import assert_close, check_config
 from vlmprune.cli import main
 from vlmprune.errors import UnsupportedModelError, VlmpruneError
 from vlmprune.planning.plan import PruningPlan

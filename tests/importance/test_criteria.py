@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
-
 from checks import labelled
 from tiny_models import FAMILIES, build_tiny
+
 from vlmprune import calibrate
 from vlmprune.adapters import get_adapter
 from vlmprune.importance import layer as layer_criteria

@@ -7,16 +7,16 @@ import json
 
 import pytest
 import torch
+from tiny_models import FAMILIES, build_tiny
 
 import vlmprune
-from tiny_models import FAMILIES, build_tiny
+from vlmprune.adapters import get_adapter
 from vlmprune.cli import main
 from vlmprune.config import parse_target
-from vlmprune.adapters import get_adapter
 from vlmprune.errors import PlanError, VlmpruneError
 from vlmprune.planning.plan import PruningPlan
-from vlmprune.summary import layer_shapes
 from vlmprune.planning.targets import footprint
+from vlmprune.summary import layer_shapes
 
 
 def stored_kv_bytes(model, seq: int, batch: int) -> int:
@@ -165,8 +165,8 @@ def test_latency_prediction_by_hand():
 
 
 def test_latency_target_plans_on_the_profile_and_measures_the_result(tiny_repo, tmp_path, monkeypatch):
-    from vlmprune.summary import source_record
     from vlmprune.planning.targets import PROFILE_VERSION, predict_latency
+    from vlmprune.summary import source_record
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     model = vlmprune.load(tiny_repo.model)

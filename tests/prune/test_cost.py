@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import build_tiny
 
 import vlmprune
-from tiny_models import build_tiny
 from vlmprune import phases
+from vlmprune.checkpoint import check_finite
 from vlmprune.cli import main
 from vlmprune.errors import VlmpruneError
-from vlmprune.checkpoint import check_finite
 from vlmprune.surgery.rows import keep_cols_, keep_rows_
 
 SRC = Path(vlmprune.__file__).resolve().parents[1]

@@ -8,17 +8,17 @@ import json
 import pytest
 import torch
 import transformers
+from checks import assert_close, check_config, greedy, labelled, logits
+from reference import skipped, zeroed
+from tiny_models import FAMILIES, build_tiny, make_inputs
 
 import vlmprune
-from reference import skipped, zeroed
-from checks import assert_close, check_config, greedy, labelled, logits
-from tiny_models import FAMILIES, build_tiny, make_inputs
 from vlmprune.cli import main
 from vlmprune.errors import VlmpruneError
-from vlmprune.prune.run import score_and_plan
 from vlmprune.planning.solve import ModelBudget
-from vlmprune.surgery.apply import apply_plan_
+from vlmprune.prune.run import score_and_plan
 from vlmprune.summary import layer_shapes
+from vlmprune.surgery.apply import apply_plan_
 
 
 def granularity(budget: ModelBudget, plan, shapes) -> float:

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from vlmprune.config import parse_losses
 from vlmprune.errors import VlmpruneError
 from vlmprune.planning.plan import PruningPlan
-from vlmprune.config import parse_losses
 from vlmprune.recover.losses import hidden_mse, layer_map, logit_kd, next_token, sft_loss
 
 

@@ -14,18 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from recover_helpers import build_tiny_deep, write_data, write_pair
 from safetensors.torch import load_file
+from tiny_data import tiny_llava_processor
 
 import vlmprune
-from recover_helpers import build_tiny_deep, write_data, write_pair
-from tiny_data import tiny_llava_processor
 from vlmprune.adapters import get_adapter
+from vlmprune.cli import main
+from vlmprune.config import RecoverConfig, load_stage_config
 from vlmprune.data import Collator, read_samples, select
 from vlmprune.planning.plan import PruningPlan
-from vlmprune.config import RecoverConfig, load_stage_config
 from vlmprune.recover import recover
-
-from vlmprune.cli import main
 from vlmprune.recover.run import hidden_pairs, training_arguments
 from vlmprune.recover.trainer import RecoveryTrainer, layer_outputs
 

@@ -20,9 +20,9 @@ import pytest
 import torch
 import transformers
 import yaml
+from recover_helpers import write_data, write_pair
 from safetensors.torch import load_file
 
-from recover_helpers import write_data, write_pair
 from vlmprune.cli import main
 from vlmprune.errors import VlmpruneError
 
@@ -276,6 +276,7 @@ def test_offload_runs_whatever_the_cpu_device_is_called(device):
     """accelerate's offload hooks fail on "cpu:0" (torch.device("cpu", 0) != torch.device("cpu")); place_teacher
     gives them the plain device."""
     from recover_helpers import build_tiny_deep
+
     from vlmprune.recover.teacher import place_teacher, resident_bytes
 
     ids = torch.randint(5, 100, (2, 10), generator=torch.Generator().manual_seed(0))

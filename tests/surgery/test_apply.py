@@ -7,15 +7,15 @@ import copy
 import pytest
 import torch
 import transformers
-
-import vlmprune
 from checks import assert_close, check_config, greedy, logits, reload_plain
 from reference import skipped, zeroed
 from tiny_models import FAMILIES, build_tiny, make_inputs
+
+import vlmprune
 from vlmprune.adapters import get_adapter
 from vlmprune.planning.plan import PruningPlan
-from vlmprune.surgery.apply import apply_plan_
 from vlmprune.summary import layer_shapes
+from vlmprune.surgery.apply import apply_plan_
 
 GQA_FAMILIES = [f for f in FAMILIES if f != "llava_llama_mha"]
 

@@ -10,17 +10,17 @@ import logging
 import numpy as np
 import pytest
 import torch
-
-import vlmprune
 from checks import assert_close, logits, reload_plain
 from tiny_models import FAMILIES, build_tiny, make_inputs
+
+import vlmprune
 from vlmprune.adapters import get_adapter
 from vlmprune.cli import main
-from vlmprune.surgery.compensate import compensate_, ridge_fold
 from vlmprune.errors import VlmpruneError
 from vlmprune.planning.plan import PruningPlan
 from vlmprune.prune import apply_plan_, layer_shapes
 from vlmprune.surgery.apply import loads_stock
+from vlmprune.surgery.compensate import compensate_, ridge_fold
 
 
 def batches(family, model, n=8):

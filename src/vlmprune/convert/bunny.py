@@ -26,8 +26,17 @@ from pathlib import Path
 
 import torch
 
-from vlmprune.convert.common import (ConversionError, KeyMapper, has_tokenizer, load_native, load_state_dict,
-                                     load_tokenizer, read_family_config, require, source_dtype)
+from vlmprune.convert.common import (
+    ConversionError,
+    KeyMapper,
+    has_tokenizer,
+    load_native,
+    load_state_dict,
+    load_tokenizer,
+    read_family_config,
+    require,
+    source_dtype,
+)
 from vlmprune.convert.detect import SIGNATURES
 
 MODEL_TYPES, ARCHITECTURES = SIGNATURES["bunny"]

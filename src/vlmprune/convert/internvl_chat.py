@@ -25,8 +25,17 @@ from pathlib import Path
 
 import torch
 
-from vlmprune.convert.common import (ConversionError, KeyMapper, has_tokenizer, load_native, load_state_dict,
-                                     load_tokenizer, read_family_config, require, source_dtype)
+from vlmprune.convert.common import (
+    ConversionError,
+    KeyMapper,
+    has_tokenizer,
+    load_native,
+    load_state_dict,
+    load_tokenizer,
+    read_family_config,
+    require,
+    source_dtype,
+)
 from vlmprune.convert.detect import SIGNATURES
 
 MODEL_TYPES, ARCHITECTURES = SIGNATURES["internvl-chat"]
@@ -209,7 +218,7 @@ def build(src: str | Path, image_token_id: int | None = None):
     return model.eval(), processor, record
 
 
-def _processor(config: dict, image_size: int, image_seq_length: int, tokenizer) -> "InternVLProcessorFiles":
+def _processor(config: dict, image_size: int, image_seq_length: int, tokenizer) -> InternVLProcessorFiles:
     """The original load_image(): dynamic 448-px tiles (+ thumbnail), bicubic, ImageNet mean/std."""
     from transformers import GotOcr2ImageProcessorPil
 

@@ -80,7 +80,7 @@ class LayerScores:
             return None
         return int(self.blocks[n - 1].argmin())
 
-    def without(self, protected: set[int]) -> "LayerScores":
+    def without(self, protected: set[int]) -> LayerScores:
         """Scores in which protected layers (and blocks that contain one) can never be chosen."""
         if not protected:
             return self

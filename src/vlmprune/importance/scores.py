@@ -38,7 +38,7 @@ class Scores:
                 "model": self.model, "scores": values}
 
     @classmethod
-    def from_json(cls, data: dict) -> "Scores":
+    def from_json(cls, data: dict) -> Scores:
         t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
         try:
             s = data["scores"]
@@ -56,7 +56,7 @@ class Scores:
         path.write_text(json.dumps(self.to_json()))
 
     @classmethod
-    def load(cls, path: str | Path) -> "Scores":
+    def load(cls, path: str | Path) -> Scores:
         try:
             return cls.from_json(json.loads(Path(path).read_text()))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

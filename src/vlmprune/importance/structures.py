@@ -28,7 +28,7 @@ class LayerSums:
     mlp_cols: torch.Tensor  # [I]
 
     @classmethod
-    def zeros(cls, shape: LayerShape) -> "LayerSums":
+    def zeros(cls, shape: LayerShape) -> LayerSums:
         z = lambda n: torch.zeros(n, dtype=torch.float64)  # noqa: E731
         return cls(z(shape.num_heads), z(shape.num_kv_heads), z(shape.num_heads), z(shape.intermediate_size),
                    z(shape.intermediate_size))

@@ -58,7 +58,7 @@ class PruningPlan:
 
     # ---- JSON in and out -------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: Any) -> "PruningPlan":
+    def from_dict(cls, data: Any) -> PruningPlan:
         if not isinstance(data, dict):
             raise PlanError(f"a pruning plan must be a JSON object, got {type(data).__name__}")
         version = data.get("version", PLAN_VERSION)
@@ -110,7 +110,7 @@ class PruningPlan:
         }
 
     @classmethod
-    def load(cls, path: str | Path) -> "PruningPlan":
+    def load(cls, path: str | Path) -> PruningPlan:
         path = Path(path)
         if path.is_dir():
             path = path / PLAN_FILE

@@ -44,7 +44,7 @@ class ModelBudget:
     structures: list[LayerSums]  # parameters owned by each head / kv head / channel
 
     @classmethod
-    def of(cls, model: nn.Module, adapter: Adapter | None = None) -> "ModelBudget":
+    def of(cls, model: nn.Module, adapter: Adapter | None = None) -> ModelBudget:
         from vlmprune.summary import count_parameters
 
         adapter = adapter or get_adapter(model)

@@ -22,8 +22,15 @@ from torch import nn
 from vlmprune import calibrate, phases
 from vlmprune.adapters import get_adapter
 from vlmprune.checkpoint import load, load_processor, save_model
-from vlmprune.config import (RESOLVED_CONFIG, PruneConfig, check_ratio, parse_device_map, parse_max_memory,
-                             parse_target, to_yaml)
+from vlmprune.config import (
+    RESOLVED_CONFIG,
+    PruneConfig,
+    check_ratio,
+    parse_device_map,
+    parse_max_memory,
+    parse_target,
+    to_yaml,
+)
 from vlmprune.dispatch import is_dispatched, materialize_
 from vlmprune.errors import VlmpruneError
 from vlmprune.importance.layer import LayerScores

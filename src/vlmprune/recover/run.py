@@ -24,9 +24,18 @@ from vlmprune.data import Collator, read_samples, select
 from vlmprune.errors import VlmpruneError
 from vlmprune.paths import check_safetensors, claim_output
 from vlmprune.planning.plan import PLAN_FILE, PruningPlan
-from vlmprune.recover.distributed import (check_launch, enable_cpu_fsdp, end_with_launcher, gathered_state_dict,
-                                          group_by_modality, is_sharded, launcher_backend, load_gathered,
-                                          mixes_modalities, whole_weights)
+from vlmprune.recover.distributed import (
+    check_launch,
+    enable_cpu_fsdp,
+    end_with_launcher,
+    gathered_state_dict,
+    group_by_modality,
+    is_sharded,
+    launcher_backend,
+    load_gathered,
+    mixes_modalities,
+    whole_weights,
+)
 from vlmprune.recover.losses import layer_map
 from vlmprune.recover.plots import plot_loss_curve
 from vlmprune.recover.teacher import check_teacher_placement, host_bytes, place_teacher, resident_bytes

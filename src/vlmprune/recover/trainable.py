@@ -16,7 +16,6 @@ from vlmprune.config import TRAIN_MODES
 from vlmprune.errors import VlmpruneError
 
 
-
 def lora_target_regex(model: nn.Module) -> str:
     """A regex that peft full-matches against module names: every Linear in the language model's layers."""
     adapter = get_adapter(model)
