@@ -135,6 +135,10 @@ def main() -> None:
             out_dir = args.workdir / f"{method}-{criterion}-{attention}-{seed}-{comp}"
             argv = ["--model", demo, "--method", method, "--criterion", criterion, "--ratio", f"{ratio:.6f}",
                     "--output", str(out_dir), "--overwrite", "--seed", str(seed)]
+            # a compensated run re-plans from the plain run's scores (the same cut; only the fit is new)
+            scored = args.workdir / f"{method}-{criterion}-{attention}-{seed}-none" / "scores.json"
+            if compensate != "none" and scored.exists():
+                argv += ["--scores", str(scored)]
             if criterion not in ("last", "magnitude", "random"):
                 argv += ["--calibration", str(calibration), "--num-samples", str(args.samples),
                          "--max-length", str(args.max_length)]
