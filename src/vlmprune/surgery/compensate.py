@@ -389,7 +389,8 @@ def compensate_(model: nn.Module, plan: PruningPlan, batches, mode: str = "ls", 
             captured: list[torch.Tensor] = []
             y_hook = None
             if keep_y:
-                y_hook = adapter.mlp(layer).register_forward_hook(lambda m, a, o, out=captured: out.append(_output(o).detach()))
+                y_hook = adapter.mlp(layer).register_forward_hook(
+                    lambda m, a, o, out=captured: out.append(_output(o).detach()))
             if consumers:
                 grams = [_Gram(module, masks) for module, _ in consumers]
                 try:
