@@ -349,6 +349,7 @@ def check_mode(model: nn.Module, plan: PruningPlan, mode: str) -> None:
                     f"--compensate ls, which adds no parameter")
 
 
+@torch.no_grad()
 def compensate_(model: nn.Module, plan: PruningPlan, batches, mode: str = "ls", sequential: bool = True,
                 ridge: float = DEFAULT_RIDGE, tokens: str = "all") -> dict:
     """Update ``model``'s kept weights in place so that ``plan``'s cut loses as little as a linear fit allows.
