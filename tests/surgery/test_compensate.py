@@ -300,3 +300,15 @@ def test_cli_auto_with_compensation_writes_compensated_ranked_candidates(tiny_re
         plain = apply_plan_(vlmprune.load(tiny_repo.model), vlmprune.PruningPlan.from_dict(plan))
         loaded = vlmprune.load(directory)
         assert any(not torch.equal(v, plain.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_compensation_runs_without_autograd():
+    """Layer-by-layer runs with autograd on keep every activation alive (7 GB on the demo model)."""
+    model = build_tiny("llava_llama_gqa")
+    modes = []
+    layers = get_adapter(model).layers(model)
+    handles = [layer.register_forward_hook(lambda m, a, o: modes.append(torch.is_grad_enabled())) for layer in layers]
+    compensate_(model, width_plan(model), batches("llava_llama_gqa", model, 2), "ls", sequential=True)
+    for h in handles:
+        h.remove()
+    assert modes and not any(modes)
