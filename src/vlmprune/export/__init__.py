@@ -1,0 +1,74 @@
+"""Export a (pruned) model to the runtimes edge devices run: GGUF for llama.cpp (text model + mmproj).
+
+``export_gguf`` loads the checkpoint as ``vlmprune.load`` does (per-layer widths included), decides
+what llama.cpp can hold (refusing, with the reason and the fix, before anything is written), and
+writes ``model.gguf``, ``mmproj.gguf`` and ``export.json`` into the output directory whole or not
+at all (the project's output guard).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+from vlmprune.errors import VlmpruneError
+
+log = logging.getLogger("vlmprune")
+
+TEXT_FILE = "model.gguf"
+MMPROJ_FILE = "mmproj.gguf"
+RECORD_FILE = "export.json"
+
+
+def export_gguf(model_dir: str | Path, output: str | Path, quant: str = "f16", overwrite: bool = False,
+                vision: bool = True, vision_quant: str | None = None, trust_remote_code: bool = False) -> dict:
+    """Write the GGUF pair of ``model_dir`` into ``output``; return the record (also in export.json).
+
+    ``quant`` applies to the text model's matrices; the mmproj is written in ``vision_quant``
+    (default: f16 when ``quant`` is a quantized type, else ``quant``).
+    """
+    import torch
+
+    from vlmprune import __version__
+    from vlmprune.adapters import get_adapter
+    from vlmprune.export import gguf as text
+    from vlmprune.export import gguf_vision as visual
+    from vlmprune.io import load, load_processor
+    from vlmprune.paths import atomic_output_dir, check_output
+
+    text.check_quant(quant)
+    vision_quant = vision_quant or (quant if quant in ("f32", "f16", "bf16") else "f16")
+    text.check_quant(vision_quant)
+    check_output(output, [("input model", model_dir)], overwrite)  # before the (slow) load
+    model = load(model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    adapter = get_adapter(model)
+    processor = load_processor(model_dir, trust_remote_code=trust_remote_code)
+    text_plan = text.plan_text(model, adapter)  # refusals come before anything is written
+    vision_plan = visual.plan_vision(model, adapter, processor) if vision else None
+    name = Path(str(model_dir)).name
+    template = getattr(processor, "chat_template", None) or getattr(getattr(processor, "tokenizer", processor),
+                                                                      "chat_template", None)
+    record: dict = {"vlmprune": __version__, "source": str(model_dir), "quant": quant}
+    with tempfile.TemporaryDirectory() as tok_dir, \
+            atomic_output_dir(output, overwrite=overwrite, inputs=[("input model", model_dir)]) as tmp:
+        folder = Path(str(model_dir))
+        if not (folder / "tokenizer.json").is_file():
+            getattr(processor, "tokenizer", processor).save_pretrained(tok_dir)
+            folder = Path(tok_dir)
+        tok = text.TokenizerSource(folder, template if isinstance(template, str) else None)
+        with torch.no_grad():
+            record["text"] = text.write_text_gguf(tmp / TEXT_FILE, model, adapter, text_plan, tok, quant, name)
+            if vision_plan is not None:
+                record["mmproj"] = visual.write_mmproj(tmp / MMPROJ_FILE, model, adapter, vision_plan, vision_quant,
+                                                       name)
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    for part in ("text", "mmproj"):
+        for fb in record.get(part, {}).get("fallbacks", []):
+            log.info("%s: %s written as %s, not %s (%s)", part, fb["tensor"], fb["written"], fb["wanted"], fb["reason"])
+    record["output"] = str(Path(output).resolve())
+    return record
+
+
+__all__ = ["export_gguf", "TEXT_FILE", "MMPROJ_FILE", "RECORD_FILE", "VlmpruneError"]

@@ -1,0 +1,393 @@
+"""The text model of a (pruned) VLM as a GGUF file for llama.cpp.
+
+Written with the PyPI ``gguf`` package only (``GGUFWriter``, ``TensorNameMap``, numpy quantizers).
+What llama.cpp can hold decides the architecture, before anything is written:
+
+* Llama / Mistral backbones with the same widths in every layer -> ``llama``; with per-layer heads,
+  kv heads or MLP widths (vlmprune's ``vlmprune_layer_widths``) -> ``deci``, the Llama graph that
+  reads ``head_count``, ``head_count_kv`` and ``feed_forward_length`` per layer. q/k rows are
+  permuted per layer from Hugging Face's rotate-half order to llama.cpp's interleaved rope order.
+* Qwen2 backbones with uniform widths -> ``qwen2``; per-layer widths are refused (llama.cpp's
+  qwen2 graph builds every layer with layer 0's widths).
+* Everything else is refused, naming the reason and the fix.
+
+Dropped layers need nothing special: the model has fewer layers, ``block_count`` says so and the
+blocks are numbered densely.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vlmprune.errors import VlmpruneError
+
+log = logging.getLogger("vlmprune")
+
+# --quant -> (GGML type of 2-D weights, general.file_type)
+NUMPY_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")
+K_QUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+QUANTS = NUMPY_QUANTS + K_QUANTS
+
+# Hugging Face byte-level pre-tokenizer regexes and llama.cpp's name (tokenizer.ggml.pre) for each.
+_GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def ggml_type(name: str):
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    return {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[name]
+
+
+def file_type(name: str):
+    import gguf
+
+    F = gguf.LlamaFileType
+    return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0,
+            "q4_0": F.MOSTLY_Q4_0}[name]
+
+
+@dataclass
+class TensorWriter:
+    """Adds tensors to a GGUFWriter in the requested type; 1-D tensors stay f32, and a matrix whose
+    rows do not fill whole quant blocks falls back (q8_0/q4_0 -> f16) and is recorded."""
+
+    writer: object
+    quant: str
+    fallbacks: list[dict] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, name: str, data: np.ndarray, quant: str | None = None) -> None:
+        import gguf
+
+        data = np.ascontiguousarray(data, dtype=np.float32)
+        want = quant or self.quant
+        kind = "f32" if data.ndim <= 1 else want
+        if kind in ("q8_0", "q4_0"):
+            block = gguf.GGML_QUANT_SIZES[ggml_type(kind)][0]
+            if data.shape[-1] % block:
+                self.fallbacks.append({"tensor": name, "shape": list(data.shape), "wanted": kind, "written": "f16",
+                                       "reason": f"row length {data.shape[-1]} is not a multiple of {block}"})
+                kind = "f16"
+        qtype = ggml_type(kind)
+        if kind == "f32":
+            self.writer.add_tensor(name, data)
+        elif kind == "f16":
+            self.writer.add_tensor(name, data.astype(np.float16))
+        else:
+            self.writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+
+
+def check_quant(quant: str) -> None:
+    """Refuse a quant this installation cannot write, before any work."""
+    if quant in NUMPY_QUANTS:
+        return
+    if quant in K_QUANTS:
+        raise VlmpruneError(
+            f"--quant {quant}: K-quants need llama.cpp's own quantizer, and no installed llama.cpp binding offers it "
+            f"(xllamacpp has none; llama-cpp-python's llama_model_quantize would). Export with --quant f16 and run "
+            f"llama.cpp's `llama-quantize model.gguf model-{quant.upper()}.gguf {quant.upper()}`, or pick one of "
+            f"{', '.join(NUMPY_QUANTS)}")
+    raise VlmpruneError(f"--quant {quant} is not known; choose one of {', '.join(QUANTS)}")
+
+
+# ------------------------------------------------------------------------------------------ planning
+
+
+@dataclass
+class TextPlan:
+    arch: str  # llama.cpp architecture name
+    family: str  # the text config's model_type
+    per_layer: bool
+    heads: list[int]
+    kv_heads: list[int]
+    ffn: list[int]
+    head_dim: int
+    permute_qk: bool
+
+
+_LLAMA_LIKE = ("llama", "mistral")
+_QWEN2_LIKE = ("qwen2",)
+
+
+def plan_text(model, adapter) -> TextPlan:
+    """The llama.cpp architecture for the model's language backbone, or a refusal (nothing written yet)."""
+    from vlmprune.prune.apply import layer_shapes
+
+    config = adapter.text_config(model)
+    family = getattr(config, "model_type", "?")
+    shapes = layer_shapes(model, adapter)
+    heads = [s.num_heads for s in shapes]
+    kv = [s.num_kv_heads for s in shapes]
+    ffn = [s.intermediate_size for s in shapes]
+    head_dims = {s.head_dim for s in shapes}
+    uniform = len(set(zip(heads, kv, ffn))) == 1
+    if len(head_dims) != 1:
+        raise VlmpruneError(f"layers disagree on head_dim ({sorted(head_dims)}); no llama.cpp graph holds that")
+    head_dim = head_dims.pop()
+    act = getattr(config, "hidden_act", "silu")
+    if family in _LLAMA_LIKE:
+        if act != "silu":
+            raise VlmpruneError(f"{family} backbone with hidden_act={act}: llama.cpp's llama graph uses SiLU only")
+        if getattr(config, "mlp_bias", False):
+            raise VlmpruneError(f"{family} backbone with MLP biases (mlp_bias=True): the llama/deci GGUF export "
+                                f"does not write them; export is not supported for this model")
+        if family == "mistral" and getattr(config, "sliding_window", None):
+            raise VlmpruneError(f"mistral backbone with sliding_window={config.sliding_window}: llama.cpp's llama graph "
+                                f"has no sliding-window attention, so the GGUF would differ on long prompts; set "
+                                f"sliding_window to null in config.json if the model never sees prompts that long")
+        _check_rope(config, family)
+        return TextPlan("llama" if uniform else "deci", family, not uniform, heads, kv, ffn, head_dim, True)
+    if family in _QWEN2_LIKE:
+        if not uniform:
+            raise VlmpruneError(
+                f"this {family} backbone has per-layer widths ({_width_summary(heads, kv, ffn)}), but llama.cpp's "
+                f"{family} graph builds every layer with layer 0's widths, so a GGUF of it would be wrong. Prune it "
+                f"with uniform widths instead (`vlmprune prune --stock ...`, or a plan with the same widths in every "
+                f"layer), then export")
+        if getattr(config, "use_sliding_window", False):
+            raise VlmpruneError(f"{family} with use_sliding_window=True: not supported by the GGUF export")
+        _check_rope(config, family)
+        return TextPlan("qwen2", family, False, heads, kv, ffn, head_dim, False)
+    supported = ", ".join(_LLAMA_LIKE + _QWEN2_LIKE)
+    raise VlmpruneError(f"GGUF export of a {family} language backbone is not supported yet (supported: {supported}); "
+                        f"nothing was written. Export the checkpoint with llama.cpp's convert_hf_to_gguf.py if the "
+                        f"model has stock widths, or use `vlmprune quantize` for an int8 Hugging Face checkpoint")
+
+
+def _width_summary(heads, kv, ffn) -> str:
+    return (f"q heads {sorted(set(heads))}, kv heads {sorted(set(kv))}, MLP widths {sorted(set(ffn))}")
+
+
+def _rope(config) -> tuple[float, dict]:
+    params = getattr(config, "rope_parameters", None) or {}
+    scaling = getattr(config, "rope_scaling", None) or {}
+    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    return float(theta), {"type": kind, **params}
+
+
+def _check_rope(config, family: str) -> None:
+    _, rope = _rope(config)
+    if rope["type"] != "default":
+        raise VlmpruneError(f"{family} backbone with rope type {rope['type']!r}: the GGUF export writes plain RoPE "
+                            f"only; this model is not supported")
+    if getattr(config, "partial_rotary_factor", 1.0) not in (None, 1.0):
+        raise VlmpruneError(f"{family} backbone with partial_rotary_factor={config.partial_rotary_factor}: not supported")
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Hugging Face's rotate-half q/k rows -> the interleaved pairs llama.cpp's NORM rope expects."""
+    out = w.shape[0]
+    head_dim = out // n_head
+    rest = w.shape[1:]
+    return w.reshape(n_head, 2, head_dim // 2, *rest).swapaxes(1, 2).reshape(out, *rest)
+
+
+def write_text_gguf(path: Path, model, adapter, plan: TextPlan, tok, quant: str, name: str) -> dict:
+    """Write the language model (weights, hyperparameters, tokenizer) to ``path``; return a record."""
+    import gguf
+    import torch
+
+    config = adapter.text_config(model)
+    lm = adapter.language_model(model)
+    n_layer = len(plan.heads)
+    arch_enum = {"llama": gguf.MODEL_ARCH.LLAMA, "deci": gguf.MODEL_ARCH.DECI,
+                 "qwen2": gguf.MODEL_ARCH.QWEN2}[plan.arch]
+    names = gguf.TensorNameMap(arch_enum, n_layer)
+    writer = gguf.GGUFWriter(str(path), plan.arch)
+    tensors = TensorWriter(writer, quant)
+
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_file_type(file_type(quant))
+    hidden = config.hidden_size
+    writer.add_context_length(int(getattr(config, "max_position_embeddings", 2048)))
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(n_layer)
+    if plan.per_layer:
+        writer.add_head_count(plan.heads)
+        writer.add_head_count_kv(plan.kv_heads)
+        writer.add_feed_forward_length(plan.ffn)
+    else:
+        writer.add_head_count(plan.heads[0])
+        writer.add_head_count_kv(plan.kv_heads[0])
+        writer.add_feed_forward_length(plan.ffn[0])
+    writer.add_key_length(plan.head_dim)
+    writer.add_value_length(plan.head_dim)
+    writer.add_rope_dimension_count(plan.head_dim)
+    theta, _ = _rope(config)
+    writer.add_rope_freq_base(theta)
+    writer.add_layer_norm_rms_eps(float(getattr(config, "rms_norm_eps", 1e-6)))
+
+    state = {k: v for k, v in lm.state_dict().items()}
+    embed = lm.get_input_embeddings().weight
+    n_vocab = embed.shape[0]
+    writer.add_vocab_size(n_vocab)
+    head = model.get_output_embeddings().weight if model.get_output_embeddings() is not None else embed
+    tied = head.data_ptr() == embed.data_ptr()
+
+    def numpy(t: torch.Tensor) -> np.ndarray:
+        return t.detach().to(torch.float32).cpu().numpy()
+
+    def gguf_name(key: str) -> str:
+        mapped = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if mapped is None:
+            raise VlmpruneError(f"the GGUF export has no llama.cpp name for the weight {key}; this model has a part "
+                                f"the {plan.arch} architecture does not hold")
+        return mapped
+
+    for key, value in state.items():
+        hf_key = "model." + key
+        data = numpy(value)
+        if plan.permute_qk and ".self_attn.q_proj." in key:
+            data = permute_rows(data, plan.heads[_layer_index(key)])
+        elif plan.permute_qk and ".self_attn.k_proj." in key:
+            data = permute_rows(data, plan.kv_heads[_layer_index(key)])
+        tensors.add(gguf_name(hf_key), data)
+    if not tied:
+        tensors.add(gguf_name("lm_head.weight"), numpy(head))
+    elif plan.arch != "llama":  # qwen2 / deci: write the tied head explicitly (llama.cpp needs it for deci)
+        tensors.add(gguf_name("lm_head.weight"), numpy(head))
+
+    vocab_record = add_tokenizer(writer, tok, n_vocab)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return {"file": path.name, "arch": plan.arch, "layers": n_layer, "per_layer_widths": plan.per_layer,
+            "bytes": path.stat().st_size, "tensor_types": tensors.counts, "fallbacks": tensors.fallbacks,
+            "vocab": vocab_record}
+
+
+def _layer_index(key: str) -> int:
+    parts = key.split(".")
+    return int(parts[parts.index("layers") + 1])
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+
+
+@dataclass
+class TokenizerSource:
+    """What the GGUF needs of the model's tokenizer: its folder (tokenizer.json, tokenizer_config.json)
+    and the chat template to embed (the processor's, which renders image items)."""
+
+    folder: Path
+    chat_template: str | None
+
+
+def _pre_name(pre: dict | None) -> str | None:
+    """llama.cpp's pre-tokenizer name for a Hugging Face byte-level pre-tokenizer, or None if unknown."""
+    if pre is None:
+        return None
+    kind = pre.get("type")
+    if kind == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt2"
+    if kind != "Sequence":
+        return None
+    items = pre.get("pretokenizers", [])
+    kinds = [p.get("type") for p in items]
+    if kinds == ["Digits", "ByteLevel"] and items[0].get("individual_digits") and items[1].get("use_regex", True):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"] and not items[1].get("use_regex", True):
+        regex = (items[0].get("pattern") or {}).get("Regex")
+        return {_LLAMA3_REGEX: "llama-bpe", _QWEN2_REGEX: "qwen2", _GPT2_REGEX: "gpt2"}.get(regex)
+    return None
+
+
+def add_tokenizer(writer, tok: TokenizerSource, n_vocab: int) -> dict:
+    """Token list, types, merges, pre-tokenizer, special ids and chat template from tokenizer.json."""
+    import gguf
+
+    file = tok.folder / "tokenizer.json"
+    if not file.is_file():
+        raise VlmpruneError(f"{tok.folder} has no tokenizer.json (a fast tokenizer); the GGUF needs one: save the "
+                            f"model's processor with a fast tokenizer (AutoProcessor.from_pretrained(...).save_pretrained)")
+    data = json.loads(file.read_text())
+    model = data.get("model", {})
+    if model.get("type") != "BPE":
+        raise VlmpruneError(f"tokenizer model {model.get('type')!r}: the GGUF export writes byte-level BPE "
+                            f"tokenizers (GPT-2 / SmolLM2 / Llama 3 / Qwen2 style) only")
+    if model.get("byte_fallback"):
+        return _add_spm_from_hf(writer, tok, n_vocab)
+    pre = _pre_name(data.get("pre_tokenizer"))
+    if pre is None or (data.get("decoder") or {}).get("type") != "ByteLevel":
+        raise VlmpruneError(f"the tokenizer's pre-tokenizer ({json.dumps(data.get('pre_tokenizer'))[:200]}) is not one "
+                            f"llama.cpp has a name for (gpt2, smollm, llama-bpe, qwen2); the GGUF would tokenize "
+                            f"differently, so nothing was written")
+    if data.get("normalizer"):
+        raise VlmpruneError(f"the tokenizer has a normalizer ({data['normalizer'].get('type')}); llama.cpp's BPE "
+                            f"tokenizer applies none, so the GGUF would tokenize differently")
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {a["id"]: a for a in data.get("added_tokens", [])}
+    size = max([*vocab.values(), *added.keys()]) + 1
+    if size > n_vocab:
+        raise VlmpruneError(f"the tokenizer has {size} tokens but the model's embedding only {n_vocab} rows")
+    tokens: list[str] = [f"[PAD{i}]" for i in range(n_vocab)]
+    types = [gguf.TokenType.UNUSED] * n_vocab
+    for text, idx in vocab.items():
+        tokens[idx], types[idx] = text, gguf.TokenType.NORMAL
+    for idx, a in added.items():
+        tokens[idx] = a["content"]
+        types[idx] = gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    special = gguf.SpecialVocab(tok.folder, load_merges=False, n_vocab=n_vocab)
+    _set_template(special, tok)
+    special.add_to_gguf(writer, quiet=True)
+    return {"model": "gpt2", "pre": pre, "tokens": n_vocab, "merges": len(merges),
+            "special": dict(special.special_token_ids), "chat_template": special.chat_template is not None}
+
+
+def _add_spm_from_hf(writer, tok: TokenizerSource, n_vocab: int) -> dict:
+    """A SentencePiece-style (byte-fallback BPE) tokenizer, through gguf's LlamaHfVocab."""
+    import gguf
+
+    try:
+        vocab = gguf.vocab.LlamaHfVocab(tok.folder)
+    except (FileNotFoundError, TypeError, ValueError) as exc:
+        raise VlmpruneError(f"cannot read the SentencePiece-style tokenizer of {tok.folder}: {exc}") from None
+    tokens, scores, types = [], [], []
+    for text, score, kind in vocab.all_tokens():
+        tokens.append(text)
+        scores.append(score)
+        types.append(kind)
+    if len(tokens) > n_vocab:
+        raise VlmpruneError(f"the tokenizer has {len(tokens)} tokens but the model's embedding only {n_vocab} rows")
+    for i in range(len(tokens), n_vocab):
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(tok.folder, load_merges=False, n_vocab=n_vocab)
+    _set_template(special, tok)
+    special.add_to_gguf(writer, quiet=True)
+    return {"model": "llama", "pre": "default", "tokens": n_vocab, "special": dict(special.special_token_ids),
+            "chat_template": special.chat_template is not None}
+
+
+def _set_template(special, tok: TokenizerSource) -> None:
+    if tok.chat_template:
+        special.chat_template = tok.chat_template

@@ -1,0 +1,195 @@
+"""Tiny models with real byte-level BPE tokenizers, and a llama.cpp runner (xllamacpp), for the GGUF tests.
+
+* :func:`bpe_tokenizer`: a byte-level BPE trained here on a few sentences (SmolLM2's pre-tokenizer:
+  single digits, then GPT-2's regex), with ChatML specials and ``<image>``;
+* :func:`save_tiny_llava`: a tiny LLaVA (Llama or Qwen2 backbone, CLIP or Dinov2 tower) whose
+  vocabulary is that tokenizer's, saved with a LlavaProcessor;
+* :class:`LlamaCpp`: a llama.cpp server in this process (xllamacpp) answering completions with the
+  top-n token probabilities, chat completions, and per-token embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. 12345 apples and 678 pears.",
+    "What colour is the circle? The circle is blue. What shape is it? A triangle.",
+    "llama.cpp runs GGUF files on laptops, phones and small boards.",
+    "Pruning removes heads, channels and whole layers; recovery trains them back.",
+    "Is there a red square in the image? Yes, there is. No, there is not.",
+] * 20
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def bpe_tokenizer(vocab_size: int = 400, pre: str = "smollm"):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                             if pre == "smollm" else byte_level)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", unk_token=None,
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>", "<image>"],
+                                   chat_template=CHAT_TEMPLATE)
+
+
+def tiny_llava(tokenizer, text: str = "llama", vision: str = "clip", layers: int = 4, seed: int = 0,
+               vocab_pad: int = 0, **text_kwargs):
+    """A tiny LLaVA whose vocabulary is ``tokenizer``'s (plus ``vocab_pad`` unused rows)."""
+    from transformers import (CLIPVisionConfig, Dinov2Config, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              Qwen2Config)
+
+    n_vocab = len(tokenizer) + vocab_pad
+    common = dict(vocab_size=n_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, rms_norm_eps=1e-5)
+    common.update(text_kwargs)
+    text_config = (LlamaConfig if text == "llama" else Qwen2Config)(**common)
+    if vision == "clip":
+        vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                              image_size=28, patch_size=7, projection_dim=32)
+        extra = dict(vision_feature_layer=-2, vision_feature_select_strategy="default")
+    else:  # the demo's layout: Dinov2, CLS kept, a middle layer read
+        vc = Dinov2Config(hidden_size=32, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
+                          image_size=42, patch_size=7, layer_norm_eps=1e-6, layerscale_value=0.5)
+        extra = dict(vision_feature_layer=-2, vision_feature_select_strategy="full")
+    config = LlavaConfig(vision_config=vc, text_config=text_config,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"), **extra)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    with torch.no_grad():  # LayerScale and biases away from their init, so folding them is tested
+        for name, p in model.named_parameters():
+            if "lambda1" in name or "lambda2" in name or name.endswith(".bias"):
+                p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "lambda" in name else 0.0))
+    return model.eval()
+
+
+def processor_for(tokenizer, model):
+    from transformers import BitImageProcessor, CLIPImageProcessorPil, LlavaProcessor
+
+    vc = model.config.vision_config
+    size = vc.image_size if model.config.vision_config.model_type == "clip_vision_model" else 28
+    if vc.model_type == "clip_vision_model":
+        ip = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        extra = dict(vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    else:
+        ip = BitImageProcessor(size={"height": size, "width": size}, do_center_crop=False, do_resize=True,
+                               image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+        extra = dict(vision_feature_select_strategy="full", num_additional_image_tokens=1)
+    return LlavaProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=vc.patch_size,
+                          chat_template=CHAT_TEMPLATE, **extra)
+
+
+def save_tiny_llava(folder: Path, **kwargs) -> Path:
+    tok = bpe_tokenizer()
+    model = tiny_llava(tok, **kwargs)
+    model.save_pretrained(folder)
+    processor_for(tok, model).save_pretrained(folder)
+    return folder
+
+
+class LlamaCpp:
+    """llama.cpp (xllamacpp's in-process server) on a GGUF file, with an optional mmproj."""
+
+    def __init__(self, model: Path, mmproj: Path | None = None, n_ctx: int = 256, embedding: bool = False):
+        import xllamacpp as xlc
+
+        params = xlc.CommonParams()
+        params.model.path = str(model)
+        if mmproj is not None:
+            params.mmproj.path = str(mmproj)
+        params.n_ctx = n_ctx
+        params.n_parallel = 1
+        params.cpuparams.n_threads = 2
+        params.warmup = False
+        if embedding:
+            params.embedding = True
+            params.pooling_type = xlc.llama_pooling_type.LLAMA_POOLING_TYPE_NONE
+        self.server = xlc.Server(params)
+
+    banned: list[int] = []  # never sampled (partial UTF-8 tokens: the server holds their text and probabilities back)
+
+    def completion(self, prompt, n_predict: int = 1, n_probs: int = 0, **extra) -> dict:
+        request = {"prompt": prompt, "n_predict": n_predict, "temperature": 0.0, "n_probs": n_probs,
+                   "cache_prompt": False, "samplers": ["top_k"], "top_k": 1,
+                   "logit_bias": [[i, False] for i in self.banned], **extra}
+        out = self.server.handle_completions(request)
+        if isinstance(out, str):
+            out = json.loads(out)
+        if "error" in out:
+            raise RuntimeError(out["error"])
+        return out
+
+    def first_logprobs(self, prompt, vocab: int) -> dict[int, float]:
+        """log p(token) over the whole vocabulary for the position after ``prompt`` (pre-sampling)."""
+        out = self.completion(prompt, n_predict=1, n_probs=vocab, ignore_eos=True)
+        probs = out["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        return {p["id"]: p["logprob"] for p in probs}
+
+    def greedy(self, prompt, n: int) -> list[int]:
+        """``n`` greedy token ids after ``prompt`` (decoded one by one with the KV cache)."""
+        out = self.completion(prompt, n_predict=n, n_probs=1, ignore_eos=True)
+        return [t["id"] for t in out["choices"][0]["logprobs"]["content"]]
+
+    def prompt_tokens(self, prompt) -> int:
+        return self.completion(prompt, n_predict=1)["usage"]["prompt_tokens"]
+
+
+def partial_utf8_ids(tokenizer) -> list[int]:
+    """Byte-level tokens that are not valid UTF-8 on their own."""
+    from gguf.vocab import bytes_to_unicode
+
+    decoder = {v: k for k, v in bytes_to_unicode().items()}
+    bad = []
+    for token, idx in tokenizer.get_vocab().items():
+        try:
+            bytes(decoder[c] for c in token).decode("utf-8")
+        except (KeyError, UnicodeDecodeError):
+            if token not in tokenizer.all_special_tokens:
+                bad.append(idx)
+    return sorted(bad)
+
+
+def hf_greedy(model, ids: list[int], n: int, banned: list[int], **inputs) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             suppress_tokens=banned or None, **inputs)
+    return out[0, len(ids):].tolist()
+
+
+def hf_logprobs(model, ids: list[int], **inputs) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids]), **inputs).logits[0, -1]
+    return torch.log_softmax(logits.double(), -1)
+
+
+def rel_diff(llama: dict[int, float], hf: torch.Tensor) -> float:
+    """max |a - b| / max |b| over the tokens llama.cpp reported (log-probabilities, i.e. logits up to a
+    per-position constant that cancels in softmax)."""
+    ids = sorted(llama)
+    a = torch.tensor([llama[i] for i in ids], dtype=torch.float64)
+    b = hf[ids]
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
