@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -84,6 +85,12 @@ def tiny_llava(tokenizer, text: str = "llama", vision: str = "clip", layers: int
         for name, p in model.named_parameters():
             if "lambda1" in name or "lambda2" in name or name.endswith(".bias"):
                 p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "lambda" in name else 0.0))
+            if "multi_modal_projector" in name:  # image tokens that differ from each other (not bias-dominated)
+                p.copy_(torch.randn_like(p) * (0.02 if name.endswith(".bias") else 0.3))
+            elif "vision_tower" in name and "norm" not in name and "lambda" not in name:
+                # blocks, positions and class token that matter (at their init scale a block barely
+                # changes the residual stream, and a wrong layer count or position would go unseen)
+                p.copy_(torch.randn_like(p) * (1.0 if p.ndim < 2 or "position" in name else 0.25))
     return model.eval()
 
 
@@ -111,10 +118,16 @@ def save_tiny_llava(folder: Path, **kwargs) -> Path:
     return folder
 
 
+MEDIA_MARKER = "<__media__>"
+# llama-server draws a random media marker per process unless this is set (read once, at first use)
+os.environ.setdefault("LLAMA_MEDIA_MARKER", MEDIA_MARKER)
+
+
 class LlamaCpp:
     """llama.cpp (xllamacpp's in-process server) on a GGUF file, with an optional mmproj."""
 
-    def __init__(self, model: Path, mmproj: Path | None = None, n_ctx: int = 256, embedding: bool = False):
+    def __init__(self, model: Path, mmproj: Path | None = None, n_ctx: int = 256, pooling: str | None = None,
+                 chat_template: str | None = None):
         import xllamacpp as xlc
 
         params = xlc.CommonParams()
@@ -125,9 +138,16 @@ class LlamaCpp:
         params.n_parallel = 1
         params.cpuparams.n_threads = 2
         params.warmup = False
-        if embedding:
+        # exact comparisons: f32 KV cache (llama.cpp's default is f16), no flash attention
+        params.cache_type_k = xlc.ggml_type.GGML_TYPE_F32
+        params.cache_type_v = xlc.ggml_type.GGML_TYPE_F32
+        params.flash_attn_type = xlc.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        if chat_template is not None:
+            params.chat_template = chat_template
+            params.use_jinja = True
+        if pooling is not None:  # an embedding server: "mean" or "last" over the prompt's final hidden states
             params.embedding = True
-            params.pooling_type = xlc.llama_pooling_type.LLAMA_POOLING_TYPE_NONE
+            params.pooling_type = getattr(xlc.llama_pooling_type, f"LLAMA_POOLING_TYPE_{pooling.upper()}")
         self.server = xlc.Server(params)
 
     banned: list[int] = []  # never sampled (partial UTF-8 tokens: the server holds their text and probabilities back)
@@ -137,6 +157,18 @@ class LlamaCpp:
                    "cache_prompt": False, "samplers": ["top_k"], "top_k": 1,
                    "logit_bias": [[i, False] for i in self.banned], **extra}
         out = self.server.handle_completions(request)
+        if isinstance(out, str):
+            out = json.loads(out)
+        if "error" in out:
+            raise RuntimeError(out["error"])
+        return out
+
+    def chat(self, messages: list[dict], max_tokens: int = 1, top_logprobs: int = 0, **extra) -> dict:
+        request = {"messages": messages, "max_tokens": max_tokens, "temperature": 0.0, "cache_prompt": False,
+                   "samplers": ["top_k"], "top_k": 1, "logit_bias": [[i, False] for i in self.banned], **extra}
+        if top_logprobs:
+            request.update(logprobs=True, top_logprobs=top_logprobs)
+        out = self.server.handle_chat_completions(request)
         if isinstance(out, str):
             out = json.loads(out)
         if "error" in out:
@@ -156,6 +188,68 @@ class LlamaCpp:
 
     def prompt_tokens(self, prompt) -> int:
         return self.completion(prompt, n_predict=1)["usage"]["prompt_tokens"]
+
+
+RAW_TEMPLATE = ("{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+                "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% else %}<__media__>{% endif %}"
+                "{% endfor %}{% endif %}{% endfor %}")
+
+
+def probe_model(tokenizer, hidden: int, silent: list[str], distance: int, sharpness: float = 400.0):
+    """A one-layer LLaVA text model whose last position reads out the input embedding ``distance``
+    positions back, so that llama.cpp's image embeddings can be read one by one through logits.
+
+    One attention head of width ``hidden``; q and k are constant (biases only) and chosen so that
+    after RoPE the score peaks sharply at that relative distance; v and o are the identity, the MLP
+    adds nothing, the norms have weight one and lm_head row j is e_j for j < hidden (row ``hidden``
+    is zero: logit 0, a reference). The ``silent`` tokens embed to zero, so the last token adds
+    nothing of its own: logits[:hidden] - logits[hidden] = x / rms(x) of the token read.
+    """
+    model = tiny_llava(tokenizer, layers=1, hidden_size=hidden, num_attention_heads=1, num_key_value_heads=1,
+                       head_dim=hidden, intermediate_size=64, rms_norm_eps=1e-12, attention_bias=True)
+    layer = model.model.language_model.layers[0]
+    half = hidden // 2
+    theta = 10000.0 ** (-torch.arange(half, dtype=torch.float64) * 2 / hidden)
+    r = sharpness ** 0.5
+    with torch.no_grad():
+        attn = layer.self_attn
+        for lin in (attn.q_proj, attn.k_proj):
+            lin.weight.zero_()
+        q = torch.zeros(hidden, dtype=torch.float64)
+        q[:half] = r  # rotate-half pairs (i, i + half): q_i = r
+        k = torch.zeros(hidden, dtype=torch.float64)  # k_i = r * exp(+i * distance * theta_i)
+        k[:half] = r * torch.cos(distance * theta)
+        k[half:] = r * torch.sin(distance * theta)
+        attn.q_proj.bias.copy_(q.float())
+        attn.k_proj.bias.copy_(k.float())
+        attn.v_proj.weight.copy_(torch.eye(hidden))
+        attn.v_proj.bias.zero_()
+        attn.o_proj.weight.copy_(torch.eye(hidden))
+        attn.o_proj.bias.zero_()
+        layer.mlp.down_proj.weight.zero_()
+        layer.input_layernorm.weight.fill_(1.0)
+        model.model.language_model.norm.weight.fill_(1.0)
+        for t in silent:
+            model.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(t)] = 0.0
+        head = model.get_output_embeddings().weight
+        head.zero_()
+        head[:hidden, :hidden] = torch.eye(hidden)
+    return model
+
+
+def write_probe(path: Path, tokenizer_folder: Path, hidden: int, silent: list[str], distance: int) -> int:
+    """:func:`probe_model` as a GGUF (the export's own writer); returns the vocabulary size."""
+    from transformers import AutoTokenizer
+
+    import vlmprune.export.gguf as text
+    from vlmprune.adapters import get_adapter
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_folder)
+    model = probe_model(tok, hidden, silent, distance)
+    adapter = get_adapter(model)
+    plan = text.plan_text(model, adapter)
+    text.write_text_gguf(path, model, adapter, plan, text.TokenizerSource(tokenizer_folder, None), "f32", "probe")
+    return model.config.text_config.vocab_size
 
 
 def partial_utf8_ids(tokenizer) -> list[int]:
