@@ -64,9 +64,6 @@ def export_gguf(model_dir: str | Path, output: str | Path, quant: str = "f16", o
                 record["mmproj"] = visual.write_mmproj(tmp / MMPROJ_FILE, model, adapter, vision_plan, vision_quant,
                                                        name)
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
-    for part in ("text", "mmproj"):
-        for fb in record.get(part, {}).get("fallbacks", []):
-            log.info("%s: %s written as %s, not %s (%s)", part, fb["tensor"], fb["written"], fb["wanted"], fb["reason"])
     record["output"] = str(Path(output).resolve())
     return record
 

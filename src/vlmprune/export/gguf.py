@@ -28,9 +28,9 @@ from vlmprune.errors import VlmpruneError
 
 log = logging.getLogger("vlmprune")
 
-# --quant -> (GGML type of 2-D weights, general.file_type)
-NUMPY_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")
-K_QUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+from vlmprune.config import GGUF_K_QUANTS as K_QUANTS
+from vlmprune.config import GGUF_NUMPY_QUANTS as NUMPY_QUANTS
+
 QUANTS = NUMPY_QUANTS + K_QUANTS
 
 # Hugging Face byte-level pre-tokenizer regexes and llama.cpp's name (tokenizer.ggml.pre) for each.
