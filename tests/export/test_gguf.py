@@ -1,0 +1,214 @@
+"""vlmprune export --format gguf, checked in a real llama.cpp (xllamacpp's in-process server).
+
+What llama.cpp gives back through its server API, and so what is compared here:
+* text: the log-probabilities of the whole vocabulary at the position after a prompt (``n_probs``;
+  pre-sampling, i.e. softmax of the raw logits): compared with transformers' log-softmax, which is
+  the logits up to a per-position constant; greedy tokens decoded one by one with the KV cache;
+* tokenizer: llama.cpp tokenizes the prompt string itself; the same next-token distribution as
+  transformers on the Hugging Face ids, and the same prompt length, means the same ids;
+* image embeddings: read one by one through a probe text model (tests/tiny_gguf.py) whose last
+  position copies the input embedding a chosen number of positions back into its logits.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("gguf")
+pytest.importorskip("xllamacpp")
+
+import vlmprune  # noqa: E402
+from tiny_gguf import (RAW_TEMPLATE, LlamaCpp, hf_greedy, hf_logprobs, partial_utf8_ids, rel_diff,  # noqa: E402
+                       save_tiny_llava, write_probe)
+from vlmprune.errors import VlmpruneError  # noqa: E402
+from vlmprune.export import export_gguf  # noqa: E402
+from vlmprune.plan import PruningPlan  # noqa: E402
+
+PROMPT = "<|im_start|>user\nWhat colour is the circle? 12 apples<|im_end|>\n<|im_start|>assistant\n"
+# per-layer widths (q heads, kv heads, MLP 50: not a multiple of 32) and a dropped layer
+PER_LAYER = PruningPlan(drop_layers=[2], layers={0: {"kv_heads": [1], "q_heads": [2, 3]},
+                                                 1: {"mlp_channels": list(range(0, 100, 2))},
+                                                 3: {"q_heads": [0, 3]}})
+
+
+def _saved(root: Path, name: str, plan: PruningPlan | None = None, **kwargs) -> Path:
+    folder = save_tiny_llava(root / name, layers=5, **kwargs)
+    if plan is None:
+        return folder
+    model = vlmprune.load(folder, dtype=torch.float32)
+    vlmprune.apply_plan_(model, plan)
+    return vlmprune.save_model(model, root / f"{name}-pruned", plan=plan, source=folder)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf-models")
+    return {
+        "llama": _saved(root, "llama"),
+        "llama-per-layer": _saved(root, "llama", PER_LAYER),
+        "qwen2": _saved(root, "qwen2", text="qwen2"),
+        "qwen2-per-layer": _saved(root, "qwen2", PER_LAYER, text="qwen2"),
+        "dinov2": save_tiny_llava(root / "dinov2", vision="dinov2"),
+    }
+
+
+def _check_text(model_dir: Path, out: Path, quant: str = "f32") -> tuple[float, list[int], list[int], dict]:
+    record = export_gguf(model_dir, out, quant=quant)
+    model = vlmprune.load(model_dir, dtype=torch.float32)
+    tok = vlmprune.load_processor(model_dir).tokenizer
+    ids = tok(PROMPT)["input_ids"]
+    llama = LlamaCpp(out / "model.gguf")
+    llama.banned = partial_utf8_ids(tok)
+    n_vocab = model.config.text_config.vocab_size
+    diff = rel_diff(llama.first_logprobs(ids, n_vocab), hf_logprobs(model, ids))
+    return diff, llama.greedy(ids, 10), hf_greedy(model, ids, 10, llama.banned), record
+
+
+@pytest.mark.parametrize("name, arch", [("llama", "llama"), ("llama-per-layer", "deci"), ("qwen2", "qwen2")])
+def test_f32_text_matches_transformers(models, tmp_path, name, arch):
+    diff, llama_tokens, hf_tokens, record = _check_text(models[name], tmp_path / "out")
+    assert record["text"]["arch"] == arch
+    assert diff <= 1e-3, diff
+    assert llama_tokens == hf_tokens
+
+
+def test_per_layer_widths_are_written_per_layer(models, tmp_path):
+    from gguf import GGUFReader
+
+    export_gguf(models["llama-per-layer"], tmp_path / "out", quant="f32", vision=False)
+    fields = GGUFReader(str(tmp_path / "out" / "model.gguf")).fields
+
+    def value(key):
+        return fields[key].contents()
+
+    assert value("general.architecture") == "deci"
+    assert value("deci.block_count") == 4  # one of five dropped
+    assert value("deci.attention.head_count") == [2, 4, 2, 4]
+    assert value("deci.attention.head_count_kv") == [1, 2, 2, 2]
+    assert value("deci.feed_forward_length") == [128, 50, 128, 128]
+    assert value("deci.attention.key_length") == value("deci.attention.value_length") == 16
+    assert not (tmp_path / "out" / "mmproj.gguf").exists()
+
+
+def test_per_layer_widths_of_a_family_llama_cpp_cannot_hold_are_refused(models, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(VlmpruneError, match=r"layer 0's widths.*--stock"):
+        export_gguf(models["qwen2-per-layer"], out)
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_cli_refusal_writes_nothing(models, tmp_path):
+    from vlmprune.cli import main
+
+    out = tmp_path / "out"
+    assert main(["export", str(models["qwen2-per-layer"]), "--output", str(out)]) == 2
+    assert main(["export", str(models["llama"]), "--output", str(out), "--quant", "q4_k_m"]) == 2
+    assert not out.exists()
+    with pytest.raises(VlmpruneError, match="llama-quantize"):
+        export_gguf(models["llama"], out, quant="q4_k_m")
+
+
+def test_tokenizer_gives_the_hugging_face_ids(models, tmp_path):
+    folder = models["llama"]
+    export_gguf(folder, tmp_path / "out", quant="f32", vision=False)
+    model = vlmprune.load(folder, dtype=torch.float32)
+    tok = vlmprune.load_processor(folder).tokenizer
+    llama = LlamaCpp(tmp_path / "out" / "model.gguf")
+    llama.banned = partial_utf8_ids(tok)
+    n_vocab = model.config.text_config.vocab_size
+    prompts = [PROMPT, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n  Is 2024 > 99?\n\n<image>x<|im_end|>",
+               "The quick brown fox jumps over the lazy dog. 3.14159 héllo wörld"]
+    for prompt in prompts:
+        ids = tok(prompt)["input_ids"]
+        assert llama.prompt_tokens(prompt) == len(ids), prompt
+        assert rel_diff(llama.first_logprobs(prompt, n_vocab), hf_logprobs(model, ids)) <= 1e-3, prompt
+
+
+@pytest.mark.parametrize("quant", ["q8_0", "q4_0"])
+def test_quantized_export_reloads_and_generates(models, tmp_path, quant):
+    diff, llama_tokens, _, record = _check_text(models["llama-per-layer"], tmp_path / "out", quant)
+    text = record["text"]
+    assert text["tensor_types"][quant] > 0
+    # the 50-wide MLP's down projection cannot be cut into 32-blocks: it falls back, and is reported
+    assert [f["tensor"] for f in text["fallbacks"]] == ["blk.1.ffn_down.weight"]
+    assert json.loads((tmp_path / "out" / "export.json").read_text())["text"]["fallbacks"] == text["fallbacks"]
+    assert len(llama_tokens) == 10
+    assert diff < 0.05, diff
+
+
+def _image(size: int, seed: int = 0) -> tuple[object, str]:
+    from PIL import Image
+
+    arr = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+    img = Image.fromarray(arr)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return img, base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.mark.parametrize("name", ["llama", "dinov2"])
+def test_mmproj_image_embeddings_match_pytorch(models, tmp_path, name):
+    """Each image embedding llama.cpp injects, read through the probe, against the tower's own tokens."""
+    folder = models[name]
+    record = export_gguf(folder, tmp_path / "out", quant="f32")
+    model = vlmprune.load(folder, dtype=torch.float32)
+    processor = vlmprune.load_processor(folder)
+    mm = record["mmproj"]
+    img, b64 = _image(mm["image_size"])
+    with torch.no_grad():
+        pixels = processor.image_processor(img, return_tensors="pt")["pixel_values"]
+        states = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+        tokens = model.model.multi_modal_projector(states[model.config.vision_feature_layer][0])  # CLS, p1..pn
+    n = mm["image_tokens"]
+    assert n == tokens.shape[0] - 1 and mm["image_tokens_in_model"] == (n + 1 if name == "dinov2" else n)
+    # llama.cpp's LLaVA graph gives patches 2..n, then the class token (see export/gguf_vision.py)
+    expected = list(range(2, n + 1)) + [0]
+    hidden = model.config.text_config.hidden_size
+    message = [{"role": "user", "content": [{"type": "text", "text": "a"},
+                                            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64}},
+                                            {"type": "text", "text": "b"}]}]
+    for k in range(n):
+        probe = tmp_path / "probe.gguf"
+        n_vocab = write_probe(probe, folder, hidden, ["a", "b"], distance=n - k)
+        llama = LlamaCpp(probe, tmp_path / "out" / "mmproj.gguf", chat_template=RAW_TEMPLATE)
+        keep = processor.tokenizer.convert_tokens_to_ids("a")  # sampled: a whole UTF-8 token
+        llama.banned = [i for i in range(n_vocab) if i != keep]
+        out = llama.chat(message, top_logprobs=n_vocab)
+        assert out["usage"]["prompt_tokens"] == n + 2
+        logprobs = {p["id"]: p["logprob"] for p in out["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
+        read = torch.tensor([logprobs[j] - logprobs[hidden] for j in range(hidden)])
+        cos = torch.nn.functional.cosine_similarity(read[None], tokens, dim=-1)
+        assert int(cos.argmax()) == expected[k], (k, cos)
+        assert float(cos[expected[k]]) >= 0.9999, (k, float(cos[expected[k]]))
+
+
+def test_gguf_pair_answers_through_the_chat_api(models, tmp_path):
+    folder = models["dinov2"]
+    export_gguf(folder, tmp_path / "out", quant="q8_0")
+    _, b64 = _image(28)
+    llama = LlamaCpp(tmp_path / "out" / "model.gguf", tmp_path / "out" / "mmproj.gguf")
+    out = llama.chat([{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64}},
+        {"type": "text", "text": "What colour is the circle?"}]}], max_tokens=5)
+    assert out["choices"][0]["message"]["content"] is not None
+    assert out["usage"]["completion_tokens"] >= 1
+    assert out["usage"]["prompt_tokens"] > 16  # the 16 image tokens and the rendered chat template
+
+
+def test_unsupported_family_is_refused_before_writing(tmp_path):
+    from tiny_data import tiny_llava_processor
+    from tiny_models import build_tiny
+
+    folder = tmp_path / "phi"
+    build_tiny("llava_phi").save_pretrained(folder)
+    tiny_llava_processor().save_pretrained(folder)
+    with pytest.raises(VlmpruneError, match="phi language backbone is not supported"):
+        export_gguf(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
