@@ -110,8 +110,8 @@ def processor_for(tokenizer, model):
                           chat_template=CHAT_TEMPLATE, **extra)
 
 
-def save_tiny_llava(folder: Path, **kwargs) -> Path:
-    tok = bpe_tokenizer()
+def save_tiny_llava(folder: Path, pre: str = "smollm", **kwargs) -> Path:
+    tok = bpe_tokenizer(pre=pre)
     model = tiny_llava(tok, **kwargs)
     model.save_pretrained(folder)
     processor_for(tok, model).save_pretrained(folder)

@@ -52,6 +52,7 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf-models")
     return {
         "llama": _saved(root, "llama"),
+        "llama-gpt2": save_tiny_llava(root / "llama-gpt2", pre="gpt2"),  # GPT-2's pre-tokenizer (the demo's)
         "llama-per-layer": _saved(root, "llama", PER_LAYER),
         "qwen2": _saved(root, "qwen2", text="qwen2"),
         "qwen2-per-layer": _saved(root, "qwen2", PER_LAYER, text="qwen2"),
@@ -115,9 +116,11 @@ def test_cli_refusal_writes_nothing(models, tmp_path):
         export_gguf(models["llama"], out, quant="q4_k_m")
 
 
-def test_tokenizer_gives_the_hugging_face_ids(models, tmp_path):
-    folder = models["llama"]
-    export_gguf(folder, tmp_path / "out", quant="f32", vision=False)
+@pytest.mark.parametrize("name, pre", [("llama", "smollm"), ("llama-gpt2", "gpt-2")])
+def test_tokenizer_gives_the_hugging_face_ids(models, tmp_path, name, pre):
+    folder = models[name]
+    record = export_gguf(folder, tmp_path / "out", quant="f32", vision=False)
+    assert record["text"]["vocab"]["pre"] == pre
     model = vlmprune.load(folder, dtype=torch.float32)
     tok = vlmprune.load_processor(folder).tokenizer
     llama = LlamaCpp(tmp_path / "out" / "model.gguf")

@@ -296,7 +296,7 @@ def _pre_name(pre: dict | None) -> str | None:
         return None
     kind = pre.get("type")
     if kind == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     if kind != "Sequence":
         return None
     items = pre.get("pretokenizers", [])
@@ -305,7 +305,7 @@ def _pre_name(pre: dict | None) -> str | None:
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and not items[1].get("use_regex", True):
         regex = (items[0].get("pattern") or {}).get("Regex")
-        return {_LLAMA3_REGEX: "llama-bpe", _QWEN2_REGEX: "qwen2", _GPT2_REGEX: "gpt2"}.get(regex)
+        return {_LLAMA3_REGEX: "llama-bpe", _QWEN2_REGEX: "qwen2", _GPT2_REGEX: "gpt-2"}.get(regex)
     return None
 
 
@@ -327,7 +327,7 @@ def add_tokenizer(writer, tok: TokenizerSource, n_vocab: int) -> dict:
     pre = _pre_name(data.get("pre_tokenizer"))
     if pre is None or (data.get("decoder") or {}).get("type") != "ByteLevel":
         raise VlmpruneError(f"the tokenizer's pre-tokenizer ({json.dumps(data.get('pre_tokenizer'))[:200]}) is not one "
-                            f"llama.cpp has a name for (gpt2, smollm, llama-bpe, qwen2); the GGUF would tokenize "
+                            f"llama.cpp has a name for (gpt-2, smollm, llama-bpe, qwen2); the GGUF would tokenize "
                             f"differently, so nothing was written")
     if data.get("normalizer"):
         raise VlmpruneError(f"the tokenizer has a normalizer ({data['normalizer'].get('type')}); llama.cpp's BPE "
