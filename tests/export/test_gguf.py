@@ -215,3 +215,25 @@ def test_unsupported_family_is_refused_before_writing(tmp_path):
     with pytest.raises(VlmpruneError, match="phi language backbone is not supported"):
         export_gguf(folder, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_runs_the_gguf_pair_in_llama_cpp(models, tmp_path):
+    from PIL import Image
+
+    from vlmprune.evaluate.run import evaluate_model_dir
+
+    export_gguf(models["dinov2"], tmp_path / "out", quant="f16")
+    records = []
+    for k in range(3):
+        img, _ = _image(28, seed=k)
+        img.save(tmp_path / f"{k}.png")
+        records.append({"id": k, "image": f"{k}.png", "type": "shape", "conversations": [
+            {"from": "human", "value": "<image>\nWhat shape is it?"}, {"from": "gpt", "value": "circle"}]})
+    task = tmp_path / "task.json"
+    task.write_text(json.dumps(records))
+    result = evaluate_model_dir(model=str(tmp_path / "out"), tasks=[], task_file=str(task), max_new_tokens=4,
+                                output=str(tmp_path / "result.json"))
+    assert result["runtime"].startswith("llama.cpp")
+    assert result["tasks"]["task"]["count"] == 3 and len(result["tasks"]["task"]["predictions"]) == 3
+    assert result["timings"]["generated_tokens"] >= 3
+    assert json.loads((tmp_path / "result.json").read_text())["accuracy"] == result["accuracy"]
