@@ -94,6 +94,33 @@ def tiny_llava(tokenizer, text: str = "llama", vision: str = "clip", layers: int
     return model.eval()
 
 
+def save_tiny_gemma3(folder: Path, layers: int = 5, seed: int = 0) -> Path:
+    """A tiny Gemma 3 (sliding and full attention layers, window 8, shorter than the test prompts) with
+    the byte-level tokenizer; saved with the tokenizer only (its text model is what gets exported)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    tok = bpe_tokenizer()
+    kinds = ["sliding_attention", "sliding_attention", "full_attention"]
+    text = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32,
+                            sliding_window=8, layer_types=[kinds[i % 3] for i in range(layers)],
+                            max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=28, patch_size=7, vision_use_head=False)
+    config = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=4,
+                          image_token_index=tok.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    with torch.no_grad():  # norms away from their zero init, so the +1 of Gemma's norms is tested
+        for name, p in model.named_parameters():
+            if "language_model" in name and name.endswith("norm.weight"):
+                p.copy_(torch.randn_like(p) * 0.3)
+    model.eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def processor_for(tokenizer, model):
     from transformers import BitImageProcessor, CLIPImageProcessorPil, LlavaProcessor
 

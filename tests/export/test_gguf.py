@@ -26,7 +26,7 @@ pytest.importorskip("xllamacpp")
 
 import vlmprune  # noqa: E402
 from tiny_gguf import (RAW_TEMPLATE, LlamaCpp, hf_greedy, hf_logprobs, partial_utf8_ids, rel_diff,  # noqa: E402
-                       save_tiny_llava, write_probe)
+                       save_tiny_gemma3, save_tiny_llava, write_probe)
 from vlmprune.errors import VlmpruneError  # noqa: E402
 from vlmprune.export import export_gguf  # noqa: E402
 from vlmprune.plan import PruningPlan  # noqa: E402
@@ -57,13 +57,27 @@ def models(tmp_path_factory):
         "qwen2": _saved(root, "qwen2", text="qwen2"),
         "qwen2-per-layer": _saved(root, "qwen2", PER_LAYER, text="qwen2"),
         "dinov2": save_tiny_llava(root / "dinov2", vision="dinov2"),
+        "gemma3-dropped": _gemma3(root, PruningPlan(drop_layers=[2])),  # full layer dropped: pattern shifts
+        "gemma3-per-layer": _gemma3(root, PruningPlan(layers={1: {"mlp_channels": list(range(64))}})),
     }
 
 
+def _gemma3(root: Path, plan: PruningPlan) -> Path:
+    name = f"gemma3-{len(plan.drop_layers)}"
+    folder = save_tiny_gemma3(root / name)
+    model = vlmprune.load(folder, dtype=torch.float32)
+    vlmprune.apply_plan_(model, plan)
+    out = vlmprune.save_model(model, root / f"{name}-pruned", plan=plan, source=folder)
+    return out
+
+
 def _check_text(model_dir: Path, out: Path, quant: str = "f32") -> tuple[float, list[int], list[int], dict]:
-    record = export_gguf(model_dir, out, quant=quant)
+    from transformers import AutoTokenizer
+
+    gemma = "gemma3" in model_dir.name
+    record = export_gguf(model_dir, out, quant=quant, vision=not gemma)
     model = vlmprune.load(model_dir, dtype=torch.float32)
-    tok = vlmprune.load_processor(model_dir).tokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
     ids = tok(PROMPT)["input_ids"]
     llama = LlamaCpp(out / "model.gguf")
     llama.banned = partial_utf8_ids(tok)
@@ -72,7 +86,8 @@ def _check_text(model_dir: Path, out: Path, quant: str = "f32") -> tuple[float, 
     return diff, llama.greedy(ids, 10), hf_greedy(model, ids, 10, llama.banned), record
 
 
-@pytest.mark.parametrize("name, arch", [("llama", "llama"), ("llama-per-layer", "deci"), ("qwen2", "qwen2")])
+@pytest.mark.parametrize("name, arch", [("llama", "llama"), ("llama-per-layer", "deci"), ("qwen2", "qwen2"),
+                                        ("gemma3-dropped", "gemma3")])
 def test_f32_text_matches_transformers(models, tmp_path, name, arch):
     diff, llama_tokens, hf_tokens, record = _check_text(models[name], tmp_path / "out")
     assert record["text"]["arch"] == arch
@@ -98,11 +113,24 @@ def test_per_layer_widths_are_written_per_layer(models, tmp_path):
     assert not (tmp_path / "out" / "mmproj.gguf").exists()
 
 
-def test_per_layer_widths_of_a_family_llama_cpp_cannot_hold_are_refused(models, tmp_path):
+@pytest.mark.parametrize("name", ["qwen2-per-layer", "gemma3-per-layer"])
+def test_per_layer_widths_of_a_family_llama_cpp_cannot_hold_are_refused(models, tmp_path, name):
     out = tmp_path / "out"
     with pytest.raises(VlmpruneError, match=r"layer 0's widths.*--stock"):
-        export_gguf(models["qwen2-per-layer"], out)
+        export_gguf(models[name], out, vision=False)
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_gemma3_sliding_window_pattern_follows_the_drops(models, tmp_path):
+    from gguf import GGUFReader
+
+    export_gguf(models["gemma3-dropped"], tmp_path / "out", quant="f32", vision=False)
+    fields = GGUFReader(str(tmp_path / "out" / "model.gguf")).fields
+    # layers s s F s s, layer 2 (the full one) dropped -> s s s s
+    assert fields["gemma3.attention.sliding_window_pattern"].contents() == [True, True, True, True]
+    with pytest.raises(VlmpruneError, match="--no-vision"):
+        export_gguf(models["gemma3-dropped"], tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
 
 
 def test_cli_refusal_writes_nothing(models, tmp_path):

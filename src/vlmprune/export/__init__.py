@@ -44,8 +44,17 @@ def export_gguf(model_dir: str | Path, output: str | Path, quant: str = "f16", o
     check_output(output, [("input model", model_dir)], overwrite)  # before the (slow) load
     model = load(model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
     adapter = get_adapter(model)
-    processor = load_processor(model_dir, trust_remote_code=trust_remote_code)
     text_plan = text.plan_text(model, adapter)  # refusals come before anything is written
+    if vision:
+        visual.check_family(model)
+    try:
+        processor = load_processor(model_dir, trust_remote_code=trust_remote_code)
+    except VlmpruneError:
+        if vision:
+            raise
+        import transformers  # the text model alone needs only the tokenizer
+
+        processor = transformers.AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     vision_plan = visual.plan_vision(model, adapter, processor) if vision else None
     name = Path(str(model_dir)).name
     template = getattr(processor, "chat_template", None) or getattr(getattr(processor, "tokenizer", processor),

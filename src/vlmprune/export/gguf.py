@@ -118,6 +118,7 @@ class TextPlan:
 
 _LLAMA_LIKE = ("llama", "mistral")
 _QWEN2_LIKE = ("qwen2",)
+_GEMMA3_LIKE = ("gemma3_text",)
 
 
 def plan_text(model, adapter) -> TextPlan:
@@ -159,10 +160,46 @@ def plan_text(model, adapter) -> TextPlan:
             raise VlmpruneError(f"{family} with use_sliding_window=True: not supported by the GGUF export")
         _check_rope(config, family)
         return TextPlan("qwen2", family, False, heads, kv, ffn, head_dim, False)
-    supported = ", ".join(_LLAMA_LIKE + _QWEN2_LIKE)
+    if family in _GEMMA3_LIKE:
+        if not uniform:
+            raise VlmpruneError(
+                f"this Gemma 3 backbone has per-layer widths ({_width_summary(heads, kv, ffn)}), but llama.cpp's "
+                f"gemma3 graph builds every layer with layer 0's widths, so a GGUF of it would be wrong. Prune it "
+                f"with uniform widths instead (`vlmprune prune --stock ...`), then export")
+        _check_gemma3(config, head_dim)
+        return TextPlan("gemma3", family, False, heads, kv, ffn, head_dim, False)
+    supported = ", ".join(_LLAMA_LIKE + _QWEN2_LIKE + ("gemma3",))
     raise VlmpruneError(f"GGUF export of a {family} language backbone is not supported yet (supported: {supported}); "
                         f"nothing was written. Export the checkpoint with llama.cpp's convert_hf_to_gguf.py if the "
                         f"model has stock widths, or use `vlmprune quantize` for an int8 Hugging Face checkpoint")
+
+
+def _gemma3_rope(config) -> tuple[float, float]:
+    """(global, sliding-window) rope bases of a Gemma 3 config; plain RoPE only."""
+    params = getattr(config, "rope_parameters", None) or {}
+    full = params.get("full_attention", params)
+    local = params.get("sliding_attention", {})
+    for what, p in (("full", full), ("sliding", local)):
+        if p.get("rope_type", "default") != "default":
+            raise VlmpruneError(f"Gemma 3 backbone with {p['rope_type']!r} rope scaling on its {what}-attention "
+                                f"layers: the GGUF export writes plain RoPE only; this model is not supported")
+    return (float(full.get("rope_theta", getattr(config, "rope_theta", 1e6))),
+            float(local.get("rope_theta", getattr(config, "rope_local_base_freq", 1e4))))
+
+
+def _check_gemma3(config, head_dim: int) -> None:
+    if getattr(config, "hidden_activation", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu"):
+        raise VlmpruneError(f"Gemma 3 backbone with hidden_activation={config.hidden_activation}: not supported")
+    if getattr(config, "query_pre_attn_scalar", head_dim) != head_dim:
+        raise VlmpruneError(f"Gemma 3 backbone with query_pre_attn_scalar={config.query_pre_attn_scalar} != head_dim "
+                            f"{head_dim}: llama.cpp derives the attention scale from the model size; not supported")
+    for cap in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if getattr(config, cap, None):
+            raise VlmpruneError(f"Gemma 3 backbone with {cap}={getattr(config, cap)}: not supported")
+    types = getattr(config, "layer_types", None)
+    if not types or set(types) - {"sliding_attention", "full_attention"}:
+        raise VlmpruneError(f"Gemma 3 backbone with layer_types={types}: not supported")
+    _gemma3_rope(config)
 
 
 def _width_summary(heads, kv, ffn) -> str:
@@ -206,7 +243,7 @@ def write_text_gguf(path: Path, model, adapter, plan: TextPlan, tok, quant: str,
     lm = adapter.language_model(model)
     n_layer = len(plan.heads)
     arch_enum = {"llama": gguf.MODEL_ARCH.LLAMA, "deci": gguf.MODEL_ARCH.DECI,
-                 "qwen2": gguf.MODEL_ARCH.QWEN2}[plan.arch]
+                 "qwen2": gguf.MODEL_ARCH.QWEN2, "gemma3": gguf.MODEL_ARCH.GEMMA3}[plan.arch]
     names = gguf.TensorNameMap(arch_enum, n_layer)
     writer = gguf.GGUFWriter(str(path), plan.arch)
     tensors = TensorWriter(writer, quant)
@@ -229,8 +266,16 @@ def write_text_gguf(path: Path, model, adapter, plan: TextPlan, tok, quant: str,
     writer.add_key_length(plan.head_dim)
     writer.add_value_length(plan.head_dim)
     writer.add_rope_dimension_count(plan.head_dim)
-    theta, _ = _rope(config)
-    writer.add_rope_freq_base(theta)
+    if plan.arch == "gemma3":
+        full, local = _gemma3_rope(config)
+        writer.add_rope_freq_base(full)
+        writer.add_rope_freq_base_swa(local)
+        writer.add_sliding_window(int(config.sliding_window))
+        # per layer, after drops (without it llama.cpp assumes every 6th layer is global)
+        writer.add_sliding_window_pattern([t == "sliding_attention" for t in config.layer_types])
+    else:
+        theta, _ = _rope(config)
+        writer.add_rope_freq_base(theta)
     writer.add_layer_norm_rms_eps(float(getattr(config, "rms_norm_eps", 1e-6)))
 
     state = {k: v for k, v in lm.state_dict().items()}
@@ -257,6 +302,8 @@ def write_text_gguf(path: Path, model, adapter, plan: TextPlan, tok, quant: str,
             data = permute_rows(data, plan.heads[_layer_index(key)])
         elif plan.permute_qk and ".self_attn.k_proj." in key:
             data = permute_rows(data, plan.kv_heads[_layer_index(key)])
+        if plan.arch == "gemma3" and key.endswith("norm.weight"):
+            data = data + 1.0  # Gemma's RMSNorm scales by (1 + w); llama.cpp's by w
         tensors.add(gguf_name(hf_key), data)
     if not tied:
         tensors.add(gguf_name("lm_head.weight"), numpy(head))

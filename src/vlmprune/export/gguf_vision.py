@@ -51,19 +51,26 @@ class VisionPlan:
     notes: list[str]
 
 
-def plan_vision(model, adapter, processor) -> VisionPlan:
-    """What the mmproj will hold, or a refusal naming the reason (nothing written yet)."""
+def check_family(model) -> None:
+    """Refuse a model whose vision part this export cannot write (before its processor is even loaded)."""
     config = model.config
     if config.model_type != "llava":
         raise VlmpruneError(
             f"mmproj export supports LLaVA-style models (model_type llava) only, not {config.model_type}: llama.cpp "
             f"has graphs for other families, but this export does not write them yet. Export the text model alone "
             f"with --no-vision")
+    if config.vision_config.model_type not in TOWERS:
+        raise VlmpruneError(f"vision tower {config.vision_config.model_type}: the mmproj export handles "
+                            f"{', '.join(TOWERS)} towers on llama.cpp's LLaVA (mlp) graph; use --no-vision to export "
+                            f"the text model alone")
+
+
+def plan_vision(model, adapter, processor) -> VisionPlan:
+    """What the mmproj will hold, or a refusal naming the reason (nothing written yet)."""
+    check_family(model)
+    config = model.config
     vc = config.vision_config
     tower = vc.model_type
-    if tower not in TOWERS:
-        raise VlmpruneError(f"vision tower {tower}: the mmproj export handles {', '.join(TOWERS)} towers on "
-                            f"llama.cpp's LLaVA (mlp) graph; use --no-vision to export the text model alone")
     act = getattr(config, "projector_hidden_act", "gelu")
     if act not in ("gelu", "gelu_pytorch_tanh"):
         raise VlmpruneError(f"projector activation {act}: llama.cpp's LLaVA projector applies GELU only")
