@@ -265,3 +265,50 @@ def test_evaluate_runs_the_gguf_pair_in_llama_cpp(models, tmp_path):
     assert result["tasks"]["task"]["count"] == 3 and len(result["tasks"]["task"]["predictions"]) == 3
     assert result["timings"]["generated_tokens"] >= 3
     assert json.loads((tmp_path / "result.json").read_text())["accuracy"] == result["accuracy"]
+
+
+def test_sentencepiece_tokenizer_gives_sentencepiece_ids(tmp_path):
+    """LLaVA-1.5's Llama 2 tokenizer is SentencePiece: tokenizer.model beside the model is written with
+    its scores and byte tokens; llama.cpp must tokenize as sentencepiece does (BOS added)."""
+    spm = pytest.importorskip("sentencepiece")
+    from tiny_gguf import CORPUS, tiny_llava
+
+    import vlmprune.export.gguf as text
+    from vlmprune.adapters import get_adapter
+
+    (tmp_path / "corpus.txt").write_text("\n".join(CORPUS))
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "tokenizer"),
+                                   vocab_size=400, model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, split_digits=True,
+                                   remove_extra_whitespaces=False, normalization_rule_name="identity",  # as Llama 2
+                                   minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+
+    class Tok:  # what tiny_llava asks of a tokenizer; one added token (<image>) after the SentencePiece ones
+        bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+        def __len__(self):
+            return sp.vocab_size() + 1
+
+        def convert_tokens_to_ids(self, token):
+            return sp.vocab_size()
+
+    model = tiny_llava(Tok())
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "tokenizer.model").write_bytes((tmp_path / "tokenizer.model").read_bytes())
+    (folder / "tokenizer.json").write_text(json.dumps({"added_tokens": [
+        {"id": sp.vocab_size(), "content": "<image>", "special": True}]}))
+    (folder / "config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    adapter = get_adapter(model)
+    path = tmp_path / "model.gguf"
+    record = text.write_text_gguf(path, model, adapter, text.plan_text(model, adapter),
+                                  text.TokenizerSource(folder, None), "f32", "spm")
+    assert record["vocab"]["model"] == "llama"
+    llama = LlamaCpp(path)
+    llama.banned = [i for i in range(sp.vocab_size()) if sp.IsByte(i) and int(sp.IdToPiece(i)[3:5], 16) >= 0x80]
+    n_vocab = model.config.text_config.vocab_size
+    for prompt in ["What colour is the circle? 12 apples", "  two  spaces\nand a newline", "héllo wörld ß"]:
+        ids = [1] + sp.encode(prompt)
+        assert llama.prompt_tokens(prompt) == len(ids), prompt
+        assert rel_diff(llama.first_logprobs(prompt, n_vocab), hf_logprobs(model, ids)) <= 1e-3, prompt

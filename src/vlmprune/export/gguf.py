@@ -357,10 +357,12 @@ def _pre_name(pre: dict | None) -> str | None:
 
 
 def add_tokenizer(writer, tok: TokenizerSource, n_vocab: int) -> dict:
-    """Token list, types, merges, pre-tokenizer, special ids and chat template from tokenizer.json."""
+    """Token list, types, merges/scores, pre-tokenizer, special ids and chat template of the model's tokenizer."""
     import gguf
 
     file = tok.folder / "tokenizer.json"
+    if (tok.folder / "tokenizer.model").is_file():  # SentencePiece (Llama 2 / Vicuna / Mistral v1): its own scores
+        return _add_spm(writer, tok, n_vocab)
     if not file.is_file():
         raise VlmpruneError(f"{tok.folder} has no tokenizer.json (a fast tokenizer); the GGUF needs one: save the "
                             f"model's processor with a fast tokenizer (AutoProcessor.from_pretrained(...).save_pretrained)")
@@ -368,9 +370,11 @@ def add_tokenizer(writer, tok: TokenizerSource, n_vocab: int) -> dict:
     model = data.get("model", {})
     if model.get("type") != "BPE":
         raise VlmpruneError(f"tokenizer model {model.get('type')!r}: the GGUF export writes byte-level BPE "
-                            f"tokenizers (GPT-2 / SmolLM2 / Llama 3 / Qwen2 style) only")
+                            f"tokenizers (GPT-2 / SmolLM2 / Llama 3 / Qwen2 style) and SentencePiece ones only")
     if model.get("byte_fallback"):
-        return _add_spm_from_hf(writer, tok, n_vocab)
+        raise VlmpruneError(f"{tok.folder} has a SentencePiece-style tokenizer (byte-fallback BPE) but no "
+                            f"tokenizer.model; llama.cpp's tokenizer needs the SentencePiece scores: copy the original "
+                            f"tokenizer.model beside the model and export again")
     pre = _pre_name(data.get("pre_tokenizer"))
     if pre is None or (data.get("decoder") or {}).get("type") != "ByteLevel":
         raise VlmpruneError(f"the tokenizer's pre-tokenizer ({json.dumps(data.get('pre_tokenizer'))[:200]}) is not one "
@@ -404,25 +408,32 @@ def add_tokenizer(writer, tok: TokenizerSource, n_vocab: int) -> dict:
             "special": dict(special.special_token_ids), "chat_template": special.chat_template is not None}
 
 
-def _add_spm_from_hf(writer, tok: TokenizerSource, n_vocab: int) -> dict:
-    """A SentencePiece-style (byte-fallback BPE) tokenizer, through gguf's LlamaHfVocab."""
+def _add_spm(writer, tok: TokenizerSource, n_vocab: int) -> dict:
+    """A SentencePiece tokenizer (tokenizer.model, through gguf's SentencePieceVocab), plus the tokens
+    added after it (tokenizer.json's added_tokens, e.g. LLaVA's <image>)."""
     import gguf
 
     try:
-        vocab = gguf.vocab.LlamaHfVocab(tok.folder)
-    except (FileNotFoundError, TypeError, ValueError) as exc:
-        raise VlmpruneError(f"cannot read the SentencePiece-style tokenizer of {tok.folder}: {exc}") from None
+        vocab = gguf.vocab.SentencePieceVocab(tok.folder)
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise VlmpruneError(f"cannot read {tok.folder / 'tokenizer.model'} ({exc}); the GGUF export needs the "
+                            f"sentencepiece package for it: pip install sentencepiece") from None
     tokens, scores, types = [], [], []
     for text, score, kind in vocab.all_tokens():
         tokens.append(text)
         scores.append(score)
         types.append(kind)
-    if len(tokens) > n_vocab:
-        raise VlmpruneError(f"the tokenizer has {len(tokens)} tokens but the model's embedding only {n_vocab} rows")
+    added = {}
+    if (tok.folder / "tokenizer.json").is_file():
+        added = {a["id"]: a for a in json.loads((tok.folder / "tokenizer.json").read_text()).get("added_tokens", [])}
+    if len(tokens) > n_vocab or any(i >= n_vocab for i in added):
+        raise VlmpruneError(f"the tokenizer has more tokens than the model's embedding has rows ({n_vocab})")
     for i in range(len(tokens), n_vocab):
-        tokens.append(f"[PAD{i}]".encode())
+        a = added.get(i)
+        tokens.append((a["content"] if a else f"[PAD{i}]").encode())
         scores.append(-1000.0)
-        types.append(gguf.TokenType.UNUSED)
+        types.append(gguf.TokenType.UNUSED if a is None else
+                     gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED)
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
