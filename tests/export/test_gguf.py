@@ -54,6 +54,7 @@ def models(tmp_path_factory):
         "llama": _saved(root, "llama"),
         "llama-gpt2": save_tiny_llava(root / "llama-gpt2", pre="gpt2"),  # GPT-2's pre-tokenizer (the demo's)
         "llama-per-layer": _saved(root, "llama", PER_LAYER),
+        "llama-per-layer-tied": _saved(root, "llama-tied", PER_LAYER, tie_word_embeddings=True),
         "qwen2": _saved(root, "qwen2", text="qwen2"),
         "qwen2-per-layer": _saved(root, "qwen2", PER_LAYER, text="qwen2"),
         "dinov2": save_tiny_llava(root / "dinov2", vision="dinov2"),
@@ -86,11 +87,17 @@ def _check_text(model_dir: Path, out: Path, quant: str = "f32") -> tuple[float, 
     return diff, llama.greedy(ids, 10), hf_greedy(model, ids, 10, llama.banned), record
 
 
-@pytest.mark.parametrize("name, arch", [("llama", "llama"), ("llama-per-layer", "deci"), ("qwen2", "qwen2"),
+@pytest.mark.parametrize("name, arch", [("llama", "llama"), ("llama-per-layer", "deci"),
+                                        ("llama-per-layer-tied", "deci"), ("qwen2", "qwen2"),
                                         ("gemma3-dropped", "gemma3")])
 def test_f32_text_matches_transformers(models, tmp_path, name, arch):
+    from gguf import GGUFReader
+
     diff, llama_tokens, hf_tokens, record = _check_text(models[name], tmp_path / "out")
     assert record["text"]["arch"] == arch
+    names = {t.name for t in GGUFReader(str(tmp_path / "out" / "model.gguf")).tensors}
+    # a tied lm_head is not written: llama.cpp reads token_embd for it
+    assert ("output.weight" in names) == (name in ("llama", "llama-per-layer", "qwen2")), names
     assert diff <= 1e-3, diff
     assert llama_tokens == hf_tokens
 

@@ -305,9 +305,7 @@ def write_text_gguf(path: Path, model, adapter, plan: TextPlan, tok, quant: str,
         if plan.arch == "gemma3" and key.endswith("norm.weight"):
             data = data + 1.0  # Gemma's RMSNorm scales by (1 + w); llama.cpp's by w
         tensors.add(gguf_name(hf_key), data)
-    if not tied:
-        tensors.add(gguf_name("lm_head.weight"), numpy(head))
-    elif plan.arch != "llama":  # qwen2 / deci: write the tied head explicitly (llama.cpp needs it for deci)
+    if not tied:  # tied: llama.cpp reads token_embd as the output matrix when output.weight is absent
         tensors.add(gguf_name("lm_head.weight"), numpy(head))
 
     vocab_record = add_tokenizer(writer, tok, n_vocab)
