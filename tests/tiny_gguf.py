@@ -59,24 +59,30 @@ def bpe_tokenizer(vocab_size: int = 400, pre: str = "smollm"):
 def tiny_llava(tokenizer, text: str = "llama", vision: str = "clip", layers: int = 4, seed: int = 0,
                vocab_pad: int = 0, **text_kwargs):
     """A tiny LLaVA whose vocabulary is ``tokenizer``'s (plus ``vocab_pad`` unused rows)."""
-    from transformers import (CLIPVisionConfig, Dinov2Config, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              Qwen2Config)
+    from transformers import (
+        CLIPVisionConfig,
+        Dinov2Config,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        Qwen2Config,
+    )
 
     n_vocab = len(tokenizer) + vocab_pad
-    common = dict(vocab_size=n_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id, rms_norm_eps=1e-5)
+    common = {"vocab_size": n_vocab, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": layers,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+                  "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                  "pad_token_id": tokenizer.pad_token_id, "rms_norm_eps": 1e-5}
     common.update(text_kwargs)
     text_config = (LlamaConfig if text == "llama" else Qwen2Config)(**common)
     if vision == "clip":
         vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
                               image_size=28, patch_size=7, projection_dim=32)
-        extra = dict(vision_feature_layer=-2, vision_feature_select_strategy="default")
+        extra = {"vision_feature_layer": -2, "vision_feature_select_strategy": "default"}
     else:  # the demo's layout: Dinov2, CLS kept, a middle layer read
         vc = Dinov2Config(hidden_size=32, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
                           image_size=42, patch_size=7, layer_norm_eps=1e-6, layerscale_value=0.5)
-        extra = dict(vision_feature_layer=-2, vision_feature_select_strategy="full")
+        extra = {"vision_feature_layer": -2, "vision_feature_select_strategy": "full"}
     config = LlavaConfig(vision_config=vc, text_config=text_config,
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"), **extra)
     torch.manual_seed(seed)
@@ -97,7 +103,12 @@ def tiny_llava(tokenizer, text: str = "llama", vision: str = "clip", layers: int
 def save_tiny_gemma3(folder: Path, layers: int = 5, seed: int = 0) -> Path:
     """A tiny Gemma 3 (sliding and full attention layers, window 8, shorter than the test prompts) with
     the byte-level tokenizer; saved with the tokenizer only (its text model is what gets exported)."""
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
 
     tok = bpe_tokenizer()
     kinds = ["sliding_attention", "sliding_attention", "full_attention"]
@@ -128,11 +139,11 @@ def processor_for(tokenizer, model):
     size = vc.image_size if model.config.vision_config.model_type == "clip_vision_model" else 28
     if vc.model_type == "clip_vision_model":
         ip = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-        extra = dict(vision_feature_select_strategy="default", num_additional_image_tokens=1)
+        extra = {"vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
     else:
         ip = BitImageProcessor(size={"height": size, "width": size}, do_center_crop=False, do_resize=True,
                                image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
-        extra = dict(vision_feature_select_strategy="full", num_additional_image_tokens=1)
+        extra = {"vision_feature_select_strategy": "full", "num_additional_image_tokens": 1}
     return LlavaProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=vc.patch_size,
                           chat_template=CHAT_TEMPLATE, **extra)
 
@@ -176,8 +187,7 @@ class LlamaCpp:
             params.embedding = True
             params.pooling_type = getattr(xlc.llama_pooling_type, f"LLAMA_POOLING_TYPE_{pooling.upper()}")
         self.server = xlc.Server(params)
-
-    banned: list[int] = []  # never sampled (partial UTF-8 tokens: the server holds their text and probabilities back)
+        self.banned: list[int] = []  # never sampled (partial UTF-8 tokens: the server holds their text and logprobs back)
 
     def completion(self, prompt, n_predict: int = 1, n_probs: int = 0, **extra) -> dict:
         request = {"prompt": prompt, "n_predict": n_predict, "temperature": 0.0, "n_probs": n_probs,

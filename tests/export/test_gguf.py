@@ -24,12 +24,22 @@ import torch
 pytest.importorskip("gguf")
 pytest.importorskip("xllamacpp")
 
-import vlmprune  # noqa: E402
-from tiny_gguf import (RAW_TEMPLATE, LlamaCpp, hf_greedy, hf_logprobs, partial_utf8_ids, rel_diff,  # noqa: E402
-                       save_tiny_gemma3, save_tiny_llava, write_probe)
-from vlmprune.errors import VlmpruneError  # noqa: E402
-from vlmprune.export import export_gguf  # noqa: E402
-from vlmprune.plan import PruningPlan  # noqa: E402
+from tiny_gguf import (
+    RAW_TEMPLATE,
+    LlamaCpp,
+    hf_greedy,
+    hf_logprobs,
+    partial_utf8_ids,
+    rel_diff,
+    save_tiny_gemma3,
+    save_tiny_llava,
+    write_probe,
+)
+
+import vlmprune
+from vlmprune.errors import VlmpruneError
+from vlmprune.export import export_gguf
+from vlmprune.plan import PruningPlan
 
 PROMPT = "<|im_start|>user\nWhat colour is the circle? 12 apples<|im_end|>\n<|im_start|>assistant\n"
 # per-layer widths (q heads, kv heads, MLP 50: not a multiple of 32) and a dropped layer
@@ -253,7 +263,6 @@ def test_unsupported_family_is_refused_before_writing(tmp_path):
 
 
 def test_evaluate_runs_the_gguf_pair_in_llama_cpp(models, tmp_path):
-    from PIL import Image
 
     from vlmprune.evaluate.run import evaluate_model_dir
 

@@ -77,4 +77,4 @@ def export_gguf(model_dir: str | Path, output: str | Path, quant: str = "f16", o
     return record
 
 
-__all__ = ["export_gguf", "TEXT_FILE", "MMPROJ_FILE", "RECORD_FILE", "VlmpruneError"]
+__all__ = ["MMPROJ_FILE", "RECORD_FILE", "TEXT_FILE", "VlmpruneError", "export_gguf"]
