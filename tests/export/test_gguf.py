@@ -239,7 +239,8 @@ def test_mmproj_image_embeddings_match_pytorch(models, tmp_path, name):
 
 def test_gguf_pair_answers_through_the_chat_api(models, tmp_path):
     folder = models["dinov2"]
-    export_gguf(folder, tmp_path / "out", quant="q8_0")
+    record = export_gguf(folder, tmp_path / "out", quant="q8_0", vision_quant="q8_0")
+    assert record["mmproj"]["tensor_types"]["q8_0"] > 0
     _, b64 = _image(28)
     llama = LlamaCpp(tmp_path / "out" / "model.gguf", tmp_path / "out" / "mmproj.gguf")
     out = llama.chat([{"role": "user", "content": [

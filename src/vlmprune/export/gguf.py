@@ -245,7 +245,8 @@ def write_text_gguf(path: Path, model, adapter, plan: TextPlan, tok, quant: str,
     arch_enum = {"llama": gguf.MODEL_ARCH.LLAMA, "deci": gguf.MODEL_ARCH.DECI,
                  "qwen2": gguf.MODEL_ARCH.QWEN2, "gemma3": gguf.MODEL_ARCH.GEMMA3}[plan.arch]
     names = gguf.TensorNameMap(arch_enum, n_layer)
-    writer = gguf.GGUFWriter(str(path), plan.arch)
+    # tensors spool to a temporary file as they are added (not all held in memory until the end)
+    writer = gguf.GGUFWriter(str(path), plan.arch, use_temp_file=True)
     tensors = TensorWriter(writer, quant)
 
     writer.add_type(gguf.GGUFType.MODEL)
