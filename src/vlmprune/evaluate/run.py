@@ -22,9 +22,11 @@ def evaluate_model_dir(config: EvalConfig | None = None, **options) -> dict:
     (plus ``"efficiency"``); writes it to ``config.output`` when given (atomically).
     """
     cfg = config if config is not None else EvalConfig(**options)
-    from vlmprune.export.runtime import evaluate_gguf_dir, is_gguf_dir
+    from vlmprune.export.runtime import is_gguf_dir
 
     if is_gguf_dir(cfg.model):  # a `vlmprune export --format gguf` directory: the same tasks, in llama.cpp
+        from vlmprune.evaluate.gguf import evaluate_gguf_dir
+
         cfg.check_paths(model=False)
         return _written(evaluate_gguf_dir(cfg), cfg.output)
     cfg.check_paths()
