@@ -66,6 +66,7 @@ def tiny_llava(tokenizer, text: str = "llama", vision: str = "clip", layers: int
         LlavaConfig,
         LlavaForConditionalGeneration,
         Qwen2Config,
+        SiglipVisionConfig,
     )
 
     n_vocab = len(tokenizer) + vocab_pad
@@ -79,6 +80,10 @@ def tiny_llava(tokenizer, text: str = "llama", vision: str = "clip", layers: int
         vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
                               image_size=28, patch_size=7, projection_dim=32)
         extra = {"vision_feature_layer": -2, "vision_feature_select_strategy": "default"}
+    elif vision == "siglip":  # LLaVA-OneVision's layout: no class token, every patch, the last block
+        vc = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                                image_size=28, patch_size=7, vision_use_head=False)
+        extra = {"vision_feature_layer": -1, "vision_feature_select_strategy": "full"}
     else:  # the demo's layout: Dinov2, CLS kept, a middle layer read
         vc = Dinov2Config(hidden_size=32, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
                           image_size=42, patch_size=7, layer_norm_eps=1e-6, layerscale_value=0.5)
@@ -136,10 +141,15 @@ def processor_for(tokenizer, model):
     from transformers import BitImageProcessor, CLIPImageProcessorPil, LlavaProcessor
 
     vc = model.config.vision_config
-    size = vc.image_size if model.config.vision_config.model_type == "clip_vision_model" else 28
+    size = 28
     if vc.model_type == "clip_vision_model":
         ip = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
         extra = {"vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
+    elif vc.model_type == "siglip_vision_model":
+        from transformers import SiglipImageProcessor
+
+        ip = SiglipImageProcessor(size={"height": size, "width": size})
+        extra = {"vision_feature_select_strategy": "full", "num_additional_image_tokens": 0}
     else:
         ip = BitImageProcessor(size={"height": size, "width": size}, do_center_crop=False, do_resize=True,
                                image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])

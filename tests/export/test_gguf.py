@@ -68,6 +68,7 @@ def models(tmp_path_factory):
         "qwen2": _saved(root, "qwen2", text="qwen2"),
         "qwen2-per-layer": _saved(root, "qwen2", PER_LAYER, text="qwen2"),
         "dinov2": save_tiny_llava(root / "dinov2", vision="dinov2"),
+        "siglip": save_tiny_llava(root / "siglip", vision="siglip"),
         "gemma3-dropped": _gemma3(root, PruningPlan(drop_layers=[2])),  # full layer dropped: pattern shifts
         "gemma3-per-layer": _gemma3(root, PruningPlan(layers={1: {"mlp_channels": list(range(64))}})),
     }
@@ -201,7 +202,7 @@ def _image(size: int, seed: int = 0) -> tuple[object, str]:
     return img, base64.b64encode(buf.getvalue()).decode()
 
 
-@pytest.mark.parametrize("name", ["llama", "dinov2"])
+@pytest.mark.parametrize("name", ["llama", "dinov2", "siglip"])
 def test_mmproj_image_embeddings_match_pytorch(models, tmp_path, name):
     """Each image embedding llama.cpp injects, read through the probe, against the tower's own tokens."""
     folder = models[name]
@@ -213,11 +214,14 @@ def test_mmproj_image_embeddings_match_pytorch(models, tmp_path, name):
     with torch.no_grad():
         pixels = processor.image_processor(img, return_tensors="pt")["pixel_values"]
         states = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
-        tokens = model.model.multi_modal_projector(states[model.config.vision_feature_layer][0])  # CLS, p1..pn
+        tokens = model.model.multi_modal_projector(states[model.config.vision_feature_layer][0])  # [CLS], p1..pn
     n = mm["image_tokens"]
-    assert n == tokens.shape[0] - 1 and mm["image_tokens_in_model"] == (n + 1 if name == "dinov2" else n)
-    # llama.cpp's LLaVA graph gives patches 2..n, then the class token (see export/gguf_vision.py)
-    expected = list(range(2, n + 1)) + [0]
+    if name == "siglip":  # no class token: every patch, in order
+        assert n == tokens.shape[0] == mm["image_tokens_in_model"]
+        expected = list(range(n))
+    else:  # llama.cpp's LLaVA graph gives patches 2..n, then the class token (see export/gguf_vision.py)
+        assert n == tokens.shape[0] - 1 and mm["image_tokens_in_model"] == (n + 1 if name == "dinov2" else n)
+        expected = list(range(2, n + 1)) + [0]
     hidden = model.config.text_config.hidden_size
     message = [{"role": "user", "content": [{"type": "text", "text": "a"},
                                             {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64}},
