@@ -7,8 +7,10 @@ What llama.cpp can hold decides the architecture, before anything is written:
   kv heads or MLP widths (vlmprune's ``vlmprune_layer_widths``) -> ``deci``, the Llama graph that
   reads ``head_count``, ``head_count_kv`` and ``feed_forward_length`` per layer. q/k rows are
   permuted per layer from Hugging Face's rotate-half order to llama.cpp's interleaved rope order.
-* Qwen2 backbones with uniform widths -> ``qwen2``; per-layer widths are refused (llama.cpp's
-  qwen2 graph builds every layer with layer 0's widths).
+* Qwen2 backbones with uniform widths -> ``qwen2``; with per-layer widths -> ``deci`` as well
+  (llama.cpp's qwen2 graph builds every layer with layer 0's widths; deci reads Qwen2's q/k/v
+  biases, and the permuted q/k rows carry its rotate-half RoPE over, measured exact).
+* Gemma 3 with uniform widths -> ``gemma3``; per-layer widths are refused.
 * Everything else is refused, naming the reason and the fix.
 
 Dropped layers need nothing special: the model has fewer layers, ``block_count`` says so and the
@@ -150,15 +152,13 @@ def plan_text(model, adapter) -> TextPlan:
         _check_rope(config, family)
         return TextPlan("llama" if uniform else "deci", family, not uniform, heads, kv, ffn, head_dim, True)
     if family in _QWEN2_LIKE:
-        if not uniform:
-            raise VlmpruneError(
-                f"this {family} backbone has per-layer widths ({_width_summary(heads, kv, ffn)}), but llama.cpp's "
-                f"{family} graph builds every layer with layer 0's widths, so a GGUF of it would be wrong. Prune it "
-                f"with uniform widths instead (`vlmprune prune --stock ...`, or a plan with the same widths in every "
-                f"layer), then export")
+        # per-layer widths: deci. Qwen2 is the Llama graph plus q/k/v biases (which deci reads), and its
+        # rotate-half RoPE becomes deci's interleaved one by the same q/k row permutation as Llama's
         if getattr(config, "use_sliding_window", False):
             raise VlmpruneError(f"{family} with use_sliding_window=True: not supported by the GGUF export")
         _check_rope(config, family)
+        if not uniform:
+            return TextPlan("deci", family, True, heads, kv, ffn, head_dim, True)
         return TextPlan("qwen2", family, False, heads, kv, ffn, head_dim, False)
     if family in _GEMMA3_LIKE:
         if not uniform:
