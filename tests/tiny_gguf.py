@@ -44,8 +44,17 @@ def bpe_tokenizer(vocab_size: int = 400, pre: str = "smollm"):
 
     backend = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    backend.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-                             if pre == "smollm" else byte_level)
+    if pre in ("llama3", "qwen2"):  # a regex split, then bytes (Llama 3 / Qwen2 tokenizer.json layout)
+        from tokenizers import Regex
+
+        from vlmprune.export.gguf import _LLAMA3_REGEX, _QWEN2_REGEX
+
+        split = pre_tokenizers.Split(Regex(_LLAMA3_REGEX if pre == "llama3" else _QWEN2_REGEX), behavior="isolated")
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        backend.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                                 if pre == "smollm" else byte_level)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)

@@ -63,6 +63,8 @@ def models(tmp_path_factory):
     return {
         "llama": _saved(root, "llama"),
         "llama-gpt2": save_tiny_llava(root / "llama-gpt2", pre="gpt2"),  # GPT-2's pre-tokenizer (the demo's)
+        "llama-llama3": save_tiny_llava(root / "llama-llama3", pre="llama3"),
+        "qwen2-qwen2": save_tiny_llava(root / "qwen2-qwen2", pre="qwen2", text="qwen2"),
         "llama-per-layer": _saved(root, "llama", PER_LAYER),
         "llama-per-layer-tied": _saved(root, "llama-tied", PER_LAYER, tie_word_embeddings=True),
         "qwen2": _saved(root, "qwen2", text="qwen2"),
@@ -163,7 +165,8 @@ def test_cli_refusal_writes_nothing(models, tmp_path):
         export_gguf(models["llama"], out, quant="q4_k_m")
 
 
-@pytest.mark.parametrize("name, pre", [("llama", "smollm"), ("llama-gpt2", "gpt-2")])
+@pytest.mark.parametrize("name, pre", [("llama", "smollm"), ("llama-gpt2", "gpt-2"), ("llama-llama3", "llama-bpe"),
+                                       ("qwen2-qwen2", "qwen2")])
 def test_tokenizer_gives_the_hugging_face_ids(models, tmp_path, name, pre):
     folder = models[name]
     record = export_gguf(folder, tmp_path / "out", quant="f32", vision=False)
@@ -174,7 +177,8 @@ def test_tokenizer_gives_the_hugging_face_ids(models, tmp_path, name, pre):
     llama.banned = partial_utf8_ids(tok)
     n_vocab = model.config.text_config.vocab_size
     prompts = [PROMPT, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n  Is 2024 > 99?\n\n<image>x<|im_end|>",
-               "The quick brown fox jumps over the lazy dog. 3.14159 héllo wörld"]
+               "The quick brown fox jumps over the lazy dog. 3.14159 héllo wörld",
+               "I'm sure they'll say 123456 isn't 7890!\r\n\n  \tTabs   and    spaces;;; (ok)"]
     for prompt in prompts:
         ids = tok(prompt)["input_ids"]
         assert llama.prompt_tokens(prompt) == len(ids), prompt

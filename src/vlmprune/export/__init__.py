@@ -68,7 +68,8 @@ def export_gguf(model_dir: str | Path, output: str | Path, quant: str = "f16", o
         if not (folder / "tokenizer.json").is_file():
             getattr(processor, "tokenizer", processor).save_pretrained(tok_dir)
             folder = Path(tok_dir)
-        tok = text.TokenizerSource(folder, template if isinstance(template, str) else None)
+        tok = text.TokenizerSource(folder, template if isinstance(template, str) else None,
+                                   getattr(processor, "tokenizer", processor))
         with torch.no_grad():
             record["text"] = text.write_text_gguf(tmp / TEXT_FILE, model, adapter, text_plan, tok, quant, name)
             if vision_plan is not None:

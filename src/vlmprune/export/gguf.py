@@ -334,6 +334,23 @@ class TokenizerSource:
 
     folder: Path
     chat_template: str | None
+    tokenizer: object = None  # the Hugging Face tokenizer: whether it adds BOS / EOS is written explicitly
+
+
+def _added_specials(tokenizer) -> dict[str, bool]:
+    """Whether the Hugging Face tokenizer adds BOS / EOS to a text (llama.cpp's defaults differ by
+    tokenizer type: its llama-bpe pre-tokenizer adds BOS unless told otherwise)."""
+    if tokenizer is None:
+        return {}
+    try:
+        with_specials = tokenizer("a")["input_ids"]
+        bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot say: leave llama.cpp's default
+        return {}
+    extra = len(with_specials) - len(bare)
+    bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
+    return {"bos": extra > 0 and bos is not None and with_specials[0] == bos,
+            "eos": extra > 0 and eos is not None and with_specials[-1] == eos and with_specials[-1] not in bare}
 
 
 def _pre_name(pre: dict | None) -> str | None:
@@ -448,3 +465,4 @@ def _add_spm(writer, tok: TokenizerSource, n_vocab: int) -> dict:
 def _set_template(special, tok: TokenizerSource) -> None:
     if tok.chat_template:
         special.chat_template = tok.chat_template
+    special.add_special_token.update(_added_specials(tok.tokenizer))
