@@ -65,7 +65,7 @@ def export_gguf(model_dir: str | Path, output: str | Path, quant: str = "f16", o
     with tempfile.TemporaryDirectory() as tok_dir, \
             atomic_output_dir(output, overwrite=overwrite, inputs=[("input model", model_dir)]) as tmp:
         folder = Path(str(model_dir))
-        if not (folder / "tokenizer.json").is_file():
+        if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
             getattr(processor, "tokenizer", processor).save_pretrained(tok_dir)
             folder = Path(tok_dir)
         tok = text.TokenizerSource(folder, template if isinstance(template, str) else None,
