@@ -154,6 +154,19 @@ def test_gemma3_sliding_window_pattern_follows_the_drops(models, tmp_path):
     assert not (tmp_path / "out2").exists()
 
 
+def test_cli_export_writes_the_pair_and_reports_fallbacks(models, tmp_path, capsys):
+    from vlmprune.cli import main
+
+    out = tmp_path / "out"
+    assert main(["export", str(models["llama-per-layer"]), "--output", str(out), "--quant", "q8_0"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [".vlmprune-output", "export.json", "mmproj.gguf", "model.gguf"]
+    printed = capsys.readouterr().out
+    assert "model.gguf: deci, 4 layers" in printed and "blk.1.ffn_down.weight (64, 50): f16, not q8_0" in printed
+    assert main(["export", str(models["llama-per-layer"]), "--output", str(out)]) == 2  # exists: needs --overwrite
+    assert main(["export", str(models["llama-per-layer"]), "--output", str(out), "--overwrite", "--no-vision"]) == 0
+    assert not (out / "mmproj.gguf").exists()
+
+
 def test_cli_refusal_writes_nothing(models, tmp_path):
     from vlmprune.cli import main
 
