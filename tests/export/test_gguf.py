@@ -351,3 +351,15 @@ def test_sentencepiece_tokenizer_gives_sentencepiece_ids(tmp_path):
         ids = [1] + sp.encode(prompt)
         assert llama.prompt_tokens(prompt) == len(ids), prompt
         assert rel_diff(llama.first_logprobs(prompt, n_vocab), hf_logprobs(model, ids)) <= 1e-3, prompt
+
+
+def test_a_tokenizer_llama_cpp_would_split_differently_is_refused_before_writing(tmp_path):
+    from tiny_data import tiny_llava_processor
+    from tiny_models import build_tiny
+
+    folder = tmp_path / "char-level"
+    build_tiny("llava_llama_gqa").save_pretrained(folder)
+    tiny_llava_processor().save_pretrained(folder)  # a WordLevel (one token per character) tokenizer
+    with pytest.raises(VlmpruneError, match="WordLevel"):
+        export_gguf(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))

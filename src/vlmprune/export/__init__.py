@@ -29,8 +29,6 @@ def export_gguf(model_dir: str | Path, output: str | Path, quant: str = "f16", o
     ``quant`` applies to the text model's matrices; the mmproj is written in ``vision_quant``
     (default: f16 when ``quant`` is a quantized type, else ``quant``).
     """
-    import torch
-
     from vlmprune import __version__
     from vlmprune.adapters import get_adapter
     from vlmprune.export import gguf as text
@@ -62,22 +60,32 @@ def export_gguf(model_dir: str | Path, output: str | Path, quant: str = "f16", o
     template = getattr(processor, "chat_template", None) or getattr(getattr(processor, "tokenizer", processor),
                                                                       "chat_template", None)
     record: dict = {"vlmprune": __version__, "source": str(model_dir), "quant": quant}
-    with tempfile.TemporaryDirectory() as tok_dir, \
-            atomic_output_dir(output, overwrite=overwrite, inputs=[("input model", model_dir)]) as tmp:
+    tokenizer = getattr(processor, "tokenizer", processor)
+    with tempfile.TemporaryDirectory() as tok_dir:
         folder = Path(str(model_dir))
         if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-            getattr(processor, "tokenizer", processor).save_pretrained(tok_dir)
+            tokenizer.save_pretrained(tok_dir)
             folder = Path(tok_dir)
-        tok = text.TokenizerSource(folder, template if isinstance(template, str) else None,
-                                   getattr(processor, "tokenizer", processor))
-        with torch.no_grad():
-            record["text"] = text.write_text_gguf(tmp / TEXT_FILE, model, adapter, text_plan, tok, quant, name)
-            if vision_plan is not None:
-                record["mmproj"] = visual.write_mmproj(tmp / MMPROJ_FILE, model, adapter, vision_plan, vision_quant,
-                                                       name)
-        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
+        tok = text.TokenizerSource(folder, template if isinstance(template, str) else None, tokenizer)
+        text.check_tokenizer(tok)  # a tokenizer llama.cpp would split differently: refused before writing
+        with atomic_output_dir(output, overwrite=overwrite, inputs=[("input model", model_dir)]) as tmp:
+            _write(tmp, record, model, adapter, text_plan, vision_plan, tok, quant, vision_quant, name)
     record["output"] = str(Path(output).resolve())
     return record
+
+
+def _write(tmp: Path, record: dict, model, adapter, text_plan, vision_plan, tok, quant: str, vision_quant: str,
+           name: str) -> None:
+    import torch
+
+    from vlmprune.export import gguf as text
+    from vlmprune.export import gguf_vision as visual
+
+    with torch.no_grad():
+        record["text"] = text.write_text_gguf(tmp / TEXT_FILE, model, adapter, text_plan, tok, quant, name)
+        if vision_plan is not None:
+            record["mmproj"] = visual.write_mmproj(tmp / MMPROJ_FILE, model, adapter, vision_plan, vision_quant, name)
+    (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
 
 
 __all__ = ["MMPROJ_FILE", "RECORD_FILE", "TEXT_FILE", "VlmpruneError", "export_gguf"]

@@ -154,8 +154,11 @@ def plan_text(model, adapter) -> TextPlan:
     if family in _QWEN2_LIKE:
         # per-layer widths: deci. Qwen2 is the Llama graph plus q/k/v biases (which deci reads), and its
         # rotate-half RoPE becomes deci's interleaved one by the same q/k row permutation as Llama's
+        if act != "silu":
+            raise VlmpruneError(f"{family} backbone with hidden_act={act}: llama.cpp's qwen2 graph uses SiLU only")
         if getattr(config, "use_sliding_window", False):
-            raise VlmpruneError(f"{family} with use_sliding_window=True: not supported by the GGUF export")
+            raise VlmpruneError(f"{family} with use_sliding_window=True: llama.cpp's qwen2 graph has no sliding-window "
+                                f"attention; not supported by the GGUF export")
         _check_rope(config, family)
         if not uniform:
             return TextPlan("deci", family, True, heads, kv, ffn, head_dim, True)
@@ -372,13 +375,11 @@ def _pre_name(pre: dict | None) -> str | None:
     return None
 
 
-def add_tokenizer(writer, tok: TokenizerSource, n_vocab: int) -> dict:
-    """Token list, types, merges/scores, pre-tokenizer, special ids and chat template of the model's tokenizer."""
-    import gguf
-
+def check_tokenizer(tok: TokenizerSource) -> tuple[str, str | None]:
+    """("spm", None) or ("bpe", llama.cpp pre-tokenizer name); refuses what llama.cpp would tokenize differently."""
     file = tok.folder / "tokenizer.json"
     if (tok.folder / "tokenizer.model").is_file():  # SentencePiece (Llama 2 / Vicuna / Mistral v1): its own scores
-        return _add_spm(writer, tok, n_vocab)
+        return "spm", None
     if not file.is_file():
         raise VlmpruneError(f"{tok.folder} has no tokenizer.json (a fast tokenizer); the GGUF needs one: save the "
                             f"model's processor with a fast tokenizer (AutoProcessor.from_pretrained(...).save_pretrained)")
@@ -399,6 +400,18 @@ def add_tokenizer(writer, tok: TokenizerSource, n_vocab: int) -> dict:
     if data.get("normalizer"):
         raise VlmpruneError(f"the tokenizer has a normalizer ({data['normalizer'].get('type')}); llama.cpp's BPE "
                             f"tokenizer applies none, so the GGUF would tokenize differently")
+    return "bpe", pre
+
+
+def add_tokenizer(writer, tok: TokenizerSource, n_vocab: int) -> dict:
+    """Token list, types, merges/scores, pre-tokenizer, special ids and chat template of the model's tokenizer."""
+    import gguf
+
+    kind, pre = check_tokenizer(tok)
+    if kind == "spm":
+        return _add_spm(writer, tok, n_vocab)
+    data = json.loads((tok.folder / "tokenizer.json").read_text())
+    model = data["model"]
     vocab: dict[str, int] = dict(model["vocab"])
     added = {a["id"]: a for a in data.get("added_tokens", [])}
     size = max([*vocab.values(), *added.keys()]) + 1
