@@ -491,6 +491,36 @@ class ConvertConfig:
         need("output", self.output)
 
 
+# vlmprune export --format gguf: numpy quantizers of the gguf package, and llama.cpp's K-quants (need its quantizer)
+GGUF_NUMPY_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")
+GGUF_K_QUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """``vlmprune export``: a (pruned) model as files an edge runtime runs: GGUF for llama.cpp (text model
+    model.gguf + vision tower and projector mmproj.gguf), checked against what llama.cpp can hold first."""
+
+    model: str | None = opt(None, "model directory (pruned or not)", positional=True)
+    format: str | None = opt("gguf", "gguf: llama.cpp / Ollama / LM Studio", choices=("gguf",))
+    output: str | None = opt(None, "output directory (written whole at the end)")
+    quant: str | None = opt("f16", "weight type of the text model's matrices: f32, f16, bf16, q8_0, q4_0 (numpy; rows "
+                                    "that do not fill whole blocks fall back to f16 and are reported); K-quants need "
+                                    "llama.cpp's quantizer", choices=GGUF_NUMPY_QUANTS + GGUF_K_QUANTS)
+    vision_quant: str | None = opt(None, "weight type of the mmproj (default: f16, or f32/bf16 with that --quant)",
+                                   choices=GGUF_NUMPY_QUANTS)
+    no_vision: bool = opt(False, "write the text model only (no mmproj)")
+    overwrite: bool = opt(False, "replace an existing output directory (only one vlmprune wrote)")
+    trust_remote_code: bool = opt(False, "run the model repo's own code (off by default)")
+
+    def __post_init__(self):
+        need("model", self.model)
+        need("output", self.output)
+        one_of("format", self.format, ("gguf",), allow_none=False)
+        one_of("quant", self.quant, GGUF_NUMPY_QUANTS + GGUF_K_QUANTS, allow_none=False)
+        one_of("vision_quant", self.vision_quant, GGUF_NUMPY_QUANTS)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """``vlmprune data``: write a demo data set in the LLaVA conversation format."""
