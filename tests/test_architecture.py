@@ -82,6 +82,37 @@ def test_a_criterion_registered_from_user_code_prunes_through_the_public_api(tin
     assert (tmp_path / "out" / "scores.json").exists()
 
 
+def test_a_loss_registered_from_user_code_trains_through_the_public_api(tiny_repo, tmp_path, monkeypatch):
+    import vlmprune.recover.losses as losses
+    from vlmprune.data import IGNORE_INDEX
+
+    monkeypatch.setattr(losses, "_REGISTRY", dict(losses._REGISTRY))  # the registration ends with the test
+    calls = []
+
+    @vlmprune.register_loss("mytest", positions=lambda x: x.targets != IGNORE_INDEX)
+    def mytest(x):
+        """L1 of the logits at the answer positions"""
+        calls.append(tuple(x.student_logits.shape))
+        return x.student_logits.abs().mean()
+
+    assert [loss.name for loss in losses.losses()][:3] == ["sft", "logits", "hidden"]
+    out = tmp_path / "out"
+    cfg = RecoverConfig(student=str(tiny_repo.model), data=str(tiny_repo.data), image_folder=str(tiny_repo.images),
+                        output=str(out), loss="mytest=1", max_steps=2, learning_rate=1e-2, logging_steps=1)
+    assert cfg.loss == {"mytest": 1.0}
+    vlmprune.recover.recover(cfg)
+    assert len(calls) == 2 and all(len(shape) == 3 for shape in calls)  # one micro-batch per step
+    before, after = vlmprune.load(tiny_repo.model).state_dict(), vlmprune.load(out).state_dict()
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before if ".language_model." in f".{k}")
+    log = json.loads((out / "trainer_log.json").read_text())
+    assert any("loss_mytest" in entry for entry in log) and not any("loss_sft" in entry for entry in log)
+    plan = json.loads((out / "pruning_plan.json").read_text())
+    assert plan["recovery"][-1]["losses"] == {"mytest": 1.0}
+    with pytest.raises(vlmprune.VlmpruneError, match="unknown loss 'nope'; choose from sft, logits, hidden, mytest"):
+        RecoverConfig(student="s", data="d", output="o", loss="nope=1")
+
+
 @pytest.mark.parametrize("method, criterion", [("width", "taylor"), ("layer", "angular")])
 def test_scores_replan_another_ratio_exactly_like_a_fresh_run(tiny_repo, tmp_path, method, criterion):
     common = ["--model", str(tiny_repo.model), "--method", method, "--criterion", criterion, "--calibration",

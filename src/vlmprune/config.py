@@ -517,7 +517,6 @@ class ReportConfig:
             raise VlmpruneError(f"run directory not found: {self.run}")
 
 
-LOSSES = ("sft", "logits", "hidden")
 TRAIN_MODES = ("projector", "lm", "lora", "all")
 MODALITY_GROUPING = ("auto", "on", "off")
 # transformers.SchedulerType values (checked against transformers when a run starts)
@@ -526,7 +525,10 @@ REPORT_TO = ("none", "all", "tensorboard", "wandb", "mlflow", "comet_ml", "clear
 
 def parse_losses(spec: str | dict) -> dict[str, float]:
     """``"sft=1,hidden=0.5"`` (or a dict) -> ``{"sft": 1.0, "hidden": 0.5}``; unknown names, repeated names
-    and weights that are negative or not finite are refused."""
+    and weights that are negative or not finite are refused. Names are those of the loss registry
+    (:func:`vlmprune.recover.losses.register_loss`), imported here, not when the CLI starts."""
+    from vlmprune.recover.losses import get_loss
+
     if isinstance(spec, dict):
         items = list(spec.items())
     else:
@@ -539,8 +541,7 @@ def parse_losses(spec: str | dict) -> dict[str, float]:
     weights: dict[str, float] = {}
     seen = set()
     for name, weight in items:
-        if name not in LOSSES:
-            raise VlmpruneError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}")
+        get_loss(name)  # unknown names are refused with the registered ones
         if name in seen:
             raise VlmpruneError(f"--loss names {name!r} twice; give each loss once (e.g. sft=1,hidden=1)")
         seen.add(name)
@@ -582,7 +583,8 @@ class RecoverConfig:
     keep_checkpoints: bool = opt(False, "keep OUTPUT.checkpoints after success")
     trust_remote_code: bool = opt(False, "run the model repo's own code")
     # losses
-    loss: dict | str = opt(None, f"weighted losses NAME=W,... with NAME in {', '.join(LOSSES)}, e.g. sft=1,hidden=1",
+    loss: dict | str = opt(None, "weighted losses NAME=W,..., e.g. sft=1,hidden=1 (built in: sft, logits, hidden; "
+                                 "more with vlmprune.recover.losses.register_loss)",
                            default_factory=lambda: {"sft": 1.0, "hidden": 1.0})
     temperature: float = opt(2.0, "logit KD temperature", type=float)
     kd_tokens: str = opt("answer", "positions of the logit KD", choices=("answer", "text"))
@@ -624,8 +626,11 @@ class RecoverConfig:
         object.__setattr__(self, "loss", parse_losses(self.loss))
         for name in ("student", "data", "output"):
             need(name, getattr(self, name))
-        if set(self.loss) & {"logits", "hidden"} and not self.teacher:
-            raise VlmpruneError(f"the losses {sorted(set(self.loss) - {'sft'})} distil from a teacher: pass --teacher")
+        from vlmprune.recover.losses import get_loss
+
+        distilled = sorted(name for name in self.loss if get_loss(name).needs_teacher)
+        if distilled and not self.teacher:
+            raise VlmpruneError(f"the losses {distilled} distil from a teacher: pass --teacher")
         one_of("teacher_placement", self.teacher_placement, TEACHER_PLACEMENTS, allow_none=False)
         if self.teacher_placement != "replicate" and not self.teacher:
             raise VlmpruneError(f"--teacher-placement {self.teacher_placement} places the distillation teacher: "
