@@ -82,6 +82,37 @@ def test_a_criterion_registered_from_user_code_prunes_through_the_public_api(tin
     assert (tmp_path / "out" / "scores.json").exists()
 
 
+def test_a_collector_and_criterion_registered_from_user_code_prune(tiny_repo, tmp_path, monkeypatch):
+    import vlmprune.importance.registry as registry
+    from vlmprune.calibrate import select_tokens
+
+    monkeypatch.setattr(registry, "_COLLECTORS", dict(registry.collectors()))  # both end with the test
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    seen = []
+
+    @vlmprune.register_collector("selected_tokens")
+    def count_tokens(model, batches, tokens):
+        seen.append(tokens)
+        return sum(int(select_tokens(b, tokens, None).sum()) for b in batches)
+
+    @vlmprune.register_criterion("second_layer_first", method="layer", stats="selected_tokens", default_tokens="text")
+    def second_layer_first(stats, ctx):
+        """layer 1 scores 0, the others the number of selected tokens"""
+        scores = torch.full((len(ctx.shapes),), float(stats), dtype=torch.float64)
+        scores[1] = 0
+        return scores
+
+    assert "selected_tokens" in registry.collectors()
+    vlmprune.prune(model=str(tiny_repo.model), output=str(tmp_path / "out"), method="layer", ratio=0.2,
+                   criterion="second_layer_first", calibration=str(tiny_repo.data),
+                   image_folder=str(tiny_repo.images), num_samples=4)
+    assert seen == ["text"]  # the criterion's default positions reached the collector
+    plan = json.loads((tmp_path / "out" / "pruning_plan.json").read_text())
+    assert plan["criterion"] == "second_layer_first" and plan["drop_layers"][0] == 1
+    with pytest.raises(vlmprune.VlmpruneError, match="no statistics collector 'nope'.*selected_tokens"):
+        registry.get_collector("nope")
+
+
 def test_a_loss_registered_from_user_code_trains_through_the_public_api(tiny_repo, tmp_path, monkeypatch):
     import vlmprune.recover.losses as losses
     from vlmprune.data import IGNORE_INDEX

@@ -28,6 +28,7 @@ _LAZY = {
     "PruneResult": "vlmprune.prune.run",
     "register_criterion": "vlmprune.importance.registry",
     "criteria": "vlmprune.importance.registry",
+    "register_collector": "vlmprune.importance.registry",
     "register_loss": "vlmprune.recover.losses",
     "evaluate_model_dir": "vlmprune.evaluate.run",
     "quantize": "vlmprune.quantize",
