@@ -229,11 +229,31 @@ def test_slices_cover_every_prunable_row_and_column_once():
             assert (owned == 1).all(), family  # every row/column: exactly one owner
 
 
-def test_quantize_schemes_are_named_once():
-    from vlmprune.config import QUANT_SCHEMES
-    from vlmprune.quantize import SCHEMES
+def test_a_scheme_registered_from_user_code_quantizes_through_the_cli(tiny_repo, tmp_path, monkeypatch):
+    import vlmprune.quantize as quantize
+    from vlmprune.measure import is_quantized_weight
 
-    assert tuple(SCHEMES) == QUANT_SCHEMES
+    monkeypatch.setattr(quantize, "SCHEMES", dict(quantize.SCHEMES))  # the registration ends with the test
+    calls = []
+
+    @vlmprune.register_scheme("int8-test", backend="torchao", description="int8 weights, registered by a test")
+    def int8_test(model, selected, keep):
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        calls.append(sorted(selected))
+        return quantize.apply_torchao(model, selected, keep, Int8WeightOnlyConfig())
+
+    assert list(quantize.SCHEMES)[:4] == ["int8", "int8-dynamic", "nf4", "int4"]
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(tiny_repo.model), "--scheme", "int8-test", "--output", str(out)]) == 0
+    record = json.loads((out / "pruning_plan.json").read_text())["quantization"]
+    assert (record["scheme"], record["backend"], record["description"]) == (
+        "int8-test", "torchao", "int8 weights, registered by a test")
+    assert len(calls) == 1 and record["quantized_modules"] == len(calls[0]) > 0
+    loaded = dict(vlmprune.load(out).named_modules())
+    assert all(is_quantized_weight(loaded[name].weight) for name in calls[0])
+    assert main(["quantize", "--model", str(tiny_repo.model), "--scheme", "int3", "--output", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
 
 
 def test_benchmarks_and_scripts_import_only_what_exists():

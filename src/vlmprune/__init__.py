@@ -32,6 +32,7 @@ _LAZY = {
     "register_loss": "vlmprune.recover.losses",
     "evaluate_model_dir": "vlmprune.evaluate.run",
     "quantize": "vlmprune.quantize",
+    "register_scheme": "vlmprune.quantize",
     "PruneConfig": "vlmprune.config",
     "RecoverConfig": "vlmprune.config",
     "EvalConfig": "vlmprune.config",
