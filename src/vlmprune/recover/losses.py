@@ -10,9 +10,9 @@ size, and is an exact 0 (still attached to the graph) when nothing is selected.
 The registry. A loss that ``--loss NAME=W`` can name is one decorated function of a
 :class:`LossInputs`::
 
-    @register_loss("l1_logits", positions=lambda x: x.targets != IGNORE_INDEX)
+    @register_loss("l1_logits", needs_teacher=True, positions=lambda x: x.targets != IGNORE_INDEX)
     def l1_logits(x: LossInputs) -> torch.Tensor:   # a docstring's first line describes the loss
-        return (x.student_logits - x.teacher_logits).abs().mean()   # with needs_teacher=True
+        return (x.student_logits - x.teacher_logits).abs().mean()
 
 ``needs_teacher`` runs the teacher on the batch; ``reads`` names what the loss reads: ``"logits"``
 (at the input positions ``positions(x)`` selects, a bool [B, T] mask; all real tokens when None)
