@@ -34,7 +34,7 @@ from vlmprune.config import (
 from vlmprune.dispatch import is_dispatched, materialize_
 from vlmprune.errors import VlmpruneError
 from vlmprune.importance.layer import LayerScores
-from vlmprune.importance.registry import get_criterion
+from vlmprune.importance.registry import get_collector, get_criterion
 from vlmprune.importance.scores import SCORES_FILE, Scores
 from vlmprune.importance.structures import WidthScores
 from vlmprune.paths import claim_output
@@ -72,7 +72,7 @@ def score(model: nn.Module, method: str, criterion: str | None = None, batches=N
     stats = None
     if crit.stats:
         with phases.phase("calibration"):
-            stats = calibrate.COLLECTORS[crit.stats](model, batches, tokens)
+            stats = get_collector(crit.stats)(model, batches, tokens)
     if is_dispatched(model):
         with phases.phase("load"):
             materialize_(model)  # offloaded weights come in once: criteria read weights, the cut follows
