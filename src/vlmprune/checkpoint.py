@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 import transformers
 from torch import nn
 
+from vlmprune import quiet
 from vlmprune.adapters import get_adapter, supported_model_types
 from vlmprune.convert.detect import refuse_original
 from vlmprune.errors import VlmpruneError
@@ -22,6 +24,8 @@ from vlmprune.paths import atomic_output_dir, check_model_source
 from vlmprune.planning.plan import PLAN_FILE, LayerKeep, PruningPlan
 from vlmprune.summary import layer_shapes
 from vlmprune.surgery.apply import WIDTHS_KEY, prune_layer_width_, sync_config_
+
+quiet.install()  # before a model load imports torchao (through transformers), which logs at import
 
 # Files save_pretrained writes itself, or that describe weights; everything else in a model
 # directory (tokenizer, processor, chat template) is copied to the output.
@@ -103,6 +107,33 @@ def _read_not_mapped() -> Iterator[None]:
         modeling_utils.safe_open = original
 
 
+@contextlib.contextmanager
+def _deepspeed_only_if_in_use() -> Iterator[None]:
+    """Keep ``save_pretrained`` from importing DeepSpeed when nothing in this process uses it.
+
+    ``save_pretrained`` unwraps the model through accelerate's ``extract_model_from_parallel``, which
+    imports DeepSpeed whenever it is installed, only to test whether the model is a ``DeepSpeedEngine``.
+    That import cost 0.65 s and printed DeepSpeed's "Setting accelerator to CPU" on every prune and
+    quantize. A model can be a ``DeepSpeedEngine`` only where DeepSpeed is imported already (a recovery
+    launched with a DeepSpeed config), so the test is kept exactly there. Where this accelerate does not
+    look DeepSpeed up that way, the save goes on as accelerate does it.
+    """
+    try:
+        import accelerate.utils.other as other
+    except ImportError:
+        yield
+        return
+    original = getattr(other, "is_deepspeed_available", None)
+    if original is None or "deepspeed" in sys.modules:
+        yield
+        return
+    other.is_deepspeed_available = lambda: "deepspeed" in sys.modules and original()
+    try:
+        yield
+    finally:
+        other.is_deepspeed_available = original
+
+
 def load_processor(model: str | Path, trust_remote_code: bool = False):
     """The model's processor (tokenizer, image processor, chat template), with a clear error when absent."""
     source = check_model_source(model)
@@ -147,9 +178,9 @@ def check_finite(model: nn.Module) -> None:
     bad = [name for name, t in model.state_dict().items()
            if type(t) is torch.Tensor and t.is_floating_point() and not _all_finite(t)]
     if bad:
-        raise VlmpruneError(f"refusing to save: {len(bad)} weight tensor(s) hold NaN or inf values ({', '.join(bad[:3])}"
-                            f"{', ...' if len(bad) > 3 else ''}); the run diverged: lower the learning rate or check "
-                            f"the loss weights, and start again")
+        raise VlmpruneError(f"refusing to save: {len(bad)} weight tensor(s) hold NaN or inf values "
+                            f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); the run diverged: lower the "
+                            f"learning rate or check the loss weights, and start again")
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -185,7 +216,8 @@ def save_model(
     check_finite(model)
     output = Path(output)
     with atomic_output_dir(output, overwrite=overwrite, inputs=[("input model", source), *inputs]) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        with _deepspeed_only_if_in_use():
+            model.save_pretrained(tmp, safe_serialization=True)
         copy_processor_files(source, tmp, processor)
         if plan is not None:
             plan.save(tmp / PLAN_FILE)

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from vlmprune import quiet
 from vlmprune.adapters import Adapter, get_adapter
 from vlmprune.errors import VlmpruneError
 from vlmprune.measure import is_quantized_weight, tensor_bytes
@@ -40,16 +40,7 @@ from vlmprune.measure import is_quantized_weight, tensor_bytes
 QUANTIZATION_KEY = "quantization"  # the record's key in pruning_plan.json
 
 
-class _NoKernelLibraryNoise(logging.Filter):
-    """torchao tries to load its CUDA-only kernel libraries (mxfp8, cutlass) at import and logs a
-    warning for each on a CPU build of torch; none of the schemes here uses them."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not (message.startswith("Failed to load") and ".so" in message)
-
-
-logging.getLogger("torchao").addFilter(_NoKernelLibraryNoise())
+quiet.install()  # torchao's import-time kernel-library warnings (vlmprune.quiet says why)
 
 
 class QuantizationError(VlmpruneError):
