@@ -62,7 +62,8 @@ def load(
     vlmprune checkpoint has layers of different widths (recorded in the text config as
     ``vlmprune_layer_widths``), the model class is built with those widths before the weights load.
     Only safetensors weights are read, tensor by tensor into the process's own memory (not
-    memory-mapped: see :func:`_read_not_mapped`).
+    memory-mapped: see :func:`_read_not_mapped`). ``dtype`` is a torch dtype or its name as the
+    commands take it (``float16``, ...); None or ``"auto"`` keeps the checkpoint's.
     """
     config = load_config(path, trust_remote_code)
     get_adapter(config)  # a clear error for unsupported families, before any weights load

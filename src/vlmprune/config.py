@@ -52,10 +52,12 @@ def need(name: str, value: Any) -> None:
 def positive(name: str, value: Any, *, allow_none: bool = True, zero: bool = False, kind=int) -> None:
     if value is None and allow_none:
         return
-    ok_type = isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or float(value).is_integer())
+    ok_type = (isinstance(value, (int, float)) and not isinstance(value, bool)
+               and (kind is float or float(value).is_integer()))
     if not ok_type or not math.isfinite(value) or value < 0 or (value == 0 and not zero):
         bound = ">= 0" if zero else "> 0" if kind is float else ">= 1"
-        raise VlmpruneError(f"{_flag(name)} must be {'an integer' if kind is int else 'a number'} {bound}, got {value!r}")
+        what = "an integer" if kind is int else "a number"
+        raise VlmpruneError(f"{_flag(name)} must be {what} {bound}, got {value!r}")
 
 
 def one_of(name: str, value: Any, choices, allow_none: bool = True) -> None:
@@ -196,7 +198,8 @@ def parse_device_map(spec: str | dict | None) -> str | dict | None:
 
 
 def parse_max_memory(spec: str | dict | None) -> dict | None:
-    """``--max-memory "0=20GiB,1=20GiB,cpu=64GiB"`` -> ``{0: "20GiB", 1: "20GiB", "cpu": "64GiB"}`` (accelerate's form)."""
+    """``--max-memory "0=20GiB,1=20GiB,cpu=64GiB"`` -> ``{0: "20GiB", 1: "20GiB", "cpu": "64GiB"}``
+    (accelerate's form)."""
     if spec is None or isinstance(spec, dict):
         return spec
     out: dict = {}
@@ -335,7 +338,8 @@ class PruneConfig:
         if self.top_k > 1 and self.method != "auto":
             raise VlmpruneError("--top-k applies to --method auto (its ranked candidates)")
         if self.layer_criterion is not None and self.method != "auto":
-            raise VlmpruneError("--layer-criterion is the depth part of --method auto; with --method layer use --criterion")
+            raise VlmpruneError("--layer-criterion is the depth part of --method auto; with --method layer use "
+                                "--criterion")
         one_of("tokens", self.tokens, ("all", "text", "image", "answer"))
         one_of("attention", self.attention, ("groups", "heads", "none"), allow_none=False)
         one_of("dtype", self.dtype, DTYPES)
@@ -396,13 +400,16 @@ class EvalConfig:
     task_file: str | None = opt(None, "your own LLaVA-format test file (exact match; choice letters recognised)")
     lmms_tasks: str | list | None = opt(None, "comma-separated lmms-eval tasks (needs vlmprune[lmms]), e.g. "
                                               "mme,pope,gqa; packaged offline ones: " + ", ".join(LMMS_PACKAGED_TASKS))
-    lmms_include: str | None = opt(None, "a folder of your own lmms-eval task YAMLs (e.g. over a save_to_disk data set)")
+    lmms_include: str | None = opt(None, "a folder of your own lmms-eval task YAMLs (e.g. over a save_to_disk data "
+                                         "set)")
     limit: int | None = opt(None, "a seeded subset of this many questions per task (lmms-eval tasks: the first N, "
                                   "packaged ones: the same seeded subset as the built-in task)", type=int)
     data_dir: str | None = opt(None, "where the built-in tasks' data lives (default: the user cache)")
     batch_size: int = opt(32, "questions per generation batch", type=int)
     max_new_tokens: int = opt(10, "answer length limit in tokens", type=int)
     efficiency: bool = opt(False, "add parameters, FLOPs per sample, prefill latency, decode speed, peak memory")
+    device: str | None = opt(None, "cpu, cuda, cuda:1, ... (default: where the model loads)")
+    dtype: str | None = opt(None, "float32, float16, bfloat16 (default: the checkpoint's)", choices=DTYPES)
     output: str | None = opt(None, "write the results JSON to this file")
 
     def __post_init__(self):
@@ -422,9 +429,11 @@ class EvalConfig:
         if self.efficiency and not self.tasks and not self.task_file:
             raise VlmpruneError("--efficiency measures a prompt of a built-in task or --task-file: give one of them")
         if self.lmms_include is not None and not self.lmms_tasks:
-            raise VlmpruneError("--lmms-include adds task YAMLs for --lmms-tasks: name the tasks to run with --lmms-tasks")
+            raise VlmpruneError("--lmms-include adds task YAMLs for --lmms-tasks: name the tasks to run with "
+                                "--lmms-tasks")
         for name in ("limit", "batch_size", "max_new_tokens"):
             positive(name, getattr(self, name), allow_none=name == "limit")
+        one_of("dtype", self.dtype, DTYPES)
 
     def check_paths(self, model: bool = True) -> None:
         from vlmprune.paths import check_model_source
@@ -432,6 +441,7 @@ class EvalConfig:
         if model:
             need("model", self.model)
             check_model_source(self.model)
+        check_device(self.device)
         if self.lmms_include is not None and not Path(self.lmms_include).is_dir():
             raise VlmpruneError(f"--lmms-include {self.lmms_include}: directory not found")
         if self.task_file is not None and not Path(self.task_file).is_file():

@@ -287,8 +287,7 @@ def quantize_model_dir(model: str | Path, scheme: str, output: str | Path, overw
     # refuse before loading anything: a missing package or device must not cost a model load
     wanted_device = device or ("cuda" if SCHEMES.get(scheme, SCHEMES["int8"]).needs_cuda else "cpu")
     check_scheme(scheme, wanted_device)
-    torch_dtype = getattr(torch, dtype) if dtype else None
-    net = load(model, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    net = load(model, dtype=dtype, trust_remote_code=trust_remote_code)  # a name as given: "auto" is the checkpoint's
     net.to(wanted_device)
     record = quantize(net, scheme)
     plan_path = Path(model) / PLAN_FILE

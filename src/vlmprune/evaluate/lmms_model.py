@@ -74,8 +74,7 @@ class VlmpruneLMM(lmms):
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             check_device(device)
             remote = _flag(trust_remote_code)
-            model = load(pretrained, dtype=None if dtype in (None, "auto") else getattr(torch, dtype),
-                         trust_remote_code=remote)
+            model = load(pretrained, dtype=dtype, trust_remote_code=remote)
             model = model.to(device)
             processor = load_processor(pretrained, trust_remote_code=remote)
         elif processor is None:
