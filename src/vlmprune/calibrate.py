@@ -25,10 +25,11 @@ from vlmprune.importance.structures import LayerSums, layer_params, reduce_
 from vlmprune.importance.width import ActivationSums
 from vlmprune.phases import phase
 from vlmprune.summary import layer_shapes
+from vlmprune.vocab import TOKENS
 
 logger = logging.getLogger(__name__)
 
-TOKEN_CHOICES = ("all", "text", "image", "answer")
+TOKEN_CHOICES = TOKENS  # the --tokens vocabulary (vlmprune.vocab)
 
 
 def image_token_id(model: nn.Module) -> int | None:
@@ -134,7 +135,8 @@ def _labels_for(batch: dict, tokens: str, image_id: int | None) -> torch.Tensor:
     if tokens in ("all", "text"):
         mask = select_tokens(batch, "text", image_id)
     else:
-        raise VlmpruneError("skip_loss measures next-token loss; image positions have no targets: use --tokens answer|text")
+        raise VlmpruneError("skip_loss measures next-token loss; image positions have no targets: use "
+                            "--tokens answer|text")
     return torch.where(mask, batch["input_ids"], torch.full_like(batch["input_ids"], -100))
 
 
@@ -167,7 +169,8 @@ def collect_activations(model: nn.Module, batches: Iterable[dict], tokens: str =
     adapter = get_adapter(model)
     shapes = layer_shapes(model, adapter)
     stats = [ActivationSums(*(torch.zeros(n, dtype=torch.float64) for n in
-                              (s.num_heads * s.head_dim, s.num_heads * s.head_dim, s.intermediate_size, s.intermediate_size)))
+                              (s.num_heads * s.head_dim, s.num_heads * s.head_dim,
+                               s.intermediate_size, s.intermediate_size)))
              for s in shapes]
     mask_box: list[torch.Tensor] = []
     image_id = image_token_id(model)

@@ -22,9 +22,9 @@ from typing import Any
 import yaml
 
 from vlmprune.errors import VlmpruneError
+from vlmprune.vocab import ATTENTION_MODES, COMPENSATE_MODES, CONVERT_FAMILIES, DATASETS, DTYPES, PRUNE_METHODS, TOKENS
 
 RESOLVED_CONFIG = "resolved_config.yaml"
-COMPENSATE_MODES = ("none", "ls", "bias")  # vlmprune.surgery.compensate: what a cut's kept weights take over
 
 
 def opt(default: Any = None, help: str = "", *, flag: str | None = None, choices=None, type=None,
@@ -89,7 +89,7 @@ def parse_layer_range(spec: str | None, num_layers: int | None = None) -> list[i
     return chosen
 
 
-BUILTIN_TASKS = ("easyvqa", "digits")  # test.json files under --data-dir (written by `vlmprune data`)
+BUILTIN_TASKS = DATASETS  # test.json files under --data-dir (written by `vlmprune data`)
 # lmms-eval tasks vlmprune ships (vlmprune/evaluate/lmms_tasks): the built-in tasks' data as lmms-eval
 # task YAMLs over a save_to_disk directory, so lmms-eval runs offline end to end
 LMMS_PACKAGED_TASKS = tuple(f"{t}_lmms" for t in BUILTIN_TASKS)
@@ -169,7 +169,6 @@ def parse_target(spec: str) -> Target:
     return Target(str(spec), kind, value, seq, batch, _DTYPE_BYTES[str(options["dtype"])])
 
 
-DTYPES = ("float32", "float16", "bfloat16", "auto")
 # Where recovery keeps the distillation teacher (vlmprune.recover.teacher).
 TEACHER_PLACEMENTS = ("replicate", "shard", "offload")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -259,7 +258,7 @@ class PruneConfig:
     scores: str | None = opt(None, "scores.json of an earlier prune of the same model: re-plan for --ratio "
                                    "without calibrating again")
     method: str | None = opt(None, "drop decoder layers, heads and MLP channels, or search the mix (auto)",
-                             choices=("layer", "width", "auto"))
+                             choices=PRUNE_METHODS)
     ratio: float | None = opt(None, "fraction of the WHOLE model's parameters to remove, in (0, 1)", type=float)
     target: str | None = opt(None, "instead of --ratio: params=0.7 (kept), params=1.5B, "
                                    "memory=2GB[,seq=4096,batch=1,dtype=bf16] (weights + KV cache), or "
@@ -277,9 +276,9 @@ class PruneConfig:
     batch_size: int = opt(1, "calibration batch size", type=int)
     max_length: int | None = opt(None, "truncate longer samples (never their image tokens)", type=int)
     tokens: str | None = opt(None, "positions the statistics use (default: the criterion's)",
-                             choices=("all", "text", "image", "answer"))
+                             choices=TOKENS)
     attention: str = opt("groups", "width: drop whole kv groups, q heads inside every group, or leave attention alone",
-                         choices=("groups", "heads", "none"))
+                         choices=ATTENTION_MODES)
     mlp_multiple: int | None = opt(None, "kept MLP widths are multiples of this (default 64 for MLPs >= 4096, else 8)",
                                    type=int)
     layers: str | None = opt(None, "width: prune only layers START:END (python slice; gives non-uniform widths)")
@@ -324,7 +323,7 @@ class PruneConfig:
                 check_ratio(self.ratio)
             else:
                 parse_target(self.target)
-        one_of("method", self.method, ("layer", "width", "auto"))
+        one_of("method", self.method, PRUNE_METHODS)
         if self.device_map is not None and self.target is not None and parse_target(self.target).kind == "latency":
             raise VlmpruneError("a latency target times pruned copies of the model on one device; it cannot run on a "
                                 "--device-map dispatched model: use a params or memory target there")
@@ -340,8 +339,8 @@ class PruneConfig:
         if self.layer_criterion is not None and self.method != "auto":
             raise VlmpruneError("--layer-criterion is the depth part of --method auto; with --method layer use "
                                 "--criterion")
-        one_of("tokens", self.tokens, ("all", "text", "image", "answer"))
-        one_of("attention", self.attention, ("groups", "heads", "none"), allow_none=False)
+        one_of("tokens", self.tokens, TOKENS)
+        one_of("attention", self.attention, ATTENTION_MODES, allow_none=False)
         one_of("dtype", self.dtype, DTYPES)
         for name in ("num_samples", "batch_size", "max_length", "mlp_multiple"):
             positive(name, getattr(self, name))
@@ -486,7 +485,7 @@ class ConvertConfig:
     """``vlmprune convert``: an original Bunny / Mini-InternVL-Chat checkpoint -> a native one."""
 
     family: str | None = opt(None, "bunny: BunnyPhiForCausalLM (Bunny-v1.0); internvl-chat: InternVLChatModel "
-                                   "with Phi-3", flag="--from", choices=("bunny", "internvl-chat"))
+                                   "with Phi-3", flag="--from", choices=CONVERT_FAMILIES)
     source: str | None = opt(None, "local directory of the original checkpoint (its code is never run)",
                              positional=True)
     output: str | None = opt(None, "output directory")
@@ -496,7 +495,7 @@ class ConvertConfig:
     overwrite: bool = opt(False, "replace an existing output directory (only one vlmprune wrote)")
 
     def __post_init__(self):
-        one_of("from", self.family, ("bunny", "internvl-chat"), allow_none=False)
+        one_of("from", self.family, CONVERT_FAMILIES, allow_none=False)
         need("source", self.source)
         need("output", self.output)
 
@@ -505,12 +504,12 @@ class ConvertConfig:
 class DataConfig:
     """``vlmprune data``: write a demo data set in the LLaVA conversation format."""
 
-    dataset: str | None = opt(None, "easyvqa or digits", positional=True, choices=("easyvqa", "digits"))
+    dataset: str | None = opt(None, " or ".join(DATASETS), positional=True, choices=DATASETS)
     output: str | None = opt(None, "output directory")
     limit: int | None = opt(None, "only the first N images per split", type=int)
 
     def __post_init__(self):
-        one_of("dataset", self.dataset, ("easyvqa", "digits"), allow_none=False)
+        one_of("dataset", self.dataset, DATASETS, allow_none=False)
         need("output", self.output)
         positive("limit", self.limit)
 

@@ -67,7 +67,8 @@ class VlmpruneLMM(lmms):
             if not pretrained:
                 raise VlmpruneError("vlmprune model: give --model_args pretrained=MODEL_DIR")
             from vlmprune.checkpoint import load, load_processor
-            from vlmprune.config import DTYPES, check_device
+            from vlmprune.config import check_device
+            from vlmprune.vocab import DTYPES
 
             if dtype not in (None, *DTYPES):
                 raise VlmpruneError(f"vlmprune model: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")

@@ -44,11 +44,11 @@ from tqdm.auto import tqdm
 
 from vlmprune.adapters import Adapter, get_adapter
 from vlmprune.calibrate import image_token_id, select_tokens
-from vlmprune.config import COMPENSATE_MODES
 from vlmprune.dispatch import input_device
 from vlmprune.errors import VlmpruneError
 from vlmprune.planning.plan import LayerKeep, PruningPlan
 from vlmprune.summary import layer_shapes
+from vlmprune.vocab import COMPENSATE_MODES
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,8 @@ class _Gram:
         self.handle.remove()
 
 
-def _removed_columns(adapter: Adapter, layer: nn.Module, shape, keep: LayerKeep) -> list[tuple[nn.Linear, torch.Tensor]]:
+def _removed_columns(adapter: Adapter, layer: nn.Module, shape,
+                     keep: LayerKeep) -> list[tuple[nn.Linear, torch.Tensor]]:
     """The consumer projections of a layer whose input columns lose structures: (module, removed mask)."""
     kept = {"q": keep.q_heads, "kv": keep.kv_heads, "mlp": keep.mlp_channels}
     out: dict[int, tuple[nn.Linear, torch.Tensor]] = {}
@@ -238,8 +239,8 @@ def _compensate_width(module: nn.Linear, removed: torch.Tensor, stats: _Gram, mo
     WR = W[:, R]
     G, mu = stats.gram, stats.sum / max(n, 1)
     if not (torch.isfinite(G).all() and torch.isfinite(mu).all()):
-        raise VlmpruneError(f"{where}: calibration statistics are not finite (inf/NaN activations); nothing was written. "
-                            f"Load in float32 (--dtype float32) or check the calibration data")
+        raise VlmpruneError(f"{where}: calibration statistics are not finite (inf/NaN activations); nothing was "
+                            f"written. Load in float32 (--dtype float32) or check the calibration data")
     energy = float(torch.einsum("of,fg,og->", W, G, W)) or 1.0
     before = _residual_energy(WR, G, R, None) / energy
     record = {"removed": int(R.sum()), "kept": int(K.sum()), "tokens": n, "error_before": before}
@@ -388,7 +389,8 @@ def compensate_(model: nn.Module, plan: PruningPlan, batches, mode: str = "ls", 
             captured: list[torch.Tensor] = []
             y_hook = None
             if keep_y:
-                y_hook = adapter.mlp(layer).register_forward_hook(lambda m, a, o: captured.append(_output(o).detach()))
+                y_hook = adapter.mlp(layer).register_forward_hook(
+                    lambda m, a, o, into=captured: into.append(_output(o).detach()))
             if consumers:
                 grams = [_Gram(module, masks) for module, _ in consumers]
                 try:
