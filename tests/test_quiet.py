@@ -1,4 +1,4 @@
-"""A command prints only its own progress and results (vlmprune.quiet, checkpoint._deepspeed_only_if_in_use).
+"""A command prints only its own progress and results (vlmprune.quiet).
 
 The prune runs in a fresh interpreter, as a user's would, with every extra this environment has installed
 (DeepSpeed, torchao, bitsandbytes, lmms-eval): their import-time messages are what the test guards against.
@@ -14,6 +14,8 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import vlmprune
 from vlmprune import quiet
@@ -57,14 +59,17 @@ def test_foreign_lines_are_told_apart():
     assert foreign_lines(own + "\n".join(noise)) == noise
 
 
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+            "COLUMNS": "400", "OMP_NUM_THREADS": "1"}  # wide: a log line is one line
+
+
 def test_prune_prints_nothing_vlmprune_did_not_write(tiny_repo, tmp_path):
     out, record = tmp_path / "pruned", tmp_path / "record.json"
     argv = ["prune", "--model", str(tiny_repo.model), "--calibration", str(tiny_repo.data), "--image-folder",
             str(tiny_repo.images), "--num-samples", "4", "--batch-size", "2", "--output", str(out),
             "--method", "width", "--criterion", "taylor", "--ratio", "0.2"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
-           "COLUMNS": "400", "OMP_NUM_THREADS": "1"}  # wide: a log line is one line
-    proc = subprocess.run([sys.executable, "-c", DRIVER, str(record), *argv], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", DRIVER, str(record), *argv], env=_env(), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(record.read_text())
@@ -75,6 +80,16 @@ def test_prune_prints_nothing_vlmprune_did_not_write(tiny_repo, tmp_path):
     assert "deepspeed" not in result["modules"]
     if importlib.util.find_spec("torchao") is not None:  # imported by transformers on load: its messages filtered
         assert "torchao" in result["modules"]
+
+
+def test_library_import_is_quiet_too():
+    """A program that imports vlmprune's modules (here recover, which pulls transformers' Trainer and, through it,
+    torchao) sees no third-party notes either: the package installs the filters before torch loads."""
+    code = "import vlmprune.recover.run, transformers.modeling_utils, sys; print('torchao' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert foreign_lines(proc.stderr) == [], foreign_lines(proc.stderr)
+    assert proc.stdout.strip() == str(importlib.util.find_spec("torchao") is not None)
 
 
 def test_filters_drop_only_their_message():
@@ -93,3 +108,20 @@ def test_filters_drop_only_their_message():
     assert not kept("torch.utils._pytree", enum_note, torchao_enum)
     assert kept("torch.utils._pytree", enum_note, mine)  # the same note about someone else's enum stays
     assert kept("torch.utils._pytree", "another pytree warning")
+    assert not kept("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community: "
+                    "%s. Please make sure you already `pip install kernels`", "untrusted")
+    assert kept("bitsandbytes.backends.cpu.ops", "any other bitsandbytes warning")
+
+
+def test_deepspeed_is_looked_up_only_where_it_is_imported(monkeypatch):
+    other = pytest.importorskip("accelerate.utils.other")
+    monkeypatch.setattr(other, "is_deepspeed_available", lambda: True)  # as on a machine with DeepSpeed installed
+    installed = other.is_deepspeed_available
+    monkeypatch.delitem(sys.modules, "deepspeed", raising=False)
+    with quiet.deepspeed_only_if_in_use():
+        assert other.is_deepspeed_available() is False  # not imported: nothing can be a DeepSpeedEngine
+        monkeypatch.setitem(sys.modules, "deepspeed", object())  # a DeepSpeed launch imported it meanwhile
+        assert other.is_deepspeed_available() is True
+    assert other.is_deepspeed_available is installed  # put back
+    with quiet.deepspeed_only_if_in_use():  # imported before the block: accelerate's own answer, untouched
+        assert other.is_deepspeed_available is installed

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -24,8 +23,6 @@ from vlmprune.paths import atomic_output_dir, check_model_source
 from vlmprune.planning.plan import PLAN_FILE, LayerKeep, PruningPlan
 from vlmprune.summary import layer_shapes
 from vlmprune.surgery.apply import WIDTHS_KEY, prune_layer_width_, sync_config_
-
-quiet.install()  # before a model load imports torchao (through transformers), which logs at import
 
 # Files save_pretrained writes itself, or that describe weights; everything else in a model
 # directory (tokenizer, processor, chat template) is copied to the output.
@@ -106,33 +103,6 @@ def _read_not_mapped() -> Iterator[None]:
         yield
     finally:
         modeling_utils.safe_open = original
-
-
-@contextlib.contextmanager
-def _deepspeed_only_if_in_use() -> Iterator[None]:
-    """Keep ``save_pretrained`` from importing DeepSpeed when nothing in this process uses it.
-
-    ``save_pretrained`` unwraps the model through accelerate's ``extract_model_from_parallel``, which
-    imports DeepSpeed whenever it is installed, only to test whether the model is a ``DeepSpeedEngine``.
-    That import cost 0.65 s and printed DeepSpeed's "Setting accelerator to CPU" on every prune and
-    quantize. A model can be a ``DeepSpeedEngine`` only where DeepSpeed is imported already (a recovery
-    launched with a DeepSpeed config), so the test is kept exactly there. Where this accelerate does not
-    look DeepSpeed up that way, the save goes on as accelerate does it.
-    """
-    try:
-        import accelerate.utils.other as other
-    except ImportError:
-        yield
-        return
-    original = getattr(other, "is_deepspeed_available", None)
-    if original is None or "deepspeed" in sys.modules:
-        yield
-        return
-    other.is_deepspeed_available = lambda: "deepspeed" in sys.modules and original()
-    try:
-        yield
-    finally:
-        other.is_deepspeed_available = original
 
 
 def load_processor(model: str | Path, trust_remote_code: bool = False):
@@ -217,7 +187,7 @@ def save_model(
     check_finite(model)
     output = Path(output)
     with atomic_output_dir(output, overwrite=overwrite, inputs=[("input model", source), *inputs]) as tmp:
-        with _deepspeed_only_if_in_use():
+        with quiet.deepspeed_only_if_in_use():
             model.save_pretrained(tmp, safe_serialization=True)
         copy_processor_files(source, tmp, processor)
         if plan is not None:

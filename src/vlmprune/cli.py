@@ -13,7 +13,6 @@ import logging
 import os
 import sys
 
-from vlmprune import quiet
 from vlmprune.config import (
     LMMS_PACKAGED_TASKS,
     ConvertConfig,
@@ -395,7 +394,6 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     _setup_logging()
-    quiet.install()  # before any command imports torch and transformers (they log at import)
     try:
         if hasattr(args, "config_class"):
             cfg = resolve(args.config_class, args, overrides)

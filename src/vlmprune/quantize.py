@@ -32,15 +32,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vlmprune import quiet
 from vlmprune.adapters import Adapter, get_adapter
 from vlmprune.errors import VlmpruneError
 from vlmprune.measure import is_quantized_weight, tensor_bytes
 
 QUANTIZATION_KEY = "quantization"  # the record's key in pruning_plan.json
-
-
-quiet.install()  # torchao's import-time kernel-library warnings (vlmprune.quiet says why)
 
 
 class QuantizationError(VlmpruneError):
