@@ -38,8 +38,14 @@ paths = [
                     out / "loss.png"),
 ]
 original = {"parameters": {"total": 2e6}, "tasks": {"t": {"accuracy": 0.8}}}
-rows = [{"params": 1e6, "t": 0.5, "id": "a"}, {"params": 1.5e6, "t": 0.7, "id": "b"}]
-paths += list(report._accuracy_plot(out, original, rows, ["t"]).values())
+cell = {"status": "done", "method": "layer", "recipe": "sft", "ratio": 0.2, "achieved_ratio": 0.19, "target": None}
+rows = [{**cell, "params": 1e6, "t": 0.5, "id": "a", "fraction": 0.1, "mean_retention": 0.6},
+        {**cell, "params": 1e6, "t": 0.7, "id": "b", "fraction": 0.5, "mean_retention": 0.8}]
+plotted = report._plots(out, original, rows, ["t"])
+assert sorted(plotted) == ["accuracy_vs_params", "retention_vs_fraction", "retention_vs_ratio"], plotted
+paths += list(plotted.values())
+one_fraction = [{**r, "fraction": 0.1} for r in rows]  # no data-fraction sweep: that plot is left out
+assert sorted(report._plots(out, original, one_fraction, ["t"])) == ["accuracy_vs_params", "retention_vs_ratio"]
 for p in paths:
     assert p.read_bytes()[:8] == b"\\x89PNG\\r\\n\\x1a\\n", p
 assert "matplotlib.pyplot" not in sys.modules, "pyplot was imported"
@@ -53,4 +59,4 @@ def test_plots_write_pngs_without_pyplot_or_a_backend_switch(tmp_path):
     run = subprocess.run([sys.executable, "-c", CODE, str(tmp_path)], env=env, capture_output=True, text=True,
                          timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.split() == ["5"]
+    assert run.stdout.split() == ["7"]

@@ -216,7 +216,7 @@ def _plots(run: Path, original: dict, rows: list[dict], tasks: list[str]) -> dic
         fig.tight_layout()
         paths["retention_vs_fraction"] = run / "retention_vs_fraction.png"
         fig.savefig(paths["retention_vs_fraction"], dpi=120)
-        return paths
+    return paths
 
 
 def _accuracy_plot(run: Path, original: dict, rows: list[dict], tasks: list[str],
