@@ -34,7 +34,7 @@ from vlmprune.config import (
 from vlmprune.dispatch import is_dispatched, materialize_
 from vlmprune.errors import VlmpruneError
 from vlmprune.importance.layer import LayerScores
-from vlmprune.importance.registry import get_criterion
+from vlmprune.importance.registry import get_collector, get_criterion
 from vlmprune.importance.scores import SCORES_FILE, Scores
 from vlmprune.importance.structures import WidthScores
 from vlmprune.paths import claim_output
@@ -72,7 +72,7 @@ def score(model: nn.Module, method: str, criterion: str | None = None, batches=N
     stats = None
     if crit.stats:
         with phases.phase("calibration"):
-            stats = calibrate.COLLECTORS[crit.stats](model, batches, tokens)
+            stats = get_collector(crit.stats)(model, batches, tokens)
     if is_dispatched(model):
         with phases.phase("load"):
             materialize_(model)  # offloaded weights come in once: criteria read weights, the cut follows
@@ -234,8 +234,11 @@ def _prune_loaded(cfg: PruneConfig, out: Path, net: nn.Module, ranked_outputs: l
             layer_scores = score(net, "layer", cfg.layer_criterion, batches, None, cfg.seed)
             scores = score(net, "width", cfg.criterion, batches, cfg.tokens, cfg.seed)
             with phases.phase("planning"):  # candidates planned and ranked on the held-out batches
+                fit = None if cfg.compensate == "none" else (  # candidates compared as compensated models
+                    lambda m, p: compensate_(m, p, batches, cfg.compensate, cfg.compensate_sequential,
+                                             cfg.compensate_ridge))
                 best, tried = auto_search(net, layer_scores.values, scores.values, ratio_of, held_out,
-                                          cfg.attention, cfg.mlp_multiple)
+                                          cfg.attention, cfg.mlp_multiple, fit)
             budget, shapes = ModelBudget.of(net), layer_shapes(net)
             rows = [c.to_dict(budget, shapes) for c in tried]
             search = {"target": cfg.target or f"ratio={cfg.ratio}", "layer_criterion": layer_scores.criterion,
@@ -334,6 +337,8 @@ def _prune_loaded(cfg: PruneConfig, out: Path, net: nn.Module, ranked_outputs: l
                                 "achieved": row["achieved"], "proxy_kl": row["proxy_kl"], "rank": rank,
                                 "ratio_target": row["ratio_target"]})
             copy_of = load(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+            if cfg.compensate != "none":  # ranked as a compensated model, written as one
+                other.extra["compensation"] = _compensate(cfg, copy_of, other, None)
             apply_plan_(copy_of, other)
             other.extra["parameters"] = {"before": before.parameters, "after": summarize(copy_of).parameters}
             save_model(copy_of, path, plan=other, source=cfg.model, overwrite=cfg.overwrite, inputs=cfg.inputs())

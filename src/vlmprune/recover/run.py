@@ -37,7 +37,7 @@ from vlmprune.recover.distributed import (
     mixes_modalities,
     whole_weights,
 )
-from vlmprune.recover.losses import layer_map
+from vlmprune.recover.losses import layer_map, reading
 from vlmprune.recover.plots import plot_loss_curve
 from vlmprune.recover.teacher import check_teacher_placement, host_bytes, place_teacher, resident_bytes
 from vlmprune.recover.trainable import count_trainable, merged, set_trainable_
@@ -289,16 +289,17 @@ def _recover(cfg: RecoverConfig, args, state, callbacks, cleanup: contextlib.Exi
             check_teacher(teacher, plan.extra["source"], cfg.teacher)
     with whole_weights():  # counted, wrapped and paired below; DeepSpeed partitions it when the Trainer prepares it
         student = load(cfg.student, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
-    if teacher is not None and "logits" in cfg.loss:
+    compared = reading(cfg.loss, "logits", teacher=True)
+    if teacher is not None and compared:
         s_vocab = student.get_output_embeddings().weight.shape[0]
         t_vocab = teacher.get_output_embeddings().weight.shape[0]
         if s_vocab != t_vocab:
-            raise VlmpruneError(f"the logits loss compares vocabularies, but the student has {s_vocab:,} output tokens "
-                                f"and the teacher {t_vocab:,}: distil from the student's own unpruned model, or "
-                                f"drop the logits loss")
+            raise VlmpruneError(f"the {compared[0]} loss compares vocabularies, but the student has {s_vocab:,} output "
+                                f"tokens and the teacher {t_vocab:,}: distil from the student's own unpruned model, "
+                                f"or drop the {compared[0]} loss")
 
     student_layers, teacher_layers = [], []
-    if "hidden" in cfg.loss:
+    if reading(cfg.loss, "hidden_states"):
         student_layers, teacher_layers, pairs = hidden_pairs(student, teacher, plan, cfg.hidden_layers)
         if state.is_main_process:
             log.info("vlmprune recover: hidden-state pairs (student layer, teacher layer): %s", pairs)
@@ -331,9 +332,8 @@ def _recover(cfg: RecoverConfig, args, state, callbacks, cleanup: contextlib.Exi
         os.environ.setdefault("FSDP_TRANSFORMER_CLS_TO_WRAP", type(get_adapter(student).layers(student)[0]).__name__)
     trainer = RecoveryTrainer(
         model=model, args=args, train_dataset=samples, data_collator=collator, callbacks=callbacks,
-        teacher=teacher, weights=cfg.loss, image_token_id=collator.image_token_id, temperature=cfg.temperature,
-        kd_tokens=cfg.kd_tokens, student_layers=student_layers, teacher_layers=teacher_layers,
-        hidden_tokens=cfg.hidden_tokens, group_by_modality=grouped,
+        teacher=teacher, weights=cfg.loss, image_token_id=collator.image_token_id, options=cfg,
+        student_layers=student_layers, teacher_layers=teacher_layers, group_by_modality=grouped,
     )
     if _finished_at(resume, cfg):
         # The Trainer would run one step past the end from here; the checkpoint already is the result.
@@ -362,9 +362,10 @@ def _recover(cfg: RecoverConfig, args, state, callbacks, cleanup: contextlib.Exi
     if state.is_main_process:
         history = trainer.state.log_history
         losses = [entry["loss"] for entry in history if "loss" in entry]
+        hidden_layers = cfg.hidden_layers if reading(cfg.loss, "hidden_states") else None
         record = {"losses": cfg.loss, "train": cfg.train, "fraction": cfg.fraction, "num_samples": len(samples),
                   "steps": trainer.state.global_step, "final_loss": losses[-1] if losses else None,
-                  "teacher": cfg.teacher, "hidden_layers": cfg.hidden_layers if "hidden" in cfg.loss else None,
+                  "teacher": cfg.teacher, "hidden_layers": hidden_layers,
                   "teacher_placement": cfg.teacher_placement if teacher is not None else None,
                   "teacher_bytes_per_process": teacher_bytes, "teacher_host_bytes": teacher_host}
         plan = plan or PruningPlan()

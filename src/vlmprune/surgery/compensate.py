@@ -349,6 +349,7 @@ def check_mode(model: nn.Module, plan: PruningPlan, mode: str) -> None:
                     f"--compensate ls, which adds no parameter")
 
 
+@torch.no_grad()
 def compensate_(model: nn.Module, plan: PruningPlan, batches, mode: str = "ls", sequential: bool = True,
                 ridge: float = DEFAULT_RIDGE, tokens: str = "all") -> dict:
     """Update ``model``'s kept weights in place so that ``plan``'s cut loses as little as a linear fit allows.
@@ -390,7 +391,7 @@ def compensate_(model: nn.Module, plan: PruningPlan, batches, mode: str = "ls", 
             y_hook = None
             if keep_y:
                 y_hook = adapter.mlp(layer).register_forward_hook(
-                    lambda m, a, o, into=captured: into.append(_output(o).detach()))
+                    lambda m, a, o, out=captured: out.append(_output(o).detach()))
             if consumers:
                 grams = [_Gram(module, masks) for module, _ in consumers]
                 try:
