@@ -50,3 +50,14 @@ def test_dtype_and_device_are_checked_before_anything_loads(tiny_repo):
     if not torch.cuda.is_available():
         with pytest.raises(VlmpruneError, match="has no cuda device"):
             EvalConfig(model=str(tiny_repo.model), device="cuda").check_paths()
+
+
+def test_a_gguf_export_refuses_device_and_dtype(tiny_repo, monkeypatch):
+    """llama.cpp runs a GGUF export in the types it was written with: the options are refused, not ignored."""
+    import vlmprune.export.runtime as runtime
+
+    monkeypatch.setattr(runtime, "is_gguf_dir", lambda path: True)
+    for option in ({"dtype": "float16"}, {"device": "cpu"}):
+        with pytest.raises(VlmpruneError, match="--device and --dtype load a Hugging Face checkpoint"):
+            run.evaluate_model_dir(EvalConfig(model=str(tiny_repo.model), tasks="", task_file=str(tiny_repo.task_file),
+                                              **option))
