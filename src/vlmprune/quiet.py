@@ -76,11 +76,12 @@ def deepspeed_only_if_in_use() -> Iterator[None]:
 
     ``save_pretrained`` and the Trainer unwrap a model through accelerate's ``extract_model_from_parallel``,
     which imports DeepSpeed whenever it is installed, only to test whether the model is a ``DeepSpeedEngine``.
-    That import took 0.2-0.4 s (after torch and transformers) and printed DeepSpeed's "Setting accelerator to
-    CPU" on stdout in every prune, quantize and recovery. A model can be a ``DeepSpeedEngine`` only where
-    DeepSpeed is imported already (a recovery launched with a DeepSpeed config imports it when accelerate
-    sets up), so inside this block accelerate looks DeepSpeed up exactly there, at each call. Where this
-    accelerate does not look it up that way, everything goes on as accelerate does it.
+    That import took 0.2-0.8 s on this project's shared VM (after torch and transformers) and printed
+    DeepSpeed's "Setting accelerator to CPU" on stdout in every prune, quantize and recovery. A model can
+    be a ``DeepSpeedEngine`` only where DeepSpeed is imported already (a recovery launched with a DeepSpeed
+    config imports it when accelerate sets up), so inside this block accelerate looks DeepSpeed up exactly
+    there, at each call. Where this accelerate does not look it up that way, everything goes on as
+    accelerate does it.
     """
     try:
         import accelerate.utils.other as other
