@@ -162,7 +162,8 @@ def test_unknown_scheme_and_missing_backend_leave_no_output(tiny_repo, tmp_path,
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     with pytest.raises(QuantizationError, match=r"needs the Python package 'bitsandbytes'.*pip install"):
         quantize_model_dir(tiny_repo.model, "nf4", tmp_path / "b")
     assert list(tmp_path.iterdir()) == []
@@ -255,3 +256,22 @@ def test_study_quantization_axis_shares_recovery_and_reports_disk_size(tiny_repo
     md = (run / "results.md").read_text()
     assert "| int8-dynamic |" in md and "![accuracy_vs_disk](accuracy_vs_disk.png)" in md
     assert (run / "accuracy_vs_disk.png").stat().st_size > 5000
+
+
+def test_cli_dtype_auto_keeps_the_checkpoints_dtype(tiny_repo, tmp_path):
+    """--dtype auto (one of the accepted choices) loads in the checkpoint's dtype; it once ended in an internal
+    error (getattr(torch, "auto"))."""
+    from safetensors import safe_open
+
+    from vlmprune.checkpoint import copy_processor_files
+
+    source = tmp_path / "bf16"
+    vlmprune.load(tiny_repo.model).to(torch.bfloat16).save_pretrained(source)
+    copy_processor_files(tiny_repo.model, source)
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(source), "--scheme", "int8", "--dtype", "auto", "--output", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(out / "model.safetensors"), "pt") as f:  # the parts left unquantized keep bfloat16
+        kept = {f.get_tensor(k).dtype for k in f.keys() if "vision_tower" in k or "lm_head" in k}
+    assert kept == {torch.bfloat16}
+    assert json.loads((out / "pruning_plan.json").read_text())["quantization"]["scheme"] == "int8"

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import importlib
 
+from vlmprune import quiet
 from vlmprune.errors import DataError, PlanError, UnsupportedModelError, VlmpruneError
+
+# Before anything of the package imports torch or transformers: the third-party import-time notes vlmprune.quiet
+# lists (each with why it says nothing to a vlmprune user) are dropped on the loggers that emit them.
+quiet.install()
 
 __version__ = "0.1.0"
 

@@ -29,10 +29,11 @@ from vlmprune.importance.structures import LayerSums, layer_params, reduce_
 from vlmprune.importance.width import ActivationSums
 from vlmprune.phases import phase
 from vlmprune.summary import layer_shapes
+from vlmprune.vocab import TOKENS
 
 logger = logging.getLogger(__name__)
 
-TOKEN_CHOICES = ("all", "text", "image", "answer")
+TOKEN_CHOICES = TOKENS  # the --tokens vocabulary (vlmprune.vocab)
 
 
 def image_token_id(model: nn.Module) -> int | None:

@@ -15,6 +15,7 @@ import torch
 import transformers
 from torch import nn
 
+from vlmprune import quiet
 from vlmprune.adapters import get_adapter, supported_model_types
 from vlmprune.convert.detect import refuse_original
 from vlmprune.errors import VlmpruneError
@@ -58,7 +59,8 @@ def load(
     vlmprune checkpoint has layers of different widths (recorded in the text config as
     ``vlmprune_layer_widths``), the model class is built with those widths before the weights load.
     Only safetensors weights are read, tensor by tensor into the process's own memory (not
-    memory-mapped: see :func:`_read_not_mapped`).
+    memory-mapped: see :func:`_read_not_mapped`). ``dtype`` is a torch dtype or its name as the
+    commands take it (``float16``, ...); None or ``"auto"`` keeps the checkpoint's.
     """
     config = load_config(path, trust_remote_code)
     get_adapter(config)  # a clear error for unsupported families, before any weights load
@@ -147,9 +149,9 @@ def check_finite(model: nn.Module) -> None:
     bad = [name for name, t in model.state_dict().items()
            if type(t) is torch.Tensor and t.is_floating_point() and not _all_finite(t)]
     if bad:
-        raise VlmpruneError(f"refusing to save: {len(bad)} weight tensor(s) hold NaN or inf values ({', '.join(bad[:3])}"
-                            f"{', ...' if len(bad) > 3 else ''}); the run diverged: lower the learning rate or check "
-                            f"the loss weights, and start again")
+        raise VlmpruneError(f"refusing to save: {len(bad)} weight tensor(s) hold NaN or inf values "
+                            f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); the run diverged: lower the "
+                            f"learning rate or check the loss weights, and start again")
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -185,7 +187,8 @@ def save_model(
     check_finite(model)
     output = Path(output)
     with atomic_output_dir(output, overwrite=overwrite, inputs=[("input model", source), *inputs]) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        with quiet.deepspeed_only_if_in_use():
+            model.save_pretrained(tmp, safe_serialization=True)
         copy_processor_files(source, tmp, processor)
         if plan is not None:
             plan.save(tmp / PLAN_FILE)

@@ -83,7 +83,8 @@ def print_prune_result(result) -> None:
 
     plan = result.plan
     loads = plan.extra.get("loads_with")
-    loads_line = (f"loads with: {loads}" + (f" ({plan.extra['loads_with_reason']})" if plan.extra.get("loads_with_reason") else "")
+    reason = plan.extra.get("loads_with_reason")
+    loads_line = (f"loads with: {loads}" + (f" ({reason})" if reason else "")
                   + (f"; {plan.extra['stock_note']}" if plan.extra.get("stock_note") else ""))
     if "method" not in plan.extra:  # a plan applied as given
         print_summary(result.after, title=f"pruned model -> {result.output}")
@@ -341,7 +342,8 @@ STAGES = {
     "inspect": (InspectConfig, cmd_inspect, "family, part sizes, per-layer widths"),
     "prune": (PruneConfig, cmd_prune, "prune the language backbone and write a checkpoint"),
     "recover": (RecoverConfig, cmd_recover, "recover a pruned model's quality: SFT and distillation"),
-    "evaluate": (EvalConfig, cmd_evaluate, "exact-match accuracy on tasks, lmms-eval benchmarks, and efficiency measures"),
+    "evaluate": (EvalConfig, cmd_evaluate,
+                 "exact-match accuracy on tasks, lmms-eval benchmarks, and efficiency measures"),
     "quantize": (QuantizeConfig, cmd_quantize, "quantize the language model's decoder layers and write a checkpoint"),
     "convert": (ConvertConfig, cmd_convert, "an original Bunny / Mini-InternVL-Chat checkpoint -> a native one"),
     "export": (ExportConfig, cmd_export, "GGUF for llama.cpp: text model + mmproj (per-layer widths as deci)"),

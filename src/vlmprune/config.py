@@ -22,9 +22,9 @@ from typing import Any
 import yaml
 
 from vlmprune.errors import VlmpruneError
+from vlmprune.vocab import ATTENTION_MODES, COMPENSATE_MODES, CONVERT_FAMILIES, DATASETS, DTYPES, PRUNE_METHODS, TOKENS
 
 RESOLVED_CONFIG = "resolved_config.yaml"
-COMPENSATE_MODES = ("none", "ls", "bias")  # vlmprune.surgery.compensate: what a cut's kept weights take over
 
 
 def opt(default: Any = None, help: str = "", *, flag: str | None = None, choices=None, type=None,
@@ -52,10 +52,12 @@ def need(name: str, value: Any) -> None:
 def positive(name: str, value: Any, *, allow_none: bool = True, zero: bool = False, kind=int) -> None:
     if value is None and allow_none:
         return
-    ok_type = isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or float(value).is_integer())
+    ok_type = (isinstance(value, (int, float)) and not isinstance(value, bool)
+               and (kind is float or float(value).is_integer()))
     if not ok_type or not math.isfinite(value) or value < 0 or (value == 0 and not zero):
         bound = ">= 0" if zero else "> 0" if kind is float else ">= 1"
-        raise VlmpruneError(f"{_flag(name)} must be {'an integer' if kind is int else 'a number'} {bound}, got {value!r}")
+        what = "an integer" if kind is int else "a number"
+        raise VlmpruneError(f"{_flag(name)} must be {what} {bound}, got {value!r}")
 
 
 def one_of(name: str, value: Any, choices, allow_none: bool = True) -> None:
@@ -87,7 +89,7 @@ def parse_layer_range(spec: str | None, num_layers: int | None = None) -> list[i
     return chosen
 
 
-BUILTIN_TASKS = ("easyvqa", "digits")  # test.json files under --data-dir (written by `vlmprune data`)
+BUILTIN_TASKS = DATASETS  # test.json files under --data-dir (written by `vlmprune data`)
 # lmms-eval tasks vlmprune ships (vlmprune/evaluate/lmms_tasks): the built-in tasks' data as lmms-eval
 # task YAMLs over a save_to_disk directory, so lmms-eval runs offline end to end
 LMMS_PACKAGED_TASKS = tuple(f"{t}_lmms" for t in BUILTIN_TASKS)
@@ -167,7 +169,6 @@ def parse_target(spec: str) -> Target:
     return Target(str(spec), kind, value, seq, batch, _DTYPE_BYTES[str(options["dtype"])])
 
 
-DTYPES = ("float32", "float16", "bfloat16", "auto")
 # Where recovery keeps the distillation teacher (vlmprune.recover.teacher).
 TEACHER_PLACEMENTS = ("replicate", "shard", "offload")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -196,7 +197,8 @@ def parse_device_map(spec: str | dict | None) -> str | dict | None:
 
 
 def parse_max_memory(spec: str | dict | None) -> dict | None:
-    """``--max-memory "0=20GiB,1=20GiB,cpu=64GiB"`` -> ``{0: "20GiB", 1: "20GiB", "cpu": "64GiB"}`` (accelerate's form)."""
+    """``--max-memory "0=20GiB,1=20GiB,cpu=64GiB"`` -> ``{0: "20GiB", 1: "20GiB", "cpu": "64GiB"}``
+    (accelerate's form)."""
     if spec is None or isinstance(spec, dict):
         return spec
     out: dict = {}
@@ -256,7 +258,7 @@ class PruneConfig:
     scores: str | None = opt(None, "scores.json of an earlier prune of the same model: re-plan for --ratio "
                                    "without calibrating again")
     method: str | None = opt(None, "drop decoder layers, heads and MLP channels, or search the mix (auto)",
-                             choices=("layer", "width", "auto"))
+                             choices=PRUNE_METHODS)
     ratio: float | None = opt(None, "fraction of the WHOLE model's parameters to remove, in (0, 1)", type=float)
     target: str | None = opt(None, "instead of --ratio: params=0.7 (kept), params=1.5B, "
                                    "memory=2GB[,seq=4096,batch=1,dtype=bf16] (weights + KV cache), or "
@@ -274,9 +276,9 @@ class PruneConfig:
     batch_size: int = opt(1, "calibration batch size", type=int)
     max_length: int | None = opt(None, "truncate longer samples (never their image tokens)", type=int)
     tokens: str | None = opt(None, "positions the statistics use (default: the criterion's)",
-                             choices=("all", "text", "image", "answer"))
+                             choices=TOKENS)
     attention: str = opt("groups", "width: drop whole kv groups, q heads inside every group, or leave attention alone",
-                         choices=("groups", "heads", "none"))
+                         choices=ATTENTION_MODES)
     mlp_multiple: int | None = opt(None, "kept MLP widths are multiples of this (default 64 for MLPs >= 4096, else 8)",
                                    type=int)
     layers: str | None = opt(None, "width: prune only layers START:END (python slice; gives non-uniform widths)")
@@ -321,7 +323,7 @@ class PruneConfig:
                 check_ratio(self.ratio)
             else:
                 parse_target(self.target)
-        one_of("method", self.method, ("layer", "width", "auto"))
+        one_of("method", self.method, PRUNE_METHODS)
         if self.device_map is not None and self.target is not None and parse_target(self.target).kind == "latency":
             raise VlmpruneError("a latency target times pruned copies of the model on one device; it cannot run on a "
                                 "--device-map dispatched model: use a params or memory target there")
@@ -335,9 +337,10 @@ class PruneConfig:
         if self.top_k > 1 and self.method != "auto":
             raise VlmpruneError("--top-k applies to --method auto (its ranked candidates)")
         if self.layer_criterion is not None and self.method != "auto":
-            raise VlmpruneError("--layer-criterion is the depth part of --method auto; with --method layer use --criterion")
-        one_of("tokens", self.tokens, ("all", "text", "image", "answer"))
-        one_of("attention", self.attention, ("groups", "heads", "none"), allow_none=False)
+            raise VlmpruneError("--layer-criterion is the depth part of --method auto; with --method layer use "
+                                "--criterion")
+        one_of("tokens", self.tokens, TOKENS)
+        one_of("attention", self.attention, ATTENTION_MODES, allow_none=False)
         one_of("dtype", self.dtype, DTYPES)
         for name in ("num_samples", "batch_size", "max_length", "mlp_multiple"):
             positive(name, getattr(self, name))
@@ -396,13 +399,16 @@ class EvalConfig:
     task_file: str | None = opt(None, "your own LLaVA-format test file (exact match; choice letters recognised)")
     lmms_tasks: str | list | None = opt(None, "comma-separated lmms-eval tasks (needs vlmprune[lmms]), e.g. "
                                               "mme,pope,gqa; packaged offline ones: " + ", ".join(LMMS_PACKAGED_TASKS))
-    lmms_include: str | None = opt(None, "a folder of your own lmms-eval task YAMLs (e.g. over a save_to_disk data set)")
+    lmms_include: str | None = opt(None, "a folder of your own lmms-eval task YAMLs (e.g. over a save_to_disk data "
+                                         "set)")
     limit: int | None = opt(None, "a seeded subset of this many questions per task (lmms-eval tasks: the first N, "
                                   "packaged ones: the same seeded subset as the built-in task)", type=int)
     data_dir: str | None = opt(None, "where the built-in tasks' data lives (default: the user cache)")
     batch_size: int = opt(32, "questions per generation batch", type=int)
     max_new_tokens: int = opt(10, "answer length limit in tokens", type=int)
     efficiency: bool = opt(False, "add parameters, FLOPs per sample, prefill latency, decode speed, peak memory")
+    device: str | None = opt(None, "cpu, cuda, cuda:1, ... (default: where the model loads)")
+    dtype: str | None = opt(None, "float32, float16, bfloat16 (default: the checkpoint's)", choices=DTYPES)
     output: str | None = opt(None, "write the results JSON to this file")
 
     def __post_init__(self):
@@ -422,9 +428,11 @@ class EvalConfig:
         if self.efficiency and not self.tasks and not self.task_file:
             raise VlmpruneError("--efficiency measures a prompt of a built-in task or --task-file: give one of them")
         if self.lmms_include is not None and not self.lmms_tasks:
-            raise VlmpruneError("--lmms-include adds task YAMLs for --lmms-tasks: name the tasks to run with --lmms-tasks")
+            raise VlmpruneError("--lmms-include adds task YAMLs for --lmms-tasks: name the tasks to run with "
+                                "--lmms-tasks")
         for name in ("limit", "batch_size", "max_new_tokens"):
             positive(name, getattr(self, name), allow_none=name == "limit")
+        one_of("dtype", self.dtype, DTYPES)
 
     def check_paths(self, model: bool = True) -> None:
         from vlmprune.paths import check_model_source
@@ -432,6 +440,7 @@ class EvalConfig:
         if model:
             need("model", self.model)
             check_model_source(self.model)
+        check_device(self.device)
         if self.lmms_include is not None and not Path(self.lmms_include).is_dir():
             raise VlmpruneError(f"--lmms-include {self.lmms_include}: directory not found")
         if self.task_file is not None and not Path(self.task_file).is_file():
@@ -473,7 +482,7 @@ class ConvertConfig:
     """``vlmprune convert``: an original Bunny / Mini-InternVL-Chat checkpoint -> a native one."""
 
     family: str | None = opt(None, "bunny: BunnyPhiForCausalLM (Bunny-v1.0); internvl-chat: InternVLChatModel "
-                                   "with Phi-3", flag="--from", choices=("bunny", "internvl-chat"))
+                                   "with Phi-3", flag="--from", choices=CONVERT_FAMILIES)
     source: str | None = opt(None, "local directory of the original checkpoint (its code is never run)",
                              positional=True)
     output: str | None = opt(None, "output directory")
@@ -483,7 +492,7 @@ class ConvertConfig:
     overwrite: bool = opt(False, "replace an existing output directory (only one vlmprune wrote)")
 
     def __post_init__(self):
-        one_of("from", self.family, ("bunny", "internvl-chat"), allow_none=False)
+        one_of("from", self.family, CONVERT_FAMILIES, allow_none=False)
         need("source", self.source)
         need("output", self.output)
 
@@ -522,12 +531,12 @@ class ExportConfig:
 class DataConfig:
     """``vlmprune data``: write a demo data set in the LLaVA conversation format."""
 
-    dataset: str | None = opt(None, "easyvqa or digits", positional=True, choices=("easyvqa", "digits"))
+    dataset: str | None = opt(None, " or ".join(DATASETS), positional=True, choices=DATASETS)
     output: str | None = opt(None, "output directory")
     limit: int | None = opt(None, "only the first N images per split", type=int)
 
     def __post_init__(self):
-        one_of("dataset", self.dataset, ("easyvqa", "digits"), allow_none=False)
+        one_of("dataset", self.dataset, DATASETS, allow_none=False)
         need("output", self.output)
         positive("limit", self.limit)
 

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+# matplotlib's object-oriented API: a Figure draws and saves itself (Agg for PNG), with no global backend
+# switch and no pyplot figure list to close
+from matplotlib.figure import Figure
 
-from vlmprune.importance.structures import WidthScores  # noqa: E402
-from vlmprune.planning.plan import PruningPlan  # noqa: E402
+from vlmprune.importance.structures import WidthScores
+from vlmprune.planning.plan import PruningPlan
 
 
 def plot_layer_scores(scores, dropped: list[int], path: Path, criterion: str) -> Path:
     """Bar chart of per-layer importance; dropped layers in red."""
     values = np.asarray([float(v) for v in scores])
-    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(values)), 3.5))
+    fig = Figure(figsize=(max(6, 0.3 * len(values)), 3.5))
+    ax = fig.subplots()
     colors = ["tab:red" if i in set(dropped) else "tab:blue" for i in range(len(values))]
     ax.bar(range(len(values)), values, color=colors)
     ax.set_xlabel("decoder layer")
@@ -27,7 +28,6 @@ def plot_layer_scores(scores, dropped: list[int], path: Path, criterion: str) ->
     ax.tick_params(axis="x", labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -37,8 +37,8 @@ def plot_width_scores(scores: WidthScores, plan: PruningPlan, path: Path, criter
     use_groups = attention == "groups"
     attn = scores.groups if use_groups else scores.heads
     layers = len(scores.channels)
-    fig, axes = plt.subplots(1, 2, figsize=(11, max(3, 0.22 * layers + 1.5)),
-                             gridspec_kw={"width_ratios": [1, 3]})
+    fig = Figure(figsize=(11, max(3, 0.22 * layers + 1.5)))
+    axes = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 3]})
     for ax, rows, label, key in ((axes[0], attn, "kv groups" if use_groups else "q heads",
                                   "kv_heads" if use_groups else "q_heads"),
                                  (axes[1], scores.channels, "MLP channels", "mlp_channels")):
@@ -61,13 +61,13 @@ def plot_width_scores(scores: WidthScores, plan: PruningPlan, path: Path, criter
     fig.suptitle(f"Width importance ({criterion})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
 def plot_search(rows: list[dict], chosen: int, path: Path, quantity: str) -> Path:
     """The auto search: proxy (KL to the original) against layers dropped, the chosen mix marked."""
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     ks = [r["layers_dropped"] for r in rows]
     kl = [r["proxy_kl"] for r in rows]
     ax.plot(ks, kl, "o-", color="tab:blue", label="candidates")
@@ -79,5 +79,4 @@ def plot_search(rows: list[dict], chosen: int, path: Path, quantity: str) -> Pat
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

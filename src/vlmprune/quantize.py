@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,18 +39,6 @@ from vlmprune.errors import VlmpruneError
 from vlmprune.measure import is_quantized_weight, tensor_bytes
 
 QUANTIZATION_KEY = "quantization"  # the record's key in pruning_plan.json
-
-
-class _NoKernelLibraryNoise(logging.Filter):
-    """torchao tries to load its CUDA-only kernel libraries (mxfp8, cutlass) at import and logs a
-    warning for each on a CPU build of torch; none of the schemes here uses them."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not (message.startswith("Failed to load") and ".so" in message)
-
-
-logging.getLogger("torchao").addFilter(_NoKernelLibraryNoise())
 
 
 class QuantizationError(VlmpruneError):
@@ -320,8 +307,7 @@ def quantize_model_dir(model: str | Path, scheme: str, output: str | Path, overw
     # refuse before loading anything: a missing package or device must not cost a model load
     wanted_device = device or ("cuda" if SCHEMES.get(scheme, SCHEMES["int8"]).needs_cuda else "cpu")
     check_scheme(scheme, wanted_device)
-    torch_dtype = getattr(torch, dtype) if dtype else None
-    net = load(model, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    net = load(model, dtype=dtype, trust_remote_code=trust_remote_code)  # a name as given: "auto" is the checkpoint's
     net.to(wanted_device)
     record = quantize(net, scheme)
     plan_path = Path(model) / PLAN_FILE

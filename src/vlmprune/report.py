@@ -6,14 +6,14 @@ import csv
 import json
 from pathlib import Path
 
-import matplotlib
 import yaml
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+# matplotlib's object-oriented API: a Figure draws and saves itself (Agg for PNG), with no global backend
+# switch and no pyplot figure list to close
+from matplotlib.figure import Figure
 
-from vlmprune.errors import VlmpruneError  # noqa: E402
-from vlmprune.study import expand_grid  # noqa: E402
+from vlmprune.errors import VlmpruneError
+from vlmprune.study import expand_grid
 
 
 def _read(path: Path) -> dict | None:
@@ -172,7 +172,8 @@ def _plots(run: Path, original: dict, rows: list[dict], tasks: list[str]) -> dic
     if not done:
         return paths
     # 1. retention vs ratio, per method and recipe (at each recipe's most common fraction)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     recipes = sorted({r["recipe"] for r in done})
     colour = {recipe: f"C{i % 10}" for i, recipe in enumerate(recipes)}  # one colour per recipe, style per method
     for (method, recipe) in sorted({(r["method"], r["recipe"]) for r in done}):
@@ -192,7 +193,6 @@ def _plots(run: Path, original: dict, rows: list[dict], tasks: list[str]) -> dic
     fig.tight_layout()
     paths["retention_vs_ratio"] = run / "retention_vs_ratio.png"
     fig.savefig(paths["retention_vs_ratio"], dpi=120)
-    plt.close(fig)
     # 2. retention vs data fraction
     sweeps = {}
     for r in done:
@@ -201,7 +201,8 @@ def _plots(run: Path, original: dict, rows: list[dict], tasks: list[str]) -> dic
             sweeps.setdefault((r["method"], r["recipe"], size), []).append(r)
     sweeps = {k: v for k, v in sweeps.items() if len({r["fraction"] for r in v}) > 1}
     if sweeps:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig = Figure(figsize=(7, 4.5))
+        ax = fig.subplots()
         for (method, recipe, size), pts in sorted(sweeps.items()):
             pts = sorted(pts, key=lambda r: r["fraction"])
             ax.plot([100 * r["fraction"] for r in pts], [100 * r["mean_retention"] for r in pts], marker="o",
@@ -215,7 +216,6 @@ def _plots(run: Path, original: dict, rows: list[dict], tasks: list[str]) -> dic
         fig.tight_layout()
         paths["retention_vs_fraction"] = run / "retention_vs_fraction.png"
         fig.savefig(paths["retention_vs_fraction"], dpi=120)
-        plt.close(fig)
     return paths
 
 
@@ -236,9 +236,11 @@ def _accuracy_plot(run: Path, original: dict, rows: list[dict], tasks: list[str]
         if p[1] > best:
             front.append(p)
             best = p[1]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     ax.scatter([p[0] / scale for p in points], [100 * p[1] for p in points], color="tab:gray", s=18)
-    ax.plot([p[0] / scale for p in front], [100 * p[1] for p in front], color="tab:red", marker="o", label="Pareto front")
+    ax.plot([p[0] / scale for p in front], [100 * p[1] for p in front], color="tab:red", marker="o",
+            label="Pareto front")
     for p in front:
         ax.annotate(p[2], (p[0] / scale, 100 * p[1]), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel(label)
@@ -249,5 +251,4 @@ def _accuracy_plot(run: Path, original: dict, rows: list[dict], tasks: list[str]
     fig.tight_layout()
     paths[name] = run / f"{name}.png"
     fig.savefig(paths[name], dpi=120)
-    plt.close(fig)
     return paths

@@ -16,10 +16,12 @@ from pathlib import Path
 from vlmprune.convert import bunny, internvl_chat
 from vlmprune.convert.common import ConversionError
 from vlmprune.convert.detect import convert_hint, detect_family, refuse_original
+from vlmprune.vocab import CONVERT_FAMILIES
 
 __all__ = ["FAMILIES", "ConversionError", "convert", "convert_hint", "detect_family", "refuse_original"]
 
-FAMILIES = {"bunny": bunny, "internvl-chat": internvl_chat}
+# the converter of each name `vlmprune convert --from` takes, in the vocabulary's order
+FAMILIES = dict(zip(CONVERT_FAMILIES, (bunny, internvl_chat), strict=True))
 RECORD_FILE = "conversion.json"
 
 

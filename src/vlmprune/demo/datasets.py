@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 from vlmprune.paths import atomic_output_dir
+from vlmprune.vocab import DATASETS
 
 EASYVQA_COLORS = {"red", "green", "blue", "black", "gray", "teal", "brown", "yellow"}
 EASYVQA_SHAPES = {"circle", "rectangle", "triangle"}
@@ -126,7 +127,8 @@ def write_digits(output: str | Path, limit: int | None = None) -> dict:
                 pixels = np.kron(pixels, np.ones((scale, scale), dtype=np.uint8))
                 Image.fromarray(pixels, mode="L").convert("RGB").save(tmp / "images" / split / f"{i}.png")
                 answer = str(int(digits.target[i]))
-                records.append(record(f"digits-{split}-{i}", f"images/{split}/{i}.png", "digits", "digit", DIGITS_QUESTION, answer))
+                records.append(record(f"digits-{split}-{i}", f"images/{split}/{i}.png", "digits", "digit",
+                                      DIGITS_QUESTION, answer))
             _dump(records, tmp / f"{split}.json")
             summary[split] = len(records)
             summary["images"] += len(records)
@@ -145,13 +147,15 @@ def demo_data(root: str | Path | None = None, limit: int | None = None) -> dict[
 
         root = cache_root() / ("data" if limit is None else f"data-limit{limit}")
     root = Path(root)
-    for name, writer in (("easyvqa", write_easyvqa), ("digits", write_digits)):
+    writers = {"easyvqa": write_easyvqa, "digits": write_digits}
+    for name in DATASETS:
+        writer = writers[name]
         if not (root / name / "test.json").exists():
             writer(root / name, limit=limit)
     train = root / "train.json"
     if not train.exists():
         joined = []
-        for name in ("easyvqa", "digits"):
+        for name in DATASETS:
             for r in json.loads((root / name / "train.json").read_text()):
                 joined.append({**r, "image": f"{name}/{r['image']}"})
         tmp = train.with_suffix(".json.tmp")

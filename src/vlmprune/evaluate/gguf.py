@@ -21,6 +21,9 @@ def evaluate_gguf_dir(cfg) -> dict:
     if cfg.efficiency:
         raise VlmpruneError("--efficiency measures PyTorch models; llama.cpp's own timings are in the result "
                             "('timings') of a GGUF evaluation")
+    if cfg.device is not None or cfg.dtype not in (None, "auto"):
+        raise VlmpruneError("--device and --dtype load a Hugging Face checkpoint; a GGUF export runs in llama.cpp "
+                            "in the types it was exported with")
     runner = LlamaCppModel(cfg.model)
     files = {name: Path(cfg.data_dir) / name / "test.json" for name in (cfg.tasks or [])}
     if cfg.task_file is not None:

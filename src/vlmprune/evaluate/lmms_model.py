@@ -67,15 +67,15 @@ class VlmpruneLMM(lmms):
             if not pretrained:
                 raise VlmpruneError("vlmprune model: give --model_args pretrained=MODEL_DIR")
             from vlmprune.checkpoint import load, load_processor
-            from vlmprune.config import DTYPES, check_device
+            from vlmprune.config import check_device
+            from vlmprune.vocab import DTYPES
 
             if dtype not in (None, *DTYPES):
                 raise VlmpruneError(f"vlmprune model: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             check_device(device)
             remote = _flag(trust_remote_code)
-            model = load(pretrained, dtype=None if dtype in (None, "auto") else getattr(torch, dtype),
-                         trust_remote_code=remote)
+            model = load(pretrained, dtype=dtype, trust_remote_code=remote)
             model = model.to(device)
             processor = load_processor(pretrained, trust_remote_code=remote)
         elif processor is None:

@@ -36,7 +36,9 @@ def evaluate_model_dir(config: EvalConfig | None = None, **options) -> dict:
         from vlmprune.evaluate.lmms import require_lmms
 
         require_lmms()  # before the model loads
-    net, processor = load(cfg.model), load_processor(cfg.model)
+    net, processor = load(cfg.model, dtype=cfg.dtype), load_processor(cfg.model)
+    if cfg.device:
+        net.to(cfg.device)
     result = {"tasks": {}, "data_dir": cfg.data_dir, "accuracy": 0.0}
     if cfg.tasks or cfg.task_file:
         result = evaluate(net, processor, tasks=cfg.tasks, data_dir=cfg.data_dir, limit=cfg.limit,

@@ -14,7 +14,7 @@ import string
 from collections.abc import Iterable
 from pathlib import Path
 
-from vlmprune.config import BUILTIN_TASKS
+from vlmprune.vocab import DATASETS as BUILTIN_TASKS  # the built-in data sets are the built-in tasks
 
 NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 ARTICLES = {"a", "an", "the"}
@@ -80,7 +80,8 @@ def load_task(path: str | Path, limit: int | None = None, seed: int = 0) -> list
     except UnicodeDecodeError as err:
         raise DataError(f"task file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     except json.JSONDecodeError as err:
-        raise DataError(f"task file {path} is not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})") from None
+        raise DataError(f"task file {path} is not valid JSON: {err.msg} (line {err.lineno}, "
+                        f"column {err.colno})") from None
     if not isinstance(records, list):
         raise DataError(f"task file {path} must hold a JSON list of records, not a {type(records).__name__}")
     if not records:
@@ -153,7 +154,8 @@ def chat_inputs(processor, prompts: list[tuple[list, str]]) -> dict:
         tokenizer.padding_side = old_side
 
 
-def generate_answers(model, processor, items: list[dict], batch_size: int = 32, max_new_tokens: int = 10, desc: str = "") -> list[str]:
+def generate_answers(model, processor, items: list[dict], batch_size: int = 32, max_new_tokens: int = 10,
+                     desc: str = "") -> list[str]:
     """Greedy answers, batched with left padding, prompts built by the processor's chat template."""
     import torch
     from tqdm.auto import tqdm

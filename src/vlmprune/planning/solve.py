@@ -21,10 +21,10 @@ from vlmprune.importance.structures import LayerSums, WidthScores, layer_params,
 from vlmprune.planning.plan import LayerShape, PruningPlan
 from vlmprune.summary import layer_shapes
 from vlmprune.surgery.apply import loads_stock
+from vlmprune.vocab import ATTENTION_MODES
 
 log = logging.getLogger(__name__)
 
-ATTENTION_MODES = ("groups", "heads", "none")
 
 
 def default_mlp_multiple(intermediate_size: int) -> int:
@@ -195,7 +195,8 @@ def plan_width(
     if target > max_removable + multiple * mlp_step:
         raise VlmpruneError(
             f"--ratio {ratio} asks for {target / budget.total:.1%} of the model, but width pruning of the selected "
-            f"layers can remove at most {max_removable / budget.total:.1%}; use a smaller ratio, more layers, or --method layer"
+            f"layers can remove at most {max_removable / budget.total:.1%}; use a smaller ratio, more layers, or "
+            f"--method layer"
         )
     if global_ranking:
         n_attn = (units - kept_units) * len(layers)
@@ -210,7 +211,8 @@ def plan_width(
         elif attention == "heads" and kept_units < units:
             entry["q_heads"] = _top_heads_per_group(scores.heads[i], shapes[i], kept_units)
         if kept_width < ref.intermediate_size:
-            entry["mlp_channels"] = sorted(torch.argsort(scores.channels[i], descending=True, stable=True)[:kept_width].tolist())
+            by_score = torch.argsort(scores.channels[i], descending=True, stable=True)
+            entry["mlp_channels"] = sorted(by_score[:kept_width].tolist())
         if entry:
             plan.layers[i] = entry
     return plan
@@ -237,7 +239,8 @@ def _plan_global(scores, shapes, layers, attention, multiple, n_attn_units, n_ch
             attn_units += [(float(scores.groups[i][k]), i, k) for k in order[:-1]]
         elif attention == "heads":
             g = s.group_size
-            ranked = [torch.argsort(scores.heads[i][k * g : (k + 1) * g], stable=True).tolist() for k in range(s.num_kv_heads)]
+            ranked = [torch.argsort(scores.heads[i][k * g : (k + 1) * g], stable=True).tolist()
+                      for k in range(s.num_kv_heads)]
             for r in range(g - 1):  # the r-th weakest head of every group, removed together
                 heads = [k * g + ranked[k][r] for k in range(s.num_kv_heads)]
                 attn_units.append((float(scores.heads[i][heads].sum()), i, heads))

@@ -170,7 +170,6 @@ def rank_output(output: str | Path, rank: int) -> Path:
 
 
 def _prune(cfg: PruneConfig, out: Path, ranked_outputs: list[Path] = ()) -> PruneResult:
-    dtype = None if cfg.dtype in (None, "auto") else getattr(torch, cfg.dtype)
     with contextlib.ExitStack() as stack:
         dispatch = {}
         if cfg.device_map is not None:
@@ -179,7 +178,7 @@ def _prune(cfg: PruneConfig, out: Path, ranked_outputs: list[Path] = ()) -> Prun
             dispatch = {"device_map": parse_device_map(cfg.device_map), "max_memory": parse_max_memory(cfg.max_memory),
                         "offload_folder": folder}
         with phases.phase("load"):
-            net = load(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **dispatch)
+            net = load(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, **dispatch)
             if cfg.device:
                 net.to(cfg.device)
             if cfg.device_map is not None and (cfg.plan is not None or cfg.scores is not None):
@@ -189,7 +188,6 @@ def _prune(cfg: PruneConfig, out: Path, ranked_outputs: list[Path] = ()) -> Prun
 
 
 def _prune_loaded(cfg: PruneConfig, out: Path, net: nn.Module, ranked_outputs: list[Path] = ()) -> PruneResult:
-    dtype = None if cfg.dtype in (None, "auto") else getattr(torch, cfg.dtype)
     before = summarize(net)
     weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in net.parameters()}.values())
     scores = None
@@ -338,7 +336,7 @@ def _prune_loaded(cfg: PruneConfig, out: Path, net: nn.Module, ranked_outputs: l
                                    if k not in ("achieved", "proxy_kl", "target", "parameters", "cost")},
                                 "achieved": row["achieved"], "proxy_kl": row["proxy_kl"], "rank": rank,
                                 "ratio_target": row["ratio_target"]})
-            copy_of = load(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+            copy_of = load(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
             if cfg.compensate != "none":  # ranked as a compensated model, written as one
                 other.extra["compensation"] = _compensate(cfg, copy_of, other, None)
             apply_plan_(copy_of, other)

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+# matplotlib's object-oriented API: a Figure draws and saves itself (Agg for PNG), with no global backend
+# switch and no pyplot figure list to close
+from matplotlib.figure import Figure
 
 
 def plot_loss_curve(history: list[dict], path: Path) -> Path:
     """Total loss and each logged term (``loss_<name>``) against the optimizer step."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     keys = [k for k in dict.fromkeys(k for entry in history for k in entry) if k == "loss" or k.startswith("loss_")]
     for key in keys:
         points = [(entry["step"], entry[key]) for entry in history if key in entry]
@@ -25,5 +25,4 @@ def plot_loss_curve(history: list[dict], path: Path) -> Path:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

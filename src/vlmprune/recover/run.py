@@ -17,6 +17,7 @@ from torch import nn
 from transformers.trainer import FSDP_MODEL_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from vlmprune import quiet
 from vlmprune.adapters import get_adapter
 from vlmprune.checkpoint import load, load_processor, save_model
 from vlmprune.config import RESOLVED_CONFIG, RecoverConfig
@@ -244,6 +245,7 @@ def recover(cfg: RecoverConfig, callbacks: list[transformers.TrainerCallback] | 
     args = training_arguments(cfg)
     state = args.distributed_state
     with contextlib.ExitStack() as stack:
+        stack.enter_context(quiet.deepspeed_only_if_in_use())  # DeepSpeed is imported only by a DeepSpeed launch
         if state.is_main_process:  # one writer per output for the whole run
             stack.enter_context(claim_output(cfg.output, [("student", cfg.student), ("teacher", cfg.teacher),
                                                           ("training data", cfg.data), ("image folder", cfg.image_folder)],

@@ -44,11 +44,11 @@ from tqdm.auto import tqdm
 
 from vlmprune.adapters import Adapter, get_adapter
 from vlmprune.calibrate import image_token_id, select_tokens
-from vlmprune.config import COMPENSATE_MODES
 from vlmprune.dispatch import input_device
 from vlmprune.errors import VlmpruneError
 from vlmprune.planning.plan import LayerKeep, PruningPlan
 from vlmprune.summary import layer_shapes
+from vlmprune.vocab import COMPENSATE_MODES
 
 log = logging.getLogger(__name__)
 
