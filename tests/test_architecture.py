@@ -74,11 +74,12 @@ def test_a_criterion_registered_from_user_code_prunes_through_the_public_api(tin
     result = vlmprune.prune(model=str(tiny_repo.model), output=str(tmp_path / "out"), method="width", ratio=0.2,
                             criterion="last_channels_first", attention="none", mlp_multiple=8)
     plan = json.loads((tmp_path / "out" / "pruning_plan.json").read_text())
-    assert plan["criterion"] == "last_channels_first"
+    record = json.loads((tmp_path / "out" / "run.json").read_text())["prune"]
+    assert record["criterion"] == "last_channels_first"
     for keep in plan["layers"].values():  # the lowest scores (the last channels) went
         n = len(keep["mlp_channels"])
         assert keep["mlp_channels"] == list(range(n))
-    assert result.removed == pytest.approx(plan["achieved"]["ratio"])
+    assert result.removed == pytest.approx(record["achieved"]["ratio"])
     assert (tmp_path / "out" / "scores.json").exists()
 
 
@@ -94,6 +95,7 @@ def test_scores_replan_another_ratio_exactly_like_a_fresh_run(tiny_repo, tmp_pat
     fresh = json.loads((tmp_path / "fresh" / "pruning_plan.json").read_text())
     replanned = json.loads((tmp_path / "replanned" / "pruning_plan.json").read_text())
     assert fresh["drop_layers"] == replanned["drop_layers"] and fresh["layers"] == replanned["layers"]
+    fresh, replanned = (json.loads((tmp_path / d / "run.json").read_text())["prune"] for d in ("fresh", "replanned"))
     assert fresh["achieved"] == replanned["achieved"] and fresh["achieved"]["ratio"] > 0
 
 

@@ -20,12 +20,13 @@ from vlmprune.convert.detect import refuse_original
 from vlmprune.errors import VlmpruneError
 from vlmprune.paths import atomic_output_dir, check_model_source
 from vlmprune.planning.plan import PLAN_FILE, LayerKeep, PruningPlan
+from vlmprune.record import RUN_FILE
 from vlmprune.summary import layer_shapes
 from vlmprune.surgery.apply import WIDTHS_KEY, prune_layer_width_, sync_config_
 
 # Files save_pretrained writes itself, or that describe weights; everything else in a model
 # directory (tokenizer, processor, chat template) is copied to the output.
-_MODEL_FILES = ("config.json", "generation_config.json", PLAN_FILE)
+_MODEL_FILES = ("config.json", "generation_config.json", PLAN_FILE, RUN_FILE)  # a stage writes its own
 # Processor files that live in a sub-folder of a model directory (transformers >= 4.5x saves extra
 # chat templates there); every other sub-folder of a model directory is the user's and is not copied.
 _PROCESSOR_SUBDIRS = ("additional_chat_templates",)
