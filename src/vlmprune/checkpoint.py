@@ -176,7 +176,8 @@ def save_model(
     extras: Callable[[Path], None] | None = None,
     inputs: Iterable[tuple[str, str | Path | None]] = (),
 ) -> Path:
-    """Write ``model`` (safetensors), its processor files and ``pruning_plan.json`` atomically.
+    """Write ``model`` (safetensors), its processor files and ``pruning_plan.json`` atomically (``extras``
+    adds the rest: ``run.json``, scores, plots).
 
     Processor/tokenizer files are copied from ``source`` when it is a local directory, else
     saved from ``processor`` (or loaded from ``source`` as a hub id) when one is available.

@@ -195,7 +195,8 @@ def plan_width(
     if target > max_removable + multiple * mlp_step:
         raise VlmpruneError(
             f"--ratio {ratio} asks for {target / budget.total:.1%} of the model, but width pruning of the selected "
-            f"layers can remove at most {max_removable / budget.total:.1%}; use a smaller ratio, more layers, or --method layer"
+            f"layers can remove at most {max_removable / budget.total:.1%}; use a smaller ratio, more layers, or "
+            f"--method layer"
         )
     if global_ranking:
         n_attn = (units - kept_units) * len(layers)
@@ -210,7 +211,8 @@ def plan_width(
         elif attention == "heads" and kept_units < units:
             entry["q_heads"] = _top_heads_per_group(scores.heads[i], shapes[i], kept_units)
         if kept_width < ref.intermediate_size:
-            entry["mlp_channels"] = sorted(torch.argsort(scores.channels[i], descending=True, stable=True)[:kept_width].tolist())
+            order = torch.argsort(scores.channels[i], descending=True, stable=True)
+            entry["mlp_channels"] = sorted(order[:kept_width].tolist())
         if entry:
             plan.layers[i] = entry
     return plan
@@ -237,7 +239,8 @@ def _plan_global(scores, shapes, layers, attention, multiple, n_attn_units, n_ch
             attn_units += [(float(scores.groups[i][k]), i, k) for k in order[:-1]]
         elif attention == "heads":
             g = s.group_size
-            ranked = [torch.argsort(scores.heads[i][k * g : (k + 1) * g], stable=True).tolist() for k in range(s.num_kv_heads)]
+            ranked = [torch.argsort(scores.heads[i][k * g : (k + 1) * g], stable=True).tolist()
+                      for k in range(s.num_kv_heads)]
             for r in range(g - 1):  # the r-th weakest head of every group, removed together
                 heads = [k * g + ranked[k][r] for k in range(s.num_kv_heads)]
                 attn_units.append((float(scores.heads[i][heads].sum()), i, heads))
@@ -298,7 +301,8 @@ def plan_for(model: nn.Module, scores: Scores, ratio: float, attention: str = "g
              mlp_multiple: int | None = None, layers: str | None = None, global_ranking: bool = False) -> PruningPlan:
     """The plan that removes the fraction ``ratio`` of the whole model, from ``scores`` of this model.
 
-    ``plan.extra`` records the method, criterion, options, every score and the achieved ratios.
+    ``plan.extra`` holds the planner's notes: the method, criterion, options, every score and the achieved
+    ratios (``vlmprune prune`` lifts them into ``run.json``'s prune section and saves the plan without them).
     """
     check_ratio(ratio)
     shapes = layer_shapes(model)

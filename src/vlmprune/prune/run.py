@@ -126,7 +126,8 @@ def prune(config: PruneConfig | None = None, **options) -> PruneResult:
 
     With ``plan``: apply it. Otherwise calibrate (unless ``scores`` gives an earlier run's scores
     or the criterion needs no data), score, plan for ``ratio``, cut, and write the model with
-    ``pruning_plan.json``, ``scores.json``, ``importance.png`` and ``resolved_config.yaml``. Every
+    ``pruning_plan.json`` (what is removed), ``run.json`` (the run record), ``scores.json``,
+    ``importance.png`` and ``resolved_config.yaml``. Every
     input is checked and the output claimed before the model loads; nothing is written unless
     pruning succeeds.
     """
