@@ -77,8 +77,19 @@ def worker(method: str, criterion: str, samples: int, batch_size: int, shape: st
     batches = [{k: v.to(device) for k, v in make(i).items()} for i in range(max(samples // batch_size, 1))]
     reset_peak(device)
     t0 = time.perf_counter()
+    stats_mb = None
     if method == "reference":
         (forward_only if criterion == "forward" else activations_only)(model, batches)
+    elif method == "compensate":  # a 20% width cut (magnitude: no data), fitted; the peak is the fit's own
+        from vlmprune.surgery.compensate import compensate_
+
+        plan, _ = score_and_plan(model, "width", 0.2, "magnitude")
+        reset_peak(device)
+        t0 = time.perf_counter()
+        compensate_(model, plan, batches, criterion, sequential=True)
+        widest = max(max(m.in_features for m in (layer.self_attn.o_proj, layer.mlp.down_proj))
+                     for layer in model.model.language_model.layers)
+        stats_mb = widest * widest * 8 / 2**20  # one consumer's float64 Gram matrix
     else:
         score_and_plan(model, method, 0.2, criterion, batches)
     seconds = time.perf_counter() - t0
@@ -86,7 +97,7 @@ def worker(method: str, criterion: str, samples: int, batch_size: int, shape: st
     return {"shape": shape, "dtype": dtype, "device": device, "batch_size": batch_size, "batches": len(batches),
             "tokens_per_batch": int(batches[0]["input_ids"].numel()),
             "method": method, "criterion": criterion, "seconds": seconds, "weights_mb": weights,
-            "rss_before_model_mb": base, "peak_rss_mb": peak,
+            "rss_before_model_mb": base, "peak_rss_mb": peak, "layer_statistics_mb": stats_mb,
             "peak_over_weights": (peak - base) / weights}
 
 
@@ -97,14 +108,15 @@ def budgets(rows: list[dict]) -> list[str]:
         at = {r["criterion"]: r for r in rows if r["batch_size"] == bs}
         for name, factor, ref in (("taylor", 1.3, "backward"), ("activation", 1.3, "forward"), ("wanda", 1.3, "forward"),
                                   ("block_influence", 1.1, "forward"), ("angular", 1.1, "forward"),
-                                  ("skip_loss", 1.1, "forward")):
+                                  ("skip_loss", 1.1, "forward"), ("ls", 1.5, "forward")):
             if name not in at or ref not in at:
                 continue
             r, a = at[name], at[ref]
             weights = r["weights_mb"]
             activations = max(a["peak_rss_mb"] - a["rss_before_model_mb"] - weights, 0.0)
             used = r["peak_rss_mb"] - r["rss_before_model_mb"]
-            budget = factor * weights + activations
+            # compensation (issue 28): the prune budget plus one layer's statistics (its Gram matrices, float64)
+            budget = factor * weights + activations + 2 * (r.get("layer_statistics_mb") or 0.0)
             lines.append(f"batch {bs} {name}: {used:.0f} MB above the bare process; budget {factor} x {weights:.0f} MB "
                          f"weights + {activations:.0f} MB activations ({ref} reference) = {budget:.0f} MB -> "
                          f"{'OK' if used <= budget else 'OVER'} ({used / budget:.2f} of budget)")
@@ -151,21 +163,24 @@ def command_main(args) -> None:
     criteria = args.criteria.split(",") if args.criteria else list(COMMAND_CRITERIA)
     rows = []
     for repeat in range(args.repeats):  # repeats outermost: a disturbance spreads over criteria
-        for criterion in criteria:
+        for name in [c + m for c in criteria for m in ("", *([f"+{args.compensate}"] if args.compensate else []))]:
+            criterion, _, compensate = name.partition("+")
             method = COMMAND_CRITERIA.get(criterion, "width")
-            out = workdir / f"out-{criterion}"
+            out = workdir / f"out-{name}"
             argv = ["prune", "--model", str(model_dir), "--method", method, "--criterion", criterion,
                     "--ratio", f"{ratio:.6f}", "--output", str(out), "--overwrite", "--seed", "0"]
-            if criterion not in DATA_FREE:
+            if criterion not in DATA_FREE or compensate:
                 argv += ["--calibration", str(calibration), "--num-samples", str(args.samples),
                          "--max-length", str(args.max_length), "--batch-size", str(args.batch_size)]
+            if compensate:
+                argv += ["--compensate", compensate]
             load_before = os.getloadavg()[0]
-            seconds, peak, code = run_vlmprune(argv, workdir / f"{criterion}.log", env)
+            seconds, peak, code = run_vlmprune(argv, workdir / f"{name}.log", env)
             if code != 0:
-                print(f"{criterion}: vlmprune prune failed (exit {code}); see {workdir / (criterion + '.log')}")
+                print(f"{name}: vlmprune prune failed (exit {code}); see {workdir / (name + '.log')}")
                 continue
             record = RunRecord.load(out).prune
-            row = {"label": args.label, "criterion": criterion, "method": method, "repeat": repeat,
+            row = {"label": args.label, "criterion": name, "method": method, "repeat": repeat,
                    "threads": args.threads, "samples": args.samples, "max_length": args.max_length,
                    "batch_size": args.batch_size, "wall_s": seconds, "peak_rss_mib": peak, "weights_mib": weights_mib,
                    "loadavg": [load_before, os.getloadavg()[0]], "cost": record.cost}
@@ -174,7 +189,7 @@ def command_main(args) -> None:
                 with open(args.jsonl, "a") as f:
                     f.write(json.dumps(row) + "\n")
             peak = process_peak(row)
-            print(f"{criterion:16s} run {repeat}: {seconds:6.1f} s  peak {peak:6.0f} MiB ({peak / weights_mib:.2f}x "
+            print(f"{name:16s} run {repeat}: {seconds:6.1f} s  peak {peak:6.0f} MiB ({peak / weights_mib:.2f}x "
                   f"weights)  load {load_before:.1f}", flush=True)
     if not rows:
         return
@@ -261,6 +276,8 @@ def main() -> None:
     command.add_argument("--lm-fraction", type=float, default=0.2, help="share of the decoder layers' parameters to cut")
     command.add_argument("--src", help="PYTHONPATH of the prune processes (another checkout's src, to compare)")
     command.add_argument("--label", default="", help="a name for these rows (e.g. before / after)")
+    command.add_argument("--compensate", help="also run each criterion with --compensate MODE, interleaved "
+                         "(the rows' criterion reads CRITERION+MODE)")
     command.add_argument("--workdir", default="/tmp/vlmprune-prune-cost")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
@@ -280,7 +297,7 @@ def main() -> None:
         print(json.dumps(worker(method, criterion, samples, int(bs), args.shape, dtype, args.device)))
         return
     wanted = set(args.criteria.split(",")) if args.criteria else None
-    groups = {**CRITERIA, "reference": ["forward", "backward"]}
+    groups = {**CRITERIA, "reference": ["forward", "backward"], "compensate": ["ls"]}
     if real and wanted is None:  # skip_loss runs L+1 forwards per batch: hours at these sizes on a CPU
         groups["layer"] = [c for c in groups["layer"] if c != "skip_loss"]
     rows = []

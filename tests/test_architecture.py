@@ -83,6 +83,69 @@ def test_a_criterion_registered_from_user_code_prunes_through_the_public_api(tin
     assert (tmp_path / "out" / "scores.json").exists()
 
 
+def test_a_collector_and_criterion_registered_from_user_code_prune(tiny_repo, tmp_path, monkeypatch):
+    import vlmprune.importance.registry as registry
+    from vlmprune.calibrate import select_tokens
+
+    monkeypatch.setattr(registry, "_COLLECTORS", dict(registry.collectors()))  # both end with the test
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    seen = []
+
+    @vlmprune.register_collector("selected_tokens")
+    def count_tokens(model, batches, tokens):
+        seen.append(tokens)
+        return sum(int(select_tokens(b, tokens, None).sum()) for b in batches)
+
+    @vlmprune.register_criterion("second_layer_first", method="layer", stats="selected_tokens", default_tokens="text")
+    def second_layer_first(stats, ctx):
+        """layer 1 scores 0, the others the number of selected tokens"""
+        scores = torch.full((len(ctx.shapes),), float(stats), dtype=torch.float64)
+        scores[1] = 0
+        return scores
+
+    assert "selected_tokens" in registry.collectors()
+    vlmprune.prune(model=str(tiny_repo.model), output=str(tmp_path / "out"), method="layer", ratio=0.2,
+                   criterion="second_layer_first", calibration=str(tiny_repo.data),
+                   image_folder=str(tiny_repo.images), num_samples=4)
+    assert seen == ["text"]  # the criterion's default positions reached the collector
+    plan = json.loads((tmp_path / "out" / "pruning_plan.json").read_text())
+    record = json.loads((tmp_path / "out" / "run.json").read_text())["prune"]
+    assert record["criterion"] == "second_layer_first" and plan["drop_layers"][0] == 1
+    with pytest.raises(vlmprune.VlmpruneError, match="no statistics collector 'nope'.*selected_tokens"):
+        registry.get_collector("nope")
+
+
+def test_a_loss_registered_from_user_code_trains_through_the_public_api(tiny_repo, tmp_path, monkeypatch):
+    import vlmprune.recover.losses as losses
+    from vlmprune.data import IGNORE_INDEX
+
+    monkeypatch.setattr(losses, "_REGISTRY", dict(losses._REGISTRY))  # the registration ends with the test
+    calls = []
+
+    @vlmprune.register_loss("mytest", positions=lambda x: x.targets != IGNORE_INDEX)
+    def mytest(x):
+        """L1 of the logits at the answer positions"""
+        calls.append(tuple(x.student_logits.shape))
+        return x.student_logits.abs().mean()
+
+    assert [loss.name for loss in losses.losses()][:3] == ["sft", "logits", "hidden"]
+    out = tmp_path / "out"
+    cfg = RecoverConfig(student=str(tiny_repo.model), data=str(tiny_repo.data), image_folder=str(tiny_repo.images),
+                        output=str(out), loss="mytest=1", max_steps=2, learning_rate=1e-2, logging_steps=1)
+    assert cfg.loss == {"mytest": 1.0}
+    vlmprune.recover.recover(cfg)
+    assert len(calls) == 2 and all(len(shape) == 3 for shape in calls)  # one micro-batch per step
+    before, after = vlmprune.load(tiny_repo.model).state_dict(), vlmprune.load(out).state_dict()
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before if ".language_model." in f".{k}")
+    log = json.loads((out / "trainer_log.json").read_text())
+    assert any("loss_mytest" in entry for entry in log) and not any("loss_sft" in entry for entry in log)
+    record = json.loads((out / "run.json").read_text())
+    assert record["recovery"][-1]["losses"] == {"mytest": 1.0}
+    with pytest.raises(vlmprune.VlmpruneError, match="unknown loss 'nope'; choose from sft, logits, hidden, mytest"):
+        RecoverConfig(student="s", data="d", output="o", loss="nope=1")
+
+
 @pytest.mark.parametrize("method, criterion", [("width", "taylor"), ("layer", "angular")])
 def test_scores_replan_another_ratio_exactly_like_a_fresh_run(tiny_repo, tmp_path, method, criterion):
     common = ["--model", str(tiny_repo.model), "--method", method, "--criterion", criterion, "--calibration",
@@ -169,11 +232,31 @@ def test_slices_cover_every_prunable_row_and_column_once():
             assert (owned == 1).all(), family  # every row/column: exactly one owner
 
 
-def test_quantize_schemes_are_named_once():
-    from vlmprune.config import QUANT_SCHEMES
-    from vlmprune.quantize import SCHEMES
+def test_a_scheme_registered_from_user_code_quantizes_through_the_cli(tiny_repo, tmp_path, monkeypatch):
+    import vlmprune.quantize as quantize
+    from vlmprune.measure import is_quantized_weight
 
-    assert tuple(SCHEMES) == QUANT_SCHEMES
+    monkeypatch.setattr(quantize, "SCHEMES", dict(quantize.SCHEMES))  # the registration ends with the test
+    calls = []
+
+    @vlmprune.register_scheme("int8-test", backend="torchao", description="int8 weights, registered by a test")
+    def int8_test(model, selected, keep):
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        calls.append(sorted(selected))
+        return quantize.apply_torchao(model, selected, keep, Int8WeightOnlyConfig())
+
+    assert list(quantize.SCHEMES)[:4] == ["int8", "int8-dynamic", "nf4", "int4"]
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(tiny_repo.model), "--scheme", "int8-test", "--output", str(out)]) == 0
+    record = json.loads((out / "run.json").read_text())["quantization"]
+    assert (record["scheme"], record["backend"], record["description"]) == (
+        "int8-test", "torchao", "int8 weights, registered by a test")
+    assert len(calls) == 1 and record["quantized_modules"] == len(calls[0]) > 0
+    loaded = dict(vlmprune.load(out).named_modules())
+    assert all(is_quantized_weight(loaded[name].weight) for name in calls[0])
+    assert main(["quantize", "--model", str(tiny_repo.model), "--scheme", "int3", "--output", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
 
 
 def test_benchmarks_and_scripts_import_only_what_exists():

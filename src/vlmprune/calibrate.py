@@ -1,5 +1,8 @@
 """Run a model over calibration batches and collect the statistics the criteria need.
 
+Each collector is registered by name (``@register_collector``, beside ``register_criterion`` in
+``vlmprune.importance.registry``); a criterion names the statistics it needs by that name.
+
 The hooks live here; the criteria (vlmprune.importance) are pure functions of what this
 returns. Every statistic is a sum over the selected token positions (``--tokens``), so padding
 never contributes.
@@ -21,6 +24,7 @@ from vlmprune.data import token_masks
 from vlmprune.dispatch import input_device, on_placed_weights
 from vlmprune.errors import VlmpruneError
 from vlmprune.importance.layer import HiddenStateStats, SkipLossStats
+from vlmprune.importance.registry import register_collector
 from vlmprune.importance.structures import LayerSums, layer_params, reduce_
 from vlmprune.importance.width import ActivationSums
 from vlmprune.phases import phase
@@ -82,6 +86,7 @@ def _output(out) -> torch.Tensor:
 
 
 @torch.no_grad()
+@register_collector("hidden_states")
 def collect_hidden_states(model: nn.Module, batches: Iterable[dict], tokens: str = "all") -> HiddenStateStats:
     """Cosine and angular sums between every pair of residual states h_0..h_L at the selected tokens."""
     adapter = get_adapter(model)
@@ -134,11 +139,13 @@ def _labels_for(batch: dict, tokens: str, image_id: int | None) -> torch.Tensor:
     if tokens in ("all", "text"):
         mask = select_tokens(batch, "text", image_id)
     else:
-        raise VlmpruneError("skip_loss measures next-token loss; image positions have no targets: use --tokens answer|text")
+        raise VlmpruneError("skip_loss measures next-token loss; image positions have no targets: "
+                            "use --tokens answer|text")
     return torch.where(mask, batch["input_ids"], torch.full_like(batch["input_ids"], -100))
 
 
 @torch.no_grad()
+@register_collector("skip_loss")
 def collect_skip_losses(model: nn.Module, batches: Iterable[dict], tokens: str = "answer") -> SkipLossStats:
     """Answer (or text) loss of the intact model and with each decoder layer skipped in turn."""
     layers = get_adapter(model).layers(model)
@@ -162,12 +169,14 @@ def collect_skip_losses(model: nn.Module, batches: Iterable[dict], tokens: str =
 
 
 @torch.no_grad()
+@register_collector("activations")
 def collect_activations(model: nn.Module, batches: Iterable[dict], tokens: str = "all") -> list[ActivationSums]:
     """Sums of |x| and x^2 of every o_proj input feature and every MLP channel, at the selected tokens."""
     adapter = get_adapter(model)
     shapes = layer_shapes(model, adapter)
     stats = [ActivationSums(*(torch.zeros(n, dtype=torch.float64) for n in
-                              (s.num_heads * s.head_dim, s.num_heads * s.head_dim, s.intermediate_size, s.intermediate_size)))
+                              (s.num_heads * s.head_dim, s.num_heads * s.head_dim,
+                               s.intermediate_size, s.intermediate_size)))
              for s in shapes]
     mask_box: list[torch.Tensor] = []
     image_id = image_token_id(model)
@@ -207,6 +216,7 @@ def effective_batches(masses: list[float]) -> float:
     return sum(masses) ** 2 / max(sum(m * m for m in masses), 1e-30)
 
 
+@register_collector("taylor")
 def collect_taylor(model: nn.Module, batches: Iterable[dict], tokens: str = "text") -> list[LayerSums]:
     """Per-structure sums of |W * dL/dW| (L: cross-entropy on the selected tokens), per batch.
 
@@ -288,15 +298,6 @@ def collect_taylor(model: nn.Module, batches: Iterable[dict], tokens: str = "tex
             p.grad = None
         model.train(was_training)
     return sums
-
-
-# Statistics name -> collector(model, batches, tokens); criteria name the statistics they need.
-COLLECTORS = {
-    "hidden_states": collect_hidden_states,
-    "skip_loss": collect_skip_losses,
-    "activations": collect_activations,
-    "taylor": collect_taylor,
-}
 
 
 class Batches:

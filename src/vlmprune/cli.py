@@ -18,6 +18,7 @@ from vlmprune.config import (
     ConvertConfig,
     DataConfig,
     EvalConfig,
+    ExportConfig,
     InspectConfig,
     PruneConfig,
     QuantizeConfig,
@@ -224,6 +225,28 @@ def cmd_quantize(args: QuantizeConfig) -> int:
     return 0
 
 
+def cmd_export(cfg: ExportConfig) -> int:
+    from vlmprune.export import export_gguf
+
+    record = export_gguf(cfg.model, cfg.output, quant=cfg.quant, overwrite=cfg.overwrite, vision=not cfg.no_vision,
+                         vision_quant=cfg.vision_quant, trust_remote_code=cfg.trust_remote_code)
+    for part in ("text", "mmproj"):
+        r = record.get(part)
+        if r is None:
+            continue
+        what = f"{r['arch']}, {r['layers']} layers" if part == "text" else f"{r['tower']} on the {r['projector']} graph"
+        types = ", ".join(f"{n} {t}" for t, n in sorted(r["tensor_types"].items()))
+        console().print(f"{r['file']}: {what}, {r['bytes'] / 2**20:,.1f} MB ({types})", markup=False)
+        for fb in r["fallbacks"]:
+            console().print(f"  {fb['tensor']} {tuple(fb['shape'])}: {fb['written']}, not {fb['wanted']} "
+                            f"({fb['reason']})", markup=False)
+        for note in r.get("notes", []):
+            console().print(f"  note: {note}", markup=False)
+    console().print(f"-> {record['output']}  (llama-server -m model.gguf"
+                    + (" --mmproj mmproj.gguf)" if "mmproj" in record else ")"), markup=False)
+    return 0
+
+
 def cmd_data(cfg: DataConfig) -> int:
     from vlmprune.demo import datasets
 
@@ -321,6 +344,7 @@ STAGES = {
     "evaluate": (EvalConfig, cmd_evaluate, "exact-match accuracy on tasks, lmms-eval benchmarks, and efficiency measures"),
     "quantize": (QuantizeConfig, cmd_quantize, "quantize the language model's decoder layers and write a checkpoint"),
     "convert": (ConvertConfig, cmd_convert, "an original Bunny / Mini-InternVL-Chat checkpoint -> a native one"),
+    "export": (ExportConfig, cmd_export, "GGUF for llama.cpp: text model + mmproj (per-layer widths as deci)"),
     "data": (DataConfig, cmd_data, "write a demo data set in the LLaVA conversation format"),
     "report": (ReportConfig, cmd_report, "aggregate a study run directory into tables and plots"),
 }

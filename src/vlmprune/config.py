@@ -446,17 +446,14 @@ class EvalConfig:
                 raise VlmpruneError(f"--output {self.output} lies inside the model directory; write results elsewhere")
 
 
-QUANT_SCHEMES = ("int8", "int8-dynamic", "nf4", "int4")  # vlmprune.quantize.SCHEMES describes each
-
-
 @dataclass(frozen=True)
 class QuantizeConfig:
     """``vlmprune quantize``: post-training quantization of the language model's decoder layers."""
 
     model: str | None = opt(None, "model directory (pruned or not) or hub id")
-    scheme: str | None = opt(None, "int8: int8 weights (torchao, CPU); int8-dynamic: int8 weights and activations "
-                                   "(torchao, CPU); nf4: 4-bit NormalFloat (bitsandbytes); int4: int4 weights "
-                                   "(torchao, CUDA + bfloat16)", choices=QUANT_SCHEMES)
+    # The names are vlmprune.quantize.SCHEMES (its registry); the runner checks them before anything loads.
+    scheme: str | None = opt(None, "a quantization scheme: int8, int8-dynamic, nf4 (CPU) and int4 (CUDA + bfloat16) "
+                                   "are built in (docs/quantize.md), more with vlmprune.register_scheme")
     output: str | None = opt(None, "output directory (written whole at the end)")
     device: str | None = opt(None, "where to quantize (default: cuda for int4, else cpu)")
     dtype: str | None = opt(None, "load the model in this dtype first, e.g. bfloat16 for int4 (default: the "
@@ -467,7 +464,7 @@ class QuantizeConfig:
     def __post_init__(self):
         need("model", self.model)
         need("output", self.output)
-        one_of("scheme", self.scheme, QUANT_SCHEMES, allow_none=False)
+        need("scheme", self.scheme)
         one_of("dtype", self.dtype, DTYPES)
 
 
@@ -489,6 +486,36 @@ class ConvertConfig:
         one_of("from", self.family, ("bunny", "internvl-chat"), allow_none=False)
         need("source", self.source)
         need("output", self.output)
+
+
+# vlmprune export --format gguf: numpy quantizers of the gguf package, and llama.cpp's K-quants (need its quantizer)
+GGUF_NUMPY_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")
+GGUF_K_QUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """``vlmprune export``: a (pruned) model as files an edge runtime runs: GGUF for llama.cpp (text model
+    model.gguf + vision tower and projector mmproj.gguf), checked against what llama.cpp can hold first."""
+
+    model: str | None = opt(None, "model directory (pruned or not)", positional=True)
+    format: str | None = opt("gguf", "gguf: llama.cpp / Ollama / LM Studio", choices=("gguf",))
+    output: str | None = opt(None, "output directory (written whole at the end)")
+    quant: str | None = opt("f16", "weight type of the text model's matrices: f32, f16, bf16, q8_0, q4_0 (numpy; rows "
+                                    "that do not fill whole blocks fall back to f16 and are reported); K-quants need "
+                                    "llama.cpp's quantizer", choices=GGUF_NUMPY_QUANTS + GGUF_K_QUANTS)
+    vision_quant: str | None = opt(None, "weight type of the mmproj (default: f16, or f32/bf16 with that --quant)",
+                                   choices=GGUF_NUMPY_QUANTS)
+    no_vision: bool = opt(False, "write the text model only (no mmproj)")
+    overwrite: bool = opt(False, "replace an existing output directory (only one vlmprune wrote)")
+    trust_remote_code: bool = opt(False, "run the model repo's own code (off by default)")
+
+    def __post_init__(self):
+        need("model", self.model)
+        need("output", self.output)
+        one_of("format", self.format, ("gguf",), allow_none=False)
+        one_of("quant", self.quant, GGUF_NUMPY_QUANTS + GGUF_K_QUANTS, allow_none=False)
+        one_of("vision_quant", self.vision_quant, GGUF_NUMPY_QUANTS)
 
 
 @dataclass(frozen=True)
@@ -517,7 +544,6 @@ class ReportConfig:
             raise VlmpruneError(f"run directory not found: {self.run}")
 
 
-LOSSES = ("sft", "logits", "hidden")
 TRAIN_MODES = ("projector", "lm", "lora", "all")
 MODALITY_GROUPING = ("auto", "on", "off")
 # transformers.SchedulerType values (checked against transformers when a run starts)
@@ -526,7 +552,10 @@ REPORT_TO = ("none", "all", "tensorboard", "wandb", "mlflow", "comet_ml", "clear
 
 def parse_losses(spec: str | dict) -> dict[str, float]:
     """``"sft=1,hidden=0.5"`` (or a dict) -> ``{"sft": 1.0, "hidden": 0.5}``; unknown names, repeated names
-    and weights that are negative or not finite are refused."""
+    and weights that are negative or not finite are refused. Names are those of the loss registry
+    (:func:`vlmprune.recover.losses.register_loss`), imported here, not when the CLI starts."""
+    from vlmprune.recover.losses import get_loss
+
     if isinstance(spec, dict):
         items = list(spec.items())
     else:
@@ -539,8 +568,7 @@ def parse_losses(spec: str | dict) -> dict[str, float]:
     weights: dict[str, float] = {}
     seen = set()
     for name, weight in items:
-        if name not in LOSSES:
-            raise VlmpruneError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}")
+        get_loss(name)  # unknown names are refused with the registered ones
         if name in seen:
             raise VlmpruneError(f"--loss names {name!r} twice; give each loss once (e.g. sft=1,hidden=1)")
         seen.add(name)
@@ -582,7 +610,8 @@ class RecoverConfig:
     keep_checkpoints: bool = opt(False, "keep OUTPUT.checkpoints after success")
     trust_remote_code: bool = opt(False, "run the model repo's own code")
     # losses
-    loss: dict | str = opt(None, f"weighted losses NAME=W,... with NAME in {', '.join(LOSSES)}, e.g. sft=1,hidden=1",
+    loss: dict | str = opt(None, "weighted losses NAME=W,..., e.g. sft=1,hidden=1 (built in: sft, logits, hidden; "
+                                 "more with vlmprune.recover.losses.register_loss)",
                            default_factory=lambda: {"sft": 1.0, "hidden": 1.0})
     temperature: float = opt(2.0, "logit KD temperature", type=float)
     kd_tokens: str = opt("answer", "positions of the logit KD", choices=("answer", "text"))
@@ -624,8 +653,11 @@ class RecoverConfig:
         object.__setattr__(self, "loss", parse_losses(self.loss))
         for name in ("student", "data", "output"):
             need(name, getattr(self, name))
-        if set(self.loss) & {"logits", "hidden"} and not self.teacher:
-            raise VlmpruneError(f"the losses {sorted(set(self.loss) - {'sft'})} distil from a teacher: pass --teacher")
+        from vlmprune.recover.losses import get_loss
+
+        distilled = sorted(name for name in self.loss if get_loss(name).needs_teacher)
+        if distilled and not self.teacher:
+            raise VlmpruneError(f"the losses {distilled} distil from a teacher: pass --teacher")
         one_of("teacher_placement", self.teacher_placement, TEACHER_PLACEMENTS, allow_none=False)
         if self.teacher_placement != "replicate" and not self.teacher:
             raise VlmpruneError(f"--teacher-placement {self.teacher_placement} places the distillation teacher: "

@@ -6,7 +6,7 @@ study quantized the decoder alone and the vision path is small and sensitive. Mo
 by identity from ``adapter.layers(model)``, never by name patterns, so per-layer-width (pruned)
 checkpoints and every supported family take the same path.
 
-Schemes and their backends (see ``SCHEMES``):
+Schemes and their backends (each registered with ``@register_scheme``; ``SCHEMES`` holds them):
 
 - ``int8``: torchao ``Int8WeightOnlyConfig`` (per-row int8 weights; runs on CPU).
 - ``int8-dynamic``: torchao ``Int8DynamicActivationInt8WeightConfig`` (int8 weights, activations
@@ -27,8 +27,10 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,6 +58,11 @@ class QuantizationError(VlmpruneError):
     """A scheme is unknown, or this machine lacks the device or package it needs."""
 
 
+QUANTIZE_EXTRA = 'pip install "vlmprune[quantize]"'
+NF4_BLOCK = 64  # nf4: weights per block scale (bitsandbytes' default blocksize)
+INT4_GROUP = 128  # int4: weights per scale
+
+
 @dataclass(frozen=True)
 class Scheme:
     name: str
@@ -63,18 +70,27 @@ class Scheme:
     pip: str  # what to install when it is missing
     needs_cuda: bool
     description: str
+    # (model, selected decoder Linears by name, modules kept unquantized) -> the transformers quantization
+    # config that reloads the result; quantizes ``selected`` in place
+    quantize: Callable[[nn.Module, dict[str, nn.Linear], list[str]], Any] | None = None
 
 
-SCHEMES: dict[str, Scheme] = {
-    "int8": Scheme("int8", "torchao", 'pip install "vlmprune[quantize]"', False,
-                   "int8 weights (one scale per output row), activations in the model dtype"),
-    "int8-dynamic": Scheme("int8-dynamic", "torchao", 'pip install "vlmprune[quantize]"', False,
-                           "int8 weights and int8 activations (scales per token, computed at run time)"),
-    "nf4": Scheme("nf4", "bitsandbytes", 'pip install "vlmprune[quantize]"', False,
-                  "4-bit NormalFloat weights in blocks of 64, block scales themselves quantized"),
-    "int4": Scheme("int4", "torchao", 'pip install "vlmprune[quantize]"', True,
-                   "int4 weights in groups of 128 (tinygemm layout), bfloat16 activations"),
-}
+SCHEMES: dict[str, Scheme] = {}  # filled by register_scheme below; --scheme and the study check names here
+
+
+def register_scheme(name: str, backend: str, description: str, needs_cuda: bool = False, pip: str = QUANTIZE_EXTRA):
+    """Register ``fn(model, selected, keep) -> transformers quantization config`` as scheme ``name``.
+
+    ``backend`` is the Python package it needs (checked before anything loads, with ``pip`` as the
+    fix); ``needs_cuda`` refuses other devices. ``fn`` quantizes the ``selected`` decoder Linears in
+    place; for torchao, ``apply_torchao(model, selected, keep, torchao_config)`` does it.
+    """
+
+    def register(fn):
+        SCHEMES[name] = Scheme(name, backend, pip, needs_cuda, description, fn)
+        return fn
+
+    return register
 
 
 # --------------------------------------------------------------------------- selection
@@ -146,39 +162,33 @@ def check_scheme(scheme: str, device: torch.device | str = "cpu") -> Scheme:
 # --------------------------------------------------------------------------- backends
 
 
-def _torchao_config(scheme: str):
-    from torchao.quantization import (
-        Int4WeightOnlyConfig,
-        Int8DynamicActivationInt8WeightConfig,
-        Int8WeightOnlyConfig,
-    )
-
-    if scheme == "int8":
-        return Int8WeightOnlyConfig()
-    if scheme == "int8-dynamic":
-        return Int8DynamicActivationInt8WeightConfig()
-    # tile_packed_to_4d is the layout PyTorch's own CUDA int4 matmul reads; the other layouts need
-    # extra kernel packages (mslk) or an XPU.
-    return Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
-
-
-def _quantize_torchao(model: nn.Module, scheme: str, selected: dict[str, nn.Linear], keep: list[str]):
+def apply_torchao(model: nn.Module, selected: dict[str, nn.Linear], keep: list[str], config):
+    """Apply the torchao ``config`` to the ``selected`` modules (chosen by identity)."""
     from torchao.quantization import quantize_
     from transformers import TorchAoConfig
 
-    if scheme == "int4":
-        bad = sorted({str(m.weight.dtype) for m in selected.values()} - {"torch.bfloat16"})
-        if bad:
-            raise QuantizationError(
-                f"--scheme int4 needs bfloat16 decoder weights (the tinygemm kernel's only dtype), found {bad}; "
-                f"load the model with dtype=torch.bfloat16 (vlmprune quantize --dtype bfloat16)"
-            )
-    config = _torchao_config(scheme)
     ids = {id(m) for m in selected.values()}
     quantize_(model, config, filter_fn=lambda module, fqn: id(module) in ids)
     return TorchAoConfig(quant_type=config, modules_to_not_convert=keep)
 
 
+@register_scheme("int8", "torchao", "int8 weights (one scale per output row), activations in the model dtype")
+def _int8(model: nn.Module, selected: dict[str, nn.Linear], keep: list[str]):
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    return apply_torchao(model, selected, keep, Int8WeightOnlyConfig())
+
+
+@register_scheme("int8-dynamic", "torchao",
+                 "int8 weights and int8 activations (scales per token, computed at run time)")
+def _int8_dynamic(model: nn.Module, selected: dict[str, nn.Linear], keep: list[str]):
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+    return apply_torchao(model, selected, keep, Int8DynamicActivationInt8WeightConfig())
+
+
+@register_scheme("nf4", "bitsandbytes",
+                 f"4-bit NormalFloat weights in blocks of {NF4_BLOCK}, block scales themselves quantized")
 def _quantize_bnb_nf4(model: nn.Module, selected: dict[str, nn.Linear], keep: list[str]):
     import bitsandbytes as bnb
     from transformers import BitsAndBytesConfig
@@ -195,14 +205,14 @@ def _quantize_bnb_nf4(model: nn.Module, selected: dict[str, nn.Linear], keep: li
     # at inference (pruned widths often are not such multiples).
     if all(m.weight.device.type == "cpu" for m in selected.values()) and has_avx512bf16():
         ragged = {n: (m.out_features, m.in_features) for n, m in selected.items()
-                  if m.out_features % 32 or m.in_features % 64}
+                  if m.out_features % 32 or m.in_features % NF4_BLOCK}
         if ragged:
             name, (rows, cols) = next(iter(ragged.items()))
             raise QuantizationError(
                 f"--scheme nf4 on this CPU (the AVX512-BF16 kernel of bitsandbytes) needs every decoder Linear to "
-                f"have a multiple of 32 outputs and of 64 inputs; {len(ragged)} do not (e.g. {name}: {cols} -> "
-                f"{rows}). Use --scheme int8 or int8-dynamic, or prune to such widths (--mlp-multiple 64, whole "
-                f"kv groups)."
+                f"have a multiple of 32 outputs and of {NF4_BLOCK} inputs; {len(ragged)} do not (e.g. {name}: "
+                f"{cols} -> {rows}). Use --scheme int8 or int8-dynamic, or prune to such widths (--mlp-multiple 64, "
+                f"whole kv groups)."
             )
     for name, linear in selected.items():
         device = linear.weight.device
@@ -223,6 +233,23 @@ def _quantize_bnb_nf4(model: nn.Module, selected: dict[str, nn.Linear], keep: li
     # different one gives different logits after reloading)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=keep)
+
+
+@register_scheme("int4", "torchao", f"int4 weights in groups of {INT4_GROUP} (tinygemm layout), bfloat16 activations",
+                 needs_cuda=True)
+def _int4(model: nn.Module, selected: dict[str, nn.Linear], keep: list[str]):
+    from torchao.quantization import Int4WeightOnlyConfig
+
+    bad = sorted({str(m.weight.dtype) for m in selected.values()} - {"torch.bfloat16"})
+    if bad:
+        raise QuantizationError(
+            f"--scheme int4 needs bfloat16 decoder weights (the tinygemm kernel's only dtype), found {bad}; "
+            f"load the model with dtype=torch.bfloat16 (vlmprune quantize --dtype bfloat16)"
+        )
+    # tile_packed_to_4d is the layout PyTorch's own CUDA int4 matmul reads; the other layouts need
+    # extra kernel packages (mslk) or an XPU.
+    return apply_torchao(model, selected, keep,
+                             Int4WeightOnlyConfig(group_size=INT4_GROUP, int4_packing_format="tile_packed_to_4d"))
 
 
 # --------------------------------------------------------------------------- the verb
@@ -258,10 +285,7 @@ def quantize(model: nn.Module, scheme: str) -> dict:
     lm = adapter.language_model(model)
     before = weight_bytes(lm)
     total_before = weight_bytes(model)
-    if spec.backend == "torchao":
-        hf_config = _quantize_torchao(model, scheme, selected, keep)
-    else:
-        hf_config = _quantize_bnb_nf4(model, selected, keep)
+    hf_config = spec.quantize(model, selected, keep)
     model.config.quantization_config = hf_config
     # pre_quantized: the weights already are quantized tensors; the quantizer only serialises them
     model.hf_quantizer = AutoHfQuantizer.from_config(hf_config, pre_quantized=True)

@@ -265,3 +265,53 @@ def test_study_compensate_axis_shares_scores_and_compensates(tiny_repo, tmp_path
                                  for c in cells)
     assert "compensation" not in plain_record and comp_record["compensation"]["mode"] == "ls"
     assert plain["layers"] == comp["layers"]  # the same cut, compensated
+
+
+def test_auto_search_ranks_candidates_as_compensated_models():
+    from vlmprune.planning.search import kl_proxy, search, text_logprobs
+    from vlmprune.prune.run import score
+
+    family = "llava_llama_gqa"
+    model = build_tiny(family)
+    calib, held_out = batches(family, model, 6), batches(family, model, 2)
+    layer_scores, width_scores = score(model, "layer", "last").values, score(model, "width", "magnitude").values
+    seen = []
+
+    def fit(copy_, plan):
+        seen.append(plan)
+        compensate_(copy_, plan, calib, "ls")
+
+    best, tried = search(model, layer_scores, width_scores, lambda plan_at: 0.2, held_out, "groups", 8, fit)
+    assert [c.plan for c in tried] == seen and len(tried) >= 2
+    reference = text_logprobs(model, held_out)
+    for cand in tried:  # each proxy is that of the compensated, cut copy
+        again = copy.deepcopy(model)
+        compensate_(again, cand.plan, calib, "ls")
+        assert kl_proxy(reference, text_logprobs(apply_plan_(again, cand.plan), held_out)) == pytest.approx(cand.proxy)
+    assert best.proxy == min(c.proxy for c in tried)
+
+
+def test_cli_auto_with_compensation_writes_compensated_ranked_candidates(tiny_repo, tmp_path):
+    out = tmp_path / "auto"
+    assert main(["prune", "--model", str(tiny_repo.model), "--method", "auto", "--criterion", "magnitude",
+                 "--ratio", "0.25", "--mlp-multiple", "8", "--calibration", str(tiny_repo.data),
+                 "--image-folder", str(tiny_repo.images), "--num-samples", "8", "--batch-size", "2",
+                 "--top-k", "2", "--compensate", "ls", "--output", str(out)]) == 0
+    for directory in (out, tmp_path / "auto-rank2"):
+        plan = json.loads((directory / "pruning_plan.json").read_text())
+        assert RunRecord.load(directory).prune.compensation["mode"] == "ls"
+        plain = apply_plan_(vlmprune.load(tiny_repo.model), vlmprune.PruningPlan.from_dict(plan))
+        loaded = vlmprune.load(directory)
+        assert any(not torch.equal(v, plain.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_compensation_runs_without_autograd():
+    """Layer-by-layer runs with autograd on keep every activation alive (7 GB on the demo model)."""
+    model = build_tiny("llava_llama_gqa")
+    modes = []
+    layers = get_adapter(model).layers(model)
+    handles = [layer.register_forward_hook(lambda m, a, o: modes.append(torch.is_grad_enabled())) for layer in layers]
+    compensate_(model, width_plan(model), batches("llava_llama_gqa", model, 2), "ls", sequential=True)
+    for h in handles:
+        h.remove()
+    assert modes and not any(modes)

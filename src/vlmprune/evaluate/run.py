@@ -22,6 +22,13 @@ def evaluate_model_dir(config: EvalConfig | None = None, **options) -> dict:
     (plus ``"efficiency"``); writes it to ``config.output`` when given (atomically).
     """
     cfg = config if config is not None else EvalConfig(**options)
+    from vlmprune.export.runtime import is_gguf_dir
+
+    if is_gguf_dir(cfg.model):  # a `vlmprune export --format gguf` directory: the same tasks, in llama.cpp
+        from vlmprune.evaluate.gguf import evaluate_gguf_dir
+
+        cfg.check_paths(model=False)
+        return _written(evaluate_gguf_dir(cfg), cfg.output)
     cfg.check_paths()
     if cfg.task_file is not None:
         load_task(cfg.task_file, limit=1)  # every record and image checked before the model loads
@@ -55,8 +62,12 @@ def evaluate_model_dir(config: EvalConfig | None = None, **options) -> dict:
         path = Path(cfg.task_file) if cfg.task_file else Path(result["data_dir"]) / cfg.tasks[0] / "test.json"
         result["efficiency"] = efficiency(net, dict(prompt_batch(processor, load_task(path, limit=1))))
     result["config"] = dataclasses.asdict(cfg)
-    if cfg.output:
-        out = Path(cfg.output)
+    return _written(result, cfg.output)
+
+
+def _written(result: dict, output: str | None) -> dict:
+    if output:
+        out = Path(output)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(result, indent=1))

@@ -4,10 +4,17 @@
     def my_norm(stats, ctx):            # ctx: ScoringContext (model, adapter, shapes, ...)
         return WidthScores(...)         # width; a 1-D tensor of per-layer scores for method="layer"
 
-``stats`` names the statistics a criterion needs, collected by ``vlmprune.calibrate.COLLECTORS``
-(``hidden_states``, ``skip_loss``, ``activations``, ``taylor``) from the calibration batches; None
-means no data. The registry itself imports nothing heavy, so the CLI can list names cheaply; the
-built-in criteria register when ``vlmprune.importance.builtin`` is imported (``get_criterion`` does it).
+``stats`` names the statistics a criterion needs: the name of a collector, which gathers them from
+the calibration batches; None means no data. A collector is one decorated function too:
+
+    @vlmprune.register_collector("my_stats")
+    def collect_my_stats(model, batches, tokens):   # tokens: the positions to use (--tokens)
+        return ...                                  # whatever the criteria of stats="my_stats" read
+
+The built-in collectors (``hidden_states``, ``skip_loss``, ``activations``, ``taylor``) are in
+``vlmprune.calibrate``. The registry itself imports nothing heavy, so the CLI can list names cheaply;
+the built-ins register when ``vlmprune.importance.builtin`` and ``vlmprune.calibrate`` are imported
+(``get_criterion`` and ``get_collector`` do it).
 """
 
 from __future__ import annotations
@@ -71,4 +78,34 @@ def get_criterion(method: str, name: str | None = None) -> Criterion:
     if found is None or found.method != method:
         choices = ", ".join(c.name for c in criteria(method))
         raise VlmpruneError(f"unknown {method} criterion {name!r}; choose one of {choices}")
+    return found
+
+
+# --------------------------------------------------------------------------- statistics collectors
+
+_COLLECTORS: dict[str, Callable[..., Any]] = {}
+
+
+def register_collector(name: str):
+    """Register ``fn(model, batches, tokens) -> statistics`` as collector ``name``; returns ``fn`` unchanged."""
+
+    def register(fn):
+        _COLLECTORS[name] = fn
+        return fn
+
+    return register
+
+
+def collectors() -> dict[str, Callable[..., Any]]:
+    """Registered collectors by name, built-ins first."""
+    import vlmprune.calibrate  # noqa: F401 - registers the built-in collectors
+
+    return dict(_COLLECTORS)
+
+
+def get_collector(name: str) -> Callable[..., Any]:
+    """The collector ``name``, with a message listing the choices."""
+    found = collectors().get(name)
+    if found is None:
+        raise VlmpruneError(f"no statistics collector {name!r} is registered; registered: {', '.join(_COLLECTORS)}")
     return found

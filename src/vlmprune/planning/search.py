@@ -86,8 +86,13 @@ def kl_proxy(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> fl
 
 
 def search(model: nn.Module, layer_scores: LayerScores, width_scores: WidthScores, ratio_of: Callable,
-           held_out, attention: str = "groups", mlp_multiple: int | None = None) -> tuple[Candidate, list[Candidate]]:
-    """Every depth x width mix that meets the target (``ratio_of(plan_at) -> ratio``), ranked by the proxy."""
+           held_out, attention: str = "groups", mlp_multiple: int | None = None,
+           compensate: Callable[[nn.Module, PruningPlan], object] | None = None) -> tuple[Candidate, list[Candidate]]:
+    """Every depth x width mix that meets the target (``ratio_of(plan_at) -> ratio``), ranked by the proxy.
+
+    With ``compensate`` (``fn(copy, plan)``, updating the copy's kept weights before the cut), every
+    candidate is ranked as the compensated model it would become.
+    """
     budget = ModelBudget.of(model)
     layer_scores = layer_scores.without(get_adapter(model).protected_layers(model))
     pure_layer = ratio_of(lambda r: PruningPlan(drop_layers=plan_layers(layer_scores.layers, budget, r)))
@@ -101,7 +106,10 @@ def search(model: nn.Module, layer_scores: LayerScores, width_scores: WidthScore
             plan = plan_at(ratio)
         except VlmpruneError:
             continue  # this mix cannot meet the target (e.g. too little width left)
-        pruned = apply_plan_(copy.deepcopy(model), plan)
+        pruned = copy.deepcopy(model)
+        if compensate is not None:
+            compensate(pruned, plan)
+        pruned = apply_plan_(pruned, plan)
         candidates.append(Candidate(k, ratio, plan, kl_proxy(reference, text_logprobs(pruned, held_out))))
         del pruned
     if not candidates:

@@ -34,7 +34,7 @@ from vlmprune.config import (
 from vlmprune.dispatch import is_dispatched, materialize_
 from vlmprune.errors import VlmpruneError
 from vlmprune.importance.layer import LayerScores
-from vlmprune.importance.registry import get_criterion
+from vlmprune.importance.registry import get_collector, get_criterion
 from vlmprune.importance.scores import SCORES_FILE, Scores
 from vlmprune.importance.structures import WidthScores
 from vlmprune.paths import claim_output
@@ -73,7 +73,7 @@ def score(model: nn.Module, method: str, criterion: str | None = None, batches=N
     stats = None
     if crit.stats:
         with phases.phase("calibration"):
-            stats = calibrate.COLLECTORS[crit.stats](model, batches, tokens)
+            stats = get_collector(crit.stats)(model, batches, tokens)
     if is_dispatched(model):
         with phases.phase("load"):
             materialize_(model)  # offloaded weights come in once: criteria read weights, the cut follows
@@ -306,8 +306,11 @@ def _plan_auto(run: _Run) -> None:
     layer_scores = score(net, "layer", cfg.layer_criterion, run.batches, None, cfg.seed)
     scores = run.scores = score(net, "width", cfg.criterion, run.batches, cfg.tokens, cfg.seed)
     with phases.phase("planning"):  # candidates planned and ranked on the held-out batches
+        fit = None if cfg.compensate == "none" else (  # candidates compared as compensated models
+            lambda m, p: compensate_(m, p, run.batches, cfg.compensate, cfg.compensate_sequential,
+                                     cfg.compensate_ridge))
         best, run.tried = auto_search(net, layer_scores.values, scores.values, lambda plan_at: _ratio_of(run, plan_at),
-                                      held_out, cfg.attention, cfg.mlp_multiple)
+                                      held_out, cfg.attention, cfg.mlp_multiple, fit)
     budget, shapes = ModelBudget.of(net), layer_shapes(net)
     run.search = {"target": cfg.target or f"ratio={cfg.ratio}", "layer_criterion": layer_scores.criterion,
                   "width_criterion": scores.criterion, "chosen": run.tried.index(best),
@@ -420,9 +423,11 @@ def _write_ranked(run: _Run, ranked_outputs: list[Path]) -> None:
         row = search["candidates"][index]
         other = PruningPlan(drop_layers=run.tried[index].plan.drop_layers, layers=run.tried[index].plan.layers)
         copy_of = load(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        # ranked as a compensated model, written as one
+        compensation = _compensate(cfg, copy_of, other, None) if cfg.compensate != "none" else None
         apply_plan_(copy_of, other)
         record = replace(run.record, achieved=row["achieved"], proxy_kl=row["proxy_kl"], rank=rank,
-                         ratio_target=row["ratio_target"], target=None, cost=None,
+                         ratio_target=row["ratio_target"], target=None, cost=None, compensation=compensation,
                          parameters={"before": run.before.parameters, "after": summarize(copy_of).parameters})
         save_model(copy_of, path, plan=other, source=cfg.model, overwrite=cfg.overwrite, inputs=cfg.inputs(),
                    extras=RunRecord(prune=record).save)

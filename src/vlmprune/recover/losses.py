@@ -6,9 +6,27 @@ prediction scored against ``targets[b, k]`` (or compared with ``teacher[b, k]``)
 masks from :func:`vlmprune.data.token_masks` are in input positions; see :func:`next_token`).
 Every loss is a sum over the selected positions divided by their number, never by the batch
 size, and is an exact 0 (still attached to the graph) when nothing is selected.
+
+The registry. A loss that ``--loss NAME=W`` can name is one decorated function of a
+:class:`LossInputs`::
+
+    @register_loss("l1_logits", needs_teacher=True, positions=lambda x: x.targets != IGNORE_INDEX)
+    def l1_logits(x: LossInputs) -> torch.Tensor:   # a docstring's first line describes the loss
+        return (x.student_logits - x.teacher_logits).abs().mean()
+
+``needs_teacher`` runs the teacher on the batch; ``reads`` names what the loss reads: ``"logits"``
+(at the input positions ``positions(x)`` selects, a bool [B, T] mask; all real tokens when None)
+and/or ``"hidden_states"`` (the outputs of the paired decoder layers, ``--hidden-layers``). Options
+are read from ``x.options`` (during ``vlmprune recover``, the :class:`~vlmprune.config.RecoverConfig`).
+The trainer adds ``weight * fn(x)`` for every weighted loss; the built-ins are ``sft``, ``logits``
+and ``hidden`` below.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +60,8 @@ def sft_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return _masked_mean(ce, mask)
 
 
-def logit_kd(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+def logit_kd(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
+             temperature: float = 2.0) -> torch.Tensor:
     """KL(teacher || student) of temperature-softened distributions times T^2, per selected token.
 
     ``student``/``teacher``: logits [B, K, V]; ``mask``: bool [B, K]. The T^2 factor keeps the
@@ -73,7 +92,8 @@ def hidden_mse(student: list[torch.Tensor], teacher: list[torch.Tensor], mask: t
     losses = []
     for s, t in zip(student, teacher):
         if s.shape != t.shape:
-            raise VlmpruneError(f"student and teacher hidden states differ in shape: {tuple(s.shape)} vs {tuple(t.shape)}")
+            raise VlmpruneError(f"student and teacher hidden states differ in shape: {tuple(s.shape)} vs "
+                                f"{tuple(t.shape)}")
         t = t.float()
         per_token = (s.float() - t).pow(2).mean(-1) / (t.pow(2).mean(-1) + 1e-6)  # [B, T]
         losses.append(_masked_mean(per_token, mask))
@@ -112,9 +132,130 @@ def layer_map(
         try:
             chosen = [int(i) for i in which.split(",")] if isinstance(which, str) else [int(i) for i in which]
         except ValueError:
-            raise VlmpruneError(f"--hidden-layers is all, last or comma-separated student layer indices, got {which!r}") from None
+            raise VlmpruneError(f"--hidden-layers is all, last or comma-separated student layer indices, "
+                                f"got {which!r}") from None
         bad = [j for j in chosen if not 0 <= j < student_layers]
         if bad or not chosen:
             raise VlmpruneError(f"--hidden-layers {which!r}: the student has layers 0..{student_layers - 1}")
         chosen = sorted(set(chosen))
     return [(j, kept[j]) for j in chosen]
+
+
+# --------------------------------------------------------------------------- the registry
+
+READS = ("logits", "hidden_states")
+
+
+@dataclass
+class LossInputs:
+    """What a loss reads on one micro-batch.
+
+    ``masks``: :func:`vlmprune.data.token_masks` of the batch (input positions: ``all``, ``text``,
+    ``image``, ``answer``); ``targets`` [B, T]: the next token each position predicts (``IGNORE_INDEX``
+    where no answer token follows); ``options``: the loss options (``temperature``, ``kd_tokens``,
+    ``hidden_tokens``, and any a registered loss adds). After the forward passes: ``positions`` [K],
+    the positions whose logits were computed; ``student_logits`` / ``teacher_logits`` [B, K, V];
+    ``student_hidden`` / ``teacher_hidden``: the paired decoder layers' outputs [B, T, D].
+    """
+
+    masks: dict[str, torch.Tensor]
+    targets: torch.Tensor
+    options: Any
+    positions: torch.Tensor | None = None
+    student_logits: torch.Tensor | None = None
+    teacher_logits: torch.Tensor | None = None
+    student_hidden: list[torch.Tensor] = field(default_factory=list)
+    teacher_hidden: list[torch.Tensor] = field(default_factory=list)
+
+    def kept(self, mask: torch.Tensor) -> torch.Tensor:
+        """A [B, T] mask (or targets) cut to the positions whose logits were computed: [B, K]."""
+        return mask[:, self.positions]
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The built-in losses' options, for a trainer built without a :class:`~vlmprune.config.RecoverConfig`."""
+
+    temperature: float = 2.0
+    kd_tokens: str = "answer"
+    hidden_tokens: str = "all"
+
+
+@dataclass(frozen=True)
+class Loss:
+    name: str
+    fn: Callable[[LossInputs], torch.Tensor]
+    needs_teacher: bool = False
+    reads: tuple[str, ...] = ("logits",)
+    positions: Callable[[LossInputs], torch.Tensor] | None = None
+    doc: str = ""
+
+    def __call__(self, inputs: LossInputs) -> torch.Tensor:
+        return self.fn(inputs)
+
+    def logit_positions(self, inputs: LossInputs) -> torch.Tensor:
+        """Bool [B, T]: the positions whose logits this loss reads (none when it reads no logits)."""
+        if "logits" not in self.reads:
+            return torch.zeros_like(inputs.targets, dtype=torch.bool)
+        if self.positions is None:
+            return next_token(inputs.masks["all"])
+        return self.positions(inputs)
+
+
+_REGISTRY: dict[str, Loss] = {}
+
+
+def register_loss(name: str, *, needs_teacher: bool = False, reads: str | Iterable[str] = "logits",
+                  positions: Callable[[LossInputs], torch.Tensor] | None = None):
+    """Register ``fn(inputs: LossInputs) -> scalar tensor`` as loss ``name``; returns ``fn`` unchanged."""
+    reads = (reads,) if isinstance(reads, str) else tuple(reads)
+    bad = [r for r in reads if r not in READS]
+    if bad or not reads:
+        raise VlmpruneError(f"a loss reads {' and/or '.join(READS)}, got {list(reads)!r}")
+
+    def register(fn):
+        doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        _REGISTRY[name] = Loss(name, fn, needs_teacher, reads, positions, doc)
+        return fn
+
+    return register
+
+
+def losses() -> list[Loss]:
+    """The registered losses, built-ins first."""
+    return list(_REGISTRY.values())
+
+
+def get_loss(name: str) -> Loss:
+    """The loss ``name``, with a message listing the choices."""
+    found = _REGISTRY.get(name)
+    if found is None:
+        raise VlmpruneError(f"unknown loss {name!r}; choose from {', '.join(_REGISTRY)}")
+    return found
+
+
+def reading(weights: Iterable[str], what: str, teacher: bool | None = None) -> list[str]:
+    """The names among ``weights`` whose loss reads ``what`` (and needs a teacher, when ``teacher`` is given)."""
+    return [n for n in weights if what in get_loss(n).reads and teacher in (None, get_loss(n).needs_teacher)]
+
+
+def _kd_mask(x: LossInputs) -> torch.Tensor:
+    return next_token(x.masks[x.options.kd_tokens] & x.masks["all"])
+
+
+@register_loss("sft", positions=lambda x: x.targets != IGNORE_INDEX)
+def _sft(x: LossInputs) -> torch.Tensor:
+    """next-token cross-entropy on the answer tokens"""
+    return sft_loss(x.student_logits, x.kept(x.targets))
+
+
+@register_loss("logits", needs_teacher=True, positions=_kd_mask)
+def _logits(x: LossInputs) -> torch.Tensor:
+    """logit distillation: KL of temperature-softened distributions (--kd-tokens, --temperature)"""
+    return logit_kd(x.student_logits, x.teacher_logits, x.kept(_kd_mask(x)), x.options.temperature)
+
+
+@register_loss("hidden", needs_teacher=True, reads="hidden_states")
+def _hidden(x: LossInputs) -> torch.Tensor:
+    """hidden-state distillation: per-token relative MSE of paired layers (--hidden-layers, --hidden-tokens)"""
+    return hidden_mse(x.student_hidden, x.teacher_hidden, x.masks[x.options.hidden_tokens] & x.masks["all"])

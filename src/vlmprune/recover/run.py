@@ -39,7 +39,7 @@ from vlmprune.recover.distributed import (
     mixes_modalities,
     whole_weights,
 )
-from vlmprune.recover.losses import layer_map
+from vlmprune.recover.losses import layer_map, reading
 from vlmprune.recover.plots import plot_loss_curve
 from vlmprune.recover.teacher import check_teacher_placement, host_bytes, place_teacher, resident_bytes
 from vlmprune.recover.trainable import count_trainable, merged, set_trainable_
@@ -336,18 +336,19 @@ def _load_models(run: _Run) -> None:
             check_teacher(run.teacher, run.record.prune.source, cfg.teacher)
     with whole_weights():  # counted, wrapped and paired below; DeepSpeed partitions it when the Trainer prepares it
         run.student = load(cfg.student, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
-    if run.teacher is not None and "logits" in cfg.loss:
+    compared = reading(cfg.loss, "logits", teacher=True)
+    if run.teacher is not None and compared:
         s_vocab = run.student.get_output_embeddings().weight.shape[0]
         t_vocab = run.teacher.get_output_embeddings().weight.shape[0]
         if s_vocab != t_vocab:
-            raise VlmpruneError(f"the logits loss compares vocabularies, but the student has {s_vocab:,} output tokens "
-                                f"and the teacher {t_vocab:,}: distil from the student's own unpruned model, or "
-                                f"drop the logits loss")
+            raise VlmpruneError(f"the {compared[0]} loss compares vocabularies, but the student has {s_vocab:,} output "
+                                f"tokens and the teacher {t_vocab:,}: distil from the student's own unpruned model, "
+                                f"or drop the {compared[0]} loss")
 
 
 def _pair_layers(run: _Run) -> None:
     """Hidden-state distillation: which student layer learns which teacher layer (from the plan)."""
-    if "hidden" in run.cfg.loss:
+    if reading(run.cfg.loss, "hidden_states"):
         run.student_layers, run.teacher_layers, pairs = hidden_pairs(run.student, run.teacher, run.plan,
                                                                      run.cfg.hidden_layers)
         run.info("vlmprune recover: hidden-state pairs (student layer, teacher layer): %s", pairs)
@@ -386,9 +387,8 @@ def _build_trainer(run: _Run, callbacks) -> None:
         os.environ.setdefault("FSDP_TRANSFORMER_CLS_TO_WRAP", type(get_adapter(student).layers(student)[0]).__name__)
     run.trainer = RecoveryTrainer(
         model=model, args=run.args, train_dataset=run.samples, data_collator=collator, callbacks=callbacks,
-        teacher=run.teacher, weights=cfg.loss, image_token_id=collator.image_token_id, temperature=cfg.temperature,
-        kd_tokens=cfg.kd_tokens, student_layers=run.student_layers, teacher_layers=run.teacher_layers,
-        hidden_tokens=cfg.hidden_tokens, group_by_modality=run.grouped,
+        teacher=run.teacher, weights=cfg.loss, image_token_id=collator.image_token_id, options=cfg,
+        student_layers=run.student_layers, teacher_layers=run.teacher_layers, group_by_modality=run.grouped,
     )
 
 
@@ -427,9 +427,10 @@ def _write(run: _Run) -> Path:
         history = trainer.state.log_history
         losses = [entry["loss"] for entry in history if "loss" in entry]
         teacher = run.teacher is not None
+        hidden_layers = cfg.hidden_layers if reading(cfg.loss, "hidden_states") else None
         entry = RecoveryRecord(losses=cfg.loss, train=cfg.train, fraction=cfg.fraction, num_samples=len(run.samples),
                                steps=trainer.state.global_step, final_loss=losses[-1] if losses else None,
-                               teacher=cfg.teacher, hidden_layers=cfg.hidden_layers if "hidden" in cfg.loss else None,
+                               teacher=cfg.teacher, hidden_layers=hidden_layers,
                                teacher_placement=cfg.teacher_placement if teacher else None,
                                teacher_bytes_per_process=run.teacher_bytes, teacher_host_bytes=run.teacher_host)
         run.record.recovery.append(entry)

@@ -20,7 +20,7 @@ from vlmprune.checkpoint import check_finite
 from vlmprune.data import IGNORE_INDEX, token_masks
 from vlmprune.errors import VlmpruneError
 from vlmprune.recover.distributed import ModalityGroupedSampler
-from vlmprune.recover.losses import hidden_mse, logit_kd, next_token, sft_loss
+from vlmprune.recover.losses import LossInputs, LossOptions, get_loss, losses
 
 
 @contextlib.contextmanager
@@ -100,11 +100,13 @@ class RecoveryTrainer(transformers.Trainer):
             (unless :func:`~vlmprune.recover.teacher.place_teacher` sharded or offloaded it), put in
             eval mode, frozen, run under ``no_grad`` on the same batch (its own vision tower and
             projector), and never saved: it is not part of ``self.model``.
-        weights: loss name -> weight, names from :data:`vlmprune.recover.losses.LOSSES`.
+        weights: loss name -> weight, names registered with :func:`vlmprune.recover.losses.register_loss`.
         image_token_id: the processor's image token, to tell image from text positions.
-        temperature / kd_tokens: logit KD temperature, and ``answer`` or ``text`` targets.
-        student_layers / teacher_layers: paired decoder-layer modules for the hidden loss.
-        hidden_tokens: ``all`` (every real token), ``text`` or ``answer``.
+        options: the losses' options (``x.options`` of :class:`~vlmprune.recover.losses.LossInputs`;
+            ``vlmprune recover`` passes its config). Without it, ``temperature`` / ``kd_tokens`` (logit
+            KD temperature, ``answer`` or ``text`` targets) and ``hidden_tokens`` (``all``, ``text`` or
+            ``answer``) make a :class:`~vlmprune.recover.losses.LossOptions`.
+        student_layers / teacher_layers: paired decoder-layer modules for losses that read hidden states.
         group_by_modality: train every optimizer step on samples of one kind (all with images, or
             all text-only; :class:`~vlmprune.recover.distributed.ModalityGroupedSampler`).
 
@@ -117,14 +119,15 @@ class RecoveryTrainer(transformers.Trainer):
     def __init__(self, *args, teacher: nn.Module | None = None, weights: dict[str, float], image_token_id: int,
                  temperature: float = 2.0, kd_tokens: str = "answer", student_layers: Sequence[nn.Module] = (),
                  teacher_layers: Sequence[nn.Module] = (), hidden_tokens: str = "all", group_by_modality: bool = False,
-                 **kwargs):
+                 options=None, **kwargs):
         self.group_by_modality = group_by_modality
         super().__init__(*args, **kwargs)
         self.weights = dict(weights)
+        distilled = [name for name in self.weights if get_loss(name).needs_teacher]  # unknown names fail here
+        if distilled and teacher is None:
+            raise VlmpruneError(f"the losses {distilled} distil from a teacher: pass one")
         self.image_token_id = image_token_id
-        self.temperature = temperature
-        self.kd_tokens = kd_tokens
-        self.hidden_tokens = hidden_tokens
+        self.options = options if options is not None else LossOptions(temperature, kd_tokens, hidden_tokens)
         self.student_layers = list(student_layers)
         self.teacher_layers = list(teacher_layers)
         self.teacher = teacher
@@ -149,43 +152,36 @@ class RecoveryTrainer(transformers.Trainer):
                                       args.seed if args.data_seed is None else args.data_seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Weighted sum of the configured losses on one micro-batch."""
-        masks = token_masks(inputs, self.image_token_id)
+        """Weighted sum of the configured losses on one micro-batch (registry order)."""
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         labels = inputs["labels"]
         targets = torch.full_like(labels, IGNORE_INDEX)
         targets[:, :-1] = labels[:, 1:]  # the prediction at t scores token t + 1
-        kd_mask = next_token(masks[self.kd_tokens] & masks["all"])
+        x = LossInputs(token_masks(inputs, self.image_token_id), targets, self.options)
+        chosen = [loss for loss in losses() if loss.name in self.weights]
         # Logits only where a loss reads them: the LM head over a large vocabulary at every
         # position is the costliest part of a small model's step.
-        wanted = torch.zeros_like(kd_mask)
-        if "sft" in self.weights:
-            wanted |= targets != IGNORE_INDEX
-        if "logits" in self.weights:
-            wanted |= kd_mask
-        positions = wanted.any(0).nonzero().squeeze(1)  # [K]
+        wanted = torch.zeros_like(targets, dtype=torch.bool)
+        for loss in chosen:
+            wanted |= loss.logit_positions(x)
+        x.positions = wanted.any(0).nonzero().squeeze(1)  # [K]
 
         with layer_outputs(self.student_layers) as student_hidden:
-            outputs = model(**model_inputs, logits_to_keep=positions)
-        losses = {}
-        if "sft" in self.weights:
-            losses["sft"] = sft_loss(outputs.logits, targets[:, positions])
-        if self.teacher is not None:
+            outputs = model(**model_inputs, logits_to_keep=x.positions)
+        x.student_logits, x.student_hidden = outputs.logits, student_hidden
+        if self.teacher is not None and any(loss.needs_teacher for loss in chosen):
             with torch.no_grad(), layer_outputs(self.teacher_layers) as teacher_hidden:
-                teacher_logits = self.teacher(**model_inputs, logits_to_keep=positions).logits
-            if "logits" in self.weights:
-                losses["logits"] = logit_kd(outputs.logits, teacher_logits, kd_mask[:, positions], self.temperature)
-            if "hidden" in self.weights:
-                hidden_mask = masks[self.hidden_tokens] & masks["all"]
-                losses["hidden"] = hidden_mse(student_hidden, teacher_hidden, hidden_mask)
-        loss = sum(self.weights[name] * value for name, value in losses.items())
+                x.teacher_logits = self.teacher(**model_inputs, logits_to_keep=x.positions).logits
+            x.teacher_hidden = teacher_hidden
+        values = {loss.name: loss(x) for loss in chosen}
+        loss = sum(self.weights[name] * value for name, value in values.items())
         if not torch.isfinite(loss.detach()).all():
-            terms = ", ".join(f"{name}={float(value.detach()):.4g}" for name, value in losses.items())
+            terms = ", ".join(f"{name}={float(value.detach()):.4g}" for name, value in values.items())
             raise VlmpruneError(f"the training loss is not finite at step {self.state.global_step} ({terms}); "
                                 f"training stopped and nothing was saved: lower --learning-rate, check the --loss "
                                 f"weights, or use float32 instead of --bf16")
         if model.training:
-            for name, value in losses.items():
+            for name, value in values.items():
                 self._sums[name] = self._sums.get(name, 0.0) + value.detach()
             self._calls += 1
         return (loss, outputs) if return_outputs else loss

@@ -175,7 +175,8 @@ class _Gram:
         self.handle.remove()
 
 
-def _removed_columns(adapter: Adapter, layer: nn.Module, shape, keep: LayerKeep) -> list[tuple[nn.Linear, torch.Tensor]]:
+def _removed_columns(adapter: Adapter, layer: nn.Module, shape,
+                     keep: LayerKeep) -> list[tuple[nn.Linear, torch.Tensor]]:
     """The consumer projections of a layer whose input columns lose structures: (module, removed mask)."""
     kept = {"q": keep.q_heads, "kv": keep.kv_heads, "mlp": keep.mlp_channels}
     out: dict[int, tuple[nn.Linear, torch.Tensor]] = {}
@@ -238,8 +239,8 @@ def _compensate_width(module: nn.Linear, removed: torch.Tensor, stats: _Gram, mo
     WR = W[:, R]
     G, mu = stats.gram, stats.sum / max(n, 1)
     if not (torch.isfinite(G).all() and torch.isfinite(mu).all()):
-        raise VlmpruneError(f"{where}: calibration statistics are not finite (inf/NaN activations); nothing was written. "
-                            f"Load in float32 (--dtype float32) or check the calibration data")
+        raise VlmpruneError(f"{where}: calibration statistics are not finite (inf/NaN activations); nothing was "
+                            f"written. Load in float32 (--dtype float32) or check the calibration data")
     energy = float(torch.einsum("of,fg,og->", W, G, W)) or 1.0
     before = _residual_energy(WR, G, R, None) / energy
     record = {"removed": int(R.sum()), "kept": int(K.sum()), "tokens": n, "error_before": before}
@@ -348,6 +349,7 @@ def check_mode(model: nn.Module, plan: PruningPlan, mode: str) -> None:
                     f"--compensate ls, which adds no parameter")
 
 
+@torch.no_grad()
 def compensate_(model: nn.Module, plan: PruningPlan, batches, mode: str = "ls", sequential: bool = True,
                 ridge: float = DEFAULT_RIDGE, tokens: str = "all") -> dict:
     """Update ``model``'s kept weights in place so that ``plan``'s cut loses as little as a linear fit allows.
@@ -388,7 +390,8 @@ def compensate_(model: nn.Module, plan: PruningPlan, batches, mode: str = "ls", 
             captured: list[torch.Tensor] = []
             y_hook = None
             if keep_y:
-                y_hook = adapter.mlp(layer).register_forward_hook(lambda m, a, o: captured.append(_output(o).detach()))
+                y_hook = adapter.mlp(layer).register_forward_hook(
+                    lambda m, a, o, out=captured: out.append(_output(o).detach()))
             if consumers:
                 grams = [_Gram(module, masks) for module, _ in consumers]
                 try:

@@ -1,0 +1,345 @@
+"""Tiny models with real byte-level BPE tokenizers, and a llama.cpp runner (xllamacpp), for the GGUF tests.
+
+* :func:`bpe_tokenizer`: a byte-level BPE trained here on a few sentences (SmolLM2's pre-tokenizer:
+  single digits, then GPT-2's regex), with ChatML specials and ``<image>``;
+* :func:`save_tiny_llava`: a tiny LLaVA (Llama or Qwen2 backbone, CLIP or Dinov2 tower) whose
+  vocabulary is that tokenizer's, saved with a LlavaProcessor;
+* :class:`LlamaCpp`: a llama.cpp server in this process (xllamacpp) answering completions with the
+  top-n token probabilities, chat completions, and per-token embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. 12345 apples and 678 pears.",
+    "What colour is the circle? The circle is blue. What shape is it? A triangle.",
+    "llama.cpp runs GGUF files on laptops, phones and small boards.",
+    "Pruning removes heads, channels and whole layers; recovery trains them back.",
+    "Is there a red square in the image? Yes, there is. No, there is not.",
+] * 20
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def bpe_tokenizer(vocab_size: int = 400, pre: str = "smollm"):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in ("llama3", "qwen2"):  # a regex split, then bytes (Llama 3 / Qwen2 tokenizer.json layout)
+        from tokenizers import Regex
+
+        from vlmprune.export.gguf import _LLAMA3_REGEX, _QWEN2_REGEX
+
+        split = pre_tokenizers.Split(Regex(_LLAMA3_REGEX if pre == "llama3" else _QWEN2_REGEX), behavior="isolated")
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        backend.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                                 if pre == "smollm" else byte_level)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", unk_token=None,
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>", "<image>"],
+                                   chat_template=CHAT_TEMPLATE)
+
+
+def tiny_llava(tokenizer, text: str = "llama", vision: str = "clip", layers: int = 4, seed: int = 0,
+               vocab_pad: int = 0, **text_kwargs):
+    """A tiny LLaVA whose vocabulary is ``tokenizer``'s (plus ``vocab_pad`` unused rows)."""
+    from transformers import (
+        CLIPVisionConfig,
+        Dinov2Config,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    n_vocab = len(tokenizer) + vocab_pad
+    common = {"vocab_size": n_vocab, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": layers,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+                  "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                  "pad_token_id": tokenizer.pad_token_id, "rms_norm_eps": 1e-5}
+    common.update(text_kwargs)
+    text_config = (LlamaConfig if text == "llama" else Qwen2Config)(**common)
+    if vision == "clip":
+        vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                              image_size=28, patch_size=7, projection_dim=32)
+        extra = {"vision_feature_layer": -2, "vision_feature_select_strategy": "default"}
+    elif vision == "siglip":  # LLaVA-OneVision's layout: no class token, every patch, the last block
+        vc = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                                image_size=28, patch_size=7, vision_use_head=False)
+        extra = {"vision_feature_layer": -1, "vision_feature_select_strategy": "full"}
+    else:  # the demo's layout: Dinov2, CLS kept, a middle layer read
+        vc = Dinov2Config(hidden_size=32, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
+                          image_size=42, patch_size=7, layer_norm_eps=1e-6, layerscale_value=0.5)
+        extra = {"vision_feature_layer": -2, "vision_feature_select_strategy": "full"}
+    config = LlavaConfig(vision_config=vc, text_config=text_config,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"), **extra)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    with torch.no_grad():  # LayerScale and biases away from their init, so folding them is tested
+        for name, p in model.named_parameters():
+            if "lambda1" in name or "lambda2" in name or name.endswith(".bias"):
+                p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "lambda" in name else 0.0))
+            if "multi_modal_projector" in name:  # image tokens that differ from each other (not bias-dominated)
+                p.copy_(torch.randn_like(p) * (0.02 if name.endswith(".bias") else 0.3))
+            elif "vision_tower" in name and "norm" not in name and "lambda" not in name:
+                # blocks, positions and class token that matter (at their init scale a block barely
+                # changes the residual stream, and a wrong layer count or position would go unseen)
+                p.copy_(torch.randn_like(p) * (1.0 if p.ndim < 2 or "position" in name else 0.25))
+    return model.eval()
+
+
+def save_tiny_gemma3(folder: Path, layers: int = 5, seed: int = 0) -> Path:
+    """A tiny Gemma 3 (sliding and full attention layers, window 8, shorter than the test prompts) with
+    the byte-level tokenizer; saved with the tokenizer only (its text model is what gets exported)."""
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
+
+    tok = bpe_tokenizer()
+    kinds = ["sliding_attention", "sliding_attention", "full_attention"]
+    text = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32,
+                            sliding_window=8, layer_types=[kinds[i % 3] for i in range(layers)],
+                            max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=28, patch_size=7, vision_use_head=False)
+    config = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=4,
+                          image_token_index=tok.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    with torch.no_grad():  # norms away from their zero init, so the +1 of Gemma's norms is tested
+        for name, p in model.named_parameters():
+            if "language_model" in name and name.endswith("norm.weight"):
+                p.copy_(torch.randn_like(p) * 0.3)
+    model.eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def processor_for(tokenizer, model):
+    from transformers import BitImageProcessor, CLIPImageProcessorPil, LlavaProcessor
+
+    vc = model.config.vision_config
+    size = 28
+    if vc.model_type == "clip_vision_model":
+        ip = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        extra = {"vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
+    elif vc.model_type == "siglip_vision_model":
+        from transformers import SiglipImageProcessor
+
+        ip = SiglipImageProcessor(size={"height": size, "width": size})
+        extra = {"vision_feature_select_strategy": "full", "num_additional_image_tokens": 0}
+    else:
+        ip = BitImageProcessor(size={"height": size, "width": size}, do_center_crop=False, do_resize=True,
+                               image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+        extra = {"vision_feature_select_strategy": "full", "num_additional_image_tokens": 1}
+    return LlavaProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=vc.patch_size,
+                          chat_template=CHAT_TEMPLATE, **extra)
+
+
+def save_tiny_llava(folder: Path, pre: str = "smollm", **kwargs) -> Path:
+    tok = bpe_tokenizer(pre=pre)
+    model = tiny_llava(tok, **kwargs)
+    model.save_pretrained(folder)
+    processor_for(tok, model).save_pretrained(folder)
+    return folder
+
+
+MEDIA_MARKER = "<__media__>"
+# llama-server draws a random media marker per process unless this is set (read once, at first use)
+os.environ.setdefault("LLAMA_MEDIA_MARKER", MEDIA_MARKER)
+
+
+class LlamaCpp:
+    """llama.cpp (xllamacpp's in-process server) on a GGUF file, with an optional mmproj."""
+
+    def __init__(self, model: Path, mmproj: Path | None = None, n_ctx: int = 256, pooling: str | None = None,
+                 chat_template: str | None = None):
+        import xllamacpp as xlc
+
+        params = xlc.CommonParams()
+        params.model.path = str(model)
+        if mmproj is not None:
+            params.mmproj.path = str(mmproj)
+        params.n_ctx = n_ctx
+        params.n_parallel = 1
+        params.cpuparams.n_threads = 2
+        params.warmup = False
+        # exact comparisons: f32 KV cache (llama.cpp's default is f16), no flash attention
+        params.cache_type_k = xlc.ggml_type.GGML_TYPE_F32
+        params.cache_type_v = xlc.ggml_type.GGML_TYPE_F32
+        params.flash_attn_type = xlc.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        if chat_template is not None:
+            params.chat_template = chat_template
+            params.use_jinja = True
+        if pooling is not None:  # an embedding server: "mean" or "last" over the prompt's final hidden states
+            params.embedding = True
+            params.pooling_type = getattr(xlc.llama_pooling_type, f"LLAMA_POOLING_TYPE_{pooling.upper()}")
+        self.server = xlc.Server(params)
+        self.banned: list[int] = []  # never sampled (partial UTF-8 tokens: the server holds their text and logprobs back)
+
+    def completion(self, prompt, n_predict: int = 1, n_probs: int = 0, **extra) -> dict:
+        request = {"prompt": prompt, "n_predict": n_predict, "temperature": 0.0, "n_probs": n_probs,
+                   "cache_prompt": False, "samplers": ["top_k"], "top_k": 1,
+                   "logit_bias": [[i, False] for i in self.banned], **extra}
+        out = self.server.handle_completions(request)
+        if isinstance(out, str):
+            out = json.loads(out)
+        if "error" in out:
+            raise RuntimeError(out["error"])
+        return out
+
+    def chat(self, messages: list[dict], max_tokens: int = 1, top_logprobs: int = 0, **extra) -> dict:
+        request = {"messages": messages, "max_tokens": max_tokens, "temperature": 0.0, "cache_prompt": False,
+                   "samplers": ["top_k"], "top_k": 1, "logit_bias": [[i, False] for i in self.banned], **extra}
+        if top_logprobs:
+            request.update(logprobs=True, top_logprobs=top_logprobs)
+        out = self.server.handle_chat_completions(request)
+        if isinstance(out, str):
+            out = json.loads(out)
+        if "error" in out:
+            raise RuntimeError(out["error"])
+        return out
+
+    def first_logprobs(self, prompt, vocab: int) -> dict[int, float]:
+        """log p(token) over the whole vocabulary for the position after ``prompt`` (pre-sampling)."""
+        out = self.completion(prompt, n_predict=1, n_probs=vocab, ignore_eos=True)
+        probs = out["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        return {p["id"]: p["logprob"] for p in probs}
+
+    def greedy(self, prompt, n: int) -> list[int]:
+        """``n`` greedy token ids after ``prompt`` (decoded one by one with the KV cache)."""
+        out = self.completion(prompt, n_predict=n, n_probs=1, ignore_eos=True)
+        return [t["id"] for t in out["choices"][0]["logprobs"]["content"]]
+
+    def prompt_tokens(self, prompt) -> int:
+        return self.completion(prompt, n_predict=1)["usage"]["prompt_tokens"]
+
+
+RAW_TEMPLATE = ("{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+                "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% else %}<__media__>{% endif %}"
+                "{% endfor %}{% endif %}{% endfor %}")
+
+
+def probe_model(tokenizer, hidden: int, silent: list[str], distance: int, sharpness: float = 400.0):
+    """A one-layer LLaVA text model whose last position reads out the input embedding ``distance``
+    positions back, so that llama.cpp's image embeddings can be read one by one through logits.
+
+    One attention head of width ``hidden``; q and k are constant (biases only) and chosen so that
+    after RoPE the score peaks sharply at that relative distance; v and o are the identity, the MLP
+    adds nothing, the norms have weight one and lm_head row j is e_j for j < hidden (row ``hidden``
+    is zero: logit 0, a reference). The ``silent`` tokens embed to zero, so the last token adds
+    nothing of its own: logits[:hidden] - logits[hidden] = x / rms(x) of the token read.
+    """
+    model = tiny_llava(tokenizer, layers=1, hidden_size=hidden, num_attention_heads=1, num_key_value_heads=1,
+                       head_dim=hidden, intermediate_size=64, rms_norm_eps=1e-12, attention_bias=True)
+    layer = model.model.language_model.layers[0]
+    half = hidden // 2
+    theta = 10000.0 ** (-torch.arange(half, dtype=torch.float64) * 2 / hidden)
+    r = sharpness ** 0.5
+    with torch.no_grad():
+        attn = layer.self_attn
+        for lin in (attn.q_proj, attn.k_proj):
+            lin.weight.zero_()
+        q = torch.zeros(hidden, dtype=torch.float64)
+        q[:half] = r  # rotate-half pairs (i, i + half): q_i = r
+        k = torch.zeros(hidden, dtype=torch.float64)  # k_i = r * exp(+i * distance * theta_i)
+        k[:half] = r * torch.cos(distance * theta)
+        k[half:] = r * torch.sin(distance * theta)
+        attn.q_proj.bias.copy_(q.float())
+        attn.k_proj.bias.copy_(k.float())
+        attn.v_proj.weight.copy_(torch.eye(hidden))
+        attn.v_proj.bias.zero_()
+        attn.o_proj.weight.copy_(torch.eye(hidden))
+        attn.o_proj.bias.zero_()
+        layer.mlp.down_proj.weight.zero_()
+        layer.input_layernorm.weight.fill_(1.0)
+        model.model.language_model.norm.weight.fill_(1.0)
+        for t in silent:
+            model.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(t)] = 0.0
+        head = model.get_output_embeddings().weight
+        head.zero_()
+        head[:hidden, :hidden] = torch.eye(hidden)
+    return model
+
+
+def write_probe(path: Path, tokenizer_folder: Path, hidden: int, silent: list[str], distance: int) -> int:
+    """:func:`probe_model` as a GGUF (the export's own writer); returns the vocabulary size."""
+    from transformers import AutoTokenizer
+
+    import vlmprune.export.gguf as text
+    from vlmprune.adapters import get_adapter
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_folder)
+    model = probe_model(tok, hidden, silent, distance)
+    adapter = get_adapter(model)
+    plan = text.plan_text(model, adapter)
+    text.write_text_gguf(path, model, adapter, plan, text.TokenizerSource(tokenizer_folder, None), "f32", "probe")
+    return model.config.text_config.vocab_size
+
+
+def partial_utf8_ids(tokenizer) -> list[int]:
+    """Byte-level tokens that are not valid UTF-8 on their own."""
+    from gguf.vocab import bytes_to_unicode
+
+    decoder = {v: k for k, v in bytes_to_unicode().items()}
+    bad = []
+    for token, idx in tokenizer.get_vocab().items():
+        try:
+            bytes(decoder[c] for c in token).decode("utf-8")
+        except (KeyError, UnicodeDecodeError):
+            if token not in tokenizer.all_special_tokens:
+                bad.append(idx)
+    return sorted(bad)
+
+
+def hf_greedy(model, ids: list[int], n: int, banned: list[int], **inputs) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             suppress_tokens=banned or None, **inputs)
+    return out[0, len(ids):].tolist()
+
+
+def hf_logprobs(model, ids: list[int], **inputs) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids]), **inputs).logits[0, -1]
+    return torch.log_softmax(logits.double(), -1)
+
+
+def rel_diff(llama: dict[int, float], hf: torch.Tensor) -> float:
+    """max |a - b| / max |b| over the tokens llama.cpp reported (log-probabilities, i.e. logits up to a
+    per-position constant that cancels in softmax)."""
+    ids = sorted(llama)
+    a = torch.tensor([llama[i] for i in ids], dtype=torch.float64)
+    b = hf[ids]
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
