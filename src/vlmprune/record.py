@@ -54,6 +54,7 @@ class PruneRecord:
     proxy_kl: float | None = None  # --method auto: the chosen candidate's held-out KL
     stock_note: str | None = None
     rank: int | None = None  # --top-k: this candidate's rank (the output itself is rank 1)
+    search: str | None = None  # --method auto: the file beside the model with every candidate (search.json)
     # inputs
     source_model: str | None = None
     calibration: str | None = None

@@ -319,7 +319,7 @@ def _plan_auto(run: _Run) -> None:
     run.record = replace(run.record, method="auto", criterion=scores.criterion, tokens=scores.tokens,
                          layer_criterion=layer_scores.criterion, ratio_target=best.ratio, attention=cfg.attention,
                          mlp_multiple=cfg.mlp_multiple, achieved=achieved(run.plan, budget, shapes),
-                         proxy_kl=best.proxy)
+                         proxy_kl=best.proxy, search=SEARCH_FILE)
 
 
 def _annotate_inputs(run: _Run) -> None:
@@ -428,6 +428,7 @@ def _write_ranked(run: _Run, ranked_outputs: list[Path]) -> None:
         apply_plan_(copy_of, other)
         record = replace(run.record, achieved=row["achieved"], proxy_kl=row["proxy_kl"], rank=rank,
                          ratio_target=row["ratio_target"], target=None, cost=None, compensation=compensation,
+                         search=None,
                          parameters={"before": run.before.parameters, "after": summarize(copy_of).parameters})
         save_model(copy_of, path, plan=other, source=cfg.model, overwrite=cfg.overwrite, inputs=cfg.inputs(),
                    extras=RunRecord(prune=record).save)
