@@ -212,6 +212,9 @@ class _Run:
 
 
 def _prune_loaded(cfg: PruneConfig, out: Path, net: nn.Module, ranked_outputs: list[Path] = ()) -> PruneResult:
+    """The prune of a loaded model, step by step: a given plan, or scores (computed or --scores) planned for a
+    ratio or a target (or the auto search); the record annotated (inputs, target, loading); the compensation
+    fit; the cut; the measurements; the model and its records written; the --top-k runners-up."""
     run = _start(cfg, net)
     if cfg.plan is not None:
         with phases.phase("planning"):

@@ -284,6 +284,8 @@ class _Run:
 
 
 def _recover(cfg: RecoverConfig, args, state, callbacks, cleanup: contextlib.ExitStack) -> Path:
+    """The recovery, step by step: checkpoints and data; the models (checked); the hidden-state layer pairs; the
+    teacher's placement; the trainer; training (or a finished checkpoint taken as is); the output."""
     run = _Run(cfg, args, state)
     _prepare(run)
     _load_models(run)
