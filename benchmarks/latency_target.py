@@ -31,6 +31,7 @@ def main() -> None:
     import vlmprune
     from vlmprune.cli import main as cli
     from vlmprune.planning.targets import measure_prefill
+    from vlmprune.record import RunRecord
 
     model_dir = args.model
     if model_dir is None:
@@ -52,7 +53,7 @@ def main() -> None:
                 if rc != 0:
                     print(f"| {method} | {criterion} | {fraction:.0%} | {goal_ms:.1f} | failed (exit {rc}) | | | |")
                     continue
-                t = json.loads((out / "pruning_plan.json").read_text())["target"]
+                t = RunRecord.load(out).prune.target
             row = {"method": method, "criterion": criterion, "fraction": fraction, "seq": args.seq,
                    "full_s": full, "required_s": t["required"], "predicted_s": t["predicted_s"],
                    "measured_s": t["measured_s"], "error": t["prediction_error"]}

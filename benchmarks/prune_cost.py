@@ -8,7 +8,7 @@
 ``--command``: the whole `vlmprune prune` command, load to save, per criterion, in its own process
 (see ``command_main``): its wall time and peak RSS, and per phase (vlmprune.phases: import, load,
 data, calibration, scoring, planning, surgery, save, records, other) the time and peak RSS the
-command recorded in its pruning_plan.json, as medians over ``--repeats`` runs.
+command recorded in its run.json, as medians over ``--repeats`` runs.
 
 Default shape: LLaVA-style with a SmolLM2-135M-shaped language model (30 layers, hidden 576, 9 heads,
 3 kv heads, MLP 1536), float32. ``--shape qwen2.5-vl-3b|llava-1.5-7b`` builds that whole VLM at its
@@ -145,6 +145,7 @@ def command_main(args) -> None:
     from vlmprune.checkpoint import load
     from vlmprune.phases import PHASES
     from vlmprune.planning.solve import ModelBudget
+    from vlmprune.record import RunRecord
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -178,11 +179,11 @@ def command_main(args) -> None:
             if code != 0:
                 print(f"{name}: vlmprune prune failed (exit {code}); see {workdir / (name + '.log')}")
                 continue
-            plan = json.loads((out / "pruning_plan.json").read_text())
+            record = RunRecord.load(out).prune
             row = {"label": args.label, "criterion": name, "method": method, "repeat": repeat,
                    "threads": args.threads, "samples": args.samples, "max_length": args.max_length,
                    "batch_size": args.batch_size, "wall_s": seconds, "peak_rss_mib": peak, "weights_mib": weights_mib,
-                   "loadavg": [load_before, os.getloadavg()[0]], "cost": plan.get("cost")}
+                   "loadavg": [load_before, os.getloadavg()[0]], "cost": record.cost}
             rows.append(row)
             if args.jsonl:
                 with open(args.jsonl, "a") as f:

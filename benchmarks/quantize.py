@@ -155,10 +155,12 @@ def main() -> None:
 
             from vlmprune.checkpoint import load, save_model
             from vlmprune.planning.plan import PLAN_FILE, PruningPlan
+            from vlmprune.record import RunRecord
 
             model_dir = Path(args.work) / f"{name}-{variant}"
             plan = PruningPlan.load(Path(source) / PLAN_FILE) if (Path(source) / PLAN_FILE).exists() else None
-            save_model(load(source, dtype=getattr(torch, dtype)), model_dir, plan=plan, source=source, overwrite=True)
+            save_model(load(source, dtype=getattr(torch, dtype)), model_dir, plan=plan, source=source, overwrite=True,
+                       extras=RunRecord.load(source, missing_ok=True).save)
         elif scheme is not None:
             t0 = time.perf_counter()
             try:

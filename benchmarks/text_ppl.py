@@ -12,7 +12,7 @@ evaluation is plain next-token cross-entropy over consecutive 256-token windows 
 
 Every prune is `vlmprune prune` in its own process: "prune s" is that command's wall time (load,
 calibration, planning, plot, save) and "peak RSS" the process's own peak, from the cost record it
-writes into pruning_plan.json (os.wait4's ru_maxrss where there is none: the recorder resets the
+writes into run.json (os.wait4's ru_maxrss where there is none: the recorder resets the
 kernel's peak counter per phase, which also resets what wait4 reports).
 The ratio removes ~20% of the language model's non-embedding parameters (decoder layers), given
 to --ratio as the equivalent fraction of the whole model. Rows go to a JSONL file; a row already
@@ -91,6 +91,7 @@ def main() -> None:
 
     from vlmprune.checkpoint import load
     from vlmprune.planning.solve import ModelBudget
+    from vlmprune.record import RunRecord
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     demo = args.model or str(demo_model())
@@ -156,11 +157,11 @@ def main() -> None:
                 print(f"{key}: vlmprune prune failed (exit {code}); see {args.workdir / (out_dir.name + '.log')}")
                 continue
             model = load(out_dir).eval()
-            plan = json.loads((out_dir / "pruning_plan.json").read_text())
-            peak = (plan.get("cost") or {}).get("peak_rss_mib") or peak
+            plan = RunRecord.load(out_dir).prune
+            peak = (plan.cost or {}).get("peak_rss_mib") or peak
             decoder_after = sum(sum(p.numel() for p in layer.parameters()) for layer in model.model.language_model.layers)
             row = {"method": method, "criterion": criterion, "attention": attention, "seed": seed, "compensate": comp,
-                   "widths": widths(model), "removed_total": plan["achieved"]["ratio"],
+                   "widths": widths(model), "removed_total": plan.achieved["ratio"],
                    "removed_decoder": 1 - decoder_after / decoder, "ppl": perplexity(model, windows),
                    "prune_s": seconds, "peak_rss_mib": peak, "peak_over_weights": peak / weight_mib}
             with args.out.open("a") as f:

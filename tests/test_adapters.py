@@ -14,6 +14,7 @@ from vlmprune.adapters import get_adapter
 from vlmprune.errors import PlanError
 from vlmprune.planning.plan import PruningPlan
 from vlmprune.prune.run import score_and_plan
+from vlmprune.record import RunRecord
 
 # ---------------------------------------------------------------- Qwen3-VL: DeepStack
 
@@ -179,12 +180,12 @@ def test_stock_prune_loads_with_plain_from_pretrained(family, tmp_path):
     mode = "heads" if vlmprune.prune.layer_shapes(model)[-1].group_size > 1 else "groups"
     result = vlmprune.prune(model=str(src), output=str(tmp_path / "out"), method="width", ratio=0.2,
                             criterion="magnitude", attention=mode, stock=True)
-    plan = result.plan
-    assert plan.extra["loads_with"] == "from_pretrained"
-    # where cutting heads could not load stock, attention is left whole and the plan says why
+    plan, record = result.plan, result.record.prune
+    assert record.loads_with == "from_pretrained"
+    # where cutting heads could not load stock, attention is left whole and the record says why
     unrestricted, _ = score_and_plan(model, "width", 0.2, "magnitude", attention=mode)
-    assert ("stock_note" in plan.extra) == (loads_stock(model, unrestricted) is not None)
-    if "stock_note" in plan.extra:
+    assert (record.stock_note is not None) == (loads_stock(model, unrestricted) is not None)
+    if record.stock_note is not None:
         assert not any({"q_heads", "kv_heads"} & set(entry) for entry in plan.layers.values())
     loaded, info = transformers.AutoModelForImageTextToText.from_pretrained(result.output, output_loading_info=True)
     assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
@@ -197,11 +198,11 @@ def test_the_plan_says_before_the_cut_when_vlmprune_load_is_needed(tmp_path, cap
     with caplog.at_level("WARNING", logger="vlmprune"):
         result = vlmprune.prune(model=str(src), output=str(tmp_path / "out"), method="width", ratio=0.2,
                                 criterion="magnitude", attention="groups")
-    assert result.plan.extra["loads_with"] == "vlmprune.load"
-    assert "derives head_dim from hidden_size // num_attention_heads" in result.plan.extra["loads_with_reason"]
+    assert result.record.prune.loads_with == "vlmprune.load"
+    assert "derives head_dim from hidden_size // num_attention_heads" in result.record.prune.loads_with_reason
     assert "will need vlmprune.load" in caplog.text
-    saved = PruningPlan.load(result.output)
-    assert saved.extra["loads_with"] == "vlmprune.load"
+    saved = RunRecord.load(result.output)
+    assert saved.prune.loads_with == "vlmprune.load"
 
 
 def test_stock_refuses_shapes_no_stock_class_holds(tmp_path):

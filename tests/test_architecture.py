@@ -74,11 +74,12 @@ def test_a_criterion_registered_from_user_code_prunes_through_the_public_api(tin
     result = vlmprune.prune(model=str(tiny_repo.model), output=str(tmp_path / "out"), method="width", ratio=0.2,
                             criterion="last_channels_first", attention="none", mlp_multiple=8)
     plan = json.loads((tmp_path / "out" / "pruning_plan.json").read_text())
-    assert plan["criterion"] == "last_channels_first"
+    record = json.loads((tmp_path / "out" / "run.json").read_text())["prune"]
+    assert record["criterion"] == "last_channels_first"
     for keep in plan["layers"].values():  # the lowest scores (the last channels) went
         n = len(keep["mlp_channels"])
         assert keep["mlp_channels"] == list(range(n))
-    assert result.removed == pytest.approx(plan["achieved"]["ratio"])
+    assert result.removed == pytest.approx(record["achieved"]["ratio"])
     assert (tmp_path / "out" / "scores.json").exists()
 
 
@@ -108,7 +109,8 @@ def test_a_collector_and_criterion_registered_from_user_code_prune(tiny_repo, tm
                    image_folder=str(tiny_repo.images), num_samples=4)
     assert seen == ["text"]  # the criterion's default positions reached the collector
     plan = json.loads((tmp_path / "out" / "pruning_plan.json").read_text())
-    assert plan["criterion"] == "second_layer_first" and plan["drop_layers"][0] == 1
+    record = json.loads((tmp_path / "out" / "run.json").read_text())["prune"]
+    assert record["criterion"] == "second_layer_first" and plan["drop_layers"][0] == 1
     with pytest.raises(vlmprune.VlmpruneError, match="no statistics collector 'nope'.*selected_tokens"):
         registry.get_collector("nope")
 
@@ -138,8 +140,8 @@ def test_a_loss_registered_from_user_code_trains_through_the_public_api(tiny_rep
     assert any(not torch.equal(before[k], after[k]) for k in before if ".language_model." in f".{k}")
     log = json.loads((out / "trainer_log.json").read_text())
     assert any("loss_mytest" in entry for entry in log) and not any("loss_sft" in entry for entry in log)
-    plan = json.loads((out / "pruning_plan.json").read_text())
-    assert plan["recovery"][-1]["losses"] == {"mytest": 1.0}
+    record = json.loads((out / "run.json").read_text())
+    assert record["recovery"][-1]["losses"] == {"mytest": 1.0}
     with pytest.raises(vlmprune.VlmpruneError, match="unknown loss 'nope'; choose from sft, logits, hidden, mytest"):
         RecoverConfig(student="s", data="d", output="o", loss="nope=1")
 
@@ -156,6 +158,7 @@ def test_scores_replan_another_ratio_exactly_like_a_fresh_run(tiny_repo, tmp_pat
     fresh = json.loads((tmp_path / "fresh" / "pruning_plan.json").read_text())
     replanned = json.loads((tmp_path / "replanned" / "pruning_plan.json").read_text())
     assert fresh["drop_layers"] == replanned["drop_layers"] and fresh["layers"] == replanned["layers"]
+    fresh, replanned = (json.loads((tmp_path / d / "run.json").read_text())["prune"] for d in ("fresh", "replanned"))
     assert fresh["achieved"] == replanned["achieved"] and fresh["achieved"]["ratio"] > 0
 
 
@@ -246,7 +249,7 @@ def test_a_scheme_registered_from_user_code_quantizes_through_the_cli(tiny_repo,
     assert list(quantize.SCHEMES)[:4] == ["int8", "int8-dynamic", "nf4", "int4"]
     out = tmp_path / "q"
     assert main(["quantize", "--model", str(tiny_repo.model), "--scheme", "int8-test", "--output", str(out)]) == 0
-    record = json.loads((out / "pruning_plan.json").read_text())["quantization"]
+    record = json.loads((out / "run.json").read_text())["quantization"]
     assert (record["scheme"], record["backend"], record["description"]) == (
         "int8-test", "torchao", "int8 weights, registered by a test")
     assert len(calls) == 1 and record["quantized_modules"] == len(calls[0]) > 0

@@ -43,7 +43,8 @@ def test_prune_with_plan_writes_loadable_checkpoint(tiny_dir, tmp_path):
     assert (out / "tokenizer_config.json").exists() and (out / "pruning_plan.json").exists()
     assert not list(out.glob("*.bin")) and list(out.glob("*.safetensors"))
     saved = json.loads((out / "pruning_plan.json").read_text())
-    assert saved["drop_layers"] == [2] and saved["parameters"]["after"]["total"] < saved["parameters"]["before"]["total"]
+    parameters = json.loads((out / "run.json").read_text())["prune"]["parameters"]
+    assert saved["drop_layers"] == [2] and parameters["after"]["total"] < parameters["before"]["total"]
     model = transformers.AutoModelForImageTextToText.from_pretrained(out)
     text = model.config.text_config
     assert (text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads, text.intermediate_size) == (3, 2, 1, 64)

@@ -45,10 +45,11 @@ def test_device_map_prune_equals_single_device_prune(dirs, tmp_path, method, cri
     a, b = json.loads((single.output / "pruning_plan.json").read_text()), json.loads(
         (split.output / "pruning_plan.json").read_text())
     assert a["drop_layers"] == b["drop_layers"] and a["layers"] == b["layers"]
+    sa, sb = (json.loads((r.output / "scores.json").read_text())["scores"] for r in (single, split))
     for key in ("heads", "kv_groups", "mlp_channels", "layers"):
-        if key in a.get("scores", {}):
-            assert torch.allclose(torch.tensor(a["scores"][key], dtype=torch.float64),
-                                  torch.tensor(b["scores"][key], dtype=torch.float64), rtol=1e-5, atol=1e-8), key
+        if key in sa:
+            assert torch.allclose(torch.tensor(sa[key], dtype=torch.float64),
+                                  torch.tensor(sb[key], dtype=torch.float64), rtol=1e-5, atol=1e-8), key
     wa, wb = load_file(str(single.output / "model.safetensors")), load_file(str(split.output / "model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not list(tmp_path.glob(".split.offload-*"))  # the temporary offload folder is gone

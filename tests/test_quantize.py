@@ -138,8 +138,9 @@ def test_per_layer_width_checkpoint(family, scheme, tmp_path):
     source = pruned_non_uniform(family, tmp_path)
     out, record = quantize_model_dir(source, scheme, tmp_path / "q")
     plan = json.loads((out / "pruning_plan.json").read_text())
+    quantization = json.loads((out / "run.json").read_text())["quantization"]
     assert plan["drop_layers"] == [3] and plan["layers"]["1"]["mlp_channels"] == list(range(0, 128, 2))
-    assert plan["quantization"]["scheme"] == scheme and plan["quantization"]["quantized_modules"] > 0
+    assert quantization["scheme"] == scheme and quantization["quantized_modules"] > 0
     # Plain from_pretrained does not refuse here (quantized weights carry their own shapes, so no
     # size check fires) but builds every layer at the config's widths: vlmprune.load is the way.
     loaded = vlmprune.load(out)
@@ -188,9 +189,9 @@ def test_cli_writes_checkpoint_with_processor_and_record(tiny_repo, tmp_path):
     out = tmp_path / "q"
     assert main(["quantize", "--model", str(tiny_repo.model), "--scheme", "int8", "--output", str(out)]) == 0
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "pruning_plan.json", "tokenizer_config.json"} <= names
+    assert {"config.json", "model.safetensors", "pruning_plan.json", "run.json", "tokenizer_config.json"} <= names
     plan = json.loads((out / "pruning_plan.json").read_text())
-    record = plan["quantization"]
+    record = json.loads((out / "run.json").read_text())["quantization"]
     assert plan["drop_layers"] == [] and record["backend"] == "torchao" and record["scheme"] == "int8"
     assert record["kept"][:2] == ["model.vision_tower", "model.multi_modal_projector"]
     config = json.loads((out / "config.json").read_text())["quantization_config"]

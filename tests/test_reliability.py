@@ -81,7 +81,7 @@ def test_3_concurrent_runs_on_one_output_cannot_both_win(tiny_repo, tmp_path):
     assert codes == [0, 2], results
     loser = next(err for code, err in results if code == 2)
     assert "another vlmprune run is writing" in loser or "exists and is not empty" in loser
-    assert json.loads((out / "pruning_plan.json").read_text())["criterion"] == "magnitude"
+    assert json.loads((out / "run.json").read_text())["prune"]["criterion"] == "magnitude"
 
 
 def test_4_output_inside_the_model_and_user_folders_are_not_copied(tiny_repo, tmp_path, capsys):
@@ -115,7 +115,7 @@ def test_6_resuming_from_the_final_checkpoint_adds_no_step(pair, tmp_path):
     assert main(recover_args(pair, out, "--max-steps", "4", "--save-steps", "2", "--keep-checkpoints")) == 0
     shutil.rmtree(out)  # what a kill during the final write leaves: every checkpoint, no output
     assert main(recover_args(pair, out, "--max-steps", "4", "--save-steps", "2", "--resume")) == 0
-    assert json.loads((out / "pruning_plan.json").read_text())["recovery"][-1]["steps"] == 4
+    assert json.loads((out / "run.json").read_text())["recovery"][-1]["steps"] == 4
 
 
 def test_7_resume_skips_a_half_written_checkpoint(pair, tmp_path, caplog):
@@ -129,7 +129,7 @@ def test_7_resume_skips_a_half_written_checkpoint(pair, tmp_path, caplog):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     assert main(recover_args(pair, out, "--max-steps", "4", "--save-steps", "2", "--resume")) == 0
     assert "skipping incomplete checkpoint" in caplog.text and "checkpoint-3" in caplog.text
-    assert json.loads((out / "pruning_plan.json").read_text())["recovery"][-1]["steps"] == 4
+    assert json.loads((out / "run.json").read_text())["recovery"][-1]["steps"] == 4
 
 
 def test_8_a_teacher_that_is_not_the_pruned_model_is_refused(pair, tmp_path, capsys):

@@ -93,8 +93,10 @@ def check_golden_plans(run: Path) -> None:
 
     for name, (drop, achieved, total_after, layers_digest) in GOLDEN.items():
         plan = json.loads((run / "pruned" / name / "pruning_plan.json").read_text())
-        assert plan["drop_layers"] == drop and plan["achieved"] == achieved, name
-        assert plan["parameters"]["before"]["total"] == 209568 and plan["parameters"]["after"]["total"] == total_after
+        record = json.loads((run / "pruned" / name / "run.json").read_text())["prune"]
+        assert plan["drop_layers"] == drop and record["achieved"] == achieved, name
+        parameters = record["parameters"]
+        assert parameters["before"]["total"] == 209568 and parameters["after"]["total"] == total_after
         digest = hashlib.sha256(json.dumps(plan["layers"], sort_keys=True).encode()).hexdigest()[:16]
         assert digest == layers_digest, (name, plan["layers"])
 

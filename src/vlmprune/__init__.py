@@ -26,6 +26,7 @@ _LAZY = {
     "load_processor": "vlmprune.checkpoint",
     "save_model": "vlmprune.checkpoint",
     "PruningPlan": "vlmprune.planning.plan",
+    "RunRecord": "vlmprune.record",
     "apply_plan_": "vlmprune.surgery.apply",
     "score": "vlmprune.prune.run",
     "plan_for": "vlmprune.planning.solve",

@@ -21,12 +21,13 @@ from vlmprune.convert.detect import refuse_original
 from vlmprune.errors import VlmpruneError
 from vlmprune.paths import atomic_output_dir, check_model_source
 from vlmprune.planning.plan import PLAN_FILE, LayerKeep, PruningPlan
+from vlmprune.record import RUN_FILE
 from vlmprune.summary import layer_shapes
 from vlmprune.surgery.apply import WIDTHS_KEY, prune_layer_width_, sync_config_
 
 # Files save_pretrained writes itself, or that describe weights; everything else in a model
 # directory (tokenizer, processor, chat template) is copied to the output.
-_MODEL_FILES = ("config.json", "generation_config.json", PLAN_FILE)
+_MODEL_FILES = ("config.json", "generation_config.json", PLAN_FILE, RUN_FILE)  # a stage writes its own
 # Processor files that live in a sub-folder of a model directory (transformers >= 4.5x saves extra
 # chat templates there); every other sub-folder of a model directory is the user's and is not copied.
 _PROCESSOR_SUBDIRS = ("additional_chat_templates",)
@@ -177,7 +178,8 @@ def save_model(
     extras: Callable[[Path], None] | None = None,
     inputs: Iterable[tuple[str, str | Path | None]] = (),
 ) -> Path:
-    """Write ``model`` (safetensors), its processor files and ``pruning_plan.json`` atomically.
+    """Write ``model`` (safetensors), its processor files and ``pruning_plan.json`` atomically (``extras``
+    adds the rest: ``run.json``, scores, plots).
 
     Processor/tokenizer files are copied from ``source`` when it is a local directory, else
     saved from ``processor`` (or loaded from ``source`` as a hub id) when one is available.

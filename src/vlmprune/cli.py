@@ -81,26 +81,25 @@ def print_summary(summary, title: str = "") -> None:
 def print_prune_result(result) -> None:
     from rich.table import Table
 
-    plan = result.plan
-    loads = plan.extra.get("loads_with")
-    reason = plan.extra.get("loads_with_reason")
-    loads_line = (f"loads with: {loads}" + (f" ({reason})" if reason else "")
-                  + (f"; {plan.extra['stock_note']}" if plan.extra.get("stock_note") else ""))
-    if "method" not in plan.extra:  # a plan applied as given
+    plan, record = result.plan, result.record.prune
+    loads = record.loads_with
+    loads_line = (f"loads with: {loads}" + (f" ({record.loads_with_reason})" if record.loads_with_reason else "")
+                  + (f"; {record.stock_note}" if record.stock_note else ""))
+    if record.method is None:  # a plan applied as given
         print_summary(result.after, title=f"pruned model -> {result.output}")
         console().print(f"removed {result.removed:.2%} of all parameters "
                         f"({result.removed_language_model:.2%} of the language model)")
         if loads:
             console().print(loads_line)
         return
-    table = Table(title=f"vlmprune prune: {plan.extra['method']} / {plan.extra['criterion']} -> {result.output}")
+    table = Table(title=f"vlmprune prune: {record.method} / {record.criterion} -> {result.output}")
     table.add_column("")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
     for part in ("vision", "projector", "language_model", "total"):
         table.add_row(part, f"{result.before.parameters[part]:,}", f"{result.after.parameters[part]:,}")
-    a = plan.extra["achieved"]
-    table.add_row("removed (whole model)", f"target {plan.extra['ratio_target']:.2%}", f"{a['ratio']:.2%}")
+    a = record.achieved
+    table.add_row("removed (whole model)", f"target {record.ratio_target:.2%}", f"{a['ratio']:.2%}")
     table.add_row("removed (language model)", "", f"{a['ratio_language_model']:.2%}")
     if plan.drop_layers:
         table.add_row("layers dropped", str(result.before.num_layers), f"{plan.drop_layers}")
@@ -167,7 +166,7 @@ def cmd_prune(cfg: PruneConfig) -> int:
     from vlmprune import phases
 
     phases.limit_malloc_arenas(1)  # before torch starts threads: freed memory is reused and trimmed
-    # the record in pruning_plan.json covers this whole process: the interpreter and imports count too
+    # the record in run.json covers this whole process: the interpreter and imports count too
     with phases.recording(since_process_start=True) as recorder:
         with recorder.phase("import"):
             from vlmprune.prune.run import prune

@@ -1,7 +1,7 @@
 """Where a command spends time and memory: wall time and peak RSS per phase.
 
-``vlmprune prune`` records its phases (``PHASES``) and writes the result into ``pruning_plan.json``
-as its ``"cost"`` record (also ``PruneResult.cost``). Code marks a phase with ``with phase("load"):``;
+``vlmprune prune`` records its phases (``PHASES``) and writes the result into ``run.json``
+as its prune section's ``"cost"`` (also ``PruneResult.cost``). Code marks a phase with ``with phase("load"):``;
 outside an active :func:`recording` that is a no-op. Phases nest: an inner phase pauses the outer
 one, so every second of the recording belongs to exactly one phase, and time in no named phase is
 ``"other"``.
@@ -27,7 +27,8 @@ from collections.abc import Iterator
 
 from vlmprune.measure import peak_rss_kib, reset_peak_rss, rss_kib, status_kib
 
-PHASES = ("import", "load", "data", "calibration", "scoring", "planning", "compensation", "surgery", "save", "records", "other")
+PHASES = ("import", "load", "data", "calibration", "scoring", "planning", "compensation", "surgery", "save", "records",
+          "other")
 
 def process_age() -> float | None:
     """Seconds since this process started (10 ms resolution), from /proc; None without it."""
@@ -131,8 +132,8 @@ class PhaseRecorder:
             "threads": _threads(),
             "cpu_seconds": round(sum(self.cpu_seconds.values()), 3),
             "phases": {name: {"seconds": round(self.seconds[name], 3), "cpu_seconds": round(self.cpu_seconds[name], 3),
-                              "peak_rss_mib": mib(self.peak_kib[name]),
-                              "rss_start_mib": mib(self.rss_start_kib[name]), "rss_end_mib": mib(self.rss_end_kib[name])}
+                              "peak_rss_mib": mib(self.peak_kib[name]), "rss_start_mib": mib(self.rss_start_kib[name]),
+                              "rss_end_mib": mib(self.rss_end_kib[name])}
                        for name in PHASES},
         }
         if weight_bytes:

@@ -38,7 +38,7 @@ from vlmprune.adapters import Adapter, get_adapter
 from vlmprune.errors import VlmpruneError
 from vlmprune.measure import is_quantized_weight, tensor_bytes
 
-QUANTIZATION_KEY = "quantization"  # the record's key in pruning_plan.json
+QUANTIZATION_KEY = "quantization"  # the record's section in run.json
 
 
 class QuantizationError(VlmpruneError):
@@ -255,7 +255,7 @@ def weight_bytes(module: nn.Module) -> int:
 
 def quantize(model: nn.Module, scheme: str) -> dict:
     """Quantize the decoder layers' Linear weights of ``model`` in place; returns the record that
-    goes into ``pruning_plan.json``.
+    goes into ``run.json``'s ``quantization`` section.
 
     The model afterwards carries ``config.quantization_config`` and a transformers quantizer, so
     ``save_pretrained`` / ``vlmprune.save_model`` write a loadable safetensors checkpoint.
@@ -299,10 +299,11 @@ def quantize_model_dir(model: str | Path, scheme: str, output: str | Path, overw
                        dtype: str | None = None, device: str | None = None,
                        trust_remote_code: bool = False) -> tuple[Path, dict]:
     """Load ``model`` (any widths), quantize its decoder, write ``output`` atomically with the
-    processor files and ``pruning_plan.json`` (the input's plan, or an empty one, with a
-    ``quantization`` record). Nothing is written when the scheme cannot run here."""
+    processor files, ``pruning_plan.json`` (the input's plan, or an empty one) and ``run.json`` (the
+    input's record with a ``quantization`` section). Nothing is written when the scheme cannot run here."""
     from vlmprune.checkpoint import load, save_model
     from vlmprune.planning.plan import PLAN_FILE, PruningPlan
+    from vlmprune.record import QuantizationRecord, RunRecord
 
     # refuse before loading anything: a missing package or device must not cost a model load
     wanted_device = device or ("cuda" if SCHEMES.get(scheme, SCHEMES["int8"]).needs_cuda else "cpu")
@@ -312,6 +313,8 @@ def quantize_model_dir(model: str | Path, scheme: str, output: str | Path, overw
     record = quantize(net, scheme)
     plan_path = Path(model) / PLAN_FILE
     plan = PruningPlan.load(plan_path) if plan_path.exists() else PruningPlan()
-    plan.extra[QUANTIZATION_KEY] = {**record, "source": str(model)}
-    out = save_model(net, output, plan=plan, source=model, overwrite=overwrite)
+    run = RunRecord.load(model, missing_ok=True)
+    run.quantization = QuantizationRecord(**record, source=str(model))
+    out = save_model(net, output, plan=PruningPlan(plan.drop_layers, plan.layers), source=model, overwrite=overwrite,
+                     extras=run.save)
     return out, record

@@ -41,6 +41,8 @@ from vlmprune.config import (
     read_yaml,
 )
 from vlmprune.errors import VlmpruneError
+from vlmprune.planning.plan import PLAN_FILE
+from vlmprune.record import PruneRecord, RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,8 @@ DEFAULTS: dict[str, Any] = {
 
 # Keys a study config may hold under each section (checked at any depth when the config loads).
 _CALIBRATION_KEYS = ("num_samples", "batch_size", "max_length", "split")
-_EVALUATION_KEYS = tuple(f.name for f in dataclasses.fields(EvalConfig) if f.name not in ("model", "output", "efficiency"))
+_EVALUATION_KEYS = tuple(f.name for f in dataclasses.fields(EvalConfig)
+                         if f.name not in ("model", "output", "efficiency"))
 _RECOVERY_KEYS = tuple(f.name for f in dataclasses.fields(RecoverConfig)
                        if f.name not in ("student", "teacher", "data", "image_folder", "output", "overwrite", "resume"))
 
@@ -192,7 +195,8 @@ def expand_grid(config: dict) -> list[Cell]:
                 axes.get("method", ["layer"]), sizes, axes.get("recipe", ["none"]),
                 axes.get("fraction", [None]), schemes, compensations):
             if recipe not in config["recipes"]:
-                raise VlmpruneError(f"grid names recipe {recipe!r}, not defined under 'recipes' ({', '.join(config['recipes'])})")
+                raise VlmpruneError(f"grid names recipe {recipe!r}, not defined under 'recipes' "
+                                    f"({', '.join(config['recipes'])})")
             # auto: the width criterion names the cell; the depth part uses criterion.layer
             default = config["criterion"]["width" if method == "auto" else method]
             for criterion in axes.get("criterion", [default]):
@@ -247,6 +251,28 @@ def _evaluate(model: str | Path, evaluation: dict) -> dict:
     return result
 
 
+@dataclass
+class _Study:
+    """What the phases of a study's cells share: the config, the run directory, the inputs, the tally."""
+
+    config: dict
+    run: Path
+    evaluation: dict
+    result: StudyResult
+
+    @property
+    def teacher(self) -> str:
+        return self.config["teacher"]
+
+    @property
+    def data(self) -> str:
+        return self.config["train_data"]
+
+    @property
+    def folder(self) -> str | None:
+        return self.config["image_folder"]
+
+
 def run_study(config: dict) -> StudyResult:
     """Run every cell not yet done; return the run directory and the cells' fate (then `vlmprune report` it).
 
@@ -254,99 +280,139 @@ def run_study(config: dict) -> StudyResult:
     Cells that differ only in ratio or target share one calibration: the first writes ``scores.json``
     and the others plan from it (``vlmprune prune --scores``).
     """
-    from vlmprune.prune.run import SCORES_FILE, prune
-    from vlmprune.recover import recover
-
-    teacher, data, folder = config["teacher"], config["train_data"], config["image_folder"]
-    evaluation = dict(config["evaluation"])
-    run = Path(config["output"])
-    (run / "cells").mkdir(parents=True, exist_ok=True)
-    (run / "resolved_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    study = _Study(config, Path(config["output"]), dict(config["evaluation"]), StudyResult(Path(config["output"])))
+    (study.run / "cells").mkdir(parents=True, exist_ok=True)
+    (study.run / "resolved_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     cells = run_order(expand_grid(config), config)
-    result = StudyResult(run)
-    original = run / "original"
+    original = study.run / "original"
     if not (original / "eval.json").exists():
         original.mkdir(exist_ok=True)
-        log.info("[study] evaluating the original model %s", teacher)
-        _write_json(original / "eval.json", {"model": teacher, **_evaluate(teacher, evaluation)})
+        log.info("[study] evaluating the original model %s", study.teacher)
+        _write_json(original / "eval.json", {"model": study.teacher, **_evaluate(study.teacher, study.evaluation)})
     started = time.time()
     for n, cell in enumerate(cells, 1):
-        cell_dir = run / "cells" / cell.id
-        status = _status(cell_dir)
-        if status and status.get("status") == "done":
-            log.info("[study] %d/%d %s: done, skipped", n, len(cells), cell.id)
-            result.skipped += 1
-            continue
-        if cell_dir.exists():
-            shutil.rmtree(cell_dir)  # an unfinished or failed attempt: start the cell over
-        cell_dir.mkdir(parents=True)
-        _write_json(cell_dir / "cell.json", {**cell.to_dict(), "teacher": teacher, "train_data": data,
-                                             "recipe_config": config["recipes"][cell.recipe],
-                                             "recovery": config["recovery"], "evaluation": evaluation})
-        log.info("[study] %d/%d %s: running", n, len(cells), cell.id)
-        t0 = time.time()
-        try:
-            pruned = run / "pruned" / cell.prune_id
-            if not (pruned / "pruning_plan.json").exists():
-                shared = [p / SCORES_FILE for p in (run / "pruned").glob(f"{cell.method}-{cell.criterion}-[rt]*")
-                          if (p / SCORES_FILE).is_file()]
-                options = {k: v for k, v in config["calibration"].items() if v is not None}
-                if cell.method in ("width", "auto"):
-                    options.update(attention=config["width"]["attention"], mlp_multiple=config["width"]["mlp_multiple"])
-                if cell.method == "auto":
-                    options["layer_criterion"] = config["criterion"]["layer"]
-                    shared = []  # auto scores two criteria and searches: nothing to share
-                if cell.compensate != "none":  # the fits need the calibration data, even where scores are shared
-                    options.update(compensate=cell.compensate, calibration=data, image_folder=folder,
-                                   seed=config["seed"], compensate_sequential=bool(config["compensation"]["sequential"]))
-                    if config["compensation"]["ridge"] is not None:
-                        options["compensate_ridge"] = config["compensation"]["ridge"]
-                if shared:  # one calibration serves every ratio of a method and criterion (and every compensation)
-                    if cell.compensate == "none":
-                        options = {k: v for k, v in options.items() if k in ("attention", "mlp_multiple")}
-                    prune(PruneConfig(model=teacher, output=str(pruned), scores=str(shared[0]), ratio=cell.ratio,
-                                      target=cell.target, overwrite=True, **options))
-                else:
-                    options.update(calibration=data, image_folder=folder, seed=config["seed"])
-                    prune(PruneConfig(model=teacher, output=str(pruned), method=cell.method, ratio=cell.ratio,
-                                      target=cell.target, criterion=cell.criterion, overwrite=True, **options))
-            model_dir = pruned
-            recipe = config["recipes"][cell.recipe]
-            if recipe is not None:
-                model_dir = cell_dir / "model"
-                if cell.quantization is not None:  # shared with the cell's other schemes
-                    model_dir = run / "recovered" / cell.float_id
-            if recipe is not None and not (model_dir / "sample_ids.json").exists():
-                options = {**config["recovery"], **recipe, "student": str(pruned), "teacher": teacher, "data": data,
-                           "image_folder": folder, "output": str(model_dir), "fraction": cell.fraction,
-                           "seed": config["seed"], "overwrite": True}
-                recover(build(RecoverConfig, options))
-            quantization = None
-            if cell.quantization is not None:
-                from vlmprune.quantize import quantize_model_dir
-
-                model_dir, quantization = quantize_model_dir(model_dir, cell.quantization, cell_dir / "quantized",
-                                                             overwrite=True)
-            evaluated = _evaluate(model_dir, evaluation)
-            if quantization is not None:
-                evaluated["quantization"] = quantization
-            plan = json.loads((pruned / "pruning_plan.json").read_text())
-            evaluated["achieved"] = plan.get("achieved")
-            if "target" in plan:
-                evaluated["target"] = plan["target"]
-            _write_json(cell_dir / "eval.json", evaluated)
-            if (recipe is not None or cell.quantization is not None) and not config["keep_models"]:
-                shutil.rmtree(cell_dir / "model", ignore_errors=True)
-                shutil.rmtree(cell_dir / "quantized", ignore_errors=True)
-            _write_json(cell_dir / "status.json", {"status": "done", "seconds": time.time() - t0})
-            result.done += 1
-            log.info("[study] %s: mean accuracy %s (%.0f s)", cell.id, "n/a" if evaluated["accuracy"] is None
-                     else f"{evaluated['accuracy']:.3f}", time.time() - t0)
-        except Exception as exc:  # a failed cell is recorded and the grid goes on
-            _write_json(cell_dir / "status.json", {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
-                                                   "traceback": traceback.format_exc(), "seconds": time.time() - t0})
-            result.failed.append(cell.id)
-            log.warning("[study] %s: FAILED: %s", cell.id, exc)
+        _run_cell(study, cell, f"{n}/{len(cells)}")
+    result = study.result
     log.info("[study] %d cells in %.0f s this run (%d done, %d skipped, %d failed); report: vlmprune report %s",
-             len(cells), time.time() - started, result.done, result.skipped, len(result.failed), run)
+             len(cells), time.time() - started, result.done, result.skipped, len(result.failed), study.run)
     return result
+
+
+def _run_cell(study: _Study, cell: Cell, position: str) -> None:
+    """One cell, unless done before: prune (or reuse), recover (or reuse), quantize, evaluate, record.
+    A failed cell records its error and the grid goes on."""
+    cell_dir = study.run / "cells" / cell.id
+    status = _status(cell_dir)
+    if status and status.get("status") == "done":
+        log.info("[study] %s %s: done, skipped", position, cell.id)
+        study.result.skipped += 1
+        return
+    if cell_dir.exists():
+        shutil.rmtree(cell_dir)  # an unfinished or failed attempt: start the cell over
+    cell_dir.mkdir(parents=True)
+    config = study.config
+    _write_json(cell_dir / "cell.json", {**cell.to_dict(), "teacher": study.teacher, "train_data": study.data,
+                                         "recipe_config": config["recipes"][cell.recipe],
+                                         "recovery": config["recovery"], "evaluation": study.evaluation})
+    log.info("[study] %s %s: running", position, cell.id)
+    t0 = time.time()
+    try:
+        pruned = _prune_cell(study, cell)
+        model_dir = _recover_cell(study, cell, cell_dir, pruned)
+        model_dir, quantization = _quantize_cell(cell, cell_dir, model_dir)
+        evaluated = _evaluate_cell(study, model_dir, pruned, quantization)
+        _record_cell(study, cell, cell_dir, evaluated, t0)
+    except Exception as exc:  # a failed cell is recorded and the grid goes on
+        _write_json(cell_dir / "status.json", {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                                               "traceback": traceback.format_exc(), "seconds": time.time() - t0})
+        study.result.failed.append(cell.id)
+        log.warning("[study] %s: FAILED: %s", cell.id, exc)
+
+
+def _prune_cell(study: _Study, cell: Cell) -> Path:
+    """The cell's pruned model, shared by the cells of the same prune id; written unless there already.
+    One calibration serves every ratio of a method and criterion (the others plan from its scores.json)."""
+    from vlmprune.prune.run import SCORES_FILE, prune
+
+    config, run = study.config, study.run
+    pruned = run / "pruned" / cell.prune_id
+    if (pruned / PLAN_FILE).exists():
+        return pruned
+    shared = [p / SCORES_FILE for p in (run / "pruned").glob(f"{cell.method}-{cell.criterion}-[rt]*")
+              if (p / SCORES_FILE).is_file()]
+    options = {k: v for k, v in config["calibration"].items() if v is not None}
+    if cell.method in ("width", "auto"):
+        options.update(attention=config["width"]["attention"], mlp_multiple=config["width"]["mlp_multiple"])
+    if cell.method == "auto":
+        options["layer_criterion"] = config["criterion"]["layer"]
+        shared = []  # auto scores two criteria and searches: nothing to share
+    if cell.compensate != "none":  # the fits need the calibration data, even where scores are shared
+        options.update(compensate=cell.compensate, calibration=study.data, image_folder=study.folder,
+                       seed=config["seed"], compensate_sequential=bool(config["compensation"]["sequential"]))
+        if config["compensation"]["ridge"] is not None:
+            options["compensate_ridge"] = config["compensation"]["ridge"]
+    if shared:  # one calibration serves every ratio of a method and criterion (and every compensation)
+        if cell.compensate == "none":
+            options = {k: v for k, v in options.items() if k in ("attention", "mlp_multiple")}
+        prune(PruneConfig(model=study.teacher, output=str(pruned), scores=str(shared[0]), ratio=cell.ratio,
+                          target=cell.target, overwrite=True, **options))
+    else:
+        options.update(calibration=study.data, image_folder=study.folder, seed=config["seed"])
+        prune(PruneConfig(model=study.teacher, output=str(pruned), method=cell.method, ratio=cell.ratio,
+                          target=cell.target, criterion=cell.criterion, overwrite=True, **options))
+    return pruned
+
+
+def _recover_cell(study: _Study, cell: Cell, cell_dir: Path, pruned: Path) -> Path:
+    """The model the cell evaluates: the pruned one, or it recovered by the cell's recipe (a quantized cell's
+    recovered model is shared with the cell's other schemes, and kept for them)."""
+    from vlmprune.recover import recover
+
+    config = study.config
+    recipe = config["recipes"][cell.recipe]
+    if recipe is None:
+        return pruned
+    model_dir = cell_dir / "model"
+    if cell.quantization is not None:  # shared with the cell's other schemes
+        model_dir = study.run / "recovered" / cell.float_id
+    if not (model_dir / "sample_ids.json").exists():
+        options = {**config["recovery"], **recipe, "student": str(pruned), "teacher": study.teacher,
+                   "data": study.data, "image_folder": study.folder, "output": str(model_dir),
+                   "fraction": cell.fraction, "seed": config["seed"], "overwrite": True}
+        recover(build(RecoverConfig, options))
+    return model_dir
+
+
+def _quantize_cell(cell: Cell, cell_dir: Path, model_dir: Path) -> tuple[Path, dict | None]:
+    """The cell's quantization scheme applied to its model (nothing without one); returns the model and the record."""
+    if cell.quantization is None:
+        return model_dir, None
+    from vlmprune.quantize import quantize_model_dir
+
+    return quantize_model_dir(model_dir, cell.quantization, cell_dir / "quantized", overwrite=True)
+
+
+def _evaluate_cell(study: _Study, model_dir: Path, pruned: Path, quantization: dict | None) -> dict:
+    """The tasks' scores, with the quantization and, from the pruned model's run record, the achieved
+    ratio and target."""
+    evaluated = _evaluate(model_dir, study.evaluation)
+    if quantization is not None:
+        evaluated["quantization"] = quantization
+    record = RunRecord.load(pruned).prune or PruneRecord()
+    evaluated["achieved"] = record.achieved
+    if record.target is not None:
+        evaluated["target"] = record.target
+    return evaluated
+
+
+def _record_cell(study: _Study, cell: Cell, cell_dir: Path, evaluated: dict, t0: float) -> None:
+    """eval.json, then (models removed unless kept) status.json: the cell is done."""
+    _write_json(cell_dir / "eval.json", evaluated)
+    if (study.config["recipes"][cell.recipe] is not None or cell.quantization is not None) \
+            and not study.config["keep_models"]:
+        shutil.rmtree(cell_dir / "model", ignore_errors=True)
+        shutil.rmtree(cell_dir / "quantized", ignore_errors=True)
+    _write_json(cell_dir / "status.json", {"status": "done", "seconds": time.time() - t0})
+    study.result.done += 1
+    log.info("[study] %s: mean accuracy %s (%.0f s)", cell.id, "n/a" if evaluated["accuracy"] is None
+             else f"{evaluated['accuracy']:.3f}", time.time() - t0)

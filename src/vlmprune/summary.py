@@ -94,7 +94,8 @@ class ModelSummary:
 def summarize(model: nn.Module) -> ModelSummary:
     adapter = get_adapter(model)
     shapes = layer_shapes(model, adapter)
-    return ModelSummary(adapter.model_type, adapter.text_model_type, count_parameters(model, adapter), len(shapes), shapes)
+    return ModelSummary(adapter.model_type, adapter.text_model_type, count_parameters(model, adapter), len(shapes),
+                        shapes)
 
 
 def source_record(model: nn.Module) -> dict:
@@ -112,17 +113,18 @@ def source_record(model: nn.Module) -> dict:
 
 
 def check_teacher(teacher: nn.Module, recorded: dict, teacher_name: str) -> None:
-    """Refuse a teacher that is not the model the student's plan says it was cut from."""
+    """Refuse a teacher that is not the model the student's run record says it was cut from."""
     actual = source_record(teacher)
     if actual["fingerprint"] == recorded.get("fingerprint"):
         return
     differences = []
     for key in ("model_type", "text_model_type", "hidden_size", "vocab_size", "num_layers"):
         if key in recorded and recorded[key] != actual[key]:
-            differences.append(f"{key} {actual[key]} (the plan records {recorded[key]})")
-    if "layers" in recorded and recorded["layers"] != actual["layers"] and actual["num_layers"] == recorded.get("num_layers"):
+            differences.append(f"{key} {actual[key]} (the student's record says {recorded[key]})")
+    if ("layers" in recorded and recorded["layers"] != actual["layers"]
+            and actual["num_layers"] == recorded.get("num_layers")):
         bad = [i for i, (a, b) in enumerate(zip(actual["layers"], recorded["layers"])) if a != b]
         differences.append(f"the widths of layer(s) {bad[:5]}")
     raise VlmpruneError(f"the teacher {teacher_name} is not the model this student was pruned from: "
                         f"{'; '.join(differences) or 'its fingerprint differs'}. Pass the unpruned model that "
-                        f"`vlmprune prune` read (pruning_plan.json: source_model)")
+                        f"`vlmprune prune` read (run.json: prune.source_model)")

@@ -477,7 +477,7 @@ def test_converted_bunny_with_tokenizer_takes_calibrated_pruning(tmp_path):
                  "--calibration", str(data), "--image-folder", str(tmp_path / "data" / "images"),
                  "--num-samples", "4", "--output", str(out)]) == 0
     plan = json.loads((out / "pruning_plan.json").read_text())
-    assert plan["criterion"] == "taylor" and plan["layers"]
+    assert json.loads((out / "run.json").read_text())["prune"]["criterion"] == "taylor" and plan["layers"]
     check_config(load_eager(out))
     assert transformers.AutoProcessor.from_pretrained(out).tokenizer.convert_tokens_to_ids("<image>") == \
         load_eager(out).config.image_token_id

@@ -69,7 +69,7 @@ def test_params_target_through_the_cli(tiny_repo, tmp_path):
     out = tmp_path / "o"
     assert main(["prune", "--model", str(tiny_repo.model), "--method", "width", "--criterion", "magnitude",
                  "--target", "params=0.85", "--mlp-multiple", "8", "--output", str(out)]) == 0
-    plan = json.loads((out / "pruning_plan.json").read_text())
+    plan = json.loads((out / "run.json").read_text())["prune"]
     total = plan["parameters"]["before"]["total"]
     assert plan["target"]["kind"] == "params" and plan["target"]["achieved"] == plan["parameters"]["after"]["total"]
     assert abs(plan["target"]["achieved"] / total - 0.85) < 0.03
@@ -82,7 +82,7 @@ def test_memory_target_is_met(tiny_repo, tmp_path):
     out = tmp_path / "o"
     assert main(["prune", "--model", str(tiny_repo.model), "--method", "width", "--criterion", "magnitude",
                  "--target", f"memory={goal}B,seq=512,dtype=fp32", "--mlp-multiple", "8", "--output", str(out)]) == 0
-    plan = json.loads((out / "pruning_plan.json").read_text())
+    plan = json.loads((out / "run.json").read_text())["prune"]
     assert plan["target"]["achieved"] <= goal and plan["target"]["achieved"] > 0.6 * now
     reloaded = vlmprune.load(out)
     assert footprint(reloaded, parse_target("memory=1GB,seq=512,dtype=fp32")).memory_bytes == plan["target"]["achieved"]
@@ -103,12 +103,15 @@ def test_auto_meets_the_target_and_beats_pure_layer_and_pure_width(tiny_repo, tm
     pure = [r for r in rows if r["layers_dropped"] in (0, max(ks))]
     assert all(chosen["proxy_kl"] <= r["proxy_kl"] for r in pure)
     plan = json.loads((out / "pruning_plan.json").read_text())
-    assert plan["method"] == "auto" and plan["drop_layers"] == chosen["drop_layers"]
-    assert abs(plan["target"]["achieved"] / plan["parameters"]["before"]["total"] - 0.75) < 0.05
+    record = json.loads((out / "run.json").read_text())["prune"]
+    assert record["method"] == "auto" and plan["drop_layers"] == chosen["drop_layers"]
+    assert record["search"] == "search.json" and set(plan) == {"version", "drop_layers", "layers"}
+    assert abs(record["target"]["achieved"] / record["parameters"]["before"]["total"] - 0.75) < 0.05
     assert (out / "search.png").stat().st_size > 5000
-    second = json.loads((tmp_path / "auto-rank2" / "pruning_plan.json").read_text())  # --top-k 2
+    second = json.loads((tmp_path / "auto-rank2" / "run.json").read_text())["prune"]  # --top-k 2
     assert second["rank"] == 2 and second["proxy_kl"] == sorted(r["proxy_kl"] for r in rows)[1]
-    assert second["parameters"]["after"]["total"] == vlmprune.count_parameters(vlmprune.load(tmp_path / "auto-rank2"))["total"]
+    rank2 = vlmprune.count_parameters(vlmprune.load(tmp_path / "auto-rank2"))["total"]
+    assert second["parameters"]["after"]["total"] == rank2
 
 
 @pytest.mark.parametrize("spec", ["params=2", "memory=2", "latency=200", "params=0.7,seq=3", "speed=3"])
@@ -136,7 +139,7 @@ def test_auto_is_a_study_grid_value(tiny_repo, tmp_path):
     assert main(["study", "--config", str(smoke), f"output={run}", f"teacher={tiny_repo.model}",
                  f"train_data={tiny_repo.data}", f"image_folder={tiny_repo.images}",
                  f"evaluation.task_file={tiny_repo.task_file}", f"grid={grid}"]) == 0
-    plan = json.loads((run / "pruned" / "auto-magnitude-r0.25" / "pruning_plan.json").read_text())
+    plan = json.loads((run / "pruned" / "auto-magnitude-r0.25" / "run.json").read_text())["prune"]
     assert plan["method"] == "auto" and plan["layer_criterion"] == "block_influence"
     rows = {c["id"]: c for c in json.loads((run / "results.json").read_text())["cells"]}
     assert {"auto-magnitude-r0.25-none", "layer-block_influence-r0.25-none", "width-magnitude-r0.25-none"} <= set(rows)
@@ -150,7 +153,8 @@ def test_latency_prediction_by_hand():
     assert [(s.num_heads, s.num_kv_heads, s.intermediate_size) for s in shapes] == [(8, 2, 128)] * 4
     profile = {"base_s": 0.010, "kinds": [
         {"layers": [0, 1], "fixed_s": 0.001, "attention": [[8, 0.008], [4, 0.005]], "mlp": [[128, 0.006], [64, 0.004]]},
-        {"layers": [2, 3], "fixed_s": 0.002, "attention": [[8, 0.010], [4, 0.004]], "mlp": [[128, 0.012], [32, 0.001]]}]}
+        {"layers": [2, 3], "fixed_s": 0.002, "attention": [[8, 0.010], [4, 0.004]],
+         "mlp": [[128, 0.012], [32, 0.001]]}]}
     assert predict_latency(profile, shapes) == pytest.approx(0.010 + 2 * (0.001 + 0.008 + 0.006)
                                                              + 2 * (0.002 + 0.010 + 0.012))
     plan = PruningPlan(drop_layers=[3], layers={0: {"kv_heads": [1], "mlp_channels": list(range(96))},
@@ -185,7 +189,7 @@ def test_latency_target_plans_on_the_profile_and_measures_the_result(tiny_repo, 
     out = tmp_path / "o"
     assert main(["prune", "--model", str(tiny_repo.model), "--method", "width", "--criterion", "magnitude",
                  "--mlp-multiple", "8", "--target", f"latency={goal_ms:.4f}ms,seq=32", "--output", str(out)]) == 0
-    t = json.loads((out / "pruning_plan.json").read_text())["target"]
+    t = json.loads((out / "run.json").read_text())["prune"]["target"]
     assert t["kind"] == "latency" and t["predicted_s"] <= t["required"] and t["predicted_s"] > 0.6 * now
     assert t["measured_s"] > 0 and t["prediction_error"] == pytest.approx(t["predicted_s"] / t["measured_s"] - 1)
 
@@ -243,7 +247,7 @@ def test_a_study_grid_cuts_to_a_target_and_the_report_compares_methods_at_it(tin
                  f"evaluation.task_file={tiny_repo.task_file}", f"grid={grid}"]) == 0
     slug = spec.replace("=", "").replace(",", "-")
     for method, criterion in (("layer", "block_influence"), ("width", "magnitude")):
-        plan = json.loads((run / "pruned" / f"{method}-{criterion}-t-{slug}" / "pruning_plan.json").read_text())
+        plan = json.loads((run / "pruned" / f"{method}-{criterion}-t-{slug}" / "run.json").read_text())["prune"]
         assert plan["target"]["kind"] == "memory" and plan["target"]["achieved"] <= goal
     rows = {c["id"]: c for c in json.loads((run / "results.json").read_text())["cells"]}
     assert set(rows) == {f"layer-block_influence-t-{slug}-none", f"width-magnitude-t-{slug}-none"}

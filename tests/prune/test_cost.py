@@ -48,7 +48,7 @@ def check_record(cost: dict) -> None:
 def test_cli_writes_the_cost_of_every_phase(tiny_repo, tmp_path):
     out = tmp_path / "pruned"
     assert main(prune_argv(tiny_repo, out)) == 0
-    cost = json.loads((out / "pruning_plan.json").read_text())["cost"]
+    cost = json.loads((out / "run.json").read_text())["prune"]["cost"]
     check_record(cost)
     assert cost["scope"] == "process"  # the CLI counts the interpreter and the imports too
     assert cost["phases"]["import"]["seconds"] > 0
@@ -61,14 +61,14 @@ def test_library_prune_returns_the_same_record(tiny_repo, tmp_path):
     check_record(result.cost)
     assert result.cost["scope"] == "call"  # prune() called in a running process: no import phase
     assert result.cost["phases"]["import"]["seconds"] == 0
-    saved = json.loads((tmp_path / "o" / "pruning_plan.json").read_text())
+    saved = json.loads((tmp_path / "o" / "run.json").read_text())["prune"]
     assert saved["cost"] == result.cost
     assert phases.current() is None  # the recording ended with the call
 
 
 def test_phase_times_add_up_to_the_command(tiny_repo, tmp_path):
     """In its own process: the record's phases add up to about the wall time seen from outside (the
-    rest is the process's exit, after the plan is written)."""
+    rest is the process's exit, after the run record is written)."""
     out = tmp_path / "pruned"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
@@ -77,7 +77,7 @@ def test_phase_times_add_up_to_the_command(tiny_repo, tmp_path):
                           capture_output=True, text=True)
     wall = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr[-2000:]
-    cost = json.loads((out / "pruning_plan.json").read_text())["cost"]
+    cost = json.loads((out / "run.json").read_text())["prune"]["cost"]
     check_record(cost)
     assert cost["seconds"] <= wall + 0.05
     assert cost["seconds"] >= 0.75 * wall - 0.5, (cost["seconds"], wall)

@@ -125,11 +125,14 @@ def test_cli_prune_with_calibration(tiny_repo, tmp_path, args):
             "--num-samples", "6", "--batch-size", "2", "--output", str(out), *args]
     assert main(argv) == 0
     plan = json.loads((out / "pruning_plan.json").read_text())
-    assert plan["criterion"] in ("block_influence", "taylor") and "scores" in plan
+    record = json.loads((out / "run.json").read_text())["prune"]
+    assert record["criterion"] in ("block_influence", "taylor") and (out / "scores.json").is_file()
+    assert set(plan) == {"version", "drop_layers", "layers"}  # the plan says only what is removed
     original = vlmprune.load(model_dir)
     budget, shapes = ModelBudget.of(original), layer_shapes(original)
     saved = vlmprune.PruningPlan.from_dict(plan)
-    assert abs(plan["achieved"]["ratio"] - 0.2) <= granularity(budget, saved, shapes)
+    saved.extra.update(record)  # what granularity() reads: the method and the MLP multiple
+    assert abs(record["achieved"]["ratio"] - 0.2) <= granularity(budget, saved, shapes)
     png = (out / "importance.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     assert (out / "tokenizer_config.json").exists()

@@ -128,8 +128,9 @@ def test_train_modes_change_only_their_parameters(dirs, tmp_path, mode, caplog):
     model = transformers.AutoModelForImageTextToText.from_pretrained(out)
     assert not any("lora" in name for name, _ in model.named_modules())
     plan = json.loads((out / "pruning_plan.json").read_text())
-    assert plan["drop_layers"] == [1, 3] and plan["recovery"][-1]["train"] == mode.split("+")[0]
-    assert plan["recovery"][-1]["steps"] == 2
+    recovery = json.loads((out / "run.json").read_text())["recovery"]
+    assert plan["drop_layers"] == [1, 3] and recovery[-1]["train"] == mode.split("+")[0]
+    assert recovery[-1]["steps"] == 2
     for name in ("sample_ids.json", "resolved_config.yaml", "trainer_log.json", "loss_curve.png",
                  "tokenizer_config.json"):
         assert (out / name).exists(), name
@@ -161,7 +162,7 @@ def test_two_process_accelerate_run_picks_the_same_samples(dirs, tmp_path):
     assert ids["processes_checked"] == 2  # every process chose the same ids (checked across processes)
     samples = read_samples(dirs["data"], dirs["images"])
     assert ids["ids"] == [s.id for s in select(samples, fraction=0.5, seed=3)]
-    assert json.loads((out / "pruning_plan.json").read_text())["recovery"][-1]["steps"] == 2
+    assert json.loads((out / "run.json").read_text())["recovery"][-1]["steps"] == 2
     transformers.AutoModelForImageTextToText.from_pretrained(out)
 
 
@@ -197,7 +198,7 @@ def test_resume_continues_the_loss_curve_and_ends_at_the_same_step(dirs, tmp_pat
     resumed = [(e["step"], e["loss"]) for e in json.loads((out / "trainer_log.json").read_text()) if "loss" in e]
     assert [s for s, _ in resumed] == [1, 2, 3, 4, 5, 6]
     assert [loss for _, loss in resumed] == pytest.approx([loss for _, loss in full], rel=1e-4)
-    assert json.loads((out / "pruning_plan.json").read_text())["recovery"][-1]["steps"] == 6
+    assert json.loads((out / "run.json").read_text())["recovery"][-1]["steps"] == 6
 
 
 def _parse(args):

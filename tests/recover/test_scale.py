@@ -96,7 +96,7 @@ def fsdp_run(launched):
 
 
 def recovery_record(out) -> dict:
-    return json.loads((Path(out) / "pruning_plan.json").read_text())["recovery"][-1]
+    return json.loads((Path(out) / "run.json").read_text())["recovery"][-1]
 
 
 def weights(path) -> dict[str, torch.Tensor]:
@@ -189,7 +189,7 @@ def test_resumes_after_a_kill_and_ends_at_the_same_step(dirs, tmp_path, config):
     assert f"resuming from {ckpts / f'checkpoint-{steps_done[-1]}'}" in run.stderr  # not started over
     log = json.loads((out / "trainer_log.json").read_text())
     assert [e["step"] for e in log if "loss" in e][-1] == 12
-    assert json.loads((out / "pruning_plan.json").read_text())["recovery"][-1]["steps"] == 12
+    assert json.loads((out / "run.json").read_text())["recovery"][-1]["steps"] == 12
     # The resumed two-process run lands where an uninterrupted one-process run of the same seed lands.
     assert main(argv(dirs, tmp_path / "single", *common, "--gradient-accumulation-steps", "2")) == 0
     # 12 steps of gloo all-reduces, split by a restart, sum in another order than one process does:

@@ -19,6 +19,7 @@ from vlmprune.cli import main
 from vlmprune.errors import VlmpruneError
 from vlmprune.planning.plan import PruningPlan
 from vlmprune.prune import apply_plan_, layer_shapes
+from vlmprune.record import RunRecord
 from vlmprune.surgery.apply import loads_stock
 from vlmprune.surgery.compensate import compensate_, ridge_fold
 
@@ -219,7 +220,7 @@ def test_cli_prune_compensated_records_and_reloads(tiny_repo, tmp_path):
             "--method", "width", "--ratio", "0.2", "--compensate", "ls", "--compensate-sequential"]
     assert main(argv) == 0
     plan = json.loads((out / "pruning_plan.json").read_text())
-    comp = plan["compensation"]
+    comp = json.loads((out / "run.json").read_text())["prune"]["compensation"]
     assert comp["mode"] == "ls" and comp["sequential"] is True and comp["calibration_tokens"] > 0
     errors = [e for layer in comp["layers"].values() for e in layer.values()]
     assert errors and all(e["error_after"] <= e["error_before"] for e in errors)
@@ -260,7 +261,9 @@ def test_study_compensate_axis_shares_scores_and_compensates(tiny_repo, tmp_path
     assert result.done == 2 and not result.failed
     plain, comp = (json.loads((tmp_path / "run" / "pruned" / c.prune_id / "pruning_plan.json").read_text())
                    for c in cells)
-    assert "compensation" not in plain and comp["compensation"]["mode"] == "ls"
+    plain_record, comp_record = (RunRecord.load(tmp_path / "run" / "pruned" / c.prune_id).prune.to_dict()
+                                 for c in cells)
+    assert "compensation" not in plain_record and comp_record["compensation"]["mode"] == "ls"
     assert plain["layers"] == comp["layers"]  # the same cut, compensated
 
 
@@ -296,7 +299,7 @@ def test_cli_auto_with_compensation_writes_compensated_ranked_candidates(tiny_re
                  "--top-k", "2", "--compensate", "ls", "--output", str(out)]) == 0
     for directory in (out, tmp_path / "auto-rank2"):
         plan = json.loads((directory / "pruning_plan.json").read_text())
-        assert plan["compensation"]["mode"] == "ls"
+        assert RunRecord.load(directory).prune.compensation["mode"] == "ls"
         plain = apply_plan_(vlmprune.load(tiny_repo.model), vlmprune.PruningPlan.from_dict(plan))
         loaded = vlmprune.load(directory)
         assert any(not torch.equal(v, plain.state_dict()[k]) for k, v in loaded.state_dict().items())

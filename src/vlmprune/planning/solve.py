@@ -301,7 +301,8 @@ def plan_for(model: nn.Module, scores: Scores, ratio: float, attention: str = "g
              mlp_multiple: int | None = None, layers: str | None = None, global_ranking: bool = False) -> PruningPlan:
     """The plan that removes the fraction ``ratio`` of the whole model, from ``scores`` of this model.
 
-    ``plan.extra`` records the method, criterion, options, every score and the achieved ratios.
+    ``plan.extra`` holds the planner's notes: the method, criterion, options, every score and the achieved
+    ratios (``vlmprune prune`` lifts them into ``run.json``'s prune section and saves the plan without them).
     """
     check_ratio(ratio)
     shapes = layer_shapes(model)

@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from vlmprune.planning.search import search as auto_search
 from vlmprune.planning.solve import ModelBudget, achieved, layers_to_drop, plan_for, stock_plan
 from vlmprune.planning.targets import footprint, latency_profile, measure_prefill, predict_latency, ratio_for
 from vlmprune.plots import plot_layer_scores, plot_search, plot_width_scores
+from vlmprune.record import PruneRecord, RunRecord
 from vlmprune.summary import ModelSummary, layer_shapes, source_record, summarize
 from vlmprune.surgery.apply import apply_plan_, loads_stock
 from vlmprune.surgery.compensate import check_mode, compensate_
@@ -108,7 +109,8 @@ class PruneResult:
     before: ModelSummary
     after: ModelSummary
     scores: Scores | None = None
-    cost: dict | None = None  # wall time and peak RSS per phase (vlmprune.phases), as in the plan's "cost"
+    cost: dict | None = None  # wall time and peak RSS per phase (vlmprune.phases), as in the record's "cost"
+    record: RunRecord | None = None  # what run.json beside the model says
 
     @property
     def removed(self) -> float:
@@ -124,7 +126,8 @@ def prune(config: PruneConfig | None = None, **options) -> PruneResult:
 
     With ``plan``: apply it. Otherwise calibrate (unless ``scores`` gives an earlier run's scores
     or the criterion needs no data), score, plan for ``ratio``, cut, and write the model with
-    ``pruning_plan.json``, ``scores.json``, ``importance.png`` and ``resolved_config.yaml``. Every
+    ``pruning_plan.json`` (what is removed), ``run.json`` (the run record), ``scores.json``,
+    ``importance.png`` and ``resolved_config.yaml``. Every
     input is checked and the output claimed before the model loads; nothing is written unless
     pruning succeeds.
     """
@@ -187,125 +190,206 @@ def _prune(cfg: PruneConfig, out: Path, ranked_outputs: list[Path] = ()) -> Prun
         return _prune_loaded(cfg, out, net, ranked_outputs)
 
 
+@dataclass
+class _Run:
+    """What the steps of one prune pass along: the model, the plan and its record as they take shape."""
+
+    cfg: PruneConfig
+    net: nn.Module
+    before: ModelSummary
+    weight_bytes: int
+    target: Any = None
+    scores: Scores | None = None
+    batches: Any = None
+    processor: Any = None
+    plan: PruningPlan | None = None
+    record: PruneRecord | None = None
+    search: dict | None = None
+    tried: list | None = None
+    after: ModelSummary | None = None
+    cost: dict | None = None
+
+
 def _prune_loaded(cfg: PruneConfig, out: Path, net: nn.Module, ranked_outputs: list[Path] = ()) -> PruneResult:
-    before = summarize(net)
-    weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in net.parameters()}.values())
-    scores = None
-    search = tried = None
-    target = parse_target(cfg.target) if cfg.target else None
-    batches = None
+    """The prune of a loaded model, step by step: a given plan, or scores (computed or --scores) planned for a
+    ratio or a target (or the auto search); the record annotated (inputs, target, loading); the compensation
+    fit; the cut; the measurements; the model and its records written; the --top-k runners-up."""
+    run = _start(cfg, net)
     if cfg.plan is not None:
         with phases.phase("planning"):
-            plan = PruningPlan.load(cfg.plan)
+            _take_plan(run, PruningPlan.load(cfg.plan))
     else:
-        if cfg.scores is not None:
-            scores = Scores.load(cfg.scores)
-            if cfg.method is not None and cfg.method != scores.method:
-                raise VlmpruneError(f"--scores holds {scores.method} scores ({scores.criterion}); --method is {cfg.method}")
-            if cfg.criterion is not None and cfg.criterion != scores.criterion:
-                raise VlmpruneError(f"--scores holds {scores.criterion} scores; --criterion is {cfg.criterion}")
-            here = source_record(net)
-            if scores.model.get("fingerprint") != here["fingerprint"]:
-                raise VlmpruneError(f"--scores {cfg.scores} were computed on another model than {cfg.model} "
-                                    f"(fingerprint {scores.model.get('fingerprint')} vs {here['fingerprint']})")
-            method = scores.method
+        method = _load_scores(run)
+        _calibration_data(run, method)
+        if method == "auto":
+            _plan_auto(run)
         else:
-            method = cfg.method
-        if method == "layer" and cfg.ratio is not None:
-            layers_to_drop(len(before.layers), ModelBudget.of(net), cfg.ratio)  # before any calibration
-        batches = processor = None
-        if (scores is None or cfg.compensate != "none") and cfg.calibration is not None:
-            with phases.phase("data"):
-                processor = load_processor(cfg.model, cfg.trust_remote_code)
-                batches = calibrate.calibration_batches(processor, cfg.calibration, cfg.image_folder,
+            _plan_ratio(run, method)
+        _annotate_inputs(run)
+    _annotate_loading(run)
+    if cfg.compensate != "none":
+        run.record.compensation = _compensate(cfg, net, run.plan, run.batches)
+    _cut(run)
+    _measure(run)
+    _write(run, out)
+    _write_ranked(run, ranked_outputs)
+    return PruneResult(out, run.plan, run.before, run.after, run.scores, run.cost, RunRecord(prune=run.record))
+
+
+def _start(cfg: PruneConfig, net: nn.Module) -> _Run:
+    """The model before the cut, its weight bytes (for the cost record) and the parsed --target."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in net.parameters()}.values())
+    return _Run(cfg, net, summarize(net), weight_bytes, parse_target(cfg.target) if cfg.target else None)
+
+
+def _take_plan(run: _Run, plan: PruningPlan) -> None:
+    """The plan becomes only what is removed; the planner's notes on it start the run's record."""
+    run.record = PruneRecord.from_notes(plan.extra)
+    run.plan = PruningPlan(drop_layers=plan.drop_layers, layers=plan.layers)
+
+
+def _load_scores(run: _Run) -> str:
+    """--scores: an earlier run's scores of this very model (checked); returns the method to plan with."""
+    cfg = run.cfg
+    if cfg.scores is None:
+        return cfg.method
+    scores = run.scores = Scores.load(cfg.scores)
+    if cfg.method is not None and cfg.method != scores.method:
+        raise VlmpruneError(f"--scores holds {scores.method} scores ({scores.criterion}); --method is {cfg.method}")
+    if cfg.criterion is not None and cfg.criterion != scores.criterion:
+        raise VlmpruneError(f"--scores holds {scores.criterion} scores; --criterion is {cfg.criterion}")
+    here = source_record(run.net)
+    if scores.model.get("fingerprint") != here["fingerprint"]:
+        raise VlmpruneError(f"--scores {cfg.scores} were computed on another model than {cfg.model} "
+                            f"(fingerprint {scores.model.get('fingerprint')} vs {here['fingerprint']})")
+    return scores.method
+
+
+def _calibration_data(run: _Run, method: str) -> None:
+    """A layer ratio that drops no layer (or all) fails first; then the calibration batches, where needed."""
+    cfg = run.cfg
+    if method == "layer" and cfg.ratio is not None:
+        layers_to_drop(len(run.before.layers), ModelBudget.of(run.net), cfg.ratio)  # before any calibration
+    if (run.scores is None or cfg.compensate != "none") and cfg.calibration is not None:
+        with phases.phase("data"):
+            run.processor = load_processor(cfg.model, cfg.trust_remote_code)
+            run.batches = calibrate.calibration_batches(run.processor, cfg.calibration, cfg.image_folder,
                                                         cfg.num_samples, cfg.seed, cfg.batch_size, cfg.max_length,
                                                         cfg.split)
 
-        def ratio_of(plan_at) -> float:
-            return cfg.ratio if target is None else ratio_for(net, target, plan_at)
 
-        if method == "auto":
-            if batches is None:
-                raise VlmpruneError("--method auto ranks candidates on held-out calibration data: pass --calibration")
-            with phases.phase("data"):
-                held_out = calibrate.calibration_batches(processor, cfg.calibration, cfg.image_folder,
-                                                         max(2, cfg.num_samples // 4), cfg.seed + 1, cfg.batch_size,
-                                                         cfg.max_length, cfg.split)
-            layer_scores = score(net, "layer", cfg.layer_criterion, batches, None, cfg.seed)
-            scores = score(net, "width", cfg.criterion, batches, cfg.tokens, cfg.seed)
-            with phases.phase("planning"):  # candidates planned and ranked on the held-out batches
-                fit = None if cfg.compensate == "none" else (  # candidates compared as compensated models
-                    lambda m, p: compensate_(m, p, batches, cfg.compensate, cfg.compensate_sequential,
-                                             cfg.compensate_ridge))
-                best, tried = auto_search(net, layer_scores.values, scores.values, ratio_of, held_out,
-                                          cfg.attention, cfg.mlp_multiple, fit)
-            budget, shapes = ModelBudget.of(net), layer_shapes(net)
-            rows = [c.to_dict(budget, shapes) for c in tried]
-            search = {"target": cfg.target or f"ratio={cfg.ratio}", "layer_criterion": layer_scores.criterion,
-                      "width_criterion": scores.criterion, "chosen": tried.index(best), "candidates": rows}
-            plan = best.plan
-            plan.extra.update({"method": "auto", "criterion": scores.criterion, "tokens": scores.tokens,
-                               "layer_criterion": layer_scores.criterion, "ratio_target": best.ratio,
-                               "attention": cfg.attention, "mlp_multiple": cfg.mlp_multiple,
-                               "scores": {**scores.values.to_dict(), "layers": [float(f"{v:.6g}") for v in
-                                                                               layer_scores.values.layers.tolist()]},
-                               "achieved": achieved(plan, budget, shapes), "proxy_kl": best.proxy})
-        else:
-            if scores is None:
-                scores = score(net, method, cfg.criterion, batches, cfg.tokens, cfg.seed)
-            with phases.phase("planning"):
-                ratio = ratio_of(lambda r: plan_for(net, scores, r, cfg.attention, cfg.mlp_multiple, cfg.layers,
-                                                     cfg.global_ranking))
-                plan = (stock_plan if cfg.stock else plan_for)(net, scores, ratio, cfg.attention, cfg.mlp_multiple,
-                                                               cfg.layers, cfg.global_ranking)
-        plan.extra.update({"source_model": str(cfg.model),
-                           "calibration": str(cfg.calibration) if cfg.calibration else None,
-                           "num_samples": cfg.num_samples, "seed": cfg.seed})
-        with phases.phase("planning"):  # the target's footprint (and latency profile)
-            if target is not None:
-                fp = footprint(net, target, plan)
-                record = {"spec": target.spec, "kind": target.kind, "required": target.value,
-                          "parameters": fp.parameters, "weight_bytes": fp.weight_bytes, "kv_bytes": fp.kv_bytes,
-                          "seq": target.seq, "batch": target.batch, "dtype_bytes": target.dtype_bytes}
-                if target.kind == "latency":
-                    profile = latency_profile(net, target)
-                    record["predicted_s"] = predict_latency(profile, before.layers, plan)
-                    record["profile"] = profile
-                else:
-                    record["achieved"] = fp.value(target)
-                plan.extra["target"] = record
-    plan.extra["source"] = source_record(net)
+def _ratio_of(run: _Run, plan_at) -> float:
+    """The ratio to plan for: --ratio, or the one that meets --target (``plan_at(ratio)`` plans a candidate)."""
+    return run.cfg.ratio if run.target is None else ratio_for(run.net, run.target, plan_at)
+
+
+def _plan_ratio(run: _Run, method: str) -> None:
+    """Score (unless --scores gave them) and plan for the ratio; --stock may keep attention whole."""
+    cfg, net = run.cfg, run.net
+    if run.scores is None:
+        run.scores = score(net, method, cfg.criterion, run.batches, cfg.tokens, cfg.seed)
+    scores = run.scores
     with phases.phase("planning"):
-        obstacle = loads_stock(net, plan)  # said before the cut, recorded in the plan
-    if obstacle and cfg.stock:
+        ratio = _ratio_of(run, lambda r: plan_for(net, scores, r, cfg.attention, cfg.mlp_multiple, cfg.layers,
+                                                   cfg.global_ranking))
+        _take_plan(run, (stock_plan if cfg.stock else plan_for)(net, scores, ratio, cfg.attention, cfg.mlp_multiple,
+                                                                cfg.layers, cfg.global_ranking))
+
+
+def _plan_auto(run: _Run) -> None:
+    """--method auto: score layers and widths, plan candidates, keep the best on held-out batches."""
+    cfg, net = run.cfg, run.net
+    if run.batches is None:
+        raise VlmpruneError("--method auto ranks candidates on held-out calibration data: pass --calibration")
+    with phases.phase("data"):
+        held_out = calibrate.calibration_batches(run.processor, cfg.calibration, cfg.image_folder,
+                                                 max(2, cfg.num_samples // 4), cfg.seed + 1, cfg.batch_size,
+                                                 cfg.max_length, cfg.split)
+    layer_scores = score(net, "layer", cfg.layer_criterion, run.batches, None, cfg.seed)
+    scores = run.scores = score(net, "width", cfg.criterion, run.batches, cfg.tokens, cfg.seed)
+    with phases.phase("planning"):  # candidates planned and ranked on the held-out batches
+        fit = None if cfg.compensate == "none" else (  # candidates compared as compensated models
+            lambda m, p: compensate_(m, p, run.batches, cfg.compensate, cfg.compensate_sequential,
+                                     cfg.compensate_ridge))
+        best, run.tried = auto_search(net, layer_scores.values, scores.values, lambda plan_at: _ratio_of(run, plan_at),
+                                      held_out, cfg.attention, cfg.mlp_multiple, fit)
+    budget, shapes = ModelBudget.of(net), layer_shapes(net)
+    run.search = {"target": cfg.target or f"ratio={cfg.ratio}", "layer_criterion": layer_scores.criterion,
+                  "width_criterion": scores.criterion, "chosen": run.tried.index(best),
+                  "candidates": [c.to_dict(budget, shapes) for c in run.tried]}
+    _take_plan(run, best.plan)
+    run.record = replace(run.record, method="auto", criterion=scores.criterion, tokens=scores.tokens,
+                         layer_criterion=layer_scores.criterion, ratio_target=best.ratio, attention=cfg.attention,
+                         mlp_multiple=cfg.mlp_multiple, achieved=achieved(run.plan, budget, shapes),
+                         proxy_kl=best.proxy, search=SEARCH_FILE)
+
+
+def _annotate_inputs(run: _Run) -> None:
+    """The record says what the plan came from, and what it makes of --target (footprint, predicted latency)."""
+    cfg, net, plan = run.cfg, run.net, run.plan
+    run.record = replace(run.record, source_model=str(cfg.model),
+                         calibration=str(cfg.calibration) if cfg.calibration else None,
+                         num_samples=cfg.num_samples, seed=cfg.seed)
+    target = run.target
+    if target is None:
+        return
+    with phases.phase("planning"):  # the target's footprint (and latency profile)
+        fp = footprint(net, target, plan)
+        record = {"spec": target.spec, "kind": target.kind, "required": target.value,
+                  "parameters": fp.parameters, "weight_bytes": fp.weight_bytes, "kv_bytes": fp.kv_bytes,
+                  "seq": target.seq, "batch": target.batch, "dtype_bytes": target.dtype_bytes}
+        if target.kind == "latency":
+            profile = latency_profile(net, target)
+            record["predicted_s"] = predict_latency(profile, run.before.layers, plan)
+            record["profile"] = profile
+        else:
+            record["achieved"] = fp.value(target)
+        run.record.target = record
+
+
+def _annotate_loading(run: _Run) -> None:
+    """Say before the cut whether plain ``from_pretrained`` will load the result (--stock insists on it)."""
+    run.record.source = source_record(run.net)
+    with phases.phase("planning"):
+        obstacle = loads_stock(run.net, run.plan)  # said before the cut, recorded in the run record
+    if obstacle and run.cfg.stock:
         raise VlmpruneError(f"--stock: the pruned model could not load with plain from_pretrained: {obstacle}; "
                             f"drop --stock (and load it with vlmprune.load), or ask for other shapes")
-    plan.extra["loads_with"] = "vlmprune.load" if obstacle else "from_pretrained"
+    run.record.loads_with = "vlmprune.load" if obstacle else "from_pretrained"
     if obstacle:
-        plan.extra["loads_with_reason"] = obstacle
+        run.record.loads_with_reason = obstacle
         log.warning("the pruned model will need vlmprune.load (plain from_pretrained refuses it): %s", obstacle)
     else:
         log.info("the pruned model will load with plain from_pretrained")
-    if cfg.compensate != "none":
-        plan.extra["compensation"] = _compensate(cfg, net, plan, batches)
+
+
+def _cut(run: _Run) -> None:
     with phases.phase("surgery"):
-        apply_plan_(net, plan)
-    after = summarize(net)
-    plan.extra["parameters"] = {"before": before.parameters, "after": after.parameters}
-    if plan.extra.get("target", {}).get("kind") == "latency":  # the prediction, checked on the final model
-        t = plan.extra["target"]
-        t["achieved"] = t["measured_s"] = measure_prefill(net, t["seq"], t["batch"])
+        apply_plan_(run.net, run.plan)
+    run.after = summarize(run.net)
+
+
+def _measure(run: _Run) -> None:
+    """Parameters before and after; a latency target's prediction checked on the final model; the planned
+    ratio checked against the measured one."""
+    record, before, after = run.record, run.before, run.after
+    record.parameters = {"before": before.parameters, "after": after.parameters}
+    if (record.target or {}).get("kind") == "latency":  # the prediction, checked on the final model
+        t = record.target
+        t["achieved"] = t["measured_s"] = measure_prefill(run.net, t["seq"], t["batch"])
         t["prediction_error"] = t["predicted_s"] / t["measured_s"] - 1
         log.info("prefill latency at seq %d, batch %d: predicted %.1f ms, measured %.1f ms (target %.1f ms)",
                  t["seq"], t["batch"], 1000 * t["predicted_s"], 1000 * t["measured_s"], 1000 * t["required"])
     measured = 1 - after.parameters["total"] / before.parameters["total"]
-    if "achieved" in plan.extra and abs(measured - plan.extra["achieved"]["ratio"]) > 1e-9:
-        raise AssertionError(f"planned ratio {plan.extra['achieved']['ratio']} != measured {measured}")
+    if record.achieved is not None and abs(measured - record.achieved["ratio"]) > 1e-9:
+        raise AssertionError(f"planned ratio {record.achieved['ratio']} != measured {measured}")
 
-    cost = None
+
+def _write(run: _Run, out: Path) -> None:
+    """The model, with the resolved config, the scores, the plots, the plan and, last, the run record."""
+    cfg, scores, search, plan = run.cfg, run.scores, run.search, run.plan
 
     def extras(directory: Path) -> None:
-        nonlocal cost
         with phases.phase("records"):
             (directory / RESOLVED_CONFIG).write_text(to_yaml(cfg))
             if scores is not None:
@@ -319,29 +403,34 @@ def _prune_loaded(cfg: PruneConfig, out: Path, net: nn.Module, ranked_outputs: l
                                       title)
                 else:
                     plot_width_scores(scores.values, plan, directory / "importance.png", title, cfg.attention)
-            # the plan goes last, with what the run cost up to here (the ranked --top-k outputs come after)
+            plan.save(directory / PLAN_FILE)
+            # the record goes last, with what the run cost up to here (the ranked --top-k outputs come after)
             recorder = phases.current()
             if recorder is not None:
-                cost = plan.extra["cost"] = recorder.record(weight_bytes)
-            plan.save(directory / PLAN_FILE)
+                run.cost = run.record.cost = recorder.record(run.weight_bytes)
+            RunRecord(prune=run.record).save(directory)
 
     with phases.phase("save"):
-        save_model(net, out, source=cfg.model, overwrite=cfg.overwrite, extras=extras, inputs=cfg.inputs())
-    if search is not None and ranked_outputs:
-        order = sorted(range(len(search["candidates"])), key=lambda i: search["candidates"][i]["proxy_kl"])
-        for rank, (index, path) in enumerate(zip(order[1:], ranked_outputs), 2):
-            row = search["candidates"][index]
-            other = PruningPlan(drop_layers=tried[index].plan.drop_layers, layers=tried[index].plan.layers)
-            other.extra.update({**{k: v for k, v in plan.extra.items()
-                                   if k not in ("achieved", "proxy_kl", "target", "parameters", "cost")},
-                                "achieved": row["achieved"], "proxy_kl": row["proxy_kl"], "rank": rank,
-                                "ratio_target": row["ratio_target"]})
-            copy_of = load(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-            if cfg.compensate != "none":  # ranked as a compensated model, written as one
-                other.extra["compensation"] = _compensate(cfg, copy_of, other, None)
-            apply_plan_(copy_of, other)
-            other.extra["parameters"] = {"before": before.parameters, "after": summarize(copy_of).parameters}
-            save_model(copy_of, path, plan=other, source=cfg.model, overwrite=cfg.overwrite, inputs=cfg.inputs())
-            del copy_of
-    return PruneResult(out, plan, before, after, scores, cost)
+        save_model(run.net, out, source=cfg.model, overwrite=cfg.overwrite, extras=extras, inputs=cfg.inputs())
 
+
+def _write_ranked(run: _Run, ranked_outputs: list[Path]) -> None:
+    """--top-k: the runners-up of the auto search, each cut from a fresh copy of the model."""
+    cfg, search = run.cfg, run.search
+    if search is None or not ranked_outputs:
+        return
+    order = sorted(range(len(search["candidates"])), key=lambda i: search["candidates"][i]["proxy_kl"])
+    for rank, (index, path) in enumerate(zip(order[1:], ranked_outputs), 2):
+        row = search["candidates"][index]
+        other = PruningPlan(drop_layers=run.tried[index].plan.drop_layers, layers=run.tried[index].plan.layers)
+        copy_of = load(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+        # ranked as a compensated model, written as one
+        compensation = _compensate(cfg, copy_of, other, None) if cfg.compensate != "none" else None
+        apply_plan_(copy_of, other)
+        record = replace(run.record, achieved=row["achieved"], proxy_kl=row["proxy_kl"], rank=rank,
+                         ratio_target=row["ratio_target"], target=None, cost=None, compensation=compensation,
+                         search=None,
+                         parameters={"before": run.before.parameters, "after": summarize(copy_of).parameters})
+        save_model(copy_of, path, plan=other, source=cfg.model, overwrite=cfg.overwrite, inputs=cfg.inputs(),
+                   extras=RunRecord(prune=record).save)
+        del copy_of

@@ -9,7 +9,9 @@ import logging
 import os
 import shutil
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -25,6 +27,7 @@ from vlmprune.data import Collator, read_samples, select
 from vlmprune.errors import VlmpruneError
 from vlmprune.paths import check_safetensors, claim_output
 from vlmprune.planning.plan import PLAN_FILE, PruningPlan
+from vlmprune.record import RecoveryRecord, RunRecord
 from vlmprune.recover.distributed import (
     check_launch,
     enable_cpu_fsdp,
@@ -58,7 +61,8 @@ _TRAINING_FIELDS = ("learning_rate", "num_train_epochs", "max_steps", "per_devic
 
 
 # transformers 5.24 renamed gradient_checkpointing* to activation_checkpointing* (old names warn).
-_CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in transformers.TrainingArguments.__dataclass_fields__
+_CHECKPOINTING = ("activation_checkpointing"
+                  if "activation_checkpointing" in transformers.TrainingArguments.__dataclass_fields__
                   else "gradient_checkpointing")
 
 
@@ -126,7 +130,8 @@ def complete_checkpoints(directory: Path) -> list[Path]:
                 problem = "no weights"
             for file in weights:
                 check_safetensors(file)
-            if launcher_backend() != "deepspeed" and not any((path / f).is_file() for f in ("optimizer.pt", "optimizer.bin")):
+            if launcher_backend() != "deepspeed" and not any((path / f).is_file()
+                                                             for f in ("optimizer.pt", "optimizer.bin")):
                 problem = "no optimizer state"
             fsdp_weights = path / f"{FSDP_MODEL_NAME}.bin"
             if launcher_backend() == "fsdp" and not (fsdp_weights.is_file() and zipfile.is_zipfile(fsdp_weights)):
@@ -235,7 +240,7 @@ def recover(cfg: RecoverConfig, callbacks: list[transformers.TrainerCallback] | 
     """Train ``cfg.student`` as configured and write it to ``cfg.output``; return the output path.
 
     The output holds the model (safetensors, plain ``from_pretrained``), the student's processor
-    files, its ``pruning_plan.json`` with a ``recovery`` record appended, ``sample_ids.json``,
+    files, its ``pruning_plan.json``, its ``run.json`` with a ``recovery`` record appended, ``sample_ids.json``,
     ``resolved_config.yaml``, ``trainer_log.json`` and ``loss_curve.png``. Checkpoints go to
     ``<output>.checkpoints`` (removed at the end unless ``keep_checkpoints``). ``callbacks``
     are extra Trainer callbacks.
@@ -247,98 +252,156 @@ def recover(cfg: RecoverConfig, callbacks: list[transformers.TrainerCallback] | 
     with contextlib.ExitStack() as stack:
         stack.enter_context(quiet.deepspeed_only_if_in_use())  # DeepSpeed is imported only by a DeepSpeed launch
         if state.is_main_process:  # one writer per output for the whole run
-            stack.enter_context(claim_output(cfg.output, [("student", cfg.student), ("teacher", cfg.teacher),
-                                                          ("training data", cfg.data), ("image folder", cfg.image_folder)],
-                                             cfg.overwrite))
+            inputs = [("student", cfg.student), ("teacher", cfg.teacher), ("training data", cfg.data),
+                      ("image folder", cfg.image_folder)]
+            stack.enter_context(claim_output(cfg.output, inputs, cfg.overwrite))
         return _recover(cfg, args, state, callbacks, stack)
 
 
-def _recover(cfg: RecoverConfig, args, state, callbacks, cleanup: contextlib.ExitStack) -> Path:
-    resume = _prepare_checkpoints(cfg, state.is_main_process)
-    if resume is not None and state.is_main_process:
-        log.info("vlmprune recover: resuming from %s", resume)
-    state.wait_for_everyone()
+@dataclass
+class _Run:
+    """What the steps of one recovery pass along."""
 
-    # Data first: a bad fraction or an empty subset fails before any model loads.
-    samples = select(read_samples(cfg.data, cfg.image_folder, split=cfg.split),
-                     num_samples=cfg.num_samples, fraction=cfg.fraction, seed=cfg.seed)
-    ids = [s.id for s in samples]
+    cfg: RecoverConfig
+    args: transformers.TrainingArguments
+    state: Any
+    resume: Path | None = None
+    samples: list = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    grouped: bool = False
+    processor: Any = None
+    plan: PruningPlan | None = None
+    record: RunRecord = field(default_factory=RunRecord)
+    teacher: nn.Module | None = None
+    student: nn.Module | None = None
+    student_layers: list = field(default_factory=list)
+    teacher_layers: list = field(default_factory=list)
+    teacher_bytes: list[int] | None = None
+    teacher_host: int | None = None
+    trainer: RecoveryTrainer | None = None
+
+    def info(self, message: str, *args) -> None:
+        if self.state.is_main_process:
+            log.info(message, *args)
+
+
+def _recover(cfg: RecoverConfig, args, state, callbacks, cleanup: contextlib.ExitStack) -> Path:
+    """The recovery, step by step: checkpoints and data; the models (checked); the hidden-state layer pairs; the
+    teacher's placement; the trainer; training (or a finished checkpoint taken as is); the output."""
+    run = _Run(cfg, args, state)
+    _prepare(run)
+    _load_models(run)
+    _pair_layers(run)
+    _place_teacher(run, cleanup)
+    _build_trainer(run, callbacks)
+    _train_or_finish(run)
+    return _write(run)
+
+
+def _prepare(run: _Run) -> None:
+    """Checkpoints to resume from, then the data: a bad fraction or an empty subset fails before any model loads."""
+    cfg, state, args = run.cfg, run.state, run.args
+    run.resume = _prepare_checkpoints(cfg, state.is_main_process)
+    if run.resume is not None:
+        run.info("vlmprune recover: resuming from %s", run.resume)
+    state.wait_for_everyone()
+    run.samples = select(read_samples(cfg.data, cfg.image_folder, split=cfg.split),
+                         num_samples=cfg.num_samples, fraction=cfg.fraction, seed=cfg.seed)
+    run.ids = [s.id for s in run.samples]
     from accelerate.utils import gather_object
 
-    if len(set(gather_object([_ids_digest(ids)]))) > 1:
+    if len(set(gather_object([_ids_digest(run.ids)]))) > 1:
         raise VlmpruneError("the processes of this run chose different samples; the data differs between them")
-    grouped = group_by_modality(samples, state.num_processes, cfg.group_by_modality)
-    if grouped and state.is_main_process:
-        log.info("vlmprune recover: every optimizer step trains on samples of one kind (with images or text-only)")
-    if mixes_modalities(samples) and args.ddp_find_unused_parameters is None:
+    run.grouped = group_by_modality(run.samples, state.num_processes, cfg.group_by_modality)
+    if run.grouped:
+        run.info("vlmprune recover: every optimizer step trains on samples of one kind (with images or text-only)")
+    if mixes_modalities(run.samples) and args.ddp_find_unused_parameters is None:
         # A text-only micro-batch leaves the projector unused. Under DDP with activation checkpointing the
         # Trainer would tell DDP that every parameter is used, and the processes would wait for each other
         # forever; non-reentrant checkpointing works with unused-parameter detection.
         args.ddp_find_unused_parameters = True
 
-    processor = load_processor(cfg.student, cfg.trust_remote_code)
+
+def _load_models(run: _Run) -> None:
+    """The processor, the student's plan and record, the teacher (checked against the record's source) and
+    the student (checked against the teacher's vocabulary when the logits are distilled)."""
+    cfg = run.cfg
+    run.processor = load_processor(cfg.student, cfg.trust_remote_code)
     plan_path = Path(cfg.student) / PLAN_FILE
-    plan = PruningPlan.load(plan_path) if plan_path.is_file() else None
-    teacher = None
+    run.plan = PruningPlan.load(plan_path) if plan_path.is_file() else None
+    run.record = RunRecord.load(cfg.student, missing_ok=True)
     if cfg.teacher:
-        check_same_tokenizer(processor, load_processor(cfg.teacher, cfg.trust_remote_code), cfg.student, cfg.teacher)
+        check_same_tokenizer(run.processor, load_processor(cfg.teacher, cfg.trust_remote_code), cfg.student,
+                             cfg.teacher)
         with whole_weights():  # a ZeRO-3 launch would load it as empty shards no engine gathers
-            teacher = load(cfg.teacher, dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
-                           trust_remote_code=cfg.trust_remote_code)
-        if plan is not None and "source" in plan.extra:
-            check_teacher(teacher, plan.extra["source"], cfg.teacher)
+            run.teacher = load(cfg.teacher, dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
+                               trust_remote_code=cfg.trust_remote_code)
+        if run.record.prune is not None and run.record.prune.source is not None:
+            check_teacher(run.teacher, run.record.prune.source, cfg.teacher)
     with whole_weights():  # counted, wrapped and paired below; DeepSpeed partitions it when the Trainer prepares it
-        student = load(cfg.student, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+        run.student = load(cfg.student, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
     compared = reading(cfg.loss, "logits", teacher=True)
-    if teacher is not None and compared:
-        s_vocab = student.get_output_embeddings().weight.shape[0]
-        t_vocab = teacher.get_output_embeddings().weight.shape[0]
+    if run.teacher is not None and compared:
+        s_vocab = run.student.get_output_embeddings().weight.shape[0]
+        t_vocab = run.teacher.get_output_embeddings().weight.shape[0]
         if s_vocab != t_vocab:
             raise VlmpruneError(f"the {compared[0]} loss compares vocabularies, but the student has {s_vocab:,} output "
                                 f"tokens and the teacher {t_vocab:,}: distil from the student's own unpruned model, "
                                 f"or drop the {compared[0]} loss")
 
-    student_layers, teacher_layers = [], []
-    if reading(cfg.loss, "hidden_states"):
-        student_layers, teacher_layers, pairs = hidden_pairs(student, teacher, plan, cfg.hidden_layers)
-        if state.is_main_process:
-            log.info("vlmprune recover: hidden-state pairs (student layer, teacher layer): %s", pairs)
 
-    teacher_bytes = teacher_host = None
-    if teacher is not None:
-        # After the checks above and the layer pairs (the same modules, whatever the placement).
-        teacher = place_teacher(teacher, cfg.teacher_placement, args.device,
+def _pair_layers(run: _Run) -> None:
+    """Hidden-state distillation: which student layer learns which teacher layer (from the plan)."""
+    if reading(run.cfg.loss, "hidden_states"):
+        run.student_layers, run.teacher_layers, pairs = hidden_pairs(run.student, run.teacher, run.plan,
+                                                                     run.cfg.hidden_layers)
+        run.info("vlmprune recover: hidden-state pairs (student layer, teacher layer): %s", pairs)
+
+
+def _place_teacher(run: _Run, cleanup: contextlib.ExitStack) -> None:
+    """After the checks and the layer pairs (the same modules, whatever the placement)."""
+    if run.teacher is None:
+        return
+    from accelerate.utils import gather_object
+
+    cfg = run.cfg
+    run.teacher = place_teacher(run.teacher, cfg.teacher_placement, run.args.device,
                                 offload_folder=cfg.teacher_offload_folder, cleanup=cleanup)
-        teacher_bytes = gather_object([resident_bytes(teacher)])  # one entry per process, in rank order
-        teacher_host = host_bytes(teacher)
-        if state.is_main_process:
-            log.info("vlmprune recover: teacher placement %s: %s bytes held per process (%s in a host copy)",
-                     cfg.teacher_placement, ", ".join(f"{b:,}" for b in teacher_bytes), f"{teacher_host:,}")
+    run.teacher_bytes = gather_object([resident_bytes(run.teacher)])  # one entry per process, in rank order
+    run.teacher_host = host_bytes(run.teacher)
+    run.info("vlmprune recover: teacher placement %s: %s bytes held per process (%s in a host copy)",
+             cfg.teacher_placement, ", ".join(f"{b:,}" for b in run.teacher_bytes), f"{run.teacher_host:,}")
 
+
+def _build_trainer(run: _Run, callbacks) -> None:
+    """The trainable student (LoRA or not), the collator and the RecoveryTrainer."""
+    cfg, student = run.cfg, run.student
     # LoRA's initial weights are random: seed them so that every process (FSDP shards each process's
     # own copy) and a single-process run of the same seed start from the same adapters.
     transformers.set_seed(cfg.seed)
     model = set_trainable_(student, cfg.train, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
     trainable, total = count_trainable(model)
-    if state.is_main_process:
-        log.info("vlmprune recover: training %r: %s of %s parameters (%.2f%%); %d samples; losses %s", cfg.train,
-                 f"{trainable:,}", f"{total:,}", 100 * trainable / total, len(samples), cfg.loss)
-
-    collator = Collator(processor, max_length=cfg.max_length, system_prompt=cfg.system_prompt)
+    run.info("vlmprune recover: training %r: %s of %s parameters (%.2f%%); %d samples; losses %s", cfg.train,
+             f"{trainable:,}", f"{total:,}", 100 * trainable / total, len(run.samples), cfg.loss)
+    collator = Collator(run.processor, max_length=cfg.max_length, system_prompt=cfg.system_prompt)
     if launcher_backend() == "fsdp":
         # Shard by the language model's decoder layers only: the vision tower's layers (in the model's
         # _no_split_modules too) are skipped by text-only batches, and a unit one process skips while
         # the other gathers it breaks FSDP's collectives. The frozen tower stays in the root unit.
         os.environ.setdefault("FSDP_TRANSFORMER_CLS_TO_WRAP", type(get_adapter(student).layers(student)[0]).__name__)
-    trainer = RecoveryTrainer(
-        model=model, args=args, train_dataset=samples, data_collator=collator, callbacks=callbacks,
-        teacher=teacher, weights=cfg.loss, image_token_id=collator.image_token_id, options=cfg,
-        student_layers=student_layers, teacher_layers=teacher_layers, group_by_modality=grouped,
+    run.trainer = RecoveryTrainer(
+        model=model, args=run.args, train_dataset=run.samples, data_collator=collator, callbacks=callbacks,
+        teacher=run.teacher, weights=cfg.loss, image_token_id=collator.image_token_id, options=cfg,
+        student_layers=run.student_layers, teacher_layers=run.teacher_layers, group_by_modality=run.grouped,
     )
-    if _finished_at(resume, cfg):
+
+
+def _train_or_finish(run: _Run) -> None:
+    """Train (resuming where a checkpoint says), or take a checkpoint of the run's last step as the result."""
+    trainer, resume = run.trainer, run.resume
+    if _finished_at(resume, run.cfg):
         # The Trainer would run one step past the end from here; the checkpoint already is the result.
-        if state.is_main_process:
-            log.info("vlmprune recover: %s is the run's last step; writing it without training further", resume)
+        run.info("vlmprune recover: %s is the run's last step; writing it without training further", resume)
         if trainer.is_fsdp_enabled:  # the model is not sharded yet: its full weights are the checkpoint's safetensors
             from safetensors.torch import load_file
 
@@ -346,43 +409,50 @@ def _recover(cfg: RecoverConfig, args, state, callbacks, cleanup: contextlib.Exi
         else:
             trainer._load_from_checkpoint(str(resume))
         trainer.state = transformers.TrainerState.load_from_json(str(resume / "trainer_state.json"))
-    else:
-        try:
-            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        except ValueError as e:
-            if "DeepSpeed config values that mismatch" not in str(e):
-                raise
-            # a launch config that fixes a value vlmprune recover's options also set (accumulation, clipping)
-            raise VlmpruneError(f"{e}\nThe DeepSpeed config of this launch fixes values that vlmprune recover's "
-                                f"options set: remove those keys or set them to auto (as "
-                                f"configs/accelerate/deepspeed_zero*.yaml do)") from None
+        return
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except ValueError as e:
+        if "DeepSpeed config values that mismatch" not in str(e):
+            raise
+        # a launch config that fixes a value vlmprune recover's options also set (accumulation, clipping)
+        raise VlmpruneError(f"{e}\nThe DeepSpeed config of this launch fixes values that vlmprune recover's "
+                            f"options set: remove those keys or set them to auto (as "
+                            f"configs/accelerate/deepspeed_zero*.yaml do)") from None
 
+
+def _write(run: _Run) -> Path:
+    """The model, its plan, the student's record with this recovery appended, the sample ids, the config,
+    the trainer's log and the loss curve (one writer: the main process)."""
+    cfg, state, trainer = run.cfg, run.state, run.trainer
     out = Path(cfg.output).resolve()
     final = _final_model(trainer, cfg, state.is_main_process)  # a collective under FSDP / ZeRO-3
     if state.is_main_process:
         history = trainer.state.log_history
         losses = [entry["loss"] for entry in history if "loss" in entry]
+        teacher = run.teacher is not None
         hidden_layers = cfg.hidden_layers if reading(cfg.loss, "hidden_states") else None
-        record = {"losses": cfg.loss, "train": cfg.train, "fraction": cfg.fraction, "num_samples": len(samples),
-                  "steps": trainer.state.global_step, "final_loss": losses[-1] if losses else None,
-                  "teacher": cfg.teacher, "hidden_layers": hidden_layers,
-                  "teacher_placement": cfg.teacher_placement if teacher is not None else None,
-                  "teacher_bytes_per_process": teacher_bytes, "teacher_host_bytes": teacher_host}
-        plan = plan or PruningPlan()
-        plan.extra.setdefault("recovery", []).append(record)
+        entry = RecoveryRecord(losses=cfg.loss, train=cfg.train, fraction=cfg.fraction, num_samples=len(run.samples),
+                               steps=trainer.state.global_step, final_loss=losses[-1] if losses else None,
+                               teacher=cfg.teacher, hidden_layers=hidden_layers,
+                               teacher_placement=cfg.teacher_placement if teacher else None,
+                               teacher_bytes_per_process=run.teacher_bytes, teacher_host_bytes=run.teacher_host)
+        run.record.recovery.append(entry)
+        plan = run.plan or PruningPlan()
 
         def extras(directory: Path) -> None:
             (directory / SAMPLE_IDS).write_text(json.dumps(
                 {"seed": cfg.seed, "fraction": cfg.fraction, "num_samples": cfg.num_samples,
-                 "processes_checked": state.num_processes, "ids": ids}, indent=1))
+                 "processes_checked": state.num_processes, "ids": run.ids}, indent=1))
             cfg.save(directory / RESOLVED_CONFIG)
             (directory / TRAINER_LOG).write_text(json.dumps(history, indent=1))
             plot_loss_curve(history, directory / LOSS_CURVE)
+            run.record.save(directory)
 
-        save_model(final, out, plan=plan, source=cfg.student, overwrite=cfg.overwrite,
-                   extras=extras)
+        save_model(final, out, plan=PruningPlan(plan.drop_layers, plan.layers), source=cfg.student,
+                   overwrite=cfg.overwrite, extras=extras)
         if not cfg.keep_checkpoints:
             shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)
-        log.info("vlmprune recover: %d steps, final loss %s -> %s", trainer.state.global_step, record["final_loss"], out)
+        log.info("vlmprune recover: %d steps, final loss %s -> %s", trainer.state.global_step, entry.final_loss, out)
     state.wait_for_everyone()
     return out
