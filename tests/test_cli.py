@@ -47,7 +47,8 @@ def test_prune_with_plan_writes_loadable_checkpoint(tiny_dir, tmp_path):
     assert saved["drop_layers"] == [2] and parameters["after"]["total"] < parameters["before"]["total"]
     model = transformers.AutoModelForImageTextToText.from_pretrained(out)
     text = model.config.text_config
-    assert (text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads, text.intermediate_size) == (3, 2, 1, 64)
+    widths = (text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads, text.intermediate_size)
+    assert widths == (3, 2, 1, 64)
     with torch.no_grad():
         model(**make_inputs("llava_phi3", model))
     # an existing output is not replaced without --overwrite

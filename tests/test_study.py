@@ -144,7 +144,8 @@ def test_report_numbers_and_plots(tmp_path):
     md = paths["md"].read_text()
     assert "| width (c) | 30% / 30.0% | sft | 25.0% |  | 70 |  | 72.0% (90.0%) | 36.0% (90.0%) | 90.0% | done |" in md
     assert "![accuracy_vs_params](accuracy_vs_params.png)" in md
-    assert paths["csv"].read_text().splitlines()[0].startswith("id,method,criterion,ratio,target,achieved_ratio,target_achieved")
+    header = paths["csv"].read_text().splitlines()[0]
+    assert header.startswith("id,method,criterion,ratio,target,achieved_ratio,target_achieved")
 
 
 def test_report_lists_grid_cells_not_yet_run_as_pending(tmp_path):

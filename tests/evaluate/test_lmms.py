@@ -119,7 +119,8 @@ def test_report_shows_lmms_tasks_beside_builtin(tmp_path):
     def result(easy, mme, pope):
         lmms = {"source": "lmms-eval", "per_type": {}, "count": 10}
         return {"tasks": {"easyvqa": {"accuracy": easy},
-                          "mme_perception": {**lmms, "accuracy": mme, "metric": "mme_perception_score", "scale": "score"},
+                          "mme_perception": {**lmms, "accuracy": mme, "metric": "mme_perception_score",
+                                             "scale": "score"},
                           "pope": {**lmms, "accuracy": pope, "metric": "pope_accuracy", "scale": "fraction"}},
                 "parameters": {"total": 100}}
 

@@ -50,7 +50,8 @@ def test_hidden_mse_masks_padding_and_prompt_and_normalises_per_token():
     t = torch.zeros(2, 3, 2)
     t[0, 0] = torch.tensor([1.0, 3.0])  # student outputs zeros: relative error 1 (a prompt token)
     t[0, 1] = torch.tensor([2.0, 0.0])
-    s[0, 1] = torch.tensor([1.0, 0.0])  # error (1 + 0) / 2 = 0.5 over teacher square (4 + 0) / 2 = 2: 0.25 (an answer token)
+    # error (1 + 0) / 2 = 0.5 over teacher square (4 + 0) / 2 = 2: 0.25 (an answer token)
+    s[0, 1] = torch.tensor([1.0, 0.0])
     t[0, 2] = torch.tensor([100.0, 100.0])
     s[0, 2] = torch.tensor([110.0, 90.0])  # a massive activation: error 100 / 10000 = 0.01
     t[1, 2] = torch.tensor([100.0, 100.0])  # padding: never counts

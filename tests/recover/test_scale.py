@@ -202,7 +202,8 @@ def test_workers_end_when_the_launcher_is_killed(dirs, tmp_path):
     """A launcher killed outright used to leave its workers training (and writing checkpoints into the
     folder a --resume of the run writes to); now each worker gets SIGTERM when its launcher is gone."""
     # 5,000 steps: ~4 min here. Orphaned workers (before) trained on and wrote the output.
-    common = ["--train", "all", "--max-steps", "5000", "--save-steps", "2", "--save-total-limit", "1", "--loss", "sft=1"]
+    common = ["--train", "all", "--max-steps", "5000", "--save-steps", "2", "--save-total-limit", "1",
+              "--loss", "sft=1"]
     with (tmp_path / "launch.log").open("w") as log:
         proc = subprocess.Popen(launch("ddp.yaml", argv(dirs, tmp_path / "out", *common)), env=ENV,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -219,7 +220,8 @@ def test_workers_end_when_the_launcher_is_killed(dirs, tmp_path):
         proc.wait(timeout=30)
 
         def alive():
-            return [pid for pid in workers if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+            return [pid for pid in workers
+                    if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
 
         deadline = time.monotonic() + 30
         while alive() and time.monotonic() < deadline:
@@ -343,7 +345,8 @@ def test_deepspeed_configs_build_the_trainer_arguments(name, tmp_path):
     ds = yaml.safe_load((ACCELERATE / name).read_text())["deepspeed_config"]
     # no gradient_accumulation_steps in the config: "auto", the Trainer's --gradient-accumulation-steps
     assert "gradient_accumulation_steps" not in ds
-    plugin = DeepSpeedPlugin(zero_stage=ds["zero_stage"], gradient_clipping=ds["gradient_clipping"], zero3_save_16bit_model=ds.get("zero3_save_16bit_model"))
+    plugin = DeepSpeedPlugin(zero_stage=ds["zero_stage"], gradient_clipping=ds["gradient_clipping"],
+                             zero3_save_16bit_model=ds.get("zero3_save_16bit_model"))
     assert plugin.deepspeed_config["zero_optimization"]["stage"] == ds["zero_stage"]
 
 
@@ -390,7 +393,8 @@ def test_deepspeed_trains_data_mixing_images_and_text_a_kind_per_step(dirs, tmp_
     projector on a text-only step too (a zero gradient), where torch's AdamW skips a weight with none."""
     common = ["--train", "all", "--max-steps", "7", "--loss", "sft=1,hidden=1", "--learning-rate", "1e-3"]
     config = f"deepspeed_zero{stage}.yaml"
-    two = subprocess.run(launch(config, argv(dirs, tmp_path / "two", *common, "--save-steps", "7", "--keep-checkpoints")), env=ENV,
+    two = subprocess.run(launch(config, argv(dirs, tmp_path / "two", *common, "--save-steps", "7",
+                                             "--keep-checkpoints")), env=ENV,
                          capture_output=True,
                          text=True, timeout=300)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
@@ -404,7 +408,8 @@ def test_deepspeed_trains_data_mixing_images_and_text_a_kind_per_step(dirs, tmp_
     assert recovery_record(tmp_path / "two")["steps"] == 7
     if stage == 3:  # killed while writing the output: --resume finds the last step's checkpoint and writes it
         (tmp_path / "two").rename(tmp_path / "first")
-        again = subprocess.run(launch(config, argv(dirs, tmp_path / "two", *common, "--save-steps", "7", "--resume")), env=ENV,
+        again = subprocess.run(launch(config, argv(dirs, tmp_path / "two", *common, "--save-steps", "7", "--resume")),
+                               env=ENV,
                                capture_output=True, text=True, timeout=300)
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
         assert again.stderr.count("is the run's last step; writing it without training further") == 1
@@ -495,5 +500,6 @@ def test_deepspeed_checkpoints_count_as_complete_only_when_whole(tmp_path, monke
     checkpoint(6, cut=True)      # rank 1's optimizer file cut short
     assert complete_checkpoints(tmp_path / "ckpts") == [good]
     checkpoint(8, ranks=4)
-    with pytest.raises(VlmpruneError, match="written by 4 DeepSpeed processes and this launch has 2.*--num_processes 4"):
+    with pytest.raises(VlmpruneError,
+                       match="written by 4 DeepSpeed processes and this launch has 2.*--num_processes 4"):
         complete_checkpoints(tmp_path / "ckpts")
