@@ -206,6 +206,15 @@ def process_peak(row: dict) -> float:
     return cost["peak_rss_mib"] if cost and cost.get("peak_rss_mib") else row["peak_rss_mib"]
 
 
+def _whole_command(row: dict, key: str, weights: float):
+    """The whole command's value in the column of ``key``: wall seconds, CPU seconds, or peak RSS / weights."""
+    if key == "seconds":
+        return row["wall_s"]
+    if key == "cpu_seconds":
+        return (row.get("cost") or {}).get("cpu_seconds")
+    return process_peak(row) / weights
+
+
 def print_command_tables(rows: list[dict], phases) -> None:
     """Two tables (seconds; peak RSS / weight bytes) with a row per criterion and a column per phase."""
     criteria = list(dict.fromkeys(r["criterion"] for r in rows))
@@ -217,9 +226,7 @@ def print_command_tables(rows: list[dict], phases) -> None:
         for c in criteria:
             got = [r for r in rows if r["criterion"] == c]
             weights = got[0]["weights_mib"]
-            whole = {"seconds": lambda r: r["wall_s"], "cpu_seconds": lambda r: (r.get("cost") or {}).get("cpu_seconds"),
-                     "peak_rss_mib": lambda r: process_peak(r) / weights}[key]
-            whole = median([whole(r) for r in got])
+            whole = median([_whole_command(r, key, weights) for r in got])
             cells = []
             for name in phases:
                 values = [r["cost"]["phases"][name][key] for r in got if r.get("cost")]

@@ -203,7 +203,7 @@ def table(rows: list[dict]) -> str:
             lines.append(f"| {model} | {r['variant']} | {'refused' if 'refused' in r else 'failed'} |" + " |" * 12)
             continue
         lm = r["weight_bytes"]["language_model"]
-        rel = lambda v, b: f"{v / b:.2f}x" if base else ""  # noqa: E731
+        lm_vs_fp32 = f"{lm / base['weight_bytes']['language_model']:.2f}x" if base else ""
         pct = lambda v: "" if v is None else f"{v:.1%}"  # noqa: E731
         retention = pct(r["accuracy"] / base["accuracy"]) if base and r["accuracy"] is not None else ""
         cpu_prefill = f"{1000 * r['cpu_prefill_s']:.1f}" if "cpu_prefill_s" in r else ""
@@ -212,7 +212,7 @@ def table(rows: list[dict]) -> str:
             f"| {model} | {r['variant']} | {pct(r['per_task'].get('easyvqa'))} | {pct(r['per_task'].get('digits'))} "
             f"| {pct(r['accuracy'])} "
             f"| {retention} | {r['disk_bytes'] / 2**20:,.1f} "
-            f"| {lm / 2**20:,.1f} | {rel(lm, base['weight_bytes']['language_model']) if base else ''} "
+            f"| {lm / 2**20:,.1f} | {lm_vs_fp32} "
             f"| {r['rss_after_load_mb']:,.0f} | {r['peak_rss_mb']:,.0f} | {1000 * r['prefill_s']:.1f} "
             f"| {r['decode_tokens_per_s']:.1f} | {cpu_prefill} | {cpu_decode} |"
         )

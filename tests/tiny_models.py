@@ -482,7 +482,7 @@ def _onevision_num_image_tokens(config, height: int, width: int) -> int:
     else:
         cur_w -= 2 * ((cur_w - int(round(width * (cur_h / height), 7))) // 2)
     unpadded, newlines = cur_h * cur_w, cur_h
-    max_tiles = int(config.vision_aspect_ratio.strip("anyres_max_"))
+    max_tiles = int(config.vision_aspect_ratio.removeprefix("anyres_max_"))
     ratio = math.sqrt(cur_h * cur_w / (max_tiles * side**2))
     if ratio > 1.1:
         unpadded = int(cur_h // ratio) * int(cur_w // ratio)

@@ -26,12 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
+from vlmprune.config import GGUF_K_QUANTS as K_QUANTS
+from vlmprune.config import GGUF_NUMPY_QUANTS as NUMPY_QUANTS
 from vlmprune.errors import VlmpruneError
 
 log = logging.getLogger("vlmprune")
-
-from vlmprune.config import GGUF_K_QUANTS as K_QUANTS
-from vlmprune.config import GGUF_NUMPY_QUANTS as NUMPY_QUANTS
 
 QUANTS = NUMPY_QUANTS + K_QUANTS
 
