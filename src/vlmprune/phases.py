@@ -27,7 +27,8 @@ from collections.abc import Iterator
 
 from vlmprune.measure import peak_rss_kib, reset_peak_rss, rss_kib, status_kib
 
-PHASES = ("import", "load", "data", "calibration", "scoring", "planning", "compensation", "surgery", "save", "records", "other")
+PHASES = ("import", "load", "data", "calibration", "scoring", "planning", "compensation", "surgery", "save", "records",
+          "other")
 
 def process_age() -> float | None:
     """Seconds since this process started (10 ms resolution), from /proc; None without it."""
@@ -132,7 +133,8 @@ class PhaseRecorder:
             "cpu_seconds": round(sum(self.cpu_seconds.values()), 3),
             "phases": {name: {"seconds": round(self.seconds[name], 3), "cpu_seconds": round(self.cpu_seconds[name], 3),
                               "peak_rss_mib": mib(self.peak_kib[name]),
-                              "rss_start_mib": mib(self.rss_start_kib[name]), "rss_end_mib": mib(self.rss_end_kib[name])}
+                              "rss_start_mib": mib(self.rss_start_kib[name]),
+                              "rss_end_mib": mib(self.rss_end_kib[name])}
                        for name in PHASES},
         }
         if weight_bytes:

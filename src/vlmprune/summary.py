@@ -94,7 +94,8 @@ class ModelSummary:
 def summarize(model: nn.Module) -> ModelSummary:
     adapter = get_adapter(model)
     shapes = layer_shapes(model, adapter)
-    return ModelSummary(adapter.model_type, adapter.text_model_type, count_parameters(model, adapter), len(shapes), shapes)
+    return ModelSummary(adapter.model_type, adapter.text_model_type, count_parameters(model, adapter), len(shapes),
+                        shapes)
 
 
 def source_record(model: nn.Module) -> dict:
@@ -120,7 +121,8 @@ def check_teacher(teacher: nn.Module, recorded: dict, teacher_name: str) -> None
     for key in ("model_type", "text_model_type", "hidden_size", "vocab_size", "num_layers"):
         if key in recorded and recorded[key] != actual[key]:
             differences.append(f"{key} {actual[key]} (the plan records {recorded[key]})")
-    if "layers" in recorded and recorded["layers"] != actual["layers"] and actual["num_layers"] == recorded.get("num_layers"):
+    same_depth = actual["num_layers"] == recorded.get("num_layers")
+    if "layers" in recorded and recorded["layers"] != actual["layers"] and same_depth:
         bad = [i for i, (a, b) in enumerate(zip(actual["layers"], recorded["layers"])) if a != b]
         differences.append(f"the widths of layer(s) {bad[:5]}")
     raise VlmpruneError(f"the teacher {teacher_name} is not the model this student was pruned from: "

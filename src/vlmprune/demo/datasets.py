@@ -126,7 +126,8 @@ def write_digits(output: str | Path, limit: int | None = None) -> dict:
                 pixels = np.kron(pixels, np.ones((scale, scale), dtype=np.uint8))
                 Image.fromarray(pixels, mode="L").convert("RGB").save(tmp / "images" / split / f"{i}.png")
                 answer = str(int(digits.target[i]))
-                records.append(record(f"digits-{split}-{i}", f"images/{split}/{i}.png", "digits", "digit", DIGITS_QUESTION, answer))
+                records.append(record(f"digits-{split}-{i}", f"images/{split}/{i}.png", "digits", "digit",
+                                      DIGITS_QUESTION, answer))
             _dump(records, tmp / f"{split}.json")
             summary[split] = len(records)
             summary["images"] += len(records)
