@@ -108,7 +108,8 @@ def test_auto_meets_the_target_and_beats_pure_layer_and_pure_width(tiny_repo, tm
     assert (out / "search.png").stat().st_size > 5000
     second = json.loads((tmp_path / "auto-rank2" / "pruning_plan.json").read_text())  # --top-k 2
     assert second["rank"] == 2 and second["proxy_kl"] == sorted(r["proxy_kl"] for r in rows)[1]
-    assert second["parameters"]["after"]["total"] == vlmprune.count_parameters(vlmprune.load(tmp_path / "auto-rank2"))["total"]
+    saved = vlmprune.load(tmp_path / "auto-rank2")
+    assert second["parameters"]["after"]["total"] == vlmprune.count_parameters(saved)["total"]
 
 
 @pytest.mark.parametrize("spec", ["params=2", "memory=2", "latency=200", "params=0.7,seq=3", "speed=3"])
@@ -149,8 +150,10 @@ def test_latency_prediction_by_hand():
     shapes = layer_shapes(build_tiny("llava_llama_gqa"))  # 4 layers, 8 q heads in 2 kv groups, MLP 128
     assert [(s.num_heads, s.num_kv_heads, s.intermediate_size) for s in shapes] == [(8, 2, 128)] * 4
     profile = {"base_s": 0.010, "kinds": [
-        {"layers": [0, 1], "fixed_s": 0.001, "attention": [[8, 0.008], [4, 0.005]], "mlp": [[128, 0.006], [64, 0.004]]},
-        {"layers": [2, 3], "fixed_s": 0.002, "attention": [[8, 0.010], [4, 0.004]], "mlp": [[128, 0.012], [32, 0.001]]}]}
+        {"layers": [0, 1], "fixed_s": 0.001,
+         "attention": [[8, 0.008], [4, 0.005]], "mlp": [[128, 0.006], [64, 0.004]]},
+        {"layers": [2, 3], "fixed_s": 0.002,
+         "attention": [[8, 0.010], [4, 0.004]], "mlp": [[128, 0.012], [32, 0.001]]}]}
     assert predict_latency(profile, shapes) == pytest.approx(0.010 + 2 * (0.001 + 0.008 + 0.006)
                                                              + 2 * (0.002 + 0.010 + 0.012))
     plan = PruningPlan(drop_layers=[3], layers={0: {"kv_heads": [1], "mlp_channels": list(range(96))},
