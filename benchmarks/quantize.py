@@ -104,7 +104,8 @@ def main() -> None:
     ap.add_argument("--plan", help="also measure the demo model pruned by this pruning_plan.json, with every scheme")
     ap.add_argument("--plan-name", default="pruned", help="the pruned model's name in the table")
     ap.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
-                    help="also measure this checkpoint (e.g. a pruned and recovered one), with every variant; repeatable")
+                    help="also measure this checkpoint (e.g. a pruned and recovered one), with every variant; "
+                         "repeatable")
     ap.add_argument("--only-plan", action="store_true",
                     help="skip the unpruned model (rows already measured); measure only --plan / --model")
     ap.add_argument("--table", action="store_true", help="only print the table of the rows already in --out")
@@ -193,8 +194,8 @@ def main() -> None:
 def table(rows: list[dict]) -> str:
     """Markdown: one line per row; ratios against the fp32 row of the same model."""
     fp32 = {r.get("model", "original"): r for r in rows if r["variant"] == "fp32" and "disk_bytes" in r}
-    head = ("| model | variant | easy-VQA | digits | mean | vs fp32 | disk MB | LM weights MB | LM vs fp32 | RSS after load MB "
-            "| peak RSS MB | prefill ms | decode tok/s | CPU prefill ms | CPU decode tok/s |")
+    head = ("| model | variant | easy-VQA | digits | mean | vs fp32 | disk MB | LM weights MB | LM vs fp32 "
+            "| RSS after load MB | peak RSS MB | prefill ms | decode tok/s | CPU prefill ms | CPU decode tok/s |")
     lines = [head, "|---|---|" + "---:|" * 13]
     for r in rows:
         model = r.get("model", "original")
