@@ -24,6 +24,30 @@ def test_demo_quick_end_to_end(tmp_path):
     assert (run / "accuracy_vs_params.png").exists()
 
 
+def llava_forward_flops(config: dict, tokens: int) -> int:
+    """FLOPs (2 per multiply-add) of one forward pass of a LLaVA (CLIP tower, Llama LM) over ``tokens`` prompt
+    tokens and one image, from the shapes in its config.json alone: what ``count_flops`` should count (linear
+    layers, the patch convolution and the two attention matmuls; norms, activations and softmax count zero)."""
+    vis, text = config["vision_config"], config["text_config"]
+    patches = (vis["image_size"] // vis["patch_size"]) ** 2
+    v_tokens = patches + 1  # + CLS
+    v_hidden, v_heads = vis["hidden_size"], vis["num_attention_heads"]
+    conv = 2 * vis["hidden_size"] * patches * vis["num_channels"] * vis["patch_size"] ** 2
+    v_linear = 4 * v_hidden * v_hidden + 2 * v_hidden * vis["intermediate_size"]  # q, k, v, out; fc1, fc2
+    v_attention = 2 * 2 * v_tokens * v_tokens * v_hidden  # Q K^T and A V over all heads
+    assert v_hidden % v_heads == 0
+    vision = vis["num_hidden_layers"] * (2 * v_tokens * v_linear + v_attention)  # every layer runs
+    hidden, head_dim = text["hidden_size"], text["head_dim"]
+    q, kv = text["num_attention_heads"] * head_dim, text["num_key_value_heads"] * head_dim
+    # the default select strategy drops CLS: one projected token per patch
+    projector = 2 * patches * (v_hidden * hidden + hidden * hidden)
+    t_linear = 2 * hidden * q + 2 * hidden * kv + 3 * hidden * text["intermediate_size"]  # q, o; k, v; gate, up, down
+    t_attention = 2 * 2 * tokens * tokens * q  # GQA: keys and values repeated to every query head
+    language = text["num_hidden_layers"] * (2 * tokens * t_linear + t_attention)
+    lm_head = 2 * tokens * hidden * text["vocab_size"]
+    return conv + vision + projector + language + lm_head
+
+
 def test_evaluate_cli_with_task_file_and_efficiency(tiny_repo, tmp_path):
     out = tmp_path / "results.json"
     model = str(tiny_repo.model)
@@ -32,6 +56,10 @@ def test_evaluate_cli_with_task_file_and_efficiency(tiny_repo, tmp_path):
     result = json.loads(out.read_text())
     assert result["tasks"]["test"]["count"] == 4
     eff = result["efficiency"]
-    assert eff["flops_per_sample"] > 1e6 and eff["prefill_s"] > 0 and eff["decode_tokens_per_s"] > 0
+    config = json.loads((tiny_repo.model / "config.json").read_text())
+    assert config["model_type"] == "llava" and config["text_config"]["model_type"] == "llama"
+    assert config["vision_config"]["model_type"] == "clip_vision_model"
+    assert eff["flops_per_sample"] == llava_forward_flops(config, eff["prompt_tokens"])
+    assert eff["prefill_s"] > 0 and eff["decode_tokens_per_s"] > 0
     assert eff["parameters"]["total"] == sum(v for k, v in eff["parameters"].items() if k != "total")
     assert main(["evaluate", "--model", model, "--tasks", "nope"]) == 2
