@@ -88,7 +88,19 @@ def test_memory_target_is_met(tiny_repo, tmp_path):
     assert footprint(reloaded, parse_target("memory=1GB,seq=512,dtype=fp32")).memory_bytes == plan["target"]["achieved"]
 
 
-def test_auto_meets_the_target_and_beats_pure_layer_and_pure_width(tiny_repo, tmp_path):
+def test_auto_meets_the_target_and_beats_pure_layer_and_pure_width(tiny_repo, tmp_path, monkeypatch):
+    import matplotlib.image
+
+    import vlmprune.prune.run
+
+    plotted = []  # what the search plot is handed: every candidate, the chosen one, the target
+
+    def spy(rows, chosen, path, quantity):
+        plotted.append((copy.deepcopy(rows), chosen, path, quantity))
+        return real_plot(rows, chosen, path, quantity)
+
+    real_plot = vlmprune.prune.run.plot_search
+    monkeypatch.setattr(vlmprune.prune.run, "plot_search", spy)
     out = tmp_path / "auto"
     assert main(["prune", "--model", str(tiny_repo.model), "--method", "auto", "--criterion", "magnitude",
                  "--target", "params=0.75", "--mlp-multiple", "8", "--calibration", str(tiny_repo.data),
@@ -105,7 +117,14 @@ def test_auto_meets_the_target_and_beats_pure_layer_and_pure_width(tiny_repo, tm
     plan = json.loads((out / "pruning_plan.json").read_text())
     assert plan["method"] == "auto" and plan["drop_layers"] == chosen["drop_layers"]
     assert abs(plan["target"]["achieved"] / plan["parameters"]["before"]["total"] - 0.75) < 0.05
-    assert (out / "search.png").stat().st_size > 5000
+    # (saved under a temporary name, then moved into place)
+    handed = [(json.loads(json.dumps(r)), c, p.name, q) for r, c, p, q in plotted]
+    assert handed and all(h == (rows, search["chosen"], "search.png", search["target"]) for h in handed), handed
+    image = matplotlib.image.imread(out / "search.png")
+    assert image.shape[:2] == (420, 720)  # figsize 6 x 3.5 inches at 120 dpi
+    assert image[..., :3].std() > 0.05  # not blank
+    red = (abs(image[..., 0] - 0xD6 / 255) < 0.02) & (abs(image[..., 1] - 0x27 / 255) < 0.02)
+    assert red.sum() > 20  # the chosen candidate's star (tab:red) is drawn
     second = json.loads((tmp_path / "auto-rank2" / "pruning_plan.json").read_text())  # --top-k 2
     assert second["rank"] == 2 and second["proxy_kl"] == sorted(r["proxy_kl"] for r in rows)[1]
     saved = vlmprune.load(tmp_path / "auto-rank2")
