@@ -1,10 +1,11 @@
 # Set-up is two commands: `make test` and `make demo`. Both create .venv if it is missing.
+# `make lint` runs ruff (pinned in the test extra) over src, tests, benchmarks and scripts.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo install clean
+.PHONY: test lint demo install clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +26,9 @@ install: $(STAMP)
 
 test: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks scripts
 
 demo: $(STAMP)
 	$(VENV)/bin/vlmprune demo

@@ -136,8 +136,8 @@ def fake_real_batch(model, batch: int, text: int = 40, answer: int = 8, seed: in
         side -= side % v.spatial_merge_size
         n = side * side // v.spatial_merge_size**2
         block = [config.vision_start_token_id] + [config.image_token_id] * n + [config.vision_end_token_id]
-        extra = {"pixel_values": torch.randn(batch * side * side, v.in_channels * v.temporal_patch_size * v.patch_size**2,
-                                             generator=gen).to(dtype),
+        patch_values = v.in_channels * v.temporal_patch_size * v.patch_size**2
+        extra = {"pixel_values": torch.randn(batch * side * side, patch_values, generator=gen).to(dtype),
                  "image_grid_thw": torch.tensor([[1, side, side]] * batch)}
     else:
         v = config.vision_config

@@ -158,8 +158,9 @@ def main() -> None:
         order = torch.argsort(mag[0], stable=True)
         for lo in range(0, CHANNELS, 128):  # layer 0 by magnitude rank, in bins of 128 channels
             idx = order[lo : lo + 128]
-            emit({"part": "stats_layer0_bins", "magnitude_ranks": [lo, lo + 127], "magnitude": float(mag[0][idx].mean()),
-                  "mean_abs_activation": float(act[0][idx].mean()), "taylor": float(tay[0][idx].mean())})
+            emit({"part": "stats_layer0_bins", "magnitude_ranks": [lo, lo + 127],
+                  "magnitude": float(mag[0][idx].mean()), "mean_abs_activation": float(act[0][idx].mean()),
+                  "taylor": float(tay[0][idx].mean())})
 
     if "cuts" in parts:
         windows = T.eval_windows(tokenizer, args.eval_windows)
@@ -182,7 +183,8 @@ def main() -> None:
                 "magnitude, largest removed instead": [-x for x in mag],
                 "magnitude, random in layers 0/28/29": rnd_mag,
                 "L2 of gate+up rows and down column": weight_norms(
-                    lambda m: m.gate_proj.weight.pow(2).sum(1) + m.up_proj.weight.pow(2).sum(1) + m.down_proj.weight.pow(2).sum(0)),
+                    lambda m: (m.gate_proj.weight.pow(2).sum(1) + m.up_proj.weight.pow(2).sum(1)
+                               + m.down_proj.weight.pow(2).sum(0))),
                 "L1 of the down column only": weight_norms(lambda m: m.down_proj.weight.abs().sum(0)),
                 "L1 of the gate row only": weight_norms(lambda m: m.gate_proj.weight.abs().sum(1)),
                 "L1 of the up row only": weight_norms(lambda m: m.up_proj.weight.abs().sum(1))}
@@ -220,7 +222,8 @@ def main() -> None:
                         g = int(torch.argsort(s.groups[i], stable=True)[0])
                         gone = range(g * shape.group_size, (g + 1) * shape.group_size)
                     else:
-                        gone = sorted(set(range(shape.num_heads)) - set(_top_heads_per_group(s.heads[i], shape, shape.group_size - 1)))
+                        kept = set(_top_heads_per_group(s.heads[i], shape, shape.group_size - 1))
+                        gone = sorted(set(range(shape.num_heads)) - kept)
                     cols[i] = torch.cat([torch.arange(h * shape.head_dim, (h + 1) * shape.head_dim) for h in gone])
                 t0 = time.perf_counter()
                 with Zeroed(outs, cols):
@@ -231,8 +234,8 @@ def main() -> None:
         windows = T.eval_windows(tokenizer, args.eval_windows)
         budget = ModelBudget.of(model)
         ratio = 0.2 * sum(budget.layer_params) / budget.total  # text_ppl.py's --lm-fraction 0.2
-        runs = [("magnitude", scores["magnitude"]), ("activation", scores["activation"]), ("random seed 0", scores["random"]),
-                ("random seed 1", score(model, "width", "random", seed=1).values)]
+        runs = [("magnitude", scores["magnitude"]), ("activation", scores["activation"]),
+                ("random seed 0", scores["random"]), ("random seed 1", score(model, "width", "random", seed=1).values)]
         for spec in ("1:-1", "4:-2"):
             for name, values in runs:
                 plan = plan_for(model, Scores("width", name, "all", values), ratio, "none", layers=spec)

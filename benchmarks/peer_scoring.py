@@ -24,14 +24,16 @@ Setup (nothing here goes into vlmprune's .venv):
 
 Data: vlmprune's calibration.json (the benchmark's text conversations), each record's turns joined
 with newlines and tokenized by the model's tokenizer; the first ``--samples`` records with at least
-``--max-length`` tokens (LLM-Pruner's get_examples also keeps only texts that long), cut to that. bookcorpus / pg19 cannot be downloaded here.
+``--max-length`` tokens (LLM-Pruner's get_examples also keeps only texts that long), cut to that.
+bookcorpus / pg19 cannot be downloaded here.
 
 What runs, and what is patched at run time (no file of the peer is edited):
 
 * llm-pruner: ``llama3.py`` (the GQA path; hf_prune.py's own Llama class has no GQA) run as
   ``__main__`` with ``--block_wise --pruner_type taylor --taylor param_first`` (the default), block
   layers 3..28 (range(3, 29): its default 3..31 of 32 layers, i.e. all but the first 3 and the last 1,
-  adapted to 30 layers), ``--num_examples 10``, ``--pruning_ratio 0.5`` (its default), ``--device cpu --eval_device cpu``. Patches:
+  adapted to 30 layers), ``--num_examples 10``, ``--pruning_ratio 0.5`` (its default),
+  ``--device cpu --eval_device cpu``. Patches:
   (1) ``get_examples`` returns the tokens above instead of downloading bookcorpus;
   (2) ``from_pretrained`` loads float32 (llama3.py asks float16; vlmprune's benchmark is float32);
   (3) ``PPLMetric`` (wikitext2/ptb, after pruning) returns {} (no download).

@@ -106,8 +106,9 @@ def budgets(rows: list[dict]) -> list[str]:
     lines = []
     for bs in sorted({r["batch_size"] for r in rows}):
         at = {r["criterion"]: r for r in rows if r["batch_size"] == bs}
-        for name, factor, ref in (("taylor", 1.3, "backward"), ("activation", 1.3, "forward"), ("wanda", 1.3, "forward"),
-                                  ("block_influence", 1.1, "forward"), ("angular", 1.1, "forward"),
+        for name, factor, ref in (("taylor", 1.3, "backward"), ("activation", 1.3, "forward"),
+                                  ("wanda", 1.3, "forward"), ("block_influence", 1.1, "forward"),
+                                  ("angular", 1.1, "forward"),
                                   ("skip_loss", 1.1, "forward"), ("ls", 1.5, "forward")):
             if name not in at or ref not in at:
                 continue
@@ -207,6 +208,15 @@ def process_peak(row: dict) -> float:
     return cost["peak_rss_mib"] if cost and cost.get("peak_rss_mib") else row["peak_rss_mib"]
 
 
+def _whole_command(row: dict, key: str, weights: float):
+    """The whole command's value in the column of ``key``: wall seconds, CPU seconds, or peak RSS / weights."""
+    if key == "seconds":
+        return row["wall_s"]
+    if key == "cpu_seconds":
+        return (row.get("cost") or {}).get("cpu_seconds")
+    return process_peak(row) / weights
+
+
 def print_command_tables(rows: list[dict], phases) -> None:
     """Two tables (seconds; peak RSS / weight bytes) with a row per criterion and a column per phase."""
     criteria = list(dict.fromkeys(r["criterion"] for r in rows))
@@ -218,9 +228,7 @@ def print_command_tables(rows: list[dict], phases) -> None:
         for c in criteria:
             got = [r for r in rows if r["criterion"] == c]
             weights = got[0]["weights_mib"]
-            whole = {"seconds": lambda r: r["wall_s"], "cpu_seconds": lambda r: (r.get("cost") or {}).get("cpu_seconds"),
-                     "peak_rss_mib": lambda r: process_peak(r) / weights}[key]
-            whole = median([whole(r) for r in got])
+            whole = median([_whole_command(r, key, weights) for r in got])
             cells = []
             for name in phases:
                 values = [r["cost"]["phases"][name][key] for r in got if r.get("cost")]
@@ -233,7 +241,8 @@ def print_command_tables(rows: list[dict], phases) -> None:
                     cells.append(f"{value / weights:.2f}")
             print(f"| {c} | {'' if whole is None else f'{whole:.2f}'} | " + " | ".join(cells) + " |")
     print("\nagainst the target (peak <= 1.5 x weights + one batch's activations, above the imported process):")
-    print("| criterion | peak MiB | imports MiB | one batch's activations MiB | (peak - imports - activations) / weights |")
+    print("| criterion | peak MiB | imports MiB | one batch's activations MiB "
+          "| (peak - imports - activations) / weights |")
     print("|---|---:|---:|---:|---:|")
     for c in criteria:
         got = [r for r in rows if r["criterion"] == c and r.get("cost")]
@@ -257,7 +266,8 @@ def target_parts(row: dict) -> tuple[float, float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="smollm2-135m",
-                        help="smollm2-135m (LLaVA-style, default), qwen2.5-vl-3b or llava-1.5-7b (whole real VLM shapes)")
+                        help="smollm2-135m (LLaVA-style, default), qwen2.5-vl-3b or llava-1.5-7b "
+                             "(whole real VLM shapes)")
     parser.add_argument("--samples", type=int, help="calibration samples (default 64; real shapes: one batch)")
     parser.add_argument("--batch-size", type=int, help="calibration batch size (default 8; --command: 1, prune's own)")
     parser.add_argument("--batch-sizes", help="comma-separated batch sizes (overrides --batch-size)")
@@ -273,7 +283,8 @@ def main() -> None:
     command.add_argument("--repeats", type=int, default=3)
     command.add_argument("--max-length", type=int, default=256)
     command.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the prune processes")
-    command.add_argument("--lm-fraction", type=float, default=0.2, help="share of the decoder layers' parameters to cut")
+    command.add_argument("--lm-fraction", type=float, default=0.2,
+                         help="share of the decoder layers' parameters to cut")
     command.add_argument("--src", help="PYTHONPATH of the prune processes (another checkout's src, to compare)")
     command.add_argument("--label", default="", help="a name for these rows (e.g. before / after)")
     command.add_argument("--compensate", help="also run each criterion with --compensate MODE, interleaved "

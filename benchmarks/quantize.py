@@ -104,7 +104,8 @@ def main() -> None:
     ap.add_argument("--plan", help="also measure the demo model pruned by this pruning_plan.json, with every scheme")
     ap.add_argument("--plan-name", default="pruned", help="the pruned model's name in the table")
     ap.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
-                    help="also measure this checkpoint (e.g. a pruned and recovered one), with every variant; repeatable")
+                    help="also measure this checkpoint (e.g. a pruned and recovered one), with every variant; "
+                         "repeatable")
     ap.add_argument("--only-plan", action="store_true",
                     help="skip the unpruned model (rows already measured); measure only --plan / --model")
     ap.add_argument("--table", action="store_true", help="only print the table of the rows already in --out")
@@ -195,8 +196,8 @@ def main() -> None:
 def table(rows: list[dict]) -> str:
     """Markdown: one line per row; ratios against the fp32 row of the same model."""
     fp32 = {r.get("model", "original"): r for r in rows if r["variant"] == "fp32" and "disk_bytes" in r}
-    head = ("| model | variant | easy-VQA | digits | mean | vs fp32 | disk MB | LM weights MB | LM vs fp32 | RSS after load MB "
-            "| peak RSS MB | prefill ms | decode tok/s | CPU prefill ms | CPU decode tok/s |")
+    head = ("| model | variant | easy-VQA | digits | mean | vs fp32 | disk MB | LM weights MB | LM vs fp32 "
+            "| RSS after load MB | peak RSS MB | prefill ms | decode tok/s | CPU prefill ms | CPU decode tok/s |")
     lines = [head, "|---|---|" + "---:|" * 13]
     for r in rows:
         model = r.get("model", "original")
@@ -205,7 +206,7 @@ def table(rows: list[dict]) -> str:
             lines.append(f"| {model} | {r['variant']} | {'refused' if 'refused' in r else 'failed'} |" + " |" * 12)
             continue
         lm = r["weight_bytes"]["language_model"]
-        rel = lambda v, b: f"{v / b:.2f}x" if base else ""  # noqa: E731
+        lm_vs_fp32 = f"{lm / base['weight_bytes']['language_model']:.2f}x" if base else ""
         pct = lambda v: "" if v is None else f"{v:.1%}"  # noqa: E731
         retention = pct(r["accuracy"] / base["accuracy"]) if base and r["accuracy"] is not None else ""
         cpu_prefill = f"{1000 * r['cpu_prefill_s']:.1f}" if "cpu_prefill_s" in r else ""
@@ -214,7 +215,7 @@ def table(rows: list[dict]) -> str:
             f"| {model} | {r['variant']} | {pct(r['per_task'].get('easyvqa'))} | {pct(r['per_task'].get('digits'))} "
             f"| {pct(r['accuracy'])} "
             f"| {retention} | {r['disk_bytes'] / 2**20:,.1f} "
-            f"| {lm / 2**20:,.1f} | {rel(lm, base['weight_bytes']['language_model']) if base else ''} "
+            f"| {lm / 2**20:,.1f} | {lm_vs_fp32} "
             f"| {r['rss_after_load_mb']:,.0f} | {r['peak_rss_mb']:,.0f} | {1000 * r['prefill_s']:.1f} "
             f"| {r['decode_tokens_per_s']:.1f} | {cpu_prefill} | {cpu_decode} |"
         )

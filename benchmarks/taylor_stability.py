@@ -74,7 +74,8 @@ def main() -> None:
             per_batch.append(calibrate.collect_taylor(model, [batch], tokens))
         masses = [mass(s) for s in per_batch]
         scores = width_criteria.taylor(total(per_batch), shapes)
-        plan = plan_width(scores, shapes, budget, args.ratio, "groups", None, parse_layer_range(None, len(shapes)), False)
+        plan = plan_width(scores, shapes, budget, args.ratio, "groups", None, parse_layer_range(None, len(shapes)),
+                          False)
         pruned = copy.deepcopy(model)
         apply_plan_(pruned, plan)
         result = evaluate(pruned, processor, tasks=["easyvqa", "digits"], data_dir=str(paths["root"]),

@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import EVAL_MODULES, demo_model, docstrings, run_vlmprune, write_calibration  # noqa: E402
 
 WINDOW = 256
-WIDTH_RUNS = [(c, a) for c in ("taylor", "activation", "wanda", "magnitude", "random") for a in ("groups", "heads", "none")]
+WIDTH_RUNS = [(c, a) for c in ("taylor", "activation", "wanda", "magnitude", "random")
+              for a in ("groups", "heads", "none")]
 LAYER_RUNS = [(c, None) for c in ("block_influence", "angular", "last")]
 
 
@@ -72,7 +73,8 @@ def widths(model) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="width", help="width, layer, all, or criterion:mode,... (e.g. taylor:heads)")
-    parser.add_argument("--lm-fraction", type=float, default=0.2, help="share of the LM's decoder-layer parameters to remove")
+    parser.add_argument("--lm-fraction", type=float, default=0.2,
+                        help="share of the LM's decoder-layer parameters to remove")
     parser.add_argument("--samples", type=int, default=32, help="calibration samples (--num-samples)")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=40, help=f"evaluation windows of {WINDOW} tokens")
@@ -159,7 +161,8 @@ def main() -> None:
             model = load(out_dir).eval()
             plan = RunRecord.load(out_dir).prune
             peak = (plan.cost or {}).get("peak_rss_mib") or peak
-            decoder_after = sum(sum(p.numel() for p in layer.parameters()) for layer in model.model.language_model.layers)
+            decoder_after = sum(sum(p.numel() for p in layer.parameters())
+                                for layer in model.model.language_model.layers)
             row = {"method": method, "criterion": criterion, "attention": attention, "seed": seed, "compensate": comp,
                    "widths": widths(model), "removed_total": plan.achieved["ratio"],
                    "removed_decoder": 1 - decoder_after / decoder, "ppl": perplexity(model, windows),
@@ -195,7 +198,8 @@ def print_table(rows: list[dict]) -> None:
         comp = r.get("compensate", "none")
         base = plain.get(row_key(r)[:4])
         c = "" if comp == "none" or base is None else f"{closure(r['ppl'], base['ppl'], dense['ppl']):.2f}"
-        print(f"| {r['method']} | {name} | {r['attention'] or ''} | {comp} | {r['widths']} | {r['removed_decoder']:.2%} | "
+        print(f"| {r['method']} | {name} | {r['attention'] or ''} | {comp} | {r['widths']} "
+              f"| {r['removed_decoder']:.2%} | "
               f"{r['ppl']:.2f} | {r['ppl'] / dense['ppl']:.2f} | {c} | {r['prune_s']:.0f} | {r['peak_rss_mib']:.0f} | "
               f"{r['peak_over_weights']:.2f} |")
 

@@ -101,7 +101,8 @@ def conversation_ids(tokenizer, processor, turns: list[tuple[str, str]]):
     messages = []
     for k, (question, answer) in enumerate(turns):
         content = ([{"type": "image"}] if k == 0 else []) + [{"type": "text", "text": question}]
-        messages += [{"role": "user", "content": content}, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+        messages += [{"role": "user", "content": content},
+                     {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
     text = processor.apply_chat_template(messages, tokenize=False)
     text = text.replace(A.IMAGE_TOKEN, A.IMAGE_TOKEN * A.NUM_IMAGE_TOKENS, 1)
     enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
@@ -123,7 +124,8 @@ def build_sequences(tokenizer, processor, records, feat_index, source, pack, rng
     """(feature row, ids, labels) per training conversation; easy-VQA packed by image."""
     by_image: dict[str, list] = {}
     for r in records:
-        by_image.setdefault(r["image"], []).append((r["conversations"][0]["value"].replace("<image>\n", ""), r["conversations"][1]["value"]))
+        question, answer = r["conversations"][0]["value"].replace("<image>\n", ""), r["conversations"][1]["value"]
+        by_image.setdefault(r["image"], []).append((question, answer))
     out = []
     for image, qa in by_image.items():
         rng.shuffle(qa)
@@ -189,7 +191,8 @@ class Trainer:
         for _, _, q in items:
             msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
             text = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            prompts.append(tokenizer(text.replace(A.IMAGE_TOKEN, A.IMAGE_TOKEN * A.NUM_IMAGE_TOKENS, 1), add_special_tokens=False)["input_ids"])
+            text = text.replace(A.IMAGE_TOKEN, A.IMAGE_TOKEN * A.NUM_IMAGE_TOKENS, 1)
+            prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
         width = max(len(p) for p in prompts)
         pad = self.model.config.text_config.pad_token_id
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
@@ -207,7 +210,8 @@ class Trainer:
         done = torch.zeros(len(emb), dtype=torch.bool)
         outs = [[] for _ in range(len(emb))]
         for _ in range(max_new_tokens):
-            hidden = self.lm(inputs_embeds=emb, attention_mask=att, position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state
+            hidden = self.lm(inputs_embeds=emb, attention_mask=att, position_ids=pos, past_key_values=cache,
+                             use_cache=True).last_hidden_state
             nxt = self.model.lm_head(hidden[:, -1]).argmax(-1)
             for b, t in enumerate(nxt.tolist()):
                 if not done[b]:
@@ -296,8 +300,10 @@ def main():
     log("features ready", {k: tuple(v.shape) for k, v in feats.items()}, f"{time.time() - t_start:.0f}s")
 
     rng = random.Random(args.seed)
-    sequences = build_sequences(tokenizer, processor, data["easyvqa", "train"], index["easyvqa", "train"], "easyvqa-train", args.pack, rng)
-    digit_seqs = build_sequences(tokenizer, processor, data["digits", "train"], index["digits", "train"], "digits-train", 1, rng)
+    sequences = build_sequences(tokenizer, processor, data["easyvqa", "train"], index["easyvqa", "train"],
+                                "easyvqa-train", args.pack, rng)
+    digit_seqs = build_sequences(tokenizer, processor, data["digits", "train"], index["digits", "train"],
+                                 "digits-train", 1, rng)
     pool = sequences + digit_seqs * args.digits_repeat
     rng.shuffle(pool)
     n_answers = sum(1 for _, _, _, lab in pool for a, b in zip(lab, lab[1:] + [-100]) if a != -100 and b == -100)
@@ -309,7 +315,8 @@ def main():
     ev = check_rng.sample(data["easyvqa", "test"], args.eval_subset)
     dg = check_rng.sample(data["digits", "test"], 120)
     check = [
-        (f"{name}-test", index[name, "test"][r["image"]], r["conversations"][0]["value"].replace("<image>\n", ""), r["conversations"][1]["value"], r["type"])
+        (f"{name}-test", index[name, "test"][r["image"]], r["conversations"][0]["value"].replace("<image>\n", ""),
+         r["conversations"][1]["value"], r["type"])
         for name, recs in (("easyvqa", ev), ("digits", dg))
         for r in recs
     ]
@@ -320,7 +327,8 @@ def main():
     if args.lora_r > 0:
         from peft import LoraConfig, inject_adapter_in_model
 
-        inject_adapter_in_model(LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS), model)
+        lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS)
+        inject_adapter_in_model(lora, model)
         lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
         assert all("language_model" in n for n, p in model.named_parameters() if "lora_" in n)
         for p in lora_params:
@@ -428,7 +436,8 @@ def final_evaluation(args, summary):
         model = AutoModelForImageTextToText.from_pretrained(path).eval()
         processor = AutoProcessor.from_pretrained(path)
         t = time.time()
-        results = evaluate(model, processor, tasks=["easyvqa", "digits"], data_dir=args.data_dir, limit=args.final_limit)
+        results = evaluate(model, processor, tasks=["easyvqa", "digits"], data_dir=args.data_dir,
+                           limit=args.final_limit)
         results["eval_seconds"] = round(time.time() - t)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     log("final", json.dumps(results)[:2000])
@@ -436,6 +445,9 @@ def final_evaluation(args, summary):
 
 
 def write_record(args, summary, results):
+    digits_batch = summary.get("digits_batch_size", summary["batch_size"])
+    projector_start = ("linear_2 fitted by ridge regression so that image tokens land on the mean embedding of the "
+                       "image's answer words (linear_1 random)" if summary.get("init_projector") else "random")
     lines = [
         "# How these weights were made",
         "",
@@ -456,9 +468,10 @@ def write_record(args, summary, results):
         "tokens), folded into the projector's first layer before saving (checked to 1e-4).",
         f"- Optimiser: AdamW, no weight decay, lr {summary['lr_projector']} (projector) / {summary['lr_lora']} (LoRA), "
         f"{summary['warmup']} warm-up steps then cosine to 0; grad-norm clip 1.0; batch {summary['batch_size']} "
-        f"sequences (digits: {summary.get('digits_batch_size', summary['batch_size'])}); {summary['steps']} steps ({summary['sequences_seen']} sequences seen); seed {summary['seed']}.",
-        f"- Projector start: {'linear_2 fitted by ridge regression so that image tokens land on the mean embedding of the image' + chr(39) + 's answer words (linear_1 random)' if summary.get('init_projector') else 'random'}; "
-        f"one source per batch: easy-VQA batches of {summary['batch_size']}, digit batches of {summary.get('digits_batch_size', summary['batch_size'])}.",
+        f"sequences (digits: {digits_batch}); {summary['steps']} steps ({summary['sequences_seen']} sequences seen); "
+        f"seed {summary['seed']}.",
+        f"- Projector start: {projector_start}; "
+        f"one source per batch: easy-VQA batches of {summary['batch_size']}, digit batches of {digits_batch}.",
         f"- Wall time: {summary['train_seconds'] / 60:.0f} min of training on {summary['threads']} CPU thread(s), "
         f"evaluation {results.get('eval_seconds', 0) / 60:.0f} min.",
         "",

@@ -77,7 +77,8 @@ def test_qwen3_5_width_plans_from_scores_leave_linear_attention_whole():
 
 def test_qwen3_5_keeps_a_full_attention_layer():
     model = build_tiny("qwen3_5")
-    with pytest.raises(PlanError, match=r"drops layer\(s\) \[3\], which qwen3_5 needs in place \(it is the last full-attention"):
+    with pytest.raises(PlanError,
+                       match=r"drops layer\(s\) \[3\], which qwen3_5 needs in place \(it is the last full-attention"):
         vlmprune.apply_plan_(model, PruningPlan(drop_layers=[3]))
     text = model.config.get_text_config()
     text.layer_types = ["full_attention", "linear_attention", "linear_attention", "full_attention"]
@@ -93,7 +94,8 @@ def test_gemma4_kv_sharing_producers_are_protected():
     text = model.config.get_text_config()
     assert text.kv_sharing_modes == ["store", None, None, "store", "reuse", "reuse"]
     assert get_adapter(model).protected_layers(model) == {0, 3, 5}  # producers, and the last (full) layer
-    with pytest.raises(PlanError, match=r"drops layer\(s\) \[3\], which gemma4 needs in place \(KV sharing: a producer"):
+    with pytest.raises(PlanError,
+                       match=r"drops layer\(s\) \[3\], which gemma4 needs in place \(KV sharing: a producer"):
         vlmprune.apply_plan_(model, PruningPlan(drop_layers=[3]))
     batches = [labelled(model, "gemma4", seed=0)]
     plan, _ = score_and_plan(model, "layer", 0.3, "block_influence", batches)

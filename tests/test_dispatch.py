@@ -1,4 +1,5 @@
-"""`vlmprune prune --device-map`: a model dispatched across the CPU and disk offload prunes exactly like one on a single device."""
+"""`vlmprune prune --device-map`: a model dispatched across the CPU and disk offload prunes exactly like one on a
+single device."""
 
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def test_the_split_really_offloads_to_disk(dirs, tmp_path):
 @pytest.mark.parametrize("method, criterion", [("width", "taylor"), ("width", "activation"), ("width", "magnitude"),
                                                ("layer", "block_influence")])
 def test_device_map_prune_equals_single_device_prune(dirs, tmp_path, method, criterion):
-    common = dict(model=str(dirs["model"]), method=method, criterion=criterion, ratio=0.1 if method == "width" else 0.15,
+    common = dict(model=str(dirs["model"]), method=method, criterion=criterion,
+                  ratio=0.1 if method == "width" else 0.15,
                   calibration=str(dirs["data"]), image_folder=str(dirs["images"]), num_samples=8, batch_size=2)
     single = vlmprune.prune(output=str(tmp_path / "single"), **common)
     split = vlmprune.prune(output=str(tmp_path / "split"), device_map=json.dumps(SPLIT), **common)

@@ -79,7 +79,8 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
     page = tmp_path / "page.md"
     page.write_text("# A page: `its` title\n\n## Part, one\n\n## Part, one\n\n"
                     "See `src/vlmprune/no_such_module.py` and [a page](no-such-page.md#part), "
-                    "[the web](https://example.org), [here](#anchor).\n\n```\n# not a heading\n[not a link](x.md)\n```\n")
+                    "[the web](https://example.org), [here](#anchor).\n\n"
+                    "```\n# not a heading\n[not a link](x.md)\n```\n")
     assert _named_paths(page) == ["src/vlmprune/no_such_module.py"]
     assert _relative_links(page) == [("no-such-page.md", "part"), ("", "anchor")]
     assert _anchors(page) == {"a-page-its-title", "part-one", "part-one-1"}

@@ -265,7 +265,8 @@ def test_13_study_unknown_keys_bad_task_file_and_failed_cells(tiny_repo, tmp_pat
     smoke = ROOT / "configs" / "study" / "smoke.yaml"
     base = ["study", "--config", str(smoke), f"output={tmp_path / 'run'}", f"teacher={tiny_repo.model}",
             f"train_data={tiny_repo.data}", f"image_folder={tiny_repo.images}"]
-    for bad, message in (("evaluation.limt=3", "evaluation.limt"), ("calibration.num_sample=3", "calibration.num_sample"),
+    for bad, message in (("evaluation.limt=3", "evaluation.limt"),
+                         ("calibration.num_sample=3", "calibration.num_sample"),
                          ("recipes.sft.learning_rat=1", "recipes.sft.learning_rat"),
                          ("recovery.learning_rate=-1", "--learning-rate must be")):
         assert main([*base, bad]) == 2

@@ -206,7 +206,8 @@ class LlamaCpp:
             params.embedding = True
             params.pooling_type = getattr(xlc.llama_pooling_type, f"LLAMA_POOLING_TYPE_{pooling.upper()}")
         self.server = xlc.Server(params)
-        self.banned: list[int] = []  # never sampled (partial UTF-8 tokens: the server holds their text and logprobs back)
+        # never sampled (partial UTF-8 tokens: the server holds their text and logprobs back)
+        self.banned: list[int] = []
 
     def completion(self, prompt, n_predict: int = 1, n_probs: int = 0, **extra) -> dict:
         request = {"prompt": prompt, "n_predict": n_predict, "temperature": 0.0, "n_probs": n_probs,

@@ -4,8 +4,8 @@ Every model is built offline from native ``transformers`` config classes (nothin
 downloaded from the Hub).  All families share the same language-backbone shape so
 tests can compare them:
 
-* 4 decoder layers (Gemma 4: 6, so that KV sharing has producers and consumers), hidden size 64, intermediate size 128, 4 attention heads with
-  2 key/value heads (GQA) unless stated otherwise, vocabulary of 320 tokens;
+* 4 decoder layers (Gemma 4: 6, so that KV sharing has producers and consumers), hidden size 64, intermediate
+  size 128, 4 attention heads with 2 key/value heads (GQA) unless stated otherwise, vocabulary of 320 tokens;
 * a 2-layer vision tower of width 32 on 28x28 or 56x56 images;
 * float32 weights, eval mode, ``attn_implementation="sdpa"`` (the default that
   ``from_pretrained`` picks, so a save/reload round trip is bit-exact).
@@ -482,7 +482,7 @@ def _onevision_num_image_tokens(config, height: int, width: int) -> int:
     else:
         cur_w -= 2 * ((cur_w - int(round(width * (cur_h / height), 7))) // 2)
     unpadded, newlines = cur_h * cur_w, cur_h
-    max_tiles = int(config.vision_aspect_ratio.strip("anyres_max_"))
+    max_tiles = int(config.vision_aspect_ratio.removeprefix("anyres_max_"))
     ratio = math.sqrt(cur_h * cur_w / (max_tiles * side**2))
     if ratio > 1.1:
         unpadded = int(cur_h // ratio) * int(cur_w // ratio)

@@ -62,8 +62,9 @@ def check_output(output: str | Path, inputs: Iterable[tuple[str, str | Path | No
         if not overwrite:
             raise VlmpruneError(f"output directory {out} exists and is not empty; choose another or pass --overwrite")
         if not (out / MARKER).exists():
-            raise VlmpruneError(f"output directory {out} is not empty and was not written by vlmprune (no {MARKER} "
-                                f"file): --overwrite replaces only vlmprune outputs; remove it yourself or choose another")
+            raise VlmpruneError(f"output directory {out} is not empty and was not written by vlmprune "
+                                f"(no {MARKER} file): --overwrite replaces only vlmprune outputs; remove it "
+                                f"yourself or choose another")
     return out
 
 
@@ -164,8 +165,8 @@ def check_model_source(path: str | Path, what: str = "model") -> str:
             raise VlmpruneError(f"{index} is not a valid safetensors index ({err}); fetch the model again") from None
         missing = sorted(name for name in shards if not (local / name).is_file())
         if missing:
-            raise VlmpruneError(f"{what} {path} lacks {len(missing)} weight shard(s) its index lists ({', '.join(missing[:3])})"
-                                f"; the download is incomplete: fetch it again")
+            raise VlmpruneError(f"{what} {path} lacks {len(missing)} weight shard(s) its index lists "
+                                f"({', '.join(missing[:3])}); the download is incomplete: fetch it again")
     if not weights:
         pickled = sorted(f.name for f in local.iterdir() if f.name.endswith((".bin", ".pt", ".pth", ".ckpt")))
         raise VlmpruneError(f"{what} directory {path} has no *.safetensors weights"

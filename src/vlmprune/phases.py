@@ -132,7 +132,8 @@ class PhaseRecorder:
             "threads": _threads(),
             "cpu_seconds": round(sum(self.cpu_seconds.values()), 3),
             "phases": {name: {"seconds": round(self.seconds[name], 3), "cpu_seconds": round(self.cpu_seconds[name], 3),
-                              "peak_rss_mib": mib(self.peak_kib[name]), "rss_start_mib": mib(self.rss_start_kib[name]),
+                              "peak_rss_mib": mib(self.peak_kib[name]),
+                              "rss_start_mib": mib(self.rss_start_kib[name]),
                               "rss_end_mib": mib(self.rss_end_kib[name])}
                        for name in PHASES},
         }

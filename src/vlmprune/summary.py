@@ -121,8 +121,8 @@ def check_teacher(teacher: nn.Module, recorded: dict, teacher_name: str) -> None
     for key in ("model_type", "text_model_type", "hidden_size", "vocab_size", "num_layers"):
         if key in recorded and recorded[key] != actual[key]:
             differences.append(f"{key} {actual[key]} (the student's record says {recorded[key]})")
-    if ("layers" in recorded and recorded["layers"] != actual["layers"]
-            and actual["num_layers"] == recorded.get("num_layers")):
+    same_depth = actual["num_layers"] == recorded.get("num_layers")
+    if "layers" in recorded and recorded["layers"] != actual["layers"] and same_depth:
         bad = [i for i, (a, b) in enumerate(zip(actual["layers"], recorded["layers"])) if a != b]
         differences.append(f"the widths of layer(s) {bad[:5]}")
     raise VlmpruneError(f"the teacher {teacher_name} is not the model this student was pruned from: "

@@ -72,7 +72,8 @@ def test_untrained_checkpoint_keeps_the_language_model(reloaded):
 
     model, processor = reloaded
     base, _ = load_language_model()
-    text = processor.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False)
+    text = processor.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                         tokenize=False)
     inputs = processor.tokenizer([text], return_tensors="pt")
     with torch.no_grad():
         got = model.generate(**inputs, max_new_tokens=12, do_sample=False)

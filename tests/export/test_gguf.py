@@ -189,7 +189,8 @@ def test_tokenizer_gives_the_hugging_face_ids(models, tmp_path, name, pre):
     llama = LlamaCpp(tmp_path / "out" / "model.gguf")
     llama.banned = partial_utf8_ids(tok)
     n_vocab = model.config.text_config.vocab_size
-    prompts = [PROMPT, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n  Is 2024 > 99?\n\n<image>x<|im_end|>",
+    prompts = [PROMPT,
+               "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n  Is 2024 > 99?\n\n<image>x<|im_end|>",
                "The quick brown fox jumps over the lazy dog. 3.14159 héllo wörld",
                "I'm sure they'll say 123456 isn't 7890!\r\n\n  \tTabs   and    spaces;;; (ok)"]
     for prompt in prompts:

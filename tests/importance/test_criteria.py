@@ -82,7 +82,8 @@ def reference_taylor(model, batches):
     for batch in batches:
         model.zero_grad()
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1))
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 batch["labels"][:, 1:].reshape(-1))
         loss.backward()
         for i, layer in enumerate(adapter.layers(model)):
             s, d = shapes[i], shapes[i].head_dim
@@ -91,7 +92,8 @@ def reference_taylor(model, batches):
             tb = lambda m: (m.bias * m.bias.grad).abs().double() if m.bias is not None else None  # noqa: E731
             if lay.qkv:
                 full = t(getattr(attn, lay.qkv)).sum(1)
-                q_rows, k_rows, v_rows = full[: s.num_heads * d], full[s.num_heads * d : (s.num_heads + s.num_kv_heads) * d], full[(s.num_heads + s.num_kv_heads) * d :]
+                q_end, k_end = s.num_heads * d, (s.num_heads + s.num_kv_heads) * d
+                q_rows, k_rows, v_rows = full[:q_end], full[q_end:k_end], full[k_end:]
             else:
                 q_rows, k_rows, v_rows = (t(getattr(attn, n)).sum(1) for n in (lay.q, lay.k, lay.v))
                 for name, rows in ((lay.q, "q"), (lay.k, "k"), (lay.v, "v")):
@@ -169,7 +171,8 @@ def test_activation_and_wanda_equal_hand_computed_values():
     shapes = layer_shapes(model)
     stats = calibrate.collect_activations(model, [batch], tokens="all")
     act = width_criteria.activation(stats, shapes)
-    wanda = width_criteria.wanda(stats, [x.self_attn.o_proj.weight for x in layers], [x.mlp.down_proj.weight for x in layers], shapes)
+    wanda = width_criteria.wanda(stats, [x.self_attn.o_proj.weight for x in layers],
+                                 [x.mlp.down_proj.weight for x in layers], shapes)
     for i, s in enumerate(shapes):
         o = seen[("o", i)][mask].double()          # [N, H*d]
         d = seen[("d", i)][mask].double()          # [N, I]
@@ -210,7 +213,8 @@ def test_magnitude_and_random():
     model = build_tiny("llava_phi")
     adapter = get_adapter(model)
     shapes = layer_shapes(model)
-    params = [(role, p) for i, layer in enumerate(adapter.layers(model)) for p, role in layer_params(layer, adapter, i, shapes[i]).items()]
+    params = [(role, p) for i, layer in enumerate(adapter.layers(model))
+              for p, role in layer_params(layer, adapter, i, shapes[i]).items()]
     m1 = width_criteria.magnitude(params, shapes, p=1)
     layer = adapter.layers(model)[1]
     fc1, fc2 = layer.mlp.fc1, layer.mlp.fc2
@@ -231,7 +235,8 @@ def test_magnitude_owns_the_right_weights_gqa():
     model = build_tiny("llava_llama_gqa")
     adapter = get_adapter(model)
     shapes = layer_shapes(model)
-    params = [(role, p) for i, layer in enumerate(adapter.layers(model)) for p, role in layer_params(layer, adapter, i, shapes[i]).items()]
+    params = [(role, p) for i, layer in enumerate(adapter.layers(model))
+              for p, role in layer_params(layer, adapter, i, shapes[i]).items()]
     names = {id(p): n for n, p in model.named_parameters()}
     assert not any("norm" in names[id(p)] or "embed" in names[id(p)] for _, p in params)
     scores = width_criteria.magnitude(params, shapes, p=1)
@@ -241,7 +246,8 @@ def test_magnitude_owns_the_right_weights_gqa():
     attn, mlp = layer.self_attn, layer.mlp
     d = s.head_dim
     with torch.no_grad():
-        channels = mlp.gate_proj.weight.abs().sum(1) + mlp.up_proj.weight.abs().sum(1) + mlp.down_proj.weight.abs().sum(0)
+        channels = (mlp.gate_proj.weight.abs().sum(1) + mlp.up_proj.weight.abs().sum(1)
+                    + mlp.down_proj.weight.abs().sum(0))
         heads = (attn.q_proj.weight.abs().reshape(s.num_heads, d, -1).sum((1, 2))
                  + attn.o_proj.weight.abs().reshape(-1, s.num_heads, d).sum((0, 2)))
         kv = sum(w.abs().reshape(s.num_kv_heads, d, -1).sum((1, 2)) for w in (attn.k_proj.weight, attn.v_proj.weight))

@@ -21,7 +21,8 @@ def test_json_round_trip_keeps_extra_fields(tmp_path):
     plan = PruningPlan.from_dict(data)
     path = plan.save(tmp_path / "pruning_plan.json")
     again = PruningPlan.load(tmp_path)
-    assert again.to_dict() == json.loads(path.read_text()) == {**data, "layers": {"0": {"kv_heads": [1], "mlp_channels": [0, 5]}}}
+    expected = {**data, "layers": {"0": {"kv_heads": [1], "mlp_channels": [0, 5]}}}
+    assert again.to_dict() == json.loads(path.read_text()) == expected
     assert again.kept_layers(4) == [0, 1, 2]
 
 

@@ -88,7 +88,19 @@ def test_memory_target_is_met(tiny_repo, tmp_path):
     assert footprint(reloaded, parse_target("memory=1GB,seq=512,dtype=fp32")).memory_bytes == plan["target"]["achieved"]
 
 
-def test_auto_meets_the_target_and_beats_pure_layer_and_pure_width(tiny_repo, tmp_path):
+def test_auto_meets_the_target_and_beats_pure_layer_and_pure_width(tiny_repo, tmp_path, monkeypatch):
+    import matplotlib.image
+
+    import vlmprune.prune.run
+
+    plotted = []  # what the search plot is handed: every candidate, the chosen one, the target
+
+    def spy(rows, chosen, path, quantity):
+        plotted.append((copy.deepcopy(rows), chosen, path, quantity))
+        return real_plot(rows, chosen, path, quantity)
+
+    real_plot = vlmprune.prune.run.plot_search
+    monkeypatch.setattr(vlmprune.prune.run, "plot_search", spy)
     out = tmp_path / "auto"
     assert main(["prune", "--model", str(tiny_repo.model), "--method", "auto", "--criterion", "magnitude",
                  "--target", "params=0.75", "--mlp-multiple", "8", "--calibration", str(tiny_repo.data),
@@ -107,7 +119,14 @@ def test_auto_meets_the_target_and_beats_pure_layer_and_pure_width(tiny_repo, tm
     assert record["method"] == "auto" and plan["drop_layers"] == chosen["drop_layers"]
     assert record["search"] == "search.json" and set(plan) == {"version", "drop_layers", "layers"}
     assert abs(record["target"]["achieved"] / record["parameters"]["before"]["total"] - 0.75) < 0.05
-    assert (out / "search.png").stat().st_size > 5000
+    # (saved under a temporary name, then moved into place)
+    handed = [(json.loads(json.dumps(r)), c, p.name, q) for r, c, p, q in plotted]
+    assert handed and all(h == (rows, search["chosen"], "search.png", search["target"]) for h in handed), handed
+    image = matplotlib.image.imread(out / "search.png")
+    assert image.shape[:2] == (420, 720)  # figsize 6 x 3.5 inches at 120 dpi
+    assert image[..., :3].std() > 0.05  # not blank
+    red = (abs(image[..., 0] - 0xD6 / 255) < 0.02) & (abs(image[..., 1] - 0x27 / 255) < 0.02)
+    assert red.sum() > 20  # the chosen candidate's star (tab:red) is drawn
     second = json.loads((tmp_path / "auto-rank2" / "run.json").read_text())["prune"]  # --top-k 2
     assert second["rank"] == 2 and second["proxy_kl"] == sorted(r["proxy_kl"] for r in rows)[1]
     rank2 = vlmprune.count_parameters(vlmprune.load(tmp_path / "auto-rank2"))["total"]
@@ -152,9 +171,10 @@ def test_latency_prediction_by_hand():
     shapes = layer_shapes(build_tiny("llava_llama_gqa"))  # 4 layers, 8 q heads in 2 kv groups, MLP 128
     assert [(s.num_heads, s.num_kv_heads, s.intermediate_size) for s in shapes] == [(8, 2, 128)] * 4
     profile = {"base_s": 0.010, "kinds": [
-        {"layers": [0, 1], "fixed_s": 0.001, "attention": [[8, 0.008], [4, 0.005]], "mlp": [[128, 0.006], [64, 0.004]]},
-        {"layers": [2, 3], "fixed_s": 0.002, "attention": [[8, 0.010], [4, 0.004]],
-         "mlp": [[128, 0.012], [32, 0.001]]}]}
+        {"layers": [0, 1], "fixed_s": 0.001,
+         "attention": [[8, 0.008], [4, 0.005]], "mlp": [[128, 0.006], [64, 0.004]]},
+        {"layers": [2, 3], "fixed_s": 0.002,
+         "attention": [[8, 0.010], [4, 0.004]], "mlp": [[128, 0.012], [32, 0.001]]}]}
     assert predict_latency(profile, shapes) == pytest.approx(0.010 + 2 * (0.001 + 0.008 + 0.006)
                                                              + 2 * (0.002 + 0.010 + 0.012))
     plan = PruningPlan(drop_layers=[3], layers={0: {"kv_heads": [1], "mlp_channels": list(range(96))},

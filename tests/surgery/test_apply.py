@@ -107,7 +107,8 @@ def test_non_uniform_widths_need_vlmprune_load(family, tmp_path):
     mode = "heads" if shapes[0].group_size > 1 else "groups"
     adapter = get_adapter(model)
     last = 3 if 3 not in adapter.protected_layers(model) else 2  # Qwen3.5 keeps its one full-attention layer
-    plan = PruningPlan(drop_layers=[last], layers={1: width_entry(shapes[1], mode, adapter.has_heads(adapter.layers(model)[1]))})
+    has_heads = adapter.has_heads(adapter.layers(model)[1])
+    plan = PruningPlan(drop_layers=[last], layers={1: width_entry(shapes[1], mode, has_heads)})
     inputs = make_inputs(family, model)
     reference = logits(skipped(zeroed(model, plan), [last]), inputs)
     apply_plan_(model, plan)
@@ -128,4 +129,5 @@ def test_non_uniform_widths_need_vlmprune_load(family, tmp_path):
     apply_plan_(again, PruningPlan(drop_layers=[victim]))
     check_config(again)
     moved = "0" if victim == 0 else "1"
-    assert again.config.get_text_config().vlmprune_layer_widths == {moved: model.config.get_text_config().vlmprune_layer_widths["1"]}
+    widths = model.config.get_text_config().vlmprune_layer_widths
+    assert again.config.get_text_config().vlmprune_layer_widths == {moved: widths["1"]}

@@ -414,7 +414,8 @@ class Gemma4Adapter(Adapter):
             for name in ("k_proj", "v_proj", "k_norm", "v_norm")]
         modes = config.kv_sharing_modes  # the config's view must match what each layer was built as
         for i, layer in enumerate(lm.layers):
-            built = "reuse" if layer.self_attn.is_kv_shared_layer else ("store" if layer.self_attn.store_full_length_kv else None)
+            attn = layer.self_attn
+            built = "reuse" if attn.is_kv_shared_layer else ("store" if attn.store_full_length_kv else None)
             if modes[i] != built and not (built is None and modes[i] == "store"):
                 raise AssertionError(f"layer {i} was built as KV {built!r} but the config now says {modes[i]!r}")
             layer.self_attn.store_full_length_kv = modes[i] == "store"

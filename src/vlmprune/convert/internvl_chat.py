@@ -1,4 +1,5 @@
-"""Mini-InternVL-Chat-V1-5 (``InternVLChatModel``: InternViT + ``mlp1`` + Phi-3) -> native ``InternVLForConditionalGeneration``.
+"""Mini-InternVL-Chat-V1-5 (``InternVLChatModel``: InternViT + ``mlp1`` + Phi-3)
+-> native ``InternVLForConditionalGeneration``.
 
 What the original code (OpenGVLab/InternVL, internvl_chat/internvl/model) computes, and how the
 native classes express it exactly:
@@ -46,7 +47,10 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # style): "<|system|>\n{system}<|end|>" then "<|user|>\n{message}<|end|>" and
 # "<|assistant|>\n{message}<|end|>" turns; chat() puts "<image>\n" before the first question and
 # the tokenizer adds BOS. The system message is the template's default (model.system_message).
-SYSTEM_MESSAGE = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+SYSTEM_MESSAGE = (
+    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，"
+    "英文名叫InternVL, 是一个有用无害的人工智能助手。"
+)
 CHAT_TEMPLATE = (
     "{% set system = namespace(text='" + SYSTEM_MESSAGE + "') %}"
     "{% for message in messages %}{% if message['role'] == 'system' %}"

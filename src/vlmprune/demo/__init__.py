@@ -25,5 +25,6 @@ def resolve_demo(config: dict) -> dict:
 
         paths = demo_data(limit=config.get("demo_data_limit"))
         config["train_data"], config["image_folder"] = str(paths["train"]), str(paths["root"])
-        config["evaluation"] = {**config["evaluation"], "data_dir": config["evaluation"].get("data_dir") or str(paths["root"])}
+        data_dir = config["evaluation"].get("data_dir") or str(paths["root"])
+        config["evaluation"] = {**config["evaluation"], "data_dir": data_dir}
     return config

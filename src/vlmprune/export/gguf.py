@@ -26,12 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
+from vlmprune.config import GGUF_K_QUANTS as K_QUANTS
+from vlmprune.config import GGUF_NUMPY_QUANTS as NUMPY_QUANTS
 from vlmprune.errors import VlmpruneError
 
 log = logging.getLogger("vlmprune")
-
-from vlmprune.config import GGUF_K_QUANTS as K_QUANTS
-from vlmprune.config import GGUF_NUMPY_QUANTS as NUMPY_QUANTS
 
 QUANTS = NUMPY_QUANTS + K_QUANTS
 
@@ -146,8 +145,8 @@ def plan_text(model, adapter) -> TextPlan:
             raise VlmpruneError(f"{family} backbone with MLP biases (mlp_bias=True): the llama/deci GGUF export "
                                 f"does not write them; export is not supported for this model")
         if family == "mistral" and getattr(config, "sliding_window", None):
-            raise VlmpruneError(f"mistral backbone with sliding_window={config.sliding_window}: llama.cpp's llama graph "
-                                f"has no sliding-window attention, so the GGUF would differ on long prompts; set "
+            raise VlmpruneError(f"mistral backbone with sliding_window={config.sliding_window}: llama.cpp's llama "
+                                f"graph has no sliding-window attention, so the GGUF would differ on long prompts; set "
                                 f"sliding_window to null in config.json if the model never sees prompts that long")
         _check_rope(config, family)
         return TextPlan("llama" if uniform else "deci", family, not uniform, heads, kv, ffn, head_dim, True)
@@ -223,7 +222,8 @@ def _check_rope(config, family: str) -> None:
         raise VlmpruneError(f"{family} backbone with rope type {rope['type']!r}: the GGUF export writes plain RoPE "
                             f"only; this model is not supported")
     if getattr(config, "partial_rotary_factor", 1.0) not in (None, 1.0):
-        raise VlmpruneError(f"{family} backbone with partial_rotary_factor={config.partial_rotary_factor}: not supported")
+        raise VlmpruneError(f"{family} backbone with partial_rotary_factor={config.partial_rotary_factor}: "
+                            f"not supported")
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -382,7 +382,8 @@ def check_tokenizer(tok: TokenizerSource) -> tuple[str, str | None]:
         return "spm", None
     if not file.is_file():
         raise VlmpruneError(f"{tok.folder} has no tokenizer.json (a fast tokenizer); the GGUF needs one: save the "
-                            f"model's processor with a fast tokenizer (AutoProcessor.from_pretrained(...).save_pretrained)")
+                            f"model's processor with a fast tokenizer "
+                            f"(AutoProcessor.from_pretrained(...).save_pretrained)")
     data = json.loads(file.read_text())
     model = data.get("model", {})
     if model.get("type") != "BPE":

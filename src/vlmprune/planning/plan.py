@@ -177,7 +177,8 @@ def _resolve_layer(i: int, entry: dict[str, list[int]], shape: LayerShape) -> La
             raise PlanError(f"layers[{i}].{name} keeps nothing; keep at least one (or drop the layer)")
         bad = [v for v in values if v >= limit]
         if bad:
-            raise PlanError(f"layers[{i}].{name} has index {bad[0]} out of range: the layer has {limit} (0..{limit - 1})")
+            raise PlanError(f"layers[{i}].{name} has index {bad[0]} out of range: "
+                            f"the layer has {limit} (0..{limit - 1})")
         return values
 
     q = checked("q_heads", shape.num_heads)

@@ -72,7 +72,8 @@ def prune_layer_width_(layer: nn.Module, adapter: Adapter, shape: LayerShape, ke
         if len(kept[slc.unit]) == full[slc.unit]:
             continue
         key = (id(slc.module), slc.dim)
-        _, _, mask = masks.setdefault(key, (slc.module, slc.dim, torch.ones(slc.owner.shape[0], dtype=torch.bool, device="cpu")))
+        all_kept = torch.ones(slc.owner.shape[0], dtype=torch.bool, device="cpu")
+        _, _, mask = masks.setdefault(key, (slc.module, slc.dim, all_kept))
         mask &= (slc.owner < 0) | torch.isin(slc.owner, torch.as_tensor(kept[slc.unit], dtype=torch.long, device="cpu"))
     for module, dim, mask in masks.values():
         (keep_rows_ if dim == 0 else keep_cols_)(module, mask.nonzero().squeeze(1))
