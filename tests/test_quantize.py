@@ -275,4 +275,4 @@ def test_cli_dtype_auto_keeps_the_checkpoints_dtype(tiny_repo, tmp_path):
     with safe_open(str(out / "model.safetensors"), "pt") as f:  # the parts left unquantized keep bfloat16
         kept = {f.get_tensor(k).dtype for k in f.keys() if "vision_tower" in k or "lm_head" in k}
     assert kept == {torch.bfloat16}
-    assert json.loads((out / "pruning_plan.json").read_text())["quantization"]["scheme"] == "int8"
+    assert json.loads((out / "run.json").read_text())["quantization"]["scheme"] == "int8"
