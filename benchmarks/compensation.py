@@ -33,13 +33,12 @@ LAYER_CRITERIA = ("block_influence", "angular", "last")
 
 
 def variant_options(name: str) -> dict | None:
-    """none, ls, ls+seq, ls+seq+dense, ls+seq+norm, bias, ...@RIDGE -> compensate_ options (None: the plain cut)."""
+    """none | ls | ls+seq | ls+seq+dense | bias | ...@RIDGE -> compensate_ keyword options (None: the plain cut)."""
     if name == "none":
         return None
     mode, _, ridge = name.partition("@")
     base, *flags = mode.split("+")
-    options = {"mode": base, "sequential": "seq" in flags, "match_dense": "dense" in flags,
-               "weighting": "norm" if "norm" in flags else "none"}
+    options = {"mode": base, "sequential": "seq" in flags, "match_dense": "dense" in flags}
     if ridge:
         options["ridge"] = float(ridge)
     return options

@@ -155,10 +155,8 @@ def _run_layer(layer: nn.Module, index: int, batches: list[_Batch], fallback: to
 class _Gram:
     """Sums of z z^T, z and the token count of one projection's input at the positions that count."""
 
-    def __init__(self, module: nn.Linear, masks: list[torch.Tensor], dense: list[torch.Tensor] | None = None,
-                 weights: list[torch.Tensor] | None = None):
+    def __init__(self, module: nn.Linear, masks: list[torch.Tensor], dense: list[torch.Tensor] | None = None):
         n = module.in_features
-        self.weights = weights  # per batch, [N] per-token weights of the fit (None: every token alike)
         self.gram = torch.zeros(n, n, dtype=torch.float64)
         self.sum = torch.zeros(n, dtype=torch.float64)
         self.count = 0
@@ -175,15 +173,11 @@ class _Gram:
         x = args[0]
         mask = self.masks[self.batch].to(x.device)
         z = x[mask].float()  # [N, F]
-        if self.weights is not None:
-            z = z * self.weights[self.batch].to(z.device)[:, None]
         self.gram += (z.T @ z).double().cpu()
         self.sum += z.sum(0).double().cpu()
         self.count += z.shape[0]
         if self.dense is not None:
             r = self.dense[self.batch].to(z.device)
-            if self.weights is not None:
-                r = r * self.weights[self.batch].to(z.device)[:, None]
             self.cross += (r.T @ z).double().cpu()
             self.dense_gram += (r.T @ r).double().cpu()
             self.dense_sum += r.sum(0).double().cpu()
@@ -369,19 +363,15 @@ def _runs(drop: list[int]) -> list[list[int]]:
 
 
 @torch.no_grad()
-def _fit_map(y: list[torch.Tensor], target: list[torch.Tensor], masks: list[torch.Tensor], ridge: float,
-             weights: list[torch.Tensor] | None = None):
-    """T minimising sum w^2 ||y T - t||^2 + lambda ||T - I||^2 over the positions that count (float64)."""
+def _fit_map(y: list[torch.Tensor], target: list[torch.Tensor], masks: list[torch.Tensor], ridge: float):
+    """T minimising sum ||y T - t||^2 + lambda ||T - I||^2 over the positions that count (float64)."""
     d = y[0].shape[-1]
     yy = torch.zeros(d, d, dtype=torch.float64)
     yt = torch.zeros(d, d, dtype=torch.float64)
     tt = base = 0.0
     n = 0
-    for k, (a, t, m) in enumerate(zip(y, target, masks)):
+    for a, t, m in zip(y, target, masks):
         a, t = a[m.to(a.device)].double().cpu(), t[m.to(t.device)].double().cpu()
-        if weights is not None:  # per-token weights of the fit
-            w = weights[k].double().cpu()[:, None]
-            a, t = a * w, t * w
         yy += a.T @ a
         yt += a.T @ t
         tt += float((t * t).sum())
@@ -424,8 +414,7 @@ def check_mode(model: nn.Module, plan: PruningPlan, mode: str) -> None:
 
 @torch.no_grad()
 def compensate_(model: nn.Module, plan: PruningPlan, batches, mode: str = "ls", sequential: bool = True,
-                ridge: float = DEFAULT_RIDGE, tokens: str = "all", match_dense: bool = False,
-                weighting: str = "none") -> dict:
+                ridge: float = DEFAULT_RIDGE, tokens: str = "all", match_dense: bool = False) -> dict:
     """Update ``model``'s kept weights in place so that ``plan``'s cut loses as little as a linear fit allows.
 
     Returns the record of what was compensated, with the relative reconstruction error of every
@@ -451,7 +440,7 @@ def compensate_(model: nn.Module, plan: PruningPlan, batches, mode: str = "ls", 
         match_dense = match_dense and sequential and mode == "ls"
         dense_states = [b.hidden for b in data] if match_dense else None  # the dense model's, run alongside
         record: dict = {"mode": mode, "sequential": sequential, "ridge": ridge, "tokens": tokens,
-                        "target": "dense" if match_dense else "own", "weighting": weighting,
+                        "target": "dense" if match_dense else "own",
                         "calibration_tokens": int(sum(int(m.sum()) for m in masks)), "layers": {}, "dropped_runs": []}
         mlp_out: list[torch.Tensor] | None = None  # the MLP output of the last kept layer, when a run follows it
         previous = None
@@ -460,7 +449,7 @@ def compensate_(model: nn.Module, plan: PruningPlan, batches, mode: str = "ls", 
             if i in dropped:
                 if i in runs:
                     record["dropped_runs"].append(_replace_run(adapter, layers, runs[i], previous, data, masks,
-                                                               mlp_out, ridge, fallback, dense_states, weighting))
+                                                               mlp_out, ridge, fallback, dense_states))
                 continue
             consumers = _removed_columns(adapter, layer, shapes[i], resolved[i]) if i in resolved else []
             keep_y = (i + 1) in dropped
@@ -484,8 +473,7 @@ def compensate_(model: nn.Module, plan: PruningPlan, batches, mode: str = "ls", 
                 y_hook = adapter.mlp(layer).register_forward_hook(
                     lambda m, a, o, out=captured: out.append(_output(o).detach()))
             if consumers:
-                weights = _token_weights(data, [b.hidden for b in data]) if weighting == "norm" else None
-                grams = [_Gram(module, masks, None if dense_inputs is None else dense_inputs[c], weights)
+                grams = [_Gram(module, masks, None if dense_inputs is None else dense_inputs[c])
                          for c, (module, _) in enumerate(consumers)]
                 try:
                     outs = []
@@ -521,12 +509,6 @@ def compensate_(model: nn.Module, plan: PruningPlan, batches, mode: str = "ls", 
         model.train(was_training)
 
 
-def _token_weights(data: list[_Batch], states: list[torch.Tensor]) -> list[torch.Tensor]:
-    """1 / ||h|| per counted token: each token's error relative to the residual stream it lands in (the next
-    layer normalises it), so that the few tokens with massive activations do not decide the fit alone."""
-    return [1 / h[b.mask.to(h.device)].float().norm(dim=-1).clamp_min(1e-6) for b, h in zip(data, states)]
-
-
 def _projection_name(layer: nn.Module, module: nn.Module) -> str:
     for name, m in layer.named_modules():
         if m is module:
@@ -536,8 +518,7 @@ def _projection_name(layer: nn.Module, module: nn.Module) -> str:
 
 @torch.no_grad()
 def _replace_run(adapter: Adapter, layers, run: list[int], previous: int | None, data: list[_Batch], masks, y,
-                 ridge: float, fallback: torch.device, dense_states: list[torch.Tensor] | None = None,
-                 weighting: str = "none") -> dict:
+                 ridge: float, fallback: torch.device, dense_states: list[torch.Tensor] | None = None) -> dict:
     """Fit and fold the linear map that stands in for a run of dropped layers; advance the states past it.
 
     With ``dense_states`` (the dense model's states entering the run, advanced in place past it), the
@@ -564,7 +545,7 @@ def _replace_run(adapter: Adapter, layers, run: list[int], previous: int | None,
             b.hidden = h  # the run is gone: the states pass through
         return entry
     targets = [yy + (e - s).to(yy.device) for yy, s, e in zip(y, start, end)]
-    T, errors = _fit_map(y, targets, masks, ridge, _token_weights(data, end) if weighting == "norm" else None)
+    T, errors = _fit_map(y, targets, masks, ridge)
     down = _mlp_output(adapter, layers[previous])
     Tw = T.to(down.weight.device)
     down.weight.copy_((Tw.T @ down.weight.double()).to(down.weight.dtype))
