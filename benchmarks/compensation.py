@@ -33,12 +33,12 @@ LAYER_CRITERIA = ("block_influence", "angular", "last")
 
 
 def variant_options(name: str) -> dict | None:
-    """none | ls | ls+seq | ls+seq+dense | bias | ...@RIDGE -> compensate_ keyword options (None: the plain cut)."""
+    """none | ls | ls+seq | bias | ...@RIDGE -> compensate_ keyword options (None: the plain cut)."""
     if name == "none":
         return None
     mode, _, ridge = name.partition("@")
-    base, *flags = mode.split("+")
-    options = {"mode": base, "sequential": "seq" in flags, "match_dense": "dense" in flags}
+    base, _, seq = mode.partition("+")
+    options = {"mode": base, "sequential": seq == "seq"}
     if ridge:
         options["ridge"] = float(ridge)
     return options
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--runs", default="taylor:groups,taylor:heads,wanda:groups,wanda:heads,activation:groups,"
                         "activation:heads,taylor:none,wanda:none,activation:none,block_influence,angular")
     parser.add_argument("--fractions", default="0.2", help="shares of the decoder layers' parameters to remove")
-    parser.add_argument("--variants", default="none,ls,ls+seq,ls+seq+dense")
+    parser.add_argument("--variants", default="none,ls,ls+seq")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=40)
