@@ -155,18 +155,12 @@ def _run_layer(layer: nn.Module, index: int, batches: list[_Batch], fallback: to
 class _Gram:
     """Sums of z z^T, z and the token count of one projection's input at the positions that count."""
 
-    def __init__(self, module: nn.Linear, masks: list[torch.Tensor], dense: list[torch.Tensor] | None = None):
+    def __init__(self, module: nn.Linear, masks: list[torch.Tensor]):
         n = module.in_features
         self.gram = torch.zeros(n, n, dtype=torch.float64)
         self.sum = torch.zeros(n, dtype=torch.float64)
         self.count = 0
         self.masks, self.batch = masks, 0
-        # with the dense model's inputs at the same positions: sum z_dense z^T, z_dense z_dense^T, z_dense
-        self.dense = dense
-        if dense is not None:
-            self.cross = torch.zeros(n, n, dtype=torch.float64)
-            self.dense_gram = torch.zeros(n, n, dtype=torch.float64)
-            self.dense_sum = torch.zeros(n, dtype=torch.float64)
         self.handle = module.register_forward_pre_hook(self._add)
 
     def _add(self, module, args) -> None:
@@ -176,26 +170,6 @@ class _Gram:
         self.gram += (z.T @ z).double().cpu()
         self.sum += z.sum(0).double().cpu()
         self.count += z.shape[0]
-        if self.dense is not None:
-            r = self.dense[self.batch].to(z.device)
-            self.cross += (r.T @ z).double().cpu()
-            self.dense_gram += (r.T @ r).double().cpu()
-            self.dense_sum += r.sum(0).double().cpu()
-
-    def close(self) -> None:
-        self.handle.remove()
-
-
-class _Inputs:
-    """The inputs of one projection at the positions that count, kept per batch (the dense model's)."""
-
-    def __init__(self, module: nn.Linear, masks: list[torch.Tensor]):
-        self.masks, self.batch, self.z = masks, 0, []
-        self.handle = module.register_forward_pre_hook(self._keep)
-
-    def _keep(self, module, args) -> None:
-        x = args[0]
-        self.z.append(x[self.masks[self.batch].to(x.device)].float())
 
     def close(self) -> None:
         self.handle.remove()
@@ -298,43 +272,6 @@ def _compensate_width(module: nn.Linear, removed: torch.Tensor, stats: _Gram, mo
     return record
 
 
-@torch.no_grad()
-def _fit_to_dense(module: nn.Linear, removed: torch.Tensor, stats: _Gram, ridge: float, where: str) -> dict:
-    """The kept columns refitted so that the cut consumer, on the inputs the cut model gives, reproduces
-    what the dense consumer gave on the dense model's inputs: min sum ||W_K' z_K - W z_dense||^2."""
-    R, K = removed, ~removed
-    n = stats.count
-    W = module.weight.detach().double().cpu()
-    G, X, D = stats.gram, stats.cross, stats.dense_gram
-    mu, mu_d = stats.sum / max(n, 1), stats.dense_sum / max(n, 1)
-    if not all(torch.isfinite(t).all() for t in (G, X, D)):
-        raise VlmpruneError(f"{where}: calibration statistics are not finite (inf/NaN activations); nothing was "
-                            f"written. Load in float32 (--dtype float32) or check the calibration data")
-    centred = module.bias is not None
-    if centred:
-        G, X, D = G - n * torch.outer(mu, mu), X - n * torch.outer(mu_d, mu), D - n * torch.outer(mu_d, mu_d)
-
-    def error(WK: torch.Tensor) -> float:  # sum ||WK z_K - W z_dense||^2 from the sums
-        return float(torch.einsum("ok,kl,ol->", WK, G[K][:, K], WK) - 2 * torch.einsum("ok,fk,of->", WK, X[:, K], W)
-                     + torch.einsum("of,fg,og->", W, D, W))
-
-    energy = float(torch.einsum("of,fg,og->", W, D, W)) or 1.0
-    record = {"removed": int(R.sum()), "kept": int(K.sum()), "tokens": n, "target": "dense",
-              "error_before": error(W[:, K]) / energy}
-    if n < int(K.sum()) and ridge < UNDERDETERMINED_RIDGE:
-        log.warning("%s: %d calibration tokens for %d kept inputs: the fit is underdetermined; ridge raised from %g "
-                    "to %g x the mean diagonal", where, n, int(K.sum()), ridge, UNDERDETERMINED_RIDGE)
-        ridge = UNDERDETERMINED_RIDGE
-    WKt, used = _solve(G[K][:, K], X[:, K].T @ W.T, ridge)  # [|K|, out]
-    new = torch.zeros_like(W)
-    new[:, K] = WKt.T
-    module.weight.copy_(new.to(module.weight))
-    if centred:
-        module.bias.add_((W @ mu_d - WKt.T @ mu[K]).to(module.bias))
-    record.update(error_after=error(WKt.T) / energy, ridge=used)
-    return record
-
-
 def _zero_columns_(module: nn.Linear, columns: torch.Tensor) -> None:
     module.weight[:, columns.to(module.weight.device)] = 0
 
@@ -414,7 +351,7 @@ def check_mode(model: nn.Module, plan: PruningPlan, mode: str) -> None:
 
 @torch.no_grad()
 def compensate_(model: nn.Module, plan: PruningPlan, batches, mode: str = "ls", sequential: bool = True,
-                ridge: float = DEFAULT_RIDGE, tokens: str = "all", match_dense: bool = False) -> dict:
+                ridge: float = DEFAULT_RIDGE, tokens: str = "all") -> dict:
     """Update ``model``'s kept weights in place so that ``plan``'s cut loses as little as a linear fit allows.
 
     Returns the record of what was compensated, with the relative reconstruction error of every
@@ -437,10 +374,7 @@ def compensate_(model: nn.Module, plan: PruningPlan, batches, mode: str = "ls", 
         masks = [b.mask for b in data]
         runs = {run[0]: run for run in _runs(plan.drop_layers)}
         dropped = set(plan.drop_layers)
-        match_dense = match_dense and sequential and mode == "ls"
-        dense_states = [b.hidden for b in data] if match_dense else None  # the dense model's, run alongside
         record: dict = {"mode": mode, "sequential": sequential, "ridge": ridge, "tokens": tokens,
-                        "target": "dense" if match_dense else "own",
                         "calibration_tokens": int(sum(int(m.sum()) for m in masks)), "layers": {}, "dropped_runs": []}
         mlp_out: list[torch.Tensor] | None = None  # the MLP output of the last kept layer, when a run follows it
         previous = None
@@ -449,32 +383,17 @@ def compensate_(model: nn.Module, plan: PruningPlan, batches, mode: str = "ls", 
             if i in dropped:
                 if i in runs:
                     record["dropped_runs"].append(_replace_run(adapter, layers, runs[i], previous, data, masks,
-                                                               mlp_out, ridge, fallback, dense_states))
+                                                               mlp_out, ridge, fallback))
                 continue
             consumers = _removed_columns(adapter, layer, shapes[i], resolved[i]) if i in resolved else []
             keep_y = (i + 1) in dropped
-            dense_inputs = None
-            if match_dense:  # this layer, still whole, on the dense model's states
-                keepers = [_Inputs(module, masks) for module, _ in consumers]
-                try:
-                    dense_out = []
-                    for k, b in enumerate(data):
-                        for keeper in keepers:
-                            keeper.batch = k
-                        dense_out.extend(_run_layer(layer, i, [_Batch(b.mask, dense_states[k], b.calls)], fallback))
-                finally:
-                    for keeper in keepers:
-                        keeper.close()
-                dense_inputs = [keeper.z for keeper in keepers]
-                dense_states = dense_out
             captured: list[torch.Tensor] = []
             y_hook = None
             if keep_y:
                 y_hook = adapter.mlp(layer).register_forward_hook(
                     lambda m, a, o, out=captured: out.append(_output(o).detach()))
             if consumers:
-                grams = [_Gram(module, masks, None if dense_inputs is None else dense_inputs[c])
-                         for c, (module, _) in enumerate(consumers)]
+                grams = [_Gram(module, masks) for module, _ in consumers]
                 try:
                     outs = []
                     for k, b in enumerate(data):
@@ -487,10 +406,7 @@ def compensate_(model: nn.Module, plan: PruningPlan, batches, mode: str = "ls", 
                 entry = {}
                 for (module, removed), stats in zip(consumers, grams):
                     name = _projection_name(layer, module)
-                    if match_dense:
-                        entry[name] = _fit_to_dense(module, removed, stats, ridge, f"layer {i} {name}")
-                    else:
-                        entry[name] = _compensate_width(module, removed, stats, mode, ridge, f"layer {i} {name}")
+                    entry[name] = _compensate_width(module, removed, stats, mode, ridge, f"layer {i} {name}")
                     del stats.gram
                 record["layers"][str(i)] = entry
                 if sequential:  # the next layer sees what the cut, compensated layer gives
@@ -518,21 +434,16 @@ def _projection_name(layer: nn.Module, module: nn.Module) -> str:
 
 @torch.no_grad()
 def _replace_run(adapter: Adapter, layers, run: list[int], previous: int | None, data: list[_Batch], masks, y,
-                 ridge: float, fallback: torch.device, dense_states: list[torch.Tensor] | None = None) -> dict:
-    """Fit and fold the linear map that stands in for a run of dropped layers; advance the states past it.
-
-    With ``dense_states`` (the dense model's states entering the run, advanced in place past it), the
-    map's target is where the dense model's residual stream is after the run."""
+                 ridge: float, fallback: torch.device) -> dict:
+    """Fit and fold the linear map that stands in for a run of dropped layers; advance the states past it."""
     entry: dict = {"layers": run, "into": previous}
     start = [b.hidden for b in data]
-    states = start if dense_states is None else list(dense_states)
+    states = start
     for j in run:  # what the run adds to the residual (the dropped layers, as they are)
         for b, h in zip(data, states):
             b.hidden = h
         states = _run_layer(layers[j], j, data, fallback)
     end = states
-    if dense_states is not None:
-        dense_states[:] = end
     reason = None
     if previous is None:
         reason = "the run starts at the first layer: no layer before it to fold a map into"
