@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import matplotlib.image
 import pytest
 import yaml
 
@@ -164,3 +165,36 @@ def test_report_lists_grid_cells_not_yet_run_as_pending(tmp_path):
     assert rows["layer-c-r0.15-sft-f0.05"]["status"] == "done"
     assert rows["width-c-r0.15-sft-f0.05"]["status"] == "pending"
     assert "| width (c) | 15% /  | sft | 5.0% |  |  |  |  |  | pending |" in (run / "results.md").read_text()
+
+
+def test_report_names_cells_in_words_and_sets_one_size_side_by_side(tmp_path):
+    from vlmprune.report import cell_words, retention_series, write_report
+
+    run = tmp_path / "run"
+    (run / "original").mkdir(parents=True)
+    (run / "original" / "eval.json").write_text(json.dumps(
+        {"tasks": {"a": {"accuracy": 0.8}, "b": {"accuracy": 0.4}}, "parameters": {"total": 100}}))
+    _fake_cell(run, "layer", 0.15, "none", None, 0.4, 85)
+    _fake_cell(run, "width", 0.15, "none", None, 0.6, 85)
+    _fake_cell(run, "width", 0.15, "sft", 0.05, 0.72, 85)
+    compensated = run / "cells" / "width-c-r0.15+ls-none"
+    compensated.mkdir()
+    (compensated / "cell.json").write_text(json.dumps({"id": compensated.name, "method": "width", "criterion": "c",
+                                                       "ratio": 0.15, "recipe": "none", "fraction": None,
+                                                       "compensate": "ls"}))
+    (compensated / "status.json").write_text(json.dumps({"status": "done", "seconds": 1.0}))
+    (compensated / "eval.json").write_text(json.dumps({"tasks": {"a": {"accuracy": 0.76}, "b": {"accuracy": 0.38}},
+                                                       "parameters": {"total": 85}, "achieved": {"ratio": 0.15}}))
+    paths = write_report(run)
+    rows = json.loads(paths["json"].read_text())["cells"]
+    done = [r for r in rows if r["status"] == "done"]
+    # one size: every series is one point (drawn as bars side by side), in % of the parameters and of the score
+    assert retention_series(done) == {("layer (c)", "none"): [(15.0, 50.0)], ("width (c)", "none"): [(15.0, 75.0)],
+                                      ("width (c)", "sft"): [(15.0, 90.0)], ("width (c) +ls", "none"): [(15.0, 95.0)]}
+    words = sorted(cell_words(r) for r in done)
+    assert words == ["layer (c) 15%, no recovery", "width (c) +ls 15%, no recovery", "width (c) 15%, no recovery",
+                     "width (c) 15%, sft on 5% of the data"]
+    md = paths["md"].read_text()
+    assert "| width (c) +ls | 15% / 15.0% | none |" in md and "| width (c) +ls |" in md.split("## Methods")[1]
+    image = matplotlib.image.imread(paths["retention_vs_ratio"])
+    assert image[..., :3].std() > 0.05

@@ -38,6 +38,7 @@ def collect(run: Path) -> tuple[dict, list[dict]]:
         row = {k: cell[k] for k in ("id", "method", "criterion", "ratio", "recipe", "fraction")}
         row["target"] = cell.get("target")
         row["quantization"] = cell.get("quantization")
+        row["compensate"] = cell.get("compensate") or "none"
         row["status"] = (status or {}).get("status", "unfinished")
         row["error"] = (status or {}).get("error")
         result = _read(cell_dir / "eval.json") if row["status"] == "done" else None
@@ -77,6 +78,35 @@ def _is_fraction(original: dict, task: str) -> bool:
     return original["tasks"][task].get("scale", "fraction") == "fraction"
 
 
+def method_label(r: dict) -> str:
+    """How a cell's cut reads in tables and plots: ``layer (block_influence)``, ``width (taylor) +ls``."""
+    comp = r.get("compensate") or "none"
+    base = f"{r['method']} ({r['criterion']})" if r.get("criterion") else r["method"]
+    return base + ("" if comp == "none" else f" +{comp}")
+
+
+def cell_words(r: dict) -> str:
+    """A cell in words: ``layer (block_influence) 15%, sft+hidden on 5% of the data, int8``."""
+    size = r["target"] if r.get("target") else f"{r['ratio']:.0%}"
+    recovery = "no recovery" if r["recipe"] == "none" else r["recipe"]
+    if r.get("fraction") is not None and r["recipe"] != "none":
+        recovery += f" on {r['fraction']:.0%} of the data"
+    return f"{method_label(r)} {size}, {recovery}" + (f", {r['quantization']}" if r.get("quantization") else "")
+
+
+def retention_series(done: list[dict]) -> dict[tuple[str, str], list[tuple[float, float]]]:
+    """(cut, recipe) -> [(% of the parameters removed, mean retention %)], at each recipe's most common data
+    fraction, sorted by size: what the retention plot draws."""
+    series = {}
+    for key in sorted({(method_label(r), r["recipe"]) for r in done}):
+        pts = [r for r in done if (method_label(r), r["recipe"]) == key]
+        fractions = [r["fraction"] for r in pts]
+        main = max(set(fractions), key=fractions.count)
+        series[key] = sorted((round(100 * (r["achieved_ratio"] or r["ratio"] or 0), 4),
+                              round(100 * r["mean_retention"], 4)) for r in pts if r["fraction"] == main)
+    return series
+
+
 def _fmt_int(value) -> str:
     return f"{value:,}" if isinstance(value, int) else ""
 
@@ -94,7 +124,7 @@ def write_report(run: str | Path) -> dict[str, Path]:
     out["json"].write_text(json.dumps({"original": {"tasks": {t: original["tasks"][t]["accuracy"] for t in tasks},
                                                     "parameters": original["parameters"]}, "cells": rows}, indent=1))
     columns = ["id", "method", "criterion", "ratio", "target", "achieved_ratio", "target_achieved", "recipe",
-               "fraction", "quantization", "params", "disk_bytes",
+               "fraction", "quantization", "params", "disk_bytes", "compensate",
                *[c for t in tasks for c in (t, f"{t}_retention")], "mean_retention", "status", "error"]
     with out["csv"].open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
@@ -107,14 +137,14 @@ def write_report(run: str | Path) -> dict[str, Path]:
              "| method | ratio (target / achieved) | recovery | data fraction | quantization | params | disk MB | "
              + " | ".join(f"{t} (retention)" for t in tasks) + " | mean retention | status |",
              "|---|---|---|---:|---|---:|---:|" + "---:|" * len(tasks) + "---:|---|"]
-    for r in sorted(rows, key=lambda r: (r["method"], r.get("target") or "", r["ratio"] or 0, r["recipe"],
+    for r in sorted(rows, key=lambda r: (method_label(r), r.get("target") or "", r["ratio"] or 0, r["recipe"],
                                          r["fraction"] or 0, r.get("quantization") or "")):
         scores = " | ".join(f"{_fmt(r.get(t), _is_fraction(original, t))} ({_fmt(r.get(f'{t}_retention'), True)})"
                             if r.get(t) is not None
                             else "" for t in tasks)
         status = r["status"] if r["status"] != "failed" else f"failed: {r['error']}"
         size = r["target"] if r.get("target") else f"{r['ratio']:.0%}"
-        lines.append(f"| {r['method']} ({r['criterion']}) | {size} / {_fmt(r.get('achieved_ratio'), True)} | "
+        lines.append(f"| {method_label(r)} | {size} / {_fmt(r.get('achieved_ratio'), True)} | "
                      f"{r['recipe']} | {_fmt(r['fraction'], True)} | {r.get('quantization') or ''} | "
                      f"{_fmt_int(r.get('params'))} | {_fmt_mb(r.get('disk_bytes'))} | {scores} | "
                      f"{_fmt(r.get('mean_retention'), True)} | {status} |")
@@ -135,8 +165,8 @@ def _by_size(rows: list[dict], tasks: list[str]) -> list[str]:
         if r["status"] == "done" and scores:
             size = r["target"] if r.get("target") else f"ratio={r['ratio']:g}"
             key = (size, r["recipe"], r["fraction"] or 0, r.get("quantization") or "")
-            groups.setdefault(key, {})[f"{r['method']} ({r['criterion']})"] = (sum(scores) / len(scores), r)
-    groups = {k: v for k, v in groups.items() if len({m.split(" ")[0] for m in v}) > 1}
+            groups.setdefault(key, {})[method_label(r)] = (sum(scores) / len(scores), r)
+    groups = {k: v for k, v in groups.items() if len(v) > 1}
     if not groups:
         return []
     methods = sorted({m for v in groups.values() for m in v})
@@ -171,23 +201,30 @@ def _plots(run: Path, original: dict, rows: list[dict], tasks: list[str]) -> dic
             paths.update(_accuracy_plot(run, original, sized, tasks, size="disk_bytes"))
     if not done:
         return paths
-    # 1. retention vs ratio, per method and recipe (at each recipe's most common fraction)
+    # 1. retention per cut and recipe: against the share removed, or side by side when the grid has one size
+    series = retention_series(done)
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
-    recipes = sorted({r["recipe"] for r in done})
-    colour = {recipe: f"C{i % 10}" for i, recipe in enumerate(recipes)}  # one colour per recipe, style per method
-    for (method, recipe) in sorted({(r["method"], r["recipe"]) for r in done}):
-        pts = [r for r in done if r["method"] == method and r["recipe"] == recipe]
-        fractions = [r["fraction"] for r in pts]
-        main = max(set(fractions), key=fractions.count)
-        pts = sorted((r for r in pts if r["fraction"] == main), key=lambda r: r["achieved_ratio"] or r["ratio"] or 0)
-        ax.plot([r["achieved_ratio"] or r["ratio"] for r in pts], [100 * r["mean_retention"] for r in pts],
-                marker={"width": "s", "auto": "^"}.get(method, "o"), color=colour[recipe],
-                linestyle={"width": "-", "auto": ":"}.get(method, "--"),
-                label=f"{method} / {recipe}")
-    ax.set_xlabel("parameters removed (fraction of the whole model)")
-    ax.set_ylabel("mean retention (%)")
-    ax.set_title("Retention vs compression")
+    recipes = sorted({recipe for _, recipe in series})
+    colour = {recipe: f"C{i % 10}" for i, recipe in enumerate(recipes)}  # one colour per recipe
+    if all(len(pts) == 1 for pts in series.values()):
+        cuts = sorted({cut for cut, _ in series})
+        width = 0.8 / len(recipes)
+        for j, recipe in enumerate(recipes):
+            xs = [i + (j - (len(recipes) - 1) / 2) * width for i, cut in enumerate(cuts) if (cut, recipe) in series]
+            ys = [series[(cut, recipe)][0][1] for cut in cuts if (cut, recipe) in series]
+            ax.bar(xs, ys, width=width, color=colour[recipe], label=recipe)
+        ax.set_xticks(range(len(cuts)), [f"{cut}\n{series[next(k for k in series if k[0] == cut)][0][0]:.1f}% removed"
+                                         for cut in cuts], fontsize=7)
+        values = [y for pts in series.values() for _, y in pts]
+        ax.set_ylim(min(values) * 0.9, max(101, max(values) + 2))
+    else:
+        for (cut, recipe), pts in series.items():
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", color=colour[recipe],
+                    linestyle="-" if cut.startswith("width") else "--", label=f"{cut} / {recipe}")
+        ax.set_xlabel("parameters removed (% of the whole model)")
+    ax.set_ylabel("mean retention (% of the original's score)")
+    ax.set_title("Retention per cut and recovery recipe")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, handlelength=3)
     fig.tight_layout()
@@ -228,7 +265,7 @@ def _accuracy_plot(run: Path, original: dict, rows: list[dict], tasks: list[str]
     mean_acc = lambda r: sum(r[t] for t in tasks if r.get(t) is not None) / len(tasks)  # noqa: E731
     scale, label, name = ((1e6, "parameters (millions)", "accuracy_vs_params") if size == "params"
                           else (2**20, "weights on disk (MB)", "accuracy_vs_disk"))
-    points = [(r[size], mean_acc(r), r["id"]) for r in rows]
+    points = [(r[size], mean_acc(r), cell_words(r)) for r in rows]
     points.append((original["parameters"]["total"] if size == "params" else original[size],
                    sum(original["tasks"][t]["accuracy"] for t in tasks) / len(tasks), "original"))
     front, best = [], -1.0
@@ -241,8 +278,9 @@ def _accuracy_plot(run: Path, original: dict, rows: list[dict], tasks: list[str]
     ax.scatter([p[0] / scale for p in points], [100 * p[1] for p in points], color="tab:gray", s=18)
     ax.plot([p[0] / scale for p in front], [100 * p[1] for p in front], color="tab:red", marker="o",
             label="Pareto front")
-    for p in front:
-        ax.annotate(p[2], (p[0] / scale, 100 * p[1]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    for p in points:  # every point named in words (the front in red, the others grey)
+        ax.annotate(p[2], (p[0] / scale, 100 * p[1]), fontsize=6, xytext=(3, 3), textcoords="offset points",
+                    color="tab:red" if p in front else "dimgray")
     ax.set_xlabel(label)
     ax.set_ylabel("mean accuracy (%)")
     ax.set_title("Accuracy vs size")
