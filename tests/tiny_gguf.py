@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from vlmprune.demo.assemble import CHAT_TEMPLATE  # the demo model's own template (ChatML with an <image> item)
+
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. 12345 apples and 678 pears.",
     "What colour is the circle? The circle is blue. What shape is it? A triangle.",
@@ -24,18 +26,6 @@ CORPUS = [
     "Is there a red square in the image? Yes, there is. No, there is not.",
 ] * 20
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}{{ '<image>\n' }}"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{{ '<|im_end|>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 
 def bpe_tokenizer(vocab_size: int = 400, pre: str = "smollm"):
