@@ -30,6 +30,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from vlmprune.checkpoint import load, load_processor
+    from vlmprune.evaluate.gguf import Throughput, answer_items
     from vlmprune.evaluate.tasks import generate_answers, load_task, score
     from vlmprune.export import export_gguf
     from vlmprune.export.runtime import LlamaCppModel
@@ -59,16 +60,9 @@ def main() -> None:
             out = Path(tmp) / quant
             record = export_gguf(model_dir, out, quant=quant)
             runner = LlamaCppModel(out, threads=args.threads)
-            answers, prompt_n, prompt_ms, gen_n, gen_ms = [], 0, 0.0, 0, 0.0
+            throughput = Throughput()
             started = time.perf_counter()
-            for it in items:
-                text, info = runner.answer(it["image"], it["question"], 10)
-                answers.append(text)
-                t = info["timings"]
-                prompt_n += t.get("prompt_n", 0)
-                prompt_ms += t.get("prompt_ms", 0.0)
-                gen_n += t.get("predicted_n", 0)
-                gen_ms += t.get("predicted_ms", 0.0)
+            answers = answer_items(runner, items, 10, throughput)
             seconds = time.perf_counter() - started
             del runner
             rows.append({"variant": f"llama.cpp {quant}", "seconds": seconds,
@@ -76,8 +70,7 @@ def main() -> None:
                                     reference),
                          "bytes": record["text"]["bytes"] + record.get("mmproj", {}).get("bytes", 0),
                          "text_bytes": record["text"]["bytes"], "fallbacks": len(record["text"]["fallbacks"]),
-                         "prompt_tok_s": 1000 * prompt_n / prompt_ms if prompt_ms else None,
-                         "decode_tok_s": 1000 * gen_n / gen_ms if gen_ms else None,
+                         "prompt_tok_s": throughput.prompt_per_s, "decode_tok_s": throughput.decode_per_s,
                          "image_tokens": record.get("mmproj", {}).get("image_tokens"),
                          "image_tokens_in_model": record.get("mmproj", {}).get("image_tokens_in_model")})
     out = Path(args.output)

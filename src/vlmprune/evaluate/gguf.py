@@ -13,6 +13,40 @@ from vlmprune.evaluate.tasks import load_task, score
 from vlmprune.export.runtime import LlamaCppModel
 
 
+@dataclasses.dataclass
+class Throughput:
+    """llama.cpp's own timings summed over answers: prompt and decode tokens and milliseconds."""
+
+    prompt_tokens: int = 0
+    prompt_ms: float = 0.0
+    generated: int = 0
+    decode_ms: float = 0.0
+
+    def add(self, timings: dict) -> None:
+        self.prompt_tokens += timings.get("prompt_n", 0)
+        self.prompt_ms += timings.get("prompt_ms", 0.0)
+        self.generated += timings.get("predicted_n", 0)
+        self.decode_ms += timings.get("predicted_ms", 0.0)
+
+    @property
+    def prompt_per_s(self) -> float | None:
+        return 1000 * self.prompt_tokens / self.prompt_ms if self.prompt_ms else None
+
+    @property
+    def decode_per_s(self) -> float | None:
+        return 1000 * self.generated / self.decode_ms if self.decode_ms else None
+
+
+def answer_items(runner: LlamaCppModel, items: list[dict], max_new_tokens: int, throughput: Throughput) -> list[str]:
+    """The runtime's answer to every task item (image + question), its timings added to ``throughput``."""
+    predictions = []
+    for it in items:
+        text, info = runner.answer(it["image"], it["question"], max_new_tokens)
+        predictions.append(text)
+        throughput.add(info["timings"])
+    return predictions
+
+
 def evaluate_gguf_dir(cfg) -> dict:
     """``vlmprune evaluate`` for a GGUF export: the built-in tasks and/or --task-file, exact match."""
     if cfg.lmms_tasks:
@@ -29,20 +63,11 @@ def evaluate_gguf_dir(cfg) -> dict:
     if cfg.task_file is not None:
         files[Path(cfg.task_file).stem] = Path(cfg.task_file)
     result: dict = {"tasks": {}, "data_dir": cfg.data_dir, "runtime": "llama.cpp (xllamacpp)"}
-    prompt_tokens = generated = 0
-    prompt_ms = decode_ms = 0.0
+    throughput = Throughput()
     started = time.perf_counter()
     for name, path in files.items():
         items = load_task(path, limit=cfg.limit)
-        predictions = []
-        for it in items:
-            text, info = runner.answer(it["image"], it["question"], cfg.max_new_tokens)
-            predictions.append(text)
-            t = info["timings"]
-            prompt_tokens += t.get("prompt_n", 0)
-            generated += t.get("predicted_n", 0)
-            prompt_ms += t.get("prompt_ms", 0.0)
-            decode_ms += t.get("predicted_ms", 0.0)
+        predictions = answer_items(runner, items, cfg.max_new_tokens, throughput)
         res = score((p, it["answer"], it["type"]) for p, it in zip(predictions, items))
         res["examples"] = [{"id": it["id"], "question": it["question"], "answer": it["answer"], "prediction": p}
                            for p, it in list(zip(predictions, items))[:20]]
@@ -51,10 +76,9 @@ def evaluate_gguf_dir(cfg) -> dict:
         result["tasks"][name] = res
     accs = [r["accuracy"] for r in result["tasks"].values()]
     result["accuracy"] = sum(accs) / len(accs) if accs else 0.0
-    result["timings"] = {"wall_s": time.perf_counter() - started, "prompt_tokens": prompt_tokens,
-                         "prompt_tokens_per_s": 1000 * prompt_tokens / prompt_ms if prompt_ms else None,
-                         "generated_tokens": generated,
-                         "decode_tokens_per_s": 1000 * generated / decode_ms if decode_ms else None}
+    result["timings"] = {"wall_s": time.perf_counter() - started, "prompt_tokens": throughput.prompt_tokens,
+                         "prompt_tokens_per_s": throughput.prompt_per_s, "generated_tokens": throughput.generated,
+                         "decode_tokens_per_s": throughput.decode_per_s}
     folder = Path(cfg.model)
     result["disk_bytes"] = sum(f.stat().st_size for f in folder.glob("*.gguf"))
     record = folder / "export.json"
