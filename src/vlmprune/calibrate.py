@@ -78,11 +78,13 @@ def _hooks(handles: list) -> Iterator[None]:
             h.remove()
 
 
-def _hidden(args, kwargs) -> torch.Tensor:
+def layer_input(args, kwargs) -> torch.Tensor:
+    """The hidden states a decoder layer's forward (pre-)hook receives, positional or keyword."""
     return args[0] if args else kwargs["hidden_states"]
 
 
-def _output(out) -> torch.Tensor:
+def layer_output(out) -> torch.Tensor:
+    """The hidden states a decoder layer returns (a tensor, or the first of a tuple)."""
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -106,8 +108,9 @@ def collect_hidden_states(model: nn.Module, batches: Iterable[dict], tokens: str
     handles = []
     for i, layer in enumerate(layers):
         if i == 0:
-            handles.append(layer.register_forward_pre_hook(lambda m, a, k: keep(0, _hidden(a, k)), with_kwargs=True))
-        handles.append(layer.register_forward_hook(lambda m, a, o, i=i: keep(i + 1, _output(o))))
+            handles.append(layer.register_forward_pre_hook(lambda m, a, k: keep(0, layer_input(a, k)),
+                                                           with_kwargs=True))
+        handles.append(layer.register_forward_hook(lambda m, a, o, i=i: keep(i + 1, layer_output(o))))
     device = _device(model)
     with _hooks(handles):
         for batch in _progress(batches, "hidden states"):
@@ -160,7 +163,7 @@ def collect_skip_losses(model: nn.Module, batches: Iterable[dict], tokens: str =
         inputs = _model_inputs(batch, device)
         base += float(_answer_loss(model, inputs, labels))
         for i, layer in enumerate(layers):
-            handle = layer.register_forward_hook(lambda m, a, k, o: _hidden(a, k), with_kwargs=True)
+            handle = layer.register_forward_hook(lambda m, a, k, o: layer_input(a, k), with_kwargs=True)
             with _hooks([handle]):
                 skipped[i] += float(_answer_loss(model, inputs, labels))
         n += 1

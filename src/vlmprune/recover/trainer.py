@@ -16,6 +16,7 @@ import torch
 import transformers
 from torch import nn
 
+from vlmprune.calibrate import layer_output
 from vlmprune.checkpoint import check_finite
 from vlmprune.data import IGNORE_INDEX, token_masks
 from vlmprune.errors import VlmpruneError
@@ -34,7 +35,7 @@ def layer_outputs(layers: Sequence[nn.Module]) -> Iterator[list]:
 
     def hook(index: int):
         def keep(module, args, output):
-            outputs[index] = output[0] if isinstance(output, (tuple, list)) else output
+            outputs[index] = layer_output(output)
         return keep
 
     handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]

@@ -39,11 +39,12 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
 from vlmprune.adapters import Adapter, get_adapter
-from vlmprune.calibrate import image_token_id, select_tokens
+from vlmprune.calibrate import image_token_id, layer_input, layer_output, select_tokens
 from vlmprune.dispatch import input_device
 from vlmprune.errors import VlmpruneError
 from vlmprune.planning.plan import LayerKeep, PruningPlan
@@ -71,27 +72,11 @@ class _Batch:
     calls: list[tuple[tuple, dict]] = field(default_factory=list)  # per layer: its other args and kwargs
 
 
-def _to(value, device: torch.device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
-    if isinstance(value, list):
-        return [_to(v, device) for v in value]
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
-
-
 def _layer_device(layer: nn.Module, fallback: torch.device) -> torch.device:
     for p in layer.parameters():
         if p.device.type != "meta":
             return p.device
     return fallback
-
-
-def _output(out) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 @torch.no_grad()
@@ -106,7 +91,7 @@ def _capture(model: nn.Module, adapter: Adapter, batches, tokens: str) -> list[_
 
     def hook(index: int):
         def record(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
+            hidden = layer_input(args, kwargs)
             rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
             for key in ("past_key_values", "past_key_value"):
                 if key in rest:
@@ -118,7 +103,7 @@ def _capture(model: nn.Module, adapter: Adapter, batches, tokens: str) -> list[_
             if index == len(layers) - 1:
                 raise _Stop
             target = _layer_device(module, hidden.device)  # a model spread over devices without hooks
-            return _to(args, target), _to(kwargs, target)
+            return send_to_device(args, target), send_to_device(kwargs, target)
         return record
 
     handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
@@ -148,7 +133,8 @@ def _run_layer(layer: nn.Module, index: int, batches: list[_Batch], fallback: to
     outs = []
     for b in batches:
         args, kwargs = b.calls[index]
-        outs.append(_output(layer(b.hidden.to(device), *_to(args, device), **_to(kwargs, device))))
+        args, kwargs = send_to_device(args, device), send_to_device(kwargs, device)
+        outs.append(layer_output(layer(b.hidden.to(device), *args, **kwargs)))
     return outs
 
 
@@ -391,7 +377,7 @@ def compensate_(model: nn.Module, plan: PruningPlan, batches, mode: str = "ls", 
             y_hook = None
             if keep_y:
                 y_hook = adapter.mlp(layer).register_forward_hook(
-                    lambda m, a, o, out=captured: out.append(_output(o).detach()))
+                    lambda m, a, o, out=captured: out.append(layer_output(o).detach()))
             if consumers:
                 grams = [_Gram(module, masks) for module, _ in consumers]
                 try:
