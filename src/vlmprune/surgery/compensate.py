@@ -114,7 +114,7 @@ def _capture(model: nn.Module, adapter: Adapter, batches, tokens: str) -> list[_
             if not mask.any():
                 continue
             current[:] = [_Batch(mask.to(device), torch.empty(0))]
-            inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "labels"}
+            inputs = send_to_device({k: v for k, v in batch.items() if k != "labels"}, device)
             try:
                 base(**inputs, use_cache=False)
             except _Stop:
