@@ -154,7 +154,7 @@ def cmd_inspect(cfg: InspectConfig) -> int:
     from vlmprune.checkpoint import load
     from vlmprune.summary import summarize
 
-    summary = summarize(load(cfg.model, trust_remote_code=cfg.trust_remote_code))
+    summary = summarize(load(cfg.model, trust_remote_code=cfg.load.trust_remote_code))
     if cfg.json:
         print(json.dumps(summary.to_dict(), indent=1))
     else:
@@ -202,11 +202,13 @@ def cmd_evaluate(cfg: EvalConfig) -> int:
 
     from vlmprune.evaluate.run import evaluate_model_dir
 
-    packaged = any(t in LMMS_PACKAGED_TASKS for t in cfg.lmms_tasks)
-    if (cfg.tasks or packaged) and cfg.data_dir is None:  # the built-in tasks' data is written on first use
+    packaged = any(t in LMMS_PACKAGED_TASKS for t in cfg.evaluation.lmms_tasks)
+    # the built-in tasks' data is written on first use
+    if (cfg.evaluation.tasks or packaged) and cfg.evaluation.data_dir is None:
         from vlmprune.demo.datasets import demo_data
 
-        cfg = dataclasses.replace(cfg, data_dir=str(demo_data()["root"]))
+        cfg = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation,
+                                                                    data_dir=str(demo_data()["root"])))
     print_eval_result(evaluate_model_dir(cfg))
     return 0
 
@@ -214,8 +216,9 @@ def cmd_evaluate(cfg: EvalConfig) -> int:
 def cmd_quantize(args: QuantizeConfig) -> int:
     from vlmprune.quantize import quantize_model_dir
 
-    out, record = quantize_model_dir(args.model, args.scheme, args.output, overwrite=args.overwrite, dtype=args.dtype,
-                                     device=args.device, trust_remote_code=args.trust_remote_code)
+    out, record = quantize_model_dir(args.model, args.scheme, args.output, overwrite=args.overwrite,
+                                     dtype=args.load.dtype, device=args.load.device,
+                                     trust_remote_code=args.load.trust_remote_code)
     lm, whole = record["language_model_bytes"], record["model_bytes"]
     console().print(f"{args.scheme} ({record['backend']} {record['backend_version']}): {record['quantized_modules']} "
                     f"decoder Linear layers quantized; kept: {', '.join(record['kept'])}", markup=False)
@@ -229,7 +232,7 @@ def cmd_export(cfg: ExportConfig) -> int:
     from vlmprune.export import export_gguf
 
     record = export_gguf(cfg.model, cfg.output, quant=cfg.quant, overwrite=cfg.overwrite, vision=not cfg.no_vision,
-                         vision_quant=cfg.vision_quant, trust_remote_code=cfg.trust_remote_code)
+                         vision_quant=cfg.vision_quant, trust_remote_code=cfg.load.trust_remote_code)
     for part in ("text", "mmproj"):
         r = record.get(part)
         if r is None:
@@ -251,7 +254,7 @@ def cmd_data(cfg: DataConfig) -> int:
     from vlmprune.demo import datasets
 
     writer = {"easyvqa": datasets.write_easyvqa, "digits": datasets.write_digits}[cfg.dataset]
-    summary = writer(cfg.output, limit=cfg.limit)
+    summary = writer(cfg.output, limit=cfg.evaluation.limit)
     console().print(f"{cfg.dataset}: {summary['train']:,} train and {summary['test']:,} test questions, "
                     f"{summary['images']:,} images -> {summary['output']}")
     return 0

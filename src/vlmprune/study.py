@@ -31,12 +31,17 @@ import yaml
 
 from vlmprune.config import (
     COMPENSATE_MODES,
+    CalibrationOptions,
+    CompensationOptions,
     EvalConfig,
+    EvalOptions,
     PruneConfig,
     RecoverConfig,
+    WidthOptions,
     build,
     check_keys,
     deep_merge,
+    options_of,
     parse_overrides,
     read_yaml,
 )
@@ -67,21 +72,37 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-# Keys a study config may hold under each section (checked at any depth when the config loads).
-_CALIBRATION_KEYS = ("num_samples", "batch_size", "max_length", "split")
-_EVALUATION_KEYS = tuple(f.name for f in dataclasses.fields(EvalConfig)
-                         if f.name not in ("model", "output", "efficiency"))
-_RECOVERY_KEYS = tuple(f.name for f in dataclasses.fields(RecoverConfig)
-                       if f.name not in ("student", "teacher", "data", "image_folder", "output", "overwrite", "resume"))
+# The sections that are option groups of the stages, typed as those groups: the keys each may hold (what the
+# study fills in itself left out), and the stand-ins the check needs (a grid's `compensate` axis gives the mode).
+_SECTIONS = {"calibration": (CalibrationOptions, ("path", "image_folder", "seed"), {}),
+             "width": (WidthOptions, (), {}),
+             "compensation": (CompensationOptions, ("mode",), {"mode": "ls"}),
+             "evaluation": (EvalOptions, (), {})}
+_RECOVERY_KEYS = tuple(o.key for o in options_of(RecoverConfig)
+                       if o.key not in ("student", "teacher", "data", "image_folder", "output", "overwrite", "resume"))
+
+
+def study_sections(config: dict[str, Any]) -> dict[str, Any]:
+    """The study's ``calibration:``, ``width:``, ``compensation:`` and ``evaluation:`` sections as the stages'
+    option groups (null values are the group's defaults), checked as the stages check them."""
+    out = {}
+    for section, (cls, filled, stand_in) in _SECTIONS.items():
+        values = config[section]
+        if not isinstance(values, dict):
+            raise VlmpruneError(f"'{section}' must be a mapping of option: value")
+        check_keys(values, [f.name for f in dataclasses.fields(cls) if f.name not in filled], f"{section}.")
+        given = {k: v for k, v in values.items() if v is not None}
+        try:
+            out[section] = cls(**{**stand_in, **given})
+        except TypeError as exc:
+            raise VlmpruneError(f"'{section}': {exc}") from None
+    return out
 
 
 def check_study_config(config: dict[str, Any], origin: str) -> None:
     """Refuse unknown keys at any depth and bad values, before any cell runs."""
     check_keys(config, DEFAULTS, "")
-    for section, known in (("calibration", _CALIBRATION_KEYS), ("criterion", ("layer", "width")),
-                           ("width", ("attention", "mlp_multiple")), ("compensation", ("sequential", "ridge")),
-                           ("evaluation", _EVALUATION_KEYS),
-                           ("recovery", _RECOVERY_KEYS)):
+    for section, known in (("criterion", ("layer", "width")), ("recovery", _RECOVERY_KEYS)):
         if not isinstance(config[section], dict):
             raise VlmpruneError(f"{origin}: '{section}' must be a mapping of option: value")
         check_keys(config[section], known, f"{section}.")
@@ -96,18 +117,17 @@ def check_study_config(config: dict[str, Any], origin: str) -> None:
         # values checked now, with stand-ins for the paths each cell fills in
         build(RecoverConfig, {**config["recovery"], **recipe, "student": "-", "data": "-", "output": "-",
                               "teacher": "-"})
-    calibration = {k: v for k, v in config["calibration"].items() if v is not None}
-    width = {k: v for k, v in config["width"].items() if v is not None}
+    sections = study_sections(config)
     for method in ("layer", "width"):
         build(PruneConfig, {"model": "-", "output": "-", "method": method, "ratio": 0.5,
-                            "criterion": config["criterion"].get(method), **calibration,
-                            **(width if method == "width" else {})})
-    evaluation = build(EvalConfig, {k: v for k, v in config["evaluation"].items() if v is not None})
+                            "criterion": config["criterion"].get(method), "calibration": sections["calibration"],
+                            **({"width": sections["width"]} if method == "width" else {})})
+    evaluation = build(EvalConfig, evaluation=sections["evaluation"])
     evaluation.check_paths(model=False)
-    if evaluation.task_file is not None:  # a task file that is not JSON fails here, not in every cell
+    if evaluation.evaluation.task_file is not None:  # a task file that is not JSON fails here, not in every cell
         from vlmprune.evaluate.tasks import load_task
 
-        load_task(evaluation.task_file, limit=1)
+        load_task(evaluation.evaluation.task_file, limit=1)
     expand_grid(config)
 
 
@@ -243,10 +263,10 @@ class StudyResult:
     failed: list[str] = dataclasses.field(default_factory=list)
 
 
-def _evaluate(model: str | Path, evaluation: dict) -> dict:
+def _evaluate(model: str | Path, evaluation: EvalOptions) -> dict:
     from vlmprune.evaluate.run import evaluate_model_dir
 
-    result = evaluate_model_dir(EvalConfig(model=str(model), **{k: v for k, v in evaluation.items() if v is not None}))
+    result = evaluate_model_dir(build(EvalConfig, model=str(model), evaluation=evaluation))
     result.pop("config", None)
     return result
 
@@ -258,6 +278,7 @@ class _Study:
     config: dict
     run: Path
     evaluation: dict
+    sections: dict  # the typed sections (study_sections)
     result: StudyResult
 
     @property
@@ -280,7 +301,8 @@ def run_study(config: dict) -> StudyResult:
     Cells that differ only in ratio or target share one calibration: the first writes ``scores.json``
     and the others plan from it (``vlmprune prune --scores``).
     """
-    study = _Study(config, Path(config["output"]), dict(config["evaluation"]), StudyResult(Path(config["output"])))
+    study = _Study(config, Path(config["output"]), dict(config["evaluation"]), study_sections(config),
+                   StudyResult(Path(config["output"])))
     (study.run / "cells").mkdir(parents=True, exist_ok=True)
     (study.run / "resolved_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     cells = run_order(expand_grid(config), config)
@@ -288,7 +310,8 @@ def run_study(config: dict) -> StudyResult:
     if not (original / "eval.json").exists():
         original.mkdir(exist_ok=True)
         log.info("[study] evaluating the original model %s", study.teacher)
-        _write_json(original / "eval.json", {"model": study.teacher, **_evaluate(study.teacher, study.evaluation)})
+        scores = _evaluate(study.teacher, study.sections["evaluation"])
+        _write_json(original / "eval.json", {"model": study.teacher, **scores})
     started = time.time()
     for n, cell in enumerate(cells, 1):
         _run_cell(study, cell, f"{n}/{len(cells)}")
@@ -340,26 +363,24 @@ def _prune_cell(study: _Study, cell: Cell) -> Path:
         return pruned
     shared = [p / SCORES_FILE for p in (run / "pruned").glob(f"{cell.method}-{cell.criterion}-[rt]*")
               if (p / SCORES_FILE).is_file()]
-    options = {k: v for k, v in config["calibration"].items() if v is not None}
+    sections = study.sections
+    calibration = dataclasses.replace(sections["calibration"], path=study.data, image_folder=study.folder,
+                                      seed=config["seed"])
+    options = {"model": study.teacher, "output": str(pruned), "overwrite": True, "ratio": cell.ratio,
+               "target": cell.target}
     if cell.method in ("width", "auto"):
-        options.update(attention=config["width"]["attention"], mlp_multiple=config["width"]["mlp_multiple"])
+        options["width"] = sections["width"]
     if cell.method == "auto":
         options["layer_criterion"] = config["criterion"]["layer"]
         shared = []  # auto scores two criteria and searches: nothing to share
     if cell.compensate != "none":  # the fits need the calibration data, even where scores are shared
-        options.update(compensate=cell.compensate, calibration=study.data, image_folder=study.folder,
-                       seed=config["seed"], compensate_sequential=bool(config["compensation"]["sequential"]))
-        if config["compensation"]["ridge"] is not None:
-            options["compensate_ridge"] = config["compensation"]["ridge"]
+        options.update(compensation=dataclasses.replace(sections["compensation"], mode=cell.compensate),
+                       calibration=calibration)
     if shared:  # one calibration serves every ratio of a method and criterion (and every compensation)
-        if cell.compensate == "none":
-            options = {k: v for k, v in options.items() if k in ("attention", "mlp_multiple")}
-        prune(PruneConfig(model=study.teacher, output=str(pruned), scores=str(shared[0]), ratio=cell.ratio,
-                          target=cell.target, overwrite=True, **options))
+        options["scores"] = str(shared[0])
     else:
-        options.update(calibration=study.data, image_folder=study.folder, seed=config["seed"])
-        prune(PruneConfig(model=study.teacher, output=str(pruned), method=cell.method, ratio=cell.ratio,
-                          target=cell.target, criterion=cell.criterion, overwrite=True, **options))
+        options.update(method=cell.method, criterion=cell.criterion, calibration=calibration)
+    prune(build(PruneConfig, options))
     return pruned
 
 
@@ -395,7 +416,7 @@ def _quantize_cell(cell: Cell, cell_dir: Path, model_dir: Path) -> tuple[Path, d
 def _evaluate_cell(study: _Study, model_dir: Path, pruned: Path, quantization: dict | None) -> dict:
     """The tasks' scores, with the quantization and, from the pruned model's run record, the achieved
     ratio and target."""
-    evaluated = _evaluate(model_dir, study.evaluation)
+    evaluated = _evaluate(model_dir, study.sections["evaluation"])
     if quantization is not None:
         evaluated["quantization"] = quantization
     record = RunRecord.load(pruned).prune or PruneRecord()
