@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 from vlmprune.checkpoint import load, load_processor
@@ -12,6 +11,7 @@ from vlmprune.config import EvalConfig
 from vlmprune.errors import VlmpruneError
 from vlmprune.evaluate.efficiency import disk_bytes, efficiency, weight_bytes_by_part
 from vlmprune.evaluate.tasks import evaluate, load_task, prompt_batch
+from vlmprune.paths import check_output_file, write_output_file
 from vlmprune.summary import count_parameters
 
 
@@ -28,8 +28,10 @@ def evaluate_model_dir(config: EvalConfig | None = None, **options) -> dict:
         from vlmprune.evaluate.gguf import evaluate_gguf_dir
 
         cfg.check_paths(model=False)
+        check_results_output(cfg)
         return _written(evaluate_gguf_dir(cfg), cfg.output)
     cfg.check_paths()
+    check_results_output(cfg)
     if cfg.task_file is not None:
         load_task(cfg.task_file, limit=1)  # every record and image checked before the model loads
     if cfg.lmms_tasks:
@@ -67,11 +69,27 @@ def evaluate_model_dir(config: EvalConfig | None = None, **options) -> dict:
     return _written(result, cfg.output)
 
 
+def is_results_file(path: Path) -> bool:
+    """Whether ``path`` holds results ``vlmprune evaluate`` wrote (what ``--overwrite`` may replace)."""
+    try:
+        if path.stat().st_size > 64 * 2**20:
+            return False
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and {"tasks", "accuracy", "model"} <= set(data) and isinstance(data["tasks"], dict)
+
+
+def check_results_output(cfg: EvalConfig) -> None:
+    """``--output`` may not be an input of the run (the task file, a file of the model, data or lmms-eval folder),
+    and replaces an existing file only with ``--overwrite`` and only when it holds results vlmprune evaluate wrote."""
+    if cfg.output is not None:
+        inputs = [("model directory", cfg.model), ("task file", cfg.task_file), ("data directory", cfg.data_dir),
+                  ("lmms-eval include folder", cfg.lmms_include)]
+        check_output_file(cfg.output, inputs, cfg.overwrite, ours=is_results_file)
+
+
 def _written(result: dict, output: str | None) -> dict:
     if output:
-        out = Path(output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(out)  # readers never see half a file
+        write_output_file(Path(output).expanduser().resolve(), json.dumps(result, indent=1))
     return result

@@ -31,13 +31,14 @@ from vlmprune.config import (
     parse_target,
     to_yaml,
 )
+from vlmprune.data.collate import warn_too_long
 from vlmprune.dispatch import is_dispatched, materialize_
 from vlmprune.errors import VlmpruneError
 from vlmprune.importance.layer import LayerScores
 from vlmprune.importance.registry import get_collector, get_criterion
 from vlmprune.importance.scores import SCORES_FILE, Scores
 from vlmprune.importance.structures import WidthScores
-from vlmprune.paths import claim_output
+from vlmprune.paths import claim_output, sibling
 from vlmprune.planning.plan import PLAN_FILE, LayerShape, PruningPlan
 from vlmprune.planning.search import search as auto_search
 from vlmprune.planning.solve import ModelBudget, achieved, layers_to_drop, plan_for, stock_plan
@@ -177,7 +178,7 @@ def _prune(cfg: PruneConfig, out: Path, ranked_outputs: list[Path] = ()) -> Prun
         dispatch = {}
         if cfg.device_map is not None:
             folder = cfg.offload_folder or stack.enter_context(
-                tempfile.TemporaryDirectory(prefix=f".{out.name}.offload-", dir=out.parent))
+                tempfile.TemporaryDirectory(prefix=sibling(out, "offload-").name, dir=out.parent))
             dispatch = {"device_map": parse_device_map(cfg.device_map), "max_memory": parse_max_memory(cfg.max_memory),
                         "offload_folder": folder}
         with phases.phase("load"):
@@ -276,6 +277,7 @@ def _calibration_data(run: _Run, method: str) -> None:
             run.batches = calibrate.calibration_batches(run.processor, cfg.calibration, cfg.image_folder,
                                                         cfg.num_samples, cfg.seed, cfg.batch_size, cfg.max_length,
                                                         cfg.split)
+            warn_too_long(run.batches.collator, run.batches.samples, run.net.config, "calibration")
 
 
 def _ratio_of(run: _Run, plan_at) -> float:
