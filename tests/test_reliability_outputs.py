@@ -172,6 +172,11 @@ def test_study_output_guard(tiny_repo, pruned, tmp_path, capsys, monkeypatch):
         os.close(fd)
     assert tree_hash(tiny_repo.model, tiny_repo.images, pruned) == before
     assert list(held.iterdir()) == [] and not (home / "work" / "cells").exists()
+    (held / "cells").mkdir()  # a study's run directory is reused by a study only
+    paths.write_marker(held, paths.STUDY)
+    assert main(prune_args(tiny_repo.model, held, "--overwrite")) == 2
+    assert f"holds a {paths.STUDY} that vlmprune wrote" in capsys.readouterr().err
+    assert sorted(p.name for p in held.iterdir()) == [paths.MARKER, "cells"]
 
 
 # ------------------------------------------------------------------------------------------ 4. grid values
@@ -428,8 +433,8 @@ def test_resume_with_other_options_is_refused(pair, tmp_path, capsys):
     ckpts = tmp_path / "o.checkpoints"
     before = tree_hash(ckpts, pair["data"].parent)
     other_data, _ = write_data(tmp_path / "other", 6)
-    for extra, message in ((["--learning-rate", "0.5"], "learning_rate: 2e-05 -> 0.5"), (["--seed", "3"], "seed: 0 -> 3"),
-                           (["--loss", "sft=2"], "loss:")):
+    for extra, message in ((["--learning-rate", "0.5"], "learning_rate: 2e-05 -> 0.5"),
+                           (["--seed", "3"], "seed: 0 -> 3"), (["--loss", "sft=2"], "loss:")):
         assert main(recover_args(pair, out, "--max-steps", "4", "--resume", *extra)) == 2
         err = capsys.readouterr().err
         assert "--resume would continue" in err and message in err, (extra, err)

@@ -122,7 +122,11 @@ def check_study_config(config: dict[str, Any], origin: str) -> None:
         from vlmprune.evaluate.tasks import load_task
 
         load_task(evaluation.task_file, limit=1)
-    cells = expand_grid(config)
+    if not isinstance(config["grid"], list) or not all(isinstance(b, dict) for b in config["grid"]):
+        raise VlmpruneError(f"{origin}: 'grid' must be a list of blocks, each a mapping of axis: value or [values]")
+    for block in config["grid"]:  # the values, against their choices, before any becomes a folder name
+        _check_axes({k: v if isinstance(v, list) else [v] for k, v in block.items()}, config)
+    cells = _safe(expand_grid(config), origin)
     limit = config["max_cells"]
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise VlmpruneError(f"{origin}: max_cells must be an integer >= 1, got {limit!r}")
@@ -197,8 +201,6 @@ class Cell:
 def expand_grid(config: dict) -> list[Cell]:
     """Every cell of every grid block (the product of its axes), in order, without duplicates."""
     cells: dict[str, Cell] = {}
-    if not isinstance(config["grid"], list) or not all(isinstance(b, dict) for b in config["grid"]):
-        raise VlmpruneError("'grid' must be a list of blocks, each a mapping of axis: value or [values]")
     for block in config["grid"]:
         axes = {k: v if isinstance(v, list) else [v] for k, v in block.items()}
         unknown = set(axes) - {"method", "ratio", "target", "recipe", "fraction", "criterion", "quantization",
@@ -218,7 +220,6 @@ def expand_grid(config: dict) -> list[Cell]:
             if parse_target(str(spec)).kind == "latency":
                 raise VlmpruneError(f"grid target {spec}: a latency target times the model on the machine that runs "
                                     f"the cell; use params= or memory= targets in a study")
-        _check_axes(axes, config)
         sizes = ([(None, str(t)) for t in axes["target"]] if "target" in axes
                  else [(float(r), None) for r in axes.get("ratio", [0.2])])
         schemes = [None if q in (None, "none") else str(q) for q in axes.get("quantization", [None])]
@@ -236,11 +237,17 @@ def expand_grid(config: dict) -> list[Cell]:
                 cell = Cell(method, criterion, ratio, recipe,
                             None if config["recipes"][recipe] is None else float(fraction or 1.0), scheme, target,
                             compensate)
-                if not SAFE_ID.match(cell.id) or ".." in cell.id:
-                    raise VlmpruneError(f"grid cell id {cell.id!r} is not a safe folder name (letters, digits and "
-                                        f"_ . + - only): check the grid's values")
                 cells.setdefault(cell.id, cell)
     return list(cells.values())
+
+
+def _safe(cells: list[Cell], origin: str) -> list[Cell]:
+    """``cells``, after refusing any whose id is not a safe folder name (it becomes cells/<id>)."""
+    for cell in cells:
+        if not SAFE_ID.match(cell.id) or ".." in cell.id:
+            raise VlmpruneError(f"{origin}: grid cell id {cell.id!r} is not a safe folder name (letters, digits "
+                                f"and _ . + - only): check the grid's values")
+    return cells
 
 
 def _check_axes(axes: dict[str, list], config: dict) -> None:
@@ -368,10 +375,10 @@ def _inputs(config: dict) -> list[tuple[str, Any]]:
 def _run_study(config: dict, run: Path) -> StudyResult:
     study = _Study(config, run, dict(config["evaluation"]), StudyResult(Path(config["output"])))
     check_rerun(run, config)
+    cells = run_order(_safe(expand_grid(config), "the study config"), config)
     (run / "cells").mkdir(parents=True, exist_ok=True)
     write_marker(run, STUDY)
     (run / "resolved_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    cells = run_order(expand_grid(config), config)
     original = study.run / "original"
     if not (original / "eval.json").exists():
         original.mkdir(exist_ok=True)
