@@ -481,3 +481,37 @@ def test_readme_says_lmms_include_runs_the_folders_code():
     readme = (ROOT / "README.md").read_text()
     assert "`evaluate --lmms-include DIR` runs DIR's Python" in readme
     assert "runs code from DIR" in (ROOT / "docs" / "evaluate.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------ fuzz
+
+
+def test_fuzz_study_grids_end_in_messages_when_the_config_loads(tiny_repo, tmp_path):
+    """Seeded random grid blocks and recipe names: refused with a message when the config loads (never another
+    exception), and every grid that loads has cell ids that are safe folder names."""
+    import random
+
+    from vlmprune import study
+
+    rng = random.Random(0)
+    values = {"method": ["layer", "width", "auto", "widht", "", None, 3, ["layer", "x/.."]],
+              "criterion": ["taylor", "magnitude", "taylr", None, 1.5, "../x"],
+              "ratio": [0.2, 0, 1, -0.1, "abc", None, True, [0.1, "0.2"], 1e309],
+              "fraction": [0.5, 0, 2, "half", None, False], "recipe": ["none", "sft", "nope", "../up", 7, None],
+              "quantization": ["int8", "int9", None, 0], "compensate": ["none", "ls", "bogus", 1],
+              "target": ["params=0.7", "params=", "latency=5ms", 3, "memory=1/0"], "bogus_axis": [1]}
+    base = [f"output={tmp_path / 'run'}", f"teacher={tiny_repo.model}", f"train_data={tiny_repo.data}",
+            f"image_folder={tiny_repo.images}", f"evaluation.task_file={tiny_repo.task_file}"]
+    loaded = refused = 0
+    for _ in range(60):
+        block = {axis: rng.choice(choices) for axis, choices in values.items() if rng.random() < 0.45}
+        recipes = rng.choice([[], ["recipes={'a/b': null}"], ["recipes={'..': null}"], ["recipes={'ok-1': null}"]])
+        try:
+            config = study.load_study_config(SMOKE, [*base, f"grid={json.dumps([block])}", *recipes])
+        except paths.VlmpruneError as exc:
+            assert str(exc), block
+            refused += 1
+            continue
+        loaded += 1
+        assert all(study.SAFE_ID.match(c.id) and ".." not in c.id for c in study.expand_grid(config)), block
+    assert refused > 30 and loaded > 0 and not (tmp_path / "run").exists()
