@@ -11,7 +11,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 
 from vlmprune.config import (
     LMMS_PACKAGED_TASKS,
@@ -254,7 +256,7 @@ def cmd_data(cfg: DataConfig) -> int:
     from vlmprune.demo import datasets
 
     writer = {"easyvqa": datasets.write_easyvqa, "digits": datasets.write_digits}[cfg.dataset]
-    summary = writer(cfg.output, limit=cfg.evaluation.limit)
+    summary = writer(cfg.output, limit=cfg.limit, overwrite=cfg.overwrite)
     console().print(f"{cfg.dataset}: {summary['train']:,} train and {summary['test']:,} test questions, "
                     f"{summary['images']:,} images -> {summary['output']}")
     return 0
@@ -420,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     _setup_logging()
+    previous = _terminate_as_interrupt()
     try:
         if hasattr(args, "config_class"):
             cfg = resolve(args.config_class, args, overrides)
@@ -428,15 +431,34 @@ def main(argv: list[str] | None = None) -> int:
     except VlmpruneError as exc:
         _say("error: ", str(exc))
         return 2
-    except KeyboardInterrupt:
-        _say("interrupted: ", "nothing was written to the output")
-        return 130
+    except KeyboardInterrupt as exc:
+        _say("terminated: " if isinstance(exc, Terminated) else "interrupted: ", "nothing was written to the output")
+        return 128 + signal.SIGTERM if isinstance(exc, Terminated) else 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence: a message, not a traceback
         if os.environ.get("VLMPRUNE_DEBUG"):
             raise
         _say("internal error ", f"(a bug in vlmprune; please report it with the command): {type(exc).__name__}: "
                                 f"{exc}. Rerun with VLMPRUNE_DEBUG=1 for the traceback.")
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a scheduler's time limit), handled as Ctrl-C: temporaries and locks are removed."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def _terminate_as_interrupt():
+    """SIGTERM raises :class:`Terminated` (a KeyboardInterrupt) in the main thread; returns the handler it replaced
+    (None where it could not be set: not the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 if __name__ == "__main__":

@@ -466,7 +466,8 @@ class EvalOptions:
     lmms_tasks: str | list | None = opt(None, "comma-separated lmms-eval tasks (needs vlmprune[lmms]), e.g. "
                                               "mme,pope,gqa; packaged offline ones: " + ", ".join(LMMS_PACKAGED_TASKS))
     lmms_include: str | None = opt(None, "a folder of your own lmms-eval task YAMLs (e.g. over a save_to_disk data "
-                                         "set)")
+                                         "set); their !function entries run the folder's Python: trust it as you "
+                                         "would --trust-remote-code")
     limit: int | None = opt(None, "a seeded subset of this many questions per task (lmms-eval tasks: the first N, "
                                   "packaged ones: the same seeded subset as the built-in task)", type=int)
     data_dir: str | None = opt(None, "where the built-in tasks' data lives (default: the user cache)")
@@ -562,10 +563,15 @@ class PruneConfig:
         from vlmprune.paths import check_model_source, check_output
 
         check_model_source(self.model)
-        for name in ("plan", "scores"):
+        for name, file in (("plan", "pruning_plan.json"), ("scores", "scores.json")):
             value = getattr(self, name)
-            if value is not None and not Path(value).is_file():
-                raise VlmpruneError(f"{_flag(name)} {value}: file not found")
+            if value is None or Path(value).is_file() or (name == "plan" and (Path(value) / file).is_file()):
+                continue  # a plan's folder is read for its pruning_plan.json
+            if Path(value).is_dir():
+                raise VlmpruneError(f"{_flag(name)} {value} is a folder" + (
+                    f"; give its {file}: {_flag(name)} {Path(value) / file}" if (Path(value) / file).is_file()
+                    else f" without {file}: give the {file} file"))
+            raise VlmpruneError(f"{_flag(name)} {value}: file not found")
         folder = self.calibration.image_folder
         if folder is not None and not Path(folder).is_dir():
             raise VlmpruneError(f"--image-folder {folder}: directory not found")
@@ -583,6 +589,7 @@ class EvalConfig:
 
     model: str | None = opt(None, "model directory (pruned or not) or hub id")
     output: str | None = opt(None, "write the results JSON to this file")
+    overwrite: bool = opt(False, "replace an existing --output file (only results vlmprune evaluate wrote)")
     efficiency: bool = opt(False, "add parameters, FLOPs per sample, prefill latency, decode speed, peak memory")
     evaluation: EvalOptions = group(EvalOptions)
     load: LoadOptions = group(LoadOptions, only=("dtype", "device"))
@@ -605,13 +612,6 @@ class EvalConfig:
         if e.task_file is not None and not Path(e.task_file).is_file():
             raise VlmpruneError(f"--task-file {e.task_file}: file not found" if not Path(e.task_file).exists()
                                 else f"--task-file {e.task_file} is a directory; give the JSON file of test records")
-        if self.output is not None:
-            out = Path(self.output)
-            if out.is_dir():
-                raise VlmpruneError(f"--output {self.output} is a directory; give a file path such as "
-                                    f"{out / 'results.json'}")
-            if self.model and Path(self.model).exists() and out.resolve().is_relative_to(Path(self.model).resolve()):
-                raise VlmpruneError(f"--output {self.output} lies inside the model directory; write results elsewhere")
 
 
 @checked
@@ -690,6 +690,7 @@ class DataConfig:
     dataset: str | None = opt(None, " or ".join(DATASETS), positional=True, choices=DATASETS)
     output: str | None = opt(None, "output directory")
     limit: int | None = opt(None, "only the first N images per split", type=int)
+    overwrite: bool = opt(False, "replace an existing output directory (only a data set vlmprune wrote)")
 
     def __post_init__(self):
         one_of("dataset", self.dataset, DATASETS, allow_none=False)
@@ -1104,6 +1105,12 @@ def as_dict(config) -> dict[str, Any]:
             out.setdefault(option.group, {})[option.field.name] = getattr(getattr(config, option.group),
                                                                             option.field.name)
     return out
+
+
+def flat_dict(config) -> dict[str, Any]:
+    """A stage config as ``{flat key: value}``, the keys users write as flags and flat YAML."""
+    return {o.key: getattr(getattr(config, o.group) if o.group else config, o.field.name)
+            for o in options_of(type(config))}
 
 
 def to_yaml(config) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from vlmprune.checkpoint import load, load_processor
@@ -11,6 +10,7 @@ from vlmprune.config import EvalConfig, as_dict, build
 from vlmprune.errors import VlmpruneError
 from vlmprune.evaluate.efficiency import disk_bytes, efficiency, weight_bytes_by_part
 from vlmprune.evaluate.tasks import evaluate, load_task, prompt_batch
+from vlmprune.paths import check_output_file, write_output_file
 from vlmprune.summary import count_parameters
 
 
@@ -27,8 +27,10 @@ def evaluate_model_dir(config: EvalConfig | None = None, **options) -> dict:
         from vlmprune.evaluate.gguf import evaluate_gguf_dir
 
         cfg.check_paths(model=False)
+        check_results_output(cfg)
         return _written(evaluate_gguf_dir(cfg), cfg.output)
     cfg.check_paths()
+    check_results_output(cfg)
     if cfg.evaluation.task_file is not None:
         load_task(cfg.evaluation.task_file, limit=1)  # every record and image checked before the model loads
     if cfg.evaluation.lmms_tasks:
@@ -67,11 +69,28 @@ def evaluate_model_dir(config: EvalConfig | None = None, **options) -> dict:
     return _written(result, cfg.output)
 
 
+def is_results_file(path: Path) -> bool:
+    """Whether ``path`` holds results ``vlmprune evaluate`` wrote (what ``--overwrite`` may replace)."""
+    try:
+        if path.stat().st_size > 64 * 2**20:
+            return False
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and {"tasks", "accuracy", "model"} <= set(data) and isinstance(data["tasks"], dict)
+
+
+def check_results_output(cfg: EvalConfig) -> None:
+    """``--output`` may not be an input of the run (the task file, a file of the model, data or lmms-eval folder),
+    and replaces an existing file only with ``--overwrite`` and only when it holds results vlmprune evaluate wrote."""
+    if cfg.output is not None:
+        e = cfg.evaluation
+        inputs = [("model directory", cfg.model), ("task file", e.task_file), ("data directory", e.data_dir),
+                  ("lmms-eval include folder", e.lmms_include)]
+        check_output_file(cfg.output, inputs, cfg.overwrite, ours=is_results_file)
+
+
 def _written(result: dict, output: str | None) -> dict:
     if output:
-        out = Path(output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(out)  # readers never see half a file
+        write_output_file(Path(output).expanduser().resolve(), json.dumps(result, indent=1))
     return result

@@ -33,13 +33,14 @@ from vlmprune.config import (
     parse_target,
     to_yaml,
 )
+from vlmprune.data.collate import warn_too_long
 from vlmprune.dispatch import is_dispatched, materialize_
 from vlmprune.errors import VlmpruneError
 from vlmprune.importance.layer import LayerScores
 from vlmprune.importance.registry import get_collector, get_criterion
 from vlmprune.importance.scores import SCORES_FILE, Scores
 from vlmprune.importance.structures import WidthScores
-from vlmprune.paths import claim_output
+from vlmprune.paths import claim_output, sibling
 from vlmprune.planning.plan import PLAN_FILE, LayerShape, PruningPlan
 from vlmprune.planning.search import search as auto_search
 from vlmprune.planning.solve import ModelBudget, achieved, layers_to_drop, plan_for, stock_plan
@@ -188,7 +189,7 @@ def _prune(cfg: PruneConfig, out: Path, ranked_outputs: list[Path] = ()) -> Prun
         dispatch = {}
         if cfg.load.device_map is not None:
             folder = cfg.load.offload_folder or stack.enter_context(
-                tempfile.TemporaryDirectory(prefix=f".{out.name}.offload-", dir=out.parent))
+                tempfile.TemporaryDirectory(prefix=sibling(out, "offload-").name, dir=out.parent))
             dispatch = {"device_map": parse_device_map(cfg.load.device_map),
                         "max_memory": parse_max_memory(cfg.load.max_memory), "offload_folder": folder}
         with phases.phase("load"):
@@ -287,6 +288,7 @@ def _calibration_data(run: _Run, method: str) -> None:
         with phases.phase("data"):
             run.processor = load_processor(cfg.model, cfg.load.trust_remote_code)
             run.batches = _calibration_batches(cfg.calibration, run.processor)
+            warn_too_long(run.batches.collator, run.batches.samples, run.net.config, "calibration")
 
 
 def _ratio_of(run: _Run, plan_at) -> float:

@@ -22,8 +22,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from vlmprune import quiet
 from vlmprune.adapters import get_adapter
 from vlmprune.checkpoint import load, load_processor, save_model
-from vlmprune.config import RESOLVED_CONFIG, RecoverConfig
+from vlmprune.config import RESOLVED_CONFIG, RecoverConfig, flat_dict
 from vlmprune.data import Collator, read_samples, select
+from vlmprune.data.collate import warn_too_long
 from vlmprune.errors import VlmpruneError
 from vlmprune.paths import check_safetensors, claim_output
 from vlmprune.planning.plan import PLAN_FILE, PruningPlan
@@ -50,6 +51,14 @@ from vlmprune.summary import check_teacher
 log = logging.getLogger(__name__)
 
 SAMPLE_IDS = "sample_ids.json"
+RUN_OPTIONS = "vlmprune_options.json"  # in each checkpoint: the options and samples it was trained with
+# What --resume may change: where and how long it trains, how it logs and saves, where the teacher lives.
+# Everything else (models, data, losses, what trains, learning rate, schedule, seed, ...) must match the
+# checkpoint's, or the result would claim options it was not trained with.
+RESUMABLE = ("output", "overwrite", "resume", "keep_checkpoints", "num_train_epochs", "max_steps", "logging_steps",
+             "save_steps", "save_total_limit", "report_to", "dataloader_num_workers", "teacher_placement",
+             "teacher_offload_folder", "gradient_checkpointing", "trust_remote_code")
+_PATH_OPTIONS = ("student", "teacher", "data", "image_folder")
 TRAINER_LOG = "trainer_log.json"
 LOSS_CURVE = "loss_curve.png"
 
@@ -191,6 +200,51 @@ def _prepare_checkpoints(cfg: RecoverConfig, is_main: bool) -> Path | None:
     return complete[0]
 
 
+def run_options(cfg: RecoverConfig, ids: list[str]) -> dict[str, Any]:
+    """What a checkpoint must agree with to be resumed: the options outside :data:`RESUMABLE` (local paths
+    resolved) and the digest of the samples chosen."""
+    options = {k: v for k, v in flat_dict(cfg).items() if k not in RESUMABLE}
+    for key in _PATH_OPTIONS:
+        if options.get(key) and Path(options[key]).expanduser().exists():
+            options[key] = str(Path(options[key]).expanduser().resolve())
+    return {**json.loads(json.dumps(options)), "samples": _ids_digest(ids)}
+
+
+def check_resumable(checkpoint: Path, cfg: RecoverConfig, ids: list[str]) -> None:
+    """Refuse to resume ``checkpoint`` with options other than those it was trained with, naming the difference."""
+    saved = checkpoint / RUN_OPTIONS
+    if not saved.is_file():
+        log.warning("vlmprune recover: %s records no options (an older vlmprune wrote it); resuming without "
+                    "checking that they match", checkpoint)
+        return
+    try:
+        earlier = json.loads(saved.read_text())
+    except (ValueError, RecursionError) as exc:
+        raise VlmpruneError(f"{saved} is not valid JSON ({exc}): pass --overwrite to start over") from None
+    now = run_options(cfg, ids)
+    changed = [f"{key}: {earlier.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(earlier) | set(now))
+               if earlier.get(key) != now.get(key)]
+    if changed:
+        names = "; ".join(c if not c.startswith("samples:") else "the training samples (data or selection differ)"
+                          for c in changed)
+        raise VlmpruneError(f"--resume would continue {checkpoint} with other options than it was trained with: "
+                            f"{names}. Only {', '.join(RESUMABLE[3:])} may change on resume; give the earlier "
+                            f"values, or pass --overwrite to start over")
+
+
+class _RecordOptions(transformers.TrainerCallback):
+    """Write the run's options into every checkpoint, so that a resume can be checked against them."""
+
+    def __init__(self, options: dict[str, Any]):
+        self.options = options
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            (folder / RUN_OPTIONS).write_text(json.dumps(self.options, indent=1))
+        return control
+
+
 def _finished_at(checkpoint: Path | None, cfg: RecoverConfig) -> bool:
     """Whether ``checkpoint`` already holds this run's last step (a kill during the final write)."""
     if checkpoint is None:
@@ -302,6 +356,8 @@ def _prepare(run: _Run) -> None:
     run.samples = select(read_samples(cfg.data.path, cfg.data.image_folder, split=cfg.data.split),
                          num_samples=cfg.data.num_samples, fraction=cfg.data.fraction, seed=cfg.training.seed)
     run.ids = [s.id for s in run.samples]
+    if run.resume is not None:
+        check_resumable(run.resume, cfg, run.ids)
     from accelerate.utils import gather_object
 
     if len(set(gather_object([_ids_digest(run.ids)]))) > 1:
@@ -379,13 +435,16 @@ def _build_trainer(run: _Run, callbacks) -> None:
     run.info("vlmprune recover: training %r: %s of %s parameters (%.2f%%); %d samples; losses %s", cfg.trainable.train,
              f"{trainable:,}", f"{total:,}", 100 * trainable / total, len(run.samples), cfg.objective.loss)
     collator = Collator(run.processor, max_length=cfg.data.max_length, system_prompt=cfg.data.system_prompt)
+    if run.state.is_main_process:
+        warn_too_long(collator, run.samples, student.config, "training")
     if launcher_backend() == "fsdp":
         # Shard by the language model's decoder layers only: the vision tower's layers (in the model's
         # _no_split_modules too) are skipped by text-only batches, and a unit one process skips while
         # the other gathers it breaks FSDP's collectives. The frozen tower stays in the root unit.
         os.environ.setdefault("FSDP_TRANSFORMER_CLS_TO_WRAP", type(get_adapter(student).layers(student)[0]).__name__)
     run.trainer = RecoveryTrainer(
-        model=model, args=run.args, train_dataset=run.samples, data_collator=collator, callbacks=callbacks,
+        model=model, args=run.args, train_dataset=run.samples, data_collator=collator,
+        callbacks=[*(callbacks or []), _RecordOptions(run_options(cfg, run.ids))],
         teacher=run.teacher, weights=cfg.objective.loss, image_token_id=collator.image_token_id, options=cfg.objective,
         student_layers=run.student_layers, teacher_layers=run.teacher_layers, group_by_modality=run.grouped,
     )
