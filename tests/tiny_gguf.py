@@ -28,7 +28,8 @@ CORPUS = [
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
 
 
-def bpe_tokenizer(vocab_size: int = 400, pre: str = "smollm"):
+def bpe_tokenizer(vocab_size: int = 400, pre: str = "smollm", extra: dict[str, str] | None = None):
+    """``extra``: more special tokens by role (e.g. Gemma 3's ``boi_token``), set as tokenizer attributes."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -46,12 +47,14 @@ def bpe_tokenizer(vocab_size: int = 400, pre: str = "smollm"):
         backend.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
                                  if pre == "smollm" else byte_level)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+    extra = extra or {}
+    specials = SPECIALS + [t for t in extra.values() if t not in SPECIALS]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     backend.train_from_iterator(CORPUS, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|im_end|>",
                                    pad_token="<|im_end|>", unk_token=None,
-                                   additional_special_tokens=["<|im_start|>", "<|im_end|>", "<image>"],
+                                   additional_special_tokens=specials[1:], extra_special_tokens=extra,
                                    chat_template=CHAT_TEMPLATE)
 
 
@@ -104,17 +107,23 @@ def tiny_llava(tokenizer, text: str = "llama", vision: str = "clip", layers: int
     return model.eval()
 
 
+GEMMA3_SPECIALS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image>"}
+
+
 def save_tiny_gemma3(folder: Path, layers: int = 5, seed: int = 0) -> Path:
-    """A tiny Gemma 3 (sliding and full attention layers, window 8, shorter than the test prompts) with
-    the byte-level tokenizer; saved with the tokenizer only (its text model is what gets exported)."""
+    """A tiny Gemma 3 (sliding and full attention layers, window 8, shorter than the test prompts;
+    a 2-block SigLIP tower, 28 px in 7-px patches pooled to 4 image tokens) with the byte-level
+    tokenizer (plus Gemma's image delimiters) and a Gemma3Processor."""
     from transformers import (
         Gemma3Config,
         Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessorPil,
+        Gemma3Processor,
         Gemma3TextConfig,
         SiglipVisionConfig,
     )
 
-    tok = bpe_tokenizer()
+    tok = bpe_tokenizer(extra=GEMMA3_SPECIALS)
     kinds = ["sliding_attention", "sliding_attention", "full_attention"]
     text = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                             num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32,
@@ -122,17 +131,24 @@ def save_tiny_gemma3(folder: Path, layers: int = 5, seed: int = 0) -> Path:
                             max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                             pad_token_id=tok.pad_token_id)
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                image_size=28, patch_size=7, vision_use_head=False)
+                                image_size=28, patch_size=7, vision_use_head=False, layer_norm_eps=1e-6)
     config = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=4,
-                          image_token_index=tok.convert_tokens_to_ids("<image>"))
+                          image_token_index=tok.image_token_id, boi_token_index=tok.boi_token_id,
+                          eoi_token_index=tok.eoi_token_id)
     torch.manual_seed(seed)
     model = Gemma3ForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    with torch.no_grad():  # norms away from their zero init, so the +1 of Gemma's norms is tested
+    with torch.no_grad():  # norms away from their zero init (the +1 of Gemma's norms is tested), a tower that matters
         for name, p in model.named_parameters():
-            if "language_model" in name and name.endswith("norm.weight"):
+            if name.endswith("norm.weight") and "vision_tower" not in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+            elif "vision_tower" in name and "norm" not in name:
+                p.copy_(torch.randn_like(p) * (1.0 if p.ndim < 2 or "position" in name else 0.25))
+            elif "mm_input_projection" in name:
                 p.copy_(torch.randn_like(p) * 0.3)
     model.eval().save_pretrained(folder)
-    tok.save_pretrained(folder)
+    ip = Gemma3ImageProcessorPil(size={"height": 28, "width": 28}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    template = CHAT_TEMPLATE.replace("'<image>\n'", "'<start_of_image>'")
+    Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=4, chat_template=template).save_pretrained(folder)
     return folder
 
 

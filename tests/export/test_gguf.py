@@ -88,8 +88,7 @@ def _gemma3(root: Path, plan: PruningPlan) -> Path:
 def _check_text(model_dir: Path, out: Path, quant: str = "f32") -> tuple[float, list[int], list[int], dict]:
     from transformers import AutoTokenizer
 
-    gemma = "gemma3" in model_dir.name
-    record = export_gguf(model_dir, out, quant=quant, vision=not gemma)
+    record = export_gguf(model_dir, out, quant=quant)
     model = vlmprune.load(model_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids = tok(PROMPT)["input_ids"]
@@ -149,9 +148,6 @@ def test_gemma3_sliding_window_pattern_follows_the_drops(models, tmp_path):
     fields = GGUFReader(str(tmp_path / "out" / "model.gguf")).fields
     # layers s s F s s, layer 2 (the full one) dropped -> s s s s
     assert fields["gemma3.attention.sliding_window_pattern"].contents() == [True, True, True, True]
-    with pytest.raises(VlmpruneError, match="--no-vision"):
-        export_gguf(models["gemma3-dropped"], tmp_path / "out2")
-    assert not (tmp_path / "out2").exists()
 
 
 def test_cli_export_writes_the_pair_and_reports_fallbacks(models, tmp_path, capsys):
@@ -221,7 +217,7 @@ def _image(size: int, seed: int = 0) -> tuple[object, str]:
     return img, base64.b64encode(buf.getvalue()).decode()
 
 
-@pytest.mark.parametrize("name", ["llama", "dinov2", "siglip"])
+@pytest.mark.parametrize("name", ["llama", "dinov2", "siglip", "gemma3-dropped"])
 def test_mmproj_image_embeddings_match_pytorch(models, tmp_path, name):
     """Each image embedding llama.cpp injects, read through the probe, against the tower's own tokens."""
     folder = models[name]
@@ -230,12 +226,17 @@ def test_mmproj_image_embeddings_match_pytorch(models, tmp_path, name):
     processor = vlmprune.load_processor(folder)
     mm = record["mmproj"]
     img, b64 = _image(mm["image_size"])
+    after = 0  # text tokens llama.cpp puts between the image and the next text
     with torch.no_grad():
         pixels = processor.image_processor(img, return_tensors="pt")["pixel_values"]
-        states = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
-        tokens = model.model.multi_modal_projector(states[model.config.vision_feature_layer][0])  # [CLS], p1..pn
+        if name.startswith("gemma3"):  # SigLIP, pooled 4x4 -> 2x2, RMSNorm, projection; <end_of_image> after
+            tokens = model.model.get_image_features(pixels).pooler_output[0]
+            after = 1
+        else:
+            states = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+            tokens = model.model.multi_modal_projector(states[model.config.vision_feature_layer][0])  # [CLS], p1..pn
     n = mm["image_tokens"]
-    if name == "siglip":  # no class token: every patch, in order
+    if name in ("siglip", "gemma3-dropped"):  # no class token: every patch (or pooled patch), in order
         assert n == tokens.shape[0] == mm["image_tokens_in_model"]
         expected = list(range(n))
     else:  # llama.cpp's LLaVA graph gives patches 2..n, then the class token (see export/gguf_vision.py)
@@ -247,17 +248,46 @@ def test_mmproj_image_embeddings_match_pytorch(models, tmp_path, name):
                                             {"type": "text", "text": "b"}]}]
     for k in range(n):
         probe = tmp_path / "probe.gguf"
-        n_vocab = write_probe(probe, folder, hidden, ["a", "b"], distance=n - k)
+        n_vocab = write_probe(probe, folder, hidden, ["a", "b"], distance=n - k + after)
         llama = LlamaCpp(probe, tmp_path / "out" / "mmproj.gguf", chat_template=RAW_TEMPLATE)
         keep = processor.tokenizer.convert_tokens_to_ids("a")  # sampled: a whole UTF-8 token
         llama.banned = [i for i in range(n_vocab) if i != keep]
         out = llama.chat(message, top_logprobs=n_vocab)
-        assert out["usage"]["prompt_tokens"] == n + 2
+        assert out["usage"]["prompt_tokens"] == n + 2 + 2 * after  # gemma3: <start_of_image> ... <end_of_image>
         logprobs = {p["id"]: p["logprob"] for p in out["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
         read = torch.tensor([logprobs[j] - logprobs[hidden] for j in range(hidden)])
         cos = torch.nn.functional.cosine_similarity(read[None], tokens, dim=-1)
         assert int(cos.argmax()) == expected[k], (k, cos)
         assert float(cos[expected[k]]) >= 0.9999, (k, float(cos[expected[k]]))
+
+
+def test_gemma3_pair_gives_the_transformers_tokens_with_an_image(models, tmp_path):
+    """Gemma 3's text GGUF + mmproj in llama.cpp against transformers on a prompt with an image:
+    llama.cpp writes <start_of_image>, the 4 pooled image embeddings (attended bidirectionally) and
+    <end_of_image>, as Gemma3Processor does (token_type_ids: the image block is bidirectional)."""
+    folder = models["gemma3-dropped"]
+    export_gguf(folder, tmp_path / "out", quant="f32")
+    model = vlmprune.load(folder, dtype=torch.float32)
+    processor = vlmprune.load_processor(folder)
+    tok = processor.tokenizer
+    img, b64 = _image(28)
+    pre, post = "<|im_start|>user\n", "What colour is the circle?<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok(pre + "<start_of_image>" + "<image>" * 4 + "<end_of_image>" + post)["input_ids"]
+    inputs = {"pixel_values": processor.image_processor(img, return_tensors="pt")["pixel_values"],
+              "token_type_ids": torch.tensor([[int(i == tok.image_token_id) for i in ids]])}
+    llama = LlamaCpp(tmp_path / "out" / "model.gguf", tmp_path / "out" / "mmproj.gguf", chat_template=RAW_TEMPLATE)
+    llama.banned = partial_utf8_ids(tok)
+    message = [{"role": "user", "content": [{"type": "text", "text": pre},
+                                            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64}},
+                                            {"type": "text", "text": post}]}]
+    n_vocab = model.config.text_config.vocab_size
+    out = llama.chat(message, top_logprobs=n_vocab, ignore_eos=True)
+    assert out["usage"]["prompt_tokens"] == len(ids)
+    logprobs = {p["id"]: p["logprob"] for p in out["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
+    assert rel_diff(logprobs, hf_logprobs(model, ids, **inputs)) <= 1e-3
+    out = llama.chat(message, max_tokens=10, top_logprobs=1, ignore_eos=True)
+    assert [t["id"] for t in out["choices"][0]["logprobs"]["content"]] == hf_greedy(model, ids, 10, llama.banned,
+                                                                                     **inputs)
 
 
 def test_gguf_pair_answers_through_the_chat_api(models, tmp_path):

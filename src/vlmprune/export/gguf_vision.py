@@ -49,26 +49,47 @@ class VisionPlan:
     std: list[float]
     ffn: int
     notes: list[str]
+    projector: str = "mlp"  # llama.cpp's projector type (clip.projector_type)
+    merge: int = 1  # gemma3: the average-pool kernel (patches per side / tokens per side)
+
+
+# model_type -> llama.cpp projector graph written for it
+PROJECTORS = {"llava": "mlp", "gemma3": "gemma3"}
+_NOT_YET = {
+    "idefics3": "llama.cpp's idefics3 graph (SigLIP + pixel shuffle) is not written by this export yet",
+    "smolvlm": "llama.cpp's idefics3 graph (SigLIP + pixel shuffle) is not written by this export yet",
+    "qwen2_vl": "its text model needs llama.cpp's qwen2vl architecture (M-RoPE sections), which the text export "
+                "does not write yet, so an mmproj alone would not run",
+    "qwen2_5_vl": "its text model needs llama.cpp's qwen2vl architecture (M-RoPE sections), which the text export "
+                  "does not write yet, so an mmproj alone would not run",
+}
 
 
 def check_family(model) -> None:
     """Refuse a model whose vision part this export cannot write (before its processor is even loaded)."""
     config = model.config
-    if config.model_type != "llava":
+    projector = PROJECTORS.get(config.model_type)
+    if projector is None:
+        why = _NOT_YET.get(config.model_type, "llama.cpp may have a graph for it, but this export does not write it")
         raise VlmpruneError(
-            f"mmproj export supports LLaVA-style models (model_type llava) only, not {config.model_type}: llama.cpp "
-            f"has graphs for other families, but this export does not write them yet. Export the text model alone "
-            f"with --no-vision")
-    if config.vision_config.model_type not in TOWERS:
-        raise VlmpruneError(f"vision tower {config.vision_config.model_type}: the mmproj export handles "
+            f"mmproj export of a {config.model_type} model is not supported ({why}); supported: "
+            f"{', '.join(PROJECTORS)}. Export the text model alone with --no-vision")
+    tower = config.vision_config.model_type
+    if projector == "mlp" and tower not in TOWERS:
+        raise VlmpruneError(f"vision tower {tower}: the mmproj export handles "
                             f"{', '.join(TOWERS)} towers on llama.cpp's LLaVA (mlp) graph; use --no-vision to export "
                             f"the text model alone")
+    if projector == "gemma3" and tower != "siglip_vision_model":
+        raise VlmpruneError(f"a Gemma 3 model with a {tower} tower: llama.cpp's gemma3 graph is a SigLIP tower; use "
+                            f"--no-vision to export the text model alone")
 
 
 def plan_vision(model, adapter, processor) -> VisionPlan:
     """What the mmproj will hold, or a refusal naming the reason (nothing written yet)."""
     check_family(model)
     config = model.config
+    if PROJECTORS[config.model_type] == "gemma3":
+        return _plan_gemma3(model, processor)
     vc = config.vision_config
     tower = vc.model_type
     act = getattr(config, "projector_hidden_act", "gelu")
@@ -110,6 +131,34 @@ def plan_vision(model, adapter, processor) -> VisionPlan:
     ffn = _first_block(model, tower).mlp.fc1.out_features
     return VisionPlan(tower, size, vc.patch_size, blocks, has_cls, strategy == "full",
                       [float(x) for x in ip.image_mean], [float(x) for x in ip.image_std], ffn, notes)
+
+
+def _plan_gemma3(model, processor) -> VisionPlan:
+    """Gemma 3: SigLIP (every block, then its post-LayerNorm), average pool to mm_tokens_per_image,
+    RMSNorm (1 + w), one projection matrix: llama.cpp's gemma3 graph, the same computation."""
+    config = model.config
+    vc = config.vision_config
+    ip = getattr(processor, "image_processor", None)
+    if ip is None:
+        raise VlmpruneError("the model's processor has no image processor; the mmproj needs its size and normalisation")
+    size = _image_size(ip)
+    if size != vc.image_size or size % vc.patch_size:
+        raise VlmpruneError(f"the image processor makes {size}-px images for a {vc.image_size}-px tower with "
+                            f"{vc.patch_size}-px patches; not supported")
+    side = size // vc.patch_size
+    tokens_side = round(config.mm_tokens_per_image ** 0.5)
+    if tokens_side ** 2 != config.mm_tokens_per_image or side % tokens_side:
+        raise VlmpruneError(f"mm_tokens_per_image={config.mm_tokens_per_image} does not pool a {side}x{side} patch "
+                            f"grid evenly; llama.cpp's gemma3 graph cannot hold it")
+    if vc.hidden_act not in ("gelu_pytorch_tanh", "gelu"):
+        raise VlmpruneError(f"a Gemma 3 tower with hidden_act={vc.hidden_act}: llama.cpp's SigLIP graph uses GELU")
+    notes = []
+    if getattr(ip, "do_pan_and_scan", False):
+        notes.append("the image processor pans and scans (extra crops); llama.cpp gives each image one "
+                     f"{size}-px view")
+    return VisionPlan(vc.model_type, size, vc.patch_size, vc.num_hidden_layers, False, False,
+                      [float(x) for x in ip.image_mean], [float(x) for x in ip.image_std],
+                      _first_block(model, vc.model_type).mlp.fc1.out_features, notes, "gemma3", side // tokens_side)
 
 
 def _first_block(model, tower: str):
@@ -162,12 +211,12 @@ def write_mmproj(path: Path, model, adapter, plan: VisionPlan, quant: str, name:
     writer.add_name(name)
     writer.add_file_type(file_type(quant))
     writer.add_clip_has_vision_encoder(True)
-    writer.add_clip_projector_type("mlp")
+    writer.add_clip_projector_type(plan.projector)
     writer.add_vision_image_size(plan.image_size)
     writer.add_vision_patch_size(plan.patch_size)
     writer.add_vision_embedding_length(vc.hidden_size)
     writer.add_vision_feed_forward_length(plan.ffn)
-    writer.add_vision_projection_dim(projector.linear_2.out_features)
+    writer.add_vision_projection_dim(model.config.text_config.hidden_size)
     writer.add_vision_block_count(plan.blocks)
     writer.add_vision_head_count(vc.num_attention_heads)
     writer.add_vision_attention_layernorm_eps(float(getattr(vc, "layer_norm_eps", 1e-5)))
@@ -177,6 +226,10 @@ def write_mmproj(path: Path, model, adapter, plan: VisionPlan, quant: str, name:
         writer.add_vision_use_gelu(True)
     elif vc.hidden_act != "quick_gelu":
         raise VlmpruneError(f"vision activation {vc.hidden_act}: not on llama.cpp's LLaVA graph")
+    if plan.projector == "gemma3":
+        writer.add_vision_projector_scale_factor(plan.merge)
+        _write_gemma3(tensors, tname, np32, T, tower, projector, plan)
+        return _finish(writer, path, plan, vc, tensors)
     # run exactly `blocks` blocks and read their output (without the key the graph runs one fewer)
     writer.add_array("clip.vision.feature_layer", [plan.blocks])
 
@@ -216,15 +269,44 @@ def write_mmproj(path: Path, model, adapter, plan: VisionPlan, quant: str, name:
     tensors.add(tname(T.V_MMPROJ, 2), np32(projector.linear_2.weight))
     tensors.add(tname(T.V_MMPROJ, 2, "bias"), np32(projector.linear_2.bias))
 
+    return _finish(writer, path, plan, vc, tensors)
+
+
+def _finish(writer, path: Path, plan: VisionPlan, vc, tensors) -> dict:
+    """Write the file out; its record (image tokens as llama.cpp gives them and as the model reads them)."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return {"file": path.name, "projector": "mlp", "tower": plan.tower, "blocks": plan.blocks,
+    n_patches = (plan.image_size // plan.patch_size // plan.merge) ** 2
+    return {"file": path.name, "projector": plan.projector, "tower": plan.tower, "blocks": plan.blocks,
             "blocks_in_model": vc.num_hidden_layers, "image_size": plan.image_size, "image_tokens": n_patches,
             "image_tokens_in_model": n_patches + (1 if plan.keeps_cls and plan.has_cls else 0),
             "bytes": path.stat().st_size, "tensor_types": tensors.counts, "fallbacks": tensors.fallbacks,
             "notes": plan.notes}
+
+
+def _write_gemma3(tensors, tname, np32, T, tower, projector, plan: VisionPlan) -> None:
+    import gguf
+
+    body = tower.vision_model if hasattr(tower, "vision_model") else tower
+    emb = body.embeddings
+    tensors.add(tname(T.V_ENC_EMBD_PATCH), np32(emb.patch_embedding.weight), "f32")
+    tensors.add(tname(T.V_ENC_EMBD_PATCH, suffix="bias"), np32(emb.patch_embedding.bias))
+    n_patches = (plan.image_size // plan.patch_size) ** 2
+    pos = emb.position_embedding.weight
+    if pos.shape[0] != n_patches:
+        raise VlmpruneError(f"the position table has {pos.shape[0]} rows for {n_patches} patches; not supported")
+    tensors.add(tname(T.V_ENC_EMBD_POS), np32(pos), "f32")
+    for i in range(plan.blocks):
+        _add_block(tensors, tname, np32, T, body.encoder.layers[i], i, plan.tower)
+    tensors.add(tname(T.V_POST_NORM), np32(body.post_layernorm.weight))
+    tensors.add(tname(T.V_POST_NORM, suffix="bias"), np32(body.post_layernorm.bias))
+    # Gemma's RMSNorm scales by (1 + w), llama.cpp's by w
+    tensors.add(gguf.TENSOR_NAMES[T.V_MM_SOFT_EMB_NORM] + ".weight", np32(projector.mm_soft_emb_norm.weight) + 1.0)
+    # [vision, text] as Hugging Face holds it: the graph transposes it (a copy, so never block-quantized)
+    matrix = "f32" if tensors.quant == "f32" else "f16"
+    tensors.add(gguf.TENSOR_NAMES[T.V_MM_INP_PROJ] + ".weight", np32(projector.mm_input_projection_weight), matrix)
 
 
 def _add_block(tensors, tname, np32, T, block, i: int, tower: str) -> None:
