@@ -146,9 +146,11 @@ def save_tiny_gemma3(folder: Path, layers: int = 5, seed: int = 0) -> Path:
             elif "mm_input_projection" in name:
                 p.copy_(torch.randn_like(p) * 0.3)
     model.eval().save_pretrained(folder)
-    ip = Gemma3ImageProcessorPil(size={"height": 28, "width": 28}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    half = [0.5, 0.5, 0.5]
+    ip = Gemma3ImageProcessorPil(size={"height": 28, "width": 28}, image_mean=half, image_std=half)
     template = CHAT_TEMPLATE.replace("'<image>\n'", "'<start_of_image>'")
-    Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=4, chat_template=template).save_pretrained(folder)
+    processor = Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=4, chat_template=template)
+    processor.save_pretrained(folder)
     return folder
 
 
