@@ -154,6 +154,49 @@ def save_tiny_gemma3(folder: Path, layers: int = 5, seed: int = 0) -> Path:
     return folder
 
 
+IDEFICS3_SPECIALS = {"fake_image_token": "<fake_token_around_image>", "global_image_token": "<global-img>",
+                     "image_token": "<image>", "paragraph": "\n\n", "row_1_col_1": "<row_1_col_1>"}
+
+
+def save_tiny_idefics3(folder: Path, seed: int = 0) -> Path:
+    """A tiny Idefics3 (SmolVLM's layout: SigLIP-style tower, pixel shuffle 2, Llama text) with the
+    byte-level tokenizer plus Idefics3's image tokens ("\n\n" one token, as in SmolLM2's vocabulary),
+    and an Idefics3Processor cutting 28-px tiles after resizing the longest edge to 28 px."""
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+        Idefics3VisionConfig,
+        LlamaConfig,
+    )
+
+    half = [0.5, 0.5, 0.5]
+    ip = Idefics3ImageProcessorPil(size={"longest_edge": 28}, max_image_size={"longest_edge": 28},
+                                   image_mean=half, image_std=half)
+    processor = Idefics3Processor(image_processor=ip, tokenizer=bpe_tokenizer(extra=IDEFICS3_SPECIALS),
+                                  image_seq_len=4, chat_template=CHAT_TEMPLATE)
+    tok = processor.tokenizer  # the processor adds <end_of_utterance>
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=28, patch_size=7)
+    config = Idefics3Config(vision_config=vision, text_config=text, scale_factor=2,
+                            image_token_id=tok.image_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    with torch.no_grad():  # a tower and a connector that matter (see tiny_llava)
+        for name, p in model.named_parameters():
+            if "vision_model" in name and "norm" not in name:
+                p.copy_(torch.randn_like(p) * (1.0 if p.ndim < 2 or "position" in name else 0.25))
+            elif "connector" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    model.eval().save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
 def processor_for(tokenizer, model):
     from transformers import BitImageProcessor, CLIPImageProcessorPil, LlavaProcessor
 

@@ -32,6 +32,7 @@ from tiny_gguf import (
     partial_utf8_ids,
     rel_diff,
     save_tiny_gemma3,
+    save_tiny_idefics3,
     save_tiny_llava,
     write_probe,
 )
@@ -71,6 +72,7 @@ def models(tmp_path_factory):
         "qwen2-per-layer": _saved(root, "qwen2", PER_LAYER, text="qwen2"),
         "dinov2": save_tiny_llava(root / "dinov2", vision="dinov2"),
         "siglip": save_tiny_llava(root / "siglip", vision="siglip"),
+        "idefics3": save_tiny_idefics3(root / "idefics3"),
         "gemma3-dropped": _gemma3(root, PruningPlan(drop_layers=[2])),  # full layer dropped: pattern shifts
         "gemma3-per-layer": _gemma3(root, PruningPlan(layers={1: {"mlp_channels": list(range(64))}})),
     }
@@ -217,7 +219,7 @@ def _image(size: int, seed: int = 0) -> tuple[object, str]:
     return img, base64.b64encode(buf.getvalue()).decode()
 
 
-@pytest.mark.parametrize("name", ["llama", "dinov2", "siglip", "gemma3-dropped"])
+@pytest.mark.parametrize("name", ["llama", "dinov2", "siglip", "gemma3-dropped", "idefics3"])
 def test_mmproj_image_embeddings_match_pytorch(models, tmp_path, name):
     """Each image embedding llama.cpp injects, read through the probe, against the tower's own tokens."""
     folder = models[name]
@@ -226,17 +228,20 @@ def test_mmproj_image_embeddings_match_pytorch(models, tmp_path, name):
     processor = vlmprune.load_processor(folder)
     mm = record["mmproj"]
     img, b64 = _image(mm["image_size"])
-    after = 0  # text tokens llama.cpp puts between the image and the next text
+    after, extra = 0, 0  # text tokens llama.cpp puts after the image (before "b"), and in all
     with torch.no_grad():
         pixels = processor.image_processor(img, return_tensors="pt")["pixel_values"]
         if name.startswith("gemma3"):  # SigLIP, pooled 4x4 -> 2x2, RMSNorm, projection; <end_of_image> after
             tokens = model.model.get_image_features(pixels).pooler_output[0]
-            after = 1
+            after, extra = 1, 2
+        elif name == "idefics3":  # pixel shuffle 4x4 -> 2x2, projection; a 1x1 tile, then the global view (read)
+            tokens = model.model.get_image_features(pixels).pooler_output[0]
+            after, extra = 1, 6 + len(tokens)
         else:
             states = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
             tokens = model.model.multi_modal_projector(states[model.config.vision_feature_layer][0])  # [CLS], p1..pn
     n = mm["image_tokens"]
-    if name in ("siglip", "gemma3-dropped"):  # no class token: every patch (or pooled patch), in order
+    if name in ("siglip", "gemma3-dropped", "idefics3"):  # no class token: every patch (or pooled patch), in order
         assert n == tokens.shape[0] == mm["image_tokens_in_model"]
         expected = list(range(n))
     else:  # llama.cpp's LLaVA graph gives patches 2..n, then the class token (see export/gguf_vision.py)
@@ -253,7 +258,7 @@ def test_mmproj_image_embeddings_match_pytorch(models, tmp_path, name):
         keep = processor.tokenizer.convert_tokens_to_ids("a")  # sampled: a whole UTF-8 token
         llama.banned = [i for i in range(n_vocab) if i != keep]
         out = llama.chat(message, top_logprobs=n_vocab)
-        assert out["usage"]["prompt_tokens"] == n + 2 + 2 * after  # gemma3: <start_of_image> ... <end_of_image>
+        assert out["usage"]["prompt_tokens"] == n + 2 + extra
         logprobs = {p["id"]: p["logprob"] for p in out["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
         read = torch.tensor([logprobs[j] - logprobs[hidden] for j in range(hidden)])
         cos = torch.nn.functional.cosine_similarity(read[None], tokens, dim=-1)
@@ -261,20 +266,31 @@ def test_mmproj_image_embeddings_match_pytorch(models, tmp_path, name):
         assert float(cos[expected[k]]) >= 0.9999, (k, float(cos[expected[k]]))
 
 
-def test_gemma3_pair_gives_the_transformers_tokens_with_an_image(models, tmp_path):
-    """Gemma 3's text GGUF + mmproj in llama.cpp against transformers on a prompt with an image:
-    llama.cpp writes <start_of_image>, the 4 pooled image embeddings (attended bidirectionally) and
-    <end_of_image>, as Gemma3Processor does (token_type_ids: the image block is bidirectional)."""
-    folder = models["gemma3-dropped"]
+F = "<fake_token_around_image>"
+# the image as llama.cpp lays it out in the text, in the text model's tokens ("<image>": one embedding each)
+IMAGE_TEXT = {"gemma3-dropped": "<start_of_image>" + "<image>" * 4 + "<end_of_image>",
+              # a 1x1 tile, then the global view (the same 28-px image twice), as tools/mtmd writes idefics3
+              "idefics3": F + "<row_1_col_1>" + "<image>" * 4 + "\n\n" + F + "<global-img>" + "<image>" * 4 + F}
+
+
+@pytest.mark.parametrize("name", ["gemma3-dropped", "idefics3"])
+def test_pair_gives_the_transformers_tokens_with_an_image(models, tmp_path, name):
+    """The text GGUF + mmproj in llama.cpp against transformers on a prompt with an image: the same
+    prompt length, log-probs and greedy tokens. Gemma 3's image block is attended bidirectionally in
+    both (token_type_ids in transformers)."""
+    folder = models[name]
     export_gguf(folder, tmp_path / "out", quant="f32")
     model = vlmprune.load(folder, dtype=torch.float32)
     processor = vlmprune.load_processor(folder)
     tok = processor.tokenizer
     img, b64 = _image(28)
     pre, post = "<|im_start|>user\n", "What colour is the circle?<|im_end|>\n<|im_start|>assistant\n"
-    ids = tok(pre + "<start_of_image>" + "<image>" * 4 + "<end_of_image>" + post)["input_ids"]
-    inputs = {"pixel_values": processor.image_processor(img, return_tensors="pt")["pixel_values"],
-              "token_type_ids": torch.tensor([[int(i == tok.image_token_id) for i in ids]])}
+    ids = tok(pre + IMAGE_TEXT[name] + post)["input_ids"]
+    pixels = processor.image_processor(img, return_tensors="pt")["pixel_values"]
+    if name == "idefics3":
+        inputs = {"pixel_values": torch.cat([pixels, pixels], dim=1)}  # [batch, images, C, H, W]
+    else:
+        inputs = {"pixel_values": pixels, "token_type_ids": torch.tensor([[int(i == tok.image_token_id) for i in ids]])}
     llama = LlamaCpp(tmp_path / "out" / "model.gguf", tmp_path / "out" / "mmproj.gguf", chat_template=RAW_TEMPLATE)
     llama.banned = partial_utf8_ids(tok)
     message = [{"role": "user", "content": [{"type": "text", "text": pre},
@@ -288,6 +304,20 @@ def test_gemma3_pair_gives_the_transformers_tokens_with_an_image(models, tmp_pat
     out = llama.chat(message, max_tokens=10, top_logprobs=1, ignore_eos=True)
     assert [t["id"] for t in out["choices"][0]["logprobs"]["content"]] == hf_greedy(model, ids, 10, llama.banned,
                                                                                      **inputs)
+
+
+def test_idefics3_tokenizer_without_its_image_tokens_is_refused(models, tmp_path):
+    """llama.cpp looks "\n\n", "<global-img>" ... up as single tokens; a vocabulary without them is refused."""
+    import shutil
+
+    folder = tmp_path / "idefics3"
+    shutil.copytree(models["idefics3"], folder)
+    data = json.loads((folder / "tokenizer.json").read_text())
+    data["added_tokens"] = [a for a in data["added_tokens"] if a["content"] != "\n\n"]
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(VlmpruneError, match="splits"):
+        export_gguf(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_gguf_pair_answers_through_the_chat_api(models, tmp_path):

@@ -50,14 +50,16 @@ class VisionPlan:
     ffn: int
     notes: list[str]
     projector: str = "mlp"  # llama.cpp's projector type (clip.projector_type)
-    merge: int = 1  # gemma3: the average-pool kernel (patches per side / tokens per side)
+    merge: int = 1  # gemma3: the average-pool kernel (patches per side / tokens per side); idefics3: pixel shuffle
+    longest_edge: int = 0  # idefics3: the processor resizes the longest image edge to this before tiling
 
 
 # model_type -> llama.cpp projector graph written for it
-PROJECTORS = {"llava": "mlp", "gemma3": "gemma3"}
+PROJECTORS = {"llava": "mlp", "gemma3": "gemma3", "idefics3": "idefics3", "smolvlm": "idefics3"}
+# text llama.cpp puts around an idefics3 image by looking each up as ONE token of the text model's vocabulary
+# (tools/mtmd/mtmd.cpp); a missing one would become an invalid token id
+IDEFICS3_TOKENS = ("\n\n", "\n", "<fake_token_around_image>", "<global-img>")
 _NOT_YET = {
-    "idefics3": "llama.cpp's idefics3 graph (SigLIP + pixel shuffle) is not written by this export yet",
-    "smolvlm": "llama.cpp's idefics3 graph (SigLIP + pixel shuffle) is not written by this export yet",
     "qwen2_vl": "its text model needs llama.cpp's qwen2vl architecture (M-RoPE sections), which the text export "
                 "does not write yet, so an mmproj alone would not run",
     "qwen2_5_vl": "its text model needs llama.cpp's qwen2vl architecture (M-RoPE sections), which the text export "
@@ -79,6 +81,9 @@ def check_family(model) -> None:
         raise VlmpruneError(f"vision tower {tower}: the mmproj export handles "
                             f"{', '.join(TOWERS)} towers on llama.cpp's LLaVA (mlp) graph; use --no-vision to export "
                             f"the text model alone")
+    if projector == "idefics3" and tower not in ("idefics3_vision", "smolvlm_vision"):
+        raise VlmpruneError(f"a {config.model_type} model with a {tower} tower: not on llama.cpp's idefics3 graph; use "
+                            f"--no-vision to export the text model alone")
     if projector == "gemma3" and tower != "siglip_vision_model":
         raise VlmpruneError(f"a Gemma 3 model with a {tower} tower: llama.cpp's gemma3 graph is a SigLIP tower; use "
                             f"--no-vision to export the text model alone")
@@ -90,6 +95,8 @@ def plan_vision(model, adapter, processor) -> VisionPlan:
     config = model.config
     if PROJECTORS[config.model_type] == "gemma3":
         return _plan_gemma3(model, processor)
+    if PROJECTORS[config.model_type] == "idefics3":
+        return _plan_idefics3(model, processor)
     vc = config.vision_config
     tower = vc.model_type
     act = getattr(config, "projector_hidden_act", "gelu")
@@ -161,8 +168,46 @@ def _plan_gemma3(model, processor) -> VisionPlan:
                       _first_block(model, vc.model_type).mlp.fc1.out_features, notes, "gemma3", side // tokens_side)
 
 
+def _plan_idefics3(model, processor) -> VisionPlan:
+    """Idefics3 / SmolVLM: a SigLIP-style tower (post-LayerNorm), pixel shuffle by scale_factor, one
+    matrix: llama.cpp's idefics3 graph. Images are split into tower-sized tiles plus a global view by
+    both (the longest edge resized to the processor's size first)."""
+    config = model.config
+    vc = config.vision_config
+    ip = getattr(processor, "image_processor", None)
+    tokenizer = getattr(processor, "tokenizer", None)
+    if ip is None or tokenizer is None:
+        raise VlmpruneError("the model's processor has no image processor or tokenizer; the mmproj needs both")
+    tile = int((getattr(ip, "max_image_size", None) or {}).get("longest_edge", vc.image_size))
+    if tile != vc.image_size or tile % vc.patch_size:
+        raise VlmpruneError(f"the image processor cuts {tile}-px tiles for a {vc.image_size}-px tower with "
+                            f"{vc.patch_size}-px patches; not supported")
+    side = tile // vc.patch_size
+    scale = int(config.scale_factor)
+    if side % scale:
+        raise VlmpruneError(f"scale_factor={scale} does not divide the {side}x{side} patch grid; not supported")
+    if vc.hidden_act not in ("gelu_pytorch_tanh", "gelu"):
+        raise VlmpruneError(f"an Idefics3 tower with hidden_act={vc.hidden_act}: llama.cpp's SigLIP graph uses GELU")
+    missing = [t for t in IDEFICS3_TOKENS if len(tokenizer.encode(t, add_special_tokens=False)) != 1]
+    if missing:
+        raise VlmpruneError(f"llama.cpp writes {[*IDEFICS3_TOKENS]} around each idefics3 image, each as one token of "
+                            f"the text model's vocabulary, but this tokenizer splits {missing}; not supported")
+    longest = int((getattr(ip, "size", None) or {}).get("longest_edge", tile))
+    notes = []
+    if longest <= tile:
+        notes.append(f"the image processor resizes the longest edge to {longest} px, one tile: Hugging Face then "
+                     f"gives the global view alone, llama.cpp one {tile}-px tile and the global view")
+    if not getattr(ip, "do_image_splitting", True):
+        notes.append("the image processor does not split images, llama.cpp's idefics3 path always does (tiles of "
+                     f"{tile} px after resizing the longest edge to {longest} px, then the global view)")
+    return VisionPlan(vc.model_type, tile, vc.patch_size, vc.num_hidden_layers, False, False,
+                      [float(x) for x in ip.image_mean], [float(x) for x in ip.image_std],
+                      _first_block(model, vc.model_type).mlp.fc1.out_features, notes, "idefics3", scale, longest)
+
+
 def _first_block(model, tower: str):
-    vt = model.model.vision_tower if hasattr(model, "model") else model.vision_tower
+    inner = model.model if hasattr(model, "model") else model
+    vt = getattr(inner, "vision_tower", None) or inner.vision_model
     body = getattr(vt, "vision_model", vt)
     return body.encoder.layer[0] if tower == "dinov2" else body.encoder.layers[0]
 
@@ -226,9 +271,11 @@ def write_mmproj(path: Path, model, adapter, plan: VisionPlan, quant: str, name:
         writer.add_vision_use_gelu(True)
     elif vc.hidden_act != "quick_gelu":
         raise VlmpruneError(f"vision activation {vc.hidden_act}: not on llama.cpp's LLaVA graph")
-    if plan.projector == "gemma3":
+    if plan.projector in ("gemma3", "idefics3"):
         writer.add_vision_projector_scale_factor(plan.merge)
-        _write_gemma3(tensors, tname, np32, T, tower, projector, plan)
+        if plan.projector == "idefics3":
+            writer.add_vision_preproc_image_size(plan.longest_edge)
+        _write_siglip(tensors, tname, np32, T, tower, projector, plan)
         return _finish(writer, path, plan, vc, tensors)
     # run exactly `blocks` blocks and read their output (without the key the graph runs one fewer)
     writer.add_array("clip.vision.feature_layer", [plan.blocks])
@@ -286,7 +333,8 @@ def _finish(writer, path: Path, plan: VisionPlan, vc, tensors) -> dict:
             "notes": plan.notes}
 
 
-def _write_gemma3(tensors, tname, np32, T, tower, projector, plan: VisionPlan) -> None:
+def _write_siglip(tensors, tname, np32, T, tower, projector, plan: VisionPlan) -> None:
+    """A SigLIP-style tower (every block, then the post-LayerNorm) and the gemma3 or idefics3 projector."""
     import gguf
 
     body = tower.vision_model if hasattr(tower, "vision_model") else tower
@@ -302,6 +350,9 @@ def _write_gemma3(tensors, tname, np32, T, tower, projector, plan: VisionPlan) -
         _add_block(tensors, tname, np32, T, body.encoder.layers[i], i, plan.tower)
     tensors.add(tname(T.V_POST_NORM), np32(body.post_layernorm.weight))
     tensors.add(tname(T.V_POST_NORM, suffix="bias"), np32(body.post_layernorm.bias))
+    if plan.projector == "idefics3":  # pixel shuffle (in the graph), then one matrix without bias
+        tensors.add(tname(T.V_MMPROJ_FC), np32(projector.modality_projection.proj.weight))
+        return
     # Gemma's RMSNorm scales by (1 + w), llama.cpp's by w
     tensors.add(gguf.TENSOR_NAMES[T.V_MM_SOFT_EMB_NORM] + ".weight", np32(projector.mm_soft_emb_norm.weight) + 1.0)
     # [vision, text] as Hugging Face holds it: the graph transposes it (a copy, so never block-quantized)
