@@ -67,6 +67,7 @@ def tiny_llava(tokenizer, text: str = "llama", vision: str = "clip", layers: int
         LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
+        Phi3Config,
         Qwen2Config,
         SiglipVisionConfig,
     )
@@ -77,7 +78,7 @@ def tiny_llava(tokenizer, text: str = "llama", vision: str = "clip", layers: int
                   "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                   "pad_token_id": tokenizer.pad_token_id, "rms_norm_eps": 1e-5}
     common.update(text_kwargs)
-    text_config = (LlamaConfig if text == "llama" else Qwen2Config)(**common)
+    text_config = {"llama": LlamaConfig, "qwen2": Qwen2Config, "phi3": Phi3Config}[text](**common)
     if vision == "clip":
         vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
                               image_size=28, patch_size=7, projection_dim=32)
@@ -218,8 +219,8 @@ def processor_for(tokenizer, model):
                           chat_template=CHAT_TEMPLATE, **extra)
 
 
-def save_tiny_llava(folder: Path, pre: str = "smollm", **kwargs) -> Path:
-    tok = bpe_tokenizer(pre=pre)
+def save_tiny_llava(folder: Path, pre: str = "smollm", extra: dict[str, str] | None = None, **kwargs) -> Path:
+    tok = bpe_tokenizer(pre=pre, extra=extra)
     model = tiny_llava(tok, **kwargs)
     model.save_pretrained(folder)
     processor_for(tok, model).save_pretrained(folder)
