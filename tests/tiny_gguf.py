@@ -198,6 +198,58 @@ def save_tiny_idefics3(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+INTERNVL_SPECIALS = {"start_image_token": "<img>", "end_image_token": "</img>",
+                     "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
+
+
+def save_tiny_internvl(folder: Path, seed: int = 0) -> Path:
+    """A tiny InternVL (InternViT with a class token, LayerScale and qkv biases; pixel shuffle 0.5;
+    Qwen2 text) with the byte-level tokenizer plus InternVL's image tokens; its processor:
+    :func:`internvl_processor` (28-px tiles, 4 image tokens each)."""
+    from transformers import (
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLVisionConfig,
+        Qwen2Config,
+    )
+
+    tok = bpe_tokenizer(extra=INTERNVL_SPECIALS)
+    text = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=28, patch_size=7, attention_bias=True, layer_scale_init_value=0.5)
+    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=tok.context_image_token_id,
+                            image_seq_length=4, downsample_ratio=0.5, vision_feature_layer=-1)
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    with torch.no_grad():  # LayerScale, tower and projector away from their init (see tiny_llava)
+        for name, p in model.named_parameters():
+            if "lambda" in name:
+                p.copy_(torch.randn_like(p) * 0.3 + 1.0)
+            elif "vision_tower" in name and "norm" not in name:
+                p.copy_(torch.randn_like(p) * (1.0 if p.ndim < 2 or "position" in name or "cls" in name else 0.25))
+            elif "multi_modal_projector" in name and "norm" not in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    model.eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def internvl_processor(folder: Path):
+    """What the GGUF export reads of an InternVL processor (image processor, tokenizer, chat template).
+    transformers' InternVLProcessor cannot be built here: it needs a video processor, which needs
+    torchvision, which this environment lacks."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer, GotOcr2ImageProcessorPil
+
+    ip = GotOcr2ImageProcessorPil(size={"height": 28, "width": 28}, crop_to_patches=True, min_patches=1,
+                                  max_patches=4, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    return SimpleNamespace(image_processor=ip, tokenizer=AutoTokenizer.from_pretrained(folder),
+                           chat_template=CHAT_TEMPLATE)
+
+
 def processor_for(tokenizer, model):
     from transformers import BitImageProcessor, CLIPImageProcessorPil, LlavaProcessor
 

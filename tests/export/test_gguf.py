@@ -32,7 +32,9 @@ from tiny_gguf import (
     partial_utf8_ids,
     rel_diff,
     save_tiny_gemma3,
+    internvl_processor,
     save_tiny_idefics3,
+    save_tiny_internvl,
     save_tiny_llava,
     write_probe,
 )
@@ -75,6 +77,7 @@ def models(tmp_path_factory):
         "dinov2": save_tiny_llava(root / "dinov2", vision="dinov2"),
         "siglip": save_tiny_llava(root / "siglip", vision="siglip"),
         "idefics3": save_tiny_idefics3(root / "idefics3"),
+        "internvl": save_tiny_internvl(root / "internvl"),
         "gemma3-dropped": _gemma3(root, PruningPlan(drop_layers=[2])),  # full layer dropped: pattern shifts
         "gemma3-per-layer": _gemma3(root, PruningPlan(layers={1: {"mlp_channels": list(range(64))}})),
     }
@@ -225,13 +228,23 @@ def _image(size: int, seed: int = 0) -> tuple[object, str]:
     return img, base64.b64encode(buf.getvalue()).decode()
 
 
-@pytest.mark.parametrize("name", ["llama", "dinov2", "siglip", "gemma3-dropped", "idefics3"])
-def test_mmproj_image_embeddings_match_pytorch(models, tmp_path, name):
+def _processor(monkeypatch, name: str, folder: Path):
+    """The model's processor; InternVL's is assembled by hand (tiny_gguf.internvl_processor) and handed to
+    the export in place of load_processor."""
+    if name != "internvl":
+        return vlmprune.load_processor(folder)
+    processor = internvl_processor(folder)
+    monkeypatch.setattr("vlmprune.checkpoint.load_processor", lambda *args, **kwargs: processor)
+    return processor
+
+
+@pytest.mark.parametrize("name", ["llama", "dinov2", "siglip", "gemma3-dropped", "idefics3", "internvl"])
+def test_mmproj_image_embeddings_match_pytorch(models, tmp_path, monkeypatch, name):
     """Each image embedding llama.cpp injects, read through the probe, against the tower's own tokens."""
     folder = models[name]
+    processor = _processor(monkeypatch, name, folder)
     record = export_gguf(folder, tmp_path / "out", quant="f32")
     model = vlmprune.load(folder, dtype=torch.float32)
-    processor = vlmprune.load_processor(folder)
     mm = record["mmproj"]
     img, b64 = _image(mm["image_size"])
     after, extra = 0, 0  # text tokens llama.cpp puts after the image (before "b"), and in all
@@ -243,11 +256,15 @@ def test_mmproj_image_embeddings_match_pytorch(models, tmp_path, name):
         elif name == "idefics3":  # pixel shuffle 4x4 -> 2x2, projection; a 1x1 tile, then the global view (read)
             tokens = model.model.get_image_features(pixels).pooler_output[0]
             after, extra = 1, 6 + len(tokens)
+        elif name == "internvl":  # class token dropped, pixel shuffle 4x4 -> 2x2, LayerNorm + MLP; <img> ... </img>
+            tokens = model.model.get_image_features(pixels, vision_feature_layer=-1,
+                                                    vision_feature_select_strategy="default").pooler_output[0]
+            after, extra = 1, 2
         else:
             states = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
             tokens = model.model.multi_modal_projector(states[model.config.vision_feature_layer][0])  # [CLS], p1..pn
     n = mm["image_tokens"]
-    if name in ("siglip", "gemma3-dropped", "idefics3"):  # no class token: every patch (or pooled patch), in order
+    if name in ("siglip", "gemma3-dropped", "idefics3", "internvl"):  # no class token (or dropped in order): every patch (or pooled patch), in order
         assert n == tokens.shape[0] == mm["image_tokens_in_model"]
         expected = list(range(n))
     else:  # llama.cpp's LLaVA graph gives patches 2..n, then the class token (see export/gguf_vision.py)
@@ -276,18 +293,19 @@ F = "<fake_token_around_image>"
 # the image as llama.cpp lays it out in the text, in the text model's tokens ("<image>": one embedding each)
 IMAGE_TEXT = {"gemma3-dropped": "<start_of_image>" + "<image>" * 4 + "<end_of_image>",
               # a 1x1 tile, then the global view (the same 28-px image twice), as tools/mtmd writes idefics3
-              "idefics3": F + "<row_1_col_1>" + "<image>" * 4 + "\n\n" + F + "<global-img>" + "<image>" * 4 + F}
+              "idefics3": F + "<row_1_col_1>" + "<image>" * 4 + "\n\n" + F + "<global-img>" + "<image>" * 4 + F,
+              "internvl": "<img>" + "<IMG_CONTEXT>" * 4 + "</img>"}
 
 
-@pytest.mark.parametrize("name", ["gemma3-dropped", "idefics3"])
-def test_pair_gives_the_transformers_tokens_with_an_image(models, tmp_path, name):
+@pytest.mark.parametrize("name", ["gemma3-dropped", "idefics3", "internvl"])
+def test_pair_gives_the_transformers_tokens_with_an_image(models, tmp_path, monkeypatch, name):
     """The text GGUF + mmproj in llama.cpp against transformers on a prompt with an image: the same
     prompt length, log-probs and greedy tokens. Gemma 3's image block is attended bidirectionally in
     both (token_type_ids in transformers)."""
     folder = models[name]
+    processor = _processor(monkeypatch, name, folder)
     export_gguf(folder, tmp_path / "out", quant="f32")
     model = vlmprune.load(folder, dtype=torch.float32)
-    processor = vlmprune.load_processor(folder)
     tok = processor.tokenizer
     img, b64 = _image(28)
     pre, post = "<|im_start|>user\n", "What colour is the circle?<|im_end|>\n<|im_start|>assistant\n"
@@ -295,6 +313,8 @@ def test_pair_gives_the_transformers_tokens_with_an_image(models, tmp_path, name
     pixels = processor.image_processor(img, return_tensors="pt")["pixel_values"]
     if name == "idefics3":
         inputs = {"pixel_values": torch.cat([pixels, pixels], dim=1)}  # [batch, images, C, H, W]
+    elif name == "internvl":
+        inputs = {"pixel_values": pixels}
     else:
         inputs = {"pixel_values": pixels, "token_type_ids": torch.tensor([[int(i == tok.image_token_id) for i in ids]])}
     llama = LlamaCpp(tmp_path / "out" / "model.gguf", tmp_path / "out" / "mmproj.gguf", chat_template=RAW_TEMPLATE)

@@ -52,10 +52,11 @@ class VisionPlan:
     projector: str = "mlp"  # llama.cpp's projector type (clip.projector_type)
     merge: int = 1  # gemma3: the average-pool kernel (patches per side / tokens per side); idefics3: pixel shuffle
     longest_edge: int = 0  # idefics3: the processor resizes the longest image edge to this before tiling
+    tiles: tuple[int, int] = (1, 12)  # internvl: the fewest and most tiles an image is cut into
 
 
 # model_type -> llama.cpp projector graph written for it
-PROJECTORS = {"llava": "mlp", "gemma3": "gemma3", "idefics3": "idefics3", "smolvlm": "idefics3"}
+PROJECTORS = {"llava": "mlp", "gemma3": "gemma3", "idefics3": "idefics3", "smolvlm": "idefics3", "internvl": "internvl"}
 # text llama.cpp puts around an idefics3 image by looking each up as ONE token of the text model's vocabulary
 # (tools/mtmd/mtmd.cpp); a missing one would become an invalid token id
 IDEFICS3_TOKENS = ("\n\n", "\n", "<fake_token_around_image>", "<global-img>")
@@ -84,6 +85,9 @@ def check_family(model) -> None:
     if projector == "idefics3" and tower not in ("idefics3_vision", "smolvlm_vision"):
         raise VlmpruneError(f"a {config.model_type} model with a {tower} tower: not on llama.cpp's idefics3 graph; use "
                             f"--no-vision to export the text model alone")
+    if projector == "internvl" and tower != "internvl_vision":
+        raise VlmpruneError(f"an InternVL model with a {tower} tower: not on llama.cpp's internvl graph; use "
+                            f"--no-vision to export the text model alone")
     if projector == "gemma3" and tower != "siglip_vision_model":
         raise VlmpruneError(f"a Gemma 3 model with a {tower} tower: llama.cpp's gemma3 graph is a SigLIP tower; use "
                             f"--no-vision to export the text model alone")
@@ -97,6 +101,8 @@ def plan_vision(model, adapter, processor) -> VisionPlan:
         return _plan_gemma3(model, processor)
     if PROJECTORS[config.model_type] == "idefics3":
         return _plan_idefics3(model, processor)
+    if PROJECTORS[config.model_type] == "internvl":
+        return _plan_internvl(model, processor)
     vc = config.vision_config
     tower = vc.model_type
     act = getattr(config, "projector_hidden_act", "gelu")
@@ -205,11 +211,58 @@ def _plan_idefics3(model, processor) -> VisionPlan:
                       _first_block(model, vc.model_type).mlp.fc1.out_features, notes, "idefics3", scale, longest)
 
 
+def _plan_internvl(model, processor) -> VisionPlan:
+    """InternVL: InternViT (class token, LayerScale, qkv biases), the class token dropped, pixel shuffle
+    (1 / downsample_ratio), LayerNorm + Linear-GELU-Linear: llama.cpp's internvl graph. Like its LLaVA
+    graph it appends the class token after the patches and takes positions in that order, so the
+    position table is written in that order (then every token is exact); it drops the class token
+    from the end, so the patches it keeps are the model's."""
+    config = model.config
+    vc = config.vision_config
+    ip = getattr(processor, "image_processor", None)
+    if ip is None:
+        raise VlmpruneError("the model's processor has no image processor; the mmproj needs its size and normalisation")
+    size = _image_size(ip)
+    vsize = vc.image_size[0] if isinstance(vc.image_size, (list, tuple)) else vc.image_size
+    patch = vc.patch_size[0] if isinstance(vc.patch_size, (list, tuple)) else vc.patch_size
+    if size != vsize or size % patch:
+        raise VlmpruneError(f"the image processor makes {size}-px tiles for a {vsize}-px tower with {patch}-px "
+                            f"patches; not supported")
+    scale = round(1 / config.downsample_ratio)
+    if scale * config.downsample_ratio != 1 or (size // patch) % scale:
+        raise VlmpruneError(f"downsample_ratio={config.downsample_ratio}: llama.cpp's pixel shuffle needs 1 / ratio to be "
+                            f"an integer dividing the {size // patch}-patch side")
+    if getattr(config, "vision_feature_select_strategy", "default") != "default":
+        raise VlmpruneError("vision_feature_select_strategy='full' (the class token kept): llama.cpp's internvl graph "
+                            "always drops it; not supported")
+    if getattr(vc, "use_qk_norm", False) or getattr(vc, "norm_type", "layer_norm") != "layer_norm":
+        raise VlmpruneError("an InternViT with qk-norm or RMS norms (the 6B tower): not written by this export")
+    if getattr(config, "projector_hidden_act", "gelu") != "gelu" or vc.hidden_act != "gelu":
+        raise VlmpruneError("llama.cpp's internvl graph applies GELU in the tower and the projector; this model uses "
+                            f"{vc.hidden_act} / {config.projector_hidden_act}: not supported")
+    layer = config.vision_feature_layer
+    n = vc.num_hidden_layers
+    if not isinstance(layer, int):
+        raise VlmpruneError(f"vision_feature_layer={layer}: several feature layers are not supported")
+    blocks = n if layer == -1 else (n + 1 + layer if layer < 0 else layer)
+    if not 1 <= blocks <= n:
+        raise VlmpruneError(f"vision_feature_layer={layer} of a {n}-block tower reads no block output; not supported")
+    notes = []
+    if not getattr(ip, "crop_to_patches", False):
+        notes.append(f"the image processor gives each image one {size}-px view; llama.cpp's internvl path tiles "
+                     f"larger images ({getattr(ip, 'min_patches', 1)}..{getattr(ip, 'max_patches', 12)} tiles and a "
+                     f"thumbnail) as InternVL's crop_to_patches does")
+    return VisionPlan(vc.model_type, size, patch, blocks, True, False,
+                      [float(x) for x in ip.image_mean], [float(x) for x in ip.image_std],
+                      _first_block(model, vc.model_type).mlp.fc1.out_features, notes, "internvl", scale,
+                      tiles=(int(getattr(ip, "min_patches", 1)), int(getattr(ip, "max_patches", 12))))
+
+
 def _first_block(model, tower: str):
     inner = model.model if hasattr(model, "model") else model
     vt = getattr(inner, "vision_tower", None) or inner.vision_model
     body = getattr(vt, "vision_model", vt)
-    return body.encoder.layer[0] if tower == "dinov2" else body.encoder.layers[0]
+    return body.encoder.layer[0] if tower in ("dinov2", "internvl_vision") else body.encoder.layers[0]
 
 
 def _image_size(ip) -> int:
@@ -271,6 +324,12 @@ def write_mmproj(path: Path, model, adapter, plan: VisionPlan, quant: str, name:
         writer.add_vision_use_gelu(True)
     elif vc.hidden_act != "quick_gelu":
         raise VlmpruneError(f"vision activation {vc.hidden_act}: not on llama.cpp's LLaVA graph")
+    if plan.projector == "internvl":
+        writer.add_vision_projector_scale_factor(plan.merge)
+        writer.add_vision_preproc_min_tiles(plan.tiles[0])
+        writer.add_vision_preproc_max_tiles(plan.tiles[1])
+        _write_internvl(tensors, tname, np32, T, tower, projector, plan, vc)
+        return _finish(writer, path, plan, vc, tensors)
     if plan.projector in ("gemma3", "idefics3"):
         writer.add_vision_projector_scale_factor(plan.merge)
         if plan.projector == "idefics3":
@@ -333,6 +392,37 @@ def _finish(writer, path: Path, plan: VisionPlan, vc, tensors) -> dict:
             "notes": plan.notes}
 
 
+def _write_internvl(tensors, tname, np32, T, tower, projector, plan: VisionPlan, vc) -> None:
+    import gguf
+
+    emb = tower.embeddings
+    tensors.add(tname(T.V_ENC_EMBD_PATCH), np32(emb.patch_embeddings.projection.weight), "f32")
+    tensors.add(tname(T.V_ENC_EMBD_PATCH, suffix="bias"), np32(emb.patch_embeddings.projection.bias))
+    tensors.add(gguf.TENSOR_NAMES[T.V_ENC_EMBD_CLS], np32(emb.cls_token.reshape(-1)))
+    pos = emb.position_embeddings[0]  # [1 + n, D], class token first
+    n_patches = (plan.image_size // plan.patch_size) ** 2
+    if pos.shape[0] != n_patches + 1:
+        raise VlmpruneError(f"the position table has {pos.shape[0]} rows for {n_patches} patches; not supported")
+    tensors.add(tname(T.V_ENC_EMBD_POS), np32(torch_cat_cls_last(pos)), "f32")  # the graph's order
+    for i in range(plan.blocks):
+        _add_block(tensors, tname, np32, T, tower.encoder.layer[i], i, plan.tower)
+    norm = getattr(tower, "layernorm", None)
+    if plan.blocks == vc.num_hidden_layers and hasattr(norm, "weight"):  # last_hidden_state is normed
+        tensors.add(tname(T.V_POST_NORM), np32(norm.weight))
+        tensors.add(tname(T.V_POST_NORM, suffix="bias"), np32(norm.bias))
+    # mm.model.mlp.{0: LayerNorm, 1: Linear, 3: Linear} (the numbering of InternVL's own nn.Sequential)
+    for idx, part in ((0, projector.layer_norm), (1, projector.linear_1), (3, projector.linear_2)):
+        tensors.add(tname(T.V_MMPROJ_MLP, idx), np32(part.weight))
+        tensors.add(tname(T.V_MMPROJ_MLP, idx, "bias"), np32(part.bias))
+
+
+def torch_cat_cls_last(pos):
+    """A [class, patch 1..n] position table in the order llama.cpp's graphs add it: patches, then class."""
+    import torch
+
+    return torch.cat([pos[1:], pos[:1]])
+
+
 def _write_siglip(tensors, tname, np32, T, tower, projector, plan: VisionPlan) -> None:
     """A SigLIP-style tower (every block, then the post-LayerNorm) and the gemma3 or idefics3 projector."""
     import gguf
@@ -367,6 +457,11 @@ def _add_block(tensors, tname, np32, T, block, i: int, tower: str) -> None:
         ln1, ln2, fc1, fc2 = block.norm1, block.norm2, block.mlp.fc1, block.mlp.fc2
         s1 = np32(block.layer_scale1.lambda1)
         s2 = np32(block.layer_scale2.lambda1)
+    elif tower == "internvl_vision":
+        attn = block.attention
+        q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.projection_layer
+        ln1, ln2, fc1, fc2 = block.layernorm_before, block.layernorm_after, block.mlp.fc1, block.mlp.fc2
+        s1, s2 = np32(block.lambda_1), np32(block.lambda_2)
     else:
         attn = block.self_attn
         q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj
@@ -374,11 +469,12 @@ def _add_block(tensors, tname, np32, T, block, i: int, tower: str) -> None:
         s1 = s2 = None
     for kind, lin, scale in ((T.V_ENC_ATTN_Q, q, None), (T.V_ENC_ATTN_K, k, None), (T.V_ENC_ATTN_V, v, None),
                              (T.V_ENC_ATTN_O, o, s1), (T.V_ENC_FFN_UP, fc1, None), (T.V_ENC_FFN_DOWN, fc2, s2)):
-        w, b = np32(lin.weight), np32(lin.bias)
+        w, b = np32(lin.weight), (np32(lin.bias) if lin.bias is not None else None)
         if scale is not None:  # LayerScale folded: diag(s) (W x + b)
-            w, b = w * scale[:, None], b * scale
+            w, b = w * scale[:, None], (b * scale if b is not None else None)
         tensors.add(tname(kind, i), w)
-        tensors.add(tname(kind, i, "bias"), b)
+        if b is not None:  # llama.cpp's ViT blocks take their biases where the file has them
+            tensors.add(tname(kind, i, "bias"), b)
     for kind, norm in ((T.V_ENC_INPUT_NORM, ln1), (T.V_ENC_POST_ATTN_NORM, ln2)):
         tensors.add(tname(kind, i), np32(norm.weight))
         tensors.add(tname(kind, i, "bias"), np32(norm.bias))
