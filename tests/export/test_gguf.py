@@ -29,10 +29,10 @@ from tiny_gguf import (
     LlamaCpp,
     hf_greedy,
     hf_logprobs,
+    internvl_processor,
     partial_utf8_ids,
     rel_diff,
     save_tiny_gemma3,
-    internvl_processor,
     save_tiny_idefics3,
     save_tiny_internvl,
     save_tiny_llava,
@@ -264,7 +264,8 @@ def test_mmproj_image_embeddings_match_pytorch(models, tmp_path, monkeypatch, na
             states = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
             tokens = model.model.multi_modal_projector(states[model.config.vision_feature_layer][0])  # [CLS], p1..pn
     n = mm["image_tokens"]
-    if name in ("siglip", "gemma3-dropped", "idefics3", "internvl"):  # no class token (or dropped in order): every patch (or pooled patch), in order
+    if name in ("siglip", "gemma3-dropped", "idefics3", "internvl"):  # no class token (or dropped): every patch
+        # (or pooled / shuffled patch), in order
         assert n == tokens.shape[0] == mm["image_tokens_in_model"]
         expected = list(range(n))
     else:  # llama.cpp's LLaVA graph gives patches 2..n, then the class token (see export/gguf_vision.py)

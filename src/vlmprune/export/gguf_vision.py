@@ -230,8 +230,8 @@ def _plan_internvl(model, processor) -> VisionPlan:
                             f"patches; not supported")
     scale = round(1 / config.downsample_ratio)
     if scale * config.downsample_ratio != 1 or (size // patch) % scale:
-        raise VlmpruneError(f"downsample_ratio={config.downsample_ratio}: llama.cpp's pixel shuffle needs 1 / ratio to be "
-                            f"an integer dividing the {size // patch}-patch side")
+        raise VlmpruneError(f"downsample_ratio={config.downsample_ratio}: llama.cpp's pixel shuffle needs 1 / ratio "
+                            f"to be an integer dividing the {size // patch}-patch side")
     if getattr(config, "vision_feature_select_strategy", "default") != "default":
         raise VlmpruneError("vision_feature_select_strategy='full' (the class token kept): llama.cpp's internvl graph "
                             "always drops it; not supported")
