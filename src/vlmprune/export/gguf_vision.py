@@ -1,11 +1,20 @@
-"""The vision tower and projector of a LLaVA-style model as an ``mmproj`` GGUF for llama.cpp (libmtmd).
+"""The vision tower and projector of a VLM as an ``mmproj`` GGUF for llama.cpp (libmtmd).
 
-llama.cpp runs LLaVA's towers on its ``mlp`` projector graph (``tools/mtmd/models/llava.cpp``): patch
-embedding, optional class token, learned positions, optional pre-LayerNorm, ViT blocks, then
-Linear -> GELU -> Linear. Written here for CLIP, SigLIP and DINOv2 towers; everything else is
-refused with the reason before anything is written.
+One llama.cpp projector graph per family (``clip.projector_type``), each checked in the tests
+against transformers token by token:
 
-How the file fits that graph (facts of the llama.cpp build in xllamacpp 2026.10, measured by the tests):
+* ``mlp`` (LLaVA: CLIP, SigLIP, DINOv2 towers; ``tools/mtmd/models/llava.cpp``): patch embedding,
+  optional class token, learned positions, optional pre-LayerNorm, ViT blocks, Linear-GELU-Linear;
+* ``gemma3`` and ``idefics3`` (``models/siglip.cpp``): SigLIP blocks and post-LayerNorm, then an
+  average pool + soft-embedding RMSNorm + matrix (Gemma 3) or a pixel shuffle + matrix (Idefics3 /
+  SmolVLM);
+* ``internvl`` (``models/internvl.cpp``): InternViT with its class token appended after the patches
+  (positions written in that order, as for LLaVA below), the class token dropped, pixel shuffle,
+  LayerNorm + Linear-GELU-Linear.
+
+Everything else is refused with the reason before anything is written.
+
+How an LLaVA file fits the ``mlp`` graph (facts of the llama.cpp build in xllamacpp 2026.10, measured by the tests):
 
 * The layer read: LLaVA reads ``hidden_states[vision_feature_layer]`` (before any final norm).
   Without an explicit ``clip.vision.feature_layer`` the graph runs one block fewer than written
