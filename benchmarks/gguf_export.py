@@ -11,7 +11,8 @@ and a Markdown table on stdout (speed ratios against the model's PyTorch row).
 
     .venv/bin/python benchmarks/gguf_export.py --limit 100 --quants f16,q8_0,q4_0 --models demo,runs/pruned
 
-Keep --limit small on a shared machine: PyTorch answers ~2 questions/s on one core, llama.cpp ~5.
+Keep --limit small on a shared machine: on one (loaded) core, 100 questions took about a minute per
+variant (PyTorch batched 16, llama.cpp one at a time), plus an export per quant.
 """
 
 from __future__ import annotations
