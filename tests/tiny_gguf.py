@@ -28,7 +28,8 @@ CORPUS = [
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
 
 
-def bpe_tokenizer(vocab_size: int = 400, pre: str = "smollm"):
+def bpe_tokenizer(vocab_size: int = 400, pre: str = "smollm", extra: dict[str, str] | None = None):
+    """``extra``: more special tokens by role (e.g. Gemma 3's ``boi_token``), set as tokenizer attributes."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -46,12 +47,14 @@ def bpe_tokenizer(vocab_size: int = 400, pre: str = "smollm"):
         backend.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
                                  if pre == "smollm" else byte_level)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+    extra = extra or {}
+    specials = SPECIALS + [t for t in extra.values() if t not in SPECIALS]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     backend.train_from_iterator(CORPUS, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|im_end|>",
                                    pad_token="<|im_end|>", unk_token=None,
-                                   additional_special_tokens=["<|im_start|>", "<|im_end|>", "<image>"],
+                                   additional_special_tokens=specials[1:], extra_special_tokens=extra,
                                    chat_template=CHAT_TEMPLATE)
 
 
@@ -64,6 +67,7 @@ def tiny_llava(tokenizer, text: str = "llama", vision: str = "clip", layers: int
         LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
+        Phi3Config,
         Qwen2Config,
         SiglipVisionConfig,
     )
@@ -74,7 +78,7 @@ def tiny_llava(tokenizer, text: str = "llama", vision: str = "clip", layers: int
                   "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                   "pad_token_id": tokenizer.pad_token_id, "rms_norm_eps": 1e-5}
     common.update(text_kwargs)
-    text_config = (LlamaConfig if text == "llama" else Qwen2Config)(**common)
+    text_config = {"llama": LlamaConfig, "qwen2": Qwen2Config, "phi3": Phi3Config}[text](**common)
     if vision == "clip":
         vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
                               image_size=28, patch_size=7, projection_dim=32)
@@ -104,17 +108,23 @@ def tiny_llava(tokenizer, text: str = "llama", vision: str = "clip", layers: int
     return model.eval()
 
 
+GEMMA3_SPECIALS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image>"}
+
+
 def save_tiny_gemma3(folder: Path, layers: int = 5, seed: int = 0) -> Path:
-    """A tiny Gemma 3 (sliding and full attention layers, window 8, shorter than the test prompts) with
-    the byte-level tokenizer; saved with the tokenizer only (its text model is what gets exported)."""
+    """A tiny Gemma 3 (sliding and full attention layers, window 8, shorter than the test prompts;
+    a 2-block SigLIP tower, 28 px in 7-px patches pooled to 4 image tokens) with the byte-level
+    tokenizer (plus Gemma's image delimiters) and a Gemma3Processor."""
     from transformers import (
         Gemma3Config,
         Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessorPil,
+        Gemma3Processor,
         Gemma3TextConfig,
         SiglipVisionConfig,
     )
 
-    tok = bpe_tokenizer()
+    tok = bpe_tokenizer(extra=GEMMA3_SPECIALS)
     kinds = ["sliding_attention", "sliding_attention", "full_attention"]
     text = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                             num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32,
@@ -122,18 +132,122 @@ def save_tiny_gemma3(folder: Path, layers: int = 5, seed: int = 0) -> Path:
                             max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                             pad_token_id=tok.pad_token_id)
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                image_size=28, patch_size=7, vision_use_head=False)
+                                image_size=28, patch_size=7, vision_use_head=False, layer_norm_eps=1e-6)
     config = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=4,
-                          image_token_index=tok.convert_tokens_to_ids("<image>"))
+                          image_token_index=tok.image_token_id, boi_token_index=tok.boi_token_id,
+                          eoi_token_index=tok.eoi_token_id)
     torch.manual_seed(seed)
     model = Gemma3ForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    with torch.no_grad():  # norms away from their zero init, so the +1 of Gemma's norms is tested
+    with torch.no_grad():  # norms away from their zero init (the +1 of Gemma's norms is tested), a tower that matters
         for name, p in model.named_parameters():
-            if "language_model" in name and name.endswith("norm.weight"):
+            if name.endswith("norm.weight") and "vision_tower" not in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+            elif "vision_tower" in name and "norm" not in name:
+                p.copy_(torch.randn_like(p) * (1.0 if p.ndim < 2 or "position" in name else 0.25))
+            elif "mm_input_projection" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    model.eval().save_pretrained(folder)
+    half = [0.5, 0.5, 0.5]
+    ip = Gemma3ImageProcessorPil(size={"height": 28, "width": 28}, image_mean=half, image_std=half)
+    template = CHAT_TEMPLATE.replace("'<image>\n'", "'<start_of_image>'")
+    processor = Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=4, chat_template=template)
+    processor.save_pretrained(folder)
+    return folder
+
+
+IDEFICS3_SPECIALS = {"fake_image_token": "<fake_token_around_image>", "global_image_token": "<global-img>",
+                     "image_token": "<image>", "paragraph": "\n\n", "row_1_col_1": "<row_1_col_1>"}
+
+
+def save_tiny_idefics3(folder: Path, seed: int = 0) -> Path:
+    """A tiny Idefics3 (SmolVLM's layout: SigLIP-style tower, pixel shuffle 2, Llama text) with the
+    byte-level tokenizer plus Idefics3's image tokens ("\n\n" one token, as in SmolLM2's vocabulary),
+    and an Idefics3Processor cutting 28-px tiles after resizing the longest edge to 28 px."""
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+        Idefics3VisionConfig,
+        LlamaConfig,
+    )
+
+    half = [0.5, 0.5, 0.5]
+    ip = Idefics3ImageProcessorPil(size={"longest_edge": 28}, max_image_size={"longest_edge": 28},
+                                   image_mean=half, image_std=half)
+    processor = Idefics3Processor(image_processor=ip, tokenizer=bpe_tokenizer(extra=IDEFICS3_SPECIALS),
+                                  image_seq_len=4, chat_template=CHAT_TEMPLATE)
+    tok = processor.tokenizer  # the processor adds <end_of_utterance>
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=28, patch_size=7)
+    config = Idefics3Config(vision_config=vision, text_config=text, scale_factor=2,
+                            image_token_id=tok.image_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    with torch.no_grad():  # a tower and a connector that matter (see tiny_llava)
+        for name, p in model.named_parameters():
+            if "vision_model" in name and "norm" not in name:
+                p.copy_(torch.randn_like(p) * (1.0 if p.ndim < 2 or "position" in name else 0.25))
+            elif "connector" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    model.eval().save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+INTERNVL_SPECIALS = {"start_image_token": "<img>", "end_image_token": "</img>",
+                     "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
+
+
+def save_tiny_internvl(folder: Path, seed: int = 0) -> Path:
+    """A tiny InternVL (InternViT with a class token, LayerScale and qkv biases; pixel shuffle 0.5;
+    Qwen2 text) with the byte-level tokenizer plus InternVL's image tokens; its processor:
+    :func:`internvl_processor` (28-px tiles, 4 image tokens each)."""
+    from transformers import (
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLVisionConfig,
+        Qwen2Config,
+    )
+
+    tok = bpe_tokenizer(extra=INTERNVL_SPECIALS)
+    text = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=28, patch_size=7, attention_bias=True, layer_scale_init_value=0.5)
+    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=tok.context_image_token_id,
+                            image_seq_length=4, downsample_ratio=0.5, vision_feature_layer=-1)
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    with torch.no_grad():  # LayerScale, tower and projector away from their init (see tiny_llava)
+        for name, p in model.named_parameters():
+            if "lambda" in name:
+                p.copy_(torch.randn_like(p) * 0.3 + 1.0)
+            elif "vision_tower" in name and "norm" not in name:
+                p.copy_(torch.randn_like(p) * (1.0 if p.ndim < 2 or "position" in name or "cls" in name else 0.25))
+            elif "multi_modal_projector" in name and "norm" not in name:
                 p.copy_(torch.randn_like(p) * 0.3)
     model.eval().save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def internvl_processor(folder: Path):
+    """What the GGUF export reads of an InternVL processor (image processor, tokenizer, chat template).
+    transformers' InternVLProcessor cannot be built here: it needs a video processor, which needs
+    torchvision, which this environment lacks."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer, GotOcr2ImageProcessorPil
+
+    ip = GotOcr2ImageProcessorPil(size={"height": 28, "width": 28}, crop_to_patches=True, min_patches=1,
+                                  max_patches=4, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    return SimpleNamespace(image_processor=ip, tokenizer=AutoTokenizer.from_pretrained(folder),
+                           chat_template=CHAT_TEMPLATE)
 
 
 def processor_for(tokenizer, model):
@@ -157,8 +271,8 @@ def processor_for(tokenizer, model):
                           chat_template=CHAT_TEMPLATE, **extra)
 
 
-def save_tiny_llava(folder: Path, pre: str = "smollm", **kwargs) -> Path:
-    tok = bpe_tokenizer(pre=pre)
+def save_tiny_llava(folder: Path, pre: str = "smollm", extra: dict[str, str] | None = None, **kwargs) -> Path:
+    tok = bpe_tokenizer(pre=pre, extra=extra)
     model = tiny_llava(tok, **kwargs)
     model.save_pretrained(folder)
     processor_for(tok, model).save_pretrained(folder)

@@ -29,9 +29,12 @@ from tiny_gguf import (
     LlamaCpp,
     hf_greedy,
     hf_logprobs,
+    internvl_processor,
     partial_utf8_ids,
     rel_diff,
     save_tiny_gemma3,
+    save_tiny_idefics3,
+    save_tiny_internvl,
     save_tiny_llava,
     write_probe,
 )
@@ -69,8 +72,12 @@ def models(tmp_path_factory):
         "llama-per-layer-tied": _saved(root, "llama-tied", PER_LAYER, tie_word_embeddings=True),
         "qwen2": _saved(root, "qwen2", text="qwen2"),
         "qwen2-per-layer": _saved(root, "qwen2", PER_LAYER, text="qwen2"),
+        "phi3": _saved(root, "phi3", text="phi3"),
+        "phi3-per-layer": _saved(root, "phi3", PER_LAYER, text="phi3"),
         "dinov2": save_tiny_llava(root / "dinov2", vision="dinov2"),
         "siglip": save_tiny_llava(root / "siglip", vision="siglip"),
+        "idefics3": save_tiny_idefics3(root / "idefics3"),
+        "internvl": save_tiny_internvl(root / "internvl"),
         "gemma3-dropped": _gemma3(root, PruningPlan(drop_layers=[2])),  # full layer dropped: pattern shifts
         "gemma3-per-layer": _gemma3(root, PruningPlan(layers={1: {"mlp_channels": list(range(64))}})),
     }
@@ -88,8 +95,7 @@ def _gemma3(root: Path, plan: PruningPlan) -> Path:
 def _check_text(model_dir: Path, out: Path, quant: str = "f32") -> tuple[float, list[int], list[int], dict]:
     from transformers import AutoTokenizer
 
-    gemma = "gemma3" in model_dir.name
-    record = export_gguf(model_dir, out, quant=quant, vision=not gemma)
+    record = export_gguf(model_dir, out, quant=quant)
     model = vlmprune.load(model_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids = tok(PROMPT)["input_ids"]
@@ -102,7 +108,8 @@ def _check_text(model_dir: Path, out: Path, quant: str = "f32") -> tuple[float, 
 
 @pytest.mark.parametrize("name, arch", [("llama", "llama"), ("llama-per-layer", "deci"),
                                         ("llama-per-layer-tied", "deci"), ("qwen2", "qwen2"),
-                                        ("qwen2-per-layer", "deci"),
+                                        ("qwen2-per-layer", "deci"), ("phi3", "phi3"),
+                                        ("phi3-per-layer", "deci"),
                                         ("gemma3-dropped", "gemma3")])
 def test_f32_text_matches_transformers(models, tmp_path, name, arch):
     from gguf import GGUFReader
@@ -111,9 +118,12 @@ def test_f32_text_matches_transformers(models, tmp_path, name, arch):
     assert record["text"]["arch"] == arch
     names = {t.name for t in GGUFReader(str(tmp_path / "out" / "model.gguf")).tensors}
     # a tied lm_head is not written: llama.cpp reads token_embd for it
-    assert ("output.weight" in names) == (name in ("llama", "llama-per-layer", "qwen2", "qwen2-per-layer")), names
+    untied = ("llama", "llama-per-layer", "qwen2", "qwen2-per-layer", "phi3", "phi3-per-layer")
+    assert ("output.weight" in names) == (name in untied), names
     assert diff <= 1e-3, diff
     assert llama_tokens == hf_tokens
+    if name.startswith("phi3"):  # the folder's name "phi3" would make llama.cpp fail (see export/gguf.py)
+        assert "written as 'phi 3" in record["text"]["notes"][0]
 
 
 def test_per_layer_widths_are_written_per_layer(models, tmp_path):
@@ -149,9 +159,6 @@ def test_gemma3_sliding_window_pattern_follows_the_drops(models, tmp_path):
     fields = GGUFReader(str(tmp_path / "out" / "model.gguf")).fields
     # layers s s F s s, layer 2 (the full one) dropped -> s s s s
     assert fields["gemma3.attention.sliding_window_pattern"].contents() == [True, True, True, True]
-    with pytest.raises(VlmpruneError, match="--no-vision"):
-        export_gguf(models["gemma3-dropped"], tmp_path / "out2")
-    assert not (tmp_path / "out2").exists()
 
 
 def test_cli_export_writes_the_pair_and_reports_fallbacks(models, tmp_path, capsys):
@@ -221,21 +228,44 @@ def _image(size: int, seed: int = 0) -> tuple[object, str]:
     return img, base64.b64encode(buf.getvalue()).decode()
 
 
-@pytest.mark.parametrize("name", ["llama", "dinov2", "siglip"])
-def test_mmproj_image_embeddings_match_pytorch(models, tmp_path, name):
+def _processor(monkeypatch, name: str, folder: Path):
+    """The model's processor; InternVL's is assembled by hand (tiny_gguf.internvl_processor) and handed to
+    the export in place of load_processor."""
+    if name != "internvl":
+        return vlmprune.load_processor(folder)
+    processor = internvl_processor(folder)
+    monkeypatch.setattr("vlmprune.checkpoint.load_processor", lambda *args, **kwargs: processor)
+    return processor
+
+
+@pytest.mark.parametrize("name", ["llama", "dinov2", "siglip", "gemma3-dropped", "idefics3", "internvl"])
+def test_mmproj_image_embeddings_match_pytorch(models, tmp_path, monkeypatch, name):
     """Each image embedding llama.cpp injects, read through the probe, against the tower's own tokens."""
     folder = models[name]
+    processor = _processor(monkeypatch, name, folder)
     record = export_gguf(folder, tmp_path / "out", quant="f32")
     model = vlmprune.load(folder, dtype=torch.float32)
-    processor = vlmprune.load_processor(folder)
     mm = record["mmproj"]
     img, b64 = _image(mm["image_size"])
+    after, extra = 0, 0  # text tokens llama.cpp puts after the image (before "b"), and in all
     with torch.no_grad():
         pixels = processor.image_processor(img, return_tensors="pt")["pixel_values"]
-        states = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
-        tokens = model.model.multi_modal_projector(states[model.config.vision_feature_layer][0])  # [CLS], p1..pn
+        if name.startswith("gemma3"):  # SigLIP, pooled 4x4 -> 2x2, RMSNorm, projection; <end_of_image> after
+            tokens = model.model.get_image_features(pixels).pooler_output[0]
+            after, extra = 1, 2
+        elif name == "idefics3":  # pixel shuffle 4x4 -> 2x2, projection; a 1x1 tile, then the global view (read)
+            tokens = model.model.get_image_features(pixels).pooler_output[0]
+            after, extra = 1, 6 + len(tokens)
+        elif name == "internvl":  # class token dropped, pixel shuffle 4x4 -> 2x2, LayerNorm + MLP; <img> ... </img>
+            tokens = model.model.get_image_features(pixels, vision_feature_layer=-1,
+                                                    vision_feature_select_strategy="default").pooler_output[0]
+            after, extra = 1, 2
+        else:
+            states = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+            tokens = model.model.multi_modal_projector(states[model.config.vision_feature_layer][0])  # [CLS], p1..pn
     n = mm["image_tokens"]
-    if name == "siglip":  # no class token: every patch, in order
+    if name in ("siglip", "gemma3-dropped", "idefics3", "internvl"):  # no class token (or dropped): every patch
+        # (or pooled / shuffled patch), in order
         assert n == tokens.shape[0] == mm["image_tokens_in_model"]
         expected = list(range(n))
     else:  # llama.cpp's LLaVA graph gives patches 2..n, then the class token (see export/gguf_vision.py)
@@ -247,17 +277,74 @@ def test_mmproj_image_embeddings_match_pytorch(models, tmp_path, name):
                                             {"type": "text", "text": "b"}]}]
     for k in range(n):
         probe = tmp_path / "probe.gguf"
-        n_vocab = write_probe(probe, folder, hidden, ["a", "b"], distance=n - k)
+        n_vocab = write_probe(probe, folder, hidden, ["a", "b"], distance=n - k + after)
         llama = LlamaCpp(probe, tmp_path / "out" / "mmproj.gguf", chat_template=RAW_TEMPLATE)
         keep = processor.tokenizer.convert_tokens_to_ids("a")  # sampled: a whole UTF-8 token
         llama.banned = [i for i in range(n_vocab) if i != keep]
         out = llama.chat(message, top_logprobs=n_vocab)
-        assert out["usage"]["prompt_tokens"] == n + 2
+        assert out["usage"]["prompt_tokens"] == n + 2 + extra
         logprobs = {p["id"]: p["logprob"] for p in out["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
         read = torch.tensor([logprobs[j] - logprobs[hidden] for j in range(hidden)])
         cos = torch.nn.functional.cosine_similarity(read[None], tokens, dim=-1)
         assert int(cos.argmax()) == expected[k], (k, cos)
         assert float(cos[expected[k]]) >= 0.9999, (k, float(cos[expected[k]]))
+
+
+F = "<fake_token_around_image>"
+# the image as llama.cpp lays it out in the text, in the text model's tokens ("<image>": one embedding each)
+IMAGE_TEXT = {"gemma3-dropped": "<start_of_image>" + "<image>" * 4 + "<end_of_image>",
+              # a 1x1 tile, then the global view (the same 28-px image twice), as tools/mtmd writes idefics3
+              "idefics3": F + "<row_1_col_1>" + "<image>" * 4 + "\n\n" + F + "<global-img>" + "<image>" * 4 + F,
+              "internvl": "<img>" + "<IMG_CONTEXT>" * 4 + "</img>"}
+
+
+@pytest.mark.parametrize("name", ["gemma3-dropped", "idefics3", "internvl"])
+def test_pair_gives_the_transformers_tokens_with_an_image(models, tmp_path, monkeypatch, name):
+    """The text GGUF + mmproj in llama.cpp against transformers on a prompt with an image: the same
+    prompt length, log-probs and greedy tokens. Gemma 3's image block is attended bidirectionally in
+    both (token_type_ids in transformers)."""
+    folder = models[name]
+    processor = _processor(monkeypatch, name, folder)
+    export_gguf(folder, tmp_path / "out", quant="f32")
+    model = vlmprune.load(folder, dtype=torch.float32)
+    tok = processor.tokenizer
+    img, b64 = _image(28)
+    pre, post = "<|im_start|>user\n", "What colour is the circle?<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok(pre + IMAGE_TEXT[name] + post)["input_ids"]
+    pixels = processor.image_processor(img, return_tensors="pt")["pixel_values"]
+    if name == "idefics3":
+        inputs = {"pixel_values": torch.cat([pixels, pixels], dim=1)}  # [batch, images, C, H, W]
+    elif name == "internvl":
+        inputs = {"pixel_values": pixels}
+    else:
+        inputs = {"pixel_values": pixels, "token_type_ids": torch.tensor([[int(i == tok.image_token_id) for i in ids]])}
+    llama = LlamaCpp(tmp_path / "out" / "model.gguf", tmp_path / "out" / "mmproj.gguf", chat_template=RAW_TEMPLATE)
+    llama.banned = partial_utf8_ids(tok)
+    message = [{"role": "user", "content": [{"type": "text", "text": pre},
+                                            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64}},
+                                            {"type": "text", "text": post}]}]
+    n_vocab = model.config.text_config.vocab_size
+    out = llama.chat(message, top_logprobs=n_vocab, ignore_eos=True)
+    assert out["usage"]["prompt_tokens"] == len(ids)
+    logprobs = {p["id"]: p["logprob"] for p in out["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
+    assert rel_diff(logprobs, hf_logprobs(model, ids, **inputs)) <= 1e-3
+    out = llama.chat(message, max_tokens=10, top_logprobs=1, ignore_eos=True)
+    assert [t["id"] for t in out["choices"][0]["logprobs"]["content"]] == hf_greedy(model, ids, 10, llama.banned,
+                                                                                     **inputs)
+
+
+def test_idefics3_tokenizer_without_its_image_tokens_is_refused(models, tmp_path):
+    """llama.cpp looks "\n\n", "<global-img>" ... up as single tokens; a vocabulary without them is refused."""
+    import shutil
+
+    folder = tmp_path / "idefics3"
+    shutil.copytree(models["idefics3"], folder)
+    data = json.loads((folder / "tokenizer.json").read_text())
+    data["added_tokens"] = [a for a in data["added_tokens"] if a["content"] != "\n\n"]
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(VlmpruneError, match="splits"):
+        export_gguf(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_gguf_pair_answers_through_the_chat_api(models, tmp_path):

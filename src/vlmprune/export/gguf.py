@@ -10,6 +10,9 @@ What llama.cpp can hold decides the architecture, before anything is written:
 * Qwen2 backbones with uniform widths -> ``qwen2``; with per-layer widths -> ``deci`` as well
   (llama.cpp's qwen2 graph builds every layer with layer 0's widths; deci reads Qwen2's q/k/v
   biases, and the permuted q/k rows carry its rotate-half RoPE over, measured exact).
+* Phi-3 with uniform widths -> ``phi3`` (fused qkv and gate/up as Hugging Face holds them); with
+  per-layer widths -> ``deci``: the fused matrices are split into q / k / v and gate / up, and q / k
+  rows permuted from its rotate-half RoPE to deci's interleaved one, as for Qwen2.
 * Gemma 3 with uniform widths -> ``gemma3``; per-layer widths are refused.
 * Everything else is refused, naming the reason and the fix.
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,6 +124,7 @@ class TextPlan:
 _LLAMA_LIKE = ("llama", "mistral")
 _QWEN2_LIKE = ("qwen2",)
 _GEMMA3_LIKE = ("gemma3_text",)
+_PHI3_LIKE = ("phi3",)
 
 
 def plan_text(model, adapter) -> TextPlan:
@@ -162,6 +167,19 @@ def plan_text(model, adapter) -> TextPlan:
         if not uniform:
             return TextPlan("deci", family, True, heads, kv, ffn, head_dim, True)
         return TextPlan("qwen2", family, False, heads, kv, ffn, head_dim, False)
+    if family in _PHI3_LIKE:
+        if act != "silu":
+            raise VlmpruneError(f"{family} backbone with hidden_act={act}: llama.cpp's phi3 graph uses SiLU only")
+        window = getattr(config, "sliding_window", None)
+        if window and window < int(getattr(config, "max_position_embeddings", 0)):
+            raise VlmpruneError(f"phi3 backbone with sliding_window={window}: llama.cpp's phi3 graph attends over the "
+                                f"whole context (its sliding window is disabled), so the GGUF would differ on prompts "
+                                f"longer than that; set sliding_window to null in config.json if the model never sees "
+                                f"prompts that long")
+        _check_rope(config, family)
+        if not uniform:  # phi3 reads layer 0's widths; deci is its Llama graph with per-layer widths
+            return TextPlan("deci", family, True, heads, kv, ffn, head_dim, True)
+        return TextPlan("phi3", family, False, heads, kv, ffn, head_dim, False)
     if family in _GEMMA3_LIKE:
         if not uniform:
             raise VlmpruneError(
@@ -170,7 +188,7 @@ def plan_text(model, adapter) -> TextPlan:
                 f"with uniform widths instead (`vlmprune prune --stock ...`), then export")
         _check_gemma3(config, head_dim)
         return TextPlan("gemma3", family, False, heads, kv, ffn, head_dim, False)
-    supported = ", ".join(_LLAMA_LIKE + _QWEN2_LIKE + ("gemma3",))
+    supported = ", ".join(_LLAMA_LIKE + _QWEN2_LIKE + _PHI3_LIKE + ("gemma3",))
     raise VlmpruneError(f"GGUF export of a {family} language backbone is not supported yet (supported: {supported}); "
                         f"nothing was written. Export the checkpoint with llama.cpp's convert_hf_to_gguf.py if the "
                         f"model has stock widths, or use `vlmprune quantize` for an int8 Hugging Face checkpoint")
@@ -221,9 +239,9 @@ def _check_rope(config, family: str) -> None:
     if rope["type"] != "default":
         raise VlmpruneError(f"{family} backbone with rope type {rope['type']!r}: the GGUF export writes plain RoPE "
                             f"only; this model is not supported")
-    if getattr(config, "partial_rotary_factor", 1.0) not in (None, 1.0):
-        raise VlmpruneError(f"{family} backbone with partial_rotary_factor={config.partial_rotary_factor}: "
-                            f"not supported")
+    partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+    if partial not in (None, 1.0):
+        raise VlmpruneError(f"{family} backbone with partial_rotary_factor={partial}: not supported")
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -246,13 +264,22 @@ def write_text_gguf(path: Path, model, adapter, plan: TextPlan, tok, quant: str,
     lm = adapter.language_model(model)
     n_layer = len(plan.heads)
     arch_enum = {"llama": gguf.MODEL_ARCH.LLAMA, "deci": gguf.MODEL_ARCH.DECI,
-                 "qwen2": gguf.MODEL_ARCH.QWEN2, "gemma3": gguf.MODEL_ARCH.GEMMA3}[plan.arch]
+                 "qwen2": gguf.MODEL_ARCH.QWEN2, "gemma3": gguf.MODEL_ARCH.GEMMA3,
+                 "phi3": gguf.MODEL_ARCH.PHI3}[plan.arch]
     names = gguf.TensorNameMap(arch_enum, n_layer)
     # tensors spool to a temporary file as they are added (not all held in memory until the end)
     writer = gguf.GGUFWriter(str(path), plan.arch, use_temp_file=True)
     tensors = TensorWriter(writer, quant)
 
     writer.add_type(gguf.GGUFType.MODEL)
+    notes = []
+    if check_tokenizer(tok)[0] == "bpe" and re.search(r"phi-?3", name, re.IGNORECASE):
+        # measured: llama.cpp fails to load a file with a byte-level BPE vocabulary whose general.name contains
+        # "phi3" / "phi-3" (phi3 and deci alike: "error loading model vocabulary: _Map_base::at"); the name is
+        # metadata only
+        notes.append(f"general.name {name!r} written as {re.sub(r'(?i)phi-?3', 'phi 3', name)!r}: llama.cpp's "
+                     f"loader fails on a BPE-vocabulary file whose name contains phi3")
+        name = re.sub(r"(?i)phi-?3", "phi 3", name)
     writer.add_name(name)
     writer.add_file_type(file_type(quant))
     hidden = config.hidden_size
@@ -302,6 +329,10 @@ def write_text_gguf(path: Path, model, adapter, plan: TextPlan, tok, quant: str,
     for key, value in state.items():
         hf_key = "model." + key
         data = numpy(value)
+        if plan.arch == "deci" and (".qkv_proj." in key or ".gate_up_proj." in key):  # Phi-3's fused matrices
+            for part_key, part in _split_fused(key, data, plan):
+                tensors.add(gguf_name("model." + part_key), part)
+            continue
         if plan.permute_qk and ".self_attn.q_proj." in key:
             data = permute_rows(data, plan.heads[_layer_index(key)])
         elif plan.permute_qk and ".self_attn.k_proj." in key:
@@ -319,7 +350,23 @@ def write_text_gguf(path: Path, model, adapter, plan: TextPlan, tok, quant: str,
     writer.close()
     return {"file": path.name, "arch": plan.arch, "layers": n_layer, "per_layer_widths": plan.per_layer,
             "bytes": path.stat().st_size, "tensor_types": tensors.counts, "fallbacks": tensors.fallbacks,
-            "vocab": vocab_record}
+            "vocab": vocab_record, "notes": notes}
+
+
+def _split_fused(key: str, data: np.ndarray, plan: TextPlan) -> list[tuple[str, np.ndarray]]:
+    """Phi-3's qkv_proj -> q / k / v (q and k rows permuted for deci's rope), gate_up_proj -> gate / up."""
+    i = _layer_index(key)
+    if ".gate_up_proj." in key:
+        gate, up = np.split(data, 2, axis=0)
+        return [(key.replace("gate_up_proj", "gate_proj"), gate), (key.replace("gate_up_proj", "up_proj"), up)]
+    q_rows, kv_rows = plan.heads[i] * plan.head_dim, plan.kv_heads[i] * plan.head_dim
+    q, k, v = np.split(data, [q_rows, q_rows + kv_rows], axis=0)
+    if v.shape[0] != kv_rows:
+        raise VlmpruneError(f"{key} has {data.shape[0]} rows, not q + k + v of {plan.heads[i]} / {plan.kv_heads[i]} "
+                            f"heads of {plan.head_dim}; the checkpoint disagrees with its config")
+    return [(key.replace("qkv_proj", "q_proj"), permute_rows(q, plan.heads[i])),
+            (key.replace("qkv_proj", "k_proj"), permute_rows(k, plan.kv_heads[i])),
+            (key.replace("qkv_proj", "v_proj"), v)]
 
 
 def _layer_index(key: str) -> int:

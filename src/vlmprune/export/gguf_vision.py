@@ -1,11 +1,20 @@
-"""The vision tower and projector of a LLaVA-style model as an ``mmproj`` GGUF for llama.cpp (libmtmd).
+"""The vision tower and projector of a VLM as an ``mmproj`` GGUF for llama.cpp (libmtmd).
 
-llama.cpp runs LLaVA's towers on its ``mlp`` projector graph (``tools/mtmd/models/llava.cpp``): patch
-embedding, optional class token, learned positions, optional pre-LayerNorm, ViT blocks, then
-Linear -> GELU -> Linear. Written here for CLIP, SigLIP and DINOv2 towers; everything else is
-refused with the reason before anything is written.
+One llama.cpp projector graph per family (``clip.projector_type``), each checked in the tests
+against transformers token by token:
 
-How the file fits that graph (facts of the llama.cpp build in xllamacpp 2026.10, measured by the tests):
+* ``mlp`` (LLaVA: CLIP, SigLIP, DINOv2 towers; ``tools/mtmd/models/llava.cpp``): patch embedding,
+  optional class token, learned positions, optional pre-LayerNorm, ViT blocks, Linear-GELU-Linear;
+* ``gemma3`` and ``idefics3`` (``models/siglip.cpp``): SigLIP blocks and post-LayerNorm, then an
+  average pool + soft-embedding RMSNorm + matrix (Gemma 3) or a pixel shuffle + matrix (Idefics3 /
+  SmolVLM);
+* ``internvl`` (``models/internvl.cpp``): InternViT with its class token appended after the patches
+  (positions written in that order, as for LLaVA below), the class token dropped, pixel shuffle,
+  LayerNorm + Linear-GELU-Linear.
+
+Everything else is refused with the reason before anything is written.
+
+How an LLaVA file fits the ``mlp`` graph (facts of the llama.cpp build in xllamacpp 2026.10, measured by the tests):
 
 * The layer read: LLaVA reads ``hidden_states[vision_feature_layer]`` (before any final norm).
   Without an explicit ``clip.vision.feature_layer`` the graph runs one block fewer than written
@@ -49,26 +58,60 @@ class VisionPlan:
     std: list[float]
     ffn: int
     notes: list[str]
+    projector: str = "mlp"  # llama.cpp's projector type (clip.projector_type)
+    merge: int = 1  # gemma3: the average-pool kernel (patches per side / tokens per side); idefics3: pixel shuffle
+    longest_edge: int = 0  # idefics3: the processor resizes the longest image edge to this before tiling
+    tiles: tuple[int, int] = (1, 12)  # internvl: the fewest and most tiles an image is cut into
+
+
+# model_type -> llama.cpp projector graph written for it
+PROJECTORS = {"llava": "mlp", "gemma3": "gemma3", "idefics3": "idefics3", "smolvlm": "idefics3", "internvl": "internvl"}
+# text llama.cpp puts around an idefics3 image by looking each up as ONE token of the text model's vocabulary
+# (tools/mtmd/mtmd.cpp); a missing one would become an invalid token id
+IDEFICS3_TOKENS = ("\n\n", "\n", "<fake_token_around_image>", "<global-img>")
+_NOT_YET = {
+    "qwen2_vl": "its text model needs llama.cpp's qwen2vl architecture (M-RoPE sections), which the text export "
+                "does not write yet, so an mmproj alone would not run",
+    "qwen2_5_vl": "its text model needs llama.cpp's qwen2vl architecture (M-RoPE sections), which the text export "
+                  "does not write yet, so an mmproj alone would not run",
+}
 
 
 def check_family(model) -> None:
     """Refuse a model whose vision part this export cannot write (before its processor is even loaded)."""
     config = model.config
-    if config.model_type != "llava":
+    projector = PROJECTORS.get(config.model_type)
+    if projector is None:
+        why = _NOT_YET.get(config.model_type, "llama.cpp may have a graph for it, but this export does not write it")
         raise VlmpruneError(
-            f"mmproj export supports LLaVA-style models (model_type llava) only, not {config.model_type}: llama.cpp "
-            f"has graphs for other families, but this export does not write them yet. Export the text model alone "
-            f"with --no-vision")
-    if config.vision_config.model_type not in TOWERS:
-        raise VlmpruneError(f"vision tower {config.vision_config.model_type}: the mmproj export handles "
+            f"mmproj export of a {config.model_type} model is not supported ({why}); supported: "
+            f"{', '.join(PROJECTORS)}. Export the text model alone with --no-vision")
+    tower = config.vision_config.model_type
+    if projector == "mlp" and tower not in TOWERS:
+        raise VlmpruneError(f"vision tower {tower}: the mmproj export handles "
                             f"{', '.join(TOWERS)} towers on llama.cpp's LLaVA (mlp) graph; use --no-vision to export "
                             f"the text model alone")
+    if projector == "idefics3" and tower not in ("idefics3_vision", "smolvlm_vision"):
+        raise VlmpruneError(f"a {config.model_type} model with a {tower} tower: not on llama.cpp's idefics3 graph; use "
+                            f"--no-vision to export the text model alone")
+    if projector == "internvl" and tower != "internvl_vision":
+        raise VlmpruneError(f"an InternVL model with a {tower} tower: not on llama.cpp's internvl graph; use "
+                            f"--no-vision to export the text model alone")
+    if projector == "gemma3" and tower != "siglip_vision_model":
+        raise VlmpruneError(f"a Gemma 3 model with a {tower} tower: llama.cpp's gemma3 graph is a SigLIP tower; use "
+                            f"--no-vision to export the text model alone")
 
 
 def plan_vision(model, adapter, processor) -> VisionPlan:
     """What the mmproj will hold, or a refusal naming the reason (nothing written yet)."""
     check_family(model)
     config = model.config
+    if PROJECTORS[config.model_type] == "gemma3":
+        return _plan_gemma3(model, processor)
+    if PROJECTORS[config.model_type] == "idefics3":
+        return _plan_idefics3(model, processor)
+    if PROJECTORS[config.model_type] == "internvl":
+        return _plan_internvl(model, processor)
     vc = config.vision_config
     tower = vc.model_type
     act = getattr(config, "projector_hidden_act", "gelu")
@@ -112,10 +155,123 @@ def plan_vision(model, adapter, processor) -> VisionPlan:
                       [float(x) for x in ip.image_mean], [float(x) for x in ip.image_std], ffn, notes)
 
 
+def _plan_gemma3(model, processor) -> VisionPlan:
+    """Gemma 3: SigLIP (every block, then its post-LayerNorm), average pool to mm_tokens_per_image,
+    RMSNorm (1 + w), one projection matrix: llama.cpp's gemma3 graph, the same computation."""
+    config = model.config
+    vc = config.vision_config
+    ip = getattr(processor, "image_processor", None)
+    if ip is None:
+        raise VlmpruneError("the model's processor has no image processor; the mmproj needs its size and normalisation")
+    size = _image_size(ip)
+    if size != vc.image_size or size % vc.patch_size:
+        raise VlmpruneError(f"the image processor makes {size}-px images for a {vc.image_size}-px tower with "
+                            f"{vc.patch_size}-px patches; not supported")
+    side = size // vc.patch_size
+    tokens_side = round(config.mm_tokens_per_image ** 0.5)
+    if tokens_side ** 2 != config.mm_tokens_per_image or side % tokens_side:
+        raise VlmpruneError(f"mm_tokens_per_image={config.mm_tokens_per_image} does not pool a {side}x{side} patch "
+                            f"grid evenly; llama.cpp's gemma3 graph cannot hold it")
+    if vc.hidden_act not in ("gelu_pytorch_tanh", "gelu"):
+        raise VlmpruneError(f"a Gemma 3 tower with hidden_act={vc.hidden_act}: llama.cpp's SigLIP graph uses GELU")
+    notes = []
+    if getattr(ip, "do_pan_and_scan", False):
+        notes.append("the image processor pans and scans (extra crops); llama.cpp gives each image one "
+                     f"{size}-px view")
+    return VisionPlan(vc.model_type, size, vc.patch_size, vc.num_hidden_layers, False, False,
+                      [float(x) for x in ip.image_mean], [float(x) for x in ip.image_std],
+                      _first_block(model, vc.model_type).mlp.fc1.out_features, notes, "gemma3", side // tokens_side)
+
+
+def _plan_idefics3(model, processor) -> VisionPlan:
+    """Idefics3 / SmolVLM: a SigLIP-style tower (post-LayerNorm), pixel shuffle by scale_factor, one
+    matrix: llama.cpp's idefics3 graph. Images are split into tower-sized tiles plus a global view by
+    both (the longest edge resized to the processor's size first)."""
+    config = model.config
+    vc = config.vision_config
+    ip = getattr(processor, "image_processor", None)
+    tokenizer = getattr(processor, "tokenizer", None)
+    if ip is None or tokenizer is None:
+        raise VlmpruneError("the model's processor has no image processor or tokenizer; the mmproj needs both")
+    tile = int((getattr(ip, "max_image_size", None) or {}).get("longest_edge", vc.image_size))
+    if tile != vc.image_size or tile % vc.patch_size:
+        raise VlmpruneError(f"the image processor cuts {tile}-px tiles for a {vc.image_size}-px tower with "
+                            f"{vc.patch_size}-px patches; not supported")
+    side = tile // vc.patch_size
+    scale = int(config.scale_factor)
+    if side % scale:
+        raise VlmpruneError(f"scale_factor={scale} does not divide the {side}x{side} patch grid; not supported")
+    if vc.hidden_act not in ("gelu_pytorch_tanh", "gelu"):
+        raise VlmpruneError(f"an Idefics3 tower with hidden_act={vc.hidden_act}: llama.cpp's SigLIP graph uses GELU")
+    missing = [t for t in IDEFICS3_TOKENS if len(tokenizer.encode(t, add_special_tokens=False)) != 1]
+    if missing:
+        raise VlmpruneError(f"llama.cpp writes {[*IDEFICS3_TOKENS]} around each idefics3 image, each as one token of "
+                            f"the text model's vocabulary, but this tokenizer splits {missing}; not supported")
+    longest = int((getattr(ip, "size", None) or {}).get("longest_edge", tile))
+    notes = []
+    if longest <= tile:
+        notes.append(f"the image processor resizes the longest edge to {longest} px, one tile: Hugging Face then "
+                     f"gives the global view alone, llama.cpp one {tile}-px tile and the global view")
+    if not getattr(ip, "do_image_splitting", True):
+        notes.append("the image processor does not split images, llama.cpp's idefics3 path always does (tiles of "
+                     f"{tile} px after resizing the longest edge to {longest} px, then the global view)")
+    return VisionPlan(vc.model_type, tile, vc.patch_size, vc.num_hidden_layers, False, False,
+                      [float(x) for x in ip.image_mean], [float(x) for x in ip.image_std],
+                      _first_block(model, vc.model_type).mlp.fc1.out_features, notes, "idefics3", scale, longest)
+
+
+def _plan_internvl(model, processor) -> VisionPlan:
+    """InternVL: InternViT (class token, LayerScale, qkv biases), the class token dropped, pixel shuffle
+    (1 / downsample_ratio), LayerNorm + Linear-GELU-Linear: llama.cpp's internvl graph. Like its LLaVA
+    graph it appends the class token after the patches and takes positions in that order, so the
+    position table is written in that order (then every token is exact); it drops the class token
+    from the end, so the patches it keeps are the model's."""
+    config = model.config
+    vc = config.vision_config
+    ip = getattr(processor, "image_processor", None)
+    if ip is None:
+        raise VlmpruneError("the model's processor has no image processor; the mmproj needs its size and normalisation")
+    size = _image_size(ip)
+    vsize = vc.image_size[0] if isinstance(vc.image_size, (list, tuple)) else vc.image_size
+    patch = vc.patch_size[0] if isinstance(vc.patch_size, (list, tuple)) else vc.patch_size
+    if size != vsize or size % patch:
+        raise VlmpruneError(f"the image processor makes {size}-px tiles for a {vsize}-px tower with {patch}-px "
+                            f"patches; not supported")
+    scale = round(1 / config.downsample_ratio)
+    if scale * config.downsample_ratio != 1 or (size // patch) % scale:
+        raise VlmpruneError(f"downsample_ratio={config.downsample_ratio}: llama.cpp's pixel shuffle needs 1 / ratio "
+                            f"to be an integer dividing the {size // patch}-patch side")
+    if getattr(config, "vision_feature_select_strategy", "default") != "default":
+        raise VlmpruneError("vision_feature_select_strategy='full' (the class token kept): llama.cpp's internvl graph "
+                            "always drops it; not supported")
+    if getattr(vc, "use_qk_norm", False) or getattr(vc, "norm_type", "layer_norm") != "layer_norm":
+        raise VlmpruneError("an InternViT with qk-norm or RMS norms (the 6B tower): not written by this export")
+    if getattr(config, "projector_hidden_act", "gelu") != "gelu" or vc.hidden_act != "gelu":
+        raise VlmpruneError("llama.cpp's internvl graph applies GELU in the tower and the projector; this model uses "
+                            f"{vc.hidden_act} / {config.projector_hidden_act}: not supported")
+    layer = config.vision_feature_layer
+    n = vc.num_hidden_layers
+    if not isinstance(layer, int):
+        raise VlmpruneError(f"vision_feature_layer={layer}: several feature layers are not supported")
+    blocks = n if layer == -1 else (n + 1 + layer if layer < 0 else layer)
+    if not 1 <= blocks <= n:
+        raise VlmpruneError(f"vision_feature_layer={layer} of a {n}-block tower reads no block output; not supported")
+    notes = []
+    if not getattr(ip, "crop_to_patches", False):
+        notes.append(f"the image processor gives each image one {size}-px view; llama.cpp's internvl path tiles "
+                     f"larger images ({getattr(ip, 'min_patches', 1)}..{getattr(ip, 'max_patches', 12)} tiles and a "
+                     f"thumbnail) as InternVL's crop_to_patches does")
+    return VisionPlan(vc.model_type, size, patch, blocks, True, False,
+                      [float(x) for x in ip.image_mean], [float(x) for x in ip.image_std],
+                      _first_block(model, vc.model_type).mlp.fc1.out_features, notes, "internvl", scale,
+                      tiles=(int(getattr(ip, "min_patches", 1)), int(getattr(ip, "max_patches", 12))))
+
+
 def _first_block(model, tower: str):
-    vt = model.model.vision_tower if hasattr(model, "model") else model.vision_tower
+    inner = model.model if hasattr(model, "model") else model
+    vt = getattr(inner, "vision_tower", None) or inner.vision_model
     body = getattr(vt, "vision_model", vt)
-    return body.encoder.layer[0] if tower == "dinov2" else body.encoder.layers[0]
+    return body.encoder.layer[0] if tower in ("dinov2", "internvl_vision") else body.encoder.layers[0]
 
 
 def _image_size(ip) -> int:
@@ -162,12 +318,12 @@ def write_mmproj(path: Path, model, adapter, plan: VisionPlan, quant: str, name:
     writer.add_name(name)
     writer.add_file_type(file_type(quant))
     writer.add_clip_has_vision_encoder(True)
-    writer.add_clip_projector_type("mlp")
+    writer.add_clip_projector_type(plan.projector)
     writer.add_vision_image_size(plan.image_size)
     writer.add_vision_patch_size(plan.patch_size)
     writer.add_vision_embedding_length(vc.hidden_size)
     writer.add_vision_feed_forward_length(plan.ffn)
-    writer.add_vision_projection_dim(projector.linear_2.out_features)
+    writer.add_vision_projection_dim(model.config.text_config.hidden_size)
     writer.add_vision_block_count(plan.blocks)
     writer.add_vision_head_count(vc.num_attention_heads)
     writer.add_vision_attention_layernorm_eps(float(getattr(vc, "layer_norm_eps", 1e-5)))
@@ -177,6 +333,18 @@ def write_mmproj(path: Path, model, adapter, plan: VisionPlan, quant: str, name:
         writer.add_vision_use_gelu(True)
     elif vc.hidden_act != "quick_gelu":
         raise VlmpruneError(f"vision activation {vc.hidden_act}: not on llama.cpp's LLaVA graph")
+    if plan.projector == "internvl":
+        writer.add_vision_projector_scale_factor(plan.merge)
+        writer.add_vision_preproc_min_tiles(plan.tiles[0])
+        writer.add_vision_preproc_max_tiles(plan.tiles[1])
+        _write_internvl(tensors, tname, np32, T, tower, projector, plan, vc)
+        return _finish(writer, path, plan, vc, tensors)
+    if plan.projector in ("gemma3", "idefics3"):
+        writer.add_vision_projector_scale_factor(plan.merge)
+        if plan.projector == "idefics3":
+            writer.add_vision_preproc_image_size(plan.longest_edge)
+        _write_siglip(tensors, tname, np32, T, tower, projector, plan)
+        return _finish(writer, path, plan, vc, tensors)
     # run exactly `blocks` blocks and read their output (without the key the graph runs one fewer)
     writer.add_array("clip.vision.feature_layer", [plan.blocks])
 
@@ -216,15 +384,79 @@ def write_mmproj(path: Path, model, adapter, plan: VisionPlan, quant: str, name:
     tensors.add(tname(T.V_MMPROJ, 2), np32(projector.linear_2.weight))
     tensors.add(tname(T.V_MMPROJ, 2, "bias"), np32(projector.linear_2.bias))
 
+    return _finish(writer, path, plan, vc, tensors)
+
+
+def _finish(writer, path: Path, plan: VisionPlan, vc, tensors) -> dict:
+    """Write the file out; its record (image tokens as llama.cpp gives them and as the model reads them)."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return {"file": path.name, "projector": "mlp", "tower": plan.tower, "blocks": plan.blocks,
+    n_patches = (plan.image_size // plan.patch_size // plan.merge) ** 2
+    return {"file": path.name, "projector": plan.projector, "tower": plan.tower, "blocks": plan.blocks,
             "blocks_in_model": vc.num_hidden_layers, "image_size": plan.image_size, "image_tokens": n_patches,
             "image_tokens_in_model": n_patches + (1 if plan.keeps_cls and plan.has_cls else 0),
             "bytes": path.stat().st_size, "tensor_types": tensors.counts, "fallbacks": tensors.fallbacks,
             "notes": plan.notes}
+
+
+def _write_internvl(tensors, tname, np32, T, tower, projector, plan: VisionPlan, vc) -> None:
+    import gguf
+
+    emb = tower.embeddings
+    tensors.add(tname(T.V_ENC_EMBD_PATCH), np32(emb.patch_embeddings.projection.weight), "f32")
+    tensors.add(tname(T.V_ENC_EMBD_PATCH, suffix="bias"), np32(emb.patch_embeddings.projection.bias))
+    tensors.add(gguf.TENSOR_NAMES[T.V_ENC_EMBD_CLS], np32(emb.cls_token.reshape(-1)))
+    pos = emb.position_embeddings[0]  # [1 + n, D], class token first
+    n_patches = (plan.image_size // plan.patch_size) ** 2
+    if pos.shape[0] != n_patches + 1:
+        raise VlmpruneError(f"the position table has {pos.shape[0]} rows for {n_patches} patches; not supported")
+    tensors.add(tname(T.V_ENC_EMBD_POS), np32(torch_cat_cls_last(pos)), "f32")  # the graph's order
+    for i in range(plan.blocks):
+        _add_block(tensors, tname, np32, T, tower.encoder.layer[i], i, plan.tower)
+    norm = getattr(tower, "layernorm", None)
+    if plan.blocks == vc.num_hidden_layers and hasattr(norm, "weight"):  # last_hidden_state is normed
+        tensors.add(tname(T.V_POST_NORM), np32(norm.weight))
+        tensors.add(tname(T.V_POST_NORM, suffix="bias"), np32(norm.bias))
+    # mm.model.mlp.{0: LayerNorm, 1: Linear, 3: Linear} (the numbering of InternVL's own nn.Sequential)
+    for idx, part in ((0, projector.layer_norm), (1, projector.linear_1), (3, projector.linear_2)):
+        tensors.add(tname(T.V_MMPROJ_MLP, idx), np32(part.weight))
+        tensors.add(tname(T.V_MMPROJ_MLP, idx, "bias"), np32(part.bias))
+
+
+def torch_cat_cls_last(pos):
+    """A [class, patch 1..n] position table in the order llama.cpp's graphs add it: patches, then class."""
+    import torch
+
+    return torch.cat([pos[1:], pos[:1]])
+
+
+def _write_siglip(tensors, tname, np32, T, tower, projector, plan: VisionPlan) -> None:
+    """A SigLIP-style tower (every block, then the post-LayerNorm) and the gemma3 or idefics3 projector."""
+    import gguf
+
+    body = tower.vision_model if hasattr(tower, "vision_model") else tower
+    emb = body.embeddings
+    tensors.add(tname(T.V_ENC_EMBD_PATCH), np32(emb.patch_embedding.weight), "f32")
+    tensors.add(tname(T.V_ENC_EMBD_PATCH, suffix="bias"), np32(emb.patch_embedding.bias))
+    n_patches = (plan.image_size // plan.patch_size) ** 2
+    pos = emb.position_embedding.weight
+    if pos.shape[0] != n_patches:
+        raise VlmpruneError(f"the position table has {pos.shape[0]} rows for {n_patches} patches; not supported")
+    tensors.add(tname(T.V_ENC_EMBD_POS), np32(pos), "f32")
+    for i in range(plan.blocks):
+        _add_block(tensors, tname, np32, T, body.encoder.layers[i], i, plan.tower)
+    tensors.add(tname(T.V_POST_NORM), np32(body.post_layernorm.weight))
+    tensors.add(tname(T.V_POST_NORM, suffix="bias"), np32(body.post_layernorm.bias))
+    if plan.projector == "idefics3":  # pixel shuffle (in the graph), then one matrix without bias
+        tensors.add(tname(T.V_MMPROJ_FC), np32(projector.modality_projection.proj.weight))
+        return
+    # Gemma's RMSNorm scales by (1 + w), llama.cpp's by w
+    tensors.add(gguf.TENSOR_NAMES[T.V_MM_SOFT_EMB_NORM] + ".weight", np32(projector.mm_soft_emb_norm.weight) + 1.0)
+    # [vision, text] as Hugging Face holds it: the graph transposes it (a copy, so never block-quantized)
+    matrix = "f32" if tensors.quant == "f32" else "f16"
+    tensors.add(gguf.TENSOR_NAMES[T.V_MM_INP_PROJ] + ".weight", np32(projector.mm_input_projection_weight), matrix)
 
 
 def _add_block(tensors, tname, np32, T, block, i: int, tower: str) -> None:
@@ -234,6 +466,11 @@ def _add_block(tensors, tname, np32, T, block, i: int, tower: str) -> None:
         ln1, ln2, fc1, fc2 = block.norm1, block.norm2, block.mlp.fc1, block.mlp.fc2
         s1 = np32(block.layer_scale1.lambda1)
         s2 = np32(block.layer_scale2.lambda1)
+    elif tower == "internvl_vision":
+        attn = block.attention
+        q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.projection_layer
+        ln1, ln2, fc1, fc2 = block.layernorm_before, block.layernorm_after, block.mlp.fc1, block.mlp.fc2
+        s1, s2 = np32(block.lambda_1), np32(block.lambda_2)
     else:
         attn = block.self_attn
         q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj
@@ -241,11 +478,12 @@ def _add_block(tensors, tname, np32, T, block, i: int, tower: str) -> None:
         s1 = s2 = None
     for kind, lin, scale in ((T.V_ENC_ATTN_Q, q, None), (T.V_ENC_ATTN_K, k, None), (T.V_ENC_ATTN_V, v, None),
                              (T.V_ENC_ATTN_O, o, s1), (T.V_ENC_FFN_UP, fc1, None), (T.V_ENC_FFN_DOWN, fc2, s2)):
-        w, b = np32(lin.weight), np32(lin.bias)
+        w, b = np32(lin.weight), (np32(lin.bias) if lin.bias is not None else None)
         if scale is not None:  # LayerScale folded: diag(s) (W x + b)
-            w, b = w * scale[:, None], b * scale
+            w, b = w * scale[:, None], (b * scale if b is not None else None)
         tensors.add(tname(kind, i), w)
-        tensors.add(tname(kind, i, "bias"), b)
+        if b is not None:  # llama.cpp's ViT blocks take their biases where the file has them
+            tensors.add(tname(kind, i, "bias"), b)
     for kind, norm in ((T.V_ENC_INPUT_NORM, ln1), (T.V_ENC_POST_ATTN_NORM, ln2)):
         tensors.add(tname(kind, i), np32(norm.weight))
         tensors.add(tname(kind, i, "bias"), np32(norm.bias))
