@@ -295,6 +295,9 @@ class PruneConfig:
                                              "compensated layers (errors do not compound; one more pass per layer)")
     compensate_ridge: float = opt(1e-3, "ridge of the compensation fits, times the mean diagonal of the Gram "
                                         "matrix", type=float)
+    compensate_select: bool = opt(False, "with --compensate ls: within each layer, remove the heads / kv groups / "
+                                         "MLP channels whose loss the fit makes up best (greedy OBS on the "
+                                         "consumer's Gram matrix); the criterion still sets how many go in each layer")
     device: str | None = opt(None, "cpu, cuda, cuda:1, ... (default: where the model loads)")
     device_map: str | None = opt(None, "load the model dispatched across GPUs / CPU / disk (accelerate big-model "
                                        "loading): auto, balanced, balanced_low_0, sequential, or a JSON "
@@ -369,6 +372,9 @@ class PruneConfig:
                                 f"--calibration DATA (the plan or scores alone do not carry the activations)")
         if self.compensate == "none" and self.compensate_sequential:
             raise VlmpruneError("--compensate-sequential applies to a compensated cut: add --compensate ls")
+        if self.compensate_select and self.compensate != "ls":
+            raise VlmpruneError("--compensate-select chooses what the least-squares fit makes up best: add "
+                                "--compensate ls")
 
     def check_paths(self) -> None:
         """Inputs exist and the output may be written (before anything loads)."""

@@ -57,7 +57,8 @@ DEFAULTS: dict[str, Any] = {
     "calibration": {"num_samples": 128, "batch_size": 4, "max_length": None},
     "criterion": {"layer": "block_influence", "width": "taylor"},
     "width": {"attention": "groups", "mlp_multiple": None},
-    "compensation": {"sequential": False, "ridge": None},  # how a grid's `compensate` axis fits (vlmprune prune)
+    # how a grid's `compensate` axis fits (vlmprune prune)
+    "compensation": {"sequential": False, "ridge": None, "select": False},
     "evaluation": {"tasks": ["easyvqa", "digits"], "limit": None, "task_file": None, "batch_size": 32,
                    "data_dir": None, "max_new_tokens": 10},
     "recovery": {},
@@ -79,7 +80,8 @@ def check_study_config(config: dict[str, Any], origin: str) -> None:
     """Refuse unknown keys at any depth and bad values, before any cell runs."""
     check_keys(config, DEFAULTS, "")
     for section, known in (("calibration", _CALIBRATION_KEYS), ("criterion", ("layer", "width")),
-                           ("width", ("attention", "mlp_multiple")), ("compensation", ("sequential", "ridge")),
+                           ("width", ("attention", "mlp_multiple")),
+                           ("compensation", ("sequential", "ridge", "select")),
                            ("evaluation", _EVALUATION_KEYS),
                            ("recovery", _RECOVERY_KEYS)):
         if not isinstance(config[section], dict):
@@ -348,7 +350,8 @@ def _prune_cell(study: _Study, cell: Cell) -> Path:
         shared = []  # auto scores two criteria and searches: nothing to share
     if cell.compensate != "none":  # the fits need the calibration data, even where scores are shared
         options.update(compensate=cell.compensate, calibration=study.data, image_folder=study.folder,
-                       seed=config["seed"], compensate_sequential=bool(config["compensation"]["sequential"]))
+                       seed=config["seed"], compensate_sequential=bool(config["compensation"]["sequential"]),
+                       compensate_select=bool(config["compensation"]["select"]))
         if config["compensation"]["ridge"] is not None:
             options["compensate_ridge"] = config["compensation"]["ridge"]
     if shared:  # one calibration serves every ratio of a method and criterion (and every compensation)

@@ -26,6 +26,12 @@ as ``W' = T^T W`` (and ``b' = T^T b``). A run at the very start has no layer bef
 that normalises the MLP output before adding it to the residual (Gemma's post-feed-forward norm) has
 no linear place to fold into: those runs stay plain drops, and the record says why.
 
+``select`` (compensation-aware choice, OBS / SlimGPT style): the plan says how many kv groups, q heads
+per group and MLP channels each layer loses; which ones is chosen greedily on the consumer's Gram
+matrix, each step removing the structures whose loss, after the least-squares fold of what stays,
+costs least output energy, ``tr(W_J (H^-1)_JJ^-1 W_J^T)`` with ``H = G + lambda I`` (channels
+``block`` at a time). The plan is rewritten to name them.
+
 ``sequential`` (SparseGPT / SlimGPT style): the layers are visited in order, and the statistics of
 layer l are collected on the hidden states that the already cut and compensated layers < l give, so
 errors do not compound. Without it every statistic comes from the unpruned model (one-shot). Only
@@ -82,7 +88,9 @@ def _layer_device(layer: nn.Module, fallback: torch.device) -> torch.device:
 @torch.no_grad()
 def _capture(model: nn.Module, adapter: Adapter, batches, tokens: str) -> list[_Batch]:
     """Run the model once per batch up to its last decoder layer, keeping the states entering layer 0
-    and every layer's other call arguments (masks, rotary tables, per-layer-type masks)."""
+    and every layer's other call arguments (masks, rotary tables, per-layer-type masks). The decoder
+    layers pass their input through meanwhile (only their arguments are wanted: the layer-by-layer
+    runs compute them), so the capture costs the embeddings (and a VLM's vision tower), not a forward."""
     layers = adapter.layers(model)
     image_id = image_token_id(model)
     device = input_device(model)
@@ -107,6 +115,9 @@ def _capture(model: nn.Module, adapter: Adapter, batches, tokens: str) -> list[_
         return record
 
     handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    forwards = [layer.__dict__.get("forward") for layer in layers]  # an accelerate hook's wrapper, or None
+    for layer in layers:
+        layer.forward = lambda *args, **kwargs: layer_input(args, kwargs)
     base = adapter.base_model(model)
     try:
         for batch in tqdm(batches, desc="compensation: inputs", unit="batch", leave=False):
@@ -123,6 +134,11 @@ def _capture(model: nn.Module, adapter: Adapter, batches, tokens: str) -> list[_
     finally:
         for h in handles:
             h.remove()
+        for layer, forward in zip(layers, forwards):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
     if not out:
         raise VlmpruneError(f"compensation found no calibration tokens selected by --tokens {tokens}")
     return out
@@ -147,6 +163,7 @@ class _Gram:
         self.sum = torch.zeros(n, dtype=torch.float64)
         self.count = 0
         self.masks, self.batch = masks, 0
+        self.module = module
         self.handle = module.register_forward_pre_hook(self._add)
 
     def _add(self, module, args) -> None:
@@ -258,6 +275,92 @@ def _compensate_width(module: nn.Linear, removed: torch.Tensor, stats: _Gram, mo
     return record
 
 
+def _obs_select(W: torch.Tensor, C: torch.Tensor, units: list[torch.Tensor], count: int, ridge: float,
+                groups: list[int] | None = None, per_group: int = 0, block: int = 1) -> list[int]:
+    """Greedy OBS choice of ``count`` units (column sets) to remove from a consumer: at each step the units
+    whose removal, with the least-squares fold of what stays, loses least output energy (float64).
+
+    ``groups``/``per_group``: unit u belongs to group groups[u], of which at most per_group may go.
+    ``block``: units removed per step (single columns: scored independently, then folded together)."""
+    W = W.double().clone()
+    scale = float(C.diagonal().mean()) or 1.0
+    Hinv = torch.linalg.inv(C + ridge * scale * torch.eye(C.shape[0], dtype=C.dtype))
+    gone: list[int] = []
+    taken: dict[int, int] = {}
+    single = groups is None and all(len(cols) == 1 for cols in units)
+    flat = torch.cat(units) if single else None
+    while len(gone) < count:
+        costs = []
+        if single:  # the block: greedy within a pool of the cheapest, the pool's statistics updated exactly
+            k = min(block, count - len(gone))
+            values = (W[:, flat] ** 2).sum(0) / Hinv.diagonal()[flat]
+            values[torch.as_tensor(gone, dtype=torch.long)] = math.inf
+            pool = torch.argsort(values)[: 2 * k]
+            Wp, Hp = W[:, flat[pool]].clone(), Hinv[flat[pool]][:, flat[pool]].clone()
+            out = torch.zeros(len(pool), dtype=torch.bool)
+            for _ in range(k):
+                cost = ((Wp**2).sum(0) / Hp.diagonal()).masked_fill(out, math.inf)
+                j = int(torch.argmin(cost))
+                out[j] = True
+                Wp -= torch.outer(Wp[:, j], Hp[j]) / Hp[j, j]
+                Hp -= torch.outer(Hp[:, j], Hp[j]) / Hp[j, j]
+            costs = [(0.0, int(pool[j])) for j in torch.nonzero(out).flatten().tolist()]
+        else:
+            for u, cols in enumerate(units):
+                if u in gone or (groups is not None and taken.get(groups[u], 0) >= per_group):
+                    continue
+                WJ = W[:, cols]
+                costs.append((float((WJ @ torch.linalg.inv(Hinv[cols][:, cols]) * WJ).sum()), u))
+            costs.sort()
+        step = [u for _, u in costs[: min(block, count - len(gone))]]
+        cols = torch.cat([units[u] for u in step])
+        inv = torch.linalg.inv(Hinv[cols][:, cols])
+        W -= W[:, cols] @ inv @ Hinv[cols]
+        Hinv -= Hinv[:, cols] @ inv @ Hinv[cols]
+        for u in step:
+            gone.append(u)
+            if groups is not None:
+                taken[groups[u]] = taken.get(groups[u], 0) + 1
+    return gone
+
+
+def _select_keep(adapter: Adapter, layer: nn.Module, shape, keep: LayerKeep, grams: dict, ridge: float) -> LayerKeep:
+    """The same numbers of kv groups / heads per group / MLP channels as ``keep``, chosen by what their
+    removal costs after the least-squares fold (``_obs_select`` on each consumer's statistics)."""
+    q, kv, mlp = list(keep.q_heads), list(keep.kv_heads), list(keep.mlp_channels)
+    for slc in adapter.slices(layer, shape):
+        if slc.dim != 1 or id(slc.module) not in grams:
+            continue
+        module, stats = slc.module, grams[id(slc.module)]
+        n = stats.count
+        if n == 0:
+            continue
+        mu = stats.sum / n
+        C = stats.gram - n * torch.outer(mu, mu) if module.bias is not None else stats.gram
+        W = module.weight.detach().double().cpu()
+        cols = torch.nonzero(slc.owner >= 0).flatten()
+        owner = slc.owner[cols]
+        if slc.unit == "mlp" and len(mlp) < shape.intermediate_size:
+            units = [cols[owner == c] for c in range(shape.intermediate_size)]
+            count = shape.intermediate_size - len(mlp)
+            gone = set(_obs_select(W, C, units, count, ridge, block=max(1, math.ceil(count / 16))))
+            mlp = [c for c in range(shape.intermediate_size) if c not in gone]
+        elif slc.unit == "q" and len(kv) < shape.num_kv_heads and len(q) == len(kv) * shape.group_size:
+            g = shape.group_size
+            units = [cols[(owner // g) == k] for k in range(shape.num_kv_heads)]
+            gone = set(_obs_select(W, C, units, shape.num_kv_heads - len(kv), ridge))
+            kv = [k for k in range(shape.num_kv_heads) if k not in gone]
+            q = [h for h in range(shape.num_heads) if h // g in kv]
+        elif slc.unit == "q" and len(kv) == shape.num_kv_heads and len(q) < shape.num_heads:
+            g = shape.group_size
+            per = shape.group_size - len(q) // shape.num_kv_heads
+            units = [cols[owner == h] for h in range(shape.num_heads)]
+            gone = set(_obs_select(W, C, units, shape.num_heads - len(q), ridge,
+                                   groups=[h // g for h in range(shape.num_heads)], per_group=per))
+            q = [h for h in range(shape.num_heads) if h not in gone]
+    return LayerKeep(tuple(q), tuple(kv), tuple(mlp))
+
+
 def _zero_columns_(module: nn.Linear, columns: torch.Tensor) -> None:
     module.weight[:, columns.to(module.weight.device)] = 0
 
@@ -337,11 +440,13 @@ def check_mode(model: nn.Module, plan: PruningPlan, mode: str) -> None:
 
 @torch.no_grad()
 def compensate_(model: nn.Module, plan: PruningPlan, batches, mode: str = "ls", sequential: bool = True,
-                ridge: float = DEFAULT_RIDGE, tokens: str = "all") -> dict:
+                ridge: float = DEFAULT_RIDGE, tokens: str = "all", select: bool = False) -> dict:
     """Update ``model``'s kept weights in place so that ``plan``'s cut loses as little as a linear fit allows.
 
     Returns the record of what was compensated, with the relative reconstruction error of every
     consumer (and dropped run) before and after. ``apply_plan_`` cuts afterwards as usual.
+    With ``select``, each layer removes as many structures of each kind as ``plan`` says, but the ones
+    whose loss the fit makes up best (``_obs_select``), and ``plan`` is changed in place to name them.
     """
     check_mode(model, plan, mode)
     if mode == "none":
@@ -362,6 +467,8 @@ def compensate_(model: nn.Module, plan: PruningPlan, batches, mode: str = "ls", 
         dropped = set(plan.drop_layers)
         record: dict = {"mode": mode, "sequential": sequential, "ridge": ridge, "tokens": tokens,
                         "calibration_tokens": int(sum(int(m.sum()) for m in masks)), "layers": {}, "dropped_runs": []}
+        if select:
+            record["select"], record["selected"] = True, []  # the layers whose removed structures it changed
         mlp_out: list[torch.Tensor] | None = None  # the MLP output of the last kept layer, when a run follows it
         previous = None
         for i in tqdm(range(len(layers)), desc="compensation", unit="layer", leave=False):
@@ -390,6 +497,16 @@ def compensate_(model: nn.Module, plan: PruningPlan, batches, mode: str = "ls", 
                     for g in grams:
                         g.close()
                 entry = {}
+                if select:
+                    chosen = _select_keep(adapter, layer, shapes[i], resolved[i],
+                                          {id(module): g for (module, _), g in zip(consumers, grams)}, ridge)
+                    if chosen != resolved[i]:
+                        record["selected"].append(i)
+                        resolved[i] = chosen
+                        old = plan.layers.get(i, {})
+                        plan.layers[i] = {k: list(getattr(chosen, k)) for k in old}
+                        consumers = _removed_columns(adapter, layer, shapes[i], chosen)
+                        grams = [{id(g.module): g for g in grams}[id(module)] for module, _ in consumers]
                 for (module, removed), stats in zip(consumers, grams):
                     name = _projection_name(layer, module)
                     entry[name] = _compensate_width(module, removed, stats, mode, ridge, f"layer {i} {name}")
