@@ -22,7 +22,16 @@ from typing import Any
 import yaml
 
 from vlmprune.errors import VlmpruneError
-from vlmprune.vocab import ATTENTION_MODES, COMPENSATE_MODES, CONVERT_FAMILIES, DATASETS, DTYPES, PRUNE_METHODS, TOKENS
+from vlmprune.vocab import (
+    ATTENTION_MODES,
+    COMPENSATE_LAYERS,
+    COMPENSATE_MODES,
+    CONVERT_FAMILIES,
+    DATASETS,
+    DTYPES,
+    PRUNE_METHODS,
+    TOKENS,
+)
 
 RESOLVED_CONFIG = "resolved_config.yaml"
 
@@ -298,6 +307,10 @@ class PruneConfig:
     compensate_select: bool = opt(False, "with --compensate ls: within each layer, remove the heads / kv groups / "
                                          "MLP channels whose loss the fit makes up best (greedy OBS on the "
                                          "consumer's Gram matrix); the criterion still sets how many go in each layer")
+    compensate_layers: str = opt("map", "with --compensate ls, what stands in for a run of dropped layers: map (a "
+                                        "least-squares linear map folded into the preceding MLP output), scale (the "
+                                        "later layers' residual writes divided by the run's median norm growth), "
+                                        "map+scale", choices=COMPENSATE_LAYERS)
     device: str | None = opt(None, "cpu, cuda, cuda:1, ... (default: where the model loads)")
     device_map: str | None = opt(None, "load the model dispatched across GPUs / CPU / disk (accelerate big-model "
                                        "loading): auto, balanced, balanced_low_0, sequential, or a JSON "
@@ -372,6 +385,7 @@ class PruneConfig:
                                 f"--calibration DATA (the plan or scores alone do not carry the activations)")
         if self.compensate == "none" and self.compensate_sequential:
             raise VlmpruneError("--compensate-sequential applies to a compensated cut: add --compensate ls")
+        one_of("compensate_layers", self.compensate_layers, COMPENSATE_LAYERS, allow_none=False)
         if self.compensate_select and self.compensate != "ls":
             raise VlmpruneError("--compensate-select chooses what the least-squares fit makes up best: add "
                                 "--compensate ls")

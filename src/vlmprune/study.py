@@ -58,7 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "criterion": {"layer": "block_influence", "width": "taylor"},
     "width": {"attention": "groups", "mlp_multiple": None},
     # how a grid's `compensate` axis fits (vlmprune prune)
-    "compensation": {"sequential": False, "ridge": None, "select": False},
+    "compensation": {"sequential": False, "ridge": None, "select": False, "layers": "map"},
     "evaluation": {"tasks": ["easyvqa", "digits"], "limit": None, "task_file": None, "batch_size": 32,
                    "data_dir": None, "max_new_tokens": 10},
     "recovery": {},
@@ -81,7 +81,7 @@ def check_study_config(config: dict[str, Any], origin: str) -> None:
     check_keys(config, DEFAULTS, "")
     for section, known in (("calibration", _CALIBRATION_KEYS), ("criterion", ("layer", "width")),
                            ("width", ("attention", "mlp_multiple")),
-                           ("compensation", ("sequential", "ridge", "select")),
+                           ("compensation", ("sequential", "ridge", "select", "layers")),
                            ("evaluation", _EVALUATION_KEYS),
                            ("recovery", _RECOVERY_KEYS)):
         if not isinstance(config[section], dict):
@@ -351,7 +351,8 @@ def _prune_cell(study: _Study, cell: Cell) -> Path:
     if cell.compensate != "none":  # the fits need the calibration data, even where scores are shared
         options.update(compensate=cell.compensate, calibration=study.data, image_folder=study.folder,
                        seed=config["seed"], compensate_sequential=bool(config["compensation"]["sequential"]),
-                       compensate_select=bool(config["compensation"]["select"]))
+                       compensate_select=bool(config["compensation"]["select"]),
+                       compensate_layers=config["compensation"]["layers"])
         if config["compensation"]["ridge"] is not None:
             options["compensate_ridge"] = config["compensation"]["ridge"]
     if shared:  # one calibration serves every ratio of a method and criterion (and every compensation)

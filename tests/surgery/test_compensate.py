@@ -387,3 +387,42 @@ def test_cli_compensate_select_needs_ls(tiny_repo, tmp_path, capsys):
                  "--method", "width", "--ratio", "0.2", "--compensate-select"]) == 2
     assert "--compensate ls" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("family", ["llava_llama_gqa", "llava_phi", "internvl_qwen2"])
+def test_a_dropped_layer_that_scales_the_residual_is_reproduced_by_the_scale(family):
+    """Layer 2 multiplies the residual by 1.7: with ``layers_fit="scale"`` the later layers' writes are
+    divided by 1.7, and since every later reader normalises, the model without layer 2 gives the unpruned
+    logits; the record carries the scale."""
+    model = build_tiny(family)
+    layers = get_adapter(model).layers(model)
+    for m in model.modules():  # scale-free norms: the tiny model's residual is small next to eps
+        for name in ("variance_epsilon", "eps"):
+            if isinstance(getattr(m, name, None), float):
+                setattr(m, name, 1e-12)
+
+    def scale(module, args, kwargs, out):
+        h = args[0] if args else kwargs["hidden_states"]
+        return (1.7 * h, *out[1:]) if isinstance(out, tuple) else 1.7 * h
+
+    handle = layers[2].register_forward_hook(scale, with_kwargs=True)
+    inputs = make_inputs(family, model, seed=7)
+    expected = logits(model, inputs)
+    plan = PruningPlan(drop_layers=[2])
+    plain = logits(apply_plan_(copy.deepcopy(model), plan), inputs)
+    assert (plain - expected).abs().max() > 1e-3  # the drop alone loses something
+    record = compensate_(model, plan, batches(family, model, 4), "ls", layers_fit="scale")
+    handle.remove()
+    assert record["dropped_runs"][0]["scale"] == pytest.approx(1.7, rel=1e-5)
+    apply_plan_(model, plan)
+    assert_close(logits(model, inputs), expected)
+
+
+def test_scale_is_skipped_where_a_norm_follows_the_writes(caplog):
+    model = build_tiny("gemma3")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with caplog.at_level(logging.WARNING):
+        record = compensate_(model, PruningPlan(drop_layers=[1]), batches("gemma3", model, 2), "ls",
+                             layers_fit="scale")
+    assert "normalises" in record["dropped_runs"][0]["scale_skipped"] and "not rescaled" in caplog.text
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

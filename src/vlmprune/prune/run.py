@@ -154,7 +154,7 @@ def _compensate(cfg: PruneConfig, net: nn.Module, plan: PruningPlan, batches) ->
                                                     cfg.max_length, cfg.split)
     with phases.phase("compensation"):
         record = compensate_(net, plan, batches, cfg.compensate, cfg.compensate_sequential, cfg.compensate_ridge,
-                             select=cfg.compensate_select)
+                             select=cfg.compensate_select, layers_fit=cfg.compensate_layers)
     width = [e for layer in record["layers"].values() for e in layer.values()]
     if width:
         log.info("compensation (%s): consumer output error %.3g -> %.3g (mean over %d projections)", cfg.compensate,
@@ -311,7 +311,8 @@ def _plan_auto(run: _Run) -> None:
     with phases.phase("planning"):  # candidates planned and ranked on the held-out batches
         fit = None if cfg.compensate == "none" else (  # candidates compared as compensated models
             lambda m, p: compensate_(m, p, run.batches, cfg.compensate, cfg.compensate_sequential,
-                                     cfg.compensate_ridge, select=cfg.compensate_select))
+                                     cfg.compensate_ridge, select=cfg.compensate_select,
+                                     layers_fit=cfg.compensate_layers))
         best, run.tried = auto_search(net, layer_scores.values, scores.values, lambda plan_at: _ratio_of(run, plan_at),
                                       held_out, cfg.attention, cfg.mlp_multiple, fit)
     budget, shapes = ModelBudget.of(net), layer_shapes(net)

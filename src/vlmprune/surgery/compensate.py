@@ -55,7 +55,7 @@ from vlmprune.dispatch import input_device
 from vlmprune.errors import VlmpruneError
 from vlmprune.planning.plan import LayerKeep, PruningPlan
 from vlmprune.summary import layer_shapes
-from vlmprune.vocab import COMPENSATE_MODES
+from vlmprune.vocab import COMPENSATE_LAYERS, COMPENSATE_MODES
 
 log = logging.getLogger(__name__)
 
@@ -440,7 +440,8 @@ def check_mode(model: nn.Module, plan: PruningPlan, mode: str) -> None:
 
 @torch.no_grad()
 def compensate_(model: nn.Module, plan: PruningPlan, batches, mode: str = "ls", sequential: bool = True,
-                ridge: float = DEFAULT_RIDGE, tokens: str = "all", select: bool = False) -> dict:
+                ridge: float = DEFAULT_RIDGE, tokens: str = "all", select: bool = False,
+                layers_fit: str = "map") -> dict:
     """Update ``model``'s kept weights in place so that ``plan``'s cut loses as little as a linear fit allows.
 
     Returns the record of what was compensated, with the relative reconstruction error of every
@@ -453,6 +454,8 @@ def compensate_(model: nn.Module, plan: PruningPlan, batches, mode: str = "ls", 
         return {"mode": "none"}
     if not isinstance(ridge, (int, float)) or isinstance(ridge, bool) or not math.isfinite(ridge) or ridge <= 0:
         raise VlmpruneError(f"--compensate-ridge must be a number > 0, got {ridge!r}")
+    if layers_fit not in COMPENSATE_LAYERS:
+        raise VlmpruneError(f"--compensate-layers must be one of {', '.join(COMPENSATE_LAYERS)}, got {layers_fit!r}")
     adapter = get_adapter(model)
     shapes = layer_shapes(model, adapter)
     resolved = plan.resolve(shapes)
@@ -466,6 +469,7 @@ def compensate_(model: nn.Module, plan: PruningPlan, batches, mode: str = "ls", 
         runs = {run[0]: run for run in _runs(plan.drop_layers)}
         dropped = set(plan.drop_layers)
         record: dict = {"mode": mode, "sequential": sequential, "ridge": ridge, "tokens": tokens,
+                        "layers_fit": layers_fit,
                         "calibration_tokens": int(sum(int(m.sum()) for m in masks)), "layers": {}, "dropped_runs": []}
         if select:
             record["select"], record["selected"] = True, []  # the layers whose removed structures it changed
@@ -476,7 +480,7 @@ def compensate_(model: nn.Module, plan: PruningPlan, batches, mode: str = "ls", 
             if i in dropped:
                 if i in runs:
                     record["dropped_runs"].append(_replace_run(adapter, layers, runs[i], previous, data, masks,
-                                                               mlp_out, ridge, fallback))
+                                                               mlp_out, ridge, fallback, layers_fit))
                 continue
             consumers = _removed_columns(adapter, layer, shapes[i], resolved[i]) if i in resolved else []
             keep_y = (i + 1) in dropped
@@ -537,9 +541,10 @@ def _projection_name(layer: nn.Module, module: nn.Module) -> str:
 
 @torch.no_grad()
 def _replace_run(adapter: Adapter, layers, run: list[int], previous: int | None, data: list[_Batch], masks, y,
-                 ridge: float, fallback: torch.device) -> dict:
-    """Fit and fold the linear map that stands in for a run of dropped layers; advance the states past it."""
-    entry: dict = {"layers": run, "into": previous}
+                 ridge: float, fallback: torch.device, layers_fit: str = "map") -> dict:
+    """Stand in for a run of dropped layers (``layers_fit``: a linear map folded into the preceding MLP
+    output, the later layers' residual writes scaled, or both); advance the states past it."""
+    entry: dict = {"layers": run}
     start = [b.hidden for b in data]
     states = start
     for j in run:  # what the run adds to the residual (the dropped layers, as they are)
@@ -547,26 +552,70 @@ def _replace_run(adapter: Adapter, layers, run: list[int], previous: int | None,
             b.hidden = h
         states = _run_layer(layers[j], j, data, fallback)
     end = states
-    reason = None
-    if previous is None:
-        reason = "the run starts at the first layer: no layer before it to fold a map into"
-    else:
-        reason = fold_obstacle(adapter, layers[previous])
-    if reason is not None:
-        log.warning("dropped layers %s stay a plain drop: %s", run, reason)
-        entry["skipped"] = reason
-        for b, h in zip(data, start):
-            b.hidden = h  # the run is gone: the states pass through
-        return entry
-    targets = [yy + (e - s).to(yy.device) for yy, s, e in zip(y, start, end)]
-    T, errors = _fit_map(y, targets, masks, ridge)
-    down = _mlp_output(adapter, layers[previous])
-    Tw = T.to(down.weight.device)
-    down.weight.copy_((Tw.T @ down.weight.double()).to(down.weight.dtype))
-    if down.bias is not None:
-        down.bias.copy_((Tw.T @ down.bias.double()).to(down.bias.dtype))
-    for b, s, yy in zip(data, start, y):  # h_(b+1) ~ h_a - y + y T
-        delta = (yy.double() @ T.to(yy.device) - yy.double()).to(s.dtype)
-        b.hidden = s + delta.to(s.device)
-    entry.update(errors)
+    for b, h in zip(data, start):
+        b.hidden = h  # the run is gone: the states pass through (the map, below, changes them)
+    if "map" in layers_fit:
+        entry["into"] = previous
+        reason = ("the run starts at the first layer: no layer before it to fold a map into" if previous is None
+                  else fold_obstacle(adapter, layers[previous]))
+        if reason is not None:
+            log.warning("dropped layers %s get no linear map: %s", run, reason)
+            entry["skipped"] = reason
+        else:
+            targets = [yy + (e - s).to(yy.device) for yy, s, e in zip(y, start, end)]
+            T, errors = _fit_map(y, targets, masks, ridge)
+            down = _mlp_output(adapter, layers[previous])
+            Tw = T.to(down.weight.device)
+            down.weight.copy_((Tw.T @ down.weight.double()).to(down.weight.dtype))
+            if down.bias is not None:
+                down.bias.copy_((Tw.T @ down.bias.double()).to(down.bias.dtype))
+            for b, s, yy in zip(data, start, y):  # h_(b+1) ~ h_a - y + y T
+                delta = (yy.double() @ T.to(yy.device) - yy.double()).to(s.dtype)
+                b.hidden = s + delta.to(s.device)
+            entry.update(errors)
+    if "scale" in layers_fit:
+        entry.update(_scale_later_writes_(adapter, layers, run[-1] + 1, data, end, masks))
     return entry
+
+
+def _residual_writers(adapter: Adapter, layer: nn.Module) -> list[nn.Linear] | None:
+    """The projections whose outputs a layer adds to the residual stream as they are (attention output,
+    MLP output), or None where a norm stands between them and the residual (then no scale folds)."""
+    if fold_obstacle(adapter, layer) is not None:
+        return None
+    out = []
+    for part, name in ((adapter.attention(layer), adapter.layout.o), (adapter.mlp(layer), adapter.layout.down)):
+        module = getattr(part, name, None)
+        if not isinstance(module, nn.Linear):
+            return None
+        out.append(module)
+    return out
+
+
+@torch.no_grad()
+def _scale_later_writes_(adapter: Adapter, layers, first: int, data: list[_Batch], end, masks) -> dict:
+    """Prune&Comp-style magnitude compensation (arXiv 2507.18212): the dropped run made the residual
+    ``s`` times longer (median over the tokens that count of ||h_end|| / ||h_now||); every later layer's
+    residual writes are divided by ``s``, which, since every later consumer of the residual is
+    normalised (RMSNorm / LayerNorm are scale-free), is the residual scaled by ``s`` where the run ends."""
+    ratios = []
+    for b, e, m in zip(data, end, masks):
+        h, e = b.hidden[m.to(b.hidden.device)].double(), e[m.to(e.device)].double().to(b.hidden.device)
+        ratios.append((e.norm(dim=-1) / h.norm(dim=-1).clamp_min(1e-12)).cpu())
+    ratios = torch.cat(ratios)
+    ratios = ratios[torch.isfinite(ratios)]
+    if ratios.numel() == 0:
+        return {"scale_skipped": "no finite norm ratio on the calibration tokens"}
+    s = float(ratios.median())
+    writers = [_residual_writers(adapter, layers[j]) for j in range(first, len(layers))]
+    if any(w is None for w in writers):
+        reason = (f"{adapter.text_model_type} normalises a layer's output before the residual add: no scale "
+                  f"folds into the writes")
+        log.warning("the residual after dropped layers ending at %d is not rescaled: %s", first - 1, reason)
+        return {"scale": s, "scale_skipped": reason}
+    for modules in writers:  # dropped ones included: a later run's target is measured on the scaled stream
+        for module in modules:
+            module.weight.div_(s)
+            if module.bias is not None:
+                module.bias.div_(s)
+    return {"scale": s}
