@@ -33,12 +33,18 @@ LAYER_CRITERIA = ("block_influence", "angular", "last")
 
 
 def variant_options(name: str) -> dict | None:
-    """none | ls | ls+seq | bias | ...@RIDGE -> compensate_ keyword options (None: the plain cut)."""
+    """none | ls | ls+seq | ls+seq+sel | ls+scale | ls+mapscale | bias | ...@RIDGE -> compensate_ keyword
+    options (None: the plain cut). seq: --compensate-sequential, sel: --compensate-select, scale / mapscale:
+    --compensate-layers scale / map+scale."""
     if name == "none":
         return None
     mode, _, ridge = name.partition("@")
-    base, _, seq = mode.partition("+")
-    options = {"mode": base, "sequential": seq == "seq"}
+    base, *flags = mode.split("+")
+    options = {"mode": base, "sequential": "seq" in flags, "select": "sel" in flags}
+    if "scale" in flags:
+        options["layers_fit"] = "scale"
+    elif "mapscale" in flags:
+        options["layers_fit"] = "map+scale"
     if ridge:
         options["ridge"] = float(ridge)
     return options
@@ -111,6 +117,7 @@ def main() -> None:
         scores = score(model, method, criterion, batches)
         score_s = time.perf_counter() - t0
         for fraction, variant in todo:
+            # a fresh plan per variant: --compensate-select rewrites the one it is given
             plan = plan_for(model, scores, fraction * decoder / budget.total, attention or "groups")
             pruned = copy.deepcopy(model)
             options = variant_options(variant)

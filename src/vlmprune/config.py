@@ -22,7 +22,16 @@ from typing import Any
 import yaml
 
 from vlmprune.errors import VlmpruneError
-from vlmprune.vocab import ATTENTION_MODES, COMPENSATE_MODES, CONVERT_FAMILIES, DATASETS, DTYPES, PRUNE_METHODS, TOKENS
+from vlmprune.vocab import (
+    ATTENTION_MODES,
+    COMPENSATE_LAYERS,
+    COMPENSATE_MODES,
+    CONVERT_FAMILIES,
+    DATASETS,
+    DTYPES,
+    PRUNE_METHODS,
+    TOKENS,
+)
 
 RESOLVED_CONFIG = "resolved_config.yaml"
 
@@ -448,12 +457,23 @@ class CompensationOptions:
                            key="compensate_sequential")
     ridge: float = opt(1e-3, "ridge of the compensation fits, times the mean diagonal of the Gram matrix",
                        type=float, key="compensate_ridge")
+    select: bool = opt(False, "with --compensate ls: within each layer, remove the heads / kv groups / MLP channels "
+                              "whose loss the fit makes up best (greedy OBS on the consumer's Gram matrix); the "
+                              "criterion still sets how many go in each layer", key="compensate_select")
+    layers: str = opt("map", "with --compensate ls, what stands in for a run of dropped layers: map (a least-squares "
+                             "linear map folded into the preceding MLP output), scale (the later layers' residual "
+                             "writes divided by the run's median norm growth), map+scale", choices=COMPENSATE_LAYERS,
+                      key="compensate_layers")
 
     def __post_init__(self):
         one_of("compensate", self.mode, COMPENSATE_MODES, allow_none=False)
         positive("compensate_ridge", self.ridge, allow_none=False, kind=float)
         if self.mode == "none" and self.sequential:
             raise VlmpruneError("--compensate-sequential applies to a compensated cut: add --compensate ls")
+        one_of("compensate_layers", self.layers, COMPENSATE_LAYERS, allow_none=False)
+        if self.select and self.mode != "ls":
+            raise VlmpruneError("--compensate-select chooses what the least-squares fit makes up best: add "
+                                "--compensate ls")
 
 
 @checked

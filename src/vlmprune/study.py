@@ -64,7 +64,8 @@ DEFAULTS: dict[str, Any] = {
     "calibration": {"num_samples": 128, "batch_size": 4, "max_length": None},
     "criterion": {"layer": "block_influence", "width": "taylor"},
     "width": {"attention": "groups", "mlp_multiple": None},
-    "compensation": {"sequential": False, "ridge": None},  # how a grid's `compensate` axis fits (vlmprune prune)
+    # how a grid's `compensate` axis fits (vlmprune prune)
+    "compensation": {"sequential": False, "ridge": None, "select": False, "layers": "map"},
     "evaluation": {"tasks": ["easyvqa", "digits"], "limit": None, "task_file": None, "batch_size": 32,
                    "data_dir": None, "max_new_tokens": 10},
     "recovery": {},

@@ -24,6 +24,8 @@ ATTENTION_MODES = ("groups", "heads", "none")
 
 # prune --compensate: what a cut's kept weights take over (vlmprune.surgery.compensate)
 COMPENSATE_MODES = ("none", "ls", "bias")
+# prune --compensate-layers: what stands in for a run of dropped layers under --compensate ls
+COMPENSATE_LAYERS = ("map", "scale", "map+scale")
 
 # convert --from: the original checkpoints vlmprune converts to native ones (vlmprune.convert.FAMILIES)
 CONVERT_FAMILIES = ("bunny", "internvl-chat")

@@ -127,6 +127,8 @@ def test_a_dropped_layer_whose_update_is_linear_is_reproduced_exactly(family):
     layer1_mlp = adapter.mlp(layers[1]).register_forward_hook(lambda m, a, o: y1.append(o))
 
     def linear_update(module, args, kwargs, out):
+        if not y1:  # compensation's capture of the layers' arguments: the layers pass their input through
+            return out
         h = args[0] if args else kwargs["hidden_states"]
         new = h + y1.popleft() @ M
         return (new, *out[1:]) if isinstance(out, tuple) else new
@@ -315,3 +317,112 @@ def test_compensation_runs_without_autograd():
     for h in handles:
         h.remove()
     assert modes and not any(modes)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_select_removes_the_structures_the_fit_makes_up_exactly(family):
+    """Every fourth MLP channel (and the last q head of each group of three or more) copies its neighbour;
+    the plan removes as many others. ``select`` removes one of each pair of twins instead, so the
+    compensated cut gives the unpruned logits, with the plan's widths."""
+    model = build_tiny(family)
+    adapter = get_adapter(model)
+    shapes = layer_shapes(model)
+    plan = PruningPlan()
+    twins = {}
+    for i, (layer, shape) in enumerate(zip(adapter.layers(model), shapes)):
+        pairs = [(c - 1, c) for c in range(shape.intermediate_size) if c % 4 == 3]
+        for src, dst in pairs:
+            _copy_structure_(adapter, layer, shape, "mlp", src, dst)
+        twins[i] = pairs
+        entry = {"mlp_channels": [c for c in range(shape.intermediate_size) if c % 4 != 1]}
+        g = shape.group_size
+        if adapter.has_heads(layer) and g >= 3:
+            for k in range(shape.num_kv_heads):
+                _copy_structure_(adapter, layer, shape, "q", k * g, k * g + g - 1)
+            entry["q_heads"] = [h for h in range(shape.num_heads) if h % g != 1]
+        plan.layers[i] = entry
+    given = copy.deepcopy(plan)
+    inputs = make_inputs(family, model, seed=7)
+    expected = logits(model, inputs)
+    record = compensate_(model, plan, batches(family, model, 12), "ls", sequential=True, ridge=1e-12, select=True)
+    assert record["selected"] == sorted(plan.layers)
+    for i, entry in plan.layers.items():
+        assert {k: len(v) for k, v in entry.items()} == {k: len(v) for k, v in given.layers[i].items()}
+        gone = set(range(shapes[i].intermediate_size)) - set(entry["mlp_channels"])
+        assert all(len(gone & set(pair)) == 1 for pair in twins[i])
+        if "q_heads" in entry:
+            g = shapes[i].group_size
+            gone_q = set(range(shapes[i].num_heads)) - set(entry["q_heads"])
+            assert all(len(gone_q & {k * g, k * g + g - 1}) == 1 for k in range(shapes[i].num_kv_heads))
+    apply_plan_(model, plan)
+    assert_close(logits(model, inputs), expected)
+
+
+def test_obs_select_picks_the_unit_with_the_least_loss_after_the_fold():
+    """One unit: the greedy choice is the brute-force best (ridge_fold's residual output energy, ridge ~ 0);
+    units of one column and of two; the per-group limit is kept."""
+    from vlmprune.surgery.compensate import _obs_select
+
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(200, 8, generator=gen, dtype=torch.float64) @ torch.randn(8, 8, generator=gen,
+                                                                              dtype=torch.float64)
+    G = z.T @ z
+    W = torch.randn(5, 8, generator=gen, dtype=torch.float64)
+    for units in ([torch.tensor([c]) for c in range(8)], [torch.tensor([2 * u, 2 * u + 1]) for u in range(4)]):
+        losses = []
+        for cols in units:
+            removed = torch.zeros(8, dtype=torch.bool)
+            removed[cols] = True
+            new, _, _ = ridge_fold(W, G, removed, 1e-9)
+            losses.append(float(torch.einsum("of,fg,og->", W - new, G, W - new)))
+        assert _obs_select(W, G, units, 1, 1e-9) == [int(np.argmin(losses))]
+    units = [torch.tensor([c]) for c in range(8)]
+    gone = _obs_select(W, G, units, 4, 1e-9, groups=[c // 4 for c in range(8)], per_group=2)
+    assert len(set(gone)) == 4 and sum(c < 4 for c in gone) == 2
+
+
+def test_cli_compensate_select_needs_ls(tiny_repo, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(tiny_repo.model), "--calibration", str(tiny_repo.data), "--output", str(out),
+                 "--method", "width", "--ratio", "0.2", "--compensate-select"]) == 2
+    assert "--compensate ls" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("family", ["llava_llama_gqa", "llava_phi", "internvl_qwen2"])
+def test_a_dropped_layer_that_scales_the_residual_is_reproduced_by_the_scale(family):
+    """Layer 2 multiplies the residual by 1.7: with ``layers_fit="scale"`` the later layers' writes are
+    divided by 1.7, and since every later reader normalises, the model without layer 2 gives the unpruned
+    logits; the record carries the scale."""
+    model = build_tiny(family)
+    layers = get_adapter(model).layers(model)
+    for m in model.modules():  # scale-free norms: the tiny model's residual is small next to eps
+        for name in ("variance_epsilon", "eps"):
+            if isinstance(getattr(m, name, None), float):
+                setattr(m, name, 1e-12)
+
+    def scale(module, args, kwargs, out):
+        h = args[0] if args else kwargs["hidden_states"]
+        return (1.7 * h, *out[1:]) if isinstance(out, tuple) else 1.7 * h
+
+    handle = layers[2].register_forward_hook(scale, with_kwargs=True)
+    inputs = make_inputs(family, model, seed=7)
+    expected = logits(model, inputs)
+    plan = PruningPlan(drop_layers=[2])
+    plain = logits(apply_plan_(copy.deepcopy(model), plan), inputs)
+    assert (plain - expected).abs().max() > 1e-3  # the drop alone loses something
+    record = compensate_(model, plan, batches(family, model, 4), "ls", layers_fit="scale")
+    handle.remove()
+    assert record["dropped_runs"][0]["scale"] == pytest.approx(1.7, rel=1e-5)
+    apply_plan_(model, plan)
+    assert_close(logits(model, inputs), expected)
+
+
+def test_scale_is_skipped_where_a_norm_follows_the_writes(caplog):
+    model = build_tiny("gemma3")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with caplog.at_level(logging.WARNING):
+        record = compensate_(model, PruningPlan(drop_layers=[1]), batches("gemma3", model, 2), "ls",
+                             layers_fit="scale")
+    assert "normalises" in record["dropped_runs"][0]["scale_skipped"] and "not rescaled" in caplog.text
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -25,6 +25,7 @@ from vlmprune.checkpoint import load, load_processor, save_model
 from vlmprune.config import (
     RESOLVED_CONFIG,
     CalibrationOptions,
+    CompensationOptions,
     PruneConfig,
     build,
     check_ratio,
@@ -156,6 +157,12 @@ def _calibration_batches(cal: CalibrationOptions, processor, held_out: bool = Fa
                                          cal.batch_size, cal.max_length, cal.split)
 
 
+def _fit(comp: CompensationOptions, net: nn.Module, plan: PruningPlan, batches) -> dict:
+    """:func:`compensate_` as the compensation options say."""
+    return compensate_(net, plan, batches, comp.mode, comp.sequential, comp.ridge, select=comp.select,
+                       layers_fit=comp.layers)
+
+
 def _compensate(cfg: PruneConfig, net: nn.Module, plan: PruningPlan, batches) -> dict:
     """Fit the kept weights to stand in for what the plan removes (the statistics are collected anew,
     also for --plan and --scores: neither carries activations)."""
@@ -165,7 +172,7 @@ def _compensate(cfg: PruneConfig, net: nn.Module, plan: PruningPlan, batches) ->
             batches = _calibration_batches(cfg.calibration, load_processor(cfg.model, cfg.load.trust_remote_code))
     with phases.phase("compensation"):
         comp = cfg.compensation
-        record = compensate_(net, plan, batches, comp.mode, comp.sequential, comp.ridge)
+        record = _fit(comp, net, plan, batches)
     width = [e for layer in record["layers"].values() for e in layer.values()]
     if width:
         log.info("compensation (%s): consumer output error %.3g -> %.3g (mean over %d projections)", comp.mode,
@@ -323,8 +330,7 @@ def _plan_auto(run: _Run) -> None:
                                 cfg.calibration.seed)
     with phases.phase("planning"):  # candidates planned and ranked on the held-out batches
         fit = None if cfg.compensation.mode == "none" else (  # candidates compared as compensated models
-            lambda m, p: compensate_(m, p, run.batches, cfg.compensation.mode, cfg.compensation.sequential,
-                                     cfg.compensation.ridge))
+            lambda m, p: _fit(cfg.compensation, m, p, run.batches))
         best, run.tried = auto_search(net, layer_scores.values, scores.values, lambda plan_at: _ratio_of(run, plan_at),
                                       held_out, cfg.width.attention, cfg.width.mlp_multiple, fit)
     budget, shapes = ModelBudget.of(net), layer_shapes(net)
