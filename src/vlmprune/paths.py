@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import re
 import shutil
@@ -16,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from vlmprune.errors import VlmpruneError
+from vlmprune.readers import parse_json, read_json
 
 MARKER = ".vlmprune-output"  # in every directory vlmprune writes: --overwrite replaces only those
 _HELD: dict[Path, int] = {}  # output -> fd of the lock this process holds on it
@@ -160,8 +160,8 @@ def check_model_source(path: str | Path, what: str = "model") -> str:
     index = local / "model.safetensors.index.json"
     if index.is_file():
         try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (ValueError, KeyError, TypeError) as err:
+            shards = set(read_json(index)["weight_map"].values())
+        except (VlmpruneError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise VlmpruneError(f"{index} is not a valid safetensors index ({err}); fetch the model again") from None
         missing = sorted(name for name in shards if not (local / name).is_file())
         if missing:
@@ -191,9 +191,9 @@ def check_safetensors(file: Path) -> None:
                 problem = f"its header claims {n:,} bytes but the file has {size:,}"
             else:
                 try:
-                    header = json.loads(fh.read(n))
+                    header = parse_json(fh.read(n), "the header")
                     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-                except (ValueError, KeyError, TypeError, IndexError) as err:
+                except (VlmpruneError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
                     problem = f"its header is not valid ({err})"
                 else:
                     if 8 + n + end > size:

@@ -42,6 +42,7 @@ from vlmprune.config import (
 )
 from vlmprune.errors import VlmpruneError
 from vlmprune.planning.plan import PLAN_FILE
+from vlmprune.readers import read_json
 from vlmprune.record import PruneRecord, RunRecord
 
 log = logging.getLogger(__name__)
@@ -228,8 +229,8 @@ def _write_json(path: Path, data: Any) -> None:
 
 def _status(cell_dir: Path) -> dict | None:
     try:
-        return json.loads((cell_dir / "status.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        return read_json(cell_dir / "status.json")
+    except VlmpruneError:
         return None
 
 

@@ -8,7 +8,6 @@ files with the native tokenizer classes. Nothing from the source directory is ev
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from vlmprune.errors import VlmpruneError
+from vlmprune.readers import read_json
 
 
 class ConversionError(VlmpruneError):
@@ -27,7 +27,11 @@ def read_config(src: Path) -> dict:
     if not path.is_file():
         raise ConversionError(f"{src} has no config.json: give the directory of the original checkpoint "
                               f"(e.g. after `hf download <hub id> --local-dir {src}`)")
-    return json.loads(path.read_text())
+    config = read_json(path, f"{path}", ConversionError)
+    if not isinstance(config, dict):
+        raise ConversionError(f"{path} must hold a JSON object of model options, not a {type(config).__name__}; "
+                              f"fetch the checkpoint's config.json again")
+    return config
 
 
 def safetensors_files(src: Path) -> list[Path]:
@@ -35,7 +39,11 @@ def safetensors_files(src: Path) -> list[Path]:
     src = Path(src)
     index = src / "model.safetensors.index.json"
     if index.is_file():
-        return [src / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        try:
+            names = set(read_json(index, str(index), ConversionError)["weight_map"].values())
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ConversionError(f"{index} is not a safetensors index ({exc!r}); fetch it again") from None
+        return [src / name for name in sorted(names)]
     return sorted(p for p in src.glob("*.safetensors") if p.name.startswith("model"))
 
 

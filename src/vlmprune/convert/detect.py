@@ -9,10 +9,10 @@ checkpoint needs.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from vlmprune.errors import UnsupportedModelError
+from vlmprune.errors import UnsupportedModelError, VlmpruneError
+from vlmprune.readers import read_json
 
 # What marks each convertible family's original config.json: (model_type values, architectures).
 SIGNATURES = {"bunny": (("bunny-phi",), ("BunnyPhiForCausalLM",)),
@@ -45,8 +45,8 @@ def convert_hint(source: str | Path) -> str | None:
         except Exception:  # noqa: BLE001 - not a repo id, offline, gated...: AutoConfig will say why
             return None
     try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError):
+        config = read_json(path)
+    except VlmpruneError:
         return None
     family = detect_family(config) if isinstance(config, dict) else None
     if family is None:

@@ -27,6 +27,7 @@ from vlmprune.data import Collator, read_samples, select
 from vlmprune.errors import VlmpruneError
 from vlmprune.paths import check_safetensors, claim_output
 from vlmprune.planning.plan import PLAN_FILE, PruningPlan
+from vlmprune.readers import read_json
 from vlmprune.record import RecoveryRecord, RunRecord
 from vlmprune.recover.distributed import (
     check_launch,
@@ -124,7 +125,7 @@ def complete_checkpoints(directory: Path) -> list[Path]:
             continue
         problem = None
         try:
-            json.loads((path / "trainer_state.json").read_text())
+            read_json(path / "trainer_state.json")
             weights = list(path.glob("*.safetensors"))
             if not weights:
                 problem = "no weights"
@@ -202,7 +203,7 @@ def _finished_at(checkpoint: Path | None, cfg: RecoverConfig) -> bool:
     """Whether ``checkpoint`` already holds this run's last step (a kill during the final write)."""
     if checkpoint is None:
         return False
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state = read_json(checkpoint / "trainer_state.json")
     target = cfg.max_steps if cfg.max_steps > 0 else state.get("max_steps", 0)
     return 0 < target <= state.get("global_step", -1)
 
