@@ -442,6 +442,13 @@ class EvalConfig:
         if self.task_file is not None and not Path(self.task_file).is_file():
             raise VlmpruneError(f"--task-file {self.task_file}: file not found" if not Path(self.task_file).exists()
                                 else f"--task-file {self.task_file} is a directory; give the JSON file of test records")
+        stem = Path(self.task_file).stem if self.task_file is not None else None
+        if stem is not None and stem in list(self.tasks) + list(self.lmms_tasks):
+            raise VlmpruneError(f"--task-file {self.task_file} is reported under its file name, {stem!r}, which is "
+                                f"also a task you asked for (--tasks {','.join(self.tasks)}"
+                                f"{' --lmms-tasks ' + ','.join(self.lmms_tasks) if self.lmms_tasks else ''}): one "
+                                f"would replace the other in the results. Rename the file (e.g. my-{stem}.json), or "
+                                f"leave {stem} out of the tasks (--tasks '' for no built-in task)")
         if self.output is not None:
             out = Path(self.output)
             if out.is_dir():
