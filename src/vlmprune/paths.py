@@ -177,6 +177,24 @@ def check_model_source(path: str | Path, what: str = "model") -> str:
     return str(local)
 
 
+def check_not_quantized(model: str | Path, command: str, what: str = "model") -> None:
+    """Refuse a local model whose config.json says it is quantized: ``command`` changes full-precision weights."""
+    config = Path(model).expanduser() / "config.json"
+    if not config.is_file():
+        return
+    try:
+        data = read_json(config)
+    except VlmpruneError:
+        return  # loading it will say what is wrong
+    quantization = data.get("quantization_config") if isinstance(data, dict) else None
+    if quantization is None:
+        return
+    method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else "unknown"
+    raise VlmpruneError(f"{what} {model} is quantized ({method}; its config.json has a quantization_config), and "
+                        f"`vlmprune {command}` works on full-precision weights only: run it on the model before "
+                        f"`vlmprune quantize` (run.json names it under quantization.source), then quantize the result")
+
+
 def check_safetensors(file: Path) -> None:
     """Refuse a safetensors file whose header or data is cut short (read from its 8-byte length and JSON header)."""
     size = file.stat().st_size

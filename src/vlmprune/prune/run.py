@@ -37,7 +37,7 @@ from vlmprune.importance.layer import LayerScores
 from vlmprune.importance.registry import get_collector, get_criterion
 from vlmprune.importance.scores import SCORES_FILE, Scores
 from vlmprune.importance.structures import WidthScores
-from vlmprune.paths import claim_output
+from vlmprune.paths import check_not_quantized, claim_output
 from vlmprune.planning.plan import PLAN_FILE, LayerShape, PruningPlan
 from vlmprune.planning.search import search as auto_search
 from vlmprune.planning.solve import ModelBudget, achieved, layers_to_drop, plan_for, stock_plan
@@ -135,6 +135,7 @@ def prune(config: PruneConfig | None = None, **options) -> PruneResult:
     if config is not None and options:
         raise VlmpruneError("give a PruneConfig or keyword options, not both")
     cfg.check_paths()
+    check_not_quantized(cfg.model, "prune")
     with contextlib.ExitStack() as stack:
         stack.enter_context(phases.recording())  # joins the CLI's recording, which also counts the imports
         out = stack.enter_context(claim_output(cfg.output, cfg.inputs(), cfg.overwrite))

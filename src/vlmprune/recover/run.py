@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import zipfile
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from vlmprune.checkpoint import load, load_processor, save_model
 from vlmprune.config import RESOLVED_CONFIG, RecoverConfig
 from vlmprune.data import Collator, read_samples, select
 from vlmprune.errors import VlmpruneError
-from vlmprune.paths import check_safetensors, claim_output
+from vlmprune.paths import check_not_quantized, check_safetensors, claim_output
 from vlmprune.planning.plan import PLAN_FILE, PruningPlan
 from vlmprune.readers import read_json
 from vlmprune.record import RecoveryRecord, RunRecord
@@ -196,7 +197,29 @@ def _prepare_checkpoints(cfg: RecoverConfig, is_main: bool) -> Path | None:
             log.warning("vlmprune recover: --resume found no complete checkpoint in %s; starting from the beginning",
                         ckpt)
         return None
+    check_pickled_state(complete[0])
     return complete[0]
+
+
+def check_pickled_state(checkpoint: Path) -> None:
+    """Refuse a checkpoint whose optimizer, scheduler or RNG state holds more than tensors and plain values.
+
+    The Trainer reads these ``torch.save`` files with ``weights_only=True``, which refuses any other object
+    (code to run, in a tampered file) with an unpickling error; they are read here the same way first
+    (memory-mapped, so the optimizer state costs no copy) so that the refusal names the file.
+    """
+    from transformers.trainer_pt_utils import safe_globals
+
+    for file in sorted(p for p in checkpoint.iterdir() if p.suffix in (".pt", ".pth") and p.is_file()):
+        try:
+            with safe_globals():
+                torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # noqa: BLE001 - unpickling errors of every kind: the file is refused by name
+            named = re.search(r"unsupported (global|operand)[^\n]*", str(exc), re.IGNORECASE)  # what torch refused
+            reason = named.group(0).rstrip(". ") if named else type(exc).__name__
+            raise VlmpruneError(f"{file} holds something other than training state ({reason}); vlmprune never "
+                                f"unpickles objects from a checkpoint. It was not written by vlmprune recover: remove "
+                                f"{checkpoint} (or the whole {checkpoint.parent}) and run again") from None
 
 
 def _finished_at(checkpoint: Path | None, cfg: RecoverConfig) -> bool:
@@ -247,6 +270,7 @@ def recover(cfg: RecoverConfig, callbacks: list[transformers.TrainerCallback] | 
     are extra Trainer callbacks.
     """
     cfg.check_paths()  # every input, the output and the scheduler name, before anything starts
+    check_not_quantized(cfg.student, "recover", "student")
     end_with_launcher()
     args = training_arguments(cfg)
     state = args.distributed_state
