@@ -420,6 +420,10 @@ def _join_dash_values(argv: list[str]) -> list[str]:
     return out
 
 
+# commands that import neither torch nor transformers (they need no environment check)
+_NO_TRANSFORMERS = ("data", "report", "criteria")
+
+
 def _setup_logging() -> None:
     if log.handlers:
         return
@@ -443,6 +447,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     _setup_logging()
     try:
+        if args.command not in _NO_TRANSFORMERS:
+            from vlmprune.environment import check_torchvision
+
+            check_torchvision()  # before transformers is imported: a broken torchvision breaks every model load
         if hasattr(args, "config_class"):
             cfg = resolve(args.config_class, args, overrides)
             return STAGES[args.command][1](cfg)
