@@ -228,7 +228,9 @@ def cmd_evaluate(cfg: EvalConfig) -> int:
         from vlmprune.demo.datasets import demo_data
 
         cfg = dataclasses.replace(cfg, data_dir=str(demo_data()["root"]))
-    print_eval_result(evaluate_model_dir(cfg))
+    result = evaluate_model_dir(cfg)
+    with _published(cfg.output) if cfg.output else contextlib.nullcontext():
+        print_eval_result(result)
     return 0
 
 

@@ -269,10 +269,11 @@ def _check_plan_source(run: _Run, plan: PruningPlan) -> None:
     source, where = plan.extra.get("source"), "the plan's 'source' field"
     if source is None:
         beside = Path(cfg.plan) if Path(cfg.plan).is_dir() else Path(cfg.plan).parent
-        with contextlib.suppress(VlmpruneError):
-            record = RunRecord.load(beside, missing_ok=True)
-            if (beside / RUN_FILE).is_file() and record.prune is not None:
-                source, where = record.prune.source, f"{beside / RUN_FILE} (prune.source)"
+        if (beside / RUN_FILE).is_file():
+            with contextlib.suppress(VlmpruneError):  # an unreadable record checks nothing; the plan itself is read
+                record = RunRecord.load(beside)
+                if record.prune is not None:
+                    source, where = record.prune.source, f"{beside / RUN_FILE} (prune.source)"
     if not isinstance(source, dict) or "fingerprint" not in source:
         return
     here = source_record(run.net)
