@@ -214,8 +214,10 @@ def test_yaml_reader_bounds(text, message):
     assert parse_yaml("x: &x {b: 1}\ny: *x\n", "c.yaml") == {"x": {"b": 1}, "y": {"b": 1}}  # a few aliases are fine
 
 
-@pytest.mark.parametrize("kind, bomb", [(k, b) for k in ("data", "task", "plan", "scores", "config", "study", "override")
-                                        for b in ("deep", "long_int", "laughs")
+READERS = ("data", "task", "plan", "scores", "config", "study", "override")
+
+
+@pytest.mark.parametrize("kind, bomb", [(k, b) for k in READERS for b in ("deep", "long_int", "laughs")
                                         if b != "laughs" or k in ("config", "study", "override")])  # aliases: YAML
 def test_bombs_in_every_reader(kind, bomb, tiny_repo, tmp_path, capsys):
     text = {"deep": DEEP_JSON, "long_int": LONG_INT, "laughs": LAUGHS}[bomb]
