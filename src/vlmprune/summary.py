@@ -154,7 +154,7 @@ def differences(actual: dict, recorded: dict, whose: str) -> list[str]:
         if key in recorded and recorded[key] != actual[key]:
             out.append(f"{key} {actual[key]} ({whose} says {recorded[key]})")
     same_depth = actual["num_layers"] == recorded.get("num_layers")
-    if "layers" in recorded and recorded["layers"] != actual["layers"] and same_depth:
+    if isinstance(recorded.get("layers"), list) and recorded["layers"] != actual["layers"] and same_depth:
         bad = [i for i, (a, b) in enumerate(zip(actual["layers"], recorded["layers"])) if a != b]
         out.append(f"the widths of layer(s) {bad[:5]}")
     return out
