@@ -61,6 +61,10 @@ class Scores:
             model = data.get("model", {})
             if not isinstance(model, dict) or not all(isinstance(data[k], str) for k in ("criterion", "tokens")):
                 raise TypeError("'model' must be an object, 'criterion' and 'tokens' strings")
+            weights = model.get("weights")
+            if weights is not None and not (isinstance(weights, list) and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in weights)):
+                raise TypeError("'model.weights' must be a list of numbers")
             return cls(data["method"], data["criterion"], data["tokens"], values, model)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise VlmpruneError(f"not a vlmprune scores file ({type(exc).__name__}: {exc}); use the {SCORES_FILE} "
