@@ -136,6 +136,10 @@ def prune(config: PruneConfig | None = None, **options) -> PruneResult:
         raise VlmpruneError("give a PruneConfig or keyword options, not both")
     cfg.check_paths()
     check_not_quantized(cfg.model, "prune")
+    if cfg.plan is not None:  # a malformed plan or scores file fails before the model loads (read again after)
+        PruningPlan.load(cfg.plan)
+    if cfg.scores is not None:
+        Scores.load(cfg.scores)
     with contextlib.ExitStack() as stack:
         stack.enter_context(phases.recording())  # joins the CLI's recording, which also counts the imports
         out = stack.enter_context(claim_output(cfg.output, cfg.inputs(), cfg.overwrite))
