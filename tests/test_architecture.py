@@ -16,7 +16,7 @@ import yaml
 
 import vlmprune
 from vlmprune.cli import build_parser, main
-from vlmprune.config import PruneConfig, RecoverConfig, resolve
+from vlmprune.config import PruneConfig, RecoverConfig, build, resolve
 from vlmprune.importance.structures import WidthScores
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,9 +130,10 @@ def test_a_loss_registered_from_user_code_trains_through_the_public_api(tiny_rep
 
     assert [loss.name for loss in losses.losses()][:3] == ["sft", "logits", "hidden"]
     out = tmp_path / "out"
-    cfg = RecoverConfig(student=str(tiny_repo.model), data=str(tiny_repo.data), image_folder=str(tiny_repo.images),
-                        output=str(out), loss="mytest=1", max_steps=2, learning_rate=1e-2, logging_steps=1)
-    assert cfg.loss == {"mytest": 1.0}
+    cfg = build(RecoverConfig, student=str(tiny_repo.model), data=str(tiny_repo.data),
+                image_folder=str(tiny_repo.images), output=str(out), loss="mytest=1", max_steps=2, learning_rate=1e-2,
+                logging_steps=1)
+    assert cfg.objective.loss == {"mytest": 1.0}
     vlmprune.recover.recover(cfg)
     assert len(calls) == 2 and all(len(shape) == 3 for shape in calls)  # one micro-batch per step
     before, after = vlmprune.load(tiny_repo.model).state_dict(), vlmprune.load(out).state_dict()
@@ -143,7 +144,7 @@ def test_a_loss_registered_from_user_code_trains_through_the_public_api(tiny_rep
     record = json.loads((out / "run.json").read_text())
     assert record["recovery"][-1]["losses"] == {"mytest": 1.0}
     with pytest.raises(vlmprune.VlmpruneError, match="unknown loss 'nope'; choose from sft, logits, hidden, mytest"):
-        RecoverConfig(student="s", data="d", output="o", loss="nope=1")
+        build(RecoverConfig, student="s", data="d", output="o", loss="nope=1")
 
 
 @pytest.mark.parametrize("method, criterion", [("width", "taylor"), ("layer", "angular")])
@@ -177,13 +178,14 @@ def test_yaml_then_overrides_then_flags_for_every_stage(tmp_path):
     parser = build_parser()
     args, rest = parser.parse_known_args(["prune", "--config", str(config), "ratio=0.3", "--set", "num_samples=8"])
     cfg = resolve(PruneConfig, args, rest)
-    assert (cfg.ratio, cfg.num_samples, cfg.attention) == (0.3, 8, "heads")  # overrides beat the YAML
+    # overrides beat the YAML
+    assert (cfg.planning.ratio, cfg.calibration.num_samples, cfg.width.attention) == (0.3, 8, "heads")
     args, rest = parser.parse_known_args(["prune", "--config", str(config), "ratio=0.3", "--ratio", "0.2"])
-    assert resolve(PruneConfig, args, rest).ratio == 0.2  # a flag beats both
+    assert resolve(PruneConfig, args, rest).planning.ratio == 0.2  # a flag beats both
     recover_yaml = tmp_path / "recover.yaml"
     recover_yaml.write_text("student: s\ndata: d\noutput: o\nloss: sft=1\nlearning_rate: 0.1\n")
     args, rest = parser.parse_known_args(["recover", "--config", str(recover_yaml), "learning_rate=0.5"])
-    assert resolve(RecoverConfig, args, rest).learning_rate == 0.5
+    assert resolve(RecoverConfig, args, rest).training.learning_rate == 0.5
     for command in ("inspect", "evaluate", "data", "report", "quantize", "convert"):
         actions = {a.dest for a in parser._subparsers._group_actions[0].choices[command]._actions}
         assert {"config_file", "overrides"} <= actions, command

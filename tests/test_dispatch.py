@@ -11,7 +11,7 @@ from recover_helpers import write_data, write_pair
 from safetensors.torch import load_file
 
 import vlmprune
-from vlmprune.config import PruneConfig
+from vlmprune.config import PruneConfig, build
 from vlmprune.errors import VlmpruneError
 
 # Layers 2 and 3 of the language model live on disk (their parameters are meta between forwards);
@@ -74,4 +74,4 @@ def test_device_map_with_a_plan_and_auto(dirs, tmp_path):
 ])
 def test_bad_dispatch_options_are_refused(options, match):
     with pytest.raises(VlmpruneError, match=match):
-        PruneConfig(model="m", output="o", method="layer", ratio=0.2, **options)
+        build(PruneConfig, model="m", output="o", method="layer", ratio=0.2, **options)

@@ -4,7 +4,6 @@ owners act on, and the module imports nothing."""
 from __future__ import annotations
 
 import ast
-import dataclasses
 import inspect
 
 import pytest
@@ -15,8 +14,8 @@ from vlmprune.planning import solve
 from vlmprune.surgery import compensate
 
 
-def choices(cls, name: str):
-    return next(f for f in dataclasses.fields(cls) if f.name == name).metadata["choices"]
+def choices(cls, key: str):
+    return next(o.field for o in config.options_of(cls) if o.key == key).metadata["choices"]
 
 
 def test_configs_offer_the_vocabulary():
@@ -48,7 +47,7 @@ def test_a_word_outside_the_vocabulary_is_refused_with_the_list(cls, field, bad)
     values = {"model": "m", "output": "o", "method": "width", "ratio": 0.2, "calibration": "d", field: bad}
     with pytest.raises(config.VlmpruneError, match=", ".join(getattr(vocab, {
             "tokens": "TOKENS", "attention": "ATTENTION_MODES", "compensate": "COMPENSATE_MODES"}[field]))):
-        cls(**values)
+        config.build(cls, values)
 
 
 def test_vocab_imports_nothing():

@@ -12,7 +12,9 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 
 from vlmprune.config import (
@@ -174,7 +176,7 @@ def cmd_inspect(cfg: InspectConfig) -> int:
     from vlmprune.checkpoint import load
     from vlmprune.summary import summarize
 
-    summary = summarize(load(cfg.model, trust_remote_code=cfg.trust_remote_code))
+    summary = summarize(load(cfg.model, trust_remote_code=cfg.load.trust_remote_code))
     if cfg.json:
         print(json.dumps(summary.to_dict(), indent=1))
     else:
@@ -223,11 +225,13 @@ def cmd_evaluate(cfg: EvalConfig) -> int:
 
     from vlmprune.evaluate.run import evaluate_model_dir
 
-    packaged = any(t in LMMS_PACKAGED_TASKS for t in cfg.lmms_tasks)
-    if (cfg.tasks or packaged) and cfg.data_dir is None:  # the built-in tasks' data is written on first use
+    packaged = any(t in LMMS_PACKAGED_TASKS for t in cfg.evaluation.lmms_tasks)
+    # the built-in tasks' data is written on first use
+    if (cfg.evaluation.tasks or packaged) and cfg.evaluation.data_dir is None:
         from vlmprune.demo.datasets import demo_data
 
-        cfg = dataclasses.replace(cfg, data_dir=str(demo_data()["root"]))
+        cfg = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation,
+                                                                    data_dir=str(demo_data()["root"])))
     result = evaluate_model_dir(cfg)
     with _published(cfg.output) if cfg.output else contextlib.nullcontext():
         print_eval_result(result)
@@ -237,8 +241,9 @@ def cmd_evaluate(cfg: EvalConfig) -> int:
 def cmd_quantize(args: QuantizeConfig) -> int:
     from vlmprune.quantize import quantize_model_dir
 
-    out, record = quantize_model_dir(args.model, args.scheme, args.output, overwrite=args.overwrite, dtype=args.dtype,
-                                     device=args.device, trust_remote_code=args.trust_remote_code)
+    out, record = quantize_model_dir(args.model, args.scheme, args.output, overwrite=args.overwrite,
+                                     dtype=args.load.dtype, device=args.load.device,
+                                     trust_remote_code=args.load.trust_remote_code)
     with _published(out):
         lm, whole = record["language_model_bytes"], record["model_bytes"]
         console().print(f"{args.scheme} ({record['backend']} {record['backend_version']}): "
@@ -254,7 +259,7 @@ def cmd_export(cfg: ExportConfig) -> int:
     from vlmprune.export import export_gguf
 
     record = export_gguf(cfg.model, cfg.output, quant=cfg.quant, overwrite=cfg.overwrite, vision=not cfg.no_vision,
-                         vision_quant=cfg.vision_quant, trust_remote_code=cfg.trust_remote_code)
+                         vision_quant=cfg.vision_quant, trust_remote_code=cfg.load.trust_remote_code)
     with _published(record.get("output", cfg.output)):
         for part in ("text", "mmproj"):
             r = record.get(part)
@@ -278,7 +283,7 @@ def cmd_data(cfg: DataConfig) -> int:
     from vlmprune.demo import datasets
 
     writer = {"easyvqa": datasets.write_easyvqa, "digits": datasets.write_digits}[cfg.dataset]
-    summary = writer(cfg.output, limit=cfg.limit)
+    summary = writer(cfg.output, limit=cfg.limit, overwrite=cfg.overwrite)
     console().print(f"{cfg.dataset}: {summary['train']:,} train and {summary['test']:,} test questions, "
                     f"{summary['images']:,} images -> {summary['output']}")
     return 0
@@ -448,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     _setup_logging()
+    previous = _terminate_as_interrupt()
     try:
         if args.command not in _NO_TRANSFORMERS:
             from vlmprune.environment import check_torchvision
@@ -460,15 +466,34 @@ def main(argv: list[str] | None = None) -> int:
     except VlmpruneError as exc:
         _say("error: ", str(exc))
         return 2
-    except KeyboardInterrupt:
-        _say("interrupted: ", "nothing was written to the output")
-        return 130
+    except KeyboardInterrupt as exc:
+        _say("terminated: " if isinstance(exc, Terminated) else "interrupted: ", "nothing was written to the output")
+        return 128 + signal.SIGTERM if isinstance(exc, Terminated) else 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence: a message, not a traceback
         if os.environ.get("VLMPRUNE_DEBUG"):
             raise
         _say("internal error ", f"(a bug in vlmprune; please report it with the command): {type(exc).__name__}: "
                                 f"{exc}. Rerun with VLMPRUNE_DEBUG=1 for the traceback.")
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a scheduler's time limit), handled as Ctrl-C: temporaries and locks are removed."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def _terminate_as_interrupt():
+    """SIGTERM raises :class:`Terminated` (a KeyboardInterrupt) in the main thread; returns the handler it replaced
+    (None where it could not be set: not the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 if __name__ == "__main__":

@@ -29,12 +29,96 @@ RESOLVED_CONFIG = "resolved_config.yaml"
 
 
 def opt(default: Any = None, help: str = "", *, flag: str | None = None, choices=None, type=None,
-        positional: bool = False, cli: bool = True, default_factory=None):
-    """A config field with what its command-line flag needs."""
-    meta = {"help": help, "flag": flag, "choices": choices, "type": type, "positional": positional, "cli": cli}
+        positional: bool = False, cli: bool = True, default_factory=None, key: str | None = None):
+    """A config field with what its command-line flag needs. ``key`` is the option's name in a flat YAML,
+    ``--set`` and its flag where it differs from the field's (a group's ``path`` is ``calibration``)."""
+    meta = {"help": help, "flag": flag, "choices": choices, "type": type, "positional": positional, "cli": cli,
+            "key": key}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def group(cls, *, only: tuple[str, ...] | None = None):
+    """A field holding an option group (:class:`LoadOptions`, ...). Its options are flags and flat YAML keys
+    of the command as if they were its own, or a YAML section of the group's name; ``only`` names the ones this
+    command acts on (the others are unknown options here)."""
+    return field(default_factory=cls, metadata={"group": cls, "only": only})
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a stage as users write it: its flat key, where it lives, and its field."""
+
+    key: str
+    group: str | None  # the stage's field holding the group, or None for the stage's own fields
+    field: dataclasses.Field
+
+    @property
+    def path(self) -> str:
+        return f"{self.group}.{self.field.name}" if self.group else self.field.name
+
+
+def options_of(cls) -> list[Option]:
+    """Every option of a stage config, its groups' included (in field order)."""
+    out = []
+    for f in dataclasses.fields(cls):
+        sub = f.metadata.get("group")
+        if sub is None:
+            out.append(Option(f.metadata.get("key") or f.name, None, f))
+            continue
+        only = f.metadata.get("only")
+        out += [Option(g.metadata.get("key") or g.name, f.name, g) for g in dataclasses.fields(sub)
+                if only is None or g.name in only]
+    return out
+
+
+_TYPE_WORDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
+               "dict": "a mapping", "list": "a list", "None": "null"}
+
+
+def _is(value: Any, name: str) -> bool:
+    if name == "None":
+        return value is None
+    if name == "bool":
+        return isinstance(value, bool)
+    if name in ("int", "float") and isinstance(value, bool):
+        return False
+    if name == "float":
+        return isinstance(value, (int, float))
+    return isinstance(value, {"str": str, "int": int, "dict": dict, "list": (list, tuple)}.get(name, object))
+
+
+def check_types(config) -> None:
+    """Every value of ``config`` of its field's declared type, so that ``overwrite: "false"`` (a string) is
+    refused instead of counting as true (YAML, ``--set`` and Python callers all pass here)."""
+    for f in dataclasses.fields(config):
+        if f.metadata.get("group") is not None:
+            continue
+        value = getattr(config, f.name)
+        names = [t.strip() for t in str(f.type).split("|")]
+        if any(_is(value, n) for n in names):
+            continue
+        key = f.metadata.get("key") or f.name
+        wanted = " or ".join(_TYPE_WORDS.get(n, n) for n in names)
+        hint = ""
+        if "bool" in names and isinstance(value, str):
+            hint = f" (in YAML write {key}: {value.strip().lower()} without quotes; a quoted word is a string)"
+        raise VlmpruneError(f"option {key} must be {wanted}, got {value!r} ({type(value).__name__}){hint}")
+
+
+def checked(cls):
+    """``@dataclass(frozen=True)`` for a config or group whose values are type-checked (:func:`check_types`)
+    before its own ``__post_init__`` checks run."""
+    own = cls.__dict__.get("__post_init__")
+
+    def __post_init__(self):
+        check_types(self)
+        if own is not None:
+            own(self)
+
+    cls.__post_init__ = __post_init__
+    return dataclass(frozen=True)(cls)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,30 +313,67 @@ def check_device(device: str | None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# the stage configs
+# option groups: the parts several commands (and the study's sections) share
 
 
-@dataclass(frozen=True)
-class InspectConfig:
-    """``vlmprune inspect``: what a model is made of."""
+@checked
+class LoadOptions:
+    """How a command loads a model: the same options for every command that loads one. A command takes the
+    ones it can act on (``group(LoadOptions, only=...)``); the others are unknown options there."""
 
-    model: str | None = opt(None, "local directory or hub id", positional=True)
-    json: bool = opt(False, "print JSON instead of tables")
+    dtype: str | None = opt(None, "float32, float16, bfloat16, or auto (default: the checkpoint's)", choices=DTYPES)
+    device: str | None = opt(None, "cpu, cuda, cuda:1, ... (default: where the model loads)")
+    device_map: str | dict | None = opt(None, "load the model dispatched across GPUs / CPU / disk (accelerate "
+                                              "big-model loading): auto, balanced, balanced_low_0, sequential, or a "
+                                              "JSON {module: device} (inline or a file)")
+    max_memory: str | dict | None = opt(None, "with --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
+    offload_folder: str | None = opt(None, "with --device-map: where disk-offloaded weights go (default: a "
+                                           "temporary folder beside the output)")
     trust_remote_code: bool = opt(False, "run the model repo's own code (off by default)")
 
     def __post_init__(self):
-        need("model", self.model)
+        one_of("dtype", self.dtype, DTYPES)
+        parse_device_map(self.device_map)
+        parse_max_memory(self.max_memory)
+        if self.device_map is not None and self.device is not None:
+            raise VlmpruneError("give either --device (the whole model on one device) or --device-map (dispatched), "
+                                "not both")
+        if self.device_map is None and (self.max_memory is not None or self.offload_folder is not None):
+            raise VlmpruneError("--max-memory and --offload-folder apply to a dispatched model: add --device-map auto")
+
+    def kwargs(self) -> dict[str, Any]:
+        """What :func:`vlmprune.checkpoint.load` takes of these (the dtype name as given: "auto" is the
+        checkpoint's; a dispatched load's placement is the caller's, which owns the offload folder)."""
+        return {"dtype": self.dtype, "trust_remote_code": self.trust_remote_code}
 
 
-@dataclass(frozen=True)
-class PruneConfig:
-    """``vlmprune prune``: calibrate, score, plan and cut (or apply a plan, or re-plan from saved scores)."""
+@checked
+class CalibrationOptions:
+    """The data the statistics of a prune are computed on (the study's ``calibration:`` section)."""
 
-    model: str | None = opt(None, "local directory or hub id")
-    output: str | None = opt(None, "output directory (written whole at the end)")
-    plan: str | None = opt(None, "pruning_plan.json to apply (indices of the input model)")
-    scores: str | None = opt(None, "scores.json of an earlier prune of the same model: re-plan for --ratio "
-                                   "without calibrating again")
+    path: str | None = opt(None, "LLaVA-format JSON/JSONL, a save_to_disk directory or a hub dataset id",
+                           key="calibration")
+    image_folder: str | None = opt(None, "root of the relative image paths in --calibration")
+    split: str = opt("train", "dataset split (HF datasets)")
+    num_samples: int = opt(128, "calibration samples (seeded draw)", type=int)
+    seed: int = opt(0, "seed of the calibration draw and of the random criterion", type=int)
+    batch_size: int = opt(1, "calibration batch size", type=int)
+    max_length: int | None = opt(None, "truncate longer samples (never their image tokens)", type=int)
+    tokens: str | None = opt(None, "positions the statistics use (default: the criterion's)", choices=TOKENS)
+
+    def __post_init__(self):
+        one_of("tokens", self.tokens, TOKENS)
+        for name in ("num_samples", "batch_size", "max_length"):
+            positive(name, getattr(self, name))
+        positive("seed", self.seed, zero=True, allow_none=False)
+        if self.image_folder and not self.path:
+            raise VlmpruneError("--image-folder needs --calibration (the data whose images it holds)")
+
+
+@checked
+class PlanOptions:
+    """What a prune removes, and how much (``vlmprune prune`` without ``--plan``)."""
+
     method: str | None = opt(None, "drop decoder layers, heads and MLP channels, or search the mix (auto)",
                              choices=PRUNE_METHODS)
     ratio: float | None = opt(None, "fraction of the WHOLE model's parameters to remove, in (0, 1)", type=float)
@@ -264,15 +385,33 @@ class PruneConfig:
     layer_criterion: str | None = opt(None, "auto: the layer criterion of the depth part (default block_influence)")
     top_k: int = opt(1, "auto: also write the 2nd..k-th best candidates as OUTPUT-rank2 ... (recover each, pick after)",
                      type=int)
-    calibration: str | None = opt(None, "LLaVA-format JSON/JSONL, a save_to_disk directory or a hub dataset id")
-    image_folder: str | None = opt(None, "root of the relative image paths in --calibration")
-    split: str = opt("train", "dataset split (HF datasets)")
-    num_samples: int = opt(128, "calibration samples (seeded draw)", type=int)
-    seed: int = opt(0, "seed of the calibration draw and of the random criterion", type=int)
-    batch_size: int = opt(1, "calibration batch size", type=int)
-    max_length: int | None = opt(None, "truncate longer samples (never their image tokens)", type=int)
-    tokens: str | None = opt(None, "positions the statistics use (default: the criterion's)",
-                             choices=TOKENS)
+    stock: bool = opt(False, "only shapes the family's stock class can hold (the output loads with plain "
+                             "from_pretrained, vLLM, ...): attention is left whole where its cut could not load, "
+                             "else the prune is refused with the reason")
+
+    def __post_init__(self):
+        one_of("method", self.method, PRUNE_METHODS)
+        if self.ratio is not None:
+            check_ratio(self.ratio)
+        if self.target is not None:
+            parse_target(self.target)
+        positive("top_k", self.top_k, allow_none=False)
+        if self.top_k > 1 and self.method != "auto":
+            raise VlmpruneError("--top-k applies to --method auto (its ranked candidates)")
+        if self.layer_criterion is not None and self.method != "auto":
+            raise VlmpruneError("--layer-criterion is the depth part of --method auto; with --method layer use "
+                                "--criterion")
+
+    @property
+    def given(self) -> bool:
+        """Whether anything of a fresh plan was asked for (a ``--plan`` file says all of it)."""
+        return any(v is not None for v in (self.method, self.ratio, self.target))
+
+
+@checked
+class WidthOptions:
+    """How a width cut shapes what stays (the study's ``width:`` section)."""
+
     attention: str = opt("groups", "width: drop whole kv groups, q heads inside every group, or leave attention alone",
                          choices=ATTENTION_MODES)
     mlp_multiple: int | None = opt(None, "kept MLP widths are multiples of this (default 64 for MLPs >= 4096, else 8)",
@@ -280,132 +419,56 @@ class PruneConfig:
     layers: str | None = opt(None, "width: prune only layers START:END (python slice; gives non-uniform widths)")
     global_ranking: bool = opt(False, "width: rank structures across layers instead of the same widths in each",
                                flag="--global")
-    stock: bool = opt(False, "only shapes the family's stock class can hold (the output loads with plain "
-                             "from_pretrained, vLLM, ...): attention is left whole where its cut could not load, "
-                             "else the prune is refused with the reason")
-    compensate: str = opt("none", "update the kept weights to stand in for what goes, from the calibration data: "
-                                  "ls (least squares into o_proj / down_proj, and a linear map for dropped layers; "
-                                  "no new parameter), bias (FLAP's mean into the consumer's bias), none",
-                          choices=COMPENSATE_MODES)
-    compensate_sequential: bool = opt(False, "compensate layer by layer on the states of the already cut and "
-                                             "compensated layers (errors do not compound; one more pass per layer)")
-    compensate_ridge: float = opt(1e-3, "ridge of the compensation fits, times the mean diagonal of the Gram "
-                                        "matrix", type=float)
-    device: str | None = opt(None, "cpu, cuda, cuda:1, ... (default: where the model loads)")
-    device_map: str | None = opt(None, "load the model dispatched across GPUs / CPU / disk (accelerate big-model "
-                                       "loading): auto, balanced, balanced_low_0, sequential, or a JSON "
-                                       "{module: device} (inline or a file)")
-    max_memory: str | None = opt(None, "with --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
-    offload_folder: str | None = opt(None, "with --device-map: where disk-offloaded weights go "
-                                           "(default: a temporary folder beside the output)")
-    dtype: str | None = opt(None, "float32, float16, bfloat16 (default: the checkpoint's)", choices=DTYPES)
-    overwrite: bool = opt(False, "replace an existing output directory (only one vlmprune wrote)")
-    trust_remote_code: bool = opt(False, "run the model repo's own code (off by default)")
 
     def __post_init__(self):
-        need("model", self.model)
-        need("output", self.output)
-        if self.plan is not None:
-            if any(v is not None for v in (self.method, self.scores, self.ratio, self.target)):
-                raise VlmpruneError("give either --plan, or --method with --ratio/--target (optionally with --scores), "
-                                    "not both: a plan already says what goes")
-        else:
-            if self.method is None and self.scores is None:
-                raise VlmpruneError("vlmprune prune needs --plan PLAN.json, or --method layer|width with --ratio R")
-            if (self.ratio is None) == (self.target is None):
-                raise VlmpruneError("give one of --ratio (the fraction of the whole model's parameters to remove, "
-                                    "e.g. 0.2) or --target (e.g. params=0.8 or memory=2GB)")
-            if self.ratio is not None:
-                check_ratio(self.ratio)
-            else:
-                parse_target(self.target)
-        one_of("method", self.method, PRUNE_METHODS)
-        if self.device_map is not None and self.target is not None and parse_target(self.target).kind == "latency":
-            raise VlmpruneError("a latency target times pruned copies of the model on one device; it cannot run on a "
-                                "--device-map dispatched model: use a params or memory target there")
-        if self.method == "auto" and self.device_map is not None:
-            raise VlmpruneError("--method auto ranks candidates on pruned copies held in memory; it cannot run on a "
-                                "--device-map dispatched model: choose --method layer or width there")
-        if self.method == "auto" and (self.scores is not None or self.layers or self.global_ranking):
-            raise VlmpruneError("--method auto searches depth x width over all layers: it takes no --scores, "
-                                "--layers or --global")
-        positive("top_k", self.top_k, allow_none=False)
-        if self.top_k > 1 and self.method != "auto":
-            raise VlmpruneError("--top-k applies to --method auto (its ranked candidates)")
-        if self.layer_criterion is not None and self.method != "auto":
-            raise VlmpruneError("--layer-criterion is the depth part of --method auto; with --method layer use "
-                                "--criterion")
-        one_of("tokens", self.tokens, TOKENS)
         one_of("attention", self.attention, ATTENTION_MODES, allow_none=False)
-        one_of("dtype", self.dtype, DTYPES)
-        for name in ("num_samples", "batch_size", "max_length", "mlp_multiple"):
-            positive(name, getattr(self, name))
-        positive("seed", self.seed, zero=True, allow_none=False)
-        if self.method == "layer":
-            for name, value, default in (("layers", self.layers, None), ("global_ranking", self.global_ranking, False),
-                                         ("mlp_multiple", self.mlp_multiple, None),
-                                         ("attention", self.attention, "groups")):
-                if value != default:
-                    flag = "--global" if name == "global_ranking" else _flag(name)
-                    raise VlmpruneError(f"{flag} applies to --method width only; --method layer drops whole layers")
+        positive("mlp_multiple", self.mlp_multiple)
         parse_layer_range(self.layers)
-        parse_device_map(self.device_map)
-        parse_max_memory(self.max_memory)
-        if self.device_map is not None and self.device is not None:
-            raise VlmpruneError("give either --device (the whole model on one device) or --device-map (dispatched), "
-                                "not both")
-        if self.device_map is None and (self.max_memory is not None or self.offload_folder is not None):
-            raise VlmpruneError("--max-memory and --offload-folder apply to a dispatched model: add --device-map auto")
-        if self.image_folder and not self.calibration:
-            raise VlmpruneError("--image-folder needs --calibration (the data whose images it holds)")
-        one_of("compensate", self.compensate, COMPENSATE_MODES, allow_none=False)
-        positive("compensate_ridge", self.compensate_ridge, allow_none=False, kind=float)
-        if self.compensate != "none" and not self.calibration:
-            raise VlmpruneError(f"--compensate {self.compensate} fits the kept weights on calibration data: add "
-                                f"--calibration DATA (the plan or scores alone do not carry the activations)")
-        if self.compensate == "none" and self.compensate_sequential:
+
+    def changed(self) -> list[str]:
+        """The flags set away from their defaults (refused by a layer cut)."""
+        return [f.metadata.get("flag") or _flag(f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) != f.default]
+
+
+@checked
+class CompensationOptions:
+    """Update the kept weights to stand in for what a cut removes (the study's ``compensation:`` section)."""
+
+    mode: str = opt("none", "update the kept weights to stand in for what goes, from the calibration data: "
+                            "ls (least squares into o_proj / down_proj, and a linear map for dropped layers; "
+                            "no new parameter), bias (FLAP's mean into the consumer's bias), none",
+                    choices=COMPENSATE_MODES, key="compensate")
+    sequential: bool = opt(False, "compensate layer by layer on the states of the already cut and compensated "
+                                  "layers (errors do not compound; one more pass per layer)",
+                           key="compensate_sequential")
+    ridge: float = opt(1e-3, "ridge of the compensation fits, times the mean diagonal of the Gram matrix",
+                       type=float, key="compensate_ridge")
+
+    def __post_init__(self):
+        one_of("compensate", self.mode, COMPENSATE_MODES, allow_none=False)
+        positive("compensate_ridge", self.ridge, allow_none=False, kind=float)
+        if self.mode == "none" and self.sequential:
             raise VlmpruneError("--compensate-sequential applies to a compensated cut: add --compensate ls")
 
-    def check_paths(self) -> None:
-        """Inputs exist and the output may be written (before anything loads)."""
-        from vlmprune.paths import check_model_source, check_output
 
-        check_model_source(self.model)
-        for name in ("plan", "scores"):
-            value = getattr(self, name)
-            if value is not None and not Path(value).is_file():
-                raise VlmpruneError(f"{_flag(name)} {value}: file not found")
-        if self.image_folder is not None and not Path(self.image_folder).is_dir():
-            raise VlmpruneError(f"--image-folder {self.image_folder}: directory not found")
-        check_device(self.device)
-        check_output(self.output, self.inputs(), self.overwrite)
+@checked
+class EvalOptions:
+    """What an evaluation asks (the study's ``evaluation:`` section)."""
 
-    def inputs(self) -> list[tuple[str, str | None]]:
-        return [("input model", self.model), ("calibration data", self.calibration),
-                ("image folder", self.image_folder), ("plan", self.plan), ("scores", self.scores)]
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """``vlmprune evaluate``: exact-match tasks and efficiency measures."""
-
-    model: str | None = opt(None, "model directory (pruned or not) or hub id")
     tasks: str | list | None = opt(None, "comma-separated built-in tasks ('' for none; default: easyvqa,digits, "
                                          "or none when --lmms-tasks is given)")
     task_file: str | None = opt(None, "your own LLaVA-format test file (exact match; choice letters recognised)")
     lmms_tasks: str | list | None = opt(None, "comma-separated lmms-eval tasks (needs vlmprune[lmms]), e.g. "
                                               "mme,pope,gqa; packaged offline ones: " + ", ".join(LMMS_PACKAGED_TASKS))
     lmms_include: str | None = opt(None, "a folder of your own lmms-eval task YAMLs (e.g. over a save_to_disk data "
-                                         "set)")
+                                         "set); their !function entries run the folder's Python: trust it as you "
+                                         "would --trust-remote-code")
     limit: int | None = opt(None, "a seeded subset of this many questions per task (lmms-eval tasks: the first N, "
                                   "packaged ones: the same seeded subset as the built-in task)", type=int)
     data_dir: str | None = opt(None, "where the built-in tasks' data lives (default: the user cache)")
     batch_size: int = opt(32, "questions per generation batch", type=int)
     max_new_tokens: int = opt(10, "answer length limit in tokens", type=int)
-    efficiency: bool = opt(False, "add parameters, FLOPs per sample, prefill latency, decode speed, peak memory")
-    device: str | None = opt(None, "cpu, cuda, cuda:1, ... (default: where the model loads)")
-    dtype: str | None = opt(None, "float32, float16, bfloat16 (default: the checkpoint's)", choices=DTYPES)
-    output: str | None = opt(None, "write the results JSON to this file")
 
     def __post_init__(self):
         lmms = _task_list("lmms_tasks", self.lmms_tasks)
@@ -421,14 +484,116 @@ class EvalConfig:
             raise VlmpruneError(f"--lmms-tasks names a task twice: {lmms}")
         if not self.tasks and not self.task_file and not self.lmms_tasks:
             raise VlmpruneError("nothing to evaluate: give --tasks, --task-file and/or --lmms-tasks")
-        if self.efficiency and not self.tasks and not self.task_file:
-            raise VlmpruneError("--efficiency measures a prompt of a built-in task or --task-file: give one of them")
         if self.lmms_include is not None and not self.lmms_tasks:
             raise VlmpruneError("--lmms-include adds task YAMLs for --lmms-tasks: name the tasks to run with "
                                 "--lmms-tasks")
         for name in ("limit", "batch_size", "max_new_tokens"):
             positive(name, getattr(self, name), allow_none=name == "limit")
-        one_of("dtype", self.dtype, DTYPES)
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage configs
+
+
+@checked
+class InspectConfig:
+    """``vlmprune inspect``: what a model is made of."""
+
+    model: str | None = opt(None, "local directory or hub id", positional=True)
+    json: bool = opt(False, "print JSON instead of tables")
+    load: LoadOptions = group(LoadOptions, only=("trust_remote_code",))
+
+    def __post_init__(self):
+        need("model", self.model)
+
+
+@checked
+class PruneConfig:
+    """``vlmprune prune``: calibrate, score, plan and cut (or apply a plan, or re-plan from saved scores)."""
+
+    model: str | None = opt(None, "local directory or hub id")
+    output: str | None = opt(None, "output directory (written whole at the end)")
+    plan: str | None = opt(None, "pruning_plan.json to apply (indices of the input model)")
+    scores: str | None = opt(None, "scores.json of an earlier prune of the same model: re-plan for --ratio "
+                                   "without calibrating again")
+    overwrite: bool = opt(False, "replace an existing output directory (only one vlmprune wrote)")
+    planning: PlanOptions = group(PlanOptions)
+    width: WidthOptions = group(WidthOptions)
+    calibration: CalibrationOptions = group(CalibrationOptions)
+    compensation: CompensationOptions = group(CompensationOptions)
+    load: LoadOptions = group(LoadOptions)
+
+    def __post_init__(self):
+        need("model", self.model)
+        need("output", self.output)
+        p = self.planning
+        if self.plan is not None:
+            if p.given or self.scores is not None:
+                raise VlmpruneError("give either --plan, or --method with --ratio/--target (optionally with --scores), "
+                                    "not both: a plan already says what goes")
+        else:
+            if p.method is None and self.scores is None:
+                raise VlmpruneError("vlmprune prune needs --plan PLAN.json, or --method layer|width with --ratio R")
+            if (p.ratio is None) == (p.target is None):
+                raise VlmpruneError("give one of --ratio (the fraction of the whole model's parameters to remove, "
+                                    "e.g. 0.2) or --target (e.g. params=0.8 or memory=2GB)")
+        dispatched = self.load.device_map is not None
+        if dispatched and p.target is not None and parse_target(p.target).kind == "latency":
+            raise VlmpruneError("a latency target times pruned copies of the model on one device; it cannot run on a "
+                                "--device-map dispatched model: use a params or memory target there")
+        if p.method == "auto" and dispatched:
+            raise VlmpruneError("--method auto ranks candidates on pruned copies held in memory; it cannot run on a "
+                                "--device-map dispatched model: choose --method layer or width there")
+        if p.method == "auto" and (self.scores is not None or self.width.layers or self.width.global_ranking):
+            raise VlmpruneError("--method auto searches depth x width over all layers: it takes no --scores, "
+                                "--layers or --global")
+        if p.method == "layer" and self.width.changed():
+            raise VlmpruneError(f"{self.width.changed()[0]} applies to --method width only; --method layer drops "
+                                f"whole layers")
+        if self.compensation.mode != "none" and not self.calibration.path:
+            raise VlmpruneError(f"--compensate {self.compensation.mode} fits the kept weights on calibration data: "
+                                f"add --calibration DATA (the plan or scores alone do not carry the activations)")
+
+    def check_paths(self) -> None:
+        """Inputs exist and the output may be written (before anything loads)."""
+        from vlmprune.paths import check_model_source, check_output
+
+        check_model_source(self.model)
+        for name, file in (("plan", "pruning_plan.json"), ("scores", "scores.json")):
+            value = getattr(self, name)
+            if value is None or Path(value).is_file() or (name == "plan" and (Path(value) / file).is_file()):
+                continue  # a plan's folder is read for its pruning_plan.json
+            if Path(value).is_dir():
+                raise VlmpruneError(f"{_flag(name)} {value} is a folder" + (
+                    f"; give its {file}: {_flag(name)} {Path(value) / file}" if (Path(value) / file).is_file()
+                    else f" without {file}: give the {file} file"))
+            raise VlmpruneError(f"{_flag(name)} {value}: file not found")
+        folder = self.calibration.image_folder
+        if folder is not None and not Path(folder).is_dir():
+            raise VlmpruneError(f"--image-folder {folder}: directory not found")
+        check_device(self.load.device)
+        check_output(self.output, self.inputs(), self.overwrite)
+
+    def inputs(self) -> list[tuple[str, str | None]]:
+        return [("input model", self.model), ("calibration data", self.calibration.path),
+                ("image folder", self.calibration.image_folder), ("plan", self.plan), ("scores", self.scores)]
+
+
+@checked
+class EvalConfig:
+    """``vlmprune evaluate``: exact-match tasks and efficiency measures."""
+
+    model: str | None = opt(None, "model directory (pruned or not) or hub id")
+    output: str | None = opt(None, "write the results JSON to this file")
+    overwrite: bool = opt(False, "replace an existing --output file (only results vlmprune evaluate wrote)")
+    efficiency: bool = opt(False, "add parameters, FLOPs per sample, prefill latency, decode speed, peak memory")
+    evaluation: EvalOptions = group(EvalOptions)
+    load: LoadOptions = group(LoadOptions, only=("dtype", "device"))
+
+    def __post_init__(self):
+        e = self.evaluation
+        if self.efficiency and not e.tasks and not e.task_file:
+            raise VlmpruneError("--efficiency measures a prompt of a built-in task or --task-file: give one of them")
 
     def check_paths(self, model: bool = True) -> None:
         from vlmprune.paths import check_model_source
@@ -436,29 +601,23 @@ class EvalConfig:
         if model:
             need("model", self.model)
             check_model_source(self.model)
-        check_device(self.device)
-        if self.lmms_include is not None and not Path(self.lmms_include).is_dir():
-            raise VlmpruneError(f"--lmms-include {self.lmms_include}: directory not found")
-        if self.task_file is not None and not Path(self.task_file).is_file():
-            raise VlmpruneError(f"--task-file {self.task_file}: file not found" if not Path(self.task_file).exists()
-                                else f"--task-file {self.task_file} is a directory; give the JSON file of test records")
-        stem = Path(self.task_file).stem if self.task_file is not None else None
-        if stem is not None and stem in list(self.tasks) + list(self.lmms_tasks):
-            raise VlmpruneError(f"--task-file {self.task_file} is reported under its file name, {stem!r}, which is "
-                                f"also a task you asked for (--tasks {','.join(self.tasks)}"
-                                f"{' --lmms-tasks ' + ','.join(self.lmms_tasks) if self.lmms_tasks else ''}): one "
+        check_device(self.load.device)
+        e = self.evaluation
+        if e.lmms_include is not None and not Path(e.lmms_include).is_dir():
+            raise VlmpruneError(f"--lmms-include {e.lmms_include}: directory not found")
+        if e.task_file is not None and not Path(e.task_file).is_file():
+            raise VlmpruneError(f"--task-file {e.task_file}: file not found" if not Path(e.task_file).exists()
+                                else f"--task-file {e.task_file} is a directory; give the JSON file of test records")
+        stem = Path(e.task_file).stem if e.task_file is not None else None
+        if stem is not None and stem in list(e.tasks) + list(e.lmms_tasks):
+            raise VlmpruneError(f"--task-file {e.task_file} is reported under its file name, {stem!r}, which is "
+                                f"also a task you asked for (--tasks {','.join(e.tasks)}"
+                                f"{' --lmms-tasks ' + ','.join(e.lmms_tasks) if e.lmms_tasks else ''}): one "
                                 f"would replace the other in the results. Rename the file (e.g. my-{stem}.json), or "
                                 f"leave {stem} out of the tasks (--tasks '' for no built-in task)")
-        if self.output is not None:
-            out = Path(self.output)
-            if out.is_dir():
-                raise VlmpruneError(f"--output {self.output} is a directory; give a file path such as "
-                                    f"{out / 'results.json'}")
-            if self.model and Path(self.model).exists() and out.resolve().is_relative_to(Path(self.model).resolve()):
-                raise VlmpruneError(f"--output {self.output} lies inside the model directory; write results elsewhere")
 
 
-@dataclass(frozen=True)
+@checked
 class QuantizeConfig:
     """``vlmprune quantize``: post-training quantization of the language model's decoder layers."""
 
@@ -467,20 +626,17 @@ class QuantizeConfig:
     scheme: str | None = opt(None, "a quantization scheme: int8, int8-dynamic, nf4 (CPU) and int4 (CUDA + bfloat16) "
                                    "are built in (docs/quantize.md), more with vlmprune.register_scheme")
     output: str | None = opt(None, "output directory (written whole at the end)")
-    device: str | None = opt(None, "where to quantize (default: cuda for int4, else cpu)")
-    dtype: str | None = opt(None, "load the model in this dtype first, e.g. bfloat16 for int4 (default: the "
-                                  "checkpoint's)", choices=DTYPES)
     overwrite: bool = opt(False, "replace an existing output directory (only one vlmprune wrote)")
-    trust_remote_code: bool = opt(False, "run the model repo's own code (off by default)")
+    # where: the device defaults to cuda for int4, else cpu
+    load: LoadOptions = group(LoadOptions, only=("dtype", "device", "trust_remote_code"))
 
     def __post_init__(self):
         need("model", self.model)
         need("output", self.output)
         need("scheme", self.scheme)
-        one_of("dtype", self.dtype, DTYPES)
 
 
-@dataclass(frozen=True)
+@checked
 class ConvertConfig:
     """``vlmprune convert``: an original Bunny / Mini-InternVL-Chat checkpoint -> a native one."""
 
@@ -505,7 +661,7 @@ GGUF_NUMPY_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")
 GGUF_K_QUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
 
 
-@dataclass(frozen=True)
+@checked
 class ExportConfig:
     """``vlmprune export``: a (pruned) model as files an edge runtime runs: GGUF for llama.cpp (text model
     model.gguf + vision tower and projector mmproj.gguf), checked against what llama.cpp can hold first."""
@@ -520,7 +676,7 @@ class ExportConfig:
                                    choices=GGUF_NUMPY_QUANTS)
     no_vision: bool = opt(False, "write the text model only (no mmproj)")
     overwrite: bool = opt(False, "replace an existing output directory (only one vlmprune wrote)")
-    trust_remote_code: bool = opt(False, "run the model repo's own code (off by default)")
+    load: LoadOptions = group(LoadOptions, only=("trust_remote_code",))
 
     def __post_init__(self):
         need("model", self.model)
@@ -530,13 +686,14 @@ class ExportConfig:
         one_of("vision_quant", self.vision_quant, GGUF_NUMPY_QUANTS)
 
 
-@dataclass(frozen=True)
+@checked
 class DataConfig:
     """``vlmprune data``: write a demo data set in the LLaVA conversation format."""
 
     dataset: str | None = opt(None, " or ".join(DATASETS), positional=True, choices=DATASETS)
     output: str | None = opt(None, "output directory")
     limit: int | None = opt(None, "only the first N images per split", type=int)
+    overwrite: bool = opt(False, "replace an existing output directory (only a data set vlmprune wrote)")
 
     def __post_init__(self):
         one_of("dataset", self.dataset, DATASETS, allow_none=False)
@@ -544,7 +701,7 @@ class DataConfig:
         positive("limit", self.limit)
 
 
-@dataclass(frozen=True)
+@checked
 class ReportConfig:
     """``vlmprune report``: aggregate a study run directory into tables and plots."""
 
@@ -597,44 +754,13 @@ def parse_losses(spec: str | dict) -> dict[str, float]:
     return weights
 
 
-@dataclass(frozen=True)
-class RecoverConfig:
-    """``vlmprune recover``: train a pruned student on a seeded data subset (SFT and distillation)."""
+@checked
+class DataOptions:
+    """The training data of a recovery, and how much of it."""
 
-    # what: models, data, output
-    student: str | None = opt(None, "the pruned model directory")
-    teacher: str | None = opt(None, "the unpruned model (needed by the logits and hidden losses; same tokenizer)")
-    teacher_placement: str = opt("replicate", "where the teacher's weights live on each process: replicate (a "
-                                              "full copy), shard (FSDP2 like the student; under "
-                                              "configs/accelerate/fsdp.yaml only) or offload (kept on the CPU, or "
-                                              "on disk with --teacher-offload-folder; each module's weights come "
-                                              "to the device for its forward)", choices=TEACHER_PLACEMENTS)
-    teacher_offload_folder: str | None = opt(None, "with --teacher-placement offload: offload the teacher to disk "
-                                                   "in this folder (each process writes a temporary "
-                                                   "vlmprune-teacher-* folder there, removed at the end) instead "
-                                                   "of CPU memory")
-    data: str | None = opt(None, "LLaVA-format JSON/JSONL, a save_to_disk directory or a hub dataset id")
+    path: str | None = opt(None, "LLaVA-format JSON/JSONL, a save_to_disk directory or a hub dataset id", key="data")
     image_folder: str | None = opt(None, "root of the relative image paths in --data")
     split: str = opt("train", "dataset split (HF datasets)")
-    output: str | None = opt(None, "output directory (written at the end; checkpoints go to OUTPUT.checkpoints)")
-    overwrite: bool = opt(False, "replace an existing output and discard earlier checkpoints")
-    resume: bool = opt(False, "continue from the last complete checkpoint in OUTPUT.checkpoints")
-    keep_checkpoints: bool = opt(False, "keep OUTPUT.checkpoints after success")
-    trust_remote_code: bool = opt(False, "run the model repo's own code")
-    # losses
-    loss: dict | str = opt(None, "weighted losses NAME=W,..., e.g. sft=1,hidden=1 (built in: sft, logits, hidden; "
-                                 "more with vlmprune.recover.losses.register_loss)",
-                           default_factory=lambda: {"sft": 1.0, "hidden": 1.0})
-    temperature: float = opt(2.0, "logit KD temperature", type=float)
-    kd_tokens: str = opt("answer", "positions of the logit KD", choices=("answer", "text"))
-    hidden_layers: str = opt("all", "student layers of the hidden loss: all, last or i,j,...")
-    hidden_tokens: str = opt("all", "real tokens the hidden loss counts", choices=("all", "text", "answer"))
-    # what trains
-    train: str = opt("all", "what trains (the vision tower never does)", choices=TRAIN_MODES)
-    lora_r: int = opt(16, "LoRA rank", type=int)
-    lora_alpha: float = opt(32, "LoRA alpha", type=float)
-    lora_dropout: float = opt(0.05, "LoRA dropout", type=float)
-    # data fraction and collation
     fraction: float | None = opt(None, "train on this fraction of the data, in (0, 1] (seeded, stratified by source)",
                                  type=float)
     num_samples: int | None = opt(None, "train on this many samples (seeded, stratified by source)", type=int)
@@ -643,7 +769,68 @@ class RecoverConfig:
                                          "all text-only): on, off, or auto (on where a DeepSpeed launch of 2+ "
                                          "processes needs it, on data that mixes the two)", choices=MODALITY_GROUPING)
     system_prompt: str | None = opt(None, "system message for samples without one")
-    # training (passed to transformers.TrainingArguments under the same names)
+
+    def __post_init__(self):
+        one_of("group_by_modality", self.group_by_modality, MODALITY_GROUPING, allow_none=False)
+        for name in ("num_samples", "max_length"):
+            positive(name, getattr(self, name))
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise VlmpruneError(f"--fraction must be in (0, 1], got {self.fraction!r}")
+        if self.fraction is not None and self.num_samples is not None:
+            raise VlmpruneError("give either --fraction or --num-samples, not both")
+
+
+@checked
+class LossOptions:
+    """What a recovery minimises: the weighted losses and their options."""
+
+    loss: dict | str = opt(None, "weighted losses NAME=W,..., e.g. sft=1,hidden=1 (built in: sft, logits, hidden; "
+                                 "more with vlmprune.recover.losses.register_loss)",
+                           default_factory=lambda: {"sft": 1.0, "hidden": 1.0})
+    temperature: float = opt(2.0, "logit KD temperature", type=float)
+    kd_tokens: str = opt("answer", "positions of the logit KD", choices=("answer", "text"))
+    hidden_layers: str | int = opt("all", "student layers of the hidden loss: all, last or i,j,...")
+    hidden_tokens: str = opt("all", "real tokens the hidden loss counts", choices=("all", "text", "answer"))
+
+    def __post_init__(self):
+        object.__setattr__(self, "loss", parse_losses(self.loss))
+        positive("temperature", self.temperature, allow_none=False, kind=float)
+        one_of("kd_tokens", self.kd_tokens, ("answer", "text"), allow_none=False)
+        one_of("hidden_tokens", self.hidden_tokens, ("all", "text", "answer"), allow_none=False)
+        hidden = str(self.hidden_layers)
+        if hidden not in ("all", "last") and not all(x.strip().lstrip("-").isdigit() for x in hidden.split(",")):
+            raise VlmpruneError(f"--hidden-layers must be all, last or student layer indices i,j,..., got {hidden!r}")
+
+    @property
+    def teacher_losses(self) -> list[str]:
+        """The losses that distil from a teacher."""
+        from vlmprune.recover.losses import get_loss
+
+        return sorted(name for name in self.loss if get_loss(name).needs_teacher)
+
+
+@checked
+class TrainableOptions:
+    """What trains (the vision tower never does)."""
+
+    train: str = opt("all", "what trains (the vision tower never does)", choices=TRAIN_MODES)
+    lora_r: int = opt(16, "LoRA rank", type=int)
+    lora_alpha: float = opt(32, "LoRA alpha", type=float)
+    lora_dropout: float = opt(0.05, "LoRA dropout", type=float)
+
+    def __post_init__(self):
+        one_of("train", self.train, TRAIN_MODES, allow_none=False)
+        positive("lora_r", self.lora_r, allow_none=False)
+        positive("lora_alpha", self.lora_alpha, allow_none=False, kind=float)
+        if not 0 <= self.lora_dropout < 1:
+            raise VlmpruneError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout!r}")
+
+
+@checked
+class TrainingOptions:
+    """The optimisation, passed to ``transformers.TrainingArguments`` under the same names (except
+    ``gradient_checkpointing``, whose name there depends on the transformers version)."""
+
     learning_rate: float = opt(2e-5, "peak learning rate", type=float)
     num_train_epochs: float = opt(1.0, "epochs", type=float)
     max_steps: int = opt(-1, "optimizer steps; overrides epochs when > 0", type=int)
@@ -662,12 +849,55 @@ class RecoverConfig:
     dataloader_num_workers: int = opt(0, "data loading worker processes", type=int)
 
     def __post_init__(self):
-        object.__setattr__(self, "loss", parse_losses(self.loss))
-        for name in ("student", "data", "output"):
-            need(name, getattr(self, name))
-        from vlmprune.recover.losses import get_loss
+        for name in ("learning_rate", "num_train_epochs"):
+            positive(name, getattr(self, name), allow_none=False, kind=float)
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps",
+                     "save_total_limit"):
+            positive(name, getattr(self, name), allow_none=False)
+        for name in ("warmup_steps", "weight_decay"):
+            positive(name, getattr(self, name), allow_none=False, zero=True, kind=float)
+        positive("seed", self.seed, allow_none=False, zero=True)
+        positive("dataloader_num_workers", self.dataloader_num_workers, allow_none=False, zero=True)
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise VlmpruneError(f"--max-steps must be >= 1 (or -1: train --num-train-epochs), got {self.max_steps!r}")
+        for r in str(self.report_to).split(","):
+            one_of("report_to", r.strip(), REPORT_TO, allow_none=False)
 
-        distilled = sorted(name for name in self.loss if get_loss(name).needs_teacher)
+    def arguments(self) -> dict[str, Any]:
+        """The ``TrainingArguments`` of the same name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "gradient_checkpointing"}
+
+
+@checked
+class RecoverConfig:
+    """``vlmprune recover``: train a pruned student on a seeded data subset (SFT and distillation)."""
+
+    # what: models, output
+    student: str | None = opt(None, "the pruned model directory")
+    teacher: str | None = opt(None, "the unpruned model (needed by the logits and hidden losses; same tokenizer)")
+    teacher_placement: str = opt("replicate", "where the teacher's weights live on each process: replicate (a "
+                                              "full copy), shard (FSDP2 like the student; under "
+                                              "configs/accelerate/fsdp.yaml only) or offload (kept on the CPU, or "
+                                              "on disk with --teacher-offload-folder; each module's weights come "
+                                              "to the device for its forward)", choices=TEACHER_PLACEMENTS)
+    teacher_offload_folder: str | None = opt(None, "with --teacher-placement offload: offload the teacher to disk "
+                                                   "in this folder (each process writes a temporary "
+                                                   "vlmprune-teacher-* folder there, removed at the end) instead "
+                                                   "of CPU memory")
+    output: str | None = opt(None, "output directory (written at the end; checkpoints go to OUTPUT.checkpoints)")
+    overwrite: bool = opt(False, "replace an existing output and discard earlier checkpoints")
+    resume: bool = opt(False, "continue from the last complete checkpoint in OUTPUT.checkpoints")
+    keep_checkpoints: bool = opt(False, "keep OUTPUT.checkpoints after success")
+    data: DataOptions = group(DataOptions)
+    objective: LossOptions = group(LossOptions)
+    trainable: TrainableOptions = group(TrainableOptions)
+    training: TrainingOptions = group(TrainingOptions)
+    load: LoadOptions = group(LoadOptions, only=("trust_remote_code",))
+
+    def __post_init__(self):
+        for name, value in (("student", self.student), ("data", self.data.path), ("output", self.output)):
+            need(name, value)
+        distilled = self.objective.teacher_losses
         if distilled and not self.teacher:
             raise VlmpruneError(f"the losses {distilled} distil from a teacher: pass --teacher")
         one_of("teacher_placement", self.teacher_placement, TEACHER_PLACEMENTS, allow_none=False)
@@ -677,39 +907,8 @@ class RecoverConfig:
         if self.teacher_offload_folder is not None and self.teacher_placement != "offload":
             raise VlmpruneError("--teacher-offload-folder is where an offloaded teacher goes: add "
                                 "--teacher-placement offload")
-        one_of("kd_tokens", self.kd_tokens, ("answer", "text"), allow_none=False)
-        one_of("hidden_tokens", self.hidden_tokens, ("all", "text", "answer"), allow_none=False)
-        one_of("train", self.train, TRAIN_MODES, allow_none=False)
-        one_of("group_by_modality", self.group_by_modality, MODALITY_GROUPING, allow_none=False)
-        for name in ("temperature", "learning_rate", "num_train_epochs", "lora_alpha"):
-            positive(name, getattr(self, name), allow_none=False, kind=float)
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "lora_r", "logging_steps",
-                     "save_steps", "save_total_limit"):
-            positive(name, getattr(self, name), allow_none=False)
-        for name in ("num_samples", "max_length"):
-            positive(name, getattr(self, name))
-        for name in ("warmup_steps", "weight_decay"):
-            positive(name, getattr(self, name), allow_none=False, zero=True, kind=float)
-        positive("seed", self.seed, allow_none=False, zero=True)
-        positive("dataloader_num_workers", self.dataloader_num_workers, allow_none=False, zero=True)
-        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
-            raise VlmpruneError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if not isinstance(self.max_steps, int) or self.max_steps == 0 or self.max_steps < -1:
-            raise VlmpruneError(f"--max-steps must be >= 1 (or -1: train --num-train-epochs), got {self.max_steps!r}")
-        if self.fraction is not None and (not isinstance(self.fraction, (int, float)) or not 0 < self.fraction <= 1):
-            raise VlmpruneError(f"--fraction must be in (0, 1], got {self.fraction!r}")
-        if self.fraction is not None and self.num_samples is not None:
-            raise VlmpruneError("give either --fraction or --num-samples, not both")
         if self.resume and self.overwrite:
             raise VlmpruneError("--resume continues a run and --overwrite starts over: give one")
-        if self.temperature <= 0:
-            raise VlmpruneError(f"--temperature must be > 0, got {self.temperature}")
-        reports = [r.strip() for r in str(self.report_to).split(",")]
-        for r in reports:
-            one_of("report_to", r, REPORT_TO, allow_none=False)
-        hidden = str(self.hidden_layers)
-        if hidden not in ("all", "last") and not all(x.strip().lstrip("-").isdigit() for x in hidden.split(",")):
-            raise VlmpruneError(f"--hidden-layers must be all, last or student layer indices i,j,..., got {hidden!r}")
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -726,11 +925,13 @@ class RecoverConfig:
         check_model_source(self.student, "student")
         if self.teacher:
             check_model_source(self.teacher, "teacher")
-        if self.image_folder is not None and not Path(self.image_folder).is_dir():
-            raise VlmpruneError(f"--image-folder {self.image_folder}: directory not found")
-        one_of("lr_scheduler_type", self.lr_scheduler_type, [s.value for s in SchedulerType], allow_none=False)
-        inputs = [("student", self.student), ("teacher", self.teacher), ("training data", self.data),
-                  ("image folder", self.image_folder)]
+        folder = self.data.image_folder
+        if folder is not None and not Path(folder).is_dir():
+            raise VlmpruneError(f"--image-folder {folder}: directory not found")
+        one_of("lr_scheduler_type", self.training.lr_scheduler_type, [s.value for s in SchedulerType],
+               allow_none=False)
+        inputs = [("student", self.student), ("teacher", self.teacher), ("training data", self.data.path),
+                  ("image folder", folder)]
         out = check_output(self.output, inputs, self.overwrite)
         if self.teacher_offload_folder is not None:
             folder = Path(self.teacher_offload_folder).expanduser().resolve()
@@ -742,11 +943,8 @@ class RecoverConfig:
                                     f"{self.output}, which is written whole at the end: put the teacher's offload "
                                     f"folder elsewhere")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     def save(self, path: Path) -> None:
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        path.write_text(to_yaml(self))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -805,20 +1003,62 @@ def check_keys(values: dict, known, where: str) -> None:
                             f"known{' under ' + where.rstrip('.') if where else ''}: {', '.join(sorted(known))}")
 
 
-def build(cls, values: dict[str, Any]):
-    """``cls(**values)`` with unknown keys named and type errors turned into messages."""
-    check_keys(values, [f.name for f in dataclasses.fields(cls)], "")
+def grouped(cls, values: dict[str, Any]) -> dict[str, Any]:
+    """Flat keys (``num_samples: 8``, as flags and ``--set`` give them) and group sections
+    (``calibration: {num_samples: 8}``) -> the nested form of ``cls``'s fields. A key that names both a group and
+    an option of it (``calibration``: the data, or the section) is the section when its value is a mapping.
+    Unknown keys, and one option given both ways, are refused with the known ones."""
+    known = options_of(cls)
+    by_key = {o.key: o for o in known}
+    sections = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("group") is not None}
+    out: dict[str, Any] = {}
+    where: dict[str, str] = {}
+
+    def put(option: Option, value: Any, given_as: str) -> None:
+        if option.path in where:
+            raise VlmpruneError(f"option {option.key} is given twice (as {where[option.path]} and as {given_as}): "
+                                f"give it once")
+        where[option.path] = given_as
+        if option.group is None:
+            out[option.field.name] = value
+        else:
+            out.setdefault(option.group, {})[option.field.name] = value
+
+    for key, value in values.items():
+        if key in sections and (isinstance(value, dict) or dataclasses.is_dataclass(value)):
+            if dataclasses.is_dataclass(value):
+                value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+            members = {o.field.name: o for o in known if o.group == key}
+            check_keys(value, members, f"{key}.")
+            for name, item in value.items():
+                put(members[name], item, f"{key}.{name}")
+        elif key in by_key:
+            put(by_key[key], value, key)
+        else:
+            check_keys({key: value}, [*by_key, *sections], "")
+    return out
+
+
+def build(cls, values: dict[str, Any] | None = None, /, **options):
+    """The config ``cls`` of flat keys and/or group sections (``values`` and keyword ``options``), with unknown
+    keys named and every value type-checked; the one way a config is made from user input (CLI, YAML, the
+    Python verbs' keyword options, the study's cells)."""
+    nested = grouped(cls, {**(values or {}), **options})
     try:
-        return cls(**values)
+        for name, section in list(nested.items()):
+            sub = next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("group")
+            if sub is not None:
+                nested[name] = sub(**section)
+        return cls(**nested)
     except TypeError as exc:
         raise VlmpruneError(f"bad option value: {exc}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls, overrides: bool = True) -> None:
-    """Flags for every field of ``cls``, plus ``--config`` and ``key=value`` overrides."""
+    """Flags for every option of ``cls`` (its groups' included), plus ``--config`` and ``key=value`` overrides."""
     parser.set_defaults(config_class=cls)
-    for f in dataclasses.fields(cls):
-        meta = f.metadata
+    for option in options_of(cls):
+        f, meta = option.field, option.field.metadata
         if not meta.get("cli", True):
             continue
         kwargs: dict[str, Any] = {"help": meta.get("help", ""), "default": argparse.SUPPRESS}
@@ -834,30 +1074,52 @@ def add_arguments(parser: argparse.ArgumentParser, cls, overrides: bool = True) 
         if meta.get("positional"):
             kwargs.pop("default")
             kwargs["nargs"] = "?"
-            parser.add_argument(f.name, **kwargs)
+            parser.add_argument(option.key, **kwargs)
         else:
-            parser.add_argument(meta.get("flag") or _flag(f.name), dest=f.name, **kwargs)
+            parser.add_argument(meta.get("flag") or _flag(option.key), dest=option.key, **kwargs)
     parser.add_argument("--config", dest="config_file", metavar="YAML",
-                        help="options from a YAML file (field names with _); overrides and flags win")
+                        help="options from a YAML file (flat keys with _, or sections of the option groups); "
+                             "overrides and flags win")
     if overrides:
         parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                             help="override an option, dotted for nested ones (repeatable; also as trailing KEY=VALUE)")
 
 
 def resolve(cls, args: argparse.Namespace, extra: list[str] | None = None):
-    """The config of one command line: YAML, then ``key=value`` overrides, then flags."""
-    values = read_yaml(getattr(args, "config_file", None))
-    values = deep_merge(values, parse_overrides(list(getattr(args, "overrides", None) or []) + list(extra or [])))
-    names = {f.name for f in dataclasses.fields(cls)}
-    flags = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    return build(cls, deep_merge(values, flags))
+    """The config of one command line: YAML, then ``key=value`` overrides, then flags (each layer brought to
+    the nested form first, so that a flag beats the same option in a YAML section)."""
+    yaml_values = grouped(cls, read_yaml(getattr(args, "config_file", None)))
+    overrides = parse_overrides(list(getattr(args, "overrides", None) or []) + list(extra or []))
+    keys = {o.key for o in options_of(cls)}
+    flags = {k: v for k, v in vars(args).items() if k in keys and v is not None}
+    merged = deep_merge(deep_merge(yaml_values, grouped(cls, overrides)), grouped(cls, flags))
+    return build(cls, merged)
+
+
+def as_dict(config) -> dict[str, Any]:
+    """A stage config as nested plain values: its own options, then one section per group holding the options
+    the stage takes of it (what ``--config`` reads back to the same config)."""
+    out: dict[str, Any] = {}
+    for option in options_of(type(config)):
+        if option.group is None:
+            out[option.field.name] = getattr(config, option.field.name)
+        else:
+            out.setdefault(option.group, {})[option.field.name] = getattr(getattr(config, option.group),
+                                                                            option.field.name)
+    return out
+
+
+def flat_dict(config) -> dict[str, Any]:
+    """A stage config as ``{flat key: value}``, the keys users write as flags and flat YAML."""
+    return {o.key: getattr(getattr(config, o.group) if o.group else config, o.field.name)
+            for o in options_of(type(config))}
 
 
 def to_yaml(config) -> str:
-    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+    return yaml.safe_dump(as_dict(config), sort_keys=False)
 
 
 def load_stage_config(cls, path: str | Path | None = None, values: dict[str, Any] | None = None):
     """A stage config from a YAML file (optional) with ``values`` on top (None = not given)."""
-    merged = deep_merge(read_yaml(path), {k: v for k, v in (values or {}).items() if v is not None})
-    return build(cls, merged)
+    given = grouped(cls, {k: v for k, v in (values or {}).items() if v is not None})
+    return build(cls, deep_merge(grouped(cls, read_yaml(path)), given))

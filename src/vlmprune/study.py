@@ -20,6 +20,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import re
 import shutil
 import time
 import traceback
@@ -31,18 +32,24 @@ import yaml
 
 from vlmprune.config import (
     COMPENSATE_MODES,
+    CalibrationOptions,
+    CompensationOptions,
     EvalConfig,
+    EvalOptions,
     PruneConfig,
     RecoverConfig,
+    WidthOptions,
     build,
     check_keys,
     deep_merge,
+    options_of,
     parse_overrides,
     read_yaml,
 )
 from vlmprune.errors import VlmpruneError
+from vlmprune.paths import STUDY, claim_output, write_marker
 from vlmprune.planning.plan import PLAN_FILE
-from vlmprune.readers import read_json
+from vlmprune.readers import read_json, read_yaml_file
 from vlmprune.record import PruneRecord, RunRecord
 
 log = logging.getLogger(__name__)
@@ -65,30 +72,58 @@ DEFAULTS: dict[str, Any] = {
     "recipes": {"none": None},
     "grid": [],
     "keep_models": False,
+    "max_cells": 200,  # a larger grid is refused unless this is raised (each cell prunes, trains, evaluates)
 }
 
+# What a rerun on the same run directory may change (everything else would mix the cells already done with
+# results of another setup): the name, keeping models, the cell limit, new grid cells and new recipes.
+SAFE_TO_CHANGE = ("name", "output", "keep_models", "max_cells", "grid", "recipes")
+# Config keys that hold paths (compared resolved: ./m and /abs/m are the same teacher).
+_PATH_KEYS = ("teacher", "train_data", "image_folder", "evaluation.data_dir", "evaluation.task_file",
+              "evaluation.lmms_include")
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # recipe names and cell ids: path components
 
-# Keys a study config may hold under each section (checked at any depth when the config loads).
-_CALIBRATION_KEYS = ("num_samples", "batch_size", "max_length", "split")
-_EVALUATION_KEYS = tuple(f.name for f in dataclasses.fields(EvalConfig)
-                         if f.name not in ("model", "output", "efficiency"))
-_RECOVERY_KEYS = tuple(f.name for f in dataclasses.fields(RecoverConfig)
-                       if f.name not in ("student", "teacher", "data", "image_folder", "output", "overwrite", "resume"))
+
+# The sections that are option groups of the stages, typed as those groups: the keys each may hold (what the
+# study fills in itself left out), and the stand-ins the check needs (a grid's `compensate` axis gives the mode).
+_SECTIONS = {"calibration": (CalibrationOptions, ("path", "image_folder", "seed"), {}),
+             "width": (WidthOptions, (), {}),
+             "compensation": (CompensationOptions, ("mode",), {"mode": "ls"}),
+             "evaluation": (EvalOptions, (), {})}
+_RECOVERY_KEYS = tuple(o.key for o in options_of(RecoverConfig)
+                       if o.key not in ("student", "teacher", "data", "image_folder", "output", "overwrite", "resume"))
+
+
+def study_sections(config: dict[str, Any]) -> dict[str, Any]:
+    """The study's ``calibration:``, ``width:``, ``compensation:`` and ``evaluation:`` sections as the stages'
+    option groups (null values are the group's defaults), checked as the stages check them."""
+    out = {}
+    for section, (cls, filled, stand_in) in _SECTIONS.items():
+        values = config[section]
+        if not isinstance(values, dict):
+            raise VlmpruneError(f"'{section}' must be a mapping of option: value")
+        check_keys(values, [f.name for f in dataclasses.fields(cls) if f.name not in filled], f"{section}.")
+        given = {k: v for k, v in values.items() if v is not None}
+        try:
+            out[section] = cls(**{**stand_in, **given})
+        except TypeError as exc:
+            raise VlmpruneError(f"'{section}': {exc}") from None
+    return out
 
 
 def check_study_config(config: dict[str, Any], origin: str) -> None:
     """Refuse unknown keys at any depth and bad values, before any cell runs."""
     check_keys(config, DEFAULTS, "")
-    for section, known in (("calibration", _CALIBRATION_KEYS), ("criterion", ("layer", "width")),
-                           ("width", ("attention", "mlp_multiple")), ("compensation", ("sequential", "ridge")),
-                           ("evaluation", _EVALUATION_KEYS),
-                           ("recovery", _RECOVERY_KEYS)):
+    for section, known in (("criterion", ("layer", "width")), ("recovery", _RECOVERY_KEYS)):
         if not isinstance(config[section], dict):
             raise VlmpruneError(f"{origin}: '{section}' must be a mapping of option: value")
         check_keys(config[section], known, f"{section}.")
     if not isinstance(config["recipes"], dict) or not config["recipes"]:
         raise VlmpruneError(f"{origin}: 'recipes' must map recipe names to recovery options (or null)")
     for name, recipe in config["recipes"].items():
+        if not isinstance(name, str) or not SAFE_ID.match(name) or ".." in name:
+            raise VlmpruneError(f"{origin}: recipe name {name!r} becomes part of folder names: use letters, digits "
+                                f"and _ . + - only (starting with a letter or digit)")
         if recipe is None:
             continue
         if not isinstance(recipe, dict):
@@ -97,19 +132,41 @@ def check_study_config(config: dict[str, Any], origin: str) -> None:
         # values checked now, with stand-ins for the paths each cell fills in
         build(RecoverConfig, {**config["recovery"], **recipe, "student": "-", "data": "-", "output": "-",
                               "teacher": "-"})
-    calibration = {k: v for k, v in config["calibration"].items() if v is not None}
-    width = {k: v for k, v in config["width"].items() if v is not None}
+    sections = study_sections(config)
     for method in ("layer", "width"):
         build(PruneConfig, {"model": "-", "output": "-", "method": method, "ratio": 0.5,
-                            "criterion": config["criterion"].get(method), **calibration,
-                            **(width if method == "width" else {})})
-    evaluation = build(EvalConfig, {k: v for k, v in config["evaluation"].items() if v is not None})
+                            "criterion": config["criterion"].get(method), "calibration": sections["calibration"],
+                            **({"width": sections["width"]} if method == "width" else {})})
+    evaluation = build(EvalConfig, evaluation=sections["evaluation"])
     evaluation.check_paths(model=False)
-    if evaluation.task_file is not None:  # a task file that is not JSON fails here, not in every cell
+    if evaluation.evaluation.task_file is not None:  # a task file that is not JSON fails here, not in every cell
         from vlmprune.evaluate.tasks import load_task
 
-        load_task(evaluation.task_file, limit=1)
-    expand_grid(config)
+        load_task(evaluation.evaluation.task_file, limit=1)
+    if not isinstance(config["grid"], list) or not all(isinstance(b, dict) for b in config["grid"]):
+        raise VlmpruneError(f"{origin}: 'grid' must be a list of blocks, each a mapping of axis: value or [values]")
+    for block in config["grid"]:  # the values, against their choices, before any becomes a folder name
+        _check_axes({k: v if isinstance(v, list) else [v] for k, v in block.items()}, config)
+    cells = _safe(expand_grid(config), origin)
+    limit = config["max_cells"]
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise VlmpruneError(f"{origin}: max_cells must be an integer >= 1, got {limit!r}")
+    if len(cells) > limit:
+        pruned = len({c.prune_id for c in cells})
+        trained = sum(1 for c in cells if config["recipes"][c.recipe] is not None)
+        raise VlmpruneError(f"{origin}: the grid has {len(cells):,} cells, more than max_cells={limit}: "
+                            f"{pruned:,} pruned models (each kept under pruned/), {trained:,} recovery runs and "
+                            f"{len(cells):,} evaluations{_size_estimate(config['teacher'], pruned)}. Narrow the "
+                            f"grid, or set max_cells={len(cells)} if you mean it")
+
+
+def _size_estimate(teacher: Any, models: int) -> str:
+    """', up to N GB ...' for ``models`` copies of the teacher ('' when the teacher is not a local folder)."""
+    folder = Path(str(teacher)).expanduser()
+    if not folder.is_dir():
+        return ""
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    return f", up to {models * size / 2**30:,.1f} GB of pruned weights on disk" if size else ""
 
 
 def load_study_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -195,9 +252,6 @@ def expand_grid(config: dict) -> list[Cell]:
         for method, (ratio, target), recipe, fraction, scheme, compensate in itertools.product(
                 axes.get("method", ["layer"]), sizes, axes.get("recipe", ["none"]),
                 axes.get("fraction", [None]), schemes, compensations):
-            if recipe not in config["recipes"]:
-                raise VlmpruneError(f"grid names recipe {recipe!r}, not defined under 'recipes' "
-                                    f"({', '.join(config['recipes'])})")
             # auto: the width criterion names the cell; the depth part uses criterion.layer
             default = config["criterion"]["width" if method == "auto" else method]
             for criterion in axes.get("criterion", [default]):
@@ -206,6 +260,52 @@ def expand_grid(config: dict) -> list[Cell]:
                             compensate)
                 cells.setdefault(cell.id, cell)
     return list(cells.values())
+
+
+def _safe(cells: list[Cell], origin: str) -> list[Cell]:
+    """``cells``, after refusing any whose id is not a safe folder name (it becomes cells/<id>)."""
+    for cell in cells:
+        if not SAFE_ID.match(cell.id) or ".." in cell.id:
+            raise VlmpruneError(f"{origin}: grid cell id {cell.id!r} is not a safe folder name (letters, digits "
+                                f"and _ . + - only): check the grid's values")
+    return cells
+
+
+def _check_axes(axes: dict[str, list], config: dict) -> None:
+    """Every value of a grid block against its known choices (they become the cells' folder names)."""
+    from vlmprune.config import PRUNE_METHODS, check_ratio
+    from vlmprune.importance.registry import criteria
+
+    for method in axes.get("method", []):
+        if method not in PRUNE_METHODS:
+            raise VlmpruneError(f"grid names method {method!r}; methods: {', '.join(PRUNE_METHODS)}")
+    for method in axes.get("method", ["layer"]):
+        part = "width" if method == "auto" else method
+        named = [(criterion, part) for criterion in axes.get("criterion", [config["criterion"][part]])]
+        if method == "auto":  # its depth part
+            named.append((config["criterion"]["layer"], "layer"))
+        for criterion, kind in named:
+            known = [c.name for c in criteria(kind)]
+            if criterion not in known:
+                raise VlmpruneError(f"grid names criterion {criterion!r} for method {kind}; its criteria: "
+                                    f"{', '.join(known)} (`vlmprune criteria` lists them)")
+    for ratio in axes.get("ratio", []):
+        try:
+            check_ratio(ratio)
+        except VlmpruneError:
+            raise VlmpruneError(f"grid ratio {ratio!r}: a ratio is a fraction of the model's parameters in (0, 1)") \
+                from None
+    for fraction in axes.get("fraction", []):
+        if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+                                     or not 0 < fraction <= 1):
+            raise VlmpruneError(f"grid fraction {fraction!r}: a data fraction is a number in (0, 1]")
+    for recipe in axes.get("recipe", []):
+        if not isinstance(recipe, str) or recipe not in config["recipes"]:
+            raise VlmpruneError(f"grid names recipe {recipe!r}, not defined under 'recipes' "
+                                f"({', '.join(map(str, config['recipes']))})")
+    for target in axes.get("target", []):
+        if not isinstance(target, str):
+            raise VlmpruneError(f"grid target {target!r}: a target is text such as params=0.7 or memory=450MB")
 
 
 def run_order(cells: list[Cell], config: dict) -> list[Cell]:
@@ -244,10 +344,10 @@ class StudyResult:
     failed: list[str] = dataclasses.field(default_factory=list)
 
 
-def _evaluate(model: str | Path, evaluation: dict) -> dict:
+def _evaluate(model: str | Path, evaluation: EvalOptions) -> dict:
     from vlmprune.evaluate.run import evaluate_model_dir
 
-    result = evaluate_model_dir(EvalConfig(model=str(model), **{k: v for k, v in evaluation.items() if v is not None}))
+    result = evaluate_model_dir(build(EvalConfig, model=str(model), evaluation=evaluation))
     result.pop("config", None)
     return result
 
@@ -259,6 +359,7 @@ class _Study:
     config: dict
     run: Path
     evaluation: dict
+    sections: dict  # the typed sections (study_sections)
     result: StudyResult
 
     @property
@@ -281,15 +382,31 @@ def run_study(config: dict) -> StudyResult:
     Cells that differ only in ratio or target share one calibration: the first writes ``scores.json``
     and the others plan from it (``vlmprune prune --scores``).
     """
-    study = _Study(config, Path(config["output"]), dict(config["evaluation"]), StudyResult(Path(config["output"])))
-    (study.run / "cells").mkdir(parents=True, exist_ok=True)
-    (study.run / "resolved_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    cells = run_order(expand_grid(config), config)
+    with claim_output(config["output"], _inputs(config), kind=STUDY, resume=True) as run:
+        return _run_study(config, run)
+
+
+def _inputs(config: dict) -> list[tuple[str, Any]]:
+    evaluation = config["evaluation"]
+    return [("teacher", config["teacher"]), ("training data", config["train_data"]),
+            ("image folder", config["image_folder"]), ("evaluation data directory", evaluation.get("data_dir")),
+            ("evaluation task file", evaluation.get("task_file")),
+            ("lmms-eval include folder", evaluation.get("lmms_include"))]
+
+
+def _run_study(config: dict, run: Path) -> StudyResult:
+    study = _Study(config, run, dict(config["evaluation"]), study_sections(config), StudyResult(Path(config["output"])))
+    check_rerun(run, config)
+    cells = run_order(_safe(expand_grid(config), "the study config"), config)
+    (run / "cells").mkdir(parents=True, exist_ok=True)
+    write_marker(run, STUDY)
+    (run / "resolved_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     original = study.run / "original"
     if not (original / "eval.json").exists():
         original.mkdir(exist_ok=True)
         log.info("[study] evaluating the original model %s", study.teacher)
-        _write_json(original / "eval.json", {"model": study.teacher, **_evaluate(study.teacher, study.evaluation)})
+        scores = _evaluate(study.teacher, study.sections["evaluation"])
+        _write_json(original / "eval.json", {"model": study.teacher, **scores})
     started = time.time()
     for n, cell in enumerate(cells, 1):
         _run_cell(study, cell, f"{n}/{len(cells)}")
@@ -308,8 +425,8 @@ def _run_cell(study: _Study, cell: Cell, position: str) -> None:
         log.info("[study] %s %s: done, skipped", position, cell.id)
         study.result.skipped += 1
         return
-    if cell_dir.exists():
-        shutil.rmtree(cell_dir)  # an unfinished or failed attempt: start the cell over
+    if cell_dir.exists() or cell_dir.is_symlink():
+        _remove(study.run, cell_dir)  # an unfinished or failed attempt: start the cell over
     cell_dir.mkdir(parents=True)
     config = study.config
     _write_json(cell_dir / "cell.json", {**cell.to_dict(), "teacher": study.teacher, "train_data": study.data,
@@ -330,6 +447,62 @@ def _run_cell(study: _Study, cell: Cell, position: str) -> None:
         log.warning("[study] %s: FAILED: %s", cell.id, exc)
 
 
+def _remove(run: Path, path: Path) -> None:
+    """Delete ``path``, a folder of the run directory: never anything that resolves outside it."""
+    inside = run.resolve()
+    target = path.resolve()
+    if path.is_symlink() or target == inside or not target.is_relative_to(inside):
+        raise VlmpruneError(f"{path} resolves to {target}, outside the run directory {inside} (or to the run "
+                            f"directory itself): a study deletes only its own cells; remove it yourself")
+    shutil.rmtree(target)
+
+
+def _normalised(config: dict) -> dict:
+    """The config as YAML would read it back, with path values resolved (so ./m and /abs/m compare equal)."""
+    plain = yaml.safe_load(yaml.safe_dump(config, sort_keys=False))
+    for key in _PATH_KEYS:
+        *parents, last = key.split(".")
+        node = plain
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(last), str):
+            node[last] = str(Path(node[last]).expanduser().resolve())
+    return plain
+
+
+def _differences(old: Any, new: Any, where: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for key in sorted(set(old) | set(new), key=str)
+                for d in _differences(old.get(key), new.get(key), f"{where}{key}.")]
+    return [] if old == new else [f"{where.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def check_rerun(run: Path, config: dict) -> None:
+    """A rerun on an earlier run directory continues its done cells: refuse a config that differs from the run's
+    in anything but :data:`SAFE_TO_CHANGE` (recipes only by new ones), naming the difference."""
+    saved = run / "resolved_config.yaml"
+    if not saved.is_file():
+        return
+    try:
+        earlier = read_yaml_file(saved)
+    except VlmpruneError as exc:
+        raise VlmpruneError(f"{exc}; the run directory is damaged: choose another output") from None
+    if not isinstance(earlier, dict):
+        raise VlmpruneError(f"{saved} does not hold a study config; the run directory is damaged: choose another "
+                            f"output")
+    old, new = _normalised(earlier), _normalised(config)
+    changed = [d for key in sorted(set(old) | set(new), key=str) if key not in SAFE_TO_CHANGE
+               for d in _differences(old.get(key), new.get(key), f"{key}.")]
+    old_recipes, new_recipes = old.get("recipes") or {}, new.get("recipes") or {}
+    changed += [f"recipes.{name}: {old_recipes[name]!r} -> {new_recipes[name]!r}" for name in old_recipes
+                if name in new_recipes and old_recipes[name] != new_recipes[name]]
+    if changed:
+        raise VlmpruneError(f"{run} holds a study run with another setup, and a rerun continues its done cells: "
+                            f"{'; '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}. Only "
+                            f"{', '.join(SAFE_TO_CHANGE[:-2])}, new grid cells and new recipes may change; give "
+                            f"another output for the new setup (or restore the options)")
+
+
 def _prune_cell(study: _Study, cell: Cell) -> Path:
     """The cell's pruned model, shared by the cells of the same prune id; written unless there already.
     One calibration serves every ratio of a method and criterion (the others plan from its scores.json)."""
@@ -341,26 +514,24 @@ def _prune_cell(study: _Study, cell: Cell) -> Path:
         return pruned
     shared = [p / SCORES_FILE for p in (run / "pruned").glob(f"{cell.method}-{cell.criterion}-[rt]*")
               if (p / SCORES_FILE).is_file()]
-    options = {k: v for k, v in config["calibration"].items() if v is not None}
+    sections = study.sections
+    calibration = dataclasses.replace(sections["calibration"], path=study.data, image_folder=study.folder,
+                                      seed=config["seed"])
+    options = {"model": study.teacher, "output": str(pruned), "overwrite": True, "ratio": cell.ratio,
+               "target": cell.target}
     if cell.method in ("width", "auto"):
-        options.update(attention=config["width"]["attention"], mlp_multiple=config["width"]["mlp_multiple"])
+        options["width"] = sections["width"]
     if cell.method == "auto":
         options["layer_criterion"] = config["criterion"]["layer"]
         shared = []  # auto scores two criteria and searches: nothing to share
     if cell.compensate != "none":  # the fits need the calibration data, even where scores are shared
-        options.update(compensate=cell.compensate, calibration=study.data, image_folder=study.folder,
-                       seed=config["seed"], compensate_sequential=bool(config["compensation"]["sequential"]))
-        if config["compensation"]["ridge"] is not None:
-            options["compensate_ridge"] = config["compensation"]["ridge"]
+        options.update(compensation=dataclasses.replace(sections["compensation"], mode=cell.compensate),
+                       calibration=calibration)
     if shared:  # one calibration serves every ratio of a method and criterion (and every compensation)
-        if cell.compensate == "none":
-            options = {k: v for k, v in options.items() if k in ("attention", "mlp_multiple")}
-        prune(PruneConfig(model=study.teacher, output=str(pruned), scores=str(shared[0]), ratio=cell.ratio,
-                          target=cell.target, overwrite=True, **options))
+        options["scores"] = str(shared[0])
     else:
-        options.update(calibration=study.data, image_folder=study.folder, seed=config["seed"])
-        prune(PruneConfig(model=study.teacher, output=str(pruned), method=cell.method, ratio=cell.ratio,
-                          target=cell.target, criterion=cell.criterion, overwrite=True, **options))
+        options.update(method=cell.method, criterion=cell.criterion, calibration=calibration)
+    prune(build(PruneConfig, options))
     return pruned
 
 
@@ -396,7 +567,7 @@ def _quantize_cell(cell: Cell, cell_dir: Path, model_dir: Path) -> tuple[Path, d
 def _evaluate_cell(study: _Study, model_dir: Path, pruned: Path, quantization: dict | None) -> dict:
     """The tasks' scores, with the quantization and, from the pruned model's run record, the achieved
     ratio and target."""
-    evaluated = _evaluate(model_dir, study.evaluation)
+    evaluated = _evaluate(model_dir, study.sections["evaluation"])
     if quantization is not None:
         evaluated["quantization"] = quantization
     record = RunRecord.load(pruned).prune or PruneRecord()
@@ -411,8 +582,9 @@ def _record_cell(study: _Study, cell: Cell, cell_dir: Path, evaluated: dict, t0:
     _write_json(cell_dir / "eval.json", evaluated)
     if (study.config["recipes"][cell.recipe] is not None or cell.quantization is not None) \
             and not study.config["keep_models"]:
-        shutil.rmtree(cell_dir / "model", ignore_errors=True)
-        shutil.rmtree(cell_dir / "quantized", ignore_errors=True)
+        for folder in (cell_dir / "model", cell_dir / "quantized"):
+            if folder.exists():
+                _remove(study.run, folder)
     _write_json(cell_dir / "status.json", {"status": "done", "seconds": time.time() - t0})
     study.result.done += 1
     log.info("[study] %s: mean accuracy %s (%.0f s)", cell.id, "n/a" if evaluated["accuracy"] is None

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import vlmprune
-from vlmprune.config import EvalConfig
+from vlmprune.config import EvalConfig, build
 from vlmprune.errors import VlmpruneError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,21 +47,23 @@ def offline(monkeypatch):
 
 
 def test_config_lmms_tasks():
-    cfg = EvalConfig(model="m", lmms_tasks="mme, pope")
-    assert cfg.lmms_tasks == ["mme", "pope"] and cfg.tasks == []  # no built-in tasks unless asked for
-    assert EvalConfig(model="m").tasks == ["easyvqa", "digits"] and EvalConfig(model="m").lmms_tasks == []
-    both = EvalConfig(model="m", tasks="easyvqa", lmms_tasks=["easyvqa_lmms"])
+    cfg = build(EvalConfig, model="m", lmms_tasks="mme, pope")
+    # no built-in tasks unless asked for
+    assert cfg.evaluation.lmms_tasks == ["mme", "pope"] and cfg.evaluation.tasks == []
+    default = build(EvalConfig, model="m").evaluation
+    assert default.tasks == ["easyvqa", "digits"] and default.lmms_tasks == []
+    both = build(EvalConfig, model="m", tasks="easyvqa", lmms_tasks=["easyvqa_lmms"]).evaluation
     assert both.tasks == ["easyvqa"] and both.lmms_tasks == ["easyvqa_lmms"]
     with pytest.raises(VlmpruneError, match="names a task twice"):
-        EvalConfig(model="m", lmms_tasks="mme,mme")
+        build(EvalConfig, model="m", lmms_tasks="mme,mme")
     with pytest.raises(VlmpruneError, match="--lmms-include adds task YAMLs"):
-        EvalConfig(model="m", lmms_include="somewhere")
+        build(EvalConfig, model="m", lmms_include="somewhere")
     with pytest.raises(VlmpruneError, match="--efficiency measures a prompt"):
-        EvalConfig(model="m", lmms_tasks="mme", efficiency=True)
+        build(EvalConfig, model="m", lmms_tasks="mme", efficiency=True)
     with pytest.raises(VlmpruneError, match="nothing to evaluate: give --tasks, --task-file and/or --lmms-tasks"):
-        EvalConfig(model="m", tasks="")
+        build(EvalConfig, model="m", tasks="")
     with pytest.raises(VlmpruneError, match="--lmms-tasks must be"):
-        EvalConfig(model="m", lmms_tasks=[3])
+        build(EvalConfig, model="m", lmms_tasks=[3])
 
 
 def test_cli_flags_reach_the_config(monkeypatch, tmp_path):
@@ -72,7 +74,8 @@ def test_cli_flags_reach_the_config(monkeypatch, tmp_path):
     assert cli.main(["evaluate", "--model", "m", "--lmms-tasks", "mme,pope", "--limit", "5",
                      "--lmms-include", str(tmp_path)]) == 0
     cfg = seen["cfg"]
-    assert (cfg.lmms_tasks, cfg.tasks, cfg.limit, cfg.lmms_include) == (["mme", "pope"], [], 5, str(tmp_path))
+    e = cfg.evaluation
+    assert (e.lmms_tasks, e.tasks, e.limit, e.lmms_include) == (["mme", "pope"], [], 5, str(tmp_path))
 
 
 def test_missing_extra_names_the_fix(monkeypatch, tiny_repo):
@@ -81,7 +84,7 @@ def test_missing_extra_names_the_fix(monkeypatch, tiny_repo):
     monkeypatch.setitem(__import__("sys").modules, "lmms_eval", None)  # import lmms_eval -> ImportError
     monkeypatch.setattr(run, "load", lambda *a, **k: pytest.fail("the model loaded before the check"))
     with pytest.raises(VlmpruneError, match=re.escape('pip install "vlmprune[lmms]"')):
-        run.evaluate_model_dir(EvalConfig(model=str(tiny_repo.model), lmms_tasks="pope"))
+        run.evaluate_model_dir(build(EvalConfig, model=str(tiny_repo.model), lmms_tasks="pope"))
     with pytest.raises(VlmpruneError, match="not installed"):
         lmms.require_lmms()
 
@@ -199,7 +202,8 @@ def test_lmms_eval_through_the_entry_point_agrees_with_evaluate(kind, tiny_repo,
 
     model_dir = tiny_repo.model if kind == "uniform" else _per_layer_width_model(tiny_repo, tmp_path)
     task_file = _task_with_known_answers(tiny_repo, model_dir, tmp_path)
-    builtin = evaluate_model_dir(EvalConfig(model=str(model_dir), tasks="", task_file=str(task_file), batch_size=4))
+    builtin = evaluate_model_dir(build(EvalConfig, model=str(model_dir), tasks="", task_file=str(task_file),
+                                       batch_size=4))
     expected = builtin["tasks"]["known"]
     assert 0.3 < expected["accuracy"] < 0.7
 
@@ -215,7 +219,7 @@ def test_lmms_eval_through_the_entry_point_agrees_with_evaluate(kind, tiny_repo,
         [normalize_answer(e["prediction"]) for e in expected["examples"]]
 
     if kind == "uniform":  # and `vlmprune evaluate --lmms-tasks` merges it beside the built-in task
-        both = evaluate_model_dir(EvalConfig(model=str(model_dir), tasks="", task_file=str(task_file),
+        both = evaluate_model_dir(build(EvalConfig, model=str(model_dir), tasks="", task_file=str(task_file),
                                              lmms_tasks="tiny_known", lmms_include=str(tmp_path / "lmms"),
                                              batch_size=4))
         assert both["tasks"]["tiny_known"]["accuracy"] == pytest.approx(both["tasks"]["known"]["accuracy"])
@@ -263,12 +267,12 @@ def test_unknown_task_and_offline_data_errors_name_the_fix(tiny_repo, tmp_path, 
     cfg = dict(model=str(tiny_repo.model), tasks="", lmms_include=str(folder))
     with pytest.raises(VlmpruneError, match=r"could not load the data of \['hub_only'\].*run once online.*"
                                             r"--lmms-include"):
-        evaluate_model_dir(EvalConfig(**cfg, lmms_tasks="hub_only"))
+        evaluate_model_dir(build(EvalConfig, **cfg, lmms_tasks="hub_only"))
     # refused before any data loads; the study's eight benchmarks (the README's command) are known tasks
     assert len(PAPER_TASKS) == 8
     with pytest.raises(VlmpruneError, match=r"does not know the task\(s\) \['no_such_task'\]; the study's "
                                             r"benchmarks are mmmu_val"):
-        evaluate_model_dir(EvalConfig(**cfg, lmms_tasks=["hub_only", "no_such_task", *PAPER_TASKS]))
+        evaluate_model_dir(build(EvalConfig, **cfg, lmms_tasks=["hub_only", "no_such_task", *PAPER_TASKS]))
 
 
 @needs_lmms

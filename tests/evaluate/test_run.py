@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vlmprune.cli import main
-from vlmprune.config import EvalConfig
+from vlmprune.config import EvalConfig, build
 from vlmprune.errors import VlmpruneError
 from vlmprune.evaluate import run
 
@@ -38,18 +38,18 @@ def test_cli_evaluate_loads_the_dtype_and_device_asked_for(dtype, expected, tiny
     assert {p.dtype for p in model.parameters()} == {expected}  # the tiny checkpoint is float32
     assert {p.device.type for p in model.parameters()} == {"cpu"}
     result = json.loads(out.read_text())
-    assert result["config"]["dtype"] == dtype and result["config"]["device"] == "cpu"
+    assert result["config"]["load"]["dtype"] == dtype and result["config"]["load"]["device"] == "cpu"
     assert result["tasks"]["test"]["count"] == 2
 
 
 def test_dtype_and_device_are_checked_before_anything_loads(tiny_repo):
     with pytest.raises(VlmpruneError, match="--dtype must be one of float32, float16, bfloat16, auto"):
-        EvalConfig(model=str(tiny_repo.model), dtype="fp16")
+        build(EvalConfig, model=str(tiny_repo.model), dtype="fp16")
     with pytest.raises(VlmpruneError, match="--device 'nope' is not a device"):
-        EvalConfig(model=str(tiny_repo.model), device="nope").check_paths()
+        build(EvalConfig, model=str(tiny_repo.model), device="nope").check_paths()
     if not torch.cuda.is_available():
         with pytest.raises(VlmpruneError, match="has no cuda device"):
-            EvalConfig(model=str(tiny_repo.model), device="cuda").check_paths()
+            build(EvalConfig, model=str(tiny_repo.model), device="cuda").check_paths()
 
 
 def test_a_gguf_export_refuses_device_and_dtype(tiny_repo, monkeypatch):
@@ -59,5 +59,5 @@ def test_a_gguf_export_refuses_device_and_dtype(tiny_repo, monkeypatch):
     monkeypatch.setattr(runtime, "is_gguf_dir", lambda path: True)
     for option in ({"dtype": "float16"}, {"device": "cpu"}):
         with pytest.raises(VlmpruneError, match="--device and --dtype load a Hugging Face checkpoint"):
-            run.evaluate_model_dir(EvalConfig(model=str(tiny_repo.model), tasks="", task_file=str(tiny_repo.task_file),
-                                              **option))
+            run.evaluate_model_dir(build(EvalConfig, model=str(tiny_repo.model), tasks="",
+                                         task_file=str(tiny_repo.task_file), **option))

@@ -141,12 +141,12 @@ def test_bad_targets_are_refused(tiny_repo, tmp_path, capsys, spec):
 
 
 def test_ratio_and_target_are_exclusive():
-    from vlmprune.config import PruneConfig
+    from vlmprune.config import PruneConfig, build
 
     with pytest.raises(VlmpruneError, match="one of --ratio"):
-        PruneConfig(model="m", output="o", method="width", ratio=0.2, target="params=0.8")
+        build(PruneConfig, model="m", output="o", method="width", ratio=0.2, target="params=0.8")
     with pytest.raises(VlmpruneError, match="a plan already says what goes"):
-        PruneConfig(model="m", output="o", plan="p.json", target="params=0.8")
+        build(PruneConfig, model="m", output="o", plan="p.json", target="params=0.8")
 
 
 def test_auto_is_a_study_grid_value(tiny_repo, tmp_path):

@@ -21,7 +21,7 @@ from tiny_data import tiny_llava_processor
 import vlmprune
 from vlmprune.adapters import get_adapter
 from vlmprune.cli import main
-from vlmprune.config import RecoverConfig, load_stage_config
+from vlmprune.config import RecoverConfig, load_stage_config, options_of
 from vlmprune.data import Collator, read_samples, select
 from vlmprune.planning.plan import PruningPlan
 from vlmprune.recover import recover
@@ -205,7 +205,7 @@ def _parse(args):
     from vlmprune.cli import build_parser
 
     ns, _ = build_parser().parse_known_args(args)
-    return {f: getattr(ns, f) for f in RecoverConfig.__dataclass_fields__ if hasattr(ns, f)}
+    return {o.key: getattr(ns, o.key) for o in options_of(RecoverConfig) if hasattr(ns, o.key)}
 
 
 def test_yaml_config_with_flags_on_top(dirs, tmp_path):
@@ -213,7 +213,8 @@ def test_yaml_config_with_flags_on_top(dirs, tmp_path):
     path.write_text(f"student: {dirs['student']}\ndata: {dirs['data']}\noutput: {tmp_path}/o\nloss: sft=1\n"
                     "learning_rate: 0.1\ntemperature: 3\n")
     cfg = load_stage_config(RecoverConfig, path, {"learning_rate": 0.5, "train": "lora"})
-    assert (cfg.learning_rate, cfg.temperature, cfg.train, cfg.loss) == (0.5, 3, "lora", {"sft": 1.0})
+    assert (cfg.training.learning_rate, cfg.objective.temperature, cfg.trainable.train,
+            cfg.objective.loss) == (0.5, 3, "lora", {"sft": 1.0})
     assert training_arguments(cfg).learning_rate == 0.5
 
 

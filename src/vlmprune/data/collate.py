@@ -102,6 +102,28 @@ class Collator:
             batch = self._truncate(batch, samples, lengths)
         return batch
 
+    def too_long(self, samples: list[Sample], positions: int) -> list[tuple[str, int]]:
+        """(id, estimated tokens) of the samples longer than ``positions`` (what the model was trained to hold).
+
+        The estimate is the tokens of the rendered conversation plus the processor's image tokens per image,
+        where it says how many; only samples whose text is long enough to pass are tokenized (a token
+        spans at least one character, so the others cannot).
+        """
+        per_image = next((int(v) for v in (getattr(self.processor, a, None) for a in ("image_seq_length",
+                                                                                    "num_image_tokens"))
+                          if isinstance(v, int)), 0)
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        found = []
+        for sample in samples:
+            chars = sum(len(part.get("text") or "") for m in sample.messages for part in m["content"])
+            if chars + 256 + per_image * len(sample.images) <= positions:  # 256: the template's own tokens
+                continue
+            tokens = len(tokenizer(self._render(self._messages(sample)), add_special_tokens=False)["input_ids"])
+            tokens += per_image * len(sample.images)
+            if tokens > positions:
+                found.append((sample.id, tokens))
+        return found
+
     # ------------------------------------------------------------------ helpers
 
     def _messages(self, sample: Sample) -> list[dict]:
@@ -223,3 +245,28 @@ def token_masks(batch: dict, image_token_id: int) -> dict[str, torch.Tensor]:
     if "labels" in batch:
         masks["answer"] = batch["labels"] != IGNORE_INDEX
     return masks
+
+
+def max_positions(config) -> int | None:
+    """The positions the language model was trained to hold (``max_position_embeddings``), None when unknown."""
+    text = getattr(config, "text_config", None) or config
+    value = getattr(text, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def warn_too_long(collator: Collator, samples: list[Sample], config, what: str) -> None:
+    """Say, before the long run starts, which samples pass the model's positions (with the estimate and the fix).
+
+    Nothing to say when ``collator.max_length`` already truncates to at most the model's positions.
+    """
+    positions = max_positions(config)
+    if positions is None or (collator.max_length is not None and collator.max_length <= positions):
+        return
+    found = collator.too_long(samples, positions)
+    if found:
+        sample, tokens = max(found, key=lambda item: item[1])
+        logger.warning("%d of the %d %s samples are longer than the model's %s positions (max_position_embeddings): "
+                       "the longest, %r, has about %s tokens; they are slow (attention grows with the square of "
+                       "the length) and longer than anything the model was trained on. Pass --max-length %d to "
+                       "truncate them, or remove them from the data", len(found), len(samples), what,
+                       f"{positions:,}", sample, f"{tokens:,}", positions)

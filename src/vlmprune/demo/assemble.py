@@ -307,12 +307,13 @@ def build_demo_model(
     build leaves nothing behind.
     """
     weights = WEIGHTS_DIR if weights_dir is None else Path(weights_dir)
+    cached = output is None  # the cache's own folder: an unfinished one is replaced (a model only)
     if output is None:
         output = cache_root() / f"demo-{__version__}-{_fingerprint(from_hub, weights)}"
     output = Path(output)
     if (output / "config.json").exists():
         return output
-    with atomic_output_dir(output, overwrite=True) as tmp:
+    with atomic_output_dir(output, overwrite=cached) as tmp:
         model, processor = assemble(from_hub=from_hub, weights_dir=weights)
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)

@@ -16,7 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
-from vlmprune.paths import atomic_output_dir
+from vlmprune.paths import DATA_SET, atomic_output_dir
 from vlmprune.vocab import DATASETS
 
 EASYVQA_COLORS = {"red", "green", "blue", "black", "gray", "teal", "brown", "yellow"}
@@ -52,9 +52,10 @@ def record(id_: str, image: str, source: str, type_: str, question: str, answer:
     }
 
 
-def _atomic_dir(output: Path, fill) -> dict:
-    """Call ``fill(tmp_dir) -> summary`` in a temporary directory that becomes ``output`` at the end."""
-    with atomic_output_dir(output, overwrite=True) as tmp:
+def _atomic_dir(output: Path, fill, overwrite: bool) -> dict:
+    """Call ``fill(tmp_dir) -> summary`` in a temporary directory that becomes ``output`` at the end (replacing
+    an earlier data set only with ``overwrite``, and never another kind of output)."""
+    with atomic_output_dir(output, overwrite=overwrite, kind=DATA_SET) as tmp:
         summary = fill(tmp)
     summary["output"] = str(output)
     return summary
@@ -64,7 +65,7 @@ def _dump(records: list[dict], path: Path) -> None:
     path.write_text(json.dumps(records, indent=1))
 
 
-def write_easyvqa(output: str | Path, limit: int | None = None) -> dict:
+def write_easyvqa(output: str | Path, limit: int | None = None, overwrite: bool = False) -> dict:
     """Write easy-VQA (4,000 train / 1,000 test images; 38,575 / 9,673 questions) to ``output``.
 
     ``limit`` keeps only the first ``limit`` images of each split (and their questions), for tests.
@@ -95,10 +96,10 @@ def write_easyvqa(output: str | Path, limit: int | None = None) -> dict:
             summary["images"] += len(keep)
         return summary
 
-    return _atomic_dir(Path(output), fill)
+    return _atomic_dir(Path(output), fill, overwrite)
 
 
-def write_digits(output: str | Path, limit: int | None = None) -> dict:
+def write_digits(output: str | Path, limit: int | None = None, overwrite: bool = False) -> dict:
     """Write scikit-learn's 8 x 8 digits (1,797 images) as a seeded 80/20 stratified split.
 
     Images are upscaled to 56 px, dark ink on white; the answer is the numeral ("7").
@@ -134,7 +135,7 @@ def write_digits(output: str | Path, limit: int | None = None) -> dict:
             summary["images"] += len(records)
         return summary
 
-    return _atomic_dir(Path(output), fill)
+    return _atomic_dir(Path(output), fill, overwrite)
 
 
 def demo_data(root: str | Path | None = None, limit: int | None = None) -> dict[str, Path]:
@@ -151,7 +152,7 @@ def demo_data(root: str | Path | None = None, limit: int | None = None) -> dict[
     for name in DATASETS:
         writer = writers[name]
         if not (root / name / "test.json").exists():
-            writer(root / name, limit=limit)
+            writer(root / name, limit=limit, overwrite=True)  # an unfinished copy in the cache (data sets only)
     train = root / "train.json"
     if not train.exists():
         joined = []

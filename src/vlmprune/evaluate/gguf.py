@@ -8,6 +8,7 @@ import json
 import time
 from pathlib import Path
 
+from vlmprune.config import as_dict
 from vlmprune.errors import VlmpruneError
 from vlmprune.evaluate.tasks import load_task, score
 from vlmprune.export.runtime import LlamaCppModel
@@ -49,30 +50,30 @@ def answer_items(runner: LlamaCppModel, items: list[dict], max_new_tokens: int, 
 
 def evaluate_gguf_dir(cfg) -> dict:
     """``vlmprune evaluate`` for a GGUF export: the built-in tasks and/or --task-file, exact match."""
-    if cfg.lmms_tasks:
+    if cfg.evaluation.lmms_tasks:
         raise VlmpruneError("--lmms-tasks runs Hugging Face models only; evaluate the GGUF export on --tasks or "
                             "--task-file")
     if cfg.efficiency:
         raise VlmpruneError("--efficiency measures PyTorch models; llama.cpp's own timings are in the result "
                             "('timings') of a GGUF evaluation")
-    if cfg.device is not None or cfg.dtype not in (None, "auto"):
+    if cfg.load.device is not None or cfg.load.dtype not in (None, "auto"):
         raise VlmpruneError("--device and --dtype load a Hugging Face checkpoint; a GGUF export runs in llama.cpp "
                             "in the types it was exported with")
     runner = LlamaCppModel(cfg.model)
-    files = {name: Path(cfg.data_dir) / name / "test.json" for name in (cfg.tasks or [])}
-    if cfg.task_file is not None:
-        files[Path(cfg.task_file).stem] = Path(cfg.task_file)
-    result: dict = {"tasks": {}, "data_dir": cfg.data_dir, "runtime": "llama.cpp (xllamacpp)"}
+    files = {name: Path(cfg.evaluation.data_dir) / name / "test.json" for name in (cfg.evaluation.tasks or [])}
+    if cfg.evaluation.task_file is not None:
+        files[Path(cfg.evaluation.task_file).stem] = Path(cfg.evaluation.task_file)
+    result: dict = {"tasks": {}, "data_dir": cfg.evaluation.data_dir, "runtime": "llama.cpp (xllamacpp)"}
     throughput = Throughput()
     started = time.perf_counter()
     for name, path in files.items():
-        items = load_task(path, limit=cfg.limit)
-        predictions = answer_items(runner, items, cfg.max_new_tokens, throughput)
+        items = load_task(path, limit=cfg.evaluation.limit)
+        predictions = answer_items(runner, items, cfg.evaluation.max_new_tokens, throughput)
         res = score((p, it["answer"], it["type"]) for p, it in zip(predictions, items))
         res["examples"] = [{"id": it["id"], "question": it["question"], "answer": it["answer"], "prediction": p}
                            for p, it in list(zip(predictions, items))[:20]]
         res["predictions"] = predictions
-        res["limit"] = cfg.limit
+        res["limit"] = cfg.evaluation.limit
         result["tasks"][name] = res
     accs = [r["accuracy"] for r in result["tasks"].values()]
     result["accuracy"] = sum(accs) / len(accs) if accs else 0.0
@@ -85,5 +86,5 @@ def evaluate_gguf_dir(cfg) -> dict:
     if record.is_file():
         result["export"] = json.loads(record.read_text())
     result["model"] = str(cfg.model)
-    result["config"] = dataclasses.asdict(cfg)
+    result["config"] = as_dict(cfg)
     return result

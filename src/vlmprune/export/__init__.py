@@ -34,12 +34,12 @@ def export_gguf(model_dir: str | Path, output: str | Path, quant: str = "f16", o
     from vlmprune.checkpoint import load, load_processor
     from vlmprune.export import gguf as text
     from vlmprune.export import gguf_vision as visual
-    from vlmprune.paths import atomic_output_dir, check_output
+    from vlmprune.paths import GGUF, atomic_output_dir, check_output
 
     text.check_quant(quant)
     vision_quant = vision_quant or (quant if quant in ("f32", "f16", "bf16") else "f16")
     text.check_quant(vision_quant)
-    check_output(output, [("input model", model_dir)], overwrite)  # before the (slow) load
+    check_output(output, [("input model", model_dir)], overwrite, kind=GGUF)  # before the (slow) load
     # in the checkpoint's own dtype (a 7B bf16 model: 14 GB, not 28); each tensor goes to float32 only
     # while it is converted
     model = load(model_dir, trust_remote_code=trust_remote_code)
@@ -68,7 +68,8 @@ def export_gguf(model_dir: str | Path, output: str | Path, quant: str = "f16", o
             folder = Path(tok_dir)
         tok = text.TokenizerSource(folder, template if isinstance(template, str) else None, tokenizer)
         text.check_tokenizer(tok)  # a tokenizer llama.cpp would split differently: refused before writing
-        with atomic_output_dir(output, overwrite=overwrite, inputs=[("input model", model_dir)]) as tmp:
+        with atomic_output_dir(output, overwrite=overwrite, inputs=[("input model", model_dir)],
+                               kind=GGUF) as tmp:
             _write(tmp, record, model, adapter, text_plan, vision_plan, tok, quant, vision_quant, name)
     record["output"] = str(Path(output).resolve())
     return record

@@ -24,20 +24,23 @@ from vlmprune.adapters import get_adapter
 from vlmprune.checkpoint import load, load_processor, save_model
 from vlmprune.config import (
     RESOLVED_CONFIG,
+    CalibrationOptions,
     PruneConfig,
+    build,
     check_ratio,
     parse_device_map,
     parse_max_memory,
     parse_target,
     to_yaml,
 )
+from vlmprune.data.collate import warn_too_long
 from vlmprune.dispatch import is_dispatched, materialize_
 from vlmprune.errors import VlmpruneError
 from vlmprune.importance.layer import LayerScores
 from vlmprune.importance.registry import get_collector, get_criterion
 from vlmprune.importance.scores import SCORES_FILE, Scores
 from vlmprune.importance.structures import WidthScores
-from vlmprune.paths import check_not_quantized, claim_output
+from vlmprune.paths import check_not_quantized, claim_output, sibling
 from vlmprune.planning.plan import PLAN_FILE, LayerShape, PruningPlan
 from vlmprune.planning.search import search as auto_search
 from vlmprune.planning.solve import ModelBudget, achieved, layers_to_drop, plan_for, stock_plan
@@ -131,7 +134,7 @@ def prune(config: PruneConfig | None = None, **options) -> PruneResult:
     input is checked and the output claimed before the model loads; nothing is written unless
     pruning succeeds.
     """
-    cfg = config if config is not None else PruneConfig(**options)
+    cfg = config if config is not None else build(PruneConfig, options)
     if config is not None and options:
         raise VlmpruneError("give a PruneConfig or keyword options, not both")
     cfg.check_paths()
@@ -144,24 +147,33 @@ def prune(config: PruneConfig | None = None, **options) -> PruneResult:
         stack.enter_context(phases.recording())  # joins the CLI's recording, which also counts the imports
         out = stack.enter_context(claim_output(cfg.output, cfg.inputs(), cfg.overwrite))
         extra = [stack.enter_context(claim_output(rank_output(cfg.output, r), cfg.inputs(), cfg.overwrite))
-                 for r in range(2, cfg.top_k + 1)]
+                 for r in range(2, cfg.planning.top_k + 1)]
         return _prune(cfg, out, extra)
+
+
+def _calibration_batches(cal: CalibrationOptions, processor, held_out: bool = False):
+    """The calibration batches ``cal`` describes; ``held_out``: a quarter as many, drawn with the next seed (what
+    the auto search ranks its candidates on)."""
+    if held_out:
+        return calibrate.calibration_batches(processor, cal.path, cal.image_folder, max(2, cal.num_samples // 4),
+                                             cal.seed + 1, cal.batch_size, cal.max_length, cal.split)
+    return calibrate.calibration_batches(processor, cal.path, cal.image_folder, cal.num_samples, cal.seed,
+                                         cal.batch_size, cal.max_length, cal.split)
 
 
 def _compensate(cfg: PruneConfig, net: nn.Module, plan: PruningPlan, batches) -> dict:
     """Fit the kept weights to stand in for what the plan removes (the statistics are collected anew,
     also for --plan and --scores: neither carries activations)."""
-    check_mode(net, plan, cfg.compensate)
+    check_mode(net, plan, cfg.compensation.mode)
     if batches is None:
         with phases.phase("data"):
-            batches = calibrate.calibration_batches(load_processor(cfg.model, cfg.trust_remote_code), cfg.calibration,
-                                                    cfg.image_folder, cfg.num_samples, cfg.seed, cfg.batch_size,
-                                                    cfg.max_length, cfg.split)
+            batches = _calibration_batches(cfg.calibration, load_processor(cfg.model, cfg.load.trust_remote_code))
     with phases.phase("compensation"):
-        record = compensate_(net, plan, batches, cfg.compensate, cfg.compensate_sequential, cfg.compensate_ridge)
+        comp = cfg.compensation
+        record = compensate_(net, plan, batches, comp.mode, comp.sequential, comp.ridge)
     width = [e for layer in record["layers"].values() for e in layer.values()]
     if width:
-        log.info("compensation (%s): consumer output error %.3g -> %.3g (mean over %d projections)", cfg.compensate,
+        log.info("compensation (%s): consumer output error %.3g -> %.3g (mean over %d projections)", comp.mode,
                  sum(e["error_before"] for e in width) / len(width), sum(e["error_after"] for e in width) / len(width),
                  len(width))
     for run in record["dropped_runs"]:
@@ -180,16 +192,16 @@ def rank_output(output: str | Path, rank: int) -> Path:
 def _prune(cfg: PruneConfig, out: Path, ranked_outputs: list[Path] = ()) -> PruneResult:
     with contextlib.ExitStack() as stack:
         dispatch = {}
-        if cfg.device_map is not None:
-            folder = cfg.offload_folder or stack.enter_context(
-                tempfile.TemporaryDirectory(prefix=f".{out.name}.offload-", dir=out.parent))
-            dispatch = {"device_map": parse_device_map(cfg.device_map), "max_memory": parse_max_memory(cfg.max_memory),
-                        "offload_folder": folder}
+        if cfg.load.device_map is not None:
+            folder = cfg.load.offload_folder or stack.enter_context(
+                tempfile.TemporaryDirectory(prefix=sibling(out, "offload-").name, dir=out.parent))
+            dispatch = {"device_map": parse_device_map(cfg.load.device_map),
+                        "max_memory": parse_max_memory(cfg.load.max_memory), "offload_folder": folder}
         with phases.phase("load"):
-            net = load(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, **dispatch)
-            if cfg.device:
-                net.to(cfg.device)
-            if cfg.device_map is not None and (cfg.plan is not None or cfg.scores is not None):
+            net = load(cfg.model, **cfg.load.kwargs(), **dispatch)
+            if cfg.load.device:
+                net.to(cfg.load.device)
+            if cfg.load.device_map is not None and (cfg.plan is not None or cfg.scores is not None):
                 materialize_(net)  # nothing to calibrate: the weights come in once for the cut
             phases.trim_malloc()  # what loading freed (read buffers, the skeleton's init) goes back
         return _prune_loaded(cfg, out, net, ranked_outputs)
@@ -233,7 +245,7 @@ def _prune_loaded(cfg: PruneConfig, out: Path, net: nn.Module, ranked_outputs: l
             _plan_ratio(run, method)
         _annotate_inputs(run)
     _annotate_loading(run)
-    if cfg.compensate != "none":
+    if cfg.compensation.mode != "none":
         run.record.compensation = _compensate(cfg, net, run.plan, run.batches)
     _cut(run)
     _measure(run)
@@ -245,7 +257,8 @@ def _prune_loaded(cfg: PruneConfig, out: Path, net: nn.Module, ranked_outputs: l
 def _start(cfg: PruneConfig, net: nn.Module) -> _Run:
     """The model before the cut, its weight bytes (for the cost record) and the parsed --target."""
     weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in net.parameters()}.values())
-    return _Run(cfg, net, summarize(net), weight_bytes, parse_target(cfg.target) if cfg.target else None)
+    target = cfg.planning.target
+    return _Run(cfg, net, summarize(net), weight_bytes, parse_target(target) if target else None)
 
 
 def _take_plan(run: _Run, plan: PruningPlan) -> None:
@@ -295,12 +308,13 @@ def _load_scores(run: _Run) -> str:
     """--scores: an earlier run's scores of this very model (checked); returns the method to plan with."""
     cfg = run.cfg
     if cfg.scores is None:
-        return cfg.method
+        return cfg.planning.method
     scores = run.scores = Scores.load(cfg.scores)
-    if cfg.method is not None and cfg.method != scores.method:
-        raise VlmpruneError(f"--scores holds {scores.method} scores ({scores.criterion}); --method is {cfg.method}")
-    if cfg.criterion is not None and cfg.criterion != scores.criterion:
-        raise VlmpruneError(f"--scores holds {scores.criterion} scores; --criterion is {cfg.criterion}")
+    if cfg.planning.method is not None and cfg.planning.method != scores.method:
+        raise VlmpruneError(f"--scores holds {scores.method} scores ({scores.criterion}); "
+                            f"--method is {cfg.planning.method}")
+    if cfg.planning.criterion is not None and cfg.planning.criterion != scores.criterion:
+        raise VlmpruneError(f"--scores holds {scores.criterion} scores; --criterion is {cfg.planning.criterion}")
     here = source_record(run.net)
     recorded = scores.model
     if recorded.get("fingerprint") != here["fingerprint"]:
@@ -324,32 +338,33 @@ def _load_scores(run: _Run) -> str:
 def _calibration_data(run: _Run, method: str) -> None:
     """A layer ratio that drops no layer (or all) fails first; then the calibration batches, where needed."""
     cfg = run.cfg
-    if method == "layer" and cfg.ratio is not None:
-        layers_to_drop(len(run.before.layers), ModelBudget.of(run.net), cfg.ratio)  # before any calibration
-    if (run.scores is None or cfg.compensate != "none") and cfg.calibration is not None:
+    if method == "layer" and cfg.planning.ratio is not None:
+        layers_to_drop(len(run.before.layers), ModelBudget.of(run.net), cfg.planning.ratio)  # before any calibration
+    if (run.scores is None or cfg.compensation.mode != "none") and cfg.calibration.path is not None:
         with phases.phase("data"):
-            run.processor = load_processor(cfg.model, cfg.trust_remote_code)
-            run.batches = calibrate.calibration_batches(run.processor, cfg.calibration, cfg.image_folder,
-                                                        cfg.num_samples, cfg.seed, cfg.batch_size, cfg.max_length,
-                                                        cfg.split)
+            run.processor = load_processor(cfg.model, cfg.load.trust_remote_code)
+            run.batches = _calibration_batches(cfg.calibration, run.processor)
+            warn_too_long(run.batches.collator, run.batches.samples, run.net.config, "calibration")
 
 
 def _ratio_of(run: _Run, plan_at) -> float:
     """The ratio to plan for: --ratio, or the one that meets --target (``plan_at(ratio)`` plans a candidate)."""
-    return run.cfg.ratio if run.target is None else ratio_for(run.net, run.target, plan_at)
+    return run.cfg.planning.ratio if run.target is None else ratio_for(run.net, run.target, plan_at)
 
 
 def _plan_ratio(run: _Run, method: str) -> None:
     """Score (unless --scores gave them) and plan for the ratio; --stock may keep attention whole."""
     cfg, net = run.cfg, run.net
     if run.scores is None:
-        run.scores = score(net, method, cfg.criterion, run.batches, cfg.tokens, cfg.seed)
+        run.scores = score(net, method, cfg.planning.criterion, run.batches, cfg.calibration.tokens,
+                           cfg.calibration.seed)
     scores = run.scores
     with phases.phase("planning"):
-        ratio = _ratio_of(run, lambda r: plan_for(net, scores, r, cfg.attention, cfg.mlp_multiple, cfg.layers,
-                                                   cfg.global_ranking))
-        _take_plan(run, (stock_plan if cfg.stock else plan_for)(net, scores, ratio, cfg.attention, cfg.mlp_multiple,
-                                                                cfg.layers, cfg.global_ranking))
+        w = cfg.width
+        ratio = _ratio_of(run, lambda r: plan_for(net, scores, r, w.attention, w.mlp_multiple, w.layers,
+                                                   w.global_ranking))
+        _take_plan(run, (stock_plan if cfg.planning.stock else plan_for)(net, scores, ratio, w.attention,
+                                                                         w.mlp_multiple, w.layers, w.global_ranking))
 
 
 def _plan_auto(run: _Run) -> None:
@@ -358,25 +373,25 @@ def _plan_auto(run: _Run) -> None:
     if run.batches is None:
         raise VlmpruneError("--method auto ranks candidates on held-out calibration data: pass --calibration")
     with phases.phase("data"):
-        held_out = calibrate.calibration_batches(run.processor, cfg.calibration, cfg.image_folder,
-                                                 max(2, cfg.num_samples // 4), cfg.seed + 1, cfg.batch_size,
-                                                 cfg.max_length, cfg.split)
-    layer_scores = score(net, "layer", cfg.layer_criterion, run.batches, None, cfg.seed)
-    scores = run.scores = score(net, "width", cfg.criterion, run.batches, cfg.tokens, cfg.seed)
+        held_out = _calibration_batches(cfg.calibration, run.processor, held_out=True)
+    layer_scores = score(net, "layer", cfg.planning.layer_criterion, run.batches, None, cfg.calibration.seed)
+    scores = run.scores = score(net, "width", cfg.planning.criterion, run.batches, cfg.calibration.tokens,
+                                cfg.calibration.seed)
     with phases.phase("planning"):  # candidates planned and ranked on the held-out batches
-        fit = None if cfg.compensate == "none" else (  # candidates compared as compensated models
-            lambda m, p: compensate_(m, p, run.batches, cfg.compensate, cfg.compensate_sequential,
-                                     cfg.compensate_ridge))
+        fit = None if cfg.compensation.mode == "none" else (  # candidates compared as compensated models
+            lambda m, p: compensate_(m, p, run.batches, cfg.compensation.mode, cfg.compensation.sequential,
+                                     cfg.compensation.ridge))
         best, run.tried = auto_search(net, layer_scores.values, scores.values, lambda plan_at: _ratio_of(run, plan_at),
-                                      held_out, cfg.attention, cfg.mlp_multiple, fit)
+                                      held_out, cfg.width.attention, cfg.width.mlp_multiple, fit)
     budget, shapes = ModelBudget.of(net), layer_shapes(net)
-    run.search = {"target": cfg.target or f"ratio={cfg.ratio}", "layer_criterion": layer_scores.criterion,
+    run.search = {"target": cfg.planning.target or f"ratio={cfg.planning.ratio}",
+                  "layer_criterion": layer_scores.criterion,
                   "width_criterion": scores.criterion, "chosen": run.tried.index(best),
                   "candidates": [c.to_dict(budget, shapes) for c in run.tried]}
     _take_plan(run, best.plan)
     run.record = replace(run.record, method="auto", criterion=scores.criterion, tokens=scores.tokens,
-                         layer_criterion=layer_scores.criterion, ratio_target=best.ratio, attention=cfg.attention,
-                         mlp_multiple=cfg.mlp_multiple, achieved=achieved(run.plan, budget, shapes),
+                         layer_criterion=layer_scores.criterion, ratio_target=best.ratio, attention=cfg.width.attention,
+                         mlp_multiple=cfg.width.mlp_multiple, achieved=achieved(run.plan, budget, shapes),
                          proxy_kl=best.proxy, search=SEARCH_FILE)
 
 
@@ -384,8 +399,8 @@ def _annotate_inputs(run: _Run) -> None:
     """The record says what the plan came from, and what it makes of --target (footprint, predicted latency)."""
     cfg, net, plan = run.cfg, run.net, run.plan
     run.record = replace(run.record, source_model=str(cfg.model),
-                         calibration=str(cfg.calibration) if cfg.calibration else None,
-                         num_samples=cfg.num_samples, seed=cfg.seed)
+                         calibration=str(cfg.calibration.path) if cfg.calibration.path else None,
+                         num_samples=cfg.calibration.num_samples, seed=cfg.calibration.seed)
     target = run.target
     if target is None:
         return
@@ -408,7 +423,7 @@ def _annotate_loading(run: _Run) -> None:
     run.record.source = source_record(run.net)
     with phases.phase("planning"):
         obstacle = loads_stock(run.net, run.plan)  # said before the cut, recorded in the run record
-    if obstacle and run.cfg.stock:
+    if obstacle and run.cfg.planning.stock:
         raise VlmpruneError(f"--stock: the pruned model could not load with plain from_pretrained: {obstacle}; "
                             f"drop --stock (and load it with vlmprune.load), or ask for other shapes")
     run.record.loads_with = "vlmprune.load" if obstacle else "from_pretrained"
@@ -467,7 +482,7 @@ def _write(run: _Run, out: Path) -> None:
                     plot_layer_scores(scores.values.layers.tolist(), plan.drop_layers, directory / "importance.png",
                                       title)
                 else:
-                    plot_width_scores(scores.values, plan, directory / "importance.png", title, cfg.attention)
+                    plot_width_scores(scores.values, plan, directory / "importance.png", title, cfg.width.attention)
             plan.save(directory / PLAN_FILE)
             # the record goes last, with what the run cost up to here (the ranked --top-k outputs come after)
             recorder = phases.current()
@@ -488,9 +503,9 @@ def _write_ranked(run: _Run, ranked_outputs: list[Path]) -> None:
     for rank, (index, path) in enumerate(zip(order[1:], ranked_outputs), 2):
         row = search["candidates"][index]
         other = PruningPlan(drop_layers=run.tried[index].plan.drop_layers, layers=run.tried[index].plan.layers)
-        copy_of = load(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+        copy_of = load(cfg.model, **cfg.load.kwargs())
         # ranked as a compensated model, written as one
-        compensation = _compensate(cfg, copy_of, other, None) if cfg.compensate != "none" else None
+        compensation = _compensate(cfg, copy_of, other, None) if cfg.compensation.mode != "none" else None
         apply_plan_(copy_of, other)
         record = replace(run.record, achieved=row["achieved"], proxy_kl=row["proxy_kl"], rank=rank,
                          ratio_target=row["ratio_target"], target=None, cost=None, compensation=compensation,

@@ -152,9 +152,10 @@ class LossInputs:
 
     ``masks``: :func:`vlmprune.data.token_masks` of the batch (input positions: ``all``, ``text``,
     ``image``, ``answer``); ``targets`` [B, T]: the next token each position predicts (``IGNORE_INDEX``
-    where no answer token follows); ``options``: the loss options (``temperature``, ``kd_tokens``,
-    ``hidden_tokens``, and any a registered loss adds). After the forward passes: ``positions`` [K],
-    the positions whose logits were computed; ``student_logits`` / ``teacher_logits`` [B, K, V];
+    where no answer token follows); ``options``: the loss options (:class:`vlmprune.config.LossOptions`:
+    ``temperature``, ``kd_tokens``, ``hidden_tokens``, and any a registered loss adds). After the forward
+    passes: ``positions`` [K], the positions whose logits were computed; ``student_logits`` /
+    ``teacher_logits`` [B, K, V];
     ``student_hidden`` / ``teacher_hidden``: the paired decoder layers' outputs [B, T, D].
     """
 
@@ -170,15 +171,6 @@ class LossInputs:
     def kept(self, mask: torch.Tensor) -> torch.Tensor:
         """A [B, T] mask (or targets) cut to the positions whose logits were computed: [B, K]."""
         return mask[:, self.positions]
-
-
-@dataclass(frozen=True)
-class LossOptions:
-    """The built-in losses' options, for a trainer built without a :class:`~vlmprune.config.RecoverConfig`."""
-
-    temperature: float = 2.0
-    kd_tokens: str = "answer"
-    hidden_tokens: str = "all"
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from vlmprune import quiet
 from vlmprune.adapters import get_adapter
 from vlmprune.checkpoint import load, load_processor, save_model
-from vlmprune.config import RESOLVED_CONFIG, RecoverConfig
+from vlmprune.config import RESOLVED_CONFIG, RecoverConfig, flat_dict
 from vlmprune.data import Collator, read_samples, select
+from vlmprune.data.collate import warn_too_long
 from vlmprune.errors import VlmpruneError
 from vlmprune.paths import check_not_quantized, check_safetensors, claim_output
 from vlmprune.planning.plan import PLAN_FILE, PruningPlan
@@ -52,15 +53,16 @@ from vlmprune.summary import check_teacher
 log = logging.getLogger(__name__)
 
 SAMPLE_IDS = "sample_ids.json"
+RUN_OPTIONS = "vlmprune_options.json"  # in each checkpoint: the options and samples it was trained with
+# What --resume may change: where and how long it trains, how it logs and saves, where the teacher lives.
+# Everything else (models, data, losses, what trains, learning rate, schedule, seed, ...) must match the
+# checkpoint's, or the result would claim options it was not trained with.
+RESUMABLE = ("output", "overwrite", "resume", "keep_checkpoints", "num_train_epochs", "max_steps", "logging_steps",
+             "save_steps", "save_total_limit", "report_to", "dataloader_num_workers", "teacher_placement",
+             "teacher_offload_folder", "gradient_checkpointing", "trust_remote_code")
+_PATH_OPTIONS = ("student", "teacher", "data", "image_folder")
 TRAINER_LOG = "trainer_log.json"
 LOSS_CURVE = "loss_curve.png"
-
-# RecoverConfig fields that are TrainingArguments of the same name.
-_TRAINING_FIELDS = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
-                    "gradient_accumulation_steps", "warmup_steps", "weight_decay", "lr_scheduler_type", "seed",
-                    "bf16", "logging_steps", "save_steps", "save_total_limit",
-                    "report_to", "dataloader_num_workers")
-
 
 # transformers 5.24 renamed gradient_checkpointing* to activation_checkpointing* (old names warn).
 _CHECKPOINTING = ("activation_checkpointing"
@@ -75,8 +77,8 @@ def training_arguments(cfg: RecoverConfig) -> transformers.TrainingArguments:
     enable_cpu_fsdp()  # an FSDP launch on CPU processes shards (FSDP2 over gloo) instead of falling back to DDP
     return transformers.TrainingArguments(
         output_dir=str(cfg.checkpoint_dir),
-        **{name: getattr(cfg, name) for name in _TRAINING_FIELDS},
-        **{_CHECKPOINTING: cfg.gradient_checkpointing,
+        **cfg.training.arguments(),
+        **{_CHECKPOINTING: cfg.training.gradient_checkpointing,
            # Non-reentrant checkpointing keeps the layer outputs the hidden loss hooks attached to the graph.
            f"{_CHECKPOINTING}_kwargs": {"use_reentrant": False}},
         save_strategy="steps",
@@ -222,20 +224,68 @@ def check_pickled_state(checkpoint: Path) -> None:
                                 f"{checkpoint} (or the whole {checkpoint.parent}) and run again") from None
 
 
+def run_options(cfg: RecoverConfig, ids: list[str]) -> dict[str, Any]:
+    """What a checkpoint must agree with to be resumed: the options outside :data:`RESUMABLE` (local paths
+    resolved) and the digest of the samples chosen."""
+    options = {k: v for k, v in flat_dict(cfg).items() if k not in RESUMABLE}
+    for key in _PATH_OPTIONS:
+        if options.get(key) and Path(options[key]).expanduser().exists():
+            options[key] = str(Path(options[key]).expanduser().resolve())
+    return {**json.loads(json.dumps(options)), "samples": _ids_digest(ids)}
+
+
+def check_resumable(checkpoint: Path, cfg: RecoverConfig, ids: list[str]) -> None:
+    """Refuse to resume ``checkpoint`` with options other than those it was trained with, naming the difference."""
+    saved = checkpoint / RUN_OPTIONS
+    if not saved.is_file():
+        log.warning("vlmprune recover: %s records no options (an older vlmprune wrote it); resuming without "
+                    "checking that they match", checkpoint)
+        return
+    try:
+        earlier = read_json(saved)
+    except VlmpruneError as exc:
+        raise VlmpruneError(f"{exc}: pass --overwrite to start over") from None
+    if not isinstance(earlier, dict):
+        raise VlmpruneError(f"{saved} does not hold a run's options: pass --overwrite to start over")
+    now = run_options(cfg, ids)
+    changed = [f"{key}: {earlier.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(earlier) | set(now))
+               if earlier.get(key) != now.get(key)]
+    if changed:
+        names = "; ".join(c if not c.startswith("samples:") else "the training samples (data or selection differ)"
+                          for c in changed)
+        raise VlmpruneError(f"--resume would continue {checkpoint} with other options than it was trained with: "
+                            f"{names}. Only {', '.join(RESUMABLE[3:])} may change on resume; give the earlier "
+                            f"values, or pass --overwrite to start over")
+
+
+class _RecordOptions(transformers.TrainerCallback):
+    """Write the run's options into every checkpoint, so that a resume can be checked against them."""
+
+    def __init__(self, options: dict[str, Any]):
+        self.options = options
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            (folder / RUN_OPTIONS).write_text(json.dumps(self.options, indent=1))
+        return control
+
+
 def _finished_at(checkpoint: Path | None, cfg: RecoverConfig) -> bool:
     """Whether ``checkpoint`` already holds this run's last step (a kill during the final write)."""
     if checkpoint is None:
         return False
     state = read_json(checkpoint / "trainer_state.json")
-    target = cfg.max_steps if cfg.max_steps > 0 else state.get("max_steps", 0)
+    target = cfg.training.max_steps if cfg.training.max_steps > 0 else state.get("max_steps", 0)
     return 0 < target <= state.get("global_step", -1)
 
 
 def _build_student(cfg: RecoverConfig) -> nn.Module:
     """The student as training sees it before the first step (LoRA-wrapped for ``--train lora``)."""
     with whole_weights():
-        student = load(cfg.student, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
-    return set_trainable_(student, cfg.train, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+        student = load(cfg.student, dtype=torch.float32, trust_remote_code=cfg.load.trust_remote_code)
+    t = cfg.trainable
+    return set_trainable_(student, t.train, t.lora_r, t.lora_alpha, t.lora_dropout)
 
 
 def _final_model(trainer: RecoveryTrainer, cfg: RecoverConfig, is_main: bool) -> nn.Module | None:
@@ -277,8 +327,8 @@ def recover(cfg: RecoverConfig, callbacks: list[transformers.TrainerCallback] | 
     with contextlib.ExitStack() as stack:
         stack.enter_context(quiet.deepspeed_only_if_in_use())  # DeepSpeed is imported only by a DeepSpeed launch
         if state.is_main_process:  # one writer per output for the whole run
-            inputs = [("student", cfg.student), ("teacher", cfg.teacher), ("training data", cfg.data),
-                      ("image folder", cfg.image_folder)]
+            inputs = [("student", cfg.student), ("teacher", cfg.teacher), ("training data", cfg.data.path),
+                      ("image folder", cfg.data.image_folder)]
             stack.enter_context(claim_output(cfg.output, inputs, cfg.overwrite))
         return _recover(cfg, args, state, callbacks, stack)
 
@@ -330,14 +380,16 @@ def _prepare(run: _Run) -> None:
     if run.resume is not None:
         run.info("vlmprune recover: resuming from %s", run.resume)
     state.wait_for_everyone()
-    run.samples = select(read_samples(cfg.data, cfg.image_folder, split=cfg.split),
-                         num_samples=cfg.num_samples, fraction=cfg.fraction, seed=cfg.seed)
+    run.samples = select(read_samples(cfg.data.path, cfg.data.image_folder, split=cfg.data.split),
+                         num_samples=cfg.data.num_samples, fraction=cfg.data.fraction, seed=cfg.training.seed)
     run.ids = [s.id for s in run.samples]
+    if run.resume is not None:
+        check_resumable(run.resume, cfg, run.ids)
     from accelerate.utils import gather_object
 
     if len(set(gather_object([_ids_digest(run.ids)]))) > 1:
         raise VlmpruneError("the processes of this run chose different samples; the data differs between them")
-    run.grouped = group_by_modality(run.samples, state.num_processes, cfg.group_by_modality)
+    run.grouped = group_by_modality(run.samples, state.num_processes, cfg.data.group_by_modality)
     if run.grouped:
         run.info("vlmprune recover: every optimizer step trains on samples of one kind (with images or text-only)")
     if mixes_modalities(run.samples) and args.ddp_find_unused_parameters is None:
@@ -351,21 +403,21 @@ def _load_models(run: _Run) -> None:
     """The processor, the student's plan and record, the teacher (checked against the record's source) and
     the student (checked against the teacher's vocabulary when the logits are distilled)."""
     cfg = run.cfg
-    run.processor = load_processor(cfg.student, cfg.trust_remote_code)
+    run.processor = load_processor(cfg.student, cfg.load.trust_remote_code)
     plan_path = Path(cfg.student) / PLAN_FILE
     run.plan = PruningPlan.load(plan_path) if plan_path.is_file() else None
     run.record = RunRecord.load(cfg.student, missing_ok=True)
     if cfg.teacher:
-        check_same_tokenizer(run.processor, load_processor(cfg.teacher, cfg.trust_remote_code), cfg.student,
+        check_same_tokenizer(run.processor, load_processor(cfg.teacher, cfg.load.trust_remote_code), cfg.student,
                              cfg.teacher)
         with whole_weights():  # a ZeRO-3 launch would load it as empty shards no engine gathers
-            run.teacher = load(cfg.teacher, dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
-                               trust_remote_code=cfg.trust_remote_code)
+            run.teacher = load(cfg.teacher, dtype=torch.bfloat16 if cfg.training.bf16 else torch.float32,
+                               trust_remote_code=cfg.load.trust_remote_code)
         if run.record.prune is not None and run.record.prune.source is not None:
             check_teacher(run.teacher, run.record.prune.source, cfg.teacher)
     with whole_weights():  # counted, wrapped and paired below; DeepSpeed partitions it when the Trainer prepares it
-        run.student = load(cfg.student, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
-    compared = reading(cfg.loss, "logits", teacher=True)
+        run.student = load(cfg.student, dtype=torch.float32, trust_remote_code=cfg.load.trust_remote_code)
+    compared = reading(cfg.objective.loss, "logits", teacher=True)
     if run.teacher is not None and compared:
         s_vocab = run.student.get_output_embeddings().weight.shape[0]
         t_vocab = run.teacher.get_output_embeddings().weight.shape[0]
@@ -377,9 +429,9 @@ def _load_models(run: _Run) -> None:
 
 def _pair_layers(run: _Run) -> None:
     """Hidden-state distillation: which student layer learns which teacher layer (from the plan)."""
-    if reading(run.cfg.loss, "hidden_states"):
+    if reading(run.cfg.objective.loss, "hidden_states"):
         run.student_layers, run.teacher_layers, pairs = hidden_pairs(run.student, run.teacher, run.plan,
-                                                                     run.cfg.hidden_layers)
+                                                                     run.cfg.objective.hidden_layers)
         run.info("vlmprune recover: hidden-state pairs (student layer, teacher layer): %s", pairs)
 
 
@@ -403,20 +455,24 @@ def _build_trainer(run: _Run, callbacks) -> None:
     cfg, student = run.cfg, run.student
     # LoRA's initial weights are random: seed them so that every process (FSDP shards each process's
     # own copy) and a single-process run of the same seed start from the same adapters.
-    transformers.set_seed(cfg.seed)
-    model = set_trainable_(student, cfg.train, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+    transformers.set_seed(cfg.training.seed)
+    t = cfg.trainable
+    model = set_trainable_(student, t.train, t.lora_r, t.lora_alpha, t.lora_dropout)
     trainable, total = count_trainable(model)
-    run.info("vlmprune recover: training %r: %s of %s parameters (%.2f%%); %d samples; losses %s", cfg.train,
-             f"{trainable:,}", f"{total:,}", 100 * trainable / total, len(run.samples), cfg.loss)
-    collator = Collator(run.processor, max_length=cfg.max_length, system_prompt=cfg.system_prompt)
+    run.info("vlmprune recover: training %r: %s of %s parameters (%.2f%%); %d samples; losses %s", cfg.trainable.train,
+             f"{trainable:,}", f"{total:,}", 100 * trainable / total, len(run.samples), cfg.objective.loss)
+    collator = Collator(run.processor, max_length=cfg.data.max_length, system_prompt=cfg.data.system_prompt)
+    if run.state.is_main_process:
+        warn_too_long(collator, run.samples, student.config, "training")
     if launcher_backend() == "fsdp":
         # Shard by the language model's decoder layers only: the vision tower's layers (in the model's
         # _no_split_modules too) are skipped by text-only batches, and a unit one process skips while
         # the other gathers it breaks FSDP's collectives. The frozen tower stays in the root unit.
         os.environ.setdefault("FSDP_TRANSFORMER_CLS_TO_WRAP", type(get_adapter(student).layers(student)[0]).__name__)
     run.trainer = RecoveryTrainer(
-        model=model, args=run.args, train_dataset=run.samples, data_collator=collator, callbacks=callbacks,
-        teacher=run.teacher, weights=cfg.loss, image_token_id=collator.image_token_id, options=cfg,
+        model=model, args=run.args, train_dataset=run.samples, data_collator=collator,
+        callbacks=[*(callbacks or []), _RecordOptions(run_options(cfg, run.ids))],
+        teacher=run.teacher, weights=cfg.objective.loss, image_token_id=collator.image_token_id, options=cfg.objective,
         student_layers=run.student_layers, teacher_layers=run.teacher_layers, group_by_modality=run.grouped,
     )
 
@@ -456,8 +512,9 @@ def _write(run: _Run) -> Path:
         history = trainer.state.log_history
         losses = [entry["loss"] for entry in history if "loss" in entry]
         teacher = run.teacher is not None
-        hidden_layers = cfg.hidden_layers if reading(cfg.loss, "hidden_states") else None
-        entry = RecoveryRecord(losses=cfg.loss, train=cfg.train, fraction=cfg.fraction, num_samples=len(run.samples),
+        hidden_layers = cfg.objective.hidden_layers if reading(cfg.objective.loss, "hidden_states") else None
+        entry = RecoveryRecord(losses=cfg.objective.loss, train=cfg.trainable.train, fraction=cfg.data.fraction,
+                               num_samples=len(run.samples),
                                steps=trainer.state.global_step, final_loss=losses[-1] if losses else None,
                                teacher=cfg.teacher, hidden_layers=hidden_layers,
                                teacher_placement=cfg.teacher_placement if teacher else None,
@@ -467,7 +524,7 @@ def _write(run: _Run) -> Path:
 
         def extras(directory: Path) -> None:
             (directory / SAMPLE_IDS).write_text(json.dumps(
-                {"seed": cfg.seed, "fraction": cfg.fraction, "num_samples": cfg.num_samples,
+                {"seed": cfg.training.seed, "fraction": cfg.data.fraction, "num_samples": cfg.data.num_samples,
                  "processes_checked": state.num_processes, "ids": run.ids}, indent=1))
             cfg.save(directory / RESOLVED_CONFIG)
             (directory / TRAINER_LOG).write_text(json.dumps(history, indent=1))

@@ -18,10 +18,11 @@ from torch import nn
 
 from vlmprune.calibrate import layer_output
 from vlmprune.checkpoint import check_finite
+from vlmprune.config import LossOptions
 from vlmprune.data import IGNORE_INDEX, token_masks
 from vlmprune.errors import VlmpruneError
 from vlmprune.recover.distributed import ModalityGroupedSampler
-from vlmprune.recover.losses import LossInputs, LossOptions, get_loss, losses
+from vlmprune.recover.losses import LossInputs, get_loss, losses
 
 
 @contextlib.contextmanager
@@ -103,10 +104,10 @@ class RecoveryTrainer(transformers.Trainer):
             projector), and never saved: it is not part of ``self.model``.
         weights: loss name -> weight, names registered with :func:`vlmprune.recover.losses.register_loss`.
         image_token_id: the processor's image token, to tell image from text positions.
-        options: the losses' options (``x.options`` of :class:`~vlmprune.recover.losses.LossInputs`;
-            ``vlmprune recover`` passes its config). Without it, ``temperature`` / ``kd_tokens`` (logit
-            KD temperature, ``answer`` or ``text`` targets) and ``hidden_tokens`` (``all``, ``text`` or
-            ``answer``) make a :class:`~vlmprune.recover.losses.LossOptions`.
+        options: the losses' options (``x.options`` of :class:`~vlmprune.recover.losses.LossInputs`: a
+            :class:`~vlmprune.config.LossOptions`, the ``objective`` group of ``vlmprune recover``'s config).
+            Without it, ``temperature`` / ``kd_tokens`` (logit KD temperature, ``answer`` or ``text``
+            targets) and ``hidden_tokens`` (``all``, ``text`` or ``answer``) make one.
         student_layers / teacher_layers: paired decoder-layer modules for losses that read hidden states.
         group_by_modality: train every optimizer step on samples of one kind (all with images, or
             all text-only; :class:`~vlmprune.recover.distributed.ModalityGroupedSampler`).
@@ -128,7 +129,8 @@ class RecoveryTrainer(transformers.Trainer):
         if distilled and teacher is None:
             raise VlmpruneError(f"the losses {distilled} distil from a teacher: pass one")
         self.image_token_id = image_token_id
-        self.options = options if options is not None else LossOptions(temperature, kd_tokens, hidden_tokens)
+        self.options = options if options is not None else LossOptions(
+            loss=dict(weights), temperature=temperature, kd_tokens=kd_tokens, hidden_tokens=hidden_tokens)
         self.student_layers = list(student_layers)
         self.teacher_layers = list(teacher_layers)
         self.teacher = teacher
