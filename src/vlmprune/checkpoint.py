@@ -17,7 +17,7 @@ from torch import nn
 
 from vlmprune import quiet
 from vlmprune.adapters import get_adapter, supported_model_types
-from vlmprune.convert.detect import refuse_original
+from vlmprune.convert.detect import converted_without_processor, refuse_original
 from vlmprune.errors import VlmpruneError
 from vlmprune.paths import atomic_output_dir, check_model_source
 from vlmprune.planning.plan import PLAN_FILE, LayerKeep, PruningPlan
@@ -109,6 +109,13 @@ def _read_not_mapped() -> Iterator[None]:
 def load_processor(model: str | Path, trust_remote_code: bool = False):
     """The model's processor (tokenizer, image processor, chat template), with a clear error when absent."""
     source = check_model_source(model)
+    folder = Path(source)
+    if folder.is_dir() and not any((folder / name).is_file() for name in PROCESSOR_FILES):
+        fix = converted_without_processor(folder) or (
+            f"copy them from the model it was made from, or save that model's processor into it "
+            f"(AutoProcessor.from_pretrained(ORIGINAL).save_pretrained('{folder}'))")
+        raise VlmpruneError(f"{model} has no processor (none of {', '.join(PROCESSOR_FILES)}), and this command needs "
+                            f"one to turn text and images into inputs: {fix}")
     try:
         return transformers.AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError, KeyError) as exc:
@@ -116,6 +123,10 @@ def load_processor(model: str | Path, trust_remote_code: bool = False):
             f"cannot load the processor of {model} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
             f"the model directory needs its processor/tokenizer files and chat template"
         ) from None
+
+
+# the files of a saved processor (one is enough to try loading it)
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json", "tokenizer.json")
 
 
 def _with_layer_widths(cls: type) -> type:

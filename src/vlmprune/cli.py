@@ -8,12 +8,14 @@ Importing this module loads neither torch nor transformers, so ``vlmprune --help
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 
 from vlmprune.config import (
     LMMS_PACKAGED_TASKS,
@@ -87,22 +89,23 @@ def print_prune_result(result) -> None:
     loads = record.loads_with
     loads_line = (f"loads with: {loads}" + (f" ({record.loads_with_reason})" if record.loads_with_reason else "")
                   + (f"; {record.stock_note}" if record.stock_note else ""))
-    if record.method is None:  # a plan applied as given
+    a = record.achieved if isinstance(record.achieved, dict) else {}
+    if record.method is None or not _numbers(record.ratio_target, a.get("ratio")):  # a plan applied as given
         print_summary(result.after, title=f"pruned model -> {result.output}")
         console().print(f"removed {result.removed:.2%} of all parameters "
                         f"({result.removed_language_model:.2%} of the language model)")
         if loads:
             console().print(loads_line)
         return
-    table = Table(title=f"vlmprune prune: {record.method} / {record.criterion} -> {result.output}")
+    table = Table(title=f"vlmprune prune: {record.method} / {record.criterion or '-'} -> {result.output}")
     table.add_column("")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
     for part in ("vision", "projector", "language_model", "total"):
         table.add_row(part, f"{result.before.parameters[part]:,}", f"{result.after.parameters[part]:,}")
-    a = record.achieved
     table.add_row("removed (whole model)", f"target {record.ratio_target:.2%}", f"{a['ratio']:.2%}")
-    table.add_row("removed (language model)", "", f"{a['ratio_language_model']:.2%}")
+    if _numbers(a.get("ratio_language_model")):
+        table.add_row("removed (language model)", "", f"{a['ratio_language_model']:.2%}")
     if plan.drop_layers:
         table.add_row("layers dropped", str(result.before.num_layers), f"{plan.drop_layers}")
     console().print(table)
@@ -110,6 +113,23 @@ def print_prune_result(result) -> None:
         console().print(loads_line)
     if plan.layers:
         print_summary(result.after, title="widths kept")
+
+
+def _numbers(*values) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+@contextlib.contextmanager
+def _published(output) -> Iterator[None]:
+    """Around what a command prints once its output is written: a failure there is a bug in the printing,
+    said as such, and never undoes or hides the written output (the command still succeeds)."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - the output is complete; only its summary is missing
+        if os.environ.get("VLMPRUNE_DEBUG"):
+            raise
+        _say("note: ", f"{output} was written completely, but printing its summary failed ({type(exc).__name__}: "
+                       f"{exc}): a bug in vlmprune; please report it with the command")
 
 
 def print_eval_result(result: dict) -> None:
@@ -173,7 +193,8 @@ def cmd_prune(cfg: PruneConfig) -> int:
         with recorder.phase("import"):
             from vlmprune.prune.run import prune
         result = prune(cfg)
-    print_prune_result(result)
+    with _published(result.output):
+        print_prune_result(result)
     _skip_final_collection()
     return 0
 
@@ -211,7 +232,9 @@ def cmd_evaluate(cfg: EvalConfig) -> int:
 
         cfg = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation,
                                                                     data_dir=str(demo_data()["root"])))
-    print_eval_result(evaluate_model_dir(cfg))
+    result = evaluate_model_dir(cfg)
+    with _published(cfg.output) if cfg.output else contextlib.nullcontext():
+        print_eval_result(result)
     return 0
 
 
@@ -221,12 +244,14 @@ def cmd_quantize(args: QuantizeConfig) -> int:
     out, record = quantize_model_dir(args.model, args.scheme, args.output, overwrite=args.overwrite,
                                      dtype=args.load.dtype, device=args.load.device,
                                      trust_remote_code=args.load.trust_remote_code)
-    lm, whole = record["language_model_bytes"], record["model_bytes"]
-    console().print(f"{args.scheme} ({record['backend']} {record['backend_version']}): {record['quantized_modules']} "
-                    f"decoder Linear layers quantized; kept: {', '.join(record['kept'])}", markup=False)
-    console().print(f"language model {lm['before'] / 2**20:,.1f} MB -> {lm['after'] / 2**20:,.1f} MB "
-                    f"({lm['after'] / lm['before']:.2f}x), whole model {whole['before'] / 2**20:,.1f} MB -> "
-                    f"{whole['after'] / 2**20:,.1f} MB -> {out}", markup=False)
+    with _published(out):
+        lm, whole = record["language_model_bytes"], record["model_bytes"]
+        console().print(f"{args.scheme} ({record['backend']} {record['backend_version']}): "
+                        f"{record['quantized_modules']} decoder Linear layers quantized; kept: "
+                        f"{', '.join(record['kept'])}", markup=False)
+        console().print(f"language model {lm['before'] / 2**20:,.1f} MB -> {lm['after'] / 2**20:,.1f} MB "
+                        f"({lm['after'] / lm['before']:.2f}x), whole model {whole['before'] / 2**20:,.1f} MB -> "
+                        f"{whole['after'] / 2**20:,.1f} MB -> {out}", markup=False)
     return 0
 
 
@@ -235,20 +260,22 @@ def cmd_export(cfg: ExportConfig) -> int:
 
     record = export_gguf(cfg.model, cfg.output, quant=cfg.quant, overwrite=cfg.overwrite, vision=not cfg.no_vision,
                          vision_quant=cfg.vision_quant, trust_remote_code=cfg.load.trust_remote_code)
-    for part in ("text", "mmproj"):
-        r = record.get(part)
-        if r is None:
-            continue
-        what = f"{r['arch']}, {r['layers']} layers" if part == "text" else f"{r['tower']} on the {r['projector']} graph"
-        types = ", ".join(f"{n} {t}" for t, n in sorted(r["tensor_types"].items()))
-        console().print(f"{r['file']}: {what}, {r['bytes'] / 2**20:,.1f} MB ({types})", markup=False)
-        for fb in r["fallbacks"]:
-            console().print(f"  {fb['tensor']} {tuple(fb['shape'])}: {fb['written']}, not {fb['wanted']} "
-                            f"({fb['reason']})", markup=False)
-        for note in r.get("notes", []):
-            console().print(f"  note: {note}", markup=False)
-    console().print(f"-> {record['output']}  (llama-server -m model.gguf"
-                    + (" --mmproj mmproj.gguf)" if "mmproj" in record else ")"), markup=False)
+    with _published(record.get("output", cfg.output)):
+        for part in ("text", "mmproj"):
+            r = record.get(part)
+            if r is None:
+                continue
+            what = (f"{r['arch']}, {r['layers']} layers" if part == "text"
+                    else f"{r['tower']} on the {r['projector']} graph")
+            types = ", ".join(f"{n} {t}" for t, n in sorted(r["tensor_types"].items()))
+            console().print(f"{r['file']}: {what}, {r['bytes'] / 2**20:,.1f} MB ({types})", markup=False)
+            for fb in r["fallbacks"]:
+                console().print(f"  {fb['tensor']} {tuple(fb['shape'])}: {fb['written']}, not {fb['wanted']} "
+                                f"({fb['reason']})", markup=False)
+            for note in r.get("notes", []):
+                console().print(f"  note: {note}", markup=False)
+        console().print(f"-> {record['output']}  (llama-server -m model.gguf"
+                        + (" --mmproj mmproj.gguf)" if "mmproj" in record else ")"), markup=False)
     return 0
 
 
@@ -400,6 +427,10 @@ def _join_dash_values(argv: list[str]) -> list[str]:
     return out
 
 
+# commands that import neither torch nor transformers (they need no environment check)
+_NO_TRANSFORMERS = ("data", "report", "criteria")
+
+
 def _setup_logging() -> None:
     if log.handlers:
         return
@@ -424,6 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     previous = _terminate_as_interrupt()
     try:
+        if args.command not in _NO_TRANSFORMERS:
+            from vlmprune.environment import check_torchvision
+
+            check_torchvision()  # before transformers is imported: a broken torchvision breaks every model load
         if hasattr(args, "config_class"):
             cfg = resolve(args.config_class, args, overrides)
             return STAGES[args.command][1](cfg)

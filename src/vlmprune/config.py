@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from vlmprune.errors import VlmpruneError
+from vlmprune.readers import parse_json, parse_yaml, read_yaml_file
 from vlmprune.vocab import (
     ATTENTION_MODES,
     COMPENSATE_LAYERS,
@@ -271,8 +272,6 @@ def parse_device_map(spec: str | dict | None) -> str | dict | None:
     """``--device-map``: one of accelerate's strategies, a JSON object ``{"module": device}``, or a JSON file of one."""
     if spec is None or isinstance(spec, dict) or spec in DEVICE_MAPS:
         return spec
-    import json
-
     text = str(spec)
     if not text.lstrip().startswith("{"):
         try:
@@ -280,10 +279,7 @@ def parse_device_map(spec: str | dict | None) -> str | dict | None:
         except OSError:
             raise VlmpruneError(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, a JSON object or a JSON file "
                                 f"of one; {spec!r} is none of these") from None
-    try:
-        mapping = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise VlmpruneError(f"--device-map {spec!r} is not valid JSON: {exc}") from None
+    mapping = parse_json(text, f"--device-map {spec!r}")
     if not isinstance(mapping, dict) or not mapping:
         raise VlmpruneError(f"--device-map {spec!r} must map module names to devices (cpu, disk, 0, cuda:1, ...)")
     return mapping
@@ -632,6 +628,13 @@ class EvalConfig:
         if e.task_file is not None and not Path(e.task_file).is_file():
             raise VlmpruneError(f"--task-file {e.task_file}: file not found" if not Path(e.task_file).exists()
                                 else f"--task-file {e.task_file} is a directory; give the JSON file of test records")
+        stem = Path(e.task_file).stem if e.task_file is not None else None
+        if stem is not None and stem in list(e.tasks) + list(e.lmms_tasks):
+            raise VlmpruneError(f"--task-file {e.task_file} is reported under its file name, {stem!r}, which is "
+                                f"also a task you asked for (--tasks {','.join(e.tasks)}"
+                                f"{' --lmms-tasks ' + ','.join(e.lmms_tasks) if e.lmms_tasks else ''}): one "
+                                f"would replace the other in the results. Rename the file (e.g. my-{stem}.json), or "
+                                f"leave {stem} out of the tasks (--tasks '' for no built-in task)")
 
 
 @checked
@@ -982,8 +985,10 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
             if not isinstance(node, dict):
                 raise VlmpruneError(f"override {item!r} conflicts with another override of {part!r}")
         try:
-            node[parts[-1]] = yaml.safe_load(raw)
-        except yaml.YAMLError:
+            node[parts[-1]] = parse_yaml(raw, f"override {item!r}")
+        except VlmpruneError as exc:
+            if "is not valid YAML" not in str(exc):
+                raise  # an alias bomb or a nesting past the limit: refused, not taken as text
             node[parts[-1]] = raw
     return out
 
@@ -991,12 +996,9 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
 def read_yaml(path: str | Path | None) -> dict[str, Any]:
     if path is None:
         return {}
-    try:
-        loaded = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise VlmpruneError(f"config file not found: {path}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise VlmpruneError(f"{path} is not valid YAML: {exc}") from None
+    if not Path(path).exists():
+        raise VlmpruneError(f"config file not found: {path}")
+    loaded = read_yaml_file(path)
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):

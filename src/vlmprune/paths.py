@@ -9,7 +9,6 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import re
@@ -19,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from vlmprune.errors import VlmpruneError
+from vlmprune.readers import parse_json, read_json
 
 MARKER = ".vlmprune-output"  # in every directory vlmprune writes: --overwrite replaces only those, of the same kind
 _HELD: dict[Path, int] = {}  # output -> fd of the lock this process holds on it
@@ -393,8 +393,8 @@ def check_model_source(path: str | Path, what: str = "model") -> str:
     index = local / "model.safetensors.index.json"
     if index.is_file():
         try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (ValueError, KeyError, TypeError) as err:
+            shards = set(read_json(index)["weight_map"].values())
+        except (VlmpruneError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise VlmpruneError(f"{index} is not a valid safetensors index ({err}); fetch the model again") from None
         missing = sorted(name for name in shards if not (local / name).is_file())
         if missing:
@@ -408,6 +408,24 @@ def check_model_source(path: str | Path, what: str = "model") -> str:
     for file in weights:
         check_safetensors(file)
     return str(local)
+
+
+def check_not_quantized(model: str | Path, command: str, what: str = "model") -> None:
+    """Refuse a local model whose config.json says it is quantized: ``command`` changes full-precision weights."""
+    config = Path(model).expanduser() / "config.json"
+    if not config.is_file():
+        return
+    try:
+        data = read_json(config)
+    except VlmpruneError:
+        return  # loading it will say what is wrong
+    quantization = data.get("quantization_config") if isinstance(data, dict) else None
+    if quantization is None:
+        return
+    method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else "unknown"
+    raise VlmpruneError(f"{what} {model} is quantized ({method}; its config.json has a quantization_config), and "
+                        f"`vlmprune {command}` works on full-precision weights only: run it on the model before "
+                        f"`vlmprune quantize` (run.json names it under quantization.source), then quantize the result")
 
 
 def check_safetensors(file: Path) -> None:
@@ -424,9 +442,9 @@ def check_safetensors(file: Path) -> None:
                 problem = f"its header claims {n:,} bytes but the file has {size:,}"
             else:
                 try:
-                    header = json.loads(fh.read(n))
+                    header = parse_json(fh.read(n), "the header")
                     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-                except (ValueError, KeyError, TypeError, IndexError) as err:
+                except (VlmpruneError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
                     problem = f"its header is not valid ({err})"
                 else:
                     if 8 + n + end > size:

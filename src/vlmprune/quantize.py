@@ -302,10 +302,12 @@ def quantize_model_dir(model: str | Path, scheme: str, output: str | Path, overw
     processor files, ``pruning_plan.json`` (the input's plan, or an empty one) and ``run.json`` (the
     input's record with a ``quantization`` section). Nothing is written when the scheme cannot run here."""
     from vlmprune.checkpoint import load, save_model
+    from vlmprune.config import check_device
     from vlmprune.planning.plan import PLAN_FILE, PruningPlan
     from vlmprune.record import QuantizationRecord, RunRecord
 
     # refuse before loading anything: a missing package or device must not cost a model load
+    check_device(device)
     wanted_device = device or ("cuda" if SCHEMES.get(scheme, SCHEMES["int8"]).needs_cuda else "cpu")
     check_scheme(scheme, wanted_device)
     net = load(model, dtype=dtype, trust_remote_code=trust_remote_code)  # a name as given: "auto" is the checkpoint's

@@ -25,6 +25,7 @@ from typing import Any
 
 from vlmprune.errors import VlmpruneError
 from vlmprune.planning.plan import PLAN_FILE, PLAN_VERSION
+from vlmprune.readers import read_json
 
 RUN_FILE = "run.json"
 RUN_VERSION = 1
@@ -79,10 +80,11 @@ class PruneRecord:
 
     @classmethod
     def from_notes(cls, notes: dict[str, Any]) -> PruneRecord:
-        """From the planner's notes on a plan (``plan.extra``, the keys of the old record)."""
+        """From the planner's notes on a plan (``plan.extra``, the keys of the old record); a note whose
+        value is not of its field's type (a hand-written plan's ``"method": 5``) is left out."""
         renamed = {cls._LEGACY_NAMES.get(k, k): v for k, v in notes.items()}
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in renamed.items() if k in names})
+        kinds = {f.name: str(f.type).split("[")[0].split(" ")[0] for f in fields(cls)}
+        return cls(**{k: v for k, v in renamed.items() if k in kinds and _fits(v, kinds[k])})
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -188,10 +190,7 @@ class RunRecord:
         for name, parse in ((RUN_FILE, cls.from_dict), (PLAN_FILE, cls.from_plan_dict)):
             path = directory / name
             if path.is_file():
-                try:
-                    data = json.loads(path.read_text())
-                except json.JSONDecodeError as exc:
-                    raise RecordError(f"{path} is not valid JSON: {exc}") from None
+                data = read_json(path, str(path), RecordError)
                 if name == PLAN_FILE and not isinstance(data, dict):
                     raise RecordError(f"{path} must hold a JSON object")
                 try:
@@ -206,6 +205,18 @@ class RunRecord:
         path = Path(directory) / RUN_FILE
         path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
         return path
+
+
+_KINDS = {"str": (str,), "float": (int, float), "int": (int,), "bool": (bool,), "list": (list,), "dict": (dict,)}
+
+
+def _fits(value: Any, kind: str) -> bool:
+    """Whether a note's value is of a field's type (``kind``: the annotation's first word; bool is no number)."""
+    if value is None:
+        return True
+    if isinstance(value, bool) and kind != "bool":
+        return False
+    return isinstance(value, _KINDS.get(kind, (object,)))
 
 
 def _known(cls, data: Any, section: str) -> dict[str, Any]:

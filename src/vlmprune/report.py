@@ -6,20 +6,19 @@ import csv
 import json
 from pathlib import Path
 
-import yaml
-
 # matplotlib's object-oriented API: a Figure draws and saves itself (Agg for PNG), with no global backend
 # switch and no pyplot figure list to close
 from matplotlib.figure import Figure
 
 from vlmprune.errors import VlmpruneError
+from vlmprune.readers import read_json, read_yaml_file
 from vlmprune.study import expand_grid
 
 
 def _read(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        return read_json(path)
+    except VlmpruneError:
         return None
 
 
@@ -61,7 +60,7 @@ def collect(run: Path) -> tuple[dict, list[dict]]:
     if config.exists():
         seen = {r["id"] for r in rows}
         rows += [{**cell.to_dict(), "status": "pending", "error": None}
-                 for cell in expand_grid(yaml.safe_load(config.read_text())) if cell.id not in seen]
+                 for cell in expand_grid(read_yaml_file(config)) if cell.id not in seen]
     return original, rows
 
 

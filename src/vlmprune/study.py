@@ -49,6 +49,7 @@ from vlmprune.config import (
 from vlmprune.errors import VlmpruneError
 from vlmprune.paths import STUDY, claim_output, write_marker
 from vlmprune.planning.plan import PLAN_FILE
+from vlmprune.readers import read_json, read_yaml_file
 from vlmprune.record import PruneRecord, RunRecord
 
 log = logging.getLogger(__name__)
@@ -329,8 +330,8 @@ def _write_json(path: Path, data: Any) -> None:
 
 def _status(cell_dir: Path) -> dict | None:
     try:
-        return json.loads((cell_dir / "status.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        return read_json(cell_dir / "status.json")
+    except VlmpruneError:
         return None
 
 
@@ -484,10 +485,9 @@ def check_rerun(run: Path, config: dict) -> None:
     if not saved.is_file():
         return
     try:
-        earlier = yaml.safe_load(saved.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
-        raise VlmpruneError(f"{saved} is not valid YAML ({exc}); the run directory is damaged: choose another "
-                            f"output") from None
+        earlier = read_yaml_file(saved)
+    except VlmpruneError as exc:
+        raise VlmpruneError(f"{exc}; the run directory is damaged: choose another output") from None
     if not isinstance(earlier, dict):
         raise VlmpruneError(f"{saved} does not hold a study config; the run directory is damaged: choose another "
                             f"output")

@@ -101,7 +101,9 @@ def summarize(model: nn.Module) -> ModelSummary:
 def source_record(model: nn.Module) -> dict:
     """What a pruned model's plan records of the model it was cut from, so a teacher can be recognised.
 
-    Depth, every layer's widths, vocabulary and hidden size, and a fingerprint over all of them.
+    Depth, every layer's widths, vocabulary and hidden size, and a fingerprint over all of them (the
+    architecture); ``weights``: a few values of the embedding and the first and last decoder layers'
+    weights (:func:`weights_sample`), which tell apart two models of the same architecture.
     """
     adapter = get_adapter(model)
     text = adapter.text_config(model)
@@ -109,7 +111,53 @@ def source_record(model: nn.Module) -> dict:
             "hidden_size": text.hidden_size, "vocab_size": model.get_output_embeddings().weight.shape[0],
             "num_layers": len(adapter.layers(model)), "layers": [asdict(s) for s in layer_shapes(model, adapter)]}
     digest = hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
-    return {**arch, "fingerprint": digest}
+    return {**arch, "fingerprint": digest, "weights": weights_sample(model, adapter)}
+
+
+WEIGHT_SAMPLES = 8  # values per sampled tensor
+WEIGHTS_RTOL = 1e-2  # bf16 / fp16 copies of one model agree to ~0.4%; other weights differ by ~100%
+
+
+def weights_sample(model: nn.Module, adapter: Adapter | None = None) -> list[float] | None:
+    """:data:`WEIGHT_SAMPLES` evenly spaced values of the input embedding and of the first parameter of the
+    first and last decoder layers: a cheap fingerprint of the weights that survives a change of dtype
+    (compare with :func:`same_weights`). None when a weight is not in memory (offloaded with --device-map)."""
+    adapter = adapter or get_adapter(model)
+    layers = adapter.layers(model)
+    tensors = [model.get_input_embeddings().weight]
+    tensors += [next(iter(layers[i].parameters()), None) for i in (0, len(layers) - 1)]
+    values: list[float] = []
+    for t in tensors:
+        if t is None or t.device.type == "meta" or t.numel() == 0:
+            return None
+        flat = t.detach().reshape(-1)
+        n = flat.numel()
+        idx = torch.tensor([k * (n - 1) // (WEIGHT_SAMPLES - 1) for k in range(WEIGHT_SAMPLES)], device=flat.device)
+        values += [float(f"{v:.6g}") for v in flat[idx].to(torch.float64).tolist()]
+    return values
+
+
+def same_weights(a: list[float] | None, b: list[float] | None) -> bool | None:
+    """Whether two :func:`weights_sample` are of one model (None: one of them is unknown)."""
+    if a is None or b is None:
+        return None
+    if len(a) != len(b):
+        return False
+    scale = max((abs(v) for v in a + b), default=0.0)
+    return all(abs(x - y) <= WEIGHTS_RTOL * max(abs(x), abs(y)) + 1e-3 * scale for x, y in zip(a, b))
+
+
+def differences(actual: dict, recorded: dict, whose: str) -> list[str]:
+    """How the model ``actual`` (a :func:`source_record`) differs from a ``recorded`` one, as phrases."""
+    out = []
+    for key in ("model_type", "text_model_type", "hidden_size", "vocab_size", "num_layers"):
+        if key in recorded and recorded[key] != actual[key]:
+            out.append(f"{key} {actual[key]} ({whose} says {recorded[key]})")
+    same_depth = actual["num_layers"] == recorded.get("num_layers")
+    if isinstance(recorded.get("layers"), list) and recorded["layers"] != actual["layers"] and same_depth:
+        bad = [i for i, (a, b) in enumerate(zip(actual["layers"], recorded["layers"])) if a != b]
+        out.append(f"the widths of layer(s) {bad[:5]}")
+    return out
 
 
 def check_teacher(teacher: nn.Module, recorded: dict, teacher_name: str) -> None:
@@ -117,14 +165,7 @@ def check_teacher(teacher: nn.Module, recorded: dict, teacher_name: str) -> None
     actual = source_record(teacher)
     if actual["fingerprint"] == recorded.get("fingerprint"):
         return
-    differences = []
-    for key in ("model_type", "text_model_type", "hidden_size", "vocab_size", "num_layers"):
-        if key in recorded and recorded[key] != actual[key]:
-            differences.append(f"{key} {actual[key]} (the student's record says {recorded[key]})")
-    same_depth = actual["num_layers"] == recorded.get("num_layers")
-    if "layers" in recorded and recorded["layers"] != actual["layers"] and same_depth:
-        bad = [i for i, (a, b) in enumerate(zip(actual["layers"], recorded["layers"])) if a != b]
-        differences.append(f"the widths of layer(s) {bad[:5]}")
+    differences_ = differences(actual, recorded, "the student's record")
     raise VlmpruneError(f"the teacher {teacher_name} is not the model this student was pruned from: "
-                        f"{'; '.join(differences) or 'its fingerprint differs'}. Pass the unpruned model that "
+                        f"{'; '.join(differences_) or 'its fingerprint differs'}. Pass the unpruned model that "
                         f"`vlmprune prune` read (run.json: prune.source_model)")

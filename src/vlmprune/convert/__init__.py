@@ -11,18 +11,20 @@ what was converted and how.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from vlmprune.convert import bunny, internvl_chat
 from vlmprune.convert.common import ConversionError
-from vlmprune.convert.detect import convert_hint, detect_family, refuse_original
+from vlmprune.convert.detect import CONVERSION_FILE, convert_hint, detect_family, no_tokenizer_fix, refuse_original
 from vlmprune.vocab import CONVERT_FAMILIES
 
 __all__ = ["FAMILIES", "ConversionError", "convert", "convert_hint", "detect_family", "refuse_original"]
 
 # the converter of each name `vlmprune convert --from` takes, in the vocabulary's order
 FAMILIES = dict(zip(CONVERT_FAMILIES, (bunny, internvl_chat), strict=True))
-RECORD_FILE = "conversion.json"
+RECORD_FILE = CONVERSION_FILE
+log = logging.getLogger(__name__)
 
 
 def convert(family: str, source: str | Path, output: str | Path, overwrite: bool = False,
@@ -50,6 +52,11 @@ def convert(family: str, source: str | Path, output: str | Path, overwrite: bool
                                   "their vision config)")
         model, processor, record = internvl_chat.build(source, image_token_id=image_token_id)
     record.update(source=str(source.resolve()), processor_written=processor is not None)
+    if processor is None:
+        log.warning("%s has no tokenizer files, so the converted model will have no processor: prune with "
+                    "calibration data, recover and evaluate need one. To write it, %s%s", source,
+                    no_tokenizer_fix(source), "" if family == "bunny" else
+                    " (--image-token-id is then read from the tokenizer)")
 
     def write_record(tmp: Path) -> None:
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")

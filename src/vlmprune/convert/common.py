@@ -8,7 +8,7 @@ files with the native tokenizer classes. Nothing from the source directory is ev
 
 from __future__ import annotations
 
-import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from vlmprune.errors import VlmpruneError
+from vlmprune.paths import check_safetensors
+from vlmprune.readers import read_json
 
 
 class ConversionError(VlmpruneError):
@@ -27,7 +29,27 @@ def read_config(src: Path) -> dict:
     if not path.is_file():
         raise ConversionError(f"{src} has no config.json: give the directory of the original checkpoint "
                               f"(e.g. after `hf download <hub id> --local-dir {src}`)")
-    return json.loads(path.read_text())
+    config = read_json(path, f"{path}", ConversionError)
+    if not isinstance(config, dict):
+        raise ConversionError(f"{path} must hold a JSON object of model options, not a {type(config).__name__}; "
+                              f"fetch the checkpoint's config.json again")
+    check_numbers(config, str(path))
+    return config
+
+
+# config fields that hold numbers (sizes, counts, ids, epsilons); a string there is a broken config
+_NUMERIC = re.compile(r"(^num_|_size$|_dim$|_layers$|_heads$|_id$|_index$|_eps$|_epsilon$|_theta$|"
+                      r"^max_position_embeddings$)")
+
+
+def check_numbers(config: dict, where: str, prefix: str = "") -> None:
+    """Refuse a number written as a string (``"vocab_size": "100"``) anywhere in a config, nested ones too."""
+    for key, value in config.items():
+        if isinstance(value, dict):
+            check_numbers(value, where, f"{prefix}{key}.")
+        elif isinstance(value, str) and _NUMERIC.search(str(key)):
+            raise ConversionError(f"{where}: {prefix}{key} = {value!r} is text where a number belongs; write it "
+                                  f"without quotes, or fetch the checkpoint's config.json again")
 
 
 def safetensors_files(src: Path) -> list[Path]:
@@ -35,7 +57,11 @@ def safetensors_files(src: Path) -> list[Path]:
     src = Path(src)
     index = src / "model.safetensors.index.json"
     if index.is_file():
-        return [src / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        try:
+            names = set(read_json(index, str(index), ConversionError)["weight_map"].values())
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ConversionError(f"{index} is not a safetensors index ({exc!r}); fetch it again") from None
+        return [src / name for name in sorted(names)]
     return sorted(p for p in src.glob("*.safetensors") if p.name.startswith("model"))
 
 
@@ -54,8 +80,13 @@ def load_state_dict(src: Path, prefix: str = "") -> dict[str, torch.Tensor]:
     for path in files:
         if not path.is_file():
             raise ConversionError(f"shard {path.name} listed in model.safetensors.index.json is missing from {src}")
-        with safe_open(path, framework="pt") as f:
-            state.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)})
+        check_safetensors(path)  # cut short: an interrupted download
+        try:
+            with safe_open(path, framework="pt") as f:
+                state.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)})
+        except Exception as exc:  # noqa: BLE001 - safetensors' own error type: a corrupt file, said as such
+            raise ConversionError(f"cannot read the weights {path} ({type(exc).__name__}: {exc}); fetch the "
+                                  f"checkpoint again") from None
     return state
 
 
@@ -124,7 +155,12 @@ def load_native(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 def source_dtype(config: dict) -> torch.dtype:
     """The dtype the original checkpoint declares (weights are written in it, never silently cast)."""
     name = config.get("torch_dtype") or config.get("dtype") or "float32"
-    return getattr(torch, name) if isinstance(getattr(torch, name, None), torch.dtype) else torch.float32
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConversionError(f"config.json: torch_dtype = {name!r} is not a floating-point dtype; a checkpoint to "
+                              f"convert holds float32, float16 or bfloat16 weights: fix torch_dtype (or remove it "
+                              f"for float32)")
+    return dtype
 
 
 def has_tokenizer(src: Path) -> bool:

@@ -9,14 +9,38 @@ checkpoint needs.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from vlmprune.errors import UnsupportedModelError
+from vlmprune.errors import UnsupportedModelError, VlmpruneError
+from vlmprune.readers import read_json
+
+CONVERSION_FILE = "conversion.json"  # what `vlmprune convert` records beside the checkpoint it writes
+# the files of the source's tokenizer that `vlmprune convert` reads (one of the first three is needed)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json",
+                   "special_tokens_map.json")
 
 # What marks each convertible family's original config.json: (model_type values, architectures).
 SIGNATURES = {"bunny": (("bunny-phi",), ("BunnyPhiForCausalLM",)),
               "internvl-chat": (("internvl_chat",), ("InternVLChatModel",))}
+
+
+def no_tokenizer_fix(source: str | Path) -> str:
+    """What to do about a convert source without tokenizer files: the files to add, then convert again."""
+    return (f"copy the original checkpoint's tokenizer files ({', '.join(TOKENIZER_FILES[:2])} or "
+            f"{TOKENIZER_FILES[2]}, with {', '.join(TOKENIZER_FILES[3:])}) into {source} and run `vlmprune convert` "
+            f"again")
+
+
+def converted_without_processor(folder: str | Path) -> str | None:
+    """For a checkpoint `vlmprune convert` wrote without a processor (its source had no tokenizer): the fix."""
+    try:
+        record = read_json(Path(folder) / CONVERSION_FILE)
+    except VlmpruneError:
+        return None
+    if not isinstance(record, dict) or record.get("processor_written") is not False:
+        return None
+    return (f"{folder} was converted by `vlmprune convert` from {record.get('source', 'a source')}, which had no "
+            f"tokenizer files: {no_tokenizer_fix(record.get('source', 'the source'))}")
 
 
 def detect_family(config: dict) -> str | None:
@@ -45,8 +69,8 @@ def convert_hint(source: str | Path) -> str | None:
         except Exception:  # noqa: BLE001 - not a repo id, offline, gated...: AutoConfig will say why
             return None
     try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError):
+        config = read_json(path)
+    except VlmpruneError:
         return None
     family = detect_family(config) if isinstance(config, dict) else None
     if family is None:

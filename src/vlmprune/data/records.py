@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmprune.errors import DataError
+from vlmprune.readers import check_depth, parse_json
 
 logger = logging.getLogger(__name__)
 
@@ -76,12 +77,18 @@ def open_image(image: Any):
         try:
             with Image.open(image) as img:
                 return img.convert("RGB")
+        except Image.DecompressionBombError as err:
+            raise DataError(f"image {str(image)!r} is refused as a decompression bomb ({err}); a vision model "
+                            f"sees a few hundred pixels a side: resize it, or remove the record") from None
         except (OSError, ValueError) as err:
             raise DataError(f"cannot open image {str(image)!r}: {err}") from err
     if isinstance(image, (bytes, bytearray)):
         try:
             with Image.open(io.BytesIO(image)) as img:
                 return img.convert("RGB")
+        except Image.DecompressionBombError as err:
+            raise DataError(f"an image stored in the dataset is refused as a decompression bomb ({err}); resize "
+                            f"it, or remove the record") from None
         except (OSError, ValueError) as err:
             raise DataError(f"cannot decode an image stored in the dataset: {err}") from err
     if isinstance(image, Image.Image):
@@ -143,7 +150,11 @@ def _load_json_records(path: Path) -> list:
                 raise DataError(
                     f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}"
                 ) from err
+        except (RecursionError, ValueError):
+            parse_json(text, str(path), DataError)  # says why: nested too deep, or a number past Python's limit
+            raise
         else:
+            check_depth(loaded, str(path), DataError)
             if not isinstance(loaded, list):
                 raise DataError(f"{path} must hold a JSON list of records, not a {type(loaded).__name__}")
             if not loaded:
@@ -153,10 +164,7 @@ def _load_json_records(path: Path) -> list:
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path} line {lineno} is not valid JSON: {err.msg} (column {err.colno})") from err
+        records.append(parse_json(line, f"{path} line {lineno}", DataError))
     if not records:
         raise DataError(f"{path} is empty: no records to read")
     return records

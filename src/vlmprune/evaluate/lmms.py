@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 from vlmprune.config import BUILTIN_TASKS, LMMS_PACKAGED_TASKS
+from vlmprune.environment import check_torchvision
 from vlmprune.errors import VlmpruneError
 
 TEMPLATE_DIR = Path(__file__).parent / "lmms_tasks"
@@ -45,17 +46,7 @@ def manifest():
 def require_lmms() -> None:
     """A clear error naming the fix when the extra is not installed, or when a torchvision is
     installed that does not run beside this torch (transformers and lmms-eval would fail obscurely)."""
-    import importlib.util
-
-    if importlib.util.find_spec("torchvision") is not None:
-        try:
-            import torchvision  # noqa: F401
-        except (ImportError, RuntimeError) as exc:
-            raise VlmpruneError(
-                f"torchvision is installed but does not import beside this torch ({str(exc).splitlines()[-1]}): "
-                f"PyPI's torchvision wheels are built against PyPI's (CUDA) torch, not the CPU build from the PyTorch "
-                f"index. Remove it (`pip uninstall torchvision`: vlmprune and lmms-eval's image tasks do not need "
-                f"it) or install the torchvision build that matches your torch") from None
+    check_torchvision()
     try:
         import lmms_eval  # noqa: F401
     except ImportError as exc:

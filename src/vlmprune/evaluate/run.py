@@ -11,6 +11,7 @@ from vlmprune.errors import VlmpruneError
 from vlmprune.evaluate.efficiency import disk_bytes, efficiency, weight_bytes_by_part
 from vlmprune.evaluate.tasks import evaluate, load_task, prompt_batch
 from vlmprune.paths import check_output_file, write_output_file
+from vlmprune.readers import read_json
 from vlmprune.summary import count_parameters
 
 
@@ -74,8 +75,8 @@ def is_results_file(path: Path) -> bool:
     try:
         if path.stat().st_size > 64 * 2**20:
             return False
-        data = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):
+        data = read_json(path)
+    except VlmpruneError:
         return False
     return isinstance(data, dict) and {"tasks", "accuracy", "model"} <= set(data) and isinstance(data["tasks"], dict)
 

@@ -7,7 +7,6 @@ and per question type. ``score`` is the pure part: (prediction, reference, type)
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import string
@@ -67,21 +66,16 @@ def load_task(path: str | Path, limit: int | None = None, seed: int = 0) -> list
     a seeded subset. Every record and image is checked first: a DataError names the record and the fix."""
     from vlmprune.data import open_image
     from vlmprune.errors import DataError
+    from vlmprune.readers import read_json
 
     path = Path(path)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise DataError(f"--limit must be an integer >= 1, got {limit!r}")
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"task file not found: {path}") from None
-    except IsADirectoryError:
-        raise DataError(f"task file {path} is a directory; give the JSON file of test records") from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"task file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except json.JSONDecodeError as err:
-        raise DataError(f"task file {path} is not valid JSON: {err.msg} (line {err.lineno}, "
-                        f"column {err.colno})") from None
+    if not path.exists():
+        raise DataError(f"task file not found: {path}")
+    if path.is_dir():
+        raise DataError(f"task file {path} is a directory; give the JSON file of test records")
+    records = read_json(path, f"task file {path}", DataError)
     if not isinstance(records, list):
         raise DataError(f"task file {path} must hold a JSON list of records, not a {type(records).__name__}")
     if not records:
@@ -129,10 +123,9 @@ def load_task(path: str | Path, limit: int | None = None, seed: int = 0) -> list
 def prompt_batch(processor, items: list[dict]) -> dict:
     """Processor inputs for questions (with their images), rendered by the chat template with
     the generation prompt, left-padded for batched generation."""
-    from PIL import Image
+    from vlmprune.data import open_image
 
-    return chat_inputs(processor, [([Image.open(it["image"]).convert("RGB")] if it["image"] else [], it["question"])
-                                   for it in items])
+    return chat_inputs(processor, [([open_image(it["image"])] if it["image"] else [], it["question"]) for it in items])
 
 
 def chat_inputs(processor, prompts: list[tuple[list, str]]) -> dict:

@@ -33,6 +33,7 @@ import numpy as np
 from vlmprune.config import GGUF_K_QUANTS as K_QUANTS
 from vlmprune.config import GGUF_NUMPY_QUANTS as NUMPY_QUANTS
 from vlmprune.errors import VlmpruneError
+from vlmprune.readers import read_json
 
 log = logging.getLogger("vlmprune")
 
@@ -431,8 +432,10 @@ def check_tokenizer(tok: TokenizerSource) -> tuple[str, str | None]:
         raise VlmpruneError(f"{tok.folder} has no tokenizer.json (a fast tokenizer); the GGUF needs one: save the "
                             f"model's processor with a fast tokenizer "
                             f"(AutoProcessor.from_pretrained(...).save_pretrained)")
-    data = json.loads(file.read_text())
-    model = data.get("model", {})
+    data = read_json(file)
+    model = data.get("model", {}) if isinstance(data, dict) else None
+    if not isinstance(model, dict):
+        raise VlmpruneError(f"{file} is not a tokenizers file (no 'model' object); save the processor again")
     if model.get("type") != "BPE":
         raise VlmpruneError(f"tokenizer model {model.get('type')!r}: the GGUF export writes byte-level BPE "
                             f"tokenizers (GPT-2 / SmolLM2 / Llama 3 / Qwen2 style) and SentencePiece ones only")

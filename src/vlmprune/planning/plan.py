@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmprune.errors import PlanError
+from vlmprune.readers import read_json
 
 PLAN_FILE = "pruning_plan.json"
 PLAN_VERSION = 1
@@ -80,6 +81,9 @@ class PruningPlan:
                 raise PlanError(f"'layers' key {key!r} is not a layer index") from None
             if idx < 0:
                 raise PlanError(f"'layers' key {key!r} is negative")
+            if idx in layers:
+                first = next(k for k in raw_layers if k != key and _as_index(k) == idx)
+                raise PlanError(f"'layers' keys {first!r} and {key!r} both name layer {idx}; give each layer once")
             if not isinstance(entry, dict):
                 raise PlanError(f"layers[{key}] must be an object with q_heads / kv_heads / mlp_channels")
             unknown = set(entry) - set(WIDTH_KEYS)
@@ -114,13 +118,13 @@ class PruningPlan:
         path = Path(path)
         if path.is_dir():
             path = path / PLAN_FILE
+        if not path.is_file():
+            raise PlanError(f"no pruning plan at {path}")
+        data = read_json(path, f"pruning plan {path}", PlanError, unique_keys=True)
         try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise PlanError(f"no pruning plan at {path}") from None
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"{path} is not valid JSON: {exc}") from None
-        return cls.from_dict(data)
+            return cls.from_dict(data)
+        except PlanError as exc:
+            raise PlanError(f"pruning plan {path}: {exc}") from None
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -162,6 +166,13 @@ class PruningPlan:
                 raise PlanError(f"layer {i} is both dropped and width-pruned; remove it from 'layers'")
             resolved[i] = _resolve_layer(i, entry, shapes[i])
         return resolved
+
+
+def _as_index(key: Any) -> int | None:
+    try:
+        return int(key)
+    except (TypeError, ValueError):
+        return None
 
 
 def _is_index(value: Any) -> bool:

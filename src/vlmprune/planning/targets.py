@@ -10,7 +10,7 @@ smallest ratio whose plan fits is found by bisection over the planner's own plan
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -58,19 +58,32 @@ def footprint(model: nn.Module, target: Target, plan: PruningPlan | None = None,
 def ratio_for(model: nn.Module, target: Target, plan_at, budget: ModelBudget | None = None) -> float:
     """The ratio (of the whole model's parameters) whose plan meets ``target``.
 
-    ``plan_at(ratio) -> PruningPlan`` is the planner of the chosen method. Parameter targets are
-    exact arithmetic; memory targets take the smallest ratio whose plan fits (bisection).
+    ``plan_at(ratio) -> PruningPlan`` is the planner of the chosen method. A target is a budget: the
+    ratio returned is the smallest whose plan fits it (bisection over the planner's own plans, which
+    round widths and whole layers), so the model kept is the largest that fits, never one over it.
     """
     budget = budget or ModelBudget.of(model)
+    shapes = layer_shapes(model)
+    low = 0.0
     if target.kind == "params":
         kept = target.value * budget.total if target.value <= 1 else target.value
         ratio = 1 - kept / budget.total
         if not 0 < ratio < 1:
             raise VlmpruneError(f"--target {target.spec}: the model has {budget.total:,} parameters; the target "
                                 f"keeps {kept:,.0f}, which is not a cut")
-        return ratio
-    shapes = layer_shapes(model)
-    if target.kind == "memory":
+        target = replace(target, value=kept)
+
+        def measure(plan: PruningPlan | None) -> float:
+            return budget.total - (achieved(plan, budget, shapes)["params_removed"] if plan else 0)
+
+        unit, scale = "parameters", 1
+        try:
+            if measure(plan_at(ratio)) <= kept:
+                return ratio  # the exact ratio's plan fits: the usual case
+        except VlmpruneError:
+            pass
+        low = ratio  # the planner rounded below the ratio: search above it
+    elif target.kind == "memory":
         def measure(plan: PruningPlan | None) -> float:
             return footprint(model, target, plan, budget, shapes).memory_bytes
 
@@ -86,7 +99,7 @@ def ratio_for(model: nn.Module, target: Target, plan_at, budget: ModelBudget | N
     if now <= target.value:
         raise VlmpruneError(f"--target {target.spec}: the model already fits ({now / scale:.3f} {unit} <= "
                             f"{target.value / scale:.3f} {unit}); nothing to prune")
-    low, high = 0.0, 0.95
+    high = max(0.95, (1 + low) / 2)
     best = None
     for _ in range(30):
         mid = (low + high) / 2
@@ -101,8 +114,9 @@ def ratio_for(model: nn.Module, target: Target, plan_at, budget: ModelBudget | N
         else:
             low = mid
     if best is None:
-        raise VlmpruneError(f"--target {target.spec}: no plan of this method fits ({now / scale:.3f} {unit} now); "
-                            f"relax the target, shorten seq, or use another method")
+        raise VlmpruneError(f"--target {target.spec}: no plan of this method fits it ({now / scale:,.3f} {unit} "
+                            f"now, {target.value / scale:,.3f} allowed); relax the target, shorten seq, or use "
+                            f"another method")
     return best
 
 

@@ -41,14 +41,14 @@ from vlmprune.importance.layer import LayerScores
 from vlmprune.importance.registry import get_collector, get_criterion
 from vlmprune.importance.scores import SCORES_FILE, Scores
 from vlmprune.importance.structures import WidthScores
-from vlmprune.paths import claim_output, sibling
+from vlmprune.paths import check_not_quantized, claim_output, sibling
 from vlmprune.planning.plan import PLAN_FILE, LayerShape, PruningPlan
 from vlmprune.planning.search import search as auto_search
 from vlmprune.planning.solve import ModelBudget, achieved, layers_to_drop, plan_for, stock_plan
 from vlmprune.planning.targets import footprint, latency_profile, measure_prefill, predict_latency, ratio_for
 from vlmprune.plots import plot_layer_scores, plot_search, plot_width_scores
-from vlmprune.record import PruneRecord, RunRecord
-from vlmprune.summary import ModelSummary, layer_shapes, source_record, summarize
+from vlmprune.record import RUN_FILE, PruneRecord, RunRecord
+from vlmprune.summary import ModelSummary, differences, layer_shapes, same_weights, source_record, summarize
 from vlmprune.surgery.apply import apply_plan_, loads_stock
 from vlmprune.surgery.compensate import check_mode, compensate_
 
@@ -139,6 +139,11 @@ def prune(config: PruneConfig | None = None, **options) -> PruneResult:
     if config is not None and options:
         raise VlmpruneError("give a PruneConfig or keyword options, not both")
     cfg.check_paths()
+    check_not_quantized(cfg.model, "prune")
+    if cfg.plan is not None:  # a malformed plan or scores file fails before the model loads (read again after)
+        PruningPlan.load(cfg.plan)
+    if cfg.scores is not None:
+        Scores.load(cfg.scores)
     with contextlib.ExitStack() as stack:
         stack.enter_context(phases.recording())  # joins the CLI's recording, which also counts the imports
         out = stack.enter_context(claim_output(cfg.output, cfg.inputs(), cfg.overwrite))
@@ -227,6 +232,7 @@ class _Run:
     tried: list | None = None
     after: ModelSummary | None = None
     cost: dict | None = None
+    given_plan_notes: dict | None = None  # --plan: the plan's own notes (what it said it removes, among them)
 
 
 def _prune_loaded(cfg: PruneConfig, out: Path, net: nn.Module, ranked_outputs: list[Path] = ()) -> PruneResult:
@@ -236,7 +242,7 @@ def _prune_loaded(cfg: PruneConfig, out: Path, net: nn.Module, ranked_outputs: l
     run = _start(cfg, net)
     if cfg.plan is not None:
         with phases.phase("planning"):
-            _take_plan(run, PruningPlan.load(cfg.plan))
+            _given_plan(run, PruningPlan.load(cfg.plan))
     else:
         method = _load_scores(run)
         _calibration_data(run, method)
@@ -268,6 +274,43 @@ def _take_plan(run: _Run, plan: PruningPlan) -> None:
     run.plan = PruningPlan(drop_layers=plan.drop_layers, layers=plan.layers)
 
 
+# notes of a plan that are measurements of the run that wrote it, not of this one: a given plan's run measures anew
+_MEASURED_NOTES = ("achieved", "proxy_kl", "rank", "search", "source", "loads_with", "loads_with_reason", "parameters",
+                   "cost", "compensation", "target")
+
+
+def _given_plan(run: _Run, plan: PruningPlan) -> None:
+    """--plan: checked against the model it was made for (its ``source`` note, or the run.json beside it);
+    the run record keeps the plan's notes on how it was made, and measures what it removes from this model."""
+    _check_plan_source(run, plan)
+    _take_plan(run, PruningPlan(plan.drop_layers, plan.layers,
+                                {k: v for k, v in plan.extra.items() if k not in _MEASURED_NOTES}))
+    run.given_plan_notes = plan.extra
+
+
+def _check_plan_source(run: _Run, plan: PruningPlan) -> None:
+    cfg = run.cfg
+    source, where = plan.extra.get("source"), "the plan's 'source' field"
+    if source is None:
+        beside = Path(cfg.plan) if Path(cfg.plan).is_dir() else Path(cfg.plan).parent
+        if (beside / RUN_FILE).is_file():
+            with contextlib.suppress(VlmpruneError):  # an unreadable record checks nothing; the plan itself is read
+                record = RunRecord.load(beside)
+                if record.prune is not None:
+                    source, where = record.prune.source, f"{beside / RUN_FILE} (prune.source)"
+    if not isinstance(source, dict) or "fingerprint" not in source:
+        return
+    here = source_record(run.net)
+    if source["fingerprint"] == here["fingerprint"]:
+        return
+    what = "; ".join(differences(here, source, where)) or f"architecture fingerprint {source['fingerprint']} vs " \
+                                                          f"{here['fingerprint']}"
+    raise VlmpruneError(f"--plan {cfg.plan} was made for another model than {cfg.model}: {what}. A plan's indices "
+                        f"are those of the model it was made for: plan for {cfg.model} (prune with --ratio or "
+                        f"--target), or remove the plan's 'source' field (and the run.json beside it) to apply it "
+                        f"anyway")
+
+
 def _load_scores(run: _Run) -> str:
     """--scores: an earlier run's scores of this very model (checked); returns the method to plan with."""
     cfg = run.cfg
@@ -280,9 +323,22 @@ def _load_scores(run: _Run) -> str:
     if cfg.planning.criterion is not None and cfg.planning.criterion != scores.criterion:
         raise VlmpruneError(f"--scores holds {scores.criterion} scores; --criterion is {cfg.planning.criterion}")
     here = source_record(run.net)
-    if scores.model.get("fingerprint") != here["fingerprint"]:
-        raise VlmpruneError(f"--scores {cfg.scores} were computed on another model than {cfg.model} "
-                            f"(fingerprint {scores.model.get('fingerprint')} vs {here['fingerprint']})")
+    recorded = scores.model
+    if recorded.get("fingerprint") != here["fingerprint"]:
+        what = "; ".join(differences(here, recorded, "the scores file")) or (
+            f"architecture fingerprint {recorded.get('fingerprint')} vs {here['fingerprint']}")
+        raise VlmpruneError(f"--scores {cfg.scores} were computed on another model than {cfg.model}: {what}. Use "
+                            f"the scores.json of a prune of {cfg.model}, or prune without --scores")
+    same = same_weights(here["weights"], recorded.get("weights"))
+    if same is False:
+        raise VlmpruneError(f"--scores {cfg.scores} were computed on another model than {cfg.model}: the "
+                            f"architecture is the same but the weights differ (a sample of the embedding and the "
+                            f"first and last layers' weights). Use the scores.json of a prune of {cfg.model}, or "
+                            f"prune without --scores")
+    if same is None and here["weights"] is not None:
+        log.warning("--scores %s records no sample of the weights (written by an older vlmprune): only the "
+                    "architecture was checked; they must be scores of %s", cfg.scores, cfg.model)
+    scores.check(run.before.layers, f"--scores {cfg.scores}")
     return scores.method
 
 
@@ -402,6 +458,15 @@ def _measure(run: _Run) -> None:
         log.info("prefill latency at seq %d, batch %d: predicted %.1f ms, measured %.1f ms (target %.1f ms)",
                  t["seq"], t["batch"], 1000 * t["predicted_s"], 1000 * t["measured_s"], 1000 * t["required"])
     measured = 1 - after.parameters["total"] / before.parameters["total"]
+    if run.given_plan_notes is not None:  # --plan: what it removes from this model, measured
+        removed = before.parameters["total"] - after.parameters["total"]
+        record.achieved = {"params_removed": removed, "ratio": measured,
+                           "ratio_language_model": removed / before.parameters["language_model"]}
+        said = run.given_plan_notes.get("achieved")
+        said = said.get("ratio") if isinstance(said, dict) else None
+        if isinstance(said, (int, float)) and not isinstance(said, bool) and abs(said - measured) > 1e-9:
+            log.warning("the plan's notes say it removes %.4f%% of the model, but it removes %.4f%% of %s (edited "
+                        "by hand?); run.json records what it removes", 100 * said, 100 * measured, run.cfg.model)
     if record.achieved is not None and abs(measured - record.achieved["ratio"]) > 1e-9:
         raise AssertionError(f"planned ratio {record.achieved['ratio']} != measured {measured}")
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import zipfile
 from dataclasses import dataclass, field
@@ -26,8 +27,9 @@ from vlmprune.config import RESOLVED_CONFIG, RecoverConfig, flat_dict
 from vlmprune.data import Collator, read_samples, select
 from vlmprune.data.collate import warn_too_long
 from vlmprune.errors import VlmpruneError
-from vlmprune.paths import check_safetensors, claim_output
+from vlmprune.paths import check_not_quantized, check_safetensors, claim_output
 from vlmprune.planning.plan import PLAN_FILE, PruningPlan
+from vlmprune.readers import read_json
 from vlmprune.record import RecoveryRecord, RunRecord
 from vlmprune.recover.distributed import (
     check_launch,
@@ -126,7 +128,7 @@ def complete_checkpoints(directory: Path) -> list[Path]:
             continue
         problem = None
         try:
-            json.loads((path / "trainer_state.json").read_text())
+            read_json(path / "trainer_state.json")
             weights = list(path.glob("*.safetensors"))
             if not weights:
                 problem = "no weights"
@@ -197,7 +199,29 @@ def _prepare_checkpoints(cfg: RecoverConfig, is_main: bool) -> Path | None:
             log.warning("vlmprune recover: --resume found no complete checkpoint in %s; starting from the beginning",
                         ckpt)
         return None
+    check_pickled_state(complete[0])
     return complete[0]
+
+
+def check_pickled_state(checkpoint: Path) -> None:
+    """Refuse a checkpoint whose optimizer, scheduler or RNG state holds more than tensors and plain values.
+
+    The Trainer reads these ``torch.save`` files with ``weights_only=True``, which refuses any other object
+    (code to run, in a tampered file) with an unpickling error; they are read here the same way first
+    (memory-mapped, so the optimizer state costs no copy) so that the refusal names the file.
+    """
+    from transformers.trainer_pt_utils import safe_globals
+
+    for file in sorted(p for p in checkpoint.iterdir() if p.suffix in (".pt", ".pth") and p.is_file()):
+        try:
+            with safe_globals():
+                torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # noqa: BLE001 - unpickling errors of every kind: the file is refused by name
+            named = re.search(r"unsupported (global|operand)[^\n]*", str(exc), re.IGNORECASE)  # what torch refused
+            reason = named.group(0).rstrip(". ") if named else type(exc).__name__
+            raise VlmpruneError(f"{file} holds something other than training state ({reason}); vlmprune never "
+                                f"unpickles objects from a checkpoint. It was not written by vlmprune recover: remove "
+                                f"{checkpoint} (or the whole {checkpoint.parent}) and run again") from None
 
 
 def run_options(cfg: RecoverConfig, ids: list[str]) -> dict[str, Any]:
@@ -218,9 +242,11 @@ def check_resumable(checkpoint: Path, cfg: RecoverConfig, ids: list[str]) -> Non
                     "checking that they match", checkpoint)
         return
     try:
-        earlier = json.loads(saved.read_text())
-    except (ValueError, RecursionError) as exc:
-        raise VlmpruneError(f"{saved} is not valid JSON ({exc}): pass --overwrite to start over") from None
+        earlier = read_json(saved)
+    except VlmpruneError as exc:
+        raise VlmpruneError(f"{exc}: pass --overwrite to start over") from None
+    if not isinstance(earlier, dict):
+        raise VlmpruneError(f"{saved} does not hold a run's options: pass --overwrite to start over")
     now = run_options(cfg, ids)
     changed = [f"{key}: {earlier.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(earlier) | set(now))
                if earlier.get(key) != now.get(key)]
@@ -249,7 +275,7 @@ def _finished_at(checkpoint: Path | None, cfg: RecoverConfig) -> bool:
     """Whether ``checkpoint`` already holds this run's last step (a kill during the final write)."""
     if checkpoint is None:
         return False
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state = read_json(checkpoint / "trainer_state.json")
     target = cfg.training.max_steps if cfg.training.max_steps > 0 else state.get("max_steps", 0)
     return 0 < target <= state.get("global_step", -1)
 
@@ -294,6 +320,7 @@ def recover(cfg: RecoverConfig, callbacks: list[transformers.TrainerCallback] | 
     are extra Trainer callbacks.
     """
     cfg.check_paths()  # every input, the output and the scheduler name, before anything starts
+    check_not_quantized(cfg.student, "recover", "student")
     end_with_launcher()
     args = training_arguments(cfg)
     state = args.distributed_state
