@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument("--variants", default="float32:none,float32:int8")
     parser.add_argument("--threads", type=int, default=None, help="XNNPACK threads (default: ExecuTorch's)")
     parser.add_argument("--output", default="benchmarks/results/executorch_export.json")
+    parser.add_argument("--rows-dir", help="keep each variant's row here (JSON) and reuse the rows already there")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one row in this process, JSON to this file
     args = parser.parse_args()
 
@@ -150,15 +151,19 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="pte-bench-rows-") as tmp:
+        rows_dir = Path(args.rows_dir or tmp)
+        rows_dir.mkdir(parents=True, exist_ok=True)
         specs = [{"variant": "pytorch"}] + [dict(zip(("dtype", "quant"), v.split(":")), variant="pte")
                                            for v in args.variants.split(",")]
-        for i, spec in enumerate(specs):
-            spec["to"] = str(Path(tmp) / f"{i}.json")
-            argv = [sys.executable, __file__, "--model", model_dir, "--task-file", task_file, "--limit",
-                    str(args.limit), "--speed-items", str(args.speed_items), "--one", json.dumps(spec)]
-            if args.threads:
-                argv += ["--threads", str(args.threads)]
-            subprocess.run(argv, check=True)
+        for spec in specs:
+            key = "pytorch" if spec["variant"] == "pytorch" else f"{spec['dtype']}-{spec['quant']}"
+            spec["to"] = str(rows_dir / f"{key}.json")
+            if not Path(spec["to"]).is_file():  # a row kept in --rows-dir is not measured again
+                argv = [sys.executable, __file__, "--model", model_dir, "--task-file", task_file, "--limit",
+                        str(args.limit), "--speed-items", str(args.speed_items), "--one", json.dumps(spec)]
+                if args.threads:
+                    argv += ["--threads", str(args.threads)]
+                subprocess.run(argv, check=True)
             rows.append(json.loads(Path(spec["to"]).read_text()))
             print(f"done: {rows[-1]['variant']}", file=sys.stderr, flush=True)
     reference = rows[0]["answers"]

@@ -4,8 +4,9 @@ One export of a tiny LLaVA (Llama backbone with per-layer heads, kv heads and ML
 layer, DINOv2 tower whose position table is interpolated) serves the module: the program's logits and
 greedy tokens against transformers on prompts other than the export's own sample, `vlmprune evaluate` on
 the directory against the PyTorch model, the per-layer KV cache. Families the runner cannot express are
-refused before anything is written. Lowering to XNNPACK dominates the time (about a minute per program on
-a shared 2-core machine): the module lowers two programs (float32 and int4).
+refused before anything is written. Lowering to XNNPACK dominates the time (2.5 to 12 minutes per program
+on this project's shared 2-core VM under load): the module lowers two programs (float32 and int4), and the
+tests that need one are marked ``slow`` (``pytest -m "not slow"`` leaves them out).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def exported(pruned, tmp_path_factory) -> tuple[Path, dict]:
     return out, export_executorch(pruned, out, max_seq_len=96)
 
 
+@pytest.mark.slow  # lowers a program to XNNPACK: minutes on a loaded 2-core machine
 def test_program_reproduces_transformers(pruned, exported):
     out, record = exported
     assert record["check"]["rel_diff"] <= 1e-4 and record["check"]["tokens"] == record["check"]["pytorch_tokens"]
@@ -76,6 +78,7 @@ def test_program_reproduces_transformers(pruned, exported):
         assert tokens == hf.tolist()
 
 
+@pytest.mark.slow  # lowers a program to XNNPACK: minutes on a loaded 2-core machine
 def test_one_cache_per_layer_in_its_own_shape(exported):
     out, record = exported
     assert record["layers"] == 4  # one of five dropped
@@ -93,6 +96,7 @@ def test_one_cache_per_layer_in_its_own_shape(exported):
     assert runner.max_seq_len == 96
 
 
+@pytest.mark.slow  # lowers a program to XNNPACK: minutes on a loaded 2-core machine
 def test_evaluate_answers_as_pytorch_does(pruned, exported, tmp_path):
     from vlmprune.evaluate.run import evaluate_model_dir
 
@@ -115,8 +119,9 @@ def test_evaluate_answers_as_pytorch_does(pruned, exported, tmp_path):
         evaluate_model_dir(model=str(exported[0]), tasks=[], lmms_tasks="mme")
 
 
+@pytest.mark.slow  # lowers a program to XNNPACK: minutes on a loaded 2-core machine
 def test_int4_keeps_the_odd_width_in_float_and_stays_close(pruned, tmp_path):
-    record = export_executorch(pruned, tmp_path / "int4", quant="int4", max_seq_len=64)
+    record = export_executorch(pruned, tmp_path / "int4", quant="int4", max_seq_len=96)
     quant = record["quantization"]
     # 4 layers x 7 Linear layers, less the MLP down projection of width 50 (not a multiple of 32)
     assert quant["quantized_linears"] == 27

@@ -233,6 +233,9 @@ def _lower(programs: dict, metadata: dict, progress) -> bytes:
         # the emitter notes, once per cache buffer, that a mutated buffer's initial values are not stored:
         # the decoder writes every cache position before it reads it (the causal mask hides the rest)
         warnings.filterwarnings("ignore", message="Mutation on a buffer in the model is detected")
+        # torch deprecates pytree's LeafSpec, and ExecuTorch 1.5's passes still copy graphs that hold it: a note
+        # to ExecuTorch's authors, printed dozens of times per lowering
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
         progress("lower to XNNPACK")
         edge = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()],
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False),
