@@ -382,8 +382,13 @@ def export_executorch(model_dir: str | Path, output: str | Path, dtype: str = "f
 
     try:
         modules = _modules(model, adapter, shapes, max_seq_len)
-        programs = _export(modules, sample, max_seq_len, progress)
-        buffer = _lower(programs, metadata, progress)
+        try:
+            programs = _export(modules, sample, max_seq_len, progress)
+            buffer = _lower(programs, metadata, progress)
+        except Exception as exc:  # noqa: BLE001 - torch.export / ExecuTorch's own errors: refused, named
+            message = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise VlmpruneError(f"{clock['step']} failed for this model ({type(exc).__name__}: {message}); "
+                                f"nothing was written") from exc
         progress("check in the ExecuTorch runtime")
         record: dict = {"vlmprune": __version__, "source": str(model_dir), "format": "executorch",
                         "file": PTE_FILE, **asdict(plan), "methods": list(METHODS),
