@@ -149,3 +149,20 @@ def test_cli_refuses_options_of_the_other_format(pruned, tmp_path):
                  "--dtype", "bfloat16"]) == 2
     assert main(["export", str(pruned), "--format", "executorch", "--output", str(out), "--max-seq-len", "8"]) == 2
     assert not out.exists()
+
+
+def test_reference_tokens_stop_at_the_end_id_as_the_runtime_does(pruned):
+    """The check compares the runtime's greedy tokens (which stop at an end-of-sequence id) with PyTorch's:
+    PyTorch's must stop there too (a model that answers at once gives one token, the end id)."""
+    from vlmprune.export.pte import _eos_ids, reference, sample_inputs
+
+    model = vlmprune.load(pruned, dtype=torch.float32).eval()
+    processor = vlmprune.load_processor(pruned)
+    eos = _eos_ids(processor, model.generation_config)[0]
+    with torch.no_grad():
+        model.lm_head.weight[eos] = 50 * model.lm_head.weight.abs().max()  # the end id wins at every position
+        model.lm_head.weight[eos] *= torch.sign(model.model.language_model.norm.weight)
+    sample = sample_inputs(processor, 28)
+    logits, tokens = reference(model, sample, 8)
+    assert logits.shape == (sample["input_ids"].shape[1], model.config.text_config.vocab_size)
+    assert tokens[-1] == eos and len(tokens) < 8

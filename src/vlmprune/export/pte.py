@@ -272,7 +272,7 @@ def reference(model, sample: dict, tokens: int) -> tuple:
 
     with torch.no_grad():
         logits = model(**sample).logits[0].float()
-        out = model.generate(**sample, max_new_tokens=tokens, do_sample=False, min_new_tokens=tokens)
+        out = model.generate(**sample, max_new_tokens=tokens, do_sample=False)  # stops at an end id, as the runtime
     return logits, out[0, sample["input_ids"].shape[1]:].tolist()
 
 
