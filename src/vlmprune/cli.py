@@ -256,10 +256,13 @@ def cmd_quantize(args: QuantizeConfig) -> int:
 
 
 def cmd_export(cfg: ExportConfig) -> int:
+    if cfg.format == "executorch":
+        return _export_executorch(cfg)
     from vlmprune.export import export_gguf
 
-    record = export_gguf(cfg.model, cfg.output, quant=cfg.quant, overwrite=cfg.overwrite, vision=not cfg.no_vision,
-                         vision_quant=cfg.vision_quant, trust_remote_code=cfg.load.trust_remote_code)
+    record = export_gguf(cfg.model, cfg.output, quant=cfg.quant or "f16", overwrite=cfg.overwrite,
+                         vision=not cfg.no_vision, vision_quant=cfg.vision_quant,
+                         trust_remote_code=cfg.load.trust_remote_code)
     with _published(record.get("output", cfg.output)):
         for part in ("text", "mmproj"):
             r = record.get(part)
@@ -276,6 +279,31 @@ def cmd_export(cfg: ExportConfig) -> int:
                 console().print(f"  note: {note}", markup=False)
         console().print(f"-> {record['output']}  (llama-server -m model.gguf"
                         + (" --mmproj mmproj.gguf)" if "mmproj" in record else ")"), markup=False)
+    return 0
+
+
+def _export_executorch(cfg: ExportConfig) -> int:
+    from vlmprune.export import export_executorch
+
+    r = export_executorch(cfg.model, cfg.output, dtype=cfg.dtype or "float32", quant=cfg.quant or "none",
+                          max_seq_len=cfg.max_seq_len, image_size=cfg.image_size, overwrite=cfg.overwrite,
+                          trust_remote_code=cfg.load.trust_remote_code)
+    with _published(r.get("output", cfg.output)):
+        check = r["check"]
+        console().print(f"{r['file']}: {r['family']}, {r['layers']} decoder layers, {r['dtype']}, quant {r['quant']}, "
+                        f"{r['bytes'] / 2**20:,.1f} MB; methods {', '.join(r['methods'])}; KV cache {r['max_seq_len']} "
+                        f"positions, images {r['image_size']} px -> {r['image_tokens']} tokens", markup=False)
+        for kept in (r.get("quantization") or {}).get("kept_float", []):
+            console().print(f"  {kept['module']} {tuple(kept['shape'])}: float, not {r['quant']} ({kept['reason']})",
+                            markup=False)
+        for note in r.get("notes", []):
+            console().print(f"  note: {note}", markup=False)
+        same = "identical" if check["tokens"] == check["pytorch_tokens"] else "differ"
+        exported = sum(v for k, v in r["timings_s"].items() if k.startswith("export"))
+        console().print(f"check: logits rel. diff {check['rel_diff']:.1e} vs PyTorch on the "
+                        f"{check['prompt_tokens']}-token sample prompt, greedy tokens {same}; export {exported:.0f} s, "
+                        f"lowering {r['timings_s'].get('lower to XNNPACK', 0):.0f} s", markup=False)
+        console().print(f"-> {r['output']}  (vlmprune evaluate --model {r['output']} ...)", markup=False)
     return 0
 
 
@@ -377,7 +405,7 @@ STAGES = {
                  "exact-match accuracy on tasks, lmms-eval benchmarks, and efficiency measures"),
     "quantize": (QuantizeConfig, cmd_quantize, "quantize the language model's decoder layers and write a checkpoint"),
     "convert": (ConvertConfig, cmd_convert, "an original Bunny / Mini-InternVL-Chat checkpoint -> a native one"),
-    "export": (ExportConfig, cmd_export, "GGUF for llama.cpp: text model + mmproj (per-layer widths as deci)"),
+    "export": (ExportConfig, cmd_export, "GGUF for llama.cpp (text model + mmproj) or one ExecuTorch .pte"),
     "data": (DataConfig, cmd_data, "write a demo data set in the LLaVA conversation format"),
     "report": (ReportConfig, cmd_report, "aggregate a study run directory into tables and plots"),
 }

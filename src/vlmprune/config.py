@@ -679,31 +679,63 @@ class ConvertConfig:
 # vlmprune export --format gguf: numpy quantizers of the gguf package, and llama.cpp's K-quants (need its quantizer)
 GGUF_NUMPY_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")
 GGUF_K_QUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+# vlmprune export --format executorch: the decoder's Linear weights as XNNPACK runs them (int8: 8-bit weights per
+# channel, int4: 4-bit weights in groups of 32, both with int8 activations quantized per token at run time)
+PTE_QUANTS = ("none", "int8", "int4")
+PTE_DTYPES = ("float32", "bfloat16")
+EXPORT_FORMATS = ("gguf", "executorch")
 
 
 @checked
 class ExportConfig:
     """``vlmprune export``: a (pruned) model as files an edge runtime runs: GGUF for llama.cpp (text model
-    model.gguf + vision tower and projector mmproj.gguf), checked against what llama.cpp can hold first."""
+    model.gguf + vision tower and projector mmproj.gguf), or one ExecuTorch program (model.pte: vision
+    encoder, token embedding and text decoder, XNNPACK on CPU), checked against what the runtime can hold
+    first and, for ExecuTorch, against the PyTorch model's logits before it is published."""
 
     model: str | None = opt(None, "model directory (pruned or not)", positional=True)
-    format: str | None = opt("gguf", "gguf: llama.cpp / Ollama / LM Studio", choices=("gguf",))
+    format: str | None = opt("gguf", "gguf: llama.cpp / Ollama / LM Studio; executorch: one .pte for PyTorch's "
+                                     "on-device runtime (XNNPACK)", choices=EXPORT_FORMATS)
     output: str | None = opt(None, "output directory (written whole at the end)")
-    quant: str | None = opt("f16", "weight type of the text model's matrices: f32, f16, bf16, q8_0, q4_0 (numpy; rows "
-                                    "that do not fill whole blocks fall back to f16 and are reported); K-quants need "
-                                    "llama.cpp's quantizer", choices=GGUF_NUMPY_QUANTS + GGUF_K_QUANTS)
-    vision_quant: str | None = opt(None, "weight type of the mmproj (default: f16, or f32/bf16 with that --quant)",
-                                   choices=GGUF_NUMPY_QUANTS)
-    no_vision: bool = opt(False, "write the text model only (no mmproj)")
+    quant: str | None = opt(None, "gguf: weight type of the text model's matrices: f32, f16 (default), bf16, q8_0, "
+                                  "q4_0 (numpy; rows that do not fill whole blocks fall back to f16 and are "
+                                  "reported); K-quants need llama.cpp's quantizer. executorch: none (default), int8 "
+                                  "(8-bit weights per channel) or int4 (4-bit weights in groups of 32), both with "
+                                  "dynamic int8 activations, on the language model's Linear layers",
+                            choices=GGUF_NUMPY_QUANTS + GGUF_K_QUANTS + PTE_QUANTS)
+    vision_quant: str | None = opt(None, "gguf: weight type of the mmproj (default: f16, or f32/bf16 with that "
+                                         "--quant)", choices=GGUF_NUMPY_QUANTS)
+    no_vision: bool = opt(False, "gguf: write the text model only (no mmproj)")
+    dtype: str | None = opt(None, "executorch: float32 (default) or bfloat16 for the whole program",
+                            choices=PTE_DTYPES)
+    max_seq_len: int | None = opt(None, "executorch: the KV cache's length, prompt and answer together "
+                                        "(default 1024, at most the model's max_position_embeddings)", type=int)
+    image_size: int | None = opt(None, "executorch: the (square) image size the vision encoder is exported for "
+                                       "(default: the processor's)", type=int)
     overwrite: bool = opt(False, "replace an existing output directory (only one vlmprune wrote)")
     load: LoadOptions = group(LoadOptions, only=("trust_remote_code",))
 
     def __post_init__(self):
         need("model", self.model)
         need("output", self.output)
-        one_of("format", self.format, ("gguf",), allow_none=False)
-        one_of("quant", self.quant, GGUF_NUMPY_QUANTS + GGUF_K_QUANTS, allow_none=False)
-        one_of("vision_quant", self.vision_quant, GGUF_NUMPY_QUANTS)
+        one_of("format", self.format, EXPORT_FORMATS, allow_none=False)
+        if self.format == "gguf":
+            one_of("quant", self.quant, GGUF_NUMPY_QUANTS + GGUF_K_QUANTS)
+            one_of("vision_quant", self.vision_quant, GGUF_NUMPY_QUANTS)
+            for name in ("dtype", "max_seq_len", "image_size"):
+                if getattr(self, name) is not None:
+                    raise VlmpruneError(f"{_flag(name)} is an ExecuTorch option; with --format gguf the types are "
+                                        f"set by --quant and --vision-quant")
+        else:
+            if self.quant is not None and self.quant not in PTE_QUANTS:
+                raise VlmpruneError(f"--quant {self.quant} is a GGUF type; --format executorch takes "
+                                    f"{', '.join(PTE_QUANTS)}")
+            one_of("dtype", self.dtype, PTE_DTYPES)
+            if self.vision_quant is not None or self.no_vision:
+                raise VlmpruneError("--vision-quant and --no-vision are GGUF options; the ExecuTorch program always "
+                                    "holds the vision encoder, in --dtype")
+            positive("max_seq_len", self.max_seq_len)
+            positive("image_size", self.image_size)
 
 
 @checked

@@ -270,3 +270,23 @@ def warn_too_long(collator: Collator, samples: list[Sample], config, what: str) 
                        "the length) and longer than anything the model was trained on. Pass --max-length %d to "
                        "truncate them, or remove them from the data", len(found), len(samples), what,
                        f"{positions:,}", sample, f"{tokens:,}", positions)
+
+
+def chat_inputs(processor, prompts: list[tuple[list, str]]) -> dict:
+    """Processor inputs for (images, text) user turns: the images first, then the text, rendered by
+    the model's chat template with the generation prompt, left-padded for batched generation.
+    The one prompt format of every evaluation path (the built-in tasks, the lmms-eval plugin, the
+    exported programs)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    texts, images = [], []
+    for pictures, text in prompts:
+        content = [{"type": "image"} for _ in pictures] + [{"type": "text", "text": text}]
+        images += list(pictures)
+        texts.append(processor.apply_chat_template([{"role": "user", "content": content}],
+                                                   add_generation_prompt=True, tokenize=False))
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        return processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = old_side

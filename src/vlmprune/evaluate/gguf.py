@@ -1,5 +1,6 @@
-"""``vlmprune evaluate`` on a GGUF export directory: the same tasks and exact-match rules as for Hugging
-Face models, answered by llama.cpp (``vlmprune.export.runtime``), so the two compare side by side."""
+"""``vlmprune evaluate`` on an export directory: the same tasks and exact-match rules as for Hugging Face
+models, answered by llama.cpp (a GGUF pair, ``vlmprune.export.runtime``) or by the ExecuTorch runtime (a
+``.pte``, ``vlmprune.export.pte_runtime``), so the three compare side by side."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ from pathlib import Path
 from vlmprune.config import as_dict
 from vlmprune.errors import VlmpruneError
 from vlmprune.evaluate.tasks import load_task, score
+from vlmprune.export.pte_runtime import PteModel, is_pte_dir
 from vlmprune.export.runtime import LlamaCppModel
 
 
 @dataclasses.dataclass
 class Throughput:
-    """llama.cpp's own timings summed over answers: prompt and decode tokens and milliseconds."""
+    """The runtime's timings summed over answers: prompt and decode tokens and milliseconds (llama.cpp's
+    own, or the ExecuTorch runner's in llama.cpp's keys)."""
 
     prompt_tokens: int = 0
     prompt_ms: float = 0.0
@@ -38,7 +41,8 @@ class Throughput:
         return 1000 * self.generated / self.decode_ms if self.decode_ms else None
 
 
-def answer_items(runner: LlamaCppModel, items: list[dict], max_new_tokens: int, throughput: Throughput) -> list[str]:
+def answer_items(runner: LlamaCppModel | PteModel, items: list[dict], max_new_tokens: int,
+                 throughput: Throughput) -> list[str]:
     """The runtime's answer to every task item (image + question), its timings added to ``throughput``."""
     predictions = []
     for it in items:
@@ -49,21 +53,24 @@ def answer_items(runner: LlamaCppModel, items: list[dict], max_new_tokens: int, 
 
 
 def evaluate_gguf_dir(cfg) -> dict:
-    """``vlmprune evaluate`` for a GGUF export: the built-in tasks and/or --task-file, exact match."""
+    """``vlmprune evaluate`` for an export directory (GGUF or ExecuTorch): the built-in tasks and/or
+    --task-file, exact match."""
+    pte = is_pte_dir(cfg.model)
+    what, runtime = ("an ExecuTorch export", "the ExecuTorch runtime") if pte else ("the GGUF export", "llama.cpp")
     if cfg.evaluation.lmms_tasks:
-        raise VlmpruneError("--lmms-tasks runs Hugging Face models only; evaluate the GGUF export on --tasks or "
-                            "--task-file")
+        raise VlmpruneError(f"--lmms-tasks runs Hugging Face models only; evaluate {what} on --tasks or --task-file")
     if cfg.efficiency:
-        raise VlmpruneError("--efficiency measures PyTorch models; llama.cpp's own timings are in the result "
-                            "('timings') of a GGUF evaluation")
+        raise VlmpruneError(f"--efficiency measures PyTorch models; {runtime}'s own timings are in the result "
+                            f"('timings') of an export's evaluation")
     if cfg.load.device is not None or cfg.load.dtype not in (None, "auto"):
-        raise VlmpruneError("--device and --dtype load a Hugging Face checkpoint; a GGUF export runs in llama.cpp "
-                            "in the types it was exported with")
-    runner = LlamaCppModel(cfg.model)
+        raise VlmpruneError(f"--device and --dtype load a Hugging Face checkpoint; {what} runs in {runtime} in the "
+                            f"types it was exported with")
+    runner = PteModel(cfg.model) if pte else LlamaCppModel(cfg.model)
     files = {name: Path(cfg.evaluation.data_dir) / name / "test.json" for name in (cfg.evaluation.tasks or [])}
     if cfg.evaluation.task_file is not None:
         files[Path(cfg.evaluation.task_file).stem] = Path(cfg.evaluation.task_file)
-    result: dict = {"tasks": {}, "data_dir": cfg.evaluation.data_dir, "runtime": "llama.cpp (xllamacpp)"}
+    result: dict = {"tasks": {}, "data_dir": cfg.evaluation.data_dir,
+                    "runtime": "ExecuTorch (XNNPACK)" if pte else "llama.cpp (xllamacpp)"}
     throughput = Throughput()
     started = time.perf_counter()
     for name, path in files.items():
@@ -81,7 +88,7 @@ def evaluate_gguf_dir(cfg) -> dict:
                          "prompt_tokens_per_s": throughput.prompt_per_s, "generated_tokens": throughput.generated,
                          "decode_tokens_per_s": throughput.decode_per_s}
     folder = Path(cfg.model)
-    result["disk_bytes"] = sum(f.stat().st_size for f in folder.glob("*.gguf"))
+    result["disk_bytes"] = sum(f.stat().st_size for f in folder.glob("*.pte" if pte else "*.gguf"))
     record = folder / "export.json"
     if record.is_file():
         result["export"] = json.loads(record.read_text())

@@ -3,7 +3,7 @@
 Registered through the ``lmms_eval.models`` entry point (``vlmprune.evaluate.lmms:manifest``). Any
 vlmprune output loads (uniform or per-layer widths, quantized too: ``vlmprune.load``), and any
 family vlmprune supports; prompts go through the model's own processor and chat template, the
-same way as `vlmprune evaluate`'s built-in tasks (``vlmprune.evaluate.tasks.chat_inputs``).
+same way as `vlmprune evaluate`'s built-in tasks (``vlmprune.data.collate.chat_inputs``).
 
 Model arguments (``--model_args key=value,...``):
 
@@ -27,7 +27,7 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from tqdm.auto import tqdm
 
-from vlmprune.evaluate.tasks import chat_inputs
+from vlmprune.data.collate import chat_inputs
 
 IMAGE_MARKERS = ("<image>\n", "\n<image>", "<image>")  # LLaVA-style markers some task prompts carry
 

@@ -22,9 +22,11 @@ def evaluate_model_dir(config: EvalConfig | None = None, **options) -> dict:
     (plus ``"efficiency"``); writes it to ``config.output`` when given (atomically).
     """
     cfg = config if config is not None else build(EvalConfig, options)
+    from vlmprune.export.pte_runtime import is_pte_dir
     from vlmprune.export.runtime import is_gguf_dir
 
-    if is_gguf_dir(cfg.model):  # a `vlmprune export --format gguf` directory: the same tasks, in llama.cpp
+    # a `vlmprune export` directory: the same tasks, in llama.cpp (GGUF) or the ExecuTorch runtime (.pte)
+    if is_gguf_dir(cfg.model) or is_pte_dir(cfg.model):
         from vlmprune.evaluate.gguf import evaluate_gguf_dir
 
         cfg.check_paths(model=False)

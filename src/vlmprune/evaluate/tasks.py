@@ -13,6 +13,7 @@ import string
 from collections.abc import Iterable
 from pathlib import Path
 
+from vlmprune.data.collate import chat_inputs
 from vlmprune.vocab import DATASETS as BUILTIN_TASKS  # the built-in data sets are the built-in tasks
 
 NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
@@ -126,25 +127,6 @@ def prompt_batch(processor, items: list[dict]) -> dict:
     from vlmprune.data import open_image
 
     return chat_inputs(processor, [([open_image(it["image"])] if it["image"] else [], it["question"]) for it in items])
-
-
-def chat_inputs(processor, prompts: list[tuple[list, str]]) -> dict:
-    """Processor inputs for (images, text) user turns: the images first, then the text, rendered by
-    the model's chat template with the generation prompt, left-padded for batched generation.
-    The one prompt format of both evaluation paths (the built-in tasks and the lmms-eval plugin)."""
-    tokenizer = getattr(processor, "tokenizer", processor)
-    texts, images = [], []
-    for pictures, text in prompts:
-        content = [{"type": "image"} for _ in pictures] + [{"type": "text", "text": text}]
-        images += list(pictures)
-        texts.append(processor.apply_chat_template([{"role": "user", "content": content}],
-                                                   add_generation_prompt=True, tokenize=False))
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        return processor(text=texts, images=images or None, padding=True, return_tensors="pt")
-    finally:
-        tokenizer.padding_side = old_side
 
 
 def generate_answers(model, processor, items: list[dict], batch_size: int = 32, max_new_tokens: int = 10,

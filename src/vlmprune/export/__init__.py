@@ -1,4 +1,5 @@
-"""Export a (pruned) model to the runtimes edge devices run: GGUF for llama.cpp (text model + mmproj).
+"""Export a (pruned) model to the runtimes edge devices run: GGUF for llama.cpp (text model + mmproj), and
+one ExecuTorch program (``vlmprune.export.pte.export_executorch``: model.pte for PyTorch's on-device runtime).
 
 ``export_gguf`` loads the checkpoint as ``vlmprune.load`` does (per-layer widths included), decides
 what llama.cpp can hold (refusing, with the reason and the fix, before anything is written), and
@@ -75,6 +76,13 @@ def export_gguf(model_dir: str | Path, output: str | Path, quant: str = "f16", o
     return record
 
 
+def export_executorch(*args, **kwargs) -> dict:
+    """See :func:`vlmprune.export.pte.export_executorch`."""
+    from vlmprune.export.pte import export_executorch as run
+
+    return run(*args, **kwargs)
+
+
 def _write(tmp: Path, record: dict, model, adapter, text_plan, vision_plan, tok, quant: str, vision_quant: str,
            name: str) -> None:
     import torch
@@ -89,4 +97,4 @@ def _write(tmp: Path, record: dict, model, adapter, text_plan, vision_plan, tok,
     (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
 
 
-__all__ = ["MMPROJ_FILE", "RECORD_FILE", "TEXT_FILE", "VlmpruneError", "export_gguf"]
+__all__ = ["MMPROJ_FILE", "RECORD_FILE", "TEXT_FILE", "VlmpruneError", "export_executorch", "export_gguf"]

@@ -285,7 +285,8 @@ def _image_size(ip) -> int:
     if isinstance(size, dict):
         if "height" in size and "width" in size:
             if size["height"] != size["width"]:
-                raise VlmpruneError(f"non-square image size {size}: llama.cpp's LLaVA graph takes square images only")
+                raise VlmpruneError(f"non-square image size {size}: the exports take square images only (llama.cpp's "
+                                    f"LLaVA graph; ExecuTorch: give one with --image-size)")
             return int(size["height"])
         if "shortest_edge" in size:
             return int(size["shortest_edge"])

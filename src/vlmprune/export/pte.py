@@ -1,0 +1,434 @@
+"""A (pruned) vision-language model as one ExecuTorch program (``model.pte``) for PyTorch's on-device runtime.
+
+The program holds the three methods ExecuTorch's multimodal LLM runner calls, lowered to XNNPACK (CPU):
+
+* ``vision_encoder(pixel_values [1, 3, S, S] float32) -> [1, n_image_tokens, hidden]``: the vision tower
+  and the projector, for one image of the export's size (the processor saved beside it resizes to it);
+* ``token_embedding(input_ids [1, n]) -> [1, n, hidden]``;
+* ``text_decoder(inputs_embeds [1, n, hidden], cache_position [n]) -> logits [1, n, vocab]`` (float32),
+  with a static KV cache held in the program, one buffer per layer **in that layer's own shape** (a
+  pruned layer with fewer kv heads has a smaller cache: transformers' exportable wrapper sizes every
+  layer from the config's global head count, which fails on per-layer widths);
+
+plus the runner's metadata (``get_max_seq_len``, ``get_vocab_size``, ``get_eos_ids``, ...) as constant
+methods. Families whose inputs the runner cannot express are refused before anything is written (see
+:func:`check_family`). Before the directory is published, the program is loaded in the ExecuTorch runtime
+and run on the export's sample prompt (the chat template, one synthetic image): its logits over the
+whole prompt and its greedy tokens must reproduce the PyTorch modules it was exported from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from vlmprune.config import PTE_DTYPES, PTE_QUANTS
+from vlmprune.errors import VlmpruneError
+from vlmprune.export.pte_runtime import METHODS, PTE_FILE, require_executorch
+
+log = logging.getLogger("vlmprune")
+
+RECORD_FILE = "export.json"
+DEFAULT_MAX_SEQ_LEN = 1024
+QUANT_GROUP = 32  # int4: one scale per 32 input channels
+CHECK_TOKENS = 8  # greedy tokens compared after the sample prompt
+# largest max|logits_pte - logits_pytorch| / max|logits_pytorch| the export publishes: float32 programs are
+# exact up to kernel rounding (1e-7 on the tiny models, 1e-5 on the demo); bfloat16 and the int8-activation
+# kernels round differently from their eager references
+TOLERANCE = {"float32": 1e-3, "reduced": 5e-2}
+
+# families whose language model reads more than (embeddings, positions): refused, with the reason
+_BLOCKERS = {
+    "qwen2_vl": "M-RoPE",
+    "qwen2_5_vl": "M-RoPE",
+    "qwen3_vl": "M-RoPE",
+    "qwen3_5": "M-RoPE",
+    "gemma3": "bidirectional",
+    "gemma4": "bidirectional",
+}
+_WHY = {
+    "M-RoPE": ("its decoder places image tokens with 3-D rotary positions (M-RoPE: time, row, column) that depend "
+               "on where the image sits in the prompt, and ExecuTorch's multimodal runner gives the text decoder "
+               "only cache positions"),
+    "bidirectional": ("its decoder lets the image tokens attend to each other in both directions (a mask built "
+                      "from token_type_ids), and ExecuTorch's multimodal runner runs the text decoder causally on "
+                      "embeddings alone, so the program would compute a different model"),
+}
+SUPPORTED = ("llava",)
+
+
+def check_family(model) -> str:
+    """The model's family, or a refusal naming what ExecuTorch's runner cannot express (nothing written yet)."""
+    family = getattr(model.config, "model_type", "?")
+    if family in _BLOCKERS:
+        raise VlmpruneError(f"ExecuTorch export of {family} is refused: {_WHY[_BLOCKERS[family]]}; nothing was "
+                            f"written. Use `vlmprune quantize` for a smaller Hugging Face checkpoint instead")
+    if family not in SUPPORTED:
+        raise VlmpruneError(f"ExecuTorch export of {family} models is not supported yet (supported: "
+                            f"{', '.join(SUPPORTED)}: LLaVA-style models with a Llama, Mistral or Qwen2 backbone); "
+                            f"nothing was written")
+    return family
+
+
+def _check_text(model, adapter, max_seq_len: int) -> list:
+    from vlmprune.summary import layer_shapes
+
+    config = adapter.text_config(model)
+    shapes = layer_shapes(model, adapter)
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None) or []
+    sliding = "sliding_attention" in types or (window and getattr(config, "use_sliding_window", True)
+                                               and getattr(config, "model_type", "") == "mistral")
+    if sliding and window and window < max_seq_len:
+        raise VlmpruneError(f"the language model has sliding-window attention ({window} tokens) and --max-seq-len "
+                            f"{max_seq_len} is longer; the program's KV cache holds every position, so export with "
+                            f"--max-seq-len {window} or less")
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and max_seq_len > limit:
+        raise VlmpruneError(f"--max-seq-len {max_seq_len} is longer than the model's max_position_embeddings "
+                            f"({limit})")
+    return shapes
+
+
+# ------------------------------------------------------------------------------------------ the methods
+
+
+def _modules(model, adapter, shapes: list, max_seq_len: int):
+    """The three torch.nn.Modules exported as the program's methods."""
+    import torch
+    from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
+
+    dtype = next(model.parameters()).dtype
+
+    class VisionEncoder(torch.nn.Module):
+        def __init__(self, vlm):
+            super().__init__()
+            self.vlm = vlm
+
+        def forward(self, pixel_values):
+            cfg = self.vlm.config
+            out = self.vlm.model.get_image_features(
+                pixel_values=pixel_values.to(dtype), vision_feature_layer=cfg.vision_feature_layer,
+                vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+            feats = out.pooler_output
+            return torch.cat(list(feats), 0)[None] if isinstance(feats, (list, tuple)) else feats
+
+    class TokenEmbedding(torch.nn.Module):
+        def __init__(self, embed):
+            super().__init__()
+            self.embed = embed
+
+        def forward(self, input_ids):
+            return self.embed(input_ids)
+
+    class TextDecoder(TorchExportableModuleWithStaticCache):
+        """transformers' static-cache wrapper with every cache layer in its own layer's shape."""
+
+        def __init__(self, vlm):
+            vlm.generation_config.use_cache = True
+            vlm.generation_config.cache_implementation = "static"
+            super().__init__(vlm, batch_size=1, max_cache_len=max_seq_len)
+            layers = self.static_cache.layers
+            if len(layers) != len(shapes):
+                raise VlmpruneError(f"the static cache has {len(layers)} layers but the model {len(shapes)}")
+            for i, (layer, shape) in enumerate(zip(layers, shapes)):
+                probe = torch.zeros(1, shape.num_kv_heads, 1, shape.head_dim, dtype=dtype)
+                layer.is_initialized = False
+                layer.lazy_initialization(probe, probe)
+                self.register_buffer(f"key_cache_{i}", layer.keys, persistent=False)
+                self.register_buffer(f"value_cache_{i}", layer.values, persistent=False)
+                self.register_buffer(f"cumulative_length_{i}", layer.cumulative_length, persistent=False)
+
+        def forward(self, inputs_embeds, cache_position):
+            return super().forward(inputs_embeds=inputs_embeds, cache_position=cache_position).float()
+
+    return VisionEncoder(model), TokenEmbedding(model.get_input_embeddings()), TextDecoder(model)
+
+
+def _fix_position_table_(model, image_size: int) -> bool:
+    """Store DINOv2's position table interpolated for ``image_size``, so that the exported encoder does not
+    interpolate (its bicubic interpolation does not lower); the numbers are the ones it would compute."""
+    import torch
+
+    emb = getattr(model.model.vision_tower, "embeddings", None)
+    if emb is None or type(emb).__name__ != "Dinov2Embeddings":
+        return False
+    patch = model.config.vision_config.patch_size
+    n = (image_size // patch) ** 2
+    with torch.no_grad():
+        table = emb.interpolate_pos_encoding(torch.zeros(1, n + 1, emb.position_embeddings.shape[-1]),
+                                             image_size, image_size)
+    emb.position_embeddings = torch.nn.Parameter(table.to(emb.position_embeddings.dtype), requires_grad=False)
+    return True
+
+
+def _quantize_(model, adapter, quant: str) -> dict:
+    """XNNPACK's weight formats on the language model's decoder Linear layers (torchao, int8 activations
+    quantized per token at run time); a layer whose input width is not a multiple of the int4 group stays
+    in the float type and is reported."""
+    import torch
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    if quant == "int8":
+        config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+    else:
+        config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
+                                                       weight_granularity=PerGroup(QUANT_GROUP))
+    kept: list[dict] = []
+    count = 0
+
+    def chosen(module, fqn: str) -> bool:
+        nonlocal count
+        if not isinstance(module, torch.nn.Linear):
+            return False
+        if quant == "int4" and module.in_features % QUANT_GROUP:
+            kept.append({"module": fqn, "shape": list(module.weight.shape),
+                         "reason": f"input width {module.in_features} is not a multiple of {QUANT_GROUP}"})
+            return False
+        count += 1
+        return True
+
+    for layer in adapter.layers(model):
+        quantize_(layer, config, filter_fn=chosen)
+    return {"quantized_linears": count, "kept_float": kept}
+
+
+def _export(modules, sample: dict, max_seq_len: int, progress) -> dict:
+    import warnings
+
+    import torch
+
+    vision, embedding, decoder = modules
+    seq = torch.export.Dim("seq", min=1, max=max_seq_len - 1)
+    ids = sample["input_ids"][:, :4]
+    hidden = embedding(ids)
+    programs = {}
+    with torch.no_grad(), warnings.catch_warnings():
+        # dynamo lists transformers' module-level hook registries as side effects of tracing; they are
+        # not part of the exported graphs
+        warnings.filterwarnings("ignore", message="While compiling, we found certain side effects")
+        # strict=False for the vision encoder only: transformers' output-capturing hooks do not trace strictly,
+        # and the decoder needs strict tracing to lower (to_edge fails on its non-strict graph)
+        progress("export vision_encoder")
+        programs["vision_encoder"] = torch.export.export(vision, (sample["pixel_values"],), strict=False)
+        progress("export token_embedding")
+        programs["token_embedding"] = torch.export.export(embedding, (ids,), dynamic_shapes=({1: seq},), strict=True)
+        progress("export text_decoder")
+        programs["text_decoder"] = torch.export.export(
+            decoder, (hidden, torch.arange(ids.shape[1])), dynamic_shapes=({1: seq}, {0: seq}), strict=True)
+    return programs
+
+
+def _lower(programs: dict, metadata: dict, progress) -> bytes:
+    import warnings
+
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+
+    with warnings.catch_warnings():
+        # the emitter notes, once per cache buffer, that a mutated buffer's initial values are not stored:
+        # the decoder writes every cache position before it reads it (the causal mask hides the rest)
+        warnings.filterwarnings("ignore", message="Mutation on a buffer in the model is detected")
+        # torch deprecates pytree's LeafSpec, and ExecuTorch 1.5's passes still copy graphs that hold it: a note
+        # to ExecuTorch's authors, printed dozens of times per lowering
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+        progress("lower to XNNPACK")
+        edge = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()],
+                                           compile_config=EdgeCompileConfig(_check_ir_validity=False),
+                                           constant_methods=metadata)
+        progress("serialize")
+        return edge.to_executorch().buffer
+
+
+# ------------------------------------------------------------------------------------------ the check
+
+
+def rel_diff(got, ref) -> float:
+    return float((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30))
+
+
+def sample_inputs(processor, image_size: int) -> dict:
+    """The export's sample prompt: one synthetic image (a seeded pattern) and a question, through the model's
+    own chat template and processor, as ``vlmprune evaluate`` builds its prompts."""
+    import numpy as np
+    from PIL import Image
+
+    from vlmprune.export.pte_runtime import prompt_inputs
+
+    rng = np.random.default_rng(0)
+    grid = np.linspace(0, 255, image_size, dtype=np.float32)
+    pixels = np.stack([grid[None, :].repeat(image_size, 0), grid[:, None].repeat(image_size, 1),
+                       rng.uniform(0, 255, (image_size, image_size))], -1)
+    return prompt_inputs(processor, Image.fromarray(pixels.astype(np.uint8)), "What is in the picture? Answer briefly.")
+
+
+def reference(model, sample: dict, tokens: int) -> tuple:
+    """PyTorch's logits over the sample prompt and its greedy tokens (the modules the program was made from)."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(**sample).logits[0].float()
+        out = model.generate(**sample, max_new_tokens=tokens, do_sample=False)  # stops at an end id, as the runtime
+    return logits, out[0, sample["input_ids"].shape[1]:].tolist()
+
+
+# ------------------------------------------------------------------------------------------ the command
+
+
+@dataclass
+class PtePlan:
+    family: str
+    dtype: str
+    quant: str
+    max_seq_len: int
+    image_size: int
+    image_token_id: int
+    image_tokens: int
+    vocab_size: int
+    eos_ids: list[int]
+    layers: int
+    kv_heads: list[int]
+    head_dim: list[int]
+    notes: list[str] = field(default_factory=list)
+
+
+def export_executorch(model_dir: str | Path, output: str | Path, dtype: str = "float32", quant: str = "none",
+                      max_seq_len: int | None = None, image_size: int | None = None, overwrite: bool = False,
+                      trust_remote_code: bool = False) -> dict:
+    """Write ``model.pte`` (+ the processor files and export.json) for ``model_dir`` into ``output``; return
+    the record. Refusals (family, options, a program that does not reproduce PyTorch) write nothing."""
+    import torch
+
+    from vlmprune import __version__
+    from vlmprune.adapters import get_adapter
+    from vlmprune.checkpoint import load, load_processor
+    from vlmprune.export.pte_runtime import PteModel, set_image_size
+    from vlmprune.paths import atomic_output_dir, check_output
+
+    if dtype not in PTE_DTYPES:
+        raise VlmpruneError(f"--dtype {dtype}: choose one of {', '.join(PTE_DTYPES)}")
+    if quant not in PTE_QUANTS:
+        raise VlmpruneError(f"--quant {quant}: --format executorch takes {', '.join(PTE_QUANTS)}")
+    if quant != "none" and dtype != "float32":
+        raise VlmpruneError("--quant int8/int4 with --dtype bfloat16: XNNPACK's quantized kernels take float32 "
+                            "activations; export the quantized program in float32")
+    Runtime = require_executorch()
+    check_output(output, [("input model", model_dir)], overwrite)  # before the (slow) load
+    max_seq_len = max_seq_len or DEFAULT_MAX_SEQ_LEN
+    if max_seq_len < 16:
+        raise VlmpruneError(f"--max-seq-len {max_seq_len} is too short for a prompt with an image")
+    model = load(model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code).eval()
+    adapter = get_adapter(model)
+    family = check_family(model)
+    config = adapter.text_config(model)
+    if getattr(config, "max_position_embeddings", None):
+        max_seq_len = min(max_seq_len, config.max_position_embeddings)
+    shapes = _check_text(model, adapter, max_seq_len)
+    processor = load_processor(model_dir, trust_remote_code=trust_remote_code)
+    size = set_image_size(processor, image_size)
+    sample = sample_inputs(processor, size)
+    image_token_id = adapter.image_token_id(model)
+    n_image = int((sample["input_ids"] == image_token_id).sum())
+    if sample["input_ids"].shape[1] >= max_seq_len - CHECK_TOKENS:
+        raise VlmpruneError(f"the sample prompt with one image is {sample['input_ids'].shape[1]} tokens, too long "
+                            f"for --max-seq-len {max_seq_len}; raise it")
+    notes = []
+    if _fix_position_table_(model, size):
+        notes.append(f"DINOv2's position table is stored interpolated for {size} px images (DINOv2's own bicubic "
+                     f"interpolation, computed once)")
+    try:
+        float_logits, float_tokens = reference(model, sample, CHECK_TOKENS)
+    except (RuntimeError, ValueError) as exc:
+        raise VlmpruneError(f"the model does not run on an image of {size} px ({exc}); pick another --image-size"
+                            ) from None
+    quant_record = None
+    if dtype == "bfloat16":
+        model = model.to(torch.bfloat16)
+    if quant != "none":
+        quant_record = _quantize_(model, adapter, quant)
+    exported_logits, exported_tokens = (float_logits, float_tokens) if dtype == "float32" and quant == "none" \
+        else reference(model, sample, CHECK_TOKENS)
+    generation = getattr(model, "generation_config", None)
+    eos = _eos_ids(processor, generation)
+    plan = PtePlan(family, dtype, quant, max_seq_len, size, int(image_token_id), n_image,
+                   int(model.get_input_embeddings().weight.shape[0]), eos, len(shapes),
+                   [s.num_kv_heads for s in shapes], [s.head_dim for s in shapes], notes)
+    metadata = {"get_max_seq_len": max_seq_len, "get_max_context_len": max_seq_len,
+                "get_vocab_size": plan.vocab_size, "get_eos_ids": eos, "use_kv_cache": True,
+                "enable_dynamic_shape": True, "use_sdpa_with_kv_cache": False}
+    bos = getattr(getattr(processor, "tokenizer", processor), "bos_token_id", None)
+    if bos is not None:
+        metadata["get_bos_id"] = int(bos)
+
+    timings: dict[str, float] = {}
+    from tqdm.auto import tqdm
+
+    steps = ["export vision_encoder", "export token_embedding", "export text_decoder", "lower to XNNPACK",
+             "serialize", "check in the ExecuTorch runtime"]
+    bar = tqdm(total=len(steps), desc="executorch", unit="step")
+    clock = {"step": None, "t": time.perf_counter()}
+
+    def progress(step: str) -> None:
+        now = time.perf_counter()
+        if clock["step"] is not None:
+            timings[clock["step"]] = round(now - clock["t"], 2)
+            bar.update(1)
+        clock.update(step=step, t=now)
+        bar.set_postfix_str(step)
+
+    try:
+        modules = _modules(model, adapter, shapes, max_seq_len)
+        try:
+            programs = _export(modules, sample, max_seq_len, progress)
+            buffer = _lower(programs, metadata, progress)
+        except Exception as exc:  # noqa: BLE001 - torch.export / ExecuTorch's own errors: refused, named
+            message = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise VlmpruneError(f"{clock['step']} failed for this model ({type(exc).__name__}: {message}); "
+                                f"nothing was written") from exc
+        progress("check in the ExecuTorch runtime")
+        record: dict = {"vlmprune": __version__, "source": str(model_dir), "format": "executorch",
+                        "file": PTE_FILE, **asdict(plan), "methods": list(METHODS),
+                        "metadata": metadata, "backend": "XNNPACK", "quantization": quant_record}
+        with atomic_output_dir(output, overwrite=overwrite, inputs=[("input model", model_dir)]) as tmp:
+            (tmp / PTE_FILE).write_bytes(buffer)
+            processor.save_pretrained(tmp)
+            model.config.save_pretrained(tmp)  # what the processor files name (no weights: those are in the .pte)
+            runner = PteModel(tmp, runtime=Runtime)
+            missing = set(METHODS) - set(runner.program.method_names)
+            if missing:
+                raise VlmpruneError(f"the lowered program lacks {sorted(missing)}; nothing was written")
+            logits, tokens = runner.prompt_logits_and_tokens(sample, CHECK_TOKENS)
+            check = {"prompt_tokens": int(sample["input_ids"].shape[1]), "image_tokens": n_image,
+                     "rel_diff": rel_diff(logits, exported_logits), "tokens": tokens, "pytorch_tokens": exported_tokens,
+                     "rel_diff_vs_float32": rel_diff(logits, float_logits),
+                     "tokens_match_float32": tokens == float_tokens}
+            tol = TOLERANCE["float32" if dtype == "float32" and quant == "none" else "reduced"]
+            check["tolerance"] = tol
+            if not check["rel_diff"] <= tol or (tol == TOLERANCE["float32"] and tokens != exported_tokens):
+                raise VlmpruneError(
+                    f"the ExecuTorch program does not reproduce the PyTorch model on the sample prompt (logits rel. "
+                    f"diff {check['rel_diff']:.2e}, tolerance {tol:.0e}; greedy tokens {tokens} vs "
+                    f"{exported_tokens}); nothing was published. Please report it with the model's config.json")
+            timings["check in the ExecuTorch runtime"] = round(time.perf_counter() - clock["t"], 2)
+            bar.update(1)
+            record.update(check=check, timings_s=timings, bytes=(tmp / PTE_FILE).stat().st_size,
+                          files=sorted(p.name for p in tmp.iterdir() if not p.name.startswith(".")) + [RECORD_FILE])
+            (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    finally:
+        bar.close()
+    record["output"] = str(Path(output).resolve())
+    return record
+
+
+def _eos_ids(processor, generation) -> list[int]:
+    ids: list[int] = []
+    for source in (getattr(generation, "eos_token_id", None),
+                   getattr(getattr(processor, "tokenizer", processor), "eos_token_id", None)):
+        for i in source if isinstance(source, (list, tuple)) else [source]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    return ids

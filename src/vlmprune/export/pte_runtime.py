@@ -1,0 +1,179 @@
+"""Run a ``vlmprune export --format executorch`` directory in the ExecuTorch runtime (its Python Module API).
+
+``PteModel`` answers (image, question) turns the way ExecuTorch's multimodal runner does: the prompt is
+split around its run of image tokens, the text pieces go through ``token_embedding`` and the image through
+``vision_encoder``, the embeddings fill the KV cache through ``text_decoder`` (one call for the prompt),
+then greedy decoding one token at a time until an end-of-sequence id. The prompt is the model's own chat
+template through the processor saved beside the program (``vlmprune.data.collate.chat_inputs``, as
+``vlmprune evaluate`` builds prompts for Hugging Face models). ``vlmprune.evaluate.gguf`` scores tasks with it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from vlmprune.errors import VlmpruneError
+
+PTE_FILE = "model.pte"
+METHODS = ("vision_encoder", "token_embedding", "text_decoder")
+
+
+def require_executorch():
+    """ExecuTorch's runtime class, or the install hint."""
+    try:
+        from executorch.runtime import Runtime
+    except ImportError:
+        raise VlmpruneError("--format executorch needs PyTorch's ExecuTorch: pip install 'vlmprune[executorch]' "
+                            "(executorch 1.5, built for this torch)") from None
+    return Runtime
+
+
+def is_pte_dir(path: str | Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / PTE_FILE).is_file()
+
+
+def set_image_size(processor, image_size: int | None) -> int:
+    """The (square) image size the processor resizes to, set to ``image_size`` when given."""
+    from vlmprune.export.gguf_vision import _image_size
+
+    ip = getattr(processor, "image_processor", None)
+    if ip is None:
+        raise VlmpruneError("the model's processor has no image processor; the ExecuTorch export needs one")
+    if image_size is not None:
+        ip.size = {"height": image_size, "width": image_size}
+        if getattr(ip, "do_center_crop", False):
+            ip.crop_size = {"height": image_size, "width": image_size}
+    return _image_size(ip)
+
+
+def prompt_inputs(processor, image, question: str) -> dict:
+    """Processor inputs (batch of one) for a user turn: the image (a PIL image or None), then the question."""
+    from vlmprune.data.collate import chat_inputs
+
+    return chat_inputs(processor, [([image] if image is not None else [], question)])
+
+
+class PteModel:
+    """The program in ``folder/model.pte`` and the processor saved beside it, in this process."""
+
+    def __init__(self, folder: str | Path, runtime=None, threads: int | None = None):
+        import transformers
+
+        folder = Path(folder)
+        if not is_pte_dir(folder):
+            raise VlmpruneError(f"{folder} has no {PTE_FILE}: give a directory `vlmprune export --format executorch` "
+                                f"wrote")
+        runtime = runtime or require_executorch()
+        if threads:
+            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+            _unsafe_reset_threadpool(threads)
+        try:
+            self.program = runtime.get().load_program(folder / PTE_FILE)
+            self.methods = {name: self.program.load_method(name) for name in METHODS}
+        except (RuntimeError, ValueError) as exc:
+            raise VlmpruneError(f"ExecuTorch could not load {folder / PTE_FILE}: {exc}") from None
+        self.max_seq_len = int(self._constant("get_max_seq_len"))
+        self.eos_ids = {int(i) for i in self._constant("get_eos_ids", many=True)}
+        try:  # the processor files beside the program (no weights there, so not vlmprune.load_processor)
+            self.processor = transformers.AutoProcessor.from_pretrained(str(folder))
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise VlmpruneError(f"cannot load the processor saved beside {folder / PTE_FILE} ({exc}); export the "
+                                f"model again") from None
+        record = folder / "export.json"
+        self.record = json.loads(record.read_text()) if record.is_file() else {}
+        self.image_token_id = self.record.get("image_token_id", _image_token_id(self.processor))
+
+    def _constant(self, name: str, many: bool = False):
+        out = self.program.load_method(name).execute([])
+        return [int(v) for v in out] if many else out[0]
+
+    def _run(self, name: str, *inputs):
+        return self.methods[name].execute(list(inputs))[0]
+
+    def embed(self, inputs: dict):
+        """The prompt's embeddings [1, n, hidden]: text pieces embedded, the run of image tokens replaced by
+        the vision encoder's output."""
+        import torch
+
+        ids = inputs["input_ids"]
+        if ids.shape[0] != 1:
+            raise VlmpruneError("the ExecuTorch program runs one prompt at a time")
+        ids = ids[0].to(torch.long)
+        where = (ids == self.image_token_id).nonzero().flatten().tolist() if self.image_token_id is not None else []
+        if not where:
+            return self._run("token_embedding", ids[None])
+        first, last = where[0], where[-1]
+        if last - first + 1 != len(where) or inputs["pixel_values"].shape[0] != 1:
+            raise VlmpruneError("the ExecuTorch program takes one image per prompt (one run of image tokens)")
+        image = self._run("vision_encoder", inputs["pixel_values"].to(torch.float32))
+        if image.shape[1] != len(where):
+            raise VlmpruneError(f"the vision encoder gives {image.shape[1]} image tokens but the prompt has "
+                                f"{len(where)}: the image was not resized to the export's size")
+        parts = [self._run("token_embedding", ids[None, :first])] if first else []
+        parts.append(image.to(parts[0].dtype if parts else image.dtype))
+        if last + 1 < len(ids):
+            parts.append(self._run("token_embedding", ids[None, last + 1:]))
+        return torch.cat(parts, 1)
+
+    def prefill(self, embeds):
+        import torch
+
+        n = embeds.shape[1]
+        if n >= self.max_seq_len:
+            raise VlmpruneError(f"the prompt is {n} tokens; the program's KV cache holds {self.max_seq_len} "
+                                f"(export with a larger --max-seq-len)")
+        return self._run("text_decoder", embeds, torch.arange(n, dtype=torch.long))
+
+    def generate(self, inputs: dict, max_new_tokens: int) -> tuple[list[int], dict]:
+        """Greedy new token ids (the end-of-sequence id included when reached) and llama.cpp-style timings
+        (prompt_n / prompt_ms: embedding, image and prefill; predicted_n / predicted_ms: decoding)."""
+        ids, timings, _ = self._generate(inputs, max_new_tokens)
+        return ids, timings
+
+    def prompt_logits_and_tokens(self, inputs: dict, max_new_tokens: int):
+        """The logits over the whole prompt [n, vocab] and the greedy new tokens (the export's check)."""
+        ids, _, logits = self._generate(inputs, max_new_tokens)
+        return logits, ids
+
+    def _generate(self, inputs: dict, max_new_tokens: int):
+        import torch
+
+        started = time.perf_counter()
+        embeds = self.embed(inputs)
+        logits = self.prefill(embeds)
+        prompt_ms = 1000 * (time.perf_counter() - started)
+        pos = embeds.shape[1]
+        new: list[int] = []
+        started = time.perf_counter()
+        token = int(logits[0, -1].argmax())
+        while True:
+            new.append(token)
+            if token in self.eos_ids or len(new) >= max_new_tokens or pos >= self.max_seq_len:
+                break
+            step = self._run("token_embedding", torch.tensor([[token]], dtype=torch.long))
+            token = int(self._run("text_decoder", step, torch.tensor([pos], dtype=torch.long))[0, -1].argmax())
+            pos += 1
+        timings = {"prompt_n": int(embeds.shape[1]), "prompt_ms": prompt_ms, "predicted_n": len(new),
+                   "predicted_ms": 1000 * (time.perf_counter() - started)}
+        return new, timings, logits[0]
+
+    def answer(self, image: str | Path | None, question: str, max_new_tokens: int = 10) -> tuple[str, dict]:
+        """The greedy answer to one user turn (the image first, then the text, as the HF evaluator builds
+        it) and the timings, in the shape of :class:`vlmprune.export.runtime.LlamaCppModel`'s answer."""
+        from PIL import Image
+
+        picture = Image.open(image).convert("RGB") if image is not None else None
+        new, timings = self.generate(prompt_inputs(self.processor, picture, question), max_new_tokens)
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        return tokenizer.decode(new, skip_special_tokens=True).strip(), {"timings": timings}
+
+
+def _image_token_id(processor) -> int | None:
+    value = getattr(processor, "image_token_id", None)
+    if value is None and getattr(processor, "image_token", None):
+        tokenizer = getattr(processor, "tokenizer", processor)
+        value = tokenizer.convert_tokens_to_ids(processor.image_token)
+    return value

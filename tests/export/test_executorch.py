@@ -1,0 +1,168 @@
+"""vlmprune export --format executorch, run in the real ExecuTorch runtime (XNNPACK, Python Module API).
+
+One export of a tiny LLaVA (Llama backbone with per-layer heads, kv heads and MLP widths and a dropped
+layer, DINOv2 tower whose position table is interpolated) serves the module: the program's logits and
+greedy tokens against transformers on prompts other than the export's own sample, `vlmprune evaluate` on
+the directory against the PyTorch model, the per-layer KV cache. Families the runner cannot express are
+refused before anything is written. Lowering to XNNPACK dominates the time (2.5 to 12 minutes per program
+on this project's shared 2-core VM under load): the module lowers two programs (float32 and int4), and the
+tests that need one are marked ``slow`` (``pytest -m "not slow"`` leaves them out).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("executorch.runtime")
+
+from tiny_gguf import save_tiny_llava
+from tiny_models import build_tiny
+
+import vlmprune
+from vlmprune.errors import VlmpruneError
+from vlmprune.export import export_executorch
+from vlmprune.export.pte_runtime import PteModel, prompt_inputs
+from vlmprune.planning.plan import PruningPlan
+
+# per-layer widths (q heads, kv heads, MLP 50: not a multiple of the int4 group) and a dropped layer
+PER_LAYER = PruningPlan(drop_layers=[2], layers={0: {"kv_heads": [1], "q_heads": [2, 3]},
+                                                 1: {"mlp_channels": list(range(0, 100, 2))},
+                                                 3: {"q_heads": [0, 3]}})
+
+
+def rel_diff(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got - ref).abs().max() / ref.abs().max())
+
+
+def _image(seed: int, size: tuple[int, int] = (30, 22)):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pte-models")
+    folder = save_tiny_llava(root / "llava", layers=5, vision="dinov2")
+    model = vlmprune.load(folder, dtype=torch.float32)
+    vlmprune.apply_plan_(model, PER_LAYER)
+    return vlmprune.save_model(model, root / "llava-pruned", plan=PER_LAYER, source=folder)
+
+
+@pytest.fixture(scope="module")
+def exported(pruned, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("pte-out") / "fp32"
+    return out, export_executorch(pruned, out, max_seq_len=96)
+
+
+@pytest.mark.slow  # lowers a program to XNNPACK: minutes on a loaded 2-core machine
+def test_program_reproduces_transformers(pruned, exported):
+    out, record = exported
+    assert record["check"]["rel_diff"] <= 1e-4 and record["check"]["tokens"] == record["check"]["pytorch_tokens"]
+    model = vlmprune.load(pruned, dtype=torch.float32).eval()
+    runner = PteModel(out)
+    for seed, question in [(1, "How many dots are there?"), (2, "Is it red?")]:
+        inputs = prompt_inputs(runner.processor, _image(seed), question)  # not square: the processor resizes
+        assert int((inputs["input_ids"] == record["image_token_id"]).sum()) == record["image_tokens"] == 17
+        with torch.no_grad():
+            ref = model(**inputs).logits[0]
+            hf = model.generate(**inputs, max_new_tokens=10, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        logits, tokens = runner.prompt_logits_and_tokens(inputs, 10)
+        assert rel_diff(logits, ref) <= 1e-4, rel_diff(logits, ref)
+        assert tokens == hf.tolist()
+
+
+@pytest.mark.slow  # lowers a program to XNNPACK: minutes on a loaded 2-core machine
+def test_one_cache_per_layer_in_its_own_shape(exported):
+    out, record = exported
+    assert record["layers"] == 4  # one of five dropped
+    assert record["kv_heads"] == [1, 2, 2, 2] and record["head_dim"] == [16] * 4
+    assert record["methods"] == ["vision_encoder", "token_embedding", "text_decoder"]
+    assert record["metadata"]["get_max_seq_len"] == 96 and record["metadata"]["get_eos_ids"]
+    assert any("DINOv2" in note for note in record["notes"])
+    names = sorted(p.name for p in out.iterdir())
+    assert {"model.pte", "export.json", "tokenizer.json", "processor_config.json"} <= set(names)
+    assert not [n for n in names if n.endswith(".safetensors")]
+    assert json.loads((out / "export.json").read_text())["bytes"] == (out / "model.pte").stat().st_size
+    runner = PteModel(out)
+    meta = runner.program.metadata("text_decoder")
+    assert meta.num_inputs() == 2
+    assert runner.max_seq_len == 96
+
+
+@pytest.mark.slow  # lowers a program to XNNPACK: minutes on a loaded 2-core machine
+def test_evaluate_answers_as_pytorch_does(pruned, exported, tmp_path):
+    from vlmprune.evaluate.run import evaluate_model_dir
+
+    records = []
+    for k in range(3):
+        _image(10 + k).save(tmp_path / f"{k}.png")
+        records.append({"id": k, "image": f"{k}.png", "type": "shape", "conversations": [
+            {"from": "human", "value": "<image>\nWhat shape is it?"}, {"from": "gpt", "value": "circle"}]})
+    task = tmp_path / "task.json"
+    task.write_text(json.dumps(records))
+    got = evaluate_model_dir(model=str(exported[0]), tasks=[], task_file=str(task), max_new_tokens=6,
+                             output=str(tmp_path / "result.json"))
+    ref = evaluate_model_dir(model=str(pruned), tasks=[], task_file=str(task), max_new_tokens=6, batch_size=1)
+    assert got["runtime"].startswith("ExecuTorch")
+    predictions = [[e["prediction"] for e in r["tasks"]["task"]["examples"]] for r in (got, ref)]
+    assert predictions[0] == predictions[1] and len(predictions[0]) == 3
+    assert got["timings"]["generated_tokens"] >= 3 and got["timings"]["decode_tokens_per_s"] > 0
+    assert got["disk_bytes"] == (exported[0] / "model.pte").stat().st_size
+    with pytest.raises(VlmpruneError, match="--lmms-tasks"):
+        evaluate_model_dir(model=str(exported[0]), tasks=[], lmms_tasks="mme")
+
+
+@pytest.mark.slow  # lowers a program to XNNPACK: minutes on a loaded 2-core machine
+def test_int4_keeps_the_odd_width_in_float_and_stays_close(pruned, tmp_path):
+    record = export_executorch(pruned, tmp_path / "int4", quant="int4", max_seq_len=96)
+    quant = record["quantization"]
+    # 4 layers x 7 Linear layers, less the MLP down projection of width 50 (not a multiple of 32)
+    assert quant["quantized_linears"] == 27
+    assert [k["shape"] for k in quant["kept_float"]] == [[64, 50]]
+    assert record["check"]["rel_diff"] <= record["check"]["tolerance"]
+
+
+@pytest.mark.parametrize("family, reason", [("gemma3", "in both directions"), ("qwen2_5_vl", "M-RoPE"),
+                                            ("idefics3", "not supported yet")])
+def test_families_the_runner_cannot_express_are_refused(family, reason, tmp_path):
+    folder = vlmprune.save_model(build_tiny(family), tmp_path / family)
+    out = tmp_path / "out"
+    with pytest.raises(VlmpruneError, match=reason):
+        export_executorch(folder, out)
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_cli_refuses_options_of_the_other_format(pruned, tmp_path):
+    from vlmprune.cli import main
+
+    out = tmp_path / "out"
+    assert main(["export", str(pruned), "--format", "executorch", "--output", str(out), "--quant", "q8_0"]) == 2
+    assert main(["export", str(pruned), "--format", "gguf", "--output", str(out), "--dtype", "bfloat16"]) == 2
+    assert main(["export", str(pruned), "--format", "executorch", "--output", str(out), "--quant", "int8",
+                 "--dtype", "bfloat16"]) == 2
+    assert main(["export", str(pruned), "--format", "executorch", "--output", str(out), "--max-seq-len", "8"]) == 2
+    assert not out.exists()
+
+
+def test_reference_tokens_stop_at_the_end_id_as_the_runtime_does(pruned):
+    """The check compares the runtime's greedy tokens (which stop at an end-of-sequence id) with PyTorch's:
+    PyTorch's must stop there too (a model that answers at once gives one token, the end id)."""
+    from vlmprune.export.pte import _eos_ids, reference, sample_inputs
+
+    model = vlmprune.load(pruned, dtype=torch.float32).eval()
+    processor = vlmprune.load_processor(pruned)
+    eos = _eos_ids(processor, model.generation_config)[0]
+    with torch.no_grad():
+        model.lm_head.weight[eos] = 50 * model.lm_head.weight.abs().max()  # the end id wins at every position
+        model.lm_head.weight[eos] *= torch.sign(model.model.language_model.norm.weight)
+    sample = sample_inputs(processor, 28)
+    logits, tokens = reference(model, sample, 8)
+    assert logits.shape == (sample["input_ids"].shape[1], model.config.text_config.vocab_size)
+    assert tokens[-1] == eos and len(tokens) < 8
