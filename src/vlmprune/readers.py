@@ -54,22 +54,27 @@ def parse_json(text: str | bytes, what: str, error: type[VlmpruneError] = Vlmpru
     return value
 
 
+def _read_text(path: Path, what: str, kind: str, error: type[VlmpruneError]) -> str:
+    """The UTF-8 text of a ``kind`` (JSON, YAML) file; a missing file, a folder or unreadable bytes refused."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{what}: file not found ({path})") from None
+    except IsADirectoryError:
+        raise error(f"{what} is a directory, not a {kind} file") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} is not valid {kind}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it "
+                    f"as UTF-8") from None
+    except OSError as exc:
+        raise error(f"cannot read {what}: {exc.strerror or exc}") from None
+
+
 def read_json(path: str | Path, what: str | None = None, error: type[VlmpruneError] = VlmpruneError,
               unique_keys: bool = False) -> Any:
     """The JSON value of the file ``path`` (see :func:`parse_json`); a missing file, a folder, unreadable
     bytes are refused with ``error`` too."""
-    path = Path(path)
     what = what or str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise error(f"{what}: file not found ({path})") from None
-    except IsADirectoryError:
-        raise error(f"{what} is a directory, not a JSON file") from None
-    except UnicodeDecodeError as exc:
-        raise error(f"{what} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
-    except OSError as exc:
-        raise error(f"cannot read {what}: {exc.strerror or exc}") from None
+    text = _read_text(Path(path), what, "JSON", error)
     return parse_json(text, what, error, unique_keys)
 
 
@@ -102,18 +107,8 @@ def parse_yaml(text: str, what: str, error: type[VlmpruneError] = VlmpruneError)
 
 def read_yaml_file(path: str | Path, what: str | None = None, error: type[VlmpruneError] = VlmpruneError) -> Any:
     """The YAML value of the file ``path`` (see :func:`parse_yaml`)."""
-    path = Path(path)
     what = what or str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise error(f"{what}: file not found ({path})") from None
-    except IsADirectoryError:
-        raise error(f"{what} is a directory, not a YAML file") from None
-    except UnicodeDecodeError as exc:
-        raise error(f"{what} is not valid YAML: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise error(f"cannot read {what}: {exc.strerror or exc}") from None
+    text = _read_text(Path(path), what, "YAML", error)
     return parse_yaml(text, what, error)
 
 

@@ -102,6 +102,14 @@ def check_family(model) -> None:
                             f"--no-vision to export the text model alone")
 
 
+def _image_processor(processor):
+    """The processor's image processor (its size and normalisation go into the mmproj), or a clear refusal."""
+    ip = getattr(processor, "image_processor", None)
+    if ip is None:
+        raise VlmpruneError("the model's processor has no image processor; the mmproj needs its size and normalisation")
+    return ip
+
+
 def plan_vision(model, adapter, processor) -> VisionPlan:
     """What the mmproj will hold, or a refusal naming the reason (nothing written yet)."""
     check_family(model)
@@ -128,9 +136,7 @@ def plan_vision(model, adapter, processor) -> VisionPlan:
     if not 1 <= blocks <= n:
         raise VlmpruneError(f"vision_feature_layer={layer} of a {n}-block tower reads no block output; not supported")
     strategy = getattr(config, "vision_feature_select_strategy", "default")
-    ip = getattr(processor, "image_processor", None)
-    if ip is None:
-        raise VlmpruneError("the model's processor has no image processor; the mmproj needs its size and normalisation")
+    ip = _image_processor(processor)
     size = _image_size(ip)
     if tower != "dinov2" and size != vc.image_size:
         raise VlmpruneError(f"the image processor makes {size}-px images but the tower was built for "
@@ -160,9 +166,7 @@ def _plan_gemma3(model, processor) -> VisionPlan:
     RMSNorm (1 + w), one projection matrix: llama.cpp's gemma3 graph, the same computation."""
     config = model.config
     vc = config.vision_config
-    ip = getattr(processor, "image_processor", None)
-    if ip is None:
-        raise VlmpruneError("the model's processor has no image processor; the mmproj needs its size and normalisation")
+    ip = _image_processor(processor)
     size = _image_size(ip)
     if size != vc.image_size or size % vc.patch_size:
         raise VlmpruneError(f"the image processor makes {size}-px images for a {vc.image_size}-px tower with "
@@ -228,9 +232,7 @@ def _plan_internvl(model, processor) -> VisionPlan:
     from the end, so the patches it keeps are the model's."""
     config = model.config
     vc = config.vision_config
-    ip = getattr(processor, "image_processor", None)
-    if ip is None:
-        raise VlmpruneError("the model's processor has no image processor; the mmproj needs its size and normalisation")
+    ip = _image_processor(processor)
     size = _image_size(ip)
     vsize = vc.image_size[0] if isinstance(vc.image_size, (list, tuple)) else vc.image_size
     patch = vc.patch_size[0] if isinstance(vc.patch_size, (list, tuple)) else vc.patch_size
