@@ -64,7 +64,14 @@ def fake_batch(model, batch: int, text: int = 40, answer: int = 8, seed: int = 0
 REAL_SHAPES = ("qwen2.5-vl-3b", "llava-1.5-7b")
 
 
-def _real_config(shape: str):
+def _real_config(shape: str, text_layers: int | None = None):
+    config = _full_config(shape)
+    if text_layers:  # the same widths, fewer decoder layers (what one layer costs, on a smaller machine)
+        config.text_config.num_hidden_layers = text_layers
+    return config
+
+
+def _full_config(shape: str):
     if shape == "qwen2.5-vl-3b":  # Qwen/Qwen2.5-VL-3B-Instruct config.json
         from transformers import Qwen2_5_VLConfig
 
@@ -91,13 +98,13 @@ def _real_config(shape: str):
     raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(REAL_SHAPES)}")
 
 
-def build_real(shape: str, dtype=torch.bfloat16, device: str = "cpu", seed: int = 0):
+def build_real(shape: str, dtype=torch.bfloat16, device: str = "cpu", seed: int = 0, text_layers: int | None = None):
     """A whole VLM at a real checkpoint's shape with random weights, built on the meta device first
     (no time spent on initialisation), then each parameter materialised once in ``dtype`` on ``device``
     (normal(0, 0.02); norms 1, biases 0). Buffers (rotary tables) are built normally."""
     from accelerate import init_empty_weights
 
-    config = _real_config(shape)
+    config = _real_config(shape, text_layers)
     cls = transformers.AutoModelForImageTextToText._model_mapping[type(config)]
     with init_empty_weights(include_buffers=False):
         model = cls._from_config(config, dtype=dtype)

@@ -56,7 +56,8 @@ def forward_only(model, batches) -> None:
             model.model(**{k: v for k, v in batch.items() if k != "labels"})
 
 
-def worker(method: str, criterion: str, samples: int, batch_size: int, shape: str, dtype: str, device: str) -> dict:
+def worker(method: str, criterion: str, samples: int, batch_size: int, shape: str, dtype: str, device: str,
+           text_layers: int | None = None) -> dict:
     import torch
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -68,7 +69,7 @@ def worker(method: str, criterion: str, samples: int, batch_size: int, shape: st
     torch_dtype = getattr(torch, dtype)
     base = reset_peak(device)
     if shape in REAL_SHAPES:
-        model = build_real(shape, torch_dtype, device)
+        model = build_real(shape, torch_dtype, device, text_layers=text_layers)
         make = lambda i: fake_real_batch(model, batch_size, seed=i, image_px=112)  # noqa: E731
     else:
         model = build_llava(shape, torch_dtype).to(device)
@@ -94,7 +95,8 @@ def worker(method: str, criterion: str, samples: int, batch_size: int, shape: st
         score_and_plan(model, method, 0.2, criterion, batches)
     seconds = time.perf_counter() - t0
     peak = peak_mb(device)
-    return {"shape": shape, "dtype": dtype, "device": device, "batch_size": batch_size, "batches": len(batches),
+    return {"shape": shape, "text_layers": text_layers, "dtype": dtype, "device": device, "batch_size": batch_size,
+            "batches": len(batches),
             "tokens_per_batch": int(batches[0]["input_ids"].numel()),
             "method": method, "criterion": criterion, "seconds": seconds, "weights_mb": weights,
             "rss_before_model_mb": base, "peak_rss_mb": peak, "layer_statistics_mb": stats_mb,
@@ -164,7 +166,8 @@ def command_main(args) -> None:
     criteria = args.criteria.split(",") if args.criteria else list(COMMAND_CRITERIA)
     rows = []
     for repeat in range(args.repeats):  # repeats outermost: a disturbance spreads over criteria
-        for name in [c + m for c in criteria for m in ("", *([f"+{args.compensate}"] if args.compensate else []))]:
+        modes = args.compensate.split(",") if args.compensate else []
+        for name in [c + m for c in criteria for m in ("", *(f"+{mode}" for mode in modes))]:
             criterion, _, compensate = name.partition("+")
             method = COMMAND_CRITERIA.get(criterion, "width")
             out = workdir / f"out-{name}"
@@ -173,8 +176,9 @@ def command_main(args) -> None:
             if criterion not in DATA_FREE or compensate:
                 argv += ["--calibration", str(calibration), "--num-samples", str(args.samples),
                          "--max-length", str(args.max_length), "--batch-size", str(args.batch_size)]
-            if compensate:
-                argv += ["--compensate", compensate]
+            mode, _, fit = compensate.partition("-")  # ls-oneshot: every fit on the unpruned model's states
+            argv += ["--compensate", mode or "none"]  # the plain rows are plain (auto would fit with data)
+            argv += ["--no-compensate-sequential"] if fit == "oneshot" else []
             load_before = os.getloadavg()[0]
             seconds, peak, code = run_vlmprune(argv, workdir / f"{name}.log", env)
             if code != 0:
@@ -273,6 +277,8 @@ def main() -> None:
     parser.add_argument("--batch-sizes", help="comma-separated batch sizes (overrides --batch-size)")
     parser.add_argument("--dtype", help="float32 / bfloat16 (default: bfloat16 for real shapes, else float32)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--text-layers", type=int, help="real shapes: build only this many decoder layers (same "
+                                                        "widths; a layer's cost on a machine too small for all)")
     parser.add_argument("--criteria", help="comma-separated subset (references: forward, backward)")
     parser.add_argument("--json", help="write the rows here (appended as they come with --jsonl)")
     parser.add_argument("--jsonl", help="append each row to this file as soon as it is measured")
@@ -287,8 +293,8 @@ def main() -> None:
                          help="share of the decoder layers' parameters to cut")
     command.add_argument("--src", help="PYTHONPATH of the prune processes (another checkout's src, to compare)")
     command.add_argument("--label", default="", help="a name for these rows (e.g. before / after)")
-    command.add_argument("--compensate", help="also run each criterion with --compensate MODE, interleaved "
-                         "(the rows' criterion reads CRITERION+MODE)")
+    command.add_argument("--compensate", help="also run each criterion with --compensate MODE (comma-separated; "
+                         "ls-oneshot: with --no-compensate-sequential), interleaved (rows read CRITERION+MODE)")
     command.add_argument("--workdir", default="/tmp/vlmprune-prune-cost")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
@@ -305,7 +311,7 @@ def main() -> None:
     if args.worker:
         method, criterion, bs = args.worker.split(":")
         samples = args.samples or (int(bs) if real else 64)
-        print(json.dumps(worker(method, criterion, samples, int(bs), args.shape, dtype, args.device)))
+        print(json.dumps(worker(method, criterion, samples, int(bs), args.shape, dtype, args.device, args.text_layers)))
         return
     wanted = set(args.criteria.split(",")) if args.criteria else None
     groups = {**CRITERIA, "reference": ["forward", "backward"], "compensate": ["ls"]}
@@ -319,6 +325,7 @@ def main() -> None:
                     continue
                 cmd = [sys.executable, __file__, "--worker", f"{method}:{criterion}:{bs}", "--shape", args.shape,
                        "--dtype", dtype, "--device", args.device]
+                cmd += ["--text-layers", str(args.text_layers)] if args.text_layers else []
                 if args.samples:
                     cmd += ["--samples", str(args.samples)]
                 out = subprocess.run(cmd, capture_output=True, text=True)

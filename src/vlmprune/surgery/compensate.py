@@ -55,11 +55,11 @@ from vlmprune.dispatch import input_device
 from vlmprune.errors import VlmpruneError
 from vlmprune.planning.plan import LayerKeep, PruningPlan
 from vlmprune.summary import layer_shapes
-from vlmprune.vocab import COMPENSATE_LAYERS, COMPENSATE_MODES
+from vlmprune.vocab import COMPENSATE_FITS, COMPENSATE_LAYERS
 
 log = logging.getLogger(__name__)
 
-MODES = COMPENSATE_MODES
+MODES = COMPENSATE_FITS  # auto is resolved by PruneConfig
 DEFAULT_RIDGE = 1e-3
 # where an underdetermined fit (fewer calibration tokens than kept inputs) is pulled instead
 UNDERDETERMINED_RIDGE = 1e-1
@@ -155,24 +155,29 @@ def _run_layer(layer: nn.Module, index: int, batches: list[_Batch], fallback: to
 
 
 class _Gram:
-    """Sums of z z^T, z and the token count of one projection's input at the positions that count."""
+    """Sums of z z^T, z and the token count of one projection's input at the positions that count, and the
+    energy sum ||W z||^2 of its output (what the relative errors are relative to)."""
 
     def __init__(self, module: nn.Linear, masks: list[torch.Tensor]):
         n = module.in_features
         self.gram = torch.zeros(n, n, dtype=torch.float64)
         self.sum = torch.zeros(n, dtype=torch.float64)
-        self.count = 0
+        self.count, self.energy = 0, 0.0
         self.masks, self.batch = masks, 0
         self.module = module
-        self.handle = module.register_forward_pre_hook(self._add)
+        self.handle = module.register_forward_hook(self._add)
 
-    def _add(self, module, args) -> None:
+    def _add(self, module, args, output) -> None:
         x = args[0]
         mask = self.masks[self.batch].to(x.device)
         z = x[mask].float()  # [N, F]
-        self.gram += (z.T @ z).double().cpu()
-        self.sum += z.sum(0).double().cpu()
+        self.gram += (z.T @ z).cpu()  # float32 product, float64 sums (no float64 copy of the product)
+        self.sum += z.sum(0).cpu()
         self.count += z.shape[0]
+        y = output[mask].float()
+        if module.bias is not None:
+            y = y - module.bias.float()
+        self.energy += float(y.double().square().sum())
 
     def close(self) -> None:
         self.handle.remove()
@@ -193,17 +198,39 @@ def _removed_columns(adapter: Adapter, layer: nn.Module, shape,
     return list(out.values())
 
 
-def _solve(gkk: torch.Tensor, gkr: torch.Tensor, ridge: float) -> tuple[torch.Tensor, float]:
-    """B^T = (G_KK + lambda I)^-1 G_KR in float64, lambda = ridge x mean diagonal (raised until it factors)."""
+def _solve(gkk: torch.Tensor, gkr: torch.Tensor, ridge: float) -> tuple[torch.Tensor, float, float]:
+    """B^T = (G_KK + lambda I)^-1 G_KR in float64, lambda = ridge x mean diagonal (raised until it factors).
+
+    ``gkk`` is a scratch block the caller gives up: the damping goes onto its diagonal in place (no second
+    |K|^2 matrix). Returns (B^T, the relative ridge used, lambda)."""
     scale = float(gkk.diagonal().mean())
     if not math.isfinite(scale) or scale <= 0:
-        return torch.zeros_like(gkr), ridge  # the kept inputs never fire: nothing to fit from
-    eye = torch.eye(gkk.shape[0], dtype=gkk.dtype)
+        return torch.zeros_like(gkr), ridge, 0.0  # the kept inputs never fire: nothing to fit from
+    diagonal, added = gkk.diagonal(), 0.0
     while True:
-        factor, info = torch.linalg.cholesky_ex(gkk + ridge * scale * eye)
+        diagonal.add_(ridge * scale - added)
+        added = ridge * scale
+        factor, info = torch.linalg.cholesky_ex(gkk)
         if int(info) == 0:
-            return torch.cholesky_solve(gkr, factor), ridge
+            return torch.cholesky_solve(gkr, factor), ridge, added
+        del factor
         ridge *= 10
+
+
+def _blocks(gram: torch.Tensor, removed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(G_KK, G_KR, G_RR), each copied once out of ``gram`` (so ``gram`` can go before the solve)."""
+    K, R = (~removed).nonzero().flatten(), removed.nonzero().flatten()
+    return gram[K[:, None], K], gram[K[:, None], R], gram[R[:, None], R]
+
+
+def _fold(W: torch.Tensor, gkk: torch.Tensor, gkr: torch.Tensor, removed: torch.Tensor,
+          ridge: float) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """(new weight, B, relative ridge used, lambda): W_K' = W_K + W_R B, removed columns zeroed (float64)."""
+    Bt, used, damp = _solve(gkk, gkr, ridge)  # [|K|, |R|]
+    new = W.double().clone()
+    new[:, ~removed] += new[:, removed] @ Bt.T
+    new[:, removed] = 0
+    return new, Bt.T, used, damp
 
 
 def ridge_fold(weight: torch.Tensor, gram: torch.Tensor, removed: torch.Tensor,
@@ -214,22 +241,21 @@ def ridge_fold(weight: torch.Tensor, gram: torch.Tensor, removed: torch.Tensor,
     Returns (new weight with the removed columns zeroed, B [|R|, |K|] = G_RK (G_KK + lambda I)^-1,
     the relative ridge used); lambda = ridge x the mean diagonal of G_KK.
     """
-    R, K = removed, ~removed
-    W = weight.double()
-    Bt, used = _solve(gram[K][:, K], gram[K][:, R], ridge)  # [|K|, |R|]
-    new = W.clone()
-    new[:, K] += W[:, R] @ Bt.T
-    new[:, R] = 0
-    return new, Bt.T, used
+    gkk, gkr, _ = _blocks(gram, removed)
+    new, B, used, _ = _fold(weight, gkk, gkr, removed, ridge)
+    return new, B, used
 
 
-def _residual_energy(WR: torch.Tensor, C: torch.Tensor, R: torch.Tensor, B: torch.Tensor | None) -> float:
-    """sum over tokens of ||W_R (z_R - B z_K)||^2 from the (centred) sums C (B None: ||W_R z_R||^2)."""
-    K = ~R
-    M = C[R][:, R]
-    if B is not None:  # covariance of the fit's residual z_R - B z_K
-        M = M - B @ C[K][:, R] - C[R][:, K] @ B.T + B @ C[K][:, K] @ B.T
-    return float(torch.einsum("or,rs,os->", WR, M, WR))
+def _residual_energy(WR: torch.Tensor, crr: torch.Tensor, ckr: torch.Tensor | None = None,
+                     B: torch.Tensor | None = None, damp: float = 0.0) -> float:
+    """sum over tokens of ||W_R (z_R - B z_K)||^2 from the (centred) sums' blocks C_RR, C_KR (B None:
+    ||W_R z_R||^2).
+
+    ``B`` must be the ridge solution B (C_KK + damp I) = C_RK: then the residual's covariance
+    C_RR - B C_KR - C_RK B^T + B C_KK B^T is C_RR - B C_KR - damp B B^T, which costs |R|^2 |K| instead of
+    |R| |K|^2 and needs no C_KK."""
+    M = crr if B is None else crr - B @ ckr - damp * (B @ B.T)
+    return float(((WR @ M) * WR).sum())
 
 
 @torch.no_grad()
@@ -241,37 +267,44 @@ def _compensate_width(module: nn.Linear, removed: torch.Tensor, stats: _Gram, mo
     W = module.weight.detach().double().cpu()
     WR = W[:, R]
     G, mu = stats.gram, stats.sum / max(n, 1)
-    if not (torch.isfinite(G).all() and torch.isfinite(mu).all()):
+    # |G_ij| <= (G_ii + G_jj) / 2: a finite diagonal is a finite matrix
+    if not (torch.isfinite(G.diagonal()).all() and torch.isfinite(mu).all() and math.isfinite(stats.energy)):
         raise VlmpruneError(f"{where}: calibration statistics are not finite (inf/NaN activations); nothing was "
                             f"written. Load in float32 (--dtype float32) or check the calibration data")
-    energy = float(torch.einsum("of,fg,og->", W, G, W)) or 1.0
-    before = _residual_energy(WR, G, R, None) / energy
+    energy = stats.energy or 1.0
+    Ri = R.nonzero().flatten()
+    before = _residual_energy(WR, G[Ri[:, None], Ri]) / energy
     record = {"removed": int(R.sum()), "kept": int(K.sum()), "tokens": n, "error_before": before}
     if n == 0:
         log.warning("%s: no calibration token reached it; its cut stays uncompensated", where)
         record.update(error_after=before, skipped="no calibration tokens")
         _zero_columns_(module, R)
         return record
-    centred = module.bias is not None  # a bias takes the mean part; the fit is on centred sums
-    C = G - n * torch.outer(mu, mu) if centred else G
+    centred = module.bias is not None or mode == "bias"  # a bias takes the mean part; the fit is on centred sums
+    if centred:
+        G -= n * torch.outer(mu, mu)  # in place: the sums are not needed uncentred again
     if mode == "bias":
         module.bias.add_((WR @ mu[R]).to(module.bias))
         _zero_columns_(module, R)
-        record.update(error_after=_residual_energy(WR, G - n * torch.outer(mu, mu), R, None) / energy)
+        record.update(error_after=_residual_energy(WR, G[Ri[:, None], Ri]) / energy)
         return record
     if n < int(K.sum()) and ridge < UNDERDETERMINED_RIDGE:
         log.warning("%s: %d calibration tokens for %d kept inputs: the fit is underdetermined; ridge raised from %g "
                     "to %g x the mean diagonal (more --num-samples gives a sharper fit)", where, n, int(K.sum()),
                     ridge, UNDERDETERMINED_RIDGE)
         ridge = UNDERDETERMINED_RIDGE
-    new, B, used = ridge_fold(W, C, R, ridge)
+    ckk, ckr, crr = _blocks(G, R)
+    del G
+    stats.gram = None  # one layer's statistics at a time: the full matrix goes before the solve
+    new, B, used, damp = _fold(W, ckk, ckr, R, ridge)
+    del ckk
     if used > ridge:
         log.warning("%s: the Gram matrix of its %d kept inputs over %d calibration tokens is singular at ridge %g; "
                     "solved at ridge %g x the mean diagonal", where, int(K.sum()), n, ridge, used)
     module.weight.copy_(new.to(module.weight))
     if centred:
         module.bias.add_((WR @ (mu[R] - B @ mu[K])).to(module.bias))
-    record.update(error_after=_residual_energy(WR, C, R, B) / energy, ridge=used)
+    record.update(error_after=_residual_energy(WR, crr, ckr, B, damp) / energy, ridge=used)
     return record
 
 
