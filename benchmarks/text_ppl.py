@@ -147,12 +147,12 @@ def main() -> None:
                          "--max-length", str(args.max_length)]
             if attention:
                 argv += ["--attention", attention]
+            argv += ["--compensate", compensate]  # none is explicit: with --calibration the default fits
             if compensate != "none":
-                argv += ["--compensate", compensate]
                 if "--calibration" not in argv:
                     argv += ["--calibration", str(calibration), "--num-samples", str(args.samples),
                              "--max-length", str(args.max_length)]
-                argv += ["--compensate-sequential"] if args.sequential else []
+                argv += [] if args.sequential else ["--no-compensate-sequential"]
                 argv += ["--compensate-ridge", str(args.ridge)] if args.ridge else []
             seconds, peak, code = run_prune(argv, args.workdir / f"{out_dir.name}.log")
             if code != 0:

@@ -33,7 +33,8 @@ def test_configs_offer_the_vocabulary():
 def test_owners_act_on_the_vocabulary():
     assert calibrate.TOKEN_CHOICES is vocab.TOKENS
     assert solve.ATTENTION_MODES is vocab.ATTENTION_MODES
-    assert compensate.MODES is vocab.COMPENSATE_MODES
+    assert compensate.MODES is vocab.COMPENSATE_FITS
+    assert vocab.COMPENSATE_MODES == ("auto", *vocab.COMPENSATE_FITS)
     assert tuple(convert.FAMILIES) == vocab.CONVERT_FAMILIES
     assert "DATASETS" in inspect.getsource(datasets.demo_data)
 

@@ -444,12 +444,14 @@ class WidthOptions:
 class CompensationOptions:
     """Update the kept weights to stand in for what a cut removes (the study's ``compensation:`` section)."""
 
-    mode: str = opt("none", "update the kept weights to stand in for what goes, from the calibration data: "
+    mode: str = opt("auto", "update the kept weights to stand in for what goes, from the calibration data: "
                             "ls (least squares into o_proj / down_proj, and a linear map for dropped layers; "
-                            "no new parameter), bias (FLAP's mean into the consumer's bias), none",
+                            "no new parameter), bias (FLAP's mean into the consumer's bias), none (a plain cut), "
+                            "auto (ls when --calibration is given, else none)",
                     choices=COMPENSATE_MODES, key="compensate")
-    sequential: bool = opt(False, "compensate layer by layer on the states of the already cut and compensated "
-                                  "layers (errors do not compound; one more pass per layer)",
+    sequential: bool = opt(True, "compensate layer by layer on the states of the already cut and compensated "
+                                 "layers, so errors do not compound (--no-compensate-sequential: every fit on the "
+                                 "unpruned model's states)",
                            key="compensate_sequential")
     ridge: float = opt(1e-3, "ridge of the compensation fits, times the mean diagonal of the Gram matrix",
                        type=float, key="compensate_ridge")
@@ -464,10 +466,8 @@ class CompensationOptions:
     def __post_init__(self):
         one_of("compensate", self.mode, COMPENSATE_MODES, allow_none=False)
         positive("compensate_ridge", self.ridge, allow_none=False, kind=float)
-        if self.mode == "none" and self.sequential:
-            raise VlmpruneError("--compensate-sequential applies to a compensated cut: add --compensate ls")
         one_of("compensate_layers", self.layers, COMPENSATE_LAYERS, allow_none=False)
-        if self.select and self.mode != "ls":
+        if self.select and self.mode not in ("ls", "auto"):
             raise VlmpruneError("--compensate-select chooses what the least-squares fit makes up best: add "
                                 "--compensate ls")
 
@@ -570,6 +570,12 @@ class PruneConfig:
         if p.method == "layer" and self.width.changed():
             raise VlmpruneError(f"{self.width.changed()[0]} applies to --method width only; --method layer drops "
                                 f"whole layers")
+        if self.compensation.mode == "auto":  # resolved here, so the run record and resolved config name it
+            mode = "ls" if self.calibration.path else "none"
+            if self.compensation.select and mode == "none":
+                raise VlmpruneError("--compensate-select chooses what the least-squares fit makes up best, on "
+                                    "calibration data: add --calibration DATA")
+            object.__setattr__(self, "compensation", dataclasses.replace(self.compensation, mode=mode))
         if self.compensation.mode != "none" and not self.calibration.path:
             raise VlmpruneError(f"--compensate {self.compensation.mode} fits the kept weights on calibration data: "
                                 f"add --calibration DATA (the plan or scores alone do not carry the activations)")
@@ -1114,8 +1120,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls, overrides: bool = True) 
         if not meta.get("cli", True):
             continue
         kwargs: dict[str, Any] = {"help": meta.get("help", ""), "default": argparse.SUPPRESS}
-        if f.type in ("bool", bool):
-            kwargs["action"] = "store_true"
+        if f.type in ("bool", bool):  # an option on by default is turned off by --no-FLAG
+            kwargs["action"] = argparse.BooleanOptionalAction if f.default is True else "store_true"
         else:
             if meta.get("type"):
                 kwargs["type"] = meta["type"]

@@ -31,7 +31,6 @@ from typing import Any
 import yaml
 
 from vlmprune.config import (
-    COMPENSATE_MODES,
     CalibrationOptions,
     CompensationOptions,
     EvalConfig,
@@ -51,6 +50,7 @@ from vlmprune.paths import STUDY, claim_output, write_marker
 from vlmprune.planning.plan import PLAN_FILE
 from vlmprune.readers import read_json, read_yaml_file
 from vlmprune.record import PruneRecord, RunRecord
+from vlmprune.vocab import COMPENSATE_FITS
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ DEFAULTS: dict[str, Any] = {
     "criterion": {"layer": "block_influence", "width": "taylor"},
     "width": {"attention": "groups", "mlp_multiple": None},
     # how a grid's `compensate` axis fits (vlmprune prune)
-    "compensation": {"sequential": False, "ridge": None, "select": False, "layers": "map"},
+    "compensation": {"sequential": True, "ridge": None, "select": False, "layers": "map"},
     "evaluation": {"tasks": ["easyvqa", "digits"], "limit": None, "task_file": None, "batch_size": 32,
                    "data_dir": None, "max_new_tokens": 10},
     "recovery": {},
@@ -231,9 +231,9 @@ def expand_grid(config: dict) -> list[Cell]:
             raise VlmpruneError(f"grid axes are method, criterion, ratio or target, recipe, fraction, quantization, "
                                 f"compensate; got {sorted(unknown)}")
         compensations = [str(c) for c in axes.get("compensate", ["none"])]
-        bad = [c for c in compensations if c not in COMPENSATE_MODES]
+        bad = [c for c in compensations if c not in COMPENSATE_FITS]
         if bad:
-            raise VlmpruneError(f"grid names compensate {bad}; modes: {', '.join(COMPENSATE_MODES)}")
+            raise VlmpruneError(f"grid names compensate {bad}; modes: {', '.join(COMPENSATE_FITS)}")
         if "ratio" in axes and "target" in axes:
             raise VlmpruneError(f"a grid block takes ratio or target, not both: {block}; write two blocks")
         from vlmprune.config import parse_target
@@ -525,9 +525,9 @@ def _prune_cell(study: _Study, cell: Cell) -> Path:
     if cell.method == "auto":
         options["layer_criterion"] = config["criterion"]["layer"]
         shared = []  # auto scores two criteria and searches: nothing to share
+    options["compensation"] = dataclasses.replace(sections["compensation"], mode=cell.compensate)
     if cell.compensate != "none":  # the fits need the calibration data, even where scores are shared
-        options.update(compensation=dataclasses.replace(sections["compensation"], mode=cell.compensate),
-                       calibration=calibration)
+        options["calibration"] = calibration
     if shared:  # one calibration serves every ratio of a method and criterion (and every compensation)
         options["scores"] = str(shared[0])
     else:

@@ -22,8 +22,10 @@ TOKENS = ("all", "text", "image", "answer")
 # (vlmprune.planning.solve)
 ATTENTION_MODES = ("groups", "heads", "none")
 
-# prune --compensate: what a cut's kept weights take over (vlmprune.surgery.compensate)
-COMPENSATE_MODES = ("none", "ls", "bias")
+# prune --compensate: what a cut's kept weights take over (vlmprune.surgery.compensate); auto (the default) is
+# ls when the prune reads calibration data, none when it reads none
+COMPENSATE_FITS = ("none", "ls", "bias")
+COMPENSATE_MODES = ("auto", *COMPENSATE_FITS)
 # prune --compensate-layers: what stands in for a run of dropped layers under --compensate ls
 COMPENSATE_LAYERS = ("map", "scale", "map+scale")
 

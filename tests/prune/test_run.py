@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import transformers
+import yaml
 from checks import assert_close, check_config, greedy, labelled, logits
 from reference import skipped, zeroed
 from tiny_models import FAMILIES, build_tiny, make_inputs
@@ -122,8 +123,8 @@ def test_cli_prune_with_calibration(tiny_repo, tmp_path, args):
     model_dir, data = tiny_repo.model, tiny_repo.data
     out = tmp_path / "pruned"
     argv = ["prune", "--model", str(model_dir), "--calibration", str(data), "--image-folder", str(tiny_repo.images),
-            "--num-samples", "6", "--batch-size", "2", "--output", str(out), *args]
-    assert main(argv) == 0
+            "--num-samples", "6", "--batch-size", "2", "--output", str(out), "--compensate", "none", *args]
+    assert main(argv) == 0  # a plain cut: the saved model is the plan applied to the original
     plan = json.loads((out / "pruning_plan.json").read_text())
     record = json.loads((out / "run.json").read_text())["prune"]
     assert record["criterion"] in ("block_influence", "taylor") and (out / "scores.json").is_file()
@@ -142,6 +143,24 @@ def test_cli_prune_with_calibration(tiny_repo, tmp_path, args):
     assert torch.equal(logits(reloaded, inputs), logits(expected, inputs))
     processor = transformers.AutoProcessor.from_pretrained(out)
     assert processor.tokenizer.chat_template
+
+
+def test_cli_prune_compensates_by_default_with_calibration(tiny_repo, tmp_path):
+    """--compensate auto (the default) is ls, sequential, when calibration data is given, and none without."""
+    common = ["prune", "--model", str(tiny_repo.model), "--method", "width", "--ratio", "0.2", "--mlp-multiple", "8"]
+    fitted, plain = tmp_path / "fitted", tmp_path / "plain"
+    assert main([*common, "--calibration", str(tiny_repo.data), "--image-folder", str(tiny_repo.images),
+                 "--num-samples", "6", "--batch-size", "2", "--output", str(fitted)]) == 0
+    assert main([*common, "--criterion", "magnitude", "--output", str(plain)]) == 0
+    record = json.loads((fitted / "run.json").read_text())["prune"]["compensation"]
+    assert (record["mode"], record["sequential"]) == ("ls", True) and record["layers"]
+    assert yaml.safe_load((fitted / "resolved_config.yaml").read_text())["compensation"]["mode"] == "ls"
+    assert json.loads((plain / "run.json").read_text())["prune"].get("compensation") in (None, {"mode": "none"})
+    # the fitted cut differs from the plain cut of the same plan
+    plan = vlmprune.PruningPlan.from_dict(json.loads((fitted / "pruning_plan.json").read_text()))
+    expected = apply_plan_(vlmprune.load(tiny_repo.model), plan)
+    inputs = make_inputs("llava_llama_gqa", expected)
+    assert not torch.allclose(logits(vlmprune.load(fitted), inputs), logits(expected, inputs))
 
 
 @pytest.mark.parametrize("argv_tail, message", [

@@ -384,8 +384,13 @@ def test_obs_select_picks_the_unit_with_the_least_loss_after_the_fold():
 def test_cli_compensate_select_needs_ls(tiny_repo, tmp_path, capsys):
     out = tmp_path / "pruned"
     assert main(["prune", "--model", str(tiny_repo.model), "--calibration", str(tiny_repo.data), "--output", str(out),
-                 "--method", "width", "--ratio", "0.2", "--compensate-select"]) == 2
+                 "--method", "width", "--ratio", "0.2", "--compensate", "none", "--compensate-select"]) == 2
     assert "--compensate ls" in capsys.readouterr().err
+    assert not out.exists()
+    # the default (auto) is ls only with calibration data: without it, select names the data to add
+    assert main(["prune", "--model", str(tiny_repo.model), "--output", str(out), "--method", "width",
+                 "--ratio", "0.2", "--criterion", "magnitude", "--compensate-select"]) == 2
+    assert "add --calibration DATA" in capsys.readouterr().err
     assert not out.exists()
 
 
