@@ -32,6 +32,7 @@ import numpy as np
 
 from vlmprune.config import GGUF_K_QUANTS as K_QUANTS
 from vlmprune.config import GGUF_NUMPY_QUANTS as NUMPY_QUANTS
+from vlmprune.config import refuse_imatrix_quant
 from vlmprune.errors import VlmpruneError
 from vlmprune.readers import read_json
 
@@ -48,27 +49,28 @@ _QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?
 
 
 def ggml_type(name: str):
+    """The gguf package's type for a tensor type name (f32, f16, bf16, q8_0, q4_0, q4_k, q6_k, ...)."""
     import gguf
 
-    T = gguf.GGMLQuantizationType
-    return {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[name]
+    return gguf.GGMLQuantizationType[name.upper()]
 
 
 def file_type(name: str):
+    """general.file_type of a --quant (f32, q8_0, q4_k_m, ...)."""
     import gguf
 
-    F = gguf.LlamaFileType
-    return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0,
-            "q4_0": F.MOSTLY_Q4_0}[name]
+    return gguf.LlamaFileType.ALL_F32 if name == "f32" else gguf.LlamaFileType[f"MOSTLY_{name.upper()}"]
 
 
 @dataclass
 class TensorWriter:
-    """Adds tensors to a GGUFWriter in the requested type; 1-D tensors stay f32, and a matrix whose
-    rows do not fill whole quant blocks falls back (q8_0/q4_0 -> f16) and is recorded."""
+    """Adds tensors to a GGUFWriter in the requested type; 1-D tensors stay f32. With ``quant`` q8_0 / q4_0
+    (numpy) a matrix whose rows do not fill whole 32-blocks falls back to f16; with a K-quant ``mix`` each
+    matrix gets the mix's type (llama.cpp's kernels) and falls back as llama.cpp does. Fallbacks are recorded."""
 
     writer: object
     quant: str
+    mix: object = None  # gguf_quant.Mix for the K-quant mixes
     fallbacks: list[dict] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
 
@@ -78,17 +80,25 @@ class TensorWriter:
         data = np.ascontiguousarray(data, dtype=np.float32)
         want = quant or self.quant
         kind = "f32" if data.ndim <= 1 else want
-        if kind in ("q8_0", "q4_0"):
+        reason = None
+        if data.ndim > 1 and quant is None and self.mix is not None:
+            want, kind, reason = self.mix.choose(name, data.shape)
+        elif kind in ("q8_0", "q4_0"):
             block = gguf.GGML_QUANT_SIZES[ggml_type(kind)][0]
             if data.shape[-1] % block:
-                self.fallbacks.append({"tensor": name, "shape": list(data.shape), "wanted": kind, "written": "f16",
-                                       "reason": f"row length {data.shape[-1]} is not a multiple of {block}"})
-                kind = "f16"
+                reason, kind = f"row length {data.shape[-1]} is not a multiple of {block}", "f16"
+        if reason is not None:
+            self.fallbacks.append({"tensor": name, "shape": list(data.shape), "wanted": want, "written": kind,
+                                   "reason": reason})
         qtype = ggml_type(kind)
         if kind == "f32":
             self.writer.add_tensor(name, data)
         elif kind == "f16":
             self.writer.add_tensor(name, data.astype(np.float16))
+        elif self.mix is not None:  # every quantized type of a K-quant file: llama.cpp's kernels
+            from vlmprune.export.gguf_quant import quantize
+
+            self.writer.add_tensor(name, quantize(data, kind), raw_dtype=qtype)
         else:
             self.writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         self.counts[kind] = self.counts.get(kind, 0) + 1
@@ -96,14 +106,14 @@ class TensorWriter:
 
 def check_quant(quant: str) -> None:
     """Refuse a quant this installation cannot write, before any work."""
+    refuse_imatrix_quant(quant)
     if quant in NUMPY_QUANTS:
         return
     if quant in K_QUANTS:
-        raise VlmpruneError(
-            f"--quant {quant}: K-quants need llama.cpp's own quantizer, and no installed llama.cpp binding offers it "
-            f"(xllamacpp has none; llama-cpp-python's llama_model_quantize would). Export with --quant f16 and run "
-            f"llama.cpp's `llama-quantize model.gguf model-{quant.upper()}.gguf {quant.upper()}`, or pick one of "
-            f"{', '.join(NUMPY_QUANTS)}")
+        from vlmprune.export.gguf_quant import library
+
+        library()  # llama.cpp's quantizer, or the error naming the extra
+        return
     raise VlmpruneError(f"--quant {quant} is not known; choose one of {', '.join(QUANTS)}")
 
 
@@ -270,7 +280,6 @@ def write_text_gguf(path: Path, model, adapter, plan: TextPlan, tok, quant: str,
     names = gguf.TensorNameMap(arch_enum, n_layer)
     # tensors spool to a temporary file as they are added (not all held in memory until the end)
     writer = gguf.GGUFWriter(str(path), plan.arch, use_temp_file=True)
-    tensors = TensorWriter(writer, quant)
 
     writer.add_type(gguf.GGUFType.MODEL)
     notes = []
@@ -283,6 +292,8 @@ def write_text_gguf(path: Path, model, adapter, plan: TextPlan, tok, quant: str,
         name = re.sub(r"(?i)phi-?3", "phi 3", name)
     writer.add_name(name)
     writer.add_file_type(file_type(quant))
+    if quant not in ("f32", "f16", "bf16"):
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     hidden = config.hidden_size
     writer.add_context_length(int(getattr(config, "max_position_embeddings", 2048)))
     writer.add_embedding_length(hidden)
@@ -316,6 +327,12 @@ def write_text_gguf(path: Path, model, adapter, plan: TextPlan, tok, quant: str,
     writer.add_vocab_size(n_vocab)
     head = model.get_output_embeddings().weight if model.get_output_embeddings() is not None else embed
     tied = head.data_ptr() == embed.data_ptr()
+    mix = None
+    if quant in K_QUANTS:
+        from vlmprune.export.gguf_quant import Mix
+
+        mix = Mix(quant, n_layer, plan.heads[0] // plan.kv_heads[0], tied)
+    tensors = TensorWriter(writer, quant, mix)
 
     def numpy(t: torch.Tensor) -> np.ndarray:
         return t.detach().to(torch.float32).cpu().numpy()
