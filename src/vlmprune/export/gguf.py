@@ -1,6 +1,7 @@
 """The text model of a (pruned) VLM as a GGUF file for llama.cpp.
 
-Written with the PyPI ``gguf`` package only (``GGUFWriter``, ``TensorNameMap``, numpy quantizers).
+Written with the PyPI ``gguf`` package (``GGUFWriter``, ``TensorNameMap``, numpy quantizers); the K-quant
+mixes are quantized by llama.cpp's own kernels (``vlmprune.export.gguf_quant``).
 What llama.cpp can hold decides the architecture, before anything is written:
 
 * Llama / Mistral backbones with the same widths in every layer -> ``llama``; with per-layer heads,
