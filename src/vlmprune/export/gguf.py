@@ -15,6 +15,9 @@ What llama.cpp can hold decides the architecture, before anything is written:
   per-layer widths -> ``deci``: the fused matrices are split into q / k / v and gate / up, and q / k
   rows permuted from its rotate-half RoPE to deci's interleaved one, as for Qwen2.
 * Gemma 3 with uniform widths -> ``gemma3``; per-layer widths are refused.
+* Qwen2.5-VL with uniform widths -> ``qwen2vl`` (Qwen2 layers with M-RoPE: ``rope.dimension_sections``
+  from ``mrope_section``, so image tokens get their (time, row, column) positions); per-layer widths
+  are refused (that graph reads layer 0's widths, and deci has no M-RoPE).
 * Everything else is refused, naming the reason and the fix.
 
 Dropped layers need nothing special: the model has fewer layers, ``block_count`` says so and the
@@ -131,12 +134,14 @@ class TextPlan:
     ffn: list[int]
     head_dim: int
     permute_qk: bool
+    rope_sections: list[int] | None = None  # qwen2vl: M-RoPE pairs per (time, height, width, -) position
 
 
 _LLAMA_LIKE = ("llama", "mistral")
 _QWEN2_LIKE = ("qwen2",)
 _GEMMA3_LIKE = ("gemma3_text",)
 _PHI3_LIKE = ("phi3",)
+_QWEN2VL_LIKE = ("qwen2_5_vl_text",)
 
 
 def plan_text(model, adapter) -> TextPlan:
@@ -192,6 +197,20 @@ def plan_text(model, adapter) -> TextPlan:
         if not uniform:  # phi3 reads layer 0's widths; deci is its Llama graph with per-layer widths
             return TextPlan("deci", family, True, heads, kv, ffn, head_dim, True)
         return TextPlan("phi3", family, False, heads, kv, ffn, head_dim, False)
+    if family in _QWEN2VL_LIKE:
+        if act != "silu":
+            raise VlmpruneError(f"{family} backbone with hidden_act={act}: llama.cpp's qwen2vl graph uses SiLU only")
+        if getattr(config, "use_sliding_window", False):
+            raise VlmpruneError(f"{family} with use_sliding_window=True: llama.cpp's qwen2vl graph has no "
+                                f"sliding-window attention; not supported by the GGUF export")
+        sections = _mrope_sections(config, head_dim)
+        if not uniform:
+            raise VlmpruneError(
+                f"this Qwen2.5-VL backbone has per-layer widths ({_width_summary(heads, kv, ffn)}), but llama.cpp's "
+                f"qwen2vl graph (the one with M-RoPE, which image positions need) builds every layer with layer 0's "
+                f"widths, so a GGUF of it would be wrong. Prune it with uniform widths instead "
+                f"(`vlmprune prune --stock ...`), then export")
+        return TextPlan("qwen2vl", family, False, heads, kv, ffn, head_dim, False, sections)
     if family in _GEMMA3_LIKE:
         if not uniform:
             raise VlmpruneError(
@@ -200,7 +219,7 @@ def plan_text(model, adapter) -> TextPlan:
                 f"with uniform widths instead (`vlmprune prune --stock ...`), then export")
         _check_gemma3(config, head_dim)
         return TextPlan("gemma3", family, False, heads, kv, ffn, head_dim, False)
-    supported = ", ".join(_LLAMA_LIKE + _QWEN2_LIKE + _PHI3_LIKE + ("gemma3",))
+    supported = ", ".join(_LLAMA_LIKE + _QWEN2_LIKE + _PHI3_LIKE + ("gemma3",) + _QWEN2VL_LIKE)
     raise VlmpruneError(f"GGUF export of a {family} language backbone is not supported yet (supported: {supported}); "
                         f"nothing was written. Export the checkpoint with llama.cpp's convert_hf_to_gguf.py if the "
                         f"model has stock widths, or use `vlmprune quantize` for an int8 Hugging Face checkpoint")
@@ -256,6 +275,21 @@ def _check_rope(config, family: str) -> None:
         raise VlmpruneError(f"{family} backbone with partial_rotary_factor={partial}: not supported")
 
 
+def _mrope_sections(config, head_dim: int) -> list[int]:
+    """Qwen2.5-VL's mrope_section (rotary pairs driven by the time, height and width positions) as llama.cpp's
+    four rope.dimension_sections; plain (non-interleaved) M-RoPE only."""
+    _, rope = _rope(config)
+    if rope["type"] not in ("default", "mrope"):
+        raise VlmpruneError(f"Qwen2.5-VL backbone with rope type {rope['type']!r}: not supported by the GGUF export")
+    sections = rope.get("mrope_section") or (getattr(config, "rope_scaling", None) or {}).get("mrope_section")
+    if rope.get("mrope_interleaved"):
+        raise VlmpruneError("interleaved M-RoPE (Qwen3-VL style) is not llama.cpp's qwen2vl rope; not supported")
+    if not sections or len(sections) > 4 or sum(sections) != head_dim // 2:
+        raise VlmpruneError(f"mrope_section {sections} does not split the {head_dim // 2} rotary pairs of a head; "
+                            f"the GGUF export cannot write it")
+    return [int(x) for x in sections] + [0] * (4 - len(sections))
+
+
 # ------------------------------------------------------------------------------------------ writing
 
 
@@ -277,7 +311,7 @@ def write_text_gguf(path: Path, model, adapter, plan: TextPlan, tok, quant: str,
     n_layer = len(plan.heads)
     arch_enum = {"llama": gguf.MODEL_ARCH.LLAMA, "deci": gguf.MODEL_ARCH.DECI,
                  "qwen2": gguf.MODEL_ARCH.QWEN2, "gemma3": gguf.MODEL_ARCH.GEMMA3,
-                 "phi3": gguf.MODEL_ARCH.PHI3}[plan.arch]
+                 "phi3": gguf.MODEL_ARCH.PHI3, "qwen2vl": gguf.MODEL_ARCH.QWEN2VL}[plan.arch]
     names = gguf.TensorNameMap(arch_enum, n_layer)
     # tensors spool to a temporary file as they are added (not all held in memory until the end)
     writer = gguf.GGUFWriter(str(path), plan.arch, use_temp_file=True)
@@ -320,7 +354,16 @@ def write_text_gguf(path: Path, model, adapter, plan: TextPlan, tok, quant: str,
     else:
         theta, _ = _rope(config)
         writer.add_rope_freq_base(theta)
+    if plan.rope_sections is not None:
+        writer.add_rope_dimension_sections(plan.rope_sections)
     writer.add_layer_norm_rms_eps(float(getattr(config, "rms_norm_eps", 1e-6)))
+    if plan.arch == "qwen2vl":
+        # measured: this llama.cpp build's qwen2vl loader reads only rope.dimension_sections
+        # (llama_model_qwen2vl::load_arch_hparams; the qwen2 reading it used to fall through to is gone)
+        notes.append(f"llama.cpp's qwen2vl graph ignores the RMS-norm epsilon written in the file "
+                     f"({getattr(config, 'rms_norm_eps', 1e-6)}) and normalises with 0: invisible for hidden "
+                     f"states of trained models, but an all-zero hidden state (e.g. an all-zero embedding row) "
+                     f"becomes NaN")
 
     state = {k: v for k, v in lm.state_dict().items()}
     embed = lm.get_input_embeddings().weight
