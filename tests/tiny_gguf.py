@@ -475,6 +475,68 @@ def write_probe(path: Path, tokenizer_folder: Path, hidden: int, silent: list[st
     return model.config.text_config.vocab_size
 
 
+def write_mrope_probe(path: Path, tokenizer_folder: Path, hidden: int, quiet: list[str],
+                      distances: tuple[int, int, int], sharpness: float = 400.0, theta: float = 3.0,
+                      sections: tuple[int, int, int] = (4, 14, 14)) -> int:
+    """:func:`probe_model` for an M-RoPE text model (llama.cpp's qwen2vl; the mmproj of Qwen2.5-VL needs one): a
+    one-layer Qwen2.5-VL text model whose last position reads out the input embedding at the (time, row, column)
+    position distances ``distances`` back, i.e. one image token. The rotary pairs of each M-RoPE section are
+    tuned to their own distance (a small rope base keeps every section's frequencies high enough to tell
+    neighbours apart). llama.cpp's qwen2vl graph normalises with epsilon 0 (see export/gguf.py), so the
+    ``quiet`` tokens embed to 1e-4-scale vectors instead of zero. Written by the export's own writer; returns
+    the vocabulary size."""
+    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    import vlmprune.export.gguf as text
+    from vlmprune.adapters import get_adapter
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_folder)
+    config = Qwen2_5_VLConfig(
+        text_config={"vocab_size": len(tok), "hidden_size": hidden, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 1, "num_key_value_heads": 1, "rms_norm_eps": 1e-12,
+                     "max_position_embeddings": 512, "bos_token_id": tok.bos_token_id,
+                     "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": theta,
+                                         "mrope_section": list(sections)}},
+        vision_config={"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                       "out_hidden_size": hidden, "patch_size": 7, "fullatt_block_indexes": [0]})
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    layer = model.model.language_model.layers[0]
+    half = hidden // 2
+    inv = theta ** (-torch.arange(half, dtype=torch.float64) * 2 / hidden)
+    owner = torch.repeat_interleave(torch.arange(3), torch.tensor(sections))  # the section of each rotary pair
+    d = torch.tensor(distances, dtype=torch.float64)[owner]
+    r = sharpness ** 0.5
+    with torch.no_grad():
+        attn = layer.self_attn
+        attn.q_proj.weight.zero_()
+        attn.k_proj.weight.zero_()
+        q = torch.zeros(hidden, dtype=torch.float64)
+        q[:half] = r
+        k = torch.zeros(hidden, dtype=torch.float64)
+        k[:half] = r * torch.cos(d * inv)
+        k[half:] = r * torch.sin(d * inv)
+        attn.q_proj.bias.copy_(q.float())
+        attn.k_proj.bias.copy_(k.float())
+        attn.v_proj.weight.copy_(torch.eye(hidden))
+        attn.v_proj.bias.zero_()
+        attn.o_proj.weight.copy_(torch.eye(hidden))
+        layer.mlp.down_proj.weight.zero_()
+        layer.input_layernorm.weight.fill_(1.0)
+        model.model.language_model.norm.weight.fill_(1.0)
+        emb = model.get_input_embeddings().weight
+        for t in quiet:
+            emb[tok.convert_tokens_to_ids(t)] = torch.randn(hidden) * 1e-4
+        head = model.get_output_embeddings().weight
+        head.zero_()
+        head[:hidden, :hidden] = torch.eye(hidden)
+    adapter = get_adapter(model)
+    plan = text.plan_text(model, adapter)
+    text.write_text_gguf(path, model, adapter, plan, text.TokenizerSource(tokenizer_folder, None), "f32", "probe")
+    return len(tok)
+
+
 def partial_utf8_ids(tokenizer) -> list[int]:
     """Byte-level tokens that are not valid UTF-8 on their own."""
     from gguf.vocab import bytes_to_unicode

@@ -141,3 +141,44 @@ def test_irregular_full_attention_blocks_are_refused(folder, tmp_path, monkeypat
     with pytest.raises(VlmpruneError, match=r"fullatt_block_indexes=\[0, 1\]"):
         export_gguf(copy, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_mmproj_image_embeddings_match_pytorch(folder, exported, tmp_path):
+    """Every image embedding llama.cpp injects, read one by one through an M-RoPE probe text model
+    (tests/tiny_gguf.py), against the tower and merger's tokens: a 2 x 9-token image, whose columns
+    0-7 and 8 fall in different attention windows. Each read token must be the closest to its own
+    PyTorch token (the probe tells the 18 apart) and match it to cosine >= 0.9999."""
+    from tiny_gguf import write_mrope_probe
+
+    out, record, processor = exported
+    model = vlmprune.load(folder, dtype=torch.float32)
+    img, b64 = _image(28, 126)
+    pixels = processor.image_processor(img, return_tensors="pt")
+    with torch.no_grad():
+        tokens = model.model.get_image_features(pixels["pixel_values"], pixels["image_grid_thw"]).pooler_output[0]
+    rows, cols = 2, 9
+    assert tokens.shape[0] == rows * cols
+    hidden = model.config.text_config.hidden_size
+    # "a" at 0, <|vision_start|> at 1, image token (y, x) at (time 2, row 2 + y, column 2 + x), <|vision_end|> at
+    # 2 + max(rows, cols), "b" (the reading position) at 3 + max(rows, cols)
+    last = 3 + max(rows, cols)
+    message = [{"role": "user", "content": [{"type": "text", "text": "a"},
+                                            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64}},
+                                            {"type": "text", "text": "b"}]}]
+    lowest = 1.0
+    for k in range(rows * cols):
+        y, x = divmod(k, cols)
+        probe = tmp_path / "probe.gguf"
+        n_vocab = write_mrope_probe(probe, folder, hidden, ["a", "b", "<|vision_start|>", "<|vision_end|>"],
+                                    (last - 2, last - 2 - y, last - 2 - x))
+        llama = LlamaCpp(probe, out / "mmproj.gguf", chat_template=RAW_TEMPLATE)
+        keep = processor.tokenizer.convert_tokens_to_ids("a")
+        llama.banned = [i for i in range(n_vocab) if i != keep]
+        got = llama.chat(message, top_logprobs=n_vocab)
+        assert got["usage"]["prompt_tokens"] == rows * cols + 4
+        logprobs = {p["id"]: p["logprob"] for p in got["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
+        read = torch.tensor([logprobs[j] - logprobs[hidden] for j in range(hidden)])
+        cos = torch.nn.functional.cosine_similarity(read[None], tokens, dim=-1)
+        assert int(cos.argmax()) == k, (k, cos)
+        lowest = min(lowest, float(cos[k]))
+    assert lowest >= 0.9999, lowest  # measured 0.99999976
