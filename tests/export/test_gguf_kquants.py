@@ -175,6 +175,8 @@ def test_importance_matrix_mixes_are_refused_by_name(models, tmp_path):
         export_gguf(models["wide"], tmp_path / "out", quant="iq2_xxs")
     with pytest.raises(VlmpruneError, match="q2_k_s needs an importance matrix"):  # a config file's value
         ExportConfig(model=str(models["wide"]), output=str(tmp_path / "out"), quant="q2_k_s")
+    with pytest.raises(VlmpruneError, match="K-quant mixes are for the text model"):
+        export_gguf(models["wide"], tmp_path / "out", quant="q4_k_m", vision_quant="q4_k_m")
     assert not (tmp_path / "out").exists()
 
 
