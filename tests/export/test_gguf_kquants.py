@@ -77,6 +77,20 @@ def test_llama_cpp_kernels_give_blocks_the_gguf_package_reads():
         assert np.array_equal(quantize(data, kind), gguf.quants.quantize(data, qtype))
 
 
+def test_quantizing_in_parallel_chunks_gives_the_bytes_of_one_call():
+    """quantize() splits the rows over threads (ctypes releases the GIL); the bytes are those of one
+    ggml_quantize_chunk call over the whole matrix."""
+    import gguf
+
+    from vlmprune.export.gguf_quant import library, quantize
+
+    data = np.random.default_rng(1).standard_normal((3000, 512)).astype(np.float32)  # several chunks
+    whole = np.empty((3000, 512 // 256 * 144), dtype=np.uint8)
+    qtype = int(gguf.GGMLQuantizationType.Q4_K)
+    assert library().ggml_quantize_chunk(qtype, data.ctypes.data, whole.ctypes.data, 0, 3000, 512, None) == whole.nbytes
+    assert np.array_equal(quantize(data, "q4_k"), whole)
+
+
 # llama.cpp's mixes on the 8-layer model, written out by hand from src/llama-quant.cpp (llama_tensor_get_type)
 MORE_BITS = {0, 3, 6, 7}
 EXPECTED = {

@@ -30,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,7 +118,21 @@ def quantize(data: np.ndarray, kind: str) -> np.ndarray:
     row_bytes = lib.ggml_row_size(int(qtype), n_per_row)
     out = np.empty((*data.shape[:-1], row_bytes), dtype=np.uint8)
     lib.ggml_quantize_init(int(qtype))
-    written = lib.ggml_quantize_chunk(int(qtype), data.ctypes.data, out.ctypes.data, 0, rows, n_per_row, None)
+
+    def chunk(first: int, count: int) -> int:  # ctypes releases the GIL: chunks run in parallel, as in llama-quantize
+        return lib.ggml_quantize_chunk(int(qtype), data.ctypes.data, out.ctypes.data, first * n_per_row, count,
+                                       n_per_row, None)
+
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    step = max(1, -(-rows // (4 * threads)), 2**18 // n_per_row)  # at least ~256k weights a call
+    spans = [(first, min(step, rows - first)) for first in range(0, rows, step)]
+    if len(spans) == 1:
+        written = chunk(*spans[0])
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(threads, len(spans))) as pool:
+            written = sum(pool.map(lambda span: chunk(*span), spans))
     if written != out.nbytes or not lib.ggml_validate_row_data(int(qtype), out.ctypes.data, out.nbytes):
         raise VlmpruneError(f"llama.cpp's {kind} quantizer rejected a tensor of shape {data.shape} (non-finite "
                             f"weights?); nothing was written")
