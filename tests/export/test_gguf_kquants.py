@@ -130,6 +130,16 @@ def test_mix_writes_the_types_llama_cpp_would(models, tmp_path, quant):
     assert fields["general.file_type"].contents() == LlamaFileType[f"MOSTLY_{quant.upper()}"]
 
 
+def test_phi3_fused_qkv_is_mixed_as_a_value_matrix(tmp_path):
+    """llama.cpp counts Phi-3's fused attn_qkv with the value matrices (more bits in the same layers)."""
+    folder = save_tiny_llava(tmp_path / "phi3", text="phi3", **WIDE)
+    export_gguf(folder, tmp_path / "out", quant="q4_k_m", vision=False)
+    types = _types(tmp_path / "out" / "model.gguf")
+    assert {i: types[f"blk.{i}.attn_qkv.weight"] for i in range(8)} == {
+        i: "q6_k" if i in MORE_BITS else "q4_k" for i in range(8)}
+    assert {types[f"blk.{i}.ffn_up.weight"] for i in range(8)} == {"q4_k"}  # the fused gate / up
+
+
 def test_tied_embedding_gets_the_output_type(models, tmp_path):
     export_gguf(models["tied"], tmp_path / "out", quant="q4_k_m", vision=False)
     types = _types(tmp_path / "out" / "model.gguf")
