@@ -79,8 +79,10 @@ def test_text_model_is_qwen2vl_and_matches_transformers(folder, exported):
     llama = LlamaCpp(out / "model.gguf")
     llama.banned = partial_utf8_ids(tok)
     assert llama.prompt_tokens(PROMPT) == len(ids)  # the string tokenized by llama.cpp: the same ids
-    diff = rel_diff(llama.first_logprobs(ids, model.config.text_config.vocab_size), hf_logprobs(model, ids))
+    n_vocab = model.config.text_config.vocab_size
+    diff = rel_diff(llama.first_logprobs(ids, n_vocab), hf_logprobs(model, ids))
     assert diff <= 1e-3, diff  # measured 9.7e-8
+    assert rel_diff(llama.first_logprobs(PROMPT, n_vocab), hf_logprobs(model, ids)) <= 1e-3
     assert llama.greedy(ids, 10) == hf_greedy(model, ids, 10, llama.banned)
 
 
