@@ -202,6 +202,68 @@ INTERNVL_SPECIALS = {"start_image_token": "<img>", "end_image_token": "</img>",
                      "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
 
 
+QWEN_VL_SPECIALS = {"vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>",
+                    "image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
+
+
+def save_tiny_qwen2_5_vl(folder: Path, seed: int = 0) -> Path:
+    """A tiny Qwen2.5-VL (M-RoPE text, sections 2/3/3 of a 16-wide head; a 3-block tower with window attention
+    in blocks 0 and 2 and full attention in block 1, 112-px windows of 7-px patches, SwiGLU MLPs, RMS norms, the
+    2x2 patch merger) with the byte-level tokenizer (Qwen2's pre-tokenizer, plus Qwen's vision tokens); its
+    processor: :func:`qwen2_5_vl_processor`."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLTextConfig,
+        Qwen2_5_VLVisionConfig,
+    )
+
+    tok = bpe_tokenizer(pre="qwen2", extra=QWEN_VL_SPECIALS)
+    text = Qwen2_5_VLTextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                rms_norm_eps=1e-6, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                pad_token_id=tok.pad_token_id,
+                                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                 "mrope_section": [2, 3, 3]})
+    vision = Qwen2_5_VLVisionConfig(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                                    patch_size=7, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                                    fullatt_block_indexes=[1])
+    ids = {k: tok.convert_tokens_to_ids(v) for k, v in QWEN_VL_SPECIALS.items()}
+    config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=ids["image_token"],
+                              video_token_id=ids["video_token"], vision_start_token_id=ids["vision_start_token"],
+                              vision_end_token_id=ids["vision_end_token"])
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    with torch.no_grad():  # a tower and a merger that matter (see tiny_llava)
+        for name, p in model.named_parameters():
+            if "visual" in name and "norm" not in name and "ln_q" not in name:
+                p.copy_(torch.randn_like(p) * (1.0 if p.ndim < 2 else 0.25))
+            elif "visual" in name:  # RMSNorm weights away from 1
+                p.copy_(torch.randn_like(p) * 0.3 + 1.0)
+        # llama.cpp's qwen2vl text graph reads no RMS-norm epsilon from the file (it normalises with 0, see
+        # export/gguf.py): token embeddings of unit scale, as in trained models, where an epsilon of 1e-6 does not
+        # show (at the init scale, 0.02, it moves the log-probs by 1e-4), and no zero row (the pad token's, at
+        # init: 0 / 0 = NaN logits in llama.cpp)
+        emb = model.get_input_embeddings().weight
+        emb.copy_(torch.randn_like(emb))
+    model.eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def qwen2_5_vl_processor(folder: Path):
+    """What the GGUF export reads of a Qwen2.5-VL processor (image processor, tokenizer, chat template).
+    transformers' Qwen2_5_VLProcessor needs a video processor, which needs torchvision (not installed)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+    ip = Qwen2VLImageProcessorPil(patch_size=7, merge_size=2, temporal_patch_size=2, min_pixels=14 * 14 * 4,
+                                  max_pixels=14 * 14 * 256)
+    return SimpleNamespace(image_processor=ip, tokenizer=AutoTokenizer.from_pretrained(folder),
+                           chat_template=CHAT_TEMPLATE)
+
+
 def save_tiny_internvl(folder: Path, seed: int = 0) -> Path:
     """A tiny InternVL (InternViT with a class token, LayerScale and qkv biases; pixel shuffle 0.5;
     Qwen2 text) with the byte-level tokenizer plus InternVL's image tokens; its processor:
@@ -411,6 +473,68 @@ def write_probe(path: Path, tokenizer_folder: Path, hidden: int, silent: list[st
     plan = text.plan_text(model, adapter)
     text.write_text_gguf(path, model, adapter, plan, text.TokenizerSource(tokenizer_folder, None), "f32", "probe")
     return model.config.text_config.vocab_size
+
+
+def write_mrope_probe(path: Path, tokenizer_folder: Path, hidden: int, quiet: list[str],
+                      distances: tuple[int, int, int], sharpness: float = 400.0, theta: float = 3.0,
+                      sections: tuple[int, int, int] = (4, 14, 14)) -> int:
+    """:func:`probe_model` for an M-RoPE text model (llama.cpp's qwen2vl; the mmproj of Qwen2.5-VL needs one): a
+    one-layer Qwen2.5-VL text model whose last position reads out the input embedding at the (time, row, column)
+    position distances ``distances`` back, i.e. one image token. The rotary pairs of each M-RoPE section are
+    tuned to their own distance (a small rope base keeps every section's frequencies high enough to tell
+    neighbours apart). llama.cpp's qwen2vl graph normalises with epsilon 0 (see export/gguf.py), so the
+    ``quiet`` tokens embed to 1e-4-scale vectors instead of zero. Written by the export's own writer; returns
+    the vocabulary size."""
+    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    import vlmprune.export.gguf as text
+    from vlmprune.adapters import get_adapter
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_folder)
+    config = Qwen2_5_VLConfig(
+        text_config={"vocab_size": len(tok), "hidden_size": hidden, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 1, "num_key_value_heads": 1, "rms_norm_eps": 1e-12,
+                     "max_position_embeddings": 512, "bos_token_id": tok.bos_token_id,
+                     "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": theta,
+                                         "mrope_section": list(sections)}},
+        vision_config={"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                       "out_hidden_size": hidden, "patch_size": 7, "fullatt_block_indexes": [0]})
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    layer = model.model.language_model.layers[0]
+    half = hidden // 2
+    inv = theta ** (-torch.arange(half, dtype=torch.float64) * 2 / hidden)
+    owner = torch.repeat_interleave(torch.arange(3), torch.tensor(sections))  # the section of each rotary pair
+    d = torch.tensor(distances, dtype=torch.float64)[owner]
+    r = sharpness ** 0.5
+    with torch.no_grad():
+        attn = layer.self_attn
+        attn.q_proj.weight.zero_()
+        attn.k_proj.weight.zero_()
+        q = torch.zeros(hidden, dtype=torch.float64)
+        q[:half] = r
+        k = torch.zeros(hidden, dtype=torch.float64)
+        k[:half] = r * torch.cos(d * inv)
+        k[half:] = r * torch.sin(d * inv)
+        attn.q_proj.bias.copy_(q.float())
+        attn.k_proj.bias.copy_(k.float())
+        attn.v_proj.weight.copy_(torch.eye(hidden))
+        attn.v_proj.bias.zero_()
+        attn.o_proj.weight.copy_(torch.eye(hidden))
+        layer.mlp.down_proj.weight.zero_()
+        layer.input_layernorm.weight.fill_(1.0)
+        model.model.language_model.norm.weight.fill_(1.0)
+        emb = model.get_input_embeddings().weight
+        for t in quiet:
+            emb[tok.convert_tokens_to_ids(t)] = torch.randn(hidden) * 1e-4
+        head = model.get_output_embeddings().weight
+        head.zero_()
+        head[:hidden, :hidden] = torch.eye(hidden)
+    adapter = get_adapter(model)
+    plan = text.plan_text(model, adapter)
+    text.write_text_gguf(path, model, adapter, plan, text.TokenizerSource(tokenizer_folder, None), "f32", "probe")
+    return len(tok)
 
 
 def partial_utf8_ids(tokenizer) -> list[int]:

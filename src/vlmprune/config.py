@@ -682,9 +682,19 @@ class ConvertConfig:
         need("output", self.output)
 
 
-# vlmprune export --format gguf: numpy quantizers of the gguf package, and llama.cpp's K-quants (need its quantizer)
+# vlmprune export --format gguf: numpy quantizers of the gguf package, and llama.cpp's K-quant mixes (its own
+# kernels, from the xllamacpp runtime); the mixes llama.cpp quantizes only with an importance matrix are refused
 GGUF_NUMPY_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")
 GGUF_K_QUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+GGUF_IMATRIX_QUANTS = ("q2_k_s", "iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs")
+
+
+def refuse_imatrix_quant(quant: str | None) -> None:
+    if quant in GGUF_IMATRIX_QUANTS:
+        raise VlmpruneError(
+            f"--quant {quant} needs an importance matrix (activation statistics from calibration text, llama.cpp's "
+            f"`llama-imatrix`), which this export does not compute; pick one of {', '.join(GGUF_K_QUANTS)}, or export "
+            f"--quant f16 and run `llama-quantize --imatrix imatrix.gguf model.gguf out.gguf {quant.upper()}`")
 # vlmprune export --format executorch: the decoder's Linear weights as XNNPACK runs them (int8: 8-bit weights per
 # channel, int4: 4-bit weights in groups of 32, both with int8 activations quantized per token at run time)
 PTE_QUANTS = ("none", "int8", "int4")
@@ -705,8 +715,10 @@ class ExportConfig:
     output: str | None = opt(None, "output directory (written whole at the end)")
     quant: str | None = opt(None, "gguf: weight type of the text model's matrices: f32, f16 (default), bf16, q8_0, "
                                   "q4_0 (numpy; rows that do not fill whole blocks fall back to f16 and are "
-                                  "reported); K-quants need llama.cpp's quantizer. executorch: none (default), int8 "
-                                  "(8-bit weights per channel) or int4 (4-bit weights in groups of 32), both with "
+                                  "reported), or a llama.cpp K-quant mix: q4_k_m, q4_k_s, q5_k_m, q5_k_s, q6_k, "
+                                  "q3_k_m, q3_k_s, q3_k_l, q2_k (llama.cpp's kernels from xllamacpp; rows that do "
+                                  "not fill 256-blocks fall back per tensor, reported). executorch: none (default), "
+                                  "int8 (8-bit weights per channel) or int4 (4-bit weights in groups of 32), both with "
                                   "dynamic int8 activations, on the language model's Linear layers",
                             choices=GGUF_NUMPY_QUANTS + GGUF_K_QUANTS + PTE_QUANTS)
     vision_quant: str | None = opt(None, "gguf: weight type of the mmproj (default: f16, or f32/bf16 with that "
@@ -726,6 +738,7 @@ class ExportConfig:
         need("output", self.output)
         one_of("format", self.format, EXPORT_FORMATS, allow_none=False)
         if self.format == "gguf":
+            refuse_imatrix_quant(self.quant)
             one_of("quant", self.quant, GGUF_NUMPY_QUANTS + GGUF_K_QUANTS)
             one_of("vision_quant", self.vision_quant, GGUF_NUMPY_QUANTS)
             for name in ("dtype", "max_seq_len", "image_size"):

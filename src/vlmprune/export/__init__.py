@@ -40,6 +40,9 @@ def export_gguf(model_dir: str | Path, output: str | Path, quant: str = "f16", o
     text.check_quant(quant)
     vision_quant = vision_quant or (quant if quant in ("f32", "f16", "bf16") else "f16")
     text.check_quant(vision_quant)
+    if vision_quant not in text.NUMPY_QUANTS:
+        raise VlmpruneError(f"--vision-quant {vision_quant}: the mmproj is written in one of "
+                            f"{', '.join(text.NUMPY_QUANTS)} (K-quant mixes are for the text model)")
     check_output(output, [("input model", model_dir)], overwrite, kind=GGUF)  # before the (slow) load
     # in the checkpoint's own dtype (a 7B bf16 model: 14 GB, not 28); each tensor goes to float32 only
     # while it is converted

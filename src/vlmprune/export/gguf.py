@@ -1,6 +1,7 @@
 """The text model of a (pruned) VLM as a GGUF file for llama.cpp.
 
-Written with the PyPI ``gguf`` package only (``GGUFWriter``, ``TensorNameMap``, numpy quantizers).
+Written with the PyPI ``gguf`` package (``GGUFWriter``, ``TensorNameMap``, numpy quantizers); the K-quant
+mixes are quantized by llama.cpp's own kernels (``vlmprune.export.gguf_quant``).
 What llama.cpp can hold decides the architecture, before anything is written:
 
 * Llama / Mistral backbones with the same widths in every layer -> ``llama``; with per-layer heads,
@@ -14,6 +15,9 @@ What llama.cpp can hold decides the architecture, before anything is written:
   per-layer widths -> ``deci``: the fused matrices are split into q / k / v and gate / up, and q / k
   rows permuted from its rotate-half RoPE to deci's interleaved one, as for Qwen2.
 * Gemma 3 with uniform widths -> ``gemma3``; per-layer widths are refused.
+* Qwen2.5-VL with uniform widths -> ``qwen2vl`` (Qwen2 layers with M-RoPE: ``rope.dimension_sections``
+  from ``mrope_section``, so image tokens get their (time, row, column) positions); per-layer widths
+  are refused (that graph reads layer 0's widths, and deci has no M-RoPE).
 * Everything else is refused, naming the reason and the fix.
 
 Dropped layers need nothing special: the model has fewer layers, ``block_count`` says so and the
@@ -32,6 +36,7 @@ import numpy as np
 
 from vlmprune.config import GGUF_K_QUANTS as K_QUANTS
 from vlmprune.config import GGUF_NUMPY_QUANTS as NUMPY_QUANTS
+from vlmprune.config import refuse_imatrix_quant
 from vlmprune.errors import VlmpruneError
 from vlmprune.readers import read_json
 
@@ -48,27 +53,28 @@ _QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?
 
 
 def ggml_type(name: str):
+    """The gguf package's type for a tensor type name (f32, f16, bf16, q8_0, q4_0, q4_k, q6_k, ...)."""
     import gguf
 
-    T = gguf.GGMLQuantizationType
-    return {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[name]
+    return gguf.GGMLQuantizationType[name.upper()]
 
 
 def file_type(name: str):
+    """general.file_type of a --quant (f32, q8_0, q4_k_m, ...)."""
     import gguf
 
-    F = gguf.LlamaFileType
-    return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0,
-            "q4_0": F.MOSTLY_Q4_0}[name]
+    return gguf.LlamaFileType.ALL_F32 if name == "f32" else gguf.LlamaFileType[f"MOSTLY_{name.upper()}"]
 
 
 @dataclass
 class TensorWriter:
-    """Adds tensors to a GGUFWriter in the requested type; 1-D tensors stay f32, and a matrix whose
-    rows do not fill whole quant blocks falls back (q8_0/q4_0 -> f16) and is recorded."""
+    """Adds tensors to a GGUFWriter in the requested type; 1-D tensors stay f32. With ``quant`` q8_0 / q4_0
+    (numpy) a matrix whose rows do not fill whole 32-blocks falls back to f16; with a K-quant ``mix`` each
+    matrix gets the mix's type (llama.cpp's kernels) and falls back as llama.cpp does. Fallbacks are recorded."""
 
     writer: object
     quant: str
+    mix: object = None  # gguf_quant.Mix for the K-quant mixes
     fallbacks: list[dict] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
 
@@ -78,17 +84,25 @@ class TensorWriter:
         data = np.ascontiguousarray(data, dtype=np.float32)
         want = quant or self.quant
         kind = "f32" if data.ndim <= 1 else want
-        if kind in ("q8_0", "q4_0"):
+        reason = None
+        if data.ndim > 1 and quant is None and self.mix is not None:
+            want, kind, reason = self.mix.choose(name, data.shape)
+        elif kind in ("q8_0", "q4_0"):
             block = gguf.GGML_QUANT_SIZES[ggml_type(kind)][0]
             if data.shape[-1] % block:
-                self.fallbacks.append({"tensor": name, "shape": list(data.shape), "wanted": kind, "written": "f16",
-                                       "reason": f"row length {data.shape[-1]} is not a multiple of {block}"})
-                kind = "f16"
+                reason, kind = f"row length {data.shape[-1]} is not a multiple of {block}", "f16"
+        if reason is not None:
+            self.fallbacks.append({"tensor": name, "shape": list(data.shape), "wanted": want, "written": kind,
+                                   "reason": reason})
         qtype = ggml_type(kind)
         if kind == "f32":
             self.writer.add_tensor(name, data)
         elif kind == "f16":
             self.writer.add_tensor(name, data.astype(np.float16))
+        elif self.mix is not None:  # every quantized type of a K-quant file: llama.cpp's kernels
+            from vlmprune.export.gguf_quant import quantize
+
+            self.writer.add_tensor(name, quantize(data, kind), raw_dtype=qtype)
         else:
             self.writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         self.counts[kind] = self.counts.get(kind, 0) + 1
@@ -96,14 +110,14 @@ class TensorWriter:
 
 def check_quant(quant: str) -> None:
     """Refuse a quant this installation cannot write, before any work."""
+    refuse_imatrix_quant(quant)
     if quant in NUMPY_QUANTS:
         return
     if quant in K_QUANTS:
-        raise VlmpruneError(
-            f"--quant {quant}: K-quants need llama.cpp's own quantizer, and no installed llama.cpp binding offers it "
-            f"(xllamacpp has none; llama-cpp-python's llama_model_quantize would). Export with --quant f16 and run "
-            f"llama.cpp's `llama-quantize model.gguf model-{quant.upper()}.gguf {quant.upper()}`, or pick one of "
-            f"{', '.join(NUMPY_QUANTS)}")
+        from vlmprune.export.gguf_quant import library
+
+        library()  # llama.cpp's quantizer, or the error naming the extra
+        return
     raise VlmpruneError(f"--quant {quant} is not known; choose one of {', '.join(QUANTS)}")
 
 
@@ -120,12 +134,14 @@ class TextPlan:
     ffn: list[int]
     head_dim: int
     permute_qk: bool
+    rope_sections: list[int] | None = None  # qwen2vl: M-RoPE pairs per (time, height, width, -) position
 
 
 _LLAMA_LIKE = ("llama", "mistral")
 _QWEN2_LIKE = ("qwen2",)
 _GEMMA3_LIKE = ("gemma3_text",)
 _PHI3_LIKE = ("phi3",)
+_QWEN2VL_LIKE = ("qwen2_5_vl_text",)
 
 
 def plan_text(model, adapter) -> TextPlan:
@@ -181,6 +197,20 @@ def plan_text(model, adapter) -> TextPlan:
         if not uniform:  # phi3 reads layer 0's widths; deci is its Llama graph with per-layer widths
             return TextPlan("deci", family, True, heads, kv, ffn, head_dim, True)
         return TextPlan("phi3", family, False, heads, kv, ffn, head_dim, False)
+    if family in _QWEN2VL_LIKE:
+        if act != "silu":
+            raise VlmpruneError(f"{family} backbone with hidden_act={act}: llama.cpp's qwen2vl graph uses SiLU only")
+        if getattr(config, "use_sliding_window", False):
+            raise VlmpruneError(f"{family} with use_sliding_window=True: llama.cpp's qwen2vl graph has no "
+                                f"sliding-window attention; not supported by the GGUF export")
+        sections = _mrope_sections(config, head_dim)
+        if not uniform:
+            raise VlmpruneError(
+                f"this Qwen2.5-VL backbone has per-layer widths ({_width_summary(heads, kv, ffn)}), but llama.cpp's "
+                f"qwen2vl graph (the one with M-RoPE, which image positions need) builds every layer with layer 0's "
+                f"widths, so a GGUF of it would be wrong. Prune it with uniform widths instead "
+                f"(`vlmprune prune --stock ...`), then export")
+        return TextPlan("qwen2vl", family, False, heads, kv, ffn, head_dim, False, sections)
     if family in _GEMMA3_LIKE:
         if not uniform:
             raise VlmpruneError(
@@ -189,7 +219,7 @@ def plan_text(model, adapter) -> TextPlan:
                 f"with uniform widths instead (`vlmprune prune --stock ...`), then export")
         _check_gemma3(config, head_dim)
         return TextPlan("gemma3", family, False, heads, kv, ffn, head_dim, False)
-    supported = ", ".join(_LLAMA_LIKE + _QWEN2_LIKE + _PHI3_LIKE + ("gemma3",))
+    supported = ", ".join(_LLAMA_LIKE + _QWEN2_LIKE + _PHI3_LIKE + ("gemma3",) + _QWEN2VL_LIKE)
     raise VlmpruneError(f"GGUF export of a {family} language backbone is not supported yet (supported: {supported}); "
                         f"nothing was written. Export the checkpoint with llama.cpp's convert_hf_to_gguf.py if the "
                         f"model has stock widths, or use `vlmprune quantize` for an int8 Hugging Face checkpoint")
@@ -245,6 +275,21 @@ def _check_rope(config, family: str) -> None:
         raise VlmpruneError(f"{family} backbone with partial_rotary_factor={partial}: not supported")
 
 
+def _mrope_sections(config, head_dim: int) -> list[int]:
+    """Qwen2.5-VL's mrope_section (rotary pairs driven by the time, height and width positions) as llama.cpp's
+    four rope.dimension_sections; plain (non-interleaved) M-RoPE only."""
+    _, rope = _rope(config)
+    if rope["type"] not in ("default", "mrope"):
+        raise VlmpruneError(f"Qwen2.5-VL backbone with rope type {rope['type']!r}: not supported by the GGUF export")
+    sections = rope.get("mrope_section") or (getattr(config, "rope_scaling", None) or {}).get("mrope_section")
+    if rope.get("mrope_interleaved"):
+        raise VlmpruneError("interleaved M-RoPE (Qwen3-VL style) is not llama.cpp's qwen2vl rope; not supported")
+    if not sections or len(sections) > 4 or sum(sections) != head_dim // 2:
+        raise VlmpruneError(f"mrope_section {sections} does not split the {head_dim // 2} rotary pairs of a head; "
+                            f"the GGUF export cannot write it")
+    return [int(x) for x in sections] + [0] * (4 - len(sections))
+
+
 # ------------------------------------------------------------------------------------------ writing
 
 
@@ -266,11 +311,10 @@ def write_text_gguf(path: Path, model, adapter, plan: TextPlan, tok, quant: str,
     n_layer = len(plan.heads)
     arch_enum = {"llama": gguf.MODEL_ARCH.LLAMA, "deci": gguf.MODEL_ARCH.DECI,
                  "qwen2": gguf.MODEL_ARCH.QWEN2, "gemma3": gguf.MODEL_ARCH.GEMMA3,
-                 "phi3": gguf.MODEL_ARCH.PHI3}[plan.arch]
+                 "phi3": gguf.MODEL_ARCH.PHI3, "qwen2vl": gguf.MODEL_ARCH.QWEN2VL}[plan.arch]
     names = gguf.TensorNameMap(arch_enum, n_layer)
     # tensors spool to a temporary file as they are added (not all held in memory until the end)
     writer = gguf.GGUFWriter(str(path), plan.arch, use_temp_file=True)
-    tensors = TensorWriter(writer, quant)
 
     writer.add_type(gguf.GGUFType.MODEL)
     notes = []
@@ -283,6 +327,8 @@ def write_text_gguf(path: Path, model, adapter, plan: TextPlan, tok, quant: str,
         name = re.sub(r"(?i)phi-?3", "phi 3", name)
     writer.add_name(name)
     writer.add_file_type(file_type(quant))
+    if quant not in ("f32", "f16", "bf16"):
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     hidden = config.hidden_size
     writer.add_context_length(int(getattr(config, "max_position_embeddings", 2048)))
     writer.add_embedding_length(hidden)
@@ -308,7 +354,16 @@ def write_text_gguf(path: Path, model, adapter, plan: TextPlan, tok, quant: str,
     else:
         theta, _ = _rope(config)
         writer.add_rope_freq_base(theta)
+    if plan.rope_sections is not None:
+        writer.add_rope_dimension_sections(plan.rope_sections)
     writer.add_layer_norm_rms_eps(float(getattr(config, "rms_norm_eps", 1e-6)))
+    if plan.arch == "qwen2vl":
+        # measured: this llama.cpp build's qwen2vl loader reads only rope.dimension_sections
+        # (llama_model_qwen2vl::load_arch_hparams; the qwen2 reading it used to fall through to is gone)
+        notes.append(f"llama.cpp's qwen2vl graph ignores the RMS-norm epsilon written in the file "
+                     f"({getattr(config, 'rms_norm_eps', 1e-6)}) and normalises with 0: invisible for hidden "
+                     f"states of trained models, but an all-zero hidden state (e.g. an all-zero embedding row) "
+                     f"becomes NaN")
 
     state = {k: v for k, v in lm.state_dict().items()}
     embed = lm.get_input_embeddings().weight
@@ -316,6 +371,12 @@ def write_text_gguf(path: Path, model, adapter, plan: TextPlan, tok, quant: str,
     writer.add_vocab_size(n_vocab)
     head = model.get_output_embeddings().weight if model.get_output_embeddings() is not None else embed
     tied = head.data_ptr() == embed.data_ptr()
+    mix = None
+    if quant in K_QUANTS:
+        from vlmprune.export.gguf_quant import Mix
+
+        mix = Mix(quant, n_layer, plan.heads[0] // plan.kv_heads[0], tied)
+    tensors = TensorWriter(writer, quant, mix)
 
     def numpy(t: torch.Tensor) -> np.ndarray:
         return t.detach().to(torch.float32).cpu().numpy()

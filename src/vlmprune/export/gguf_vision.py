@@ -10,7 +10,11 @@ against transformers token by token:
   SmolVLM);
 * ``internvl`` (``models/internvl.cpp``): InternViT with its class token appended after the patches
   (positions written in that order, as for LLaVA below), the class token dropped, pixel shuffle,
-  LayerNorm + Linear-GELU-Linear.
+  LayerNorm + Linear-GELU-Linear;
+* ``qwen2.5vl_merger`` (Qwen2.5-VL; ``models/qwen2vl.cpp``): the Conv3d patch embedding as two
+  2-D kernels (an image is its own second frame), 2-D rotary ViT blocks with RMS norms, SwiGLU MLPs
+  and window attention (full attention every ``n_wa_pattern``-th block), the RMSNorm + 2x2 patch
+  merger; images at their own (dynamic) size.
 
 Everything else is refused with the reason before anything is written.
 
@@ -62,18 +66,19 @@ class VisionPlan:
     merge: int = 1  # gemma3: the average-pool kernel (patches per side / tokens per side); idefics3: pixel shuffle
     longest_edge: int = 0  # idefics3: the processor resizes the longest image edge to this before tiling
     tiles: tuple[int, int] = (1, 12)  # internvl: the fewest and most tiles an image is cut into
+    wa_pattern: int = 0  # qwen2.5vl: every wa_pattern-th block attends to the whole image, the others to windows
+    pixels: tuple[int, int] = (0, 0)  # qwen2.5vl: the fewest and most pixels an image is resized to
 
 
 # model_type -> llama.cpp projector graph written for it
-PROJECTORS = {"llava": "mlp", "gemma3": "gemma3", "idefics3": "idefics3", "smolvlm": "idefics3", "internvl": "internvl"}
+PROJECTORS = {"llava": "mlp", "gemma3": "gemma3", "idefics3": "idefics3", "smolvlm": "idefics3", "internvl": "internvl",
+              "qwen2_5_vl": "qwen2.5vl_merger"}
 # text llama.cpp puts around an idefics3 image by looking each up as ONE token of the text model's vocabulary
 # (tools/mtmd/mtmd.cpp); a missing one would become an invalid token id
 IDEFICS3_TOKENS = ("\n\n", "\n", "<fake_token_around_image>", "<global-img>")
 _NOT_YET = {
     "qwen2_vl": "its text model needs llama.cpp's qwen2vl architecture (M-RoPE sections), which the text export "
                 "does not write yet, so an mmproj alone would not run",
-    "qwen2_5_vl": "its text model needs llama.cpp's qwen2vl architecture (M-RoPE sections), which the text export "
-                  "does not write yet, so an mmproj alone would not run",
 }
 
 
@@ -96,6 +101,9 @@ def check_family(model) -> None:
                             f"--no-vision to export the text model alone")
     if projector == "internvl" and tower != "internvl_vision":
         raise VlmpruneError(f"an InternVL model with a {tower} tower: not on llama.cpp's internvl graph; use "
+                            f"--no-vision to export the text model alone")
+    if projector == "qwen2.5vl_merger" and tower != "qwen2_5_vl_vision":
+        raise VlmpruneError(f"a Qwen2.5-VL model with a {tower} tower: not on llama.cpp's qwen2.5vl graph; use "
                             f"--no-vision to export the text model alone")
     if projector == "gemma3" and tower != "siglip_vision_model":
         raise VlmpruneError(f"a Gemma 3 model with a {tower} tower: llama.cpp's gemma3 graph is a SigLIP tower; use "
@@ -120,6 +128,8 @@ def plan_vision(model, adapter, processor) -> VisionPlan:
         return _plan_idefics3(model, processor)
     if PROJECTORS[config.model_type] == "internvl":
         return _plan_internvl(model, processor)
+    if PROJECTORS[config.model_type] == "qwen2.5vl_merger":
+        return _plan_qwen25vl(model, processor)
     vc = config.vision_config
     tower = vc.model_type
     act = getattr(config, "projector_hidden_act", "gelu")
@@ -269,6 +279,55 @@ def _plan_internvl(model, processor) -> VisionPlan:
                       tiles=(int(getattr(ip, "min_patches", 1)), int(getattr(ip, "max_patches", 12))))
 
 
+def _plan_qwen25vl(model, processor) -> VisionPlan:
+    """Qwen2.5-VL: llama.cpp's qwen2vl vision graph with RMS norms, SiLU-gated MLPs and window attention.
+    What that graph fixes and the model must match: 2x2 merging, 2-frame patches, rotary base 10000,
+    windows of 112 px, full attention in every n-th block (a regular pattern)."""
+    config = model.config
+    vc = config.vision_config
+    ip = _image_processor(processor)
+    patch, merge = int(getattr(ip, "patch_size", vc.patch_size)), int(getattr(ip, "merge_size", 2))
+    if patch != vc.patch_size or merge != vc.spatial_merge_size or merge != 2:
+        raise VlmpruneError(f"the image processor cuts {patch}-px patches merged {merge}x{merge} for a tower of "
+                            f"{vc.patch_size}-px patches merged {vc.spatial_merge_size}x{vc.spatial_merge_size}; "
+                            f"llama.cpp's qwen2.5vl graph merges 2x2: not supported")
+    if vc.temporal_patch_size != 2 or getattr(ip, "temporal_patch_size", 2) != 2:
+        raise VlmpruneError(f"temporal_patch_size={vc.temporal_patch_size}: llama.cpp's qwen2.5vl graph takes "
+                            f"two frames per patch; not supported")
+    if vc.hidden_act != "silu":
+        raise VlmpruneError(f"a Qwen2.5-VL tower with hidden_act={vc.hidden_act}: llama.cpp's graph gates with SiLU")
+    if int(vc.window_size) != 112:
+        raise VlmpruneError(f"window_size={vc.window_size}: llama.cpp's qwen2.5vl graph attends in windows of 112 px "
+                            f"(fixed in its code), so the GGUF would differ; not supported")
+    theta = float((getattr(vc, "rope_parameters", None) or {}).get("rope_theta", 10000.0))
+    if theta != 10000.0:
+        raise VlmpruneError(f"a vision rotary base of {theta}: llama.cpp's qwen2.5vl graph uses 10000; not supported")
+    depth, full = vc.depth, sorted(int(i) for i in vc.fullatt_block_indexes)
+    wa = full[0] + 1 if full else 0
+    if not full or full != [i for i in range(depth) if (i + 1) % wa == 0]:
+        raise VlmpruneError(f"fullatt_block_indexes={full} in a {depth}-block tower: llama.cpp's qwen2.5vl graph "
+                            f"attends to the whole image in every n-th block (n-1, 2n-1, ...) and in windows "
+                            f"elsewhere; this pattern is not one of those (after dropping vision blocks, keep the "
+                            f"pattern regular); not supported")
+    if vc.out_hidden_size != config.text_config.hidden_size:
+        raise VlmpruneError(f"the merger gives {vc.out_hidden_size}-wide tokens to a {config.text_config.hidden_size}"
+                            f"-wide text model; the checkpoint disagrees with its config")
+    size = getattr(ip, "size", None) or {}
+    size = dict(size) if isinstance(size, dict) else {k: getattr(size, k, None)
+                                                      for k in ("shortest_edge", "longest_edge")}
+    low = int(getattr(ip, "min_pixels", None) or size.get("shortest_edge") or 0)
+    high = int(getattr(ip, "max_pixels", None) or size.get("longest_edge") or 0)
+    if not 0 < low <= high:
+        raise VlmpruneError("cannot tell the image processor's min_pixels / max_pixels; the mmproj needs both")
+    factor = patch * merge
+    side = max(factor, int(high ** 0.5) // factor * factor)  # the largest square image it keeps
+    notes = [f"images are resized to multiples of {factor} px within {low}..{high} pixels (as the image processor "
+             f"does); llama.cpp resizes with its own interpolation, so images of another size can differ slightly"]
+    return VisionPlan(vc.model_type, side, patch, depth, False, False,
+                      [float(x) for x in ip.image_mean], [float(x) for x in ip.image_std], int(vc.intermediate_size),
+                      notes, "qwen2.5vl_merger", merge, wa_pattern=wa, pixels=(low, high))
+
+
 def _first_block(model, tower: str):
     inner = model.model if hasattr(model, "model") else model
     vt = getattr(inner, "vision_tower", None) or inner.vision_model
@@ -329,9 +388,18 @@ def write_mmproj(path: Path, model, adapter, plan: VisionPlan, quant: str, name:
     writer.add_vision_projection_dim(model.config.text_config.hidden_size)
     writer.add_vision_block_count(plan.blocks)
     writer.add_vision_head_count(vc.num_attention_heads)
-    writer.add_vision_attention_layernorm_eps(float(getattr(vc, "layer_norm_eps", 1e-5)))
     writer.add_vision_image_mean(plan.mean)
     writer.add_vision_image_std(plan.std)
+    if plan.projector == "qwen2.5vl_merger":
+        writer.add_vision_attention_layernorm_eps(1e-6)  # Qwen2.5-VL's vision RMSNorms (fixed in its code)
+        writer.add_vision_use_silu(True)
+        writer.add_vision_n_wa_pattern(plan.wa_pattern)
+        writer.add_vision_spatial_merge_size(plan.merge)
+        writer.add_vision_min_pixels(plan.pixels[0])
+        writer.add_vision_max_pixels(plan.pixels[1])
+        _write_qwen25vl(tensors, tname, np32, T, tower, projector, plan)
+        return _finish(writer, path, plan, vc, tensors)
+    writer.add_vision_attention_layernorm_eps(float(getattr(vc, "layer_norm_eps", 1e-5)))
     if vc.hidden_act in ("gelu", "gelu_pytorch_tanh", "gelu_new"):
         writer.add_vision_use_gelu(True)
     elif vc.hidden_act != "quick_gelu":
@@ -397,6 +465,12 @@ def _finish(writer, path: Path, plan: VisionPlan, vc, tensors) -> dict:
     writer.write_tensors_to_file()
     writer.close()
     n_patches = (plan.image_size // plan.patch_size // plan.merge) ** 2
+    if plan.pixels[1]:  # dynamic size: (height / patch / merge) x (width / patch / merge) tokens per image
+        return {"file": path.name, "projector": plan.projector, "tower": plan.tower, "blocks": plan.blocks,
+                "blocks_in_model": vc.num_hidden_layers, "min_pixels": plan.pixels[0], "max_pixels": plan.pixels[1],
+                "pixels_per_token": (plan.patch_size * plan.merge) ** 2, "window_attention_every": plan.wa_pattern,
+                "bytes": path.stat().st_size, "tensor_types": tensors.counts, "fallbacks": tensors.fallbacks,
+                "notes": plan.notes}
     return {"file": path.name, "projector": plan.projector, "tower": plan.tower, "blocks": plan.blocks,
             "blocks_in_model": vc.num_hidden_layers, "image_size": plan.image_size, "image_tokens": n_patches,
             "image_tokens_in_model": n_patches + (1 if plan.keeps_cls and plan.has_cls else 0),
@@ -426,6 +500,34 @@ def _write_internvl(tensors, tname, np32, T, tower, projector, plan: VisionPlan,
     for idx, part in ((0, projector.layer_norm), (1, projector.linear_1), (3, projector.linear_2)):
         tensors.add(tname(T.V_MMPROJ_MLP, idx), np32(part.weight))
         tensors.add(tname(T.V_MMPROJ_MLP, idx, "bias"), np32(part.bias))
+
+
+def _write_qwen25vl(tensors, tname, np32, T, tower, projector, plan: VisionPlan) -> None:
+    """Qwen2.5-VL's tower and merger under llama.cpp's names: the Conv3d kernel as its two frames' 2-D
+    kernels, the fused qkv as q / k / v."""
+    import gguf
+
+    kernel = np32(tower.patch_embed.proj.weight)  # [D, 3, 2 frames, p, p]
+    tensors.add(tname(T.V_ENC_EMBD_PATCH), kernel[:, :, 0], "f32")
+    tensors.add(gguf.TENSOR_NAMES[T.V_ENC_EMBD_PATCH] + ".weight.1", kernel[:, :, 1], "f32")
+    for i in range(plan.blocks):
+        block = tower.blocks[i]
+        qkv_w, qkv_b = np32(block.attn.qkv.weight), np32(block.attn.qkv.bias)
+        for kind, w, b in zip((T.V_ENC_ATTN_Q, T.V_ENC_ATTN_K, T.V_ENC_ATTN_V), np.split(qkv_w, 3),
+                              np.split(qkv_b, 3)):
+            tensors.add(tname(kind, i), w)
+            tensors.add(tname(kind, i, "bias"), b)
+        for kind, lin in ((T.V_ENC_ATTN_O, block.attn.proj), (T.V_ENC_FFN_GATE, block.mlp.gate_proj),
+                          (T.V_ENC_FFN_UP, block.mlp.up_proj), (T.V_ENC_FFN_DOWN, block.mlp.down_proj)):
+            tensors.add(tname(kind, i), np32(lin.weight))
+            tensors.add(tname(kind, i, "bias"), np32(lin.bias))
+        tensors.add(tname(T.V_ENC_INPUT_NORM, i), np32(block.norm1.weight))
+        tensors.add(tname(T.V_ENC_POST_ATTN_NORM, i), np32(block.norm2.weight))
+    tensors.add(tname(T.V_POST_NORM), np32(projector.ln_q.weight))
+    tensors.add(tname(T.V_MMPROJ, 0), np32(projector.mlp[0].weight))
+    tensors.add(tname(T.V_MMPROJ, 0, "bias"), np32(projector.mlp[0].bias))
+    tensors.add(tname(T.V_MMPROJ, 2), np32(projector.mlp[2].weight))
+    tensors.add(tname(T.V_MMPROJ, 2, "bias"), np32(projector.mlp[2].bias))
 
 
 def torch_cat_cls_last(pos):
