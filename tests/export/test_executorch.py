@@ -20,7 +20,7 @@ import torch
 
 pytest.importorskip("executorch.runtime")
 
-from tiny_gguf import save_tiny_llava
+from tiny_gguf import save_tiny_idefics3, save_tiny_llava
 from tiny_models import build_tiny
 
 import vlmprune
@@ -129,8 +129,43 @@ def test_int4_keeps_the_odd_width_in_float_and_stays_close(pruned, tmp_path):
     assert record["check"]["rel_diff"] <= record["check"]["tolerance"]
 
 
+@pytest.mark.slow  # lowers a program to XNNPACK
+def test_idefics3_exports_one_tile_and_reproduces_transformers(tmp_path):
+    """SmolVLM's layout (SigLIP-style tower with gelu-tanh, pixel shuffle, Llama text): image splitting off,
+    one tile through the vision encoder; the same processor settings in transformers give the same logits."""
+    folder = save_tiny_idefics3(tmp_path / "idefics3")
+    processor = vlmprune.load_processor(folder)
+    processor.image_processor.size = {"longest_edge": 56}  # a larger image: split into 4 tiles + a global view
+    processor.save_pretrained(folder)
+    record = export_executorch(folder, tmp_path / "pte", max_seq_len=96)
+    assert record["processor_settings"] == {"do_image_splitting": False} and record["image_tokens"] == 4
+    assert any("do_image_splitting false" in note for note in record["notes"])
+    runner = PteModel(tmp_path / "pte")
+    assert runner.processor.image_processor.do_image_splitting is False
+    model = vlmprune.load(folder, dtype=torch.float32).eval()
+    for seed, question in [(1, "How many dots are there?"), (2, "Is it red?")]:
+        inputs = prompt_inputs(runner.processor, _image(seed, (60, 44)), question)
+        assert inputs["pixel_values"].shape[:2] == (1, 1)
+        assert int((inputs["input_ids"] == record["image_token_id"]).sum()) == 4
+        with torch.no_grad():
+            ref = model(**inputs).logits[0]
+            hf = model.generate(**inputs, max_new_tokens=10, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        logits, tokens = runner.prompt_logits_and_tokens(inputs, 10)
+        assert rel_diff(logits, ref) <= 1e-4, rel_diff(logits, ref)
+        assert tokens == hf.tolist()
+    split = prompt_inputs(processor, _image(1, (60, 44)), "Is it red?")  # the model's own processor splits
+    assert int((split["input_ids"] == record["image_token_id"]).sum()) == 5 * 4
+
+
+def test_idefics3_takes_only_its_tile_size(tmp_path):
+    folder = save_tiny_idefics3(tmp_path / "idefics3")  # 28 px tiles
+    with pytest.raises(VlmpruneError, match="max_image_size"):
+        export_executorch(folder, tmp_path / "out", image_size=56)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("family, reason", [("gemma3", "in both directions"), ("qwen2_5_vl", "M-RoPE"),
-                                            ("idefics3", "not supported yet")])
+                                            ("llava_next", "not supported yet")])
 def test_families_the_runner_cannot_express_are_refused(family, reason, tmp_path):
     folder = vlmprune.save_model(build_tiny(family), tmp_path / family)
     out = tmp_path / "out"

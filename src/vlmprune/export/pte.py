@@ -57,7 +57,8 @@ _WHY = {
                       "from token_type_ids), and ExecuTorch's multimodal runner runs the text decoder causally on "
                       "embeddings alone, so the program would compute a different model"),
 }
-SUPPORTED = ("llava",)
+TILED = ("idefics3", "smolvlm")  # processors that split images into tiles: exported with splitting off
+SUPPORTED = ("llava", *TILED)
 
 
 def check_family(model) -> str:
@@ -68,8 +69,8 @@ def check_family(model) -> str:
                             f"written. Use `vlmprune quantize` for a smaller Hugging Face checkpoint instead")
     if family not in SUPPORTED:
         raise VlmpruneError(f"ExecuTorch export of {family} models is not supported yet (supported: "
-                            f"{', '.join(SUPPORTED)}: LLaVA-style models with a Llama, Mistral or Qwen2 backbone); "
-                            f"nothing was written")
+                            f"{', '.join(SUPPORTED)}: LLaVA-style models with a Llama, Mistral or Qwen2 backbone, "
+                            f"Idefics3 / SmolVLM with one image tile); nothing was written")
     return family
 
 
@@ -96,7 +97,7 @@ def _check_text(model, adapter, max_seq_len: int) -> list:
 # ------------------------------------------------------------------------------------------ the methods
 
 
-def _modules(model, adapter, shapes: list, max_seq_len: int):
+def _modules(model, adapter, shapes: list, max_seq_len: int, image_size: int):
     """The three torch.nn.Modules exported as the program's methods."""
     import torch
     from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
@@ -115,6 +116,26 @@ def _modules(model, adapter, shapes: list, max_seq_len: int):
                 vision_feature_select_strategy=cfg.vision_feature_select_strategy)
             feats = out.pooler_output
             return torch.cat(list(feats), 0)[None] if isinstance(feats, (list, tuple)) else feats
+
+    class TileEncoder(torch.nn.Module):
+        """Idefics3 / SmolVLM: the tower on one tile of the export's size (no padding: every patch is
+        real), its post-LayerNorm, then the connector (pixel shuffle + matrix). The tower's position ids
+        come from bucketed fractional patch coordinates (torch.bucketize, which ExecuTorch has no kernel
+        for); for a full tile of a fixed size they are a constant: the ids the tower computes, stored."""
+
+        def __init__(self, vlm):
+            super().__init__()
+            self.vlm = vlm
+            self.register_buffer("position_ids", _tile_position_ids(vlm.model.vision_model, image_size),
+                                 persistent=False)
+
+        def forward(self, pixel_values):
+            tower = self.vlm.model.vision_model
+            emb = tower.embeddings
+            hidden = emb.patch_embedding(pixel_values.to(dtype)).flatten(2).transpose(1, 2)
+            hidden = hidden + emb.position_embedding(self.position_ids)
+            hidden = tower.post_layernorm(tower.encoder(inputs_embeds=hidden).last_hidden_state)
+            return self.vlm.model.connector(hidden)
 
     class TokenEmbedding(torch.nn.Module):
         def __init__(self, embed):
@@ -145,7 +166,25 @@ def _modules(model, adapter, shapes: list, max_seq_len: int):
         def forward(self, inputs_embeds, cache_position):
             return super().forward(inputs_embeds=inputs_embeds, cache_position=cache_position).float()
 
-    return VisionEncoder(model), TokenEmbedding(model.get_input_embeddings()), TextDecoder(model)
+    vision = TileEncoder(model) if model.config.model_type in TILED else VisionEncoder(model)
+    return vision, TokenEmbedding(model.get_input_embeddings()), TextDecoder(model)
+
+
+def _tile_position_ids(tower, image_size: int):
+    """The position ids an Idefics3 / SmolVLM tower gives a full (unpadded) tile of ``image_size`` px, as
+    its embeddings compute them (read off its position embedding's input)."""
+    import torch
+
+    seen = []
+    hook = tower.embeddings.position_embedding.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            pixels = torch.zeros(1, 3, image_size, image_size, dtype=next(tower.parameters()).dtype)
+            tower.embeddings(pixel_values=pixels, patch_attention_mask=torch.ones(
+                1, image_size // tower.config.patch_size, image_size // tower.config.patch_size, dtype=torch.bool))
+    finally:
+        hook.remove()
+    return seen[0].clone()
 
 
 def _fix_position_table_(model, image_size: int) -> bool:
@@ -153,7 +192,7 @@ def _fix_position_table_(model, image_size: int) -> bool:
     interpolate (its bicubic interpolation does not lower); the numbers are the ones it would compute."""
     import torch
 
-    emb = getattr(model.model.vision_tower, "embeddings", None)
+    emb = getattr(getattr(model.model, "vision_tower", None), "embeddings", None)
     if emb is None or type(emb).__name__ != "Dinov2Embeddings":
         return False
     patch = model.config.vision_config.patch_size
@@ -214,13 +253,36 @@ def _export(modules, sample: dict, max_seq_len: int, progress) -> dict:
         # strict=False for the vision encoder only: transformers' output-capturing hooks do not trace strictly,
         # and the decoder needs strict tracing to lower (to_edge fails on its non-strict graph)
         progress("export vision_encoder")
-        programs["vision_encoder"] = torch.export.export(vision, (sample["pixel_values"],), strict=False)
+        pixels = sample["pixel_values"]
+        pixels = pixels.reshape(-1, *pixels.shape[-3:])  # Idefics3 / SmolVLM: [batch, images, 3, S, S]
+        programs["vision_encoder"] = torch.export.export(vision, (pixels,), strict=False)
         progress("export token_embedding")
         programs["token_embedding"] = torch.export.export(embedding, (ids,), dynamic_shapes=({1: seq},), strict=True)
         progress("export text_decoder")
         programs["text_decoder"] = torch.export.export(
             decoder, (hidden, torch.arange(ids.shape[1])), dynamic_shapes=({1: seq}, {0: seq}), strict=True)
-    return programs
+    return {name: _explicit_tanh_gelu(program) for name, program in programs.items()}
+
+
+def _gelu_tanh(x, approximate="none"):
+    if approximate != "tanh":
+        return NotImplemented  # the exact GELU stays one op (XNNPACK's)
+    import torch
+
+    return 0.5 * x * (1 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))  # sqrt(2 / pi)
+
+
+def _explicit_tanh_gelu(program):
+    """GELU's tanh approximation (SigLIP towers, Gemma's MLPs) written out as the formula it is: ExecuTorch
+    1.5.1's XNNPACK partitioner lowers ``gelu(approximate='tanh')`` to XNNPACK's exact (erf) GELU, another
+    function (up to 3e-4 apart per activation; 1e-4 relative on a tiny Idefics3's logits)."""
+    import torch
+
+    gelu = torch.ops.aten.gelu.default
+    if not any(node.target is gelu and (node.kwargs.get("approximate") == "tanh" or node.args[1:] == ("tanh",))
+               for node in program.graph.nodes):
+        return program
+    return program.run_decompositions({gelu: _gelu_tanh})
 
 
 def _lower(programs: dict, metadata: dict, progress) -> bytes:
@@ -294,6 +356,7 @@ class PtePlan:
     kv_heads: list[int]
     head_dim: list[int]
     notes: list[str] = field(default_factory=list)
+    processor_settings: dict = field(default_factory=dict)  # changed from the model's own processor
 
 
 def export_executorch(model_dir: str | Path, output: str | Path, dtype: str = "float32", quant: str = "none",
@@ -337,6 +400,12 @@ def export_executorch(model_dir: str | Path, output: str | Path, dtype: str = "f
         raise VlmpruneError(f"the sample prompt with one image is {sample['input_ids'].shape[1]} tokens, too long "
                             f"for --max-seq-len {max_seq_len}; raise it")
     notes = []
+    settings = {}
+    if family in TILED:
+        settings["do_image_splitting"] = False
+        notes.append(f"images are not split into tiles: the processor saved beside the program resizes each image to "
+                     f"one {size} px tile ({n_image} image tokens; do_image_splitting false), where the model's own "
+                     f"processor adds a tile per {size} px of the image and a global view")
     if _fix_position_table_(model, size):
         notes.append(f"DINOv2's position table is stored interpolated for {size} px images (DINOv2's own bicubic "
                      f"interpolation, computed once)")
@@ -356,7 +425,7 @@ def export_executorch(model_dir: str | Path, output: str | Path, dtype: str = "f
     eos = _eos_ids(processor, generation)
     plan = PtePlan(family, dtype, quant, max_seq_len, size, int(image_token_id), n_image,
                    int(model.get_input_embeddings().weight.shape[0]), eos, len(shapes),
-                   [s.num_kv_heads for s in shapes], [s.head_dim for s in shapes], notes)
+                   [s.num_kv_heads for s in shapes], [s.head_dim for s in shapes], notes, settings)
     metadata = {"get_max_seq_len": max_seq_len, "get_max_context_len": max_seq_len,
                 "get_vocab_size": plan.vocab_size, "get_eos_ids": eos, "use_kv_cache": True,
                 "enable_dynamic_shape": True, "use_sdpa_with_kv_cache": False}
@@ -381,7 +450,7 @@ def export_executorch(model_dir: str | Path, output: str | Path, dtype: str = "f
         bar.set_postfix_str(step)
 
     try:
-        modules = _modules(model, adapter, shapes, max_seq_len)
+        modules = _modules(model, adapter, shapes, max_seq_len, size)
         try:
             programs = _export(modules, sample, max_seq_len, progress)
             buffer = _lower(programs, metadata, progress)

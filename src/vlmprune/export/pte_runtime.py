@@ -35,12 +35,23 @@ def is_pte_dir(path: str | Path) -> bool:
 
 
 def set_image_size(processor, image_size: int | None) -> int:
-    """The (square) image size the processor resizes to, set to ``image_size`` when given."""
+    """The (square) image size the processor resizes to, set to ``image_size`` when given. An image
+    processor that splits images into tiles (Idefics3 / SmolVLM) is set not to: every image becomes one
+    tile of its tower's size (``max_image_size``), the only size its prompt's image token count fits."""
     from vlmprune.export.gguf_vision import _image_size
 
     ip = getattr(processor, "image_processor", None)
     if ip is None:
         raise VlmpruneError("the model's processor has no image processor; the ExecuTorch export needs one")
+    if hasattr(ip, "do_image_splitting"):
+        tile = ip.max_image_size
+        tile = int(tile["longest_edge"] if isinstance(tile, dict) else tile.longest_edge)
+        if image_size is not None and image_size != tile:
+            raise VlmpruneError(f"--image-size {image_size}: this model's processor makes the image tokens of one "
+                                f"{tile} px tile (its max_image_size), so the program takes {tile} px images; leave "
+                                f"--image-size out")
+        ip.do_image_splitting = False
+        return tile
     if image_size is not None:
         ip.size = {"height": image_size, "width": image_size}
         if getattr(ip, "do_center_crop", False):
@@ -106,9 +117,15 @@ class PteModel:
         if not where:
             return self._run("token_embedding", ids[None])
         first, last = where[0], where[-1]
-        if last - first + 1 != len(where) or inputs["pixel_values"].shape[0] != 1:
+        pixels = inputs["pixel_values"]
+        pixels = pixels.reshape(-1, *pixels.shape[-3:])  # Idefics3 / SmolVLM: [batch, images, 3, S, S]
+        if last - first + 1 != len(where) or pixels.shape[0] != 1:
             raise VlmpruneError("the ExecuTorch program takes one image per prompt (one run of image tokens)")
-        image = self._run("vision_encoder", inputs["pixel_values"].to(torch.float32))
+        mask = inputs.get("pixel_attention_mask")
+        if mask is not None and not bool(mask.all()):
+            raise VlmpruneError("the processor padded the image (pixel_attention_mask); the program takes one "
+                                "unpadded image of the export's size")
+        image = self._run("vision_encoder", pixels.to(torch.float32))
         if image.shape[1] != len(where):
             raise VlmpruneError(f"the vision encoder gives {image.shape[1]} image tokens but the prompt has "
                                 f"{len(where)}: the image was not resized to the export's size")
