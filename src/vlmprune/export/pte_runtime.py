@@ -1,9 +1,8 @@
 """Run a ``vlmprune export --format executorch`` directory in the ExecuTorch runtime (its Python Module API).
 
 ``PteModel`` answers (image, question) turns the way ExecuTorch's multimodal runner does: the prompt is
-split around its run of image tokens, the text pieces go through ``token_embedding`` and the image through
-``vision_encoder``, the embeddings fill the KV cache through ``text_decoder`` (one call for the prompt),
-then greedy decoding one token at a time until an end-of-sequence id. The prompt is the model's own chat
+split around its run of image tokens, each piece in turn through its encoder (``token_embedding`` for text,
+``vision_encoder`` for the image) and then ``text_decoder``, which fills the KV cache, then greedy decoding one token at a time until an end-of-sequence id. The prompt is the model's own chat
 template through the processor saved beside the program (``vlmprune.data.collate.chat_inputs``, as
 ``vlmprune evaluate`` builds prompts for Hugging Face models). ``vlmprune.evaluate.gguf`` scores tasks with it.
 """
@@ -104,9 +103,9 @@ class PteModel:
     def _run(self, name: str, *inputs):
         return self.methods[name].execute(list(inputs))[0]
 
-    def embed(self, inputs: dict):
-        """The prompt's embeddings [1, n, hidden]: text pieces embedded, the run of image tokens replaced by
-        the vision encoder's output."""
+    def pieces(self, inputs: dict) -> list[tuple[str, object]]:
+        """The prompt as the runner's inputs: ("text", ids [1, k]) before and after the run of image tokens,
+        ("image", pixel_values [1, 3, S, S]) in its place."""
         import torch
 
         ids = inputs["input_ids"]
@@ -115,7 +114,7 @@ class PteModel:
         ids = ids[0].to(torch.long)
         where = (ids == self.image_token_id).nonzero().flatten().tolist() if self.image_token_id is not None else []
         if not where:
-            return self._run("token_embedding", ids[None])
+            return [("text", ids[None])]
         first, last = where[0], where[-1]
         pixels = inputs["pixel_values"]
         pixels = pixels.reshape(-1, *pixels.shape[-3:])  # Idefics3 / SmolVLM: [batch, images, 3, S, S]
@@ -125,24 +124,38 @@ class PteModel:
         if mask is not None and not bool(mask.all()):
             raise VlmpruneError("the processor padded the image (pixel_attention_mask); the program takes one "
                                 "unpadded image of the export's size")
-        image = self._run("vision_encoder", pixels.to(torch.float32))
-        if image.shape[1] != len(where):
-            raise VlmpruneError(f"the vision encoder gives {image.shape[1]} image tokens but the prompt has "
-                                f"{len(where)}: the image was not resized to the export's size")
-        parts = [self._run("token_embedding", ids[None, :first])] if first else []
-        parts.append(image.to(parts[0].dtype if parts else image.dtype))
+        parts = [("text", ids[None, :first])] if first else []
+        parts.append(("image", (pixels.to(torch.float32), len(where))))
         if last + 1 < len(ids):
-            parts.append(self._run("token_embedding", ids[None, last + 1:]))
-        return torch.cat(parts, 1)
+            parts.append(("text", ids[None, last + 1:]))
+        return parts
 
-    def prefill(self, embeds):
+    def prefill(self, inputs: dict):
+        """The logits over the whole prompt [1, n, vocab] and n, filling the KV cache in ExecuTorch's
+        multimodal runner's order: for each input, its encoder (``token_embedding`` for a text piece,
+        ``vision_encoder`` for the image), then ``text_decoder`` on that output at the next cache positions.
+        (A program whose decoder treats image embeddings differently, e.g. Gemma 3's bidirectional image
+        block, relies on this order: ``vision_encoder`` marks the next decoder call as an image.)"""
         import torch
 
-        n = embeds.shape[1]
+        pieces = self.pieces(inputs)
+        n = sum(value.shape[1] if kind == "text" else value[1] for kind, value in pieces)
         if n >= self.max_seq_len:
             raise VlmpruneError(f"the prompt is {n} tokens; the program's KV cache holds {self.max_seq_len} "
                                 f"(export with a larger --max-seq-len)")
-        return self._run("text_decoder", embeds, torch.arange(n, dtype=torch.long))
+        pos, logits = 0, []
+        for kind, value in pieces:
+            if kind == "text":
+                embeds = self._run("token_embedding", value)
+            else:
+                embeds = self._run("vision_encoder", value[0])
+                if embeds.shape[1] != value[1]:
+                    raise VlmpruneError(f"the vision encoder gives {embeds.shape[1]} image tokens but the prompt has "
+                                        f"{value[1]}: the image was not resized to the export's size")
+            k = embeds.shape[1]
+            logits.append(self._run("text_decoder", embeds, torch.arange(pos, pos + k, dtype=torch.long)))
+            pos += k
+        return torch.cat(logits, 1), pos
 
     def generate(self, inputs: dict, max_new_tokens: int) -> tuple[list[int], dict]:
         """Greedy new token ids (the end-of-sequence id included when reached) and llama.cpp-style timings
@@ -159,10 +172,8 @@ class PteModel:
         import torch
 
         started = time.perf_counter()
-        embeds = self.embed(inputs)
-        logits = self.prefill(embeds)
+        logits, pos = self.prefill(inputs)
         prompt_ms = 1000 * (time.perf_counter() - started)
-        pos = embeds.shape[1]
         new: list[int] = []
         started = time.perf_counter()
         token = int(logits[0, -1].argmax())
@@ -173,7 +184,7 @@ class PteModel:
             step = self._run("token_embedding", torch.tensor([[token]], dtype=torch.long))
             token = int(self._run("text_decoder", step, torch.tensor([pos], dtype=torch.long))[0, -1].argmax())
             pos += 1
-        timings = {"prompt_n": int(embeds.shape[1]), "prompt_ms": prompt_ms, "predicted_n": len(new),
+        timings = {"prompt_n": int(logits.shape[1]), "prompt_ms": prompt_ms, "predicted_n": len(new),
                    "predicted_ms": 1000 * (time.perf_counter() - started)}
         return new, timings, logits[0]
 
