@@ -20,7 +20,7 @@ import torch
 
 pytest.importorskip("executorch.runtime")
 
-from tiny_gguf import save_tiny_idefics3, save_tiny_llava
+from tiny_gguf import save_tiny_gemma3, save_tiny_idefics3, save_tiny_llava
 from tiny_models import build_tiny
 
 import vlmprune
@@ -157,6 +157,33 @@ def test_idefics3_exports_one_tile_and_reproduces_transformers(tmp_path):
     assert int((split["input_ids"] == record["image_token_id"]).sum()) == 5 * 4
 
 
+@pytest.mark.slow  # lowers a program to XNNPACK
+def test_gemma3_image_block_attends_both_ways_as_in_transformers(tmp_path):
+    """Gemma 3's image tokens see each other (token_type_ids in transformers): vision_encoder sets a flag the
+    methods share, token_embedding clears it, text_decoder opens the image block when it is set. The tiny
+    model's image block matters: a causal decoder would be far off."""
+    folder = save_tiny_gemma3(tmp_path / "gemma3", layers=3, sliding_window=128)  # windows >= the KV cache
+    record = export_executorch(folder, tmp_path / "pte", max_seq_len=96)
+    assert record["family"] == "gemma3" and record["image_tokens"] == 4
+    runner = PteModel(tmp_path / "pte")
+    model = vlmprune.load(folder, dtype=torch.float32).eval()
+    for seed, question in [(1, "How many dots are there?"), (2, "Is it red?")]:
+        inputs = prompt_inputs(runner.processor, _image(seed), question)
+        assert int(inputs["token_type_ids"].sum()) == 4
+        with torch.no_grad():
+            ref = model(**inputs).logits[0]
+            causal = model(**{k: v for k, v in inputs.items() if k != "token_type_ids"}).logits[0]
+            hf = model.generate(**inputs, max_new_tokens=10, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        logits, tokens = runner.prompt_logits_and_tokens(inputs, 10)
+        assert rel_diff(logits, ref) <= 1e-4, rel_diff(logits, ref)
+        assert rel_diff(causal, ref) > 1e-2
+        assert tokens == hf.tolist()
+    text = prompt_inputs(runner.processor, None, "Is it red?")  # no image: causal throughout
+    with torch.no_grad():
+        ref = model(**text).logits[0]
+    assert rel_diff(runner.prompt_logits_and_tokens(text, 1)[0], ref) <= 1e-4
+
+
 def test_idefics3_takes_only_its_tile_size(tmp_path):
     folder = save_tiny_idefics3(tmp_path / "idefics3")  # 28 px tiles
     with pytest.raises(VlmpruneError, match="max_image_size"):
@@ -164,7 +191,7 @@ def test_idefics3_takes_only_its_tile_size(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("family, reason", [("gemma3", "in both directions"), ("qwen2_5_vl", "M-RoPE"),
+@pytest.mark.parametrize("family, reason", [("gemma4", "in both directions"), ("qwen2_5_vl", "M-RoPE"),
                                             ("llava_next", "not supported yet")])
 def test_families_the_runner_cannot_express_are_refused(family, reason, tmp_path):
     folder = vlmprune.save_model(build_tiny(family), tmp_path / family)

@@ -46,7 +46,6 @@ _BLOCKERS = {
     "qwen2_5_vl": "M-RoPE",
     "qwen3_vl": "M-RoPE",
     "qwen3_5": "M-RoPE",
-    "gemma3": "bidirectional",
     "gemma4": "bidirectional",
 }
 _WHY = {
@@ -58,7 +57,9 @@ _WHY = {
                       "embeddings alone, so the program would compute a different model"),
 }
 TILED = ("idefics3", "smolvlm")  # processors that split images into tiles: exported with splitting off
-SUPPORTED = ("llava", *TILED)
+IMAGE_BLOCK = ("gemma3",)  # decoders whose image tokens see each other: the decoder is told a call is an image
+SUPPORTED = ("llava", *TILED, *IMAGE_BLOCK)
+SHARED_STATE = "image_state.image_flag"  # the buffer the methods share (IMAGE_BLOCK families)
 
 
 def check_family(model) -> str:
@@ -104,17 +105,42 @@ def _modules(model, adapter, shapes: list, max_seq_len: int, image_size: int):
 
     dtype = next(model.parameters()).dtype
 
+    class ImageState(torch.nn.Module):
+        """One flag shared by the program's methods (ExecuTorch's shared mutable buffers): ``vision_encoder``
+        sets it, ``token_embedding`` clears it, so ``text_decoder``, which the runner calls right after one
+        of them on its output, knows whether its input is an image."""
+
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("image_flag", torch.zeros(1), persistent=False)
+
+        def mark_image(self):
+            self.image_flag.copy_(torch.ones_like(self.image_flag))
+
+        def mark_text(self):
+            self.image_flag.copy_(torch.zeros_like(self.image_flag))
+
+        def is_image(self):
+            return self.image_flag[0] > 0
+
+    state = ImageState() if model.config.model_type in IMAGE_BLOCK else None
+
     class VisionEncoder(torch.nn.Module):
         def __init__(self, vlm):
             super().__init__()
             self.vlm = vlm
+            if state is not None:
+                self.image_state = state
 
         def forward(self, pixel_values):
             cfg = self.vlm.config
-            out = self.vlm.model.get_image_features(
-                pixel_values=pixel_values.to(dtype), vision_feature_layer=cfg.vision_feature_layer,
-                vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+            select = {"vision_feature_layer": cfg.vision_feature_layer,
+                      "vision_feature_select_strategy": cfg.vision_feature_select_strategy} \
+                if hasattr(cfg, "vision_feature_layer") else {}
+            out = self.vlm.model.get_image_features(pixel_values=pixel_values.to(dtype), **select)
             feats = out.pooler_output
+            if state is not None:  # the next text_decoder call carries this image
+                self.image_state.mark_image()
             return torch.cat(list(feats), 0)[None] if isinstance(feats, (list, tuple)) else feats
 
     class TileEncoder(torch.nn.Module):
@@ -141,8 +167,12 @@ def _modules(model, adapter, shapes: list, max_seq_len: int, image_size: int):
         def __init__(self, embed):
             super().__init__()
             self.embed = embed
+            if state is not None:
+                self.image_state = state
 
         def forward(self, input_ids):
+            if state is not None:  # the next text_decoder call carries text
+                self.image_state.mark_text()
             return self.embed(input_ids)
 
     class TextDecoder(TorchExportableModuleWithStaticCache):
@@ -162,9 +192,24 @@ def _modules(model, adapter, shapes: list, max_seq_len: int, image_size: int):
                 self.register_buffer(f"key_cache_{i}", layer.keys, persistent=False)
                 self.register_buffer(f"value_cache_{i}", layer.values, persistent=False)
                 self.register_buffer(f"cumulative_length_{i}", layer.cumulative_length, persistent=False)
+            if state is not None:
+                self.image_state = state
 
         def forward(self, inputs_embeds, cache_position):
-            return super().forward(inputs_embeds=inputs_embeds, cache_position=cache_position).float()
+            if state is None:
+                return super().forward(inputs_embeds=inputs_embeds, cache_position=cache_position).float()
+            # Gemma 3: causal, and a call that carries an image (the whole call is the image block) also
+            # lets its tokens see each other; the windows of sliding layers are at least the cache's length
+            for layer in self.static_cache.layers:  # as transformers' wrapper: the cache's write position
+                layer.cumulative_length.copy_(cache_position[0])
+            keys = torch.arange(max_seq_len, dtype=cache_position.dtype)
+            causal = keys[None, :] <= cache_position[:, None]
+            block = (keys <= cache_position[-1]) & self.image_state.is_image()
+            mask = (causal | block[None, :])[None, None]
+            out = self.model(inputs_embeds=inputs_embeds, attention_mask={"full_attention": mask,
+                                                                        "sliding_attention": mask},
+                             cache=self.static_cache, use_cache=True)
+            return out.logits.float()
 
     vision = TileEncoder(model) if model.config.model_type in TILED else VisionEncoder(model)
     return vision, TokenEmbedding(model.get_input_embeddings()), TextDecoder(model)
@@ -285,7 +330,7 @@ def _explicit_tanh_gelu(program):
     return program.run_decompositions({gelu: _gelu_tanh})
 
 
-def _lower(programs: dict, metadata: dict, progress) -> bytes:
+def _lower(programs: dict, metadata: dict, progress, shared: bool = False) -> bytes:
     import warnings
 
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -303,7 +348,18 @@ def _lower(programs: dict, metadata: dict, progress) -> bytes:
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False),
                                            constant_methods=metadata)
         progress("serialize")
-        return edge.to_executorch().buffer
+        if not shared:
+            return edge.to_executorch().buffer
+        from executorch.exir import ExecutorchBackendConfig
+        from executorch.exir.passes import MemoryPlanningPass
+        from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
+
+        # one allocation for the buffers of the same name in every method (the flag and the KV cache), the
+        # flag stored with its initial value (text)
+        return edge.to_executorch(ExecutorchBackendConfig(
+            passes=[InitializedMutableBufferPass([SHARED_STATE.split(".")[-1]])],
+            memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
+            emit_mutable_buffer_names=True)).buffer
 
 
 # ------------------------------------------------------------------------------------------ the check
@@ -453,7 +509,7 @@ def export_executorch(model_dir: str | Path, output: str | Path, dtype: str = "f
         modules = _modules(model, adapter, shapes, max_seq_len, size)
         try:
             programs = _export(modules, sample, max_seq_len, progress)
-            buffer = _lower(programs, metadata, progress)
+            buffer = _lower(programs, metadata, progress, shared=family in IMAGE_BLOCK)
         except Exception as exc:  # noqa: BLE001 - torch.export / ExecuTorch's own errors: refused, named
             message = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise VlmpruneError(f"{clock['step']} failed for this model ({type(exc).__name__}: {message}); "
@@ -466,7 +522,7 @@ def export_executorch(model_dir: str | Path, output: str | Path, dtype: str = "f
             (tmp / PTE_FILE).write_bytes(buffer)
             processor.save_pretrained(tmp)
             model.config.save_pretrained(tmp)  # what the processor files name (no weights: those are in the .pte)
-            runner = PteModel(tmp, runtime=Runtime)
+            runner = PteModel(tmp, runtime=Runtime, image_token_id=plan.image_token_id)
             missing = set(METHODS) - set(runner.program.method_names)
             if missing:
                 raise VlmpruneError(f"the lowered program lacks {sorted(missing)}; nothing was written")

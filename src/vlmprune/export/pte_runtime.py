@@ -2,9 +2,10 @@
 
 ``PteModel`` answers (image, question) turns the way ExecuTorch's multimodal runner does: the prompt is
 split around its run of image tokens, each piece in turn through its encoder (``token_embedding`` for text,
-``vision_encoder`` for the image) and then ``text_decoder``, which fills the KV cache, then greedy decoding one token at a time until an end-of-sequence id. The prompt is the model's own chat
-template through the processor saved beside the program (``vlmprune.data.collate.chat_inputs``, as
-``vlmprune evaluate`` builds prompts for Hugging Face models). ``vlmprune.evaluate.gguf`` scores tasks with it.
+``vision_encoder`` for the image) and then ``text_decoder``, which fills the KV cache; then greedy decoding
+one token at a time until an end-of-sequence id. The prompt is the model's own chat template through the
+processor saved beside the program (``vlmprune.data.collate.chat_inputs``, as ``vlmprune evaluate`` builds
+prompts for Hugging Face models). ``vlmprune.evaluate.gguf`` scores tasks with it.
 """
 
 from __future__ import annotations
@@ -68,7 +69,9 @@ def prompt_inputs(processor, image, question: str) -> dict:
 class PteModel:
     """The program in ``folder/model.pte`` and the processor saved beside it, in this process."""
 
-    def __init__(self, folder: str | Path, runtime=None, threads: int | None = None):
+    def __init__(self, folder: str | Path, runtime=None, threads: int | None = None, image_token_id: int | None = None):
+        """``image_token_id``: the model's (export.json's; a processor's own attribute may name another token,
+        Gemma 3's the start-of-image one)."""
         import transformers
 
         folder = Path(folder)
@@ -94,7 +97,8 @@ class PteModel:
                                 f"model again") from None
         record = folder / "export.json"
         self.record = json.loads(record.read_text()) if record.is_file() else {}
-        self.image_token_id = self.record.get("image_token_id", _image_token_id(self.processor))
+        self.image_token_id = image_token_id if image_token_id is not None else \
+            self.record.get("image_token_id", _image_token_id(self.processor))
 
     def _constant(self, name: str, many: bool = False):
         out = self.program.load_method(name).execute([])
