@@ -184,6 +184,41 @@ def test_gemma3_image_block_attends_both_ways_as_in_transformers(tmp_path):
     assert rel_diff(runner.prompt_logits_and_tokens(text, 1)[0], ref) <= 1e-4
 
 
+def _tiny_smolvlm():
+    """SmolVLM (SmolVLM2's model_type; its processor needs torchvision, absent here) with the tiny Idefics3's
+    shapes: the image path only."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMVisionConfig
+
+    config = build_tiny("idefics3").config
+    keep = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size")
+    vision = SmolVLMVisionConfig(**{k: v for k, v in config.vision_config.to_dict().items() if k in keep})
+    torch.manual_seed(0)
+    return SmolVLMForConditionalGeneration._from_config(SmolVLMConfig(
+        vision_config=vision, text_config=config.text_config.to_dict(), scale_factor=2,
+        image_token_id=config.image_token_id), attn_implementation="sdpa")
+
+
+@pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
+def test_tile_encoder_is_the_models_image_path(family):
+    """vision_encoder for one full tile (stored position ids, no torch.bucketize in the exported graph) computes
+    what transformers' get_image_features does (no lowering: the Idefics3 test above lowers it)."""
+    from vlmprune.adapters import get_adapter
+    from vlmprune.export.pte import _modules
+    from vlmprune.summary import layer_shapes
+
+    model = (build_tiny("idefics3") if family == "idefics3" else _tiny_smolvlm()).eval()
+    adapter = get_adapter(model)
+    size = model.config.vision_config.image_size
+    vision = _modules(model, adapter, layer_shapes(model, adapter), 32, size)[0]
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model.model.get_image_features(pixel_values=pixels[None]).pooler_output[0]
+        program = torch.export.export(vision, (pixels,), strict=False)
+        got = program.module()(pixels)[0]
+    assert ref.shape == (16, 64) and torch.allclose(got, ref, rtol=0, atol=1e-6)
+    assert not [n for n in program.graph.nodes if "bucketize" in str(n.target)]
+
+
 def test_idefics3_takes_only_its_tile_size(tmp_path):
     folder = save_tiny_idefics3(tmp_path / "idefics3")  # 28 px tiles
     with pytest.raises(VlmpruneError, match="max_image_size"):

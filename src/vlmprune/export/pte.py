@@ -51,10 +51,12 @@ _BLOCKERS = {
 _WHY = {
     "M-RoPE": ("its decoder places image tokens with 3-D rotary positions (M-RoPE: time, row, column) that depend "
                "on where the image sits in the prompt, and ExecuTorch's multimodal runner gives the text decoder "
-               "only cache positions"),
+               "only cache positions; the program could derive them from the cache position and a state its methods "
+               "share (as it marks Gemma 3's image block), but this export does not yet (nor the vision tower's "
+               "windowed attention, which torch.export does not trace as transformers writes it)"),
     "bidirectional": ("its decoder lets the image tokens attend to each other in both directions (a mask built "
-                      "from token_type_ids), and ExecuTorch's multimodal runner runs the text decoder causally on "
-                      "embeddings alone, so the program would compute a different model"),
+                      "from token_type_ids), and ExecuTorch's multimodal runner runs the text decoder on embeddings "
+                      "alone; the export marks the image block for Gemma 3, not yet for this family"),
 }
 TILED = ("idefics3", "smolvlm")  # processors that split images into tiles: exported with splitting off
 IMAGE_BLOCK = ("gemma3",)  # decoders whose image tokens see each other: the decoder is told a call is an image
