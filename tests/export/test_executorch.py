@@ -159,9 +159,12 @@ def test_idefics3_exports_one_tile_and_reproduces_transformers(tmp_path):
 
 @pytest.mark.slow  # lowers a program to XNNPACK
 def test_gemma3_image_block_attends_both_ways_as_in_transformers(tmp_path):
-    """Gemma 3's image tokens see each other (token_type_ids in transformers): vision_encoder sets a flag the
-    methods share, token_embedding clears it, text_decoder opens the image block when it is set. The tiny
-    model's image block matters: a causal decoder would be far off."""
+    """Gemma 3's image tokens see each other (token_type_ids in transformers): vision_encoder's embeddings carry
+    a last channel of ones, token_embedding's of zeros, and text_decoder opens the image block for a call of
+    ones. The tiny model's image block matters: a causal decoder would be far off. Also through ExecuTorch's
+    C++ Module (what its MultimodalRunner drives), in the runner's call order."""
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch
+
     folder = save_tiny_gemma3(tmp_path / "gemma3", layers=3, sliding_window=128)  # windows >= the KV cache
     record = export_executorch(folder, tmp_path / "pte", max_seq_len=96)
     assert record["family"] == "gemma3" and record["image_tokens"] == 4
@@ -178,6 +181,13 @@ def test_gemma3_image_block_attends_both_ways_as_in_transformers(tmp_path):
         assert rel_diff(logits, ref) <= 1e-4, rel_diff(logits, ref)
         assert rel_diff(causal, ref) > 1e-2
         assert tokens == hf.tolist()
+        module, pos, parts = _load_for_executorch(str(tmp_path / "pte" / "model.pte")), 0, []
+        for kind, value in runner.pieces(inputs):
+            embeds = module.run_method(*(("token_embedding", (value,)) if kind == "text" else
+                                         ("vision_encoder", (value[0],))))[0]
+            parts.append(module.run_method("text_decoder", (embeds, torch.arange(pos, pos + embeds.shape[1])))[0])
+            pos += embeds.shape[1]
+        assert rel_diff(torch.cat(parts, 1)[0], ref) <= 1e-4
     text = prompt_inputs(runner.processor, None, "Is it red?")  # no image: causal throughout
     with torch.no_grad():
         ref = model(**text).logits[0]

@@ -51,17 +51,16 @@ _BLOCKERS = {
 _WHY = {
     "M-RoPE": ("its decoder places image tokens with 3-D rotary positions (M-RoPE: time, row, column) that depend "
                "on where the image sits in the prompt, and ExecuTorch's multimodal runner gives the text decoder "
-               "only cache positions; the program could derive them from the cache position and a state its methods "
-               "share (as it marks Gemma 3's image block), but this export does not yet (nor the vision tower's "
-               "windowed attention, which torch.export does not trace as transformers writes it)"),
+               "only cache positions; the program could derive them from the cache position (an image call marked "
+               "as for Gemma 3), but this export does not yet (nor the vision tower's windowed attention, which "
+               "torch.export does not trace as transformers writes it)"),
     "bidirectional": ("its decoder lets the image tokens attend to each other in both directions (a mask built "
                       "from token_type_ids), and ExecuTorch's multimodal runner runs the text decoder on embeddings "
                       "alone; the export marks the image block for Gemma 3, not yet for this family"),
 }
 TILED = ("idefics3", "smolvlm")  # processors that split images into tiles: exported with splitting off
-IMAGE_BLOCK = ("gemma3",)  # decoders whose image tokens see each other: the decoder is told a call is an image
+IMAGE_BLOCK = ("gemma3",)  # decoders whose image tokens see each other: the embeddings say whether they are an image
 SUPPORTED = ("llava", *TILED, *IMAGE_BLOCK)
-SHARED_STATE = "image_state.image_flag"  # the buffer the methods share (IMAGE_BLOCK families)
 
 
 def check_family(model) -> str:
@@ -107,32 +106,12 @@ def _modules(model, adapter, shapes: list, max_seq_len: int, image_size: int):
 
     dtype = next(model.parameters()).dtype
 
-    class ImageState(torch.nn.Module):
-        """One flag shared by the program's methods (ExecuTorch's shared mutable buffers): ``vision_encoder``
-        sets it, ``token_embedding`` clears it, so ``text_decoder``, which the runner calls right after one
-        of them on its output, knows whether its input is an image."""
-
-        def __init__(self):
-            super().__init__()
-            self.register_buffer("image_flag", torch.zeros(1), persistent=False)
-
-        def mark_image(self):
-            self.image_flag.copy_(torch.ones_like(self.image_flag))
-
-        def mark_text(self):
-            self.image_flag.copy_(torch.zeros_like(self.image_flag))
-
-        def is_image(self):
-            return self.image_flag[0] > 0
-
-    state = ImageState() if model.config.model_type in IMAGE_BLOCK else None
+    marked = model.config.model_type in IMAGE_BLOCK  # embeddings carry a last channel: 1 image, 0 text
 
     class VisionEncoder(torch.nn.Module):
         def __init__(self, vlm):
             super().__init__()
             self.vlm = vlm
-            if state is not None:
-                self.image_state = state
 
         def forward(self, pixel_values):
             cfg = self.vlm.config
@@ -141,9 +120,8 @@ def _modules(model, adapter, shapes: list, max_seq_len: int, image_size: int):
                 if hasattr(cfg, "vision_feature_layer") else {}
             out = self.vlm.model.get_image_features(pixel_values=pixel_values.to(dtype), **select)
             feats = out.pooler_output
-            if state is not None:  # the next text_decoder call carries this image
-                self.image_state.mark_image()
-            return torch.cat(list(feats), 0)[None] if isinstance(feats, (list, tuple)) else feats
+            feats = torch.cat(list(feats), 0)[None] if isinstance(feats, (list, tuple)) else feats
+            return _mark(feats, 1.0) if marked else feats
 
     class TileEncoder(torch.nn.Module):
         """Idefics3 / SmolVLM: the tower on one tile of the export's size (no padding: every patch is
@@ -169,13 +147,9 @@ def _modules(model, adapter, shapes: list, max_seq_len: int, image_size: int):
         def __init__(self, embed):
             super().__init__()
             self.embed = embed
-            if state is not None:
-                self.image_state = state
 
         def forward(self, input_ids):
-            if state is not None:  # the next text_decoder call carries text
-                self.image_state.mark_text()
-            return self.embed(input_ids)
+            return _mark(self.embed(input_ids), 0.0) if marked else self.embed(input_ids)
 
     class TextDecoder(TorchExportableModuleWithStaticCache):
         """transformers' static-cache wrapper with every cache layer in its own layer's shape."""
@@ -194,19 +168,19 @@ def _modules(model, adapter, shapes: list, max_seq_len: int, image_size: int):
                 self.register_buffer(f"key_cache_{i}", layer.keys, persistent=False)
                 self.register_buffer(f"value_cache_{i}", layer.values, persistent=False)
                 self.register_buffer(f"cumulative_length_{i}", layer.cumulative_length, persistent=False)
-            if state is not None:
-                self.image_state = state
 
         def forward(self, inputs_embeds, cache_position):
-            if state is None:
+            if not marked:
                 return super().forward(inputs_embeds=inputs_embeds, cache_position=cache_position).float()
             # Gemma 3: causal, and a call that carries an image (the whole call is the image block) also
             # lets its tokens see each other; the windows of sliding layers are at least the cache's length
+            image = inputs_embeds[0, 0, -1] > 0.5
+            inputs_embeds = inputs_embeds[..., :-1]
             for layer in self.static_cache.layers:  # as transformers' wrapper: the cache's write position
                 layer.cumulative_length.copy_(cache_position[0])
             keys = torch.arange(max_seq_len, dtype=cache_position.dtype)
             causal = keys[None, :] <= cache_position[:, None]
-            block = (keys <= cache_position[-1]) & self.image_state.is_image()
+            block = (keys <= cache_position[-1]) & image
             mask = (causal | block[None, :])[None, None]
             out = self.model(inputs_embeds=inputs_embeds, attention_mask={"full_attention": mask,
                                                                         "sliding_attention": mask},
@@ -215,6 +189,14 @@ def _modules(model, adapter, shapes: list, max_seq_len: int, image_size: int):
 
     vision = TileEncoder(model) if model.config.model_type in TILED else VisionEncoder(model)
     return vision, TokenEmbedding(model.get_input_embeddings()), TextDecoder(model)
+
+
+def _mark(embeds, value: float):
+    """``embeds`` [1, n, hidden] with one more channel holding ``value`` (1: an image's embeddings, 0: text's),
+    read and dropped by ``text_decoder``."""
+    import torch
+
+    return torch.cat([embeds, torch.full_like(embeds[..., :1], value)], -1)
 
 
 def _tile_position_ids(tower, image_size: int):
@@ -332,7 +314,7 @@ def _explicit_tanh_gelu(program):
     return program.run_decompositions({gelu: _gelu_tanh})
 
 
-def _lower(programs: dict, metadata: dict, progress, shared: bool = False) -> bytes:
+def _lower(programs: dict, metadata: dict, progress) -> bytes:
     import warnings
 
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -350,18 +332,7 @@ def _lower(programs: dict, metadata: dict, progress, shared: bool = False) -> by
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False),
                                            constant_methods=metadata)
         progress("serialize")
-        if not shared:
-            return edge.to_executorch().buffer
-        from executorch.exir import ExecutorchBackendConfig
-        from executorch.exir.passes import MemoryPlanningPass
-        from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
-
-        # one allocation for the buffers of the same name in every method (the flag and the KV cache), the
-        # flag stored with its initial value (text)
-        return edge.to_executorch(ExecutorchBackendConfig(
-            passes=[InitializedMutableBufferPass([SHARED_STATE.split(".")[-1]])],
-            memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
-            emit_mutable_buffer_names=True)).buffer
+        return edge.to_executorch().buffer
 
 
 # ------------------------------------------------------------------------------------------ the check
@@ -511,7 +482,7 @@ def export_executorch(model_dir: str | Path, output: str | Path, dtype: str = "f
         modules = _modules(model, adapter, shapes, max_seq_len, size)
         try:
             programs = _export(modules, sample, max_seq_len, progress)
-            buffer = _lower(programs, metadata, progress, shared=family in IMAGE_BLOCK)
+            buffer = _lower(programs, metadata, progress)
         except Exception as exc:  # noqa: BLE001 - torch.export / ExecuTorch's own errors: refused, named
             message = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise VlmpruneError(f"{clock['step']} failed for this model ({type(exc).__name__}: {message}); "
