@@ -11,8 +11,10 @@ The program holds the three methods ExecuTorch's multimodal LLM runner calls, lo
   layer from the config's global head count, which fails on per-layer widths);
 
 plus the runner's metadata (``get_max_seq_len``, ``get_vocab_size``, ``get_eos_ids``, ...) as constant
-methods. Families whose inputs the runner cannot express are refused before anything is written (see
-:func:`check_family`). Before the directory is published, the program is loaded in the ExecuTorch runtime
+methods. Idefics3 / SmolVLM export with image splitting off (one tile per image); Gemma 3's encoders return
+one channel more (ones for an image, zeros for text), which tells ``text_decoder`` to let an image's tokens
+see each other. Families whose inputs the runner cannot express are refused before anything is written
+(see :func:`check_family`). Before the directory is published, the program is loaded in the ExecuTorch runtime
 and run on the export's sample prompt (the chat template, one synthetic image): its logits over the
 whole prompt and its greedy tokens must reproduce the PyTorch modules it was exported from.
 """
