@@ -111,7 +111,7 @@ def tiny_llava(tokenizer, text: str = "llama", vision: str = "clip", layers: int
 GEMMA3_SPECIALS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image>"}
 
 
-def save_tiny_gemma3(folder: Path, layers: int = 5, seed: int = 0) -> Path:
+def save_tiny_gemma3(folder: Path, layers: int = 5, seed: int = 0, sliding_window: int = 8) -> Path:
     """A tiny Gemma 3 (sliding and full attention layers, window 8, shorter than the test prompts;
     a 2-block SigLIP tower, 28 px in 7-px patches pooled to 4 image tokens) with the byte-level
     tokenizer (plus Gemma's image delimiters) and a Gemma3Processor."""
@@ -128,7 +128,7 @@ def save_tiny_gemma3(folder: Path, layers: int = 5, seed: int = 0) -> Path:
     kinds = ["sliding_attention", "sliding_attention", "full_attention"]
     text = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                             num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32,
-                            sliding_window=8, layer_types=[kinds[i % 3] for i in range(layers)],
+                            sliding_window=sliding_window, layer_types=[kinds[i % 3] for i in range(layers)],
                             max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                             pad_token_id=tok.pad_token_id)
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,

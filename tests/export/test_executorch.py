@@ -20,7 +20,7 @@ import torch
 
 pytest.importorskip("executorch.runtime")
 
-from tiny_gguf import save_tiny_llava
+from tiny_gguf import save_tiny_gemma3, save_tiny_idefics3, save_tiny_llava
 from tiny_models import build_tiny
 
 import vlmprune
@@ -129,8 +129,115 @@ def test_int4_keeps_the_odd_width_in_float_and_stays_close(pruned, tmp_path):
     assert record["check"]["rel_diff"] <= record["check"]["tolerance"]
 
 
-@pytest.mark.parametrize("family, reason", [("gemma3", "in both directions"), ("qwen2_5_vl", "M-RoPE"),
-                                            ("idefics3", "not supported yet")])
+@pytest.mark.slow  # lowers a program to XNNPACK
+def test_idefics3_exports_one_tile_and_reproduces_transformers(tmp_path):
+    """SmolVLM's layout (SigLIP-style tower with gelu-tanh, pixel shuffle, Llama text): image splitting off,
+    one tile through the vision encoder; the same processor settings in transformers give the same logits."""
+    folder = save_tiny_idefics3(tmp_path / "idefics3")
+    processor = vlmprune.load_processor(folder)
+    processor.image_processor.size = {"longest_edge": 56}  # a larger image: split into 4 tiles + a global view
+    processor.save_pretrained(folder)
+    record = export_executorch(folder, tmp_path / "pte", max_seq_len=96)
+    assert record["processor_settings"] == {"do_image_splitting": False} and record["image_tokens"] == 4
+    assert any("do_image_splitting false" in note for note in record["notes"])
+    runner = PteModel(tmp_path / "pte")
+    assert runner.processor.image_processor.do_image_splitting is False
+    model = vlmprune.load(folder, dtype=torch.float32).eval()
+    for seed, question in [(1, "How many dots are there?"), (2, "Is it red?")]:
+        inputs = prompt_inputs(runner.processor, _image(seed, (60, 44)), question)
+        assert inputs["pixel_values"].shape[:2] == (1, 1)
+        assert int((inputs["input_ids"] == record["image_token_id"]).sum()) == 4
+        with torch.no_grad():
+            ref = model(**inputs).logits[0]
+            hf = model.generate(**inputs, max_new_tokens=10, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        logits, tokens = runner.prompt_logits_and_tokens(inputs, 10)
+        assert rel_diff(logits, ref) <= 1e-4, rel_diff(logits, ref)
+        assert tokens == hf.tolist()
+    split = prompt_inputs(processor, _image(1, (60, 44)), "Is it red?")  # the model's own processor splits
+    assert int((split["input_ids"] == record["image_token_id"]).sum()) == 5 * 4
+
+
+@pytest.mark.slow  # lowers a program to XNNPACK
+def test_gemma3_image_block_attends_both_ways_as_in_transformers(tmp_path):
+    """Gemma 3's image tokens see each other (token_type_ids in transformers): vision_encoder's embeddings carry
+    a last channel of ones, token_embedding's of zeros, and text_decoder opens the image block for a call of
+    ones. The tiny model's image block matters: a causal decoder would be far off. Also through ExecuTorch's
+    C++ Module (what its MultimodalRunner drives), in the runner's call order."""
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch
+
+    folder = save_tiny_gemma3(tmp_path / "gemma3", layers=3, sliding_window=128)  # windows >= the KV cache
+    record = export_executorch(folder, tmp_path / "pte", max_seq_len=96)
+    assert record["family"] == "gemma3" and record["image_tokens"] == 4
+    runner = PteModel(tmp_path / "pte")
+    model = vlmprune.load(folder, dtype=torch.float32).eval()
+    for seed, question in [(1, "How many dots are there?"), (2, "Is it red?")]:
+        inputs = prompt_inputs(runner.processor, _image(seed), question)
+        assert int(inputs["token_type_ids"].sum()) == 4
+        with torch.no_grad():
+            ref = model(**inputs).logits[0]
+            causal = model(**{k: v for k, v in inputs.items() if k != "token_type_ids"}).logits[0]
+            hf = model.generate(**inputs, max_new_tokens=10, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        logits, tokens = runner.prompt_logits_and_tokens(inputs, 10)
+        assert rel_diff(logits, ref) <= 1e-4, rel_diff(logits, ref)
+        assert rel_diff(causal, ref) > 1e-2
+        assert tokens == hf.tolist()
+        module, pos, parts = _load_for_executorch(str(tmp_path / "pte" / "model.pte")), 0, []
+        for kind, value in runner.pieces(inputs):
+            embeds = module.run_method(*(("token_embedding", (value,)) if kind == "text" else
+                                         ("vision_encoder", (value[0],))))[0]
+            parts.append(module.run_method("text_decoder", (embeds, torch.arange(pos, pos + embeds.shape[1])))[0])
+            pos += embeds.shape[1]
+        assert rel_diff(torch.cat(parts, 1)[0], ref) <= 1e-4
+    text = prompt_inputs(runner.processor, None, "Is it red?")  # no image: causal throughout
+    with torch.no_grad():
+        ref = model(**text).logits[0]
+    assert rel_diff(runner.prompt_logits_and_tokens(text, 1)[0], ref) <= 1e-4
+
+
+def _tiny_smolvlm():
+    """SmolVLM (SmolVLM2's model_type; its processor needs torchvision, absent here) with the tiny Idefics3's
+    shapes: the image path only."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMVisionConfig
+
+    config = build_tiny("idefics3").config
+    keep = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size")
+    vision = SmolVLMVisionConfig(**{k: v for k, v in config.vision_config.to_dict().items() if k in keep})
+    torch.manual_seed(0)
+    return SmolVLMForConditionalGeneration._from_config(SmolVLMConfig(
+        vision_config=vision, text_config=config.text_config.to_dict(), scale_factor=2,
+        image_token_id=config.image_token_id), attn_implementation="sdpa")
+
+
+@pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
+def test_tile_encoder_is_the_models_image_path(family):
+    """vision_encoder for one full tile (stored position ids, no torch.bucketize in the exported graph) computes
+    what transformers' get_image_features does (no lowering: the Idefics3 test above lowers it)."""
+    from vlmprune.adapters import get_adapter
+    from vlmprune.export.pte import _modules
+    from vlmprune.summary import layer_shapes
+
+    model = (build_tiny("idefics3") if family == "idefics3" else _tiny_smolvlm()).eval()
+    adapter = get_adapter(model)
+    size = model.config.vision_config.image_size
+    vision = _modules(model, adapter, layer_shapes(model, adapter), 32, size)[0]
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model.model.get_image_features(pixel_values=pixels[None]).pooler_output[0]
+        program = torch.export.export(vision, (pixels,), strict=False)
+        got = program.module()(pixels)[0]
+    assert ref.shape == (16, 64) and torch.allclose(got, ref, rtol=0, atol=1e-6)
+    assert not [n for n in program.graph.nodes if "bucketize" in str(n.target)]
+
+
+def test_idefics3_takes_only_its_tile_size(tmp_path):
+    folder = save_tiny_idefics3(tmp_path / "idefics3")  # 28 px tiles
+    with pytest.raises(VlmpruneError, match="max_image_size"):
+        export_executorch(folder, tmp_path / "out", image_size=56)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family, reason", [("gemma4", "in both directions"), ("qwen2_5_vl", "M-RoPE"),
+                                            ("llava_next", "not supported yet")])
 def test_families_the_runner_cannot_express_are_refused(family, reason, tmp_path):
     folder = vlmprune.save_model(build_tiny(family), tmp_path / family)
     out = tmp_path / "out"

@@ -11,8 +11,10 @@ The program holds the three methods ExecuTorch's multimodal LLM runner calls, lo
   layer from the config's global head count, which fails on per-layer widths);
 
 plus the runner's metadata (``get_max_seq_len``, ``get_vocab_size``, ``get_eos_ids``, ...) as constant
-methods. Families whose inputs the runner cannot express are refused before anything is written (see
-:func:`check_family`). Before the directory is published, the program is loaded in the ExecuTorch runtime
+methods. Idefics3 / SmolVLM export with image splitting off (one tile per image); Gemma 3's encoders return
+one channel more (ones for an image, zeros for text), which tells ``text_decoder`` to let an image's tokens
+see each other. Families whose inputs the runner cannot express are refused before anything is written
+(see :func:`check_family`). Before the directory is published, the program is loaded in the ExecuTorch runtime
 and run on the export's sample prompt (the chat template, one synthetic image): its logits over the
 whole prompt and its greedy tokens must reproduce the PyTorch modules it was exported from.
 """
@@ -46,18 +48,21 @@ _BLOCKERS = {
     "qwen2_5_vl": "M-RoPE",
     "qwen3_vl": "M-RoPE",
     "qwen3_5": "M-RoPE",
-    "gemma3": "bidirectional",
     "gemma4": "bidirectional",
 }
 _WHY = {
     "M-RoPE": ("its decoder places image tokens with 3-D rotary positions (M-RoPE: time, row, column) that depend "
                "on where the image sits in the prompt, and ExecuTorch's multimodal runner gives the text decoder "
-               "only cache positions"),
+               "only cache positions; the program could derive them from the cache position (an image call marked "
+               "as for Gemma 3), but this export does not yet (nor the vision tower's windowed attention, which "
+               "torch.export does not trace as transformers writes it)"),
     "bidirectional": ("its decoder lets the image tokens attend to each other in both directions (a mask built "
-                      "from token_type_ids), and ExecuTorch's multimodal runner runs the text decoder causally on "
-                      "embeddings alone, so the program would compute a different model"),
+                      "from token_type_ids), and ExecuTorch's multimodal runner runs the text decoder on embeddings "
+                      "alone; the export marks the image block for Gemma 3, not yet for this family"),
 }
-SUPPORTED = ("llava",)
+TILED = ("idefics3", "smolvlm")  # processors that split images into tiles: exported with splitting off
+IMAGE_BLOCK = ("gemma3",)  # decoders whose image tokens see each other: the embeddings say whether they are an image
+SUPPORTED = ("llava", *TILED, *IMAGE_BLOCK)
 
 
 def check_family(model) -> str:
@@ -68,8 +73,8 @@ def check_family(model) -> str:
                             f"written. Use `vlmprune quantize` for a smaller Hugging Face checkpoint instead")
     if family not in SUPPORTED:
         raise VlmpruneError(f"ExecuTorch export of {family} models is not supported yet (supported: "
-                            f"{', '.join(SUPPORTED)}: LLaVA-style models with a Llama, Mistral or Qwen2 backbone); "
-                            f"nothing was written")
+                            f"{', '.join(SUPPORTED)}: LLaVA-style models with a Llama, Mistral or Qwen2 backbone, "
+                            f"Idefics3 / SmolVLM with one image tile); nothing was written")
     return family
 
 
@@ -96,12 +101,14 @@ def _check_text(model, adapter, max_seq_len: int) -> list:
 # ------------------------------------------------------------------------------------------ the methods
 
 
-def _modules(model, adapter, shapes: list, max_seq_len: int):
+def _modules(model, adapter, shapes: list, max_seq_len: int, image_size: int):
     """The three torch.nn.Modules exported as the program's methods."""
     import torch
     from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
 
     dtype = next(model.parameters()).dtype
+
+    marked = model.config.model_type in IMAGE_BLOCK  # embeddings carry a last channel: 1 image, 0 text
 
     class VisionEncoder(torch.nn.Module):
         def __init__(self, vlm):
@@ -110,11 +117,33 @@ def _modules(model, adapter, shapes: list, max_seq_len: int):
 
         def forward(self, pixel_values):
             cfg = self.vlm.config
-            out = self.vlm.model.get_image_features(
-                pixel_values=pixel_values.to(dtype), vision_feature_layer=cfg.vision_feature_layer,
-                vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+            select = {"vision_feature_layer": cfg.vision_feature_layer,
+                      "vision_feature_select_strategy": cfg.vision_feature_select_strategy} \
+                if hasattr(cfg, "vision_feature_layer") else {}
+            out = self.vlm.model.get_image_features(pixel_values=pixel_values.to(dtype), **select)
             feats = out.pooler_output
-            return torch.cat(list(feats), 0)[None] if isinstance(feats, (list, tuple)) else feats
+            feats = torch.cat(list(feats), 0)[None] if isinstance(feats, (list, tuple)) else feats
+            return _mark(feats, 1.0) if marked else feats
+
+    class TileEncoder(torch.nn.Module):
+        """Idefics3 / SmolVLM: the tower on one tile of the export's size (no padding: every patch is
+        real), its post-LayerNorm, then the connector (pixel shuffle + matrix). The tower's position ids
+        come from bucketed fractional patch coordinates (torch.bucketize, which ExecuTorch has no kernel
+        for); for a full tile of a fixed size they are a constant: the ids the tower computes, stored."""
+
+        def __init__(self, vlm):
+            super().__init__()
+            self.vlm = vlm
+            self.register_buffer("position_ids", _tile_position_ids(vlm.model.vision_model, image_size),
+                                 persistent=False)
+
+        def forward(self, pixel_values):
+            tower = self.vlm.model.vision_model
+            emb = tower.embeddings
+            hidden = emb.patch_embedding(pixel_values.to(dtype)).flatten(2).transpose(1, 2)
+            hidden = hidden + emb.position_embedding(self.position_ids)
+            hidden = tower.post_layernorm(tower.encoder(inputs_embeds=hidden).last_hidden_state)
+            return self.vlm.model.connector(hidden)
 
     class TokenEmbedding(torch.nn.Module):
         def __init__(self, embed):
@@ -122,7 +151,7 @@ def _modules(model, adapter, shapes: list, max_seq_len: int):
             self.embed = embed
 
         def forward(self, input_ids):
-            return self.embed(input_ids)
+            return _mark(self.embed(input_ids), 0.0) if marked else self.embed(input_ids)
 
     class TextDecoder(TorchExportableModuleWithStaticCache):
         """transformers' static-cache wrapper with every cache layer in its own layer's shape."""
@@ -143,9 +172,50 @@ def _modules(model, adapter, shapes: list, max_seq_len: int):
                 self.register_buffer(f"cumulative_length_{i}", layer.cumulative_length, persistent=False)
 
         def forward(self, inputs_embeds, cache_position):
-            return super().forward(inputs_embeds=inputs_embeds, cache_position=cache_position).float()
+            if not marked:
+                return super().forward(inputs_embeds=inputs_embeds, cache_position=cache_position).float()
+            # Gemma 3: causal, and a call that carries an image (the whole call is the image block) also
+            # lets its tokens see each other; the windows of sliding layers are at least the cache's length
+            image = inputs_embeds[0, 0, -1] > 0.5
+            inputs_embeds = inputs_embeds[..., :-1]
+            for layer in self.static_cache.layers:  # as transformers' wrapper: the cache's write position
+                layer.cumulative_length.copy_(cache_position[0])
+            keys = torch.arange(max_seq_len, dtype=cache_position.dtype)
+            causal = keys[None, :] <= cache_position[:, None]
+            block = (keys <= cache_position[-1]) & image
+            mask = (causal | block[None, :])[None, None]
+            out = self.model(inputs_embeds=inputs_embeds, attention_mask={"full_attention": mask,
+                                                                        "sliding_attention": mask},
+                             cache=self.static_cache, use_cache=True)
+            return out.logits.float()
 
-    return VisionEncoder(model), TokenEmbedding(model.get_input_embeddings()), TextDecoder(model)
+    vision = TileEncoder(model) if model.config.model_type in TILED else VisionEncoder(model)
+    return vision, TokenEmbedding(model.get_input_embeddings()), TextDecoder(model)
+
+
+def _mark(embeds, value: float):
+    """``embeds`` [1, n, hidden] with one more channel holding ``value`` (1: an image's embeddings, 0: text's),
+    read and dropped by ``text_decoder``."""
+    import torch
+
+    return torch.cat([embeds, torch.full_like(embeds[..., :1], value)], -1)
+
+
+def _tile_position_ids(tower, image_size: int):
+    """The position ids an Idefics3 / SmolVLM tower gives a full (unpadded) tile of ``image_size`` px, as
+    its embeddings compute them (read off its position embedding's input)."""
+    import torch
+
+    seen = []
+    hook = tower.embeddings.position_embedding.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            pixels = torch.zeros(1, 3, image_size, image_size, dtype=next(tower.parameters()).dtype)
+            tower.embeddings(pixel_values=pixels, patch_attention_mask=torch.ones(
+                1, image_size // tower.config.patch_size, image_size // tower.config.patch_size, dtype=torch.bool))
+    finally:
+        hook.remove()
+    return seen[0].clone()
 
 
 def _fix_position_table_(model, image_size: int) -> bool:
@@ -153,7 +223,7 @@ def _fix_position_table_(model, image_size: int) -> bool:
     interpolate (its bicubic interpolation does not lower); the numbers are the ones it would compute."""
     import torch
 
-    emb = getattr(model.model.vision_tower, "embeddings", None)
+    emb = getattr(getattr(model.model, "vision_tower", None), "embeddings", None)
     if emb is None or type(emb).__name__ != "Dinov2Embeddings":
         return False
     patch = model.config.vision_config.patch_size
@@ -214,13 +284,36 @@ def _export(modules, sample: dict, max_seq_len: int, progress) -> dict:
         # strict=False for the vision encoder only: transformers' output-capturing hooks do not trace strictly,
         # and the decoder needs strict tracing to lower (to_edge fails on its non-strict graph)
         progress("export vision_encoder")
-        programs["vision_encoder"] = torch.export.export(vision, (sample["pixel_values"],), strict=False)
+        pixels = sample["pixel_values"]
+        pixels = pixels.reshape(-1, *pixels.shape[-3:])  # Idefics3 / SmolVLM: [batch, images, 3, S, S]
+        programs["vision_encoder"] = torch.export.export(vision, (pixels,), strict=False)
         progress("export token_embedding")
         programs["token_embedding"] = torch.export.export(embedding, (ids,), dynamic_shapes=({1: seq},), strict=True)
         progress("export text_decoder")
         programs["text_decoder"] = torch.export.export(
             decoder, (hidden, torch.arange(ids.shape[1])), dynamic_shapes=({1: seq}, {0: seq}), strict=True)
-    return programs
+    return {name: _explicit_tanh_gelu(program) for name, program in programs.items()}
+
+
+def _gelu_tanh(x, approximate="none"):
+    if approximate != "tanh":
+        return NotImplemented  # the exact GELU stays one op (XNNPACK's)
+    import torch
+
+    return 0.5 * x * (1 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))  # sqrt(2 / pi)
+
+
+def _explicit_tanh_gelu(program):
+    """GELU's tanh approximation (SigLIP towers, Gemma's MLPs) written out as the formula it is: ExecuTorch
+    1.5.1's XNNPACK partitioner lowers ``gelu(approximate='tanh')`` to XNNPACK's exact (erf) GELU, another
+    function (up to 3e-4 apart per activation; 1e-4 relative on a tiny Idefics3's logits)."""
+    import torch
+
+    gelu = torch.ops.aten.gelu.default
+    if not any(node.target is gelu and (node.kwargs.get("approximate") == "tanh" or node.args[1:] == ("tanh",))
+               for node in program.graph.nodes):
+        return program
+    return program.run_decompositions({gelu: _gelu_tanh})
 
 
 def _lower(programs: dict, metadata: dict, progress) -> bytes:
@@ -294,6 +387,7 @@ class PtePlan:
     kv_heads: list[int]
     head_dim: list[int]
     notes: list[str] = field(default_factory=list)
+    processor_settings: dict = field(default_factory=dict)  # changed from the model's own processor
 
 
 def export_executorch(model_dir: str | Path, output: str | Path, dtype: str = "float32", quant: str = "none",
@@ -337,6 +431,12 @@ def export_executorch(model_dir: str | Path, output: str | Path, dtype: str = "f
         raise VlmpruneError(f"the sample prompt with one image is {sample['input_ids'].shape[1]} tokens, too long "
                             f"for --max-seq-len {max_seq_len}; raise it")
     notes = []
+    settings = {}
+    if family in TILED:
+        settings["do_image_splitting"] = False
+        notes.append(f"images are not split into tiles: the processor saved beside the program resizes each image to "
+                     f"one {size} px tile ({n_image} image tokens; do_image_splitting false), where the model's own "
+                     f"processor adds a tile per {size} px of the image and a global view")
     if _fix_position_table_(model, size):
         notes.append(f"DINOv2's position table is stored interpolated for {size} px images (DINOv2's own bicubic "
                      f"interpolation, computed once)")
@@ -356,7 +456,7 @@ def export_executorch(model_dir: str | Path, output: str | Path, dtype: str = "f
     eos = _eos_ids(processor, generation)
     plan = PtePlan(family, dtype, quant, max_seq_len, size, int(image_token_id), n_image,
                    int(model.get_input_embeddings().weight.shape[0]), eos, len(shapes),
-                   [s.num_kv_heads for s in shapes], [s.head_dim for s in shapes], notes)
+                   [s.num_kv_heads for s in shapes], [s.head_dim for s in shapes], notes, settings)
     metadata = {"get_max_seq_len": max_seq_len, "get_max_context_len": max_seq_len,
                 "get_vocab_size": plan.vocab_size, "get_eos_ids": eos, "use_kv_cache": True,
                 "enable_dynamic_shape": True, "use_sdpa_with_kv_cache": False}
@@ -381,7 +481,7 @@ def export_executorch(model_dir: str | Path, output: str | Path, dtype: str = "f
         bar.set_postfix_str(step)
 
     try:
-        modules = _modules(model, adapter, shapes, max_seq_len)
+        modules = _modules(model, adapter, shapes, max_seq_len, size)
         try:
             programs = _export(modules, sample, max_seq_len, progress)
             buffer = _lower(programs, metadata, progress)
@@ -397,7 +497,7 @@ def export_executorch(model_dir: str | Path, output: str | Path, dtype: str = "f
             (tmp / PTE_FILE).write_bytes(buffer)
             processor.save_pretrained(tmp)
             model.config.save_pretrained(tmp)  # what the processor files name (no weights: those are in the .pte)
-            runner = PteModel(tmp, runtime=Runtime)
+            runner = PteModel(tmp, runtime=Runtime, image_token_id=plan.image_token_id)
             missing = set(METHODS) - set(runner.program.method_names)
             if missing:
                 raise VlmpruneError(f"the lowered program lacks {sorted(missing)}; nothing was written")

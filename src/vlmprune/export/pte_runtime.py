@@ -1,11 +1,11 @@
 """Run a ``vlmprune export --format executorch`` directory in the ExecuTorch runtime (its Python Module API).
 
 ``PteModel`` answers (image, question) turns the way ExecuTorch's multimodal runner does: the prompt is
-split around its run of image tokens, the text pieces go through ``token_embedding`` and the image through
-``vision_encoder``, the embeddings fill the KV cache through ``text_decoder`` (one call for the prompt),
-then greedy decoding one token at a time until an end-of-sequence id. The prompt is the model's own chat
-template through the processor saved beside the program (``vlmprune.data.collate.chat_inputs``, as
-``vlmprune evaluate`` builds prompts for Hugging Face models). ``vlmprune.evaluate.gguf`` scores tasks with it.
+split around its run of image tokens, each piece in turn through its encoder (``token_embedding`` for text,
+``vision_encoder`` for the image) and then ``text_decoder``, which fills the KV cache; then greedy decoding
+one token at a time until an end-of-sequence id. The prompt is the model's own chat template through the
+processor saved beside the program (``vlmprune.data.collate.chat_inputs``, as ``vlmprune evaluate`` builds
+prompts for Hugging Face models). ``vlmprune.evaluate.gguf`` scores tasks with it.
 """
 
 from __future__ import annotations
@@ -35,12 +35,23 @@ def is_pte_dir(path: str | Path) -> bool:
 
 
 def set_image_size(processor, image_size: int | None) -> int:
-    """The (square) image size the processor resizes to, set to ``image_size`` when given."""
+    """The (square) image size the processor resizes to, set to ``image_size`` when given. An image
+    processor that splits images into tiles (Idefics3 / SmolVLM) is set not to: every image becomes one
+    tile of its tower's size (``max_image_size``), the only size its prompt's image token count fits."""
     from vlmprune.export.gguf_vision import _image_size
 
     ip = getattr(processor, "image_processor", None)
     if ip is None:
         raise VlmpruneError("the model's processor has no image processor; the ExecuTorch export needs one")
+    if hasattr(ip, "do_image_splitting"):
+        tile = ip.max_image_size
+        tile = int(tile["longest_edge"] if isinstance(tile, dict) else tile.longest_edge)
+        if image_size is not None and image_size != tile:
+            raise VlmpruneError(f"--image-size {image_size}: this model's processor makes the image tokens of one "
+                                f"{tile} px tile (its max_image_size), so the program takes {tile} px images; leave "
+                                f"--image-size out")
+        ip.do_image_splitting = False
+        return tile
     if image_size is not None:
         ip.size = {"height": image_size, "width": image_size}
         if getattr(ip, "do_center_crop", False):
@@ -58,7 +69,9 @@ def prompt_inputs(processor, image, question: str) -> dict:
 class PteModel:
     """The program in ``folder/model.pte`` and the processor saved beside it, in this process."""
 
-    def __init__(self, folder: str | Path, runtime=None, threads: int | None = None):
+    def __init__(self, folder: str | Path, runtime=None, threads: int | None = None, image_token_id: int | None = None):
+        """``image_token_id``: the model's (export.json's; a processor's own attribute may name another token,
+        Gemma 3's the start-of-image one)."""
         import transformers
 
         folder = Path(folder)
@@ -84,7 +97,8 @@ class PteModel:
                                 f"model again") from None
         record = folder / "export.json"
         self.record = json.loads(record.read_text()) if record.is_file() else {}
-        self.image_token_id = self.record.get("image_token_id", _image_token_id(self.processor))
+        self.image_token_id = image_token_id if image_token_id is not None else \
+            self.record.get("image_token_id", _image_token_id(self.processor))
 
     def _constant(self, name: str, many: bool = False):
         out = self.program.load_method(name).execute([])
@@ -93,9 +107,9 @@ class PteModel:
     def _run(self, name: str, *inputs):
         return self.methods[name].execute(list(inputs))[0]
 
-    def embed(self, inputs: dict):
-        """The prompt's embeddings [1, n, hidden]: text pieces embedded, the run of image tokens replaced by
-        the vision encoder's output."""
+    def pieces(self, inputs: dict) -> list[tuple[str, object]]:
+        """The prompt as the runner's inputs: ("text", ids [1, k]) before and after the run of image tokens,
+        ("image", pixel_values [1, 3, S, S]) in its place."""
         import torch
 
         ids = inputs["input_ids"]
@@ -104,28 +118,48 @@ class PteModel:
         ids = ids[0].to(torch.long)
         where = (ids == self.image_token_id).nonzero().flatten().tolist() if self.image_token_id is not None else []
         if not where:
-            return self._run("token_embedding", ids[None])
+            return [("text", ids[None])]
         first, last = where[0], where[-1]
-        if last - first + 1 != len(where) or inputs["pixel_values"].shape[0] != 1:
+        pixels = inputs["pixel_values"]
+        pixels = pixels.reshape(-1, *pixels.shape[-3:])  # Idefics3 / SmolVLM: [batch, images, 3, S, S]
+        if last - first + 1 != len(where) or pixels.shape[0] != 1:
             raise VlmpruneError("the ExecuTorch program takes one image per prompt (one run of image tokens)")
-        image = self._run("vision_encoder", inputs["pixel_values"].to(torch.float32))
-        if image.shape[1] != len(where):
-            raise VlmpruneError(f"the vision encoder gives {image.shape[1]} image tokens but the prompt has "
-                                f"{len(where)}: the image was not resized to the export's size")
-        parts = [self._run("token_embedding", ids[None, :first])] if first else []
-        parts.append(image.to(parts[0].dtype if parts else image.dtype))
+        mask = inputs.get("pixel_attention_mask")
+        if mask is not None and not bool(mask.all()):
+            raise VlmpruneError("the processor padded the image (pixel_attention_mask); the program takes one "
+                                "unpadded image of the export's size")
+        parts = [("text", ids[None, :first])] if first else []
+        parts.append(("image", (pixels.to(torch.float32), len(where))))
         if last + 1 < len(ids):
-            parts.append(self._run("token_embedding", ids[None, last + 1:]))
-        return torch.cat(parts, 1)
+            parts.append(("text", ids[None, last + 1:]))
+        return parts
 
-    def prefill(self, embeds):
+    def prefill(self, inputs: dict):
+        """The logits over the whole prompt [1, n, vocab] and n, filling the KV cache in ExecuTorch's
+        multimodal runner's order: for each input, its encoder (``token_embedding`` for a text piece,
+        ``vision_encoder`` for the image), then ``text_decoder`` on that output at the next cache positions.
+        (A program whose decoder treats image embeddings differently, e.g. Gemma 3's bidirectional image
+        block, relies on this order: ``vision_encoder`` marks the next decoder call as an image.)"""
         import torch
 
-        n = embeds.shape[1]
+        pieces = self.pieces(inputs)
+        n = sum(value.shape[1] if kind == "text" else value[1] for kind, value in pieces)
         if n >= self.max_seq_len:
             raise VlmpruneError(f"the prompt is {n} tokens; the program's KV cache holds {self.max_seq_len} "
                                 f"(export with a larger --max-seq-len)")
-        return self._run("text_decoder", embeds, torch.arange(n, dtype=torch.long))
+        pos, logits = 0, []
+        for kind, value in pieces:
+            if kind == "text":
+                embeds = self._run("token_embedding", value)
+            else:
+                embeds = self._run("vision_encoder", value[0])
+                if embeds.shape[1] != value[1]:
+                    raise VlmpruneError(f"the vision encoder gives {embeds.shape[1]} image tokens but the prompt has "
+                                        f"{value[1]}: the image was not resized to the export's size")
+            k = embeds.shape[1]
+            logits.append(self._run("text_decoder", embeds, torch.arange(pos, pos + k, dtype=torch.long)))
+            pos += k
+        return torch.cat(logits, 1), pos
 
     def generate(self, inputs: dict, max_new_tokens: int) -> tuple[list[int], dict]:
         """Greedy new token ids (the end-of-sequence id included when reached) and llama.cpp-style timings
@@ -142,10 +176,8 @@ class PteModel:
         import torch
 
         started = time.perf_counter()
-        embeds = self.embed(inputs)
-        logits = self.prefill(embeds)
+        logits, pos = self.prefill(inputs)
         prompt_ms = 1000 * (time.perf_counter() - started)
-        pos = embeds.shape[1]
         new: list[int] = []
         started = time.perf_counter()
         token = int(logits[0, -1].argmax())
@@ -156,7 +188,7 @@ class PteModel:
             step = self._run("token_embedding", torch.tensor([[token]], dtype=torch.long))
             token = int(self._run("text_decoder", step, torch.tensor([pos], dtype=torch.long))[0, -1].argmax())
             pos += 1
-        timings = {"prompt_n": int(embeds.shape[1]), "prompt_ms": prompt_ms, "predicted_n": len(new),
+        timings = {"prompt_n": int(logits.shape[1]), "prompt_ms": prompt_ms, "predicted_n": len(new),
                    "predicted_ms": 1000 * (time.perf_counter() - started)}
         return new, timings, logits[0]
 
