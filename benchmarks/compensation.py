@@ -1,9 +1,8 @@
 """Compensation's gap closure on text: the same cut with and without `--compensate`, in one process.
 
     PYTHONPATH=src .venv/bin/python benchmarks/compensation.py [--model DIR] [--fractions 0.2,0.5] \
-        [--runs taylor:groups,wanda:heads,block_influence,...] [--variants none,ls,ls+seq,ls+seq@auto] \
-        [--compensate-samples 106]
-        [--out benchmarks/results/compensation.jsonl]
+        [--runs taylor:groups,wanda:heads,block_influence,...] [--variants none,ls,ls+seq,ls+seq@0.1] \
+        [--compensate-samples 106] [--out benchmarks/results/compensation.jsonl]
 
 Each criterion scores the model once (on the `text_ppl.py` calibration records: docstrings of Python's
 standard library, text-only LLaVA conversations through the model's chat template); each fraction is
@@ -34,7 +33,7 @@ LAYER_CRITERIA = ("block_influence", "angular", "last")
 
 
 def variant_options(name: str) -> dict | None:
-    """none | ls | ls+seq | ls+seq+sel | ls+scale | ls+mapscale | bias | ...@RIDGE (a number or auto) ->
+    """none | ls | ls+seq | ls+seq+sel | ls+scale | ls+mapscale | bias | ...@RIDGE ->
     compensate_ keyword options (None: the plain cut). seq: --compensate-sequential, sel: --compensate-select,
     scale / mapscale: --compensate-layers scale / map+scale."""
     if name == "none":
@@ -47,7 +46,7 @@ def variant_options(name: str) -> dict | None:
     elif "mapscale" in flags:
         options["layers_fit"] = "map+scale"
     if ridge:
-        options["ridge"] = ridge if ridge == "auto" else float(ridge)
+        options["ridge"] = float(ridge)
     return options
 
 

@@ -440,16 +440,6 @@ class WidthOptions:
                 if getattr(self, f.name) != f.default]
 
 
-def _ridge_value(text: str) -> float | str:
-    """--compensate-ridge: a number, or auto."""
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number > 0 or auto, got {text!r}") from None
-
-
 @checked
 class CompensationOptions:
     """Update the kept weights to stand in for what a cut removes (the study's ``compensation:`` section)."""
@@ -461,10 +451,8 @@ class CompensationOptions:
     sequential: bool = opt(False, "compensate layer by layer on the states of the already cut and compensated "
                                   "layers (errors do not compound; one more pass per layer)",
                            key="compensate_sequential")
-    ridge: float | str = opt(1e-3, "ridge of the compensation fits, times the mean diagonal of the Gram matrix; "
-                                   "auto: chosen for each consumer projection from a grid (1e-4 .. 3) by the fit's "
-                                   "error on a held-out quarter of the calibration batches, then refitted on all",
-                             type=_ridge_value, key="compensate_ridge")
+    ridge: float = opt(1e-3, "ridge of the compensation fits, times the mean diagonal of the Gram matrix",
+                       type=float, key="compensate_ridge")
     select: bool = opt(False, "with --compensate ls: within each layer, remove the heads / kv groups / MLP channels "
                               "whose loss the fit makes up best (greedy OBS on the consumer's Gram matrix); the "
                               "criterion still sets how many go in each layer", key="compensate_select")
@@ -475,8 +463,7 @@ class CompensationOptions:
 
     def __post_init__(self):
         one_of("compensate", self.mode, COMPENSATE_MODES, allow_none=False)
-        if self.ridge != "auto":
-            positive("compensate_ridge", self.ridge, allow_none=False, kind=float)
+        positive("compensate_ridge", self.ridge, allow_none=False, kind=float)
         if self.mode == "none" and self.sequential:
             raise VlmpruneError("--compensate-sequential applies to a compensated cut: add --compensate ls")
         one_of("compensate_layers", self.layers, COMPENSATE_LAYERS, allow_none=False)

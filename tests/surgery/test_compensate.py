@@ -14,7 +14,6 @@ from checks import assert_close, logits, reload_plain
 from tiny_models import FAMILIES, build_tiny, make_inputs
 
 import vlmprune
-import vlmprune.surgery.compensate as compensate_module
 from vlmprune.adapters import get_adapter
 from vlmprune.cli import main
 from vlmprune.errors import VlmpruneError
@@ -427,73 +426,3 @@ def test_scale_is_skipped_where_a_norm_follows_the_writes(caplog):
                              layers_fit="scale")
     assert "normalises" in record["dropped_runs"][0]["scale_skipped"] and "not rescaled" in caplog.text
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-
-
-@pytest.mark.parametrize("family", ["llava_llama_gqa", "llava_phi3", "internvl_qwen2"])
-def test_auto_ridge_picks_the_held_out_best_and_refits_exactly(family, monkeypatch):
-    """Removed copies of kept channels: of a tiny and a large ridge, the held-out batches prefer the tiny one
-    (the exact fold), and the refit on all batches gives the unpruned logits."""
-    monkeypatch.setattr(compensate_module, "RIDGE_GRID", (1e-12, 1e-1))
-    model = build_tiny(family)
-    adapter = get_adapter(model)
-    plan = PruningPlan()
-    for i, (layer, shape) in enumerate(zip(adapter.layers(model), layer_shapes(model))):
-        gone = [c for c in range(shape.intermediate_size) if c % 4 == 3]
-        for c in gone:
-            _copy_structure_(adapter, layer, shape, "mlp", c - 1, c)
-        plan.layers[i] = {"mlp_channels": [c for c in range(shape.intermediate_size) if c not in gone]}
-    inputs = make_inputs(family, model, seed=7)
-    expected = logits(model, inputs)
-    record = compensate_(model, plan, batches(family, model, 12), "ls", sequential=True, ridge="auto")
-    apply_plan_(model, plan)
-    assert_close(logits(model, inputs), expected)
-    fits = [e for layer in record["layers"].values() for e in layer.values()]
-    assert fits and all(e["ridge"] == 1e-12 and set(e["ridge_grid"]) == {1e-12, 1e-1} for e in fits)
-    assert all(e["ridge_grid"][1e-12] < e["ridge_grid"][1e-1] for e in fits)
-
-
-def test_auto_ridge_with_one_candidate_is_the_fixed_ridge_fold(monkeypatch):
-    """The held-out path with a one-value grid computes the same weights as ``ls`` at that ridge (a strong one:
-    the fit is pulled toward the kept columns as they were, as the fold's B is toward zero), and, with
-    ``select``, removes the same structures (the selection works at the default ridge under auto)."""
-    model = build_tiny("llava_llama_gqa")
-    plan = width_plan(model, "heads")
-    for entry in plan.layers.values():
-        entry.pop("mlp_channels")
-    data = batches("llava_llama_gqa", model, 8)
-    for ridge, select in ((1e-1, False), (compensate_module.DEFAULT_RIDGE, True)):
-        monkeypatch.setattr(compensate_module, "RIDGE_GRID", (ridge,))
-        fixed, auto = copy.deepcopy(model), copy.deepcopy(model)
-        fixed_plan, auto_plan = copy.deepcopy(plan), copy.deepcopy(plan)
-        compensate_(fixed, fixed_plan, data, "ls", sequential=True, ridge=ridge, select=select)
-        record = compensate_(auto, auto_plan, data, "ls", sequential=True, ridge="auto", select=select)
-        assert auto_plan.layers == fixed_plan.layers and (record["selected"] if select else True)
-        a, b = fixed.state_dict(), auto.state_dict()
-        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
-
-
-def test_cli_compensate_ridge_auto_and_a_bad_value(tiny_repo, tmp_path, capsys):
-    out = tmp_path / "pruned"
-    argv = ["prune", "--model", str(tiny_repo.model), "--calibration", str(tiny_repo.data), "--image-folder",
-            str(tiny_repo.images), "--num-samples", "8", "--output", str(out), "--method", "width", "--ratio", "0.2",
-            "--compensate", "ls", "--compensate-ridge"]
-    with pytest.raises(SystemExit) as exit_:
-        main([*argv, "tiny"])
-    assert exit_.value.code == 2
-    assert "--compensate-ridge" in capsys.readouterr().err and not out.exists()
-    assert main([*argv, "auto"]) == 0
-    comp = json.loads((out / "run.json").read_text())["prune"]["compensation"]
-    assert comp["ridge"] == "auto"
-    fits = [e for layer in comp["layers"].values() for e in layer.values()]
-    assert fits and all(str(e["ridge"]) in e["ridge_grid"] for e in fits)  # JSON keys are strings
-
-
-def test_auto_ridge_one_shot_lowers_the_error_and_reloads(tmp_path):
-    model = build_tiny("llava_llama_gqa")
-    plan = width_plan(model)
-    record = compensate_(model, plan, batches("llava_llama_gqa", model, 8), "ls", sequential=False, ridge="auto")
-    fits = [e for layer in record["layers"].values() for e in layer.values()]
-    assert fits and all(e["error_after"] < e["error_before"] for e in fits)
-    apply_plan_(model, plan)
-    inputs = make_inputs("llava_llama_gqa", model, seed=3)
-    assert_close(logits(reload_plain(model, tmp_path), inputs), logits(model, inputs))

@@ -26,12 +26,6 @@ as ``W' = T^T W`` (and ``b' = T^T b``). A run at the very start has no layer bef
 that normalises the MLP output before adding it to the residual (Gemma's post-feed-forward norm) has
 no linear place to fold into: those runs stay plain drops, and the record says why.
 
-``ridge="auto"``: lambda is chosen for each consumer from ``RIDGE_GRID`` by the fit's output error on the
-held-out batches (every ``AUTO_HOLDOUT``-th), then the consumer is refitted on all of them. That fit solves for
-the kept columns directly, ``W_K' = (G_KK + lambda I)^-1 (G_K. W^T + lambda W_K^T)`` (the same solution as the
-fold: the ridge pulls toward the kept columns as they were), attention's consumer first and the MLP's on the
-states it leaves.
-
 ``select`` (compensation-aware choice, OBS / SlimGPT style): the plan says how many kv groups, q heads
 per group and MLP channels each layer loses; which ones is chosen greedily on the consumer's Gram
 matrix, each step removing the structures whose loss, after the least-squares fold of what stays,
@@ -281,157 +275,6 @@ def _compensate_width(module: nn.Linear, removed: torch.Tensor, stats: _Gram, mo
     return record
 
 
-# --compensate-ridge auto: the candidates (x the mean diagonal), and every how many batches one is held out
-AUTO_HOLDOUT = 4
-RIDGE_GRID = (1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)
-
-
-@dataclass
-class _Stats:
-    """A consumer's input statistics as the selection reads them."""
-
-    module: nn.Linear
-    gram: torch.Tensor
-    sum: torch.Tensor
-    count: int
-
-
-class _Fit:
-    """Sums for fitting one consumer's kept columns (and bias) to a target t over the tokens that count:
-    z z^T, z, z t^T, t, t.t and the count, apart for the fitting and the held-out batches (every ``holdout``-th)."""
-
-    def __init__(self, n_in: int, n_out: int, holdout: int):
-        self.holdout = holdout
-        self.G = torch.zeros(2, n_in, n_in, dtype=torch.float64)
-        self.s = torch.zeros(2, n_in, dtype=torch.float64)
-        self.X = torch.zeros(2, n_in, n_out, dtype=torch.float64)
-        self.t = torch.zeros(2, n_out, dtype=torch.float64)
-        self.tt = torch.zeros(2, dtype=torch.float64)
-        self.n = [0, 0]
-
-    def add(self, batch: int, z: torch.Tensor, t: torch.Tensor) -> None:
-        k = 1 if self.holdout and batch % self.holdout == self.holdout - 1 else 0
-        z, t = z.double().cpu(), t.double().cpu()
-        self.G[k] += z.T @ z
-        self.s[k] += z.sum(0)
-        self.X[k] += z.T @ t
-        self.t[k] += t.sum(0)
-        self.tt[k] += (t * t).sum()
-        self.n[k] += z.shape[0]
-
-
-def _solve_fit(G, s, X, t, n, K, ridge, with_bias, prior):
-    """(W_K^T [|K|, out], b [out]) minimising sum ||W_K z_K + b - t||^2 + lambda ||W_K - prior||^2 (prior:
-    the kept columns as they were, transposed, so that a strong ridge leaves them as they are)."""
-    Gk, sk, Xk = G[K][:, K], s[K], X[K]
-    if with_bias and n > 0:
-        mu, tm = sk / n, t / n
-        C = Gk - n * torch.outer(mu, mu)
-        Xc = Xk - n * torch.outer(mu, tm)
-    else:
-        C, Xc = Gk, Xk
-    scale = float(C.diagonal().mean())
-    if not math.isfinite(scale) or scale <= 0:
-        scale = 1.0
-    eye = torch.eye(C.shape[0], dtype=C.dtype)
-    while True:
-        factor, info = torch.linalg.cholesky_ex(C + ridge * scale * eye)
-        if int(info) == 0:
-            break
-        ridge *= 10
-    Wt = torch.cholesky_solve(Xc + ridge * scale * prior, factor)
-    b = (t / n - Wt.T @ (sk / n)) if (with_bias and n > 0) else torch.zeros(X.shape[1], dtype=X.dtype)
-    return Wt, b, ridge
-
-
-def _fit_error(Wt, b, G, s, X, t, tt, n, K) -> float:
-    """sum ||W_K z_K + b - t||^2 from the sums."""
-    Gk, sk, Xk = G[K][:, K], s[K], X[K]
-    e = float(torch.einsum("ko,kl,lo->", Wt, Gk, Wt)) - 2 * float((Wt * Xk).sum()) + float(tt)
-    e += n * float(b @ b) + 2 * float(b @ (Wt.T @ sk)) - 2 * float(b @ t)
-    return e
-
-
-@torch.no_grad()
-def _compensate_fit(module: nn.Linear, removed: torch.Tensor, fit: _Fit, ridge, where: str) -> dict:
-    """Set the kept columns of ``module`` (and its bias, where it has one: the fit is then centred) to the ridge
-    fit of its own output, pulled toward the kept columns as they were; zero the removed ones. ``ridge`` "auto":
-    chosen from RIDGE_GRID by the error on the held-out batches, then refitted on all."""
-    K = ~removed
-    G, s, X, t, tt, n = fit.G.sum(0), fit.s.sum(0), fit.X.sum(0), fit.t.sum(0), fit.tt.sum(0), sum(fit.n)
-    if not (torch.isfinite(G).all() and torch.isfinite(X).all()):
-        raise VlmpruneError(f"{where}: calibration statistics are not finite (inf/NaN activations); nothing was "
-                            f"written. Load in float32 (--dtype float32) or check the calibration data")
-    W = module.weight.detach().double().cpu()
-    with_bias = module.bias is not None  # the targets leave the bias out: b' = b + the fitted mean part
-    zero = torch.zeros(W.shape[0], dtype=W.dtype)
-    energy = float(tt) or 1.0
-    plain = _fit_error(W.T[K], zero, G, s, X, t, tt, n, K) / energy
-    record = {"removed": int(removed.sum()), "kept": int(K.sum()), "tokens": n, "error_before": plain}
-    if n == 0:
-        log.warning("%s: no calibration token reached it; its cut stays uncompensated", where)
-        record.update(error_after=plain, skipped="no calibration tokens")
-        _zero_columns_(module, removed)
-        return record
-    if ridge == "auto":
-        grid = {}
-        if fit.n[1] == 0 or fit.n[0] == 0:
-            log.warning("%s: --compensate-ridge auto needs calibration tokens in both its fitting and its held-out "
-                        "batches (every %dth), got %d and %d: ridge %g x the mean diagonal (more --num-samples)",
-                        where, fit.holdout, fit.n[0], fit.n[1], DEFAULT_RIDGE)
-            chosen = DEFAULT_RIDGE
-        else:
-            for r in RIDGE_GRID:
-                Wt, b, _ = _solve_fit(fit.G[0], fit.s[0], fit.X[0], fit.t[0], fit.n[0], K, r, with_bias, W.T[K])
-                grid[r] = _fit_error(Wt, b, fit.G[1], fit.s[1], fit.X[1], fit.t[1], fit.tt[1], fit.n[1], K) / (
-                    float(fit.tt[1]) or 1.0)
-            chosen = min(grid, key=grid.get)
-        record["ridge_grid"] = grid
-    else:
-        chosen = ridge
-    Wt, b, used = _solve_fit(G, s, X, t, n, K, chosen, with_bias, W.T[K])
-    new = torch.zeros_like(W)
-    new[:, K] = Wt.T
-    module.weight.copy_(new.to(module.weight))
-    if with_bias:
-        module.bias.add_(b.to(module.bias))
-    record.update(error_after=_fit_error(Wt, b, G, s, X, t, tt, n, K) / energy, ridge=used)
-    return record
-
-
-@torch.no_grad()
-def _fit_layer_(layer: nn.Module, index: int, consumers, data: list[_Batch], masks, ridge, fallback, entry: dict,
-                choose=None) -> None:
-    """Fit each consumer of one layer in turn to its own output on its inputs, the attention consumer before
-    the MLP's, each on the states that the ones fitted before it leave (``--compensate-ridge auto``).
-    ``choose(module, fit)``: the removed-input mask that ``--compensate-select`` chooses on the statistics."""
-    order = {id(m): k for k, m in enumerate(layer.modules())}
-    for module, removed in sorted(consumers, key=lambda c: order[id(c[0])]):
-        name = _projection_name(layer, module)
-        fit = _Fit(module.in_features, module.out_features, AUTO_HOLDOUT)
-        state = {"k": 0}
-        bias = module.bias.detach() if module.bias is not None else None
-
-        def pre(m, args, state=state):
-            state["z"] = args[0]
-
-        def post(m, args, out, state=state, bias=bias, fit=fit):
-            mask = masks[state["k"]].to(out.device)
-            fit.add(state["k"], state["z"][mask], (out - bias)[mask] if bias is not None else out[mask])
-
-        handles = [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
-        try:
-            for k, b in enumerate(data):
-                state["k"] = k
-                _run_layer(layer, index, [b], fallback)
-        finally:
-            for h in handles:
-                h.remove()
-        if choose is not None:
-            removed = choose(module, fit)
-        entry[name] = _compensate_fit(module, removed, fit, ridge, f"layer {index} {name}")
-
-
 def _obs_select(W: torch.Tensor, C: torch.Tensor, units: list[torch.Tensor], count: int, ridge: float,
                 groups: list[int] | None = None, per_group: int = 0, block: int = 1) -> list[int]:
     """Greedy OBS choice of ``count`` units (column sets) to remove from a consumer: at each step the units
@@ -597,7 +440,7 @@ def check_mode(model: nn.Module, plan: PruningPlan, mode: str) -> None:
 
 @torch.no_grad()
 def compensate_(model: nn.Module, plan: PruningPlan, batches, mode: str = "ls", sequential: bool = True,
-                ridge: float | str = DEFAULT_RIDGE, tokens: str = "all", select: bool = False,
+                ridge: float = DEFAULT_RIDGE, tokens: str = "all", select: bool = False,
                 layers_fit: str = "map") -> dict:
     """Update ``model``'s kept weights in place so that ``plan``'s cut loses as little as a linear fit allows.
 
@@ -609,8 +452,7 @@ def compensate_(model: nn.Module, plan: PruningPlan, batches, mode: str = "ls", 
     check_mode(model, plan, mode)
     if mode == "none":
         return {"mode": "none"}
-    if ridge != "auto" and (not isinstance(ridge, (int, float)) or isinstance(ridge, bool) or not math.isfinite(ridge)
-                            or ridge <= 0):
+    if not isinstance(ridge, (int, float)) or isinstance(ridge, bool) or not math.isfinite(ridge) or ridge <= 0:
         raise VlmpruneError(f"--compensate-ridge must be a number > 0, got {ridge!r}")
     if layers_fit not in COMPENSATE_LAYERS:
         raise VlmpruneError(f"--compensate-layers must be one of {', '.join(COMPENSATE_LAYERS)}, got {layers_fit!r}")
@@ -633,13 +475,12 @@ def compensate_(model: nn.Module, plan: PruningPlan, batches, mode: str = "ls", 
             record["select"], record["selected"] = True, []  # the layers whose removed structures it changed
         mlp_out: list[torch.Tensor] | None = None  # the MLP output of the last kept layer, when a run follows it
         previous = None
-        fixed = DEFAULT_RIDGE if ridge == "auto" else ridge  # the layer maps' and the selection's ridge
         for i in tqdm(range(len(layers)), desc="compensation", unit="layer", leave=False):
             layer = layers[i]
             if i in dropped:
                 if i in runs:
                     record["dropped_runs"].append(_replace_run(adapter, layers, runs[i], previous, data, masks,
-                                                               mlp_out, fixed, fallback, layers_fit))
+                                                               mlp_out, ridge, fallback, layers_fit))
                 continue
             consumers = _removed_columns(adapter, layer, shapes[i], resolved[i]) if i in resolved else []
             keep_y = (i + 1) in dropped
@@ -648,32 +489,7 @@ def compensate_(model: nn.Module, plan: PruningPlan, batches, mode: str = "ls", 
             if keep_y:
                 y_hook = adapter.mlp(layer).register_forward_hook(
                     lambda m, a, o, out=captured: out.append(layer_output(o).detach()))
-            if consumers and ridge == "auto":
-                entry = {}
-                choose = None
-                if select:
-                    def choose(module, fit, i=i, layer=layer):
-                        stats = _Stats(module, fit.G.sum(0), fit.s.sum(0), sum(fit.n))
-                        chosen = _select_keep(adapter, layer, shapes[i], resolved[i], {id(module): stats}, fixed)
-                        if chosen != resolved[i]:
-                            if i not in record["selected"]:
-                                record["selected"].append(i)
-                            resolved[i] = chosen
-                            old = plan.layers.get(i, {})
-                            plan.layers[i] = {k: list(getattr(chosen, k)) for k in old}
-                        return dict((id(m), r) for m, r in _removed_columns(adapter, layer, shapes[i], chosen))[
-                            id(module)]
-                unpruned = None if sequential else _run_layer(layer, i, data, fallback)  # one-shot: what follows
-                first_y = list(captured)  # sees the unpruned layer's states
-                _fit_layer_(layer, i, consumers, data, masks, ridge, fallback, entry, choose)
-                record["layers"][str(i)] = entry
-                captured.clear()
-                if sequential:
-                    outs = _run_layer(layer, i, data, fallback)
-                else:
-                    outs = unpruned
-                    captured.extend(first_y)
-            elif consumers:
+            if consumers:
                 grams = [_Gram(module, masks) for module, _ in consumers]
                 try:
                     outs = []
@@ -687,7 +503,7 @@ def compensate_(model: nn.Module, plan: PruningPlan, batches, mode: str = "ls", 
                 entry = {}
                 if select:
                     chosen = _select_keep(adapter, layer, shapes[i], resolved[i],
-                                          {id(module): g for (module, _), g in zip(consumers, grams)}, fixed)
+                                          {id(module): g for (module, _), g in zip(consumers, grams)}, ridge)
                     if chosen != resolved[i]:
                         record["selected"].append(i)
                         resolved[i] = chosen
