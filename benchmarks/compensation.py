@@ -8,7 +8,7 @@ Each criterion scores the model once (on the `text_ppl.py` calibration records: 
 standard library, text-only LLaVA conversations through the model's chat template); each fraction is
 planned from those scores (`plan_for`, as `vlmprune prune --scores` does); each variant compensates a copy
 of the model (`compensate_`, the code behind `vlmprune prune --compensate`) on the same calibration
-batches (or on the first `--compensate-samples` records, the same plan: those rows' variants end in `/rN`)
+batches (or on a seeded draw of `--compensate-samples` records, same plan: those rows' variants end in `/rN`)
 and cuts it (`apply_plan_`). Perplexity is `text_ppl.py`'s: held-out docstrings, 256-token
 windows. The log-gap closure of a variant is C = 1 - ln(PPL_comp / PPL_dense) / ln(PPL_plain / PPL_dense)
 (same kept structures, same calibration). Rows go to a JSONL file (a row already there is not rerun).
