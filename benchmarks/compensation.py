@@ -1,14 +1,15 @@
 """Compensation's gap closure on text: the same cut with and without `--compensate`, in one process.
 
     PYTHONPATH=src .venv/bin/python benchmarks/compensation.py [--model DIR] [--fractions 0.2,0.5] \
-        [--runs taylor:groups,wanda:heads,block_influence,...] [--variants none,ls,ls+seq] \
-        [--out benchmarks/results/compensation.jsonl]
+        [--runs taylor:groups,wanda:heads,block_influence,...] [--variants none,ls,ls+seq,ls+seq@0.1] \
+        [--compensate-samples 106] [--out benchmarks/results/compensation.jsonl]
 
 Each criterion scores the model once (on the `text_ppl.py` calibration records: docstrings of Python's
 standard library, text-only LLaVA conversations through the model's chat template); each fraction is
 planned from those scores (`plan_for`, as `vlmprune prune --scores` does); each variant compensates a copy
 of the model (`compensate_`, the code behind `vlmprune prune --compensate`) on the same calibration
-batches and cuts it (`apply_plan_`). Perplexity is `text_ppl.py`'s: held-out docstrings, 256-token
+batches (or on a seeded draw of `--compensate-samples` records, same plan: those rows' variants end in `/rN`)
+and cuts it (`apply_plan_`). Perplexity is `text_ppl.py`'s: held-out docstrings, 256-token
 windows. The log-gap closure of a variant is C = 1 - ln(PPL_comp / PPL_dense) / ln(PPL_plain / PPL_dense)
 (same kept structures, same calibration). Rows go to a JSONL file (a row already there is not rerun).
 """
@@ -33,9 +34,9 @@ LAYER_CRITERIA = ("block_influence", "angular", "last")
 
 
 def variant_options(name: str) -> dict | None:
-    """none | ls | ls+seq | ls+seq+sel | ls+scale | ls+mapscale | bias | ...@RIDGE -> compensate_ keyword
-    options (None: the plain cut). seq: --compensate-sequential, sel: --compensate-select, scale / mapscale:
-    --compensate-layers scale / map+scale."""
+    """none | ls | ls+seq | ls+seq+sel | ls+scale | ls+mapscale | bias | ...@RIDGE ->
+    compensate_ keyword options (None: the plain cut). seq: --compensate-sequential, sel: --compensate-select,
+    scale / mapscale: --compensate-layers scale / map+scale."""
     if name == "none":
         return None
     mode, _, ridge = name.partition("@")
@@ -57,7 +58,9 @@ def main() -> None:
                         "activation:heads,taylor:none,wanda:none,activation:none,block_influence,angular")
     parser.add_argument("--fractions", default="0.2", help="shares of the decoder layers' parameters to remove")
     parser.add_argument("--variants", default="none,ls,ls+seq")
-    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=32, help="calibration records the criteria score on")
+    parser.add_argument("--compensate-samples", type=int, default=None,
+                        help="calibration records the compensation fits on (default: --samples; the corpus has 106)")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--label", default="", help="a name for these rows (e.g. the model)")
@@ -85,6 +88,10 @@ def main() -> None:
     model = load(model_dir, dtype="float32").eval()
     batches = calibrate.calibration_batches(load_processor(model_dir), str(calibration), None, args.samples, 0, 1,
                                             args.max_length)
+    fit_batches = batches
+    if args.compensate_samples and args.compensate_samples != args.samples:
+        fit_batches = calibrate.calibration_batches(load_processor(model_dir), str(calibration), None,
+                                                    args.compensate_samples, 0, 1, args.max_length)
     budget = ModelBudget.of(model)
     decoder = sum(budget.layer_params)
 
@@ -105,7 +112,8 @@ def main() -> None:
                 "ppl": perplexity(model, windows)})
     dense = done[(label, None, None, 0.0, "dense")]["ppl"]
     fractions = [float(f) for f in args.fractions.split(",")]
-    variants = args.variants.split(",")
+    suffix = "" if fit_batches is batches else f"/r{args.compensate_samples}"  # rows fitted on other records
+    variants = [v if v == "none" else v + suffix for v in args.variants.split(",")]
     for run in args.runs.split(","):
         criterion, _, attention = run.partition(":")
         method = "layer" if criterion in LAYER_CRITERIA else "width"
@@ -120,9 +128,9 @@ def main() -> None:
             # a fresh plan per variant: --compensate-select rewrites the one it is given
             plan = plan_for(model, scores, fraction * decoder / budget.total, attention or "groups")
             pruned = copy.deepcopy(model)
-            options = variant_options(variant)
+            options = variant_options(variant.split("/")[0])
             t0 = time.perf_counter()
-            comp = None if options is None else compensate_(pruned, plan, batches, options.pop("mode"), **options)
+            comp = None if options is None else compensate_(pruned, plan, fit_batches, options.pop("mode"), **options)
             comp_s = time.perf_counter() - t0
             apply_plan_(pruned, plan)
             ppl = perplexity(pruned, windows)
