@@ -32,7 +32,7 @@ from tiny_models import build_tiny
 import vlmprune
 from vlmprune.errors import VlmpruneError
 from vlmprune.export import export_executorch
-from vlmprune.export.pte_runtime import PteModel, prompt_inputs
+from vlmprune.export.pte_runtime import PteModel, image_from_patches, image_input, prompt_inputs
 from vlmprune.planning.plan import PruningPlan
 
 # per-layer widths (q heads, kv heads, MLP 50: not a multiple of the int4 group) and a dropped layer
@@ -303,7 +303,7 @@ def _pieces_through(modules, processor, inputs) -> torch.Tensor:
     ids = inputs["input_ids"][0]
     where = (ids == processor.image_token_id).nonzero().flatten()
     first, last = int(where[0]), int(where[-1])
-    calls = [embedding(ids[None, :first]), vision(inputs["pixel_values"]), embedding(ids[None, last + 1:])]
+    calls = [embedding(ids[None, :first]), vision(image_input(inputs)), embedding(ids[None, last + 1:])]
     pos, logits = 0, []
     for embeds in calls:
         logits.append(decoder(embeds, torch.arange(pos, pos + embeds.shape[1])))
@@ -314,8 +314,9 @@ def _pieces_through(modules, processor, inputs) -> torch.Tensor:
 @pytest.mark.parametrize("size", [56, 84])  # 4x4 merged patches in 2x2 windows; 6x6 in windows padded at the edge
 def test_qwen2_5_vl_tower_encoder_is_the_models_image_path(size):
     """vision_encoder for one fixed grid (constant rotary table, window order and block-diagonal window mask, the
-    Conv3d patch embedding as a matrix) computes what transformers' get_image_features does, with a last
-    channel of ones, and traces with no data-dependent split (no lowering: the slow test below lowers it)."""
+    Conv3d patch embedding over two identical frames as a Conv2d) computes from the [1, 3, S, S] image what
+    transformers' get_image_features does from the processor's flattened patches, with a last channel of ones,
+    and traces with no data-dependent split (no lowering: the slow test below lowers it)."""
     from vlmprune.adapters import get_adapter
     from vlmprune.export.pte import _modules
     from vlmprune.summary import layer_shapes
@@ -324,14 +325,17 @@ def test_qwen2_5_vl_tower_encoder_is_the_models_image_path(size):
     adapter = get_adapter(model)
     vision = _modules(model, adapter, layer_shapes(model, adapter), 32, size)[0]
     side = size // 7
-    pixels = torch.randn(side * side, 3 * 2 * 7 * 7, generator=torch.Generator().manual_seed(0))
+    pixels = torch.randn(side * side, 3, 1, 7 * 7, generator=torch.Generator().manual_seed(0))
+    pixels = pixels.expand(-1, -1, 2, -1).reshape(side * side, 3 * 2 * 7 * 7)  # a picture: two identical frames
+    grid = torch.tensor([[1, side, side]])
+    image = image_from_patches(pixels, grid)
+    assert image.shape == (1, 3, size, size)
     with torch.no_grad():
-        ref = model.model.get_image_features(pixel_values=pixels, image_grid_thw=torch.tensor([[1, side, side]]))
-        ref = ref.pooler_output[0]
-        program = torch.export.export(vision, (pixels,), strict=False)
-        got = program.module()(pixels)[0]
+        ref = model.model.get_image_features(pixel_values=pixels, image_grid_thw=grid).pooler_output[0]
+        program = torch.export.export(vision, (image,), strict=False)
+        got = program.module()(image)[0]
         vision.window_mask.fill_(True)  # no windows: another function
-        unwindowed = vision(pixels)[0]
+        unwindowed = vision(image)[0]
     assert ref.shape == ((side // 2) ** 2, 64) and got.shape == ((side // 2) ** 2, 65)
     assert torch.allclose(got[:, :-1], ref, rtol=0, atol=1e-6) and bool((got[:, -1] == 1).all())
     assert rel_diff(unwindowed[:, :-1], ref) > 1e-3

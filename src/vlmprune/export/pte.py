@@ -32,7 +32,7 @@ from pathlib import Path
 
 from vlmprune.config import PTE_DTYPES, PTE_QUANTS
 from vlmprune.errors import VlmpruneError
-from vlmprune.export.pte_runtime import METHODS, PTE_FILE, require_executorch
+from vlmprune.export.pte_runtime import METHODS, PTE_FILE, image_input, require_executorch
 
 log = logging.getLogger("vlmprune")
 
@@ -235,12 +235,13 @@ def _windowed_tower_encoder():
 
     class WindowedTowerEncoder(torch.nn.Module):
         """Qwen2.5-VL's vision tower and patch merger for one image of ``image_size`` px, in the shape torch.export
-        traces and XNNPACK lowers: input the processor's flattened patches [n, 3 * 2 * p * p] (two identical
-        frames of a picture, in the merger's 2x2 order), output [1, n / 4, hidden] marked as an image (a last
-        channel of ones). For a fixed grid, what transformers computes from ``grid_thw`` per call is a
-        constant: the rotary table, the window order and its inverse, and the windows as a block-diagonal
-        attention mask (transformers splits the sequence per window with ``cu_seqlens.tolist()``). The Conv3d
-        patch embedding, whose kernel covers a whole patch, is the matrix product it computes."""
+        traces and XNNPACK lowers: input the processor's normalized image [1, 3, S, S] (the runner's image input;
+        :func:`~vlmprune.export.pte_runtime.image_from_patches` makes it from the processor's flattened patches),
+        output [1, n / 4, hidden] marked as an image (a last channel of ones). For a fixed grid, what
+        transformers computes from ``grid_thw`` per call is a constant: the rotary table, the window order and
+        its inverse, and the windows as a block-diagonal attention mask (transformers splits the sequence per
+        window with ``cu_seqlens.tolist()``). The Conv3d patch embedding over a picture's two identical frames is
+        a Conv2d with the kernel summed over the frames, its output put in the merger's 2x2 order."""
 
         def __init__(self, tower, image_size: int):
             from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
@@ -268,11 +269,14 @@ def _windowed_tower_encoder():
             segment = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
             self.register_buffer("window_mask", segment[:, None] == segment[None, :], persistent=False)
             self.dtype = dtype
+            self.merge = tower.spatial_merge_size
 
         def forward(self, pixel_values):
             tower = self.tower
-            weight = tower.patch_embed.proj.weight
-            hidden = F.linear(pixel_values.to(self.dtype), weight.reshape(weight.shape[0], -1))
+            weight = tower.patch_embed.proj.weight.sum(2)  # [hidden, 3, p, p]: both frames are the picture
+            hidden = F.conv2d(pixel_values.to(self.dtype), weight, stride=weight.shape[-1])[0]  # [hidden, h, w]
+            width, side, m = hidden.shape[0], hidden.shape[1], self.merge
+            hidden = hidden.reshape(width, side // m, m, side // m, m).permute(1, 3, 2, 4, 0).reshape(-1, width)
             n = hidden.shape[0]
             hidden = tower.permute_input_for_window_attn(hidden, self.window_index, n)
             for i, block in enumerate(tower.blocks):
@@ -385,9 +389,7 @@ def _export(modules, sample: dict, max_seq_len: int, progress) -> dict:
         # strict=False for the vision encoder only: transformers' output-capturing hooks do not trace strictly,
         # and the decoder needs strict tracing to lower (to_edge fails on its non-strict graph)
         progress("export vision_encoder")
-        pixels = sample["pixel_values"]
-        if pixels.ndim > 4:  # Idefics3 / SmolVLM: [batch, images, 3, S, S]; Qwen2.5-VL: [patches, 3 * 2 * p * p]
-            pixels = pixels.reshape(-1, *pixels.shape[-3:])
+        pixels = image_input(sample)  # [1, 3, S, S]
         programs["vision_encoder"] = torch.export.export(vision, (pixels,), strict=False)
         progress("export token_embedding")
         programs["token_embedding"] = torch.export.export(embedding, (ids,), dynamic_shapes=({1: seq},), strict=True)

@@ -139,11 +139,10 @@ class PteModel:
         if not where:
             return [("text", ids[None])]
         first, last = where[0], where[-1]
-        pixels = inputs["pixel_values"]
-        grid = inputs.get("image_grid_thw")  # Qwen2.5-VL: pixels are [patches, 3 * 2 * p * p], one grid per image
-        if grid is None:
-            pixels = pixels.reshape(-1, *pixels.shape[-3:])  # Idefics3 / SmolVLM: [batch, images, 3, S, S]
-        if last - first + 1 != len(where) or (grid if grid is not None else pixels).shape[0] != 1:
+        grid = inputs.get("image_grid_thw")  # Qwen2.5-VL: one grid per image
+        images = grid.shape[0] if grid is not None else inputs["pixel_values"].reshape(
+            -1, *inputs["pixel_values"].shape[-3:]).shape[0]
+        if last - first + 1 != len(where) or images != 1:
             raise VlmpruneError("the ExecuTorch program takes one image per prompt (one run of image tokens)")
         expected = self.record.get("image_tokens")
         if expected is not None and len(where) != expected:
@@ -154,7 +153,7 @@ class PteModel:
             raise VlmpruneError("the processor padded the image (pixel_attention_mask); the program takes one "
                                 "unpadded image of the export's size")
         parts = [("text", ids[None, :first])] if first else []
-        parts.append(("image", (pixels.to(torch.float32), len(where))))
+        parts.append(("image", (image_input(inputs), len(where))))
         if last + 1 < len(ids):
             parts.append(("text", ids[None, last + 1:]))
         return parts
@@ -235,6 +234,32 @@ class PteModel:
         new, timings = self.generate(self.inputs(picture, question), max_new_tokens)
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         return tokenizer.decode(new, skip_special_tokens=True).strip(), {"timings": timings}
+
+
+def image_input(inputs: dict):
+    """The image of processor ``inputs`` as ``vision_encoder`` (and ExecuTorch's runner) takes it: [1, 3, S, S]
+    float32. Idefics3 / SmolVLM's [1, 1, 3, S, S] reshaped; Qwen2.5-VL's flattened patches put back into the
+    normalized image they were cut from (:func:`image_from_patches`)."""
+    import torch
+
+    pixels = inputs["pixel_values"]
+    if inputs.get("image_grid_thw") is not None:
+        pixels = image_from_patches(pixels, inputs["image_grid_thw"])
+    return pixels.reshape(-1, *pixels.shape[-3:]).to(torch.float32)
+
+
+def image_from_patches(patches, grid_thw, merge_size: int = 2):
+    """Qwen2-VL / Qwen2.5-VL processor output -> [1, 3, S_h, S_w]: ``patches`` [t * h * w, 3 * T * p * p] rows in
+    the merger's order (row block, column block, 2x2 within), each a (channel, frame, row, column) patch; a
+    picture's frames are copies of it (the first is taken). One image (``grid_thw`` [[1, h, w]])."""
+    t, h, w = (int(v) for v in grid_thw[0])
+    if grid_thw.shape[0] != 1 or t != 1:
+        raise VlmpruneError("the ExecuTorch program takes one picture per prompt (no video)")
+    frames = patches.shape[-1] // 3
+    p = int(round((frames // 2) ** 0.5))
+    m = merge_size
+    x = patches.reshape(h // m, w // m, m, m, 3, 2, p, p)[:, :, :, :, :, 0]  # [H/m, W/m, m, m, C, p, p]
+    return x.permute(4, 0, 2, 5, 1, 3, 6).reshape(1, 3, h * p, w * p)
 
 
 def _image_token_id(processor) -> int | None:
