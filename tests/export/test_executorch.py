@@ -402,7 +402,7 @@ def test_qwen2_5_vl_exports_and_reproduces_transformers(tmp_path, monkeypatch):
     record = export_executorch(folder, tmp_path / "pte", max_seq_len=96, image_size=56)
     assert record["family"] == "qwen2_5_vl" and record["image_tokens"] == 16 and record["resize_images"] == 56
     assert record["kv_heads"] == [1, 2, 2]
-    assert record["check"]["rel_diff"] <= 1e-4 and record["check"]["tokens"] == record["check"]["pytorch_tokens"]
+    assert record["check"]["rel_diff"] <= 1e-5 and record["check"]["tokens"] == record["check"]["pytorch_tokens"]
     assert {"model.pte", "export.json", "tokenizer.json", "preprocessor_config.json"} <= {
         p.name for p in (tmp_path / "pte").iterdir()}
     runner = PteModel(tmp_path / "pte", processor=processor)
@@ -415,7 +415,8 @@ def test_qwen2_5_vl_exports_and_reproduces_transformers(tmp_path, monkeypatch):
             ref = model(**inputs).logits[0]
             hf = model.generate(**inputs, max_new_tokens=10, do_sample=False)[0, inputs["input_ids"].shape[1]:]
         logits, tokens = runner.prompt_logits_and_tokens(inputs, 10)
-        assert rel_diff(logits, ref) <= 1e-4, rel_diff(logits, ref)
+        # tighter than the other families' 1e-4: 1-D positions are only 1.8e-4 off on this tiny model (measured 7e-7)
+        assert rel_diff(logits, ref) <= 1e-5, rel_diff(logits, ref)
         assert tokens == hf.tolist()
         pos, parts = 0, []
         for kind, value in runner.pieces(inputs):
@@ -423,6 +424,6 @@ def test_qwen2_5_vl_exports_and_reproduces_transformers(tmp_path, monkeypatch):
                                          ("vision_encoder", (value[0],))))[0]
             parts.append(module.run_method("text_decoder", (embeds, torch.arange(pos, pos + embeds.shape[1])))[0])
             pos += embeds.shape[1]
-        assert rel_diff(torch.cat(parts, 1)[0], ref) <= 1e-4
+        assert rel_diff(torch.cat(parts, 1)[0], ref) <= 1e-5
     with pytest.raises(VlmpruneError, match="not resized"):  # the processor alone keeps the aspect ratio
         runner.prefill(prompt_inputs(processor, _image(1, (60, 44)), "Is it red?"))
