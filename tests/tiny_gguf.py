@@ -206,7 +206,7 @@ QWEN_VL_SPECIALS = {"vision_start_token": "<|vision_start|>", "vision_end_token"
                     "image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
 
 
-def save_tiny_qwen2_5_vl(folder: Path, seed: int = 0) -> Path:
+def save_tiny_qwen2_5_vl(folder: Path, seed: int = 0, window_size: int = 112) -> Path:
     """A tiny Qwen2.5-VL (M-RoPE text, sections 2/3/3 of a 16-wide head; a 3-block tower with window attention
     in blocks 0 and 2 and full attention in block 1, 112-px windows of 7-px patches, SwiGLU MLPs, RMS norms, the
     2x2 patch merger) with the byte-level tokenizer (Qwen2's pre-tokenizer, plus Qwen's vision tokens); its
@@ -226,7 +226,7 @@ def save_tiny_qwen2_5_vl(folder: Path, seed: int = 0) -> Path:
                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                  "mrope_section": [2, 3, 3]})
     vision = Qwen2_5_VLVisionConfig(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                                    patch_size=7, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                                    patch_size=7, spatial_merge_size=2, temporal_patch_size=2, window_size=window_size,
                                     fullatt_block_indexes=[1])
     ids = {k: tok.convert_tokens_to_ids(v) for k, v in QWEN_VL_SPECIALS.items()}
     config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=ids["image_token"],
@@ -262,6 +262,55 @@ def qwen2_5_vl_processor(folder: Path):
                                   max_pixels=14 * 14 * 256)
     return SimpleNamespace(image_processor=ip, tokenizer=AutoTokenizer.from_pretrained(folder),
                            chat_template=CHAT_TEMPLATE)
+
+
+# Qwen2.5-VL's chat layout (ChatML, the image as vision start, one image pad token, vision end)
+QWEN_VL_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("{{ '<image>\n' }}",
+                                              "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}")
+
+
+class Qwen2_5_VLTestProcessor:
+    """What ``Qwen2_5_VLProcessor`` does for images, for the ExecuTorch tests: transformers' class cannot be built
+    without torchvision (its video processor), absent here. The chat template renders an image as one
+    ``<|image_pad|>``, which the call expands to the image's merged patches (grid t * h * w / merge**2), and
+    marks the image's tokens in ``mm_token_type_ids``, as transformers' processor does; ``save_pretrained`` writes
+    the image processor and the tokenizer."""
+
+    image_token = "<|image_pad|>"
+
+    def __init__(self, folder: Path, image_processor=None):
+        from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+        self.image_processor = image_processor or Qwen2VLImageProcessorPil(
+            patch_size=7, merge_size=2, temporal_patch_size=2, min_pixels=14 * 14 * 4, max_pixels=14 * 14 * 256)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.chat_template = QWEN_VL_CHAT_TEMPLATE
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=False):
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=tokenize,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def __call__(self, text, images=None, padding=False, return_tensors="pt"):
+        from transformers import BatchFeature
+
+        text, extra = list(text), {}
+        if images:
+            extra = dict(self.image_processor(images=images, return_tensors=return_tensors))
+            counts = iter((extra["image_grid_thw"].prod(-1) // self.image_processor.merge_size ** 2).tolist())
+            expanded = []
+            for line in text:
+                parts = line.split(self.image_token)
+                expanded.append(parts[0] + "".join(self.image_token * next(counts) + p for p in parts[1:]))
+            text = expanded
+        tokens = self.tokenizer(text, padding=padding, return_tensors=return_tensors)
+        # which tokens are the image's: transformers' model places them with M-RoPE only when it is given this
+        tokens["mm_token_type_ids"] = (tokens["input_ids"] == self.image_token_id).int()
+        return BatchFeature({**tokens, **extra})
+
+    def save_pretrained(self, folder) -> None:
+        self.image_processor.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
 
 
 def save_tiny_internvl(folder: Path, seed: int = 0) -> Path:

@@ -729,7 +729,7 @@ class ExportConfig:
     max_seq_len: int | None = opt(None, "executorch: the KV cache's length, prompt and answer together "
                                         "(default 1024, at most the model's max_position_embeddings)", type=int)
     image_size: int | None = opt(None, "executorch: the (square) image size the vision encoder is exported for "
-                                       "(default: the processor's)", type=int)
+                                       "(default: the processor's; Qwen2.5-VL: 448, a multiple of 28)", type=int)
     overwrite: bool = opt(False, "replace an existing output directory (only one vlmprune wrote)")
     load: LoadOptions = group(LoadOptions, only=("trust_remote_code",))
 

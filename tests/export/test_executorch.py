@@ -20,13 +20,19 @@ import torch
 
 pytest.importorskip("executorch.runtime")
 
-from tiny_gguf import save_tiny_gemma3, save_tiny_idefics3, save_tiny_llava
+from tiny_gguf import (
+    Qwen2_5_VLTestProcessor,
+    save_tiny_gemma3,
+    save_tiny_idefics3,
+    save_tiny_llava,
+    save_tiny_qwen2_5_vl,
+)
 from tiny_models import build_tiny
 
 import vlmprune
 from vlmprune.errors import VlmpruneError
 from vlmprune.export import export_executorch
-from vlmprune.export.pte_runtime import PteModel, prompt_inputs
+from vlmprune.export.pte_runtime import PteModel, image_from_patches, image_input, prompt_inputs
 from vlmprune.planning.plan import PruningPlan
 
 # per-layer widths (q heads, kv heads, MLP 50: not a multiple of the int4 group) and a dropped layer
@@ -236,8 +242,8 @@ def test_idefics3_takes_only_its_tile_size(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("family, reason", [("gemma4", "in both directions"), ("qwen2_5_vl", "M-RoPE"),
-                                            ("llava_next", "not supported yet")])
+@pytest.mark.parametrize("family, reason", [("gemma4", "in both directions"), ("qwen2_vl", "not yet Qwen2-VL's"),
+                                            ("qwen3_vl", "M-RoPE"), ("llava_next", "not supported yet")])
 def test_families_the_runner_cannot_express_are_refused(family, reason, tmp_path):
     folder = vlmprune.save_model(build_tiny(family), tmp_path / family)
     out = tmp_path / "out"
@@ -273,3 +279,151 @@ def test_reference_tokens_stop_at_the_end_id_as_the_runtime_does(pruned):
     logits, tokens = reference(model, sample, 8)
     assert logits.shape == (sample["input_ids"].shape[1], model.config.text_config.vocab_size)
     assert tokens[-1] == eos and len(tokens) < 8
+
+
+# ------------------------------------------------------------------------------------------ Qwen2.5-VL
+
+
+# per-layer widths in the M-RoPE decoder: layer 0 keeps one kv head (and its two query heads), layer 1 half its MLP
+QWEN_PER_LAYER = PruningPlan(layers={0: {"kv_heads": [1], "q_heads": [2, 3]},
+                                     1: {"mlp_channels": list(range(0, 128, 2))}})
+
+
+def _tiny_qwen2_5_vl_pruned(root: Path) -> Path:
+    folder = save_tiny_qwen2_5_vl(root / "qwen25vl", window_size=28)  # 28 px windows: 2x2 merged patches each
+    model = vlmprune.load(folder, dtype=torch.float32)
+    vlmprune.apply_plan_(model, QWEN_PER_LAYER)
+    return vlmprune.save_model(model, root / "qwen25vl-pruned", plan=QWEN_PER_LAYER, source=folder)
+
+
+def _pieces_through(modules, processor, inputs) -> torch.Tensor:
+    """The prompt through the (eager) methods in the runner's call order: text before the image, the image,
+    text after; each encoder's output through text_decoder at the next cache positions."""
+    vision, embedding, decoder = modules
+    ids = inputs["input_ids"][0]
+    where = (ids == processor.image_token_id).nonzero().flatten()
+    first, last = int(where[0]), int(where[-1])
+    calls = [embedding(ids[None, :first]), vision(image_input(inputs)), embedding(ids[None, last + 1:])]
+    pos, logits = 0, []
+    for embeds in calls:
+        logits.append(decoder(embeds, torch.arange(pos, pos + embeds.shape[1])))
+        pos += embeds.shape[1]
+    return torch.cat(logits, 1)[0]
+
+
+@pytest.mark.parametrize("size", [56, 84])  # 4x4 merged patches in 2x2 windows; 6x6 in windows padded at the edge
+def test_qwen2_5_vl_tower_encoder_is_the_models_image_path(size):
+    """vision_encoder for one fixed grid (constant rotary table, window order and block-diagonal window mask, the
+    Conv3d patch embedding over two identical frames as a Conv2d) computes from the [1, 3, S, S] image what
+    transformers' get_image_features does from the processor's flattened patches, with a last channel of ones,
+    and traces with no data-dependent split (no lowering: the slow test below lowers it)."""
+    from vlmprune.adapters import get_adapter
+    from vlmprune.export.pte import _modules
+    from vlmprune.summary import layer_shapes
+
+    model = build_tiny("qwen2_5_vl").eval()  # window attention in block 0 (28 px windows), full in block 1
+    adapter = get_adapter(model)
+    vision = _modules(model, adapter, layer_shapes(model, adapter), 32, size)[0]
+    side = size // 7
+    pixels = torch.randn(side * side, 3, 1, 7 * 7, generator=torch.Generator().manual_seed(0))
+    pixels = pixels.expand(-1, -1, 2, -1).reshape(side * side, 3 * 2 * 7 * 7)  # a picture: two identical frames
+    grid = torch.tensor([[1, side, side]])
+    image = image_from_patches(pixels, grid)
+    assert image.shape == (1, 3, size, size)
+    with torch.no_grad():
+        ref = model.model.get_image_features(pixel_values=pixels, image_grid_thw=grid).pooler_output[0]
+        program = torch.export.export(vision, (image,), strict=False)
+        got = program.module()(image)[0]
+        vision.window_mask.fill_(True)  # no windows: another function
+        unwindowed = vision(image)[0]
+    assert ref.shape == ((side // 2) ** 2, 64) and got.shape == ((side // 2) ** 2, 65)
+    assert torch.allclose(got[:, :-1], ref, rtol=0, atol=1e-6) and bool((got[:, -1] == 1).all())
+    assert rel_diff(unwindowed[:, :-1], ref) > 1e-3
+    assert not [n for n in program.graph.nodes if "split" in str(n.target) or "local_scalar" in str(n.target)]
+
+
+def test_qwen2_5_vl_decoder_derives_mrope_positions_from_the_cache_position(tmp_path):
+    """Per-layer widths; text_decoder's 3-D positions (the image's rows and columns from its first cache position,
+    the text after it shifted by a delta kept in the program and reset at cache position 0) give transformers'
+    logits over two successive prompts and its greedy tokens; plain 1-D positions would not (eager methods, no
+    lowering)."""
+    from vlmprune.adapters import get_adapter
+    from vlmprune.export.pte import _modules
+    from vlmprune.summary import layer_shapes
+
+    folder = _tiny_qwen2_5_vl_pruned(tmp_path)
+    processor = Qwen2_5_VLTestProcessor(folder)
+    model = vlmprune.load(folder, dtype=torch.float32).eval()
+    adapter = get_adapter(model)
+    assert [s.num_kv_heads for s in layer_shapes(model, adapter)] == [1, 2, 2]
+    modules = _modules(model, adapter, layer_shapes(model, adapter), 96, 56)
+    for seed, question in [(1, "How many dots are there?"), (2, "Is it red?")]:
+        inputs = prompt_inputs(processor, _image(seed, (56, 56)), question)
+        assert inputs["image_grid_thw"].tolist() == [[1, 8, 8]]
+        n = inputs["input_ids"].shape[1]
+        with torch.no_grad():
+            ref = model(**inputs).logits[0]
+            plain = model(**inputs, position_ids=torch.arange(n)[None]).logits[0]
+            hf = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, n:].tolist()
+            logits = _pieces_through(modules, processor, inputs)
+            tokens, pos = [int(logits[-1].argmax())], n
+            while len(tokens) < 6:
+                step = modules[1](torch.tensor([[tokens[-1]]]))
+                tokens.append(int(modules[2](step, torch.tensor([pos]))[0, -1].argmax()))
+                pos += 1
+        assert rel_diff(logits, ref) <= 1e-5, rel_diff(logits, ref)
+        assert rel_diff(plain, ref) > 1e-4  # the tiny model: 1.8e-4 (1-D positions after the image are 12 ahead)
+        assert tokens == hf
+
+
+def test_qwen2_5_vl_image_size_must_be_whole_merged_patches(tmp_path, monkeypatch):
+    import vlmprune.checkpoint as checkpoint
+
+    folder = save_tiny_qwen2_5_vl(tmp_path / "qwen25vl")
+    monkeypatch.setattr(checkpoint, "load_processor", lambda *args, **kwargs: Qwen2_5_VLTestProcessor(folder))
+    with pytest.raises(VlmpruneError, match="multiple of 14"):
+        export_executorch(folder, tmp_path / "out", image_size=50)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # lowers a program to XNNPACK
+def test_qwen2_5_vl_exports_and_reproduces_transformers(tmp_path, monkeypatch):
+    """Qwen2.5-VL (M-RoPE text, windowed vision tower) at one image size: the runtime resizes each image to it,
+    the program's logits over two successive prompts match transformers on the same inputs, greedy tokens
+    identical, also through ExecuTorch's C++ Module in the runner's call order. The processor is assembled
+    by hand (transformers' needs torchvision, see tiny_gguf)."""
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch
+
+    import vlmprune.checkpoint as checkpoint
+
+    folder = _tiny_qwen2_5_vl_pruned(tmp_path)  # per-layer widths; 56 px images: 4 windows of 2x2 merged patches
+    processor = Qwen2_5_VLTestProcessor(folder)
+    monkeypatch.setattr(checkpoint, "load_processor", lambda *args, **kwargs: processor)
+    record = export_executorch(folder, tmp_path / "pte", max_seq_len=96, image_size=56)
+    assert record["family"] == "qwen2_5_vl" and record["image_tokens"] == 16 and record["resize_images"] == 56
+    assert record["kv_heads"] == [1, 2, 2]
+    assert record["check"]["rel_diff"] <= 1e-5 and record["check"]["tokens"] == record["check"]["pytorch_tokens"]
+    assert {"model.pte", "export.json", "tokenizer.json", "preprocessor_config.json"} <= {
+        p.name for p in (tmp_path / "pte").iterdir()}
+    runner = PteModel(tmp_path / "pte", processor=processor)
+    model = vlmprune.load(folder, dtype=torch.float32).eval()
+    module = _load_for_executorch(str(tmp_path / "pte" / "model.pte"))  # one C++ Module for both prompts
+    for seed, question in [(1, "How many dots are there?"), (2, "Is it red?")]:
+        inputs = runner.inputs(_image(seed, (60, 44)), question)  # not square: resized to 56 x 56
+        assert inputs["image_grid_thw"].tolist() == [[1, 8, 8]]
+        with torch.no_grad():
+            ref = model(**inputs).logits[0]
+            hf = model.generate(**inputs, max_new_tokens=10, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        logits, tokens = runner.prompt_logits_and_tokens(inputs, 10)
+        # tighter than the other families' 1e-4: 1-D positions are only 1.8e-4 off on this tiny model (measured 7e-7)
+        assert rel_diff(logits, ref) <= 1e-5, rel_diff(logits, ref)
+        assert tokens == hf.tolist()
+        pos, parts = 0, []
+        for kind, value in runner.pieces(inputs):
+            embeds = module.run_method(*(("token_embedding", (value,)) if kind == "text" else
+                                         ("vision_encoder", (value[0],))))[0]
+            parts.append(module.run_method("text_decoder", (embeds, torch.arange(pos, pos + embeds.shape[1])))[0])
+            pos += embeds.shape[1]
+        assert rel_diff(torch.cat(parts, 1)[0], ref) <= 1e-5
+    with pytest.raises(VlmpruneError, match="not resized"):  # the processor alone keeps the aspect ratio
+        runner.prefill(prompt_inputs(processor, _image(1, (60, 44)), "Is it red?"))

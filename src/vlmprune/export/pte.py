@@ -13,7 +13,10 @@ The program holds the three methods ExecuTorch's multimodal LLM runner calls, lo
 plus the runner's metadata (``get_max_seq_len``, ``get_vocab_size``, ``get_eos_ids``, ...) as constant
 methods. Idefics3 / SmolVLM export with image splitting off (one tile per image); Gemma 3's encoders return
 one channel more (ones for an image, zeros for text), which tells ``text_decoder`` to let an image's tokens
-see each other. Families whose inputs the runner cannot express are refused before anything is written
+see each other. Qwen2.5-VL's are marked the same way, and ``text_decoder`` computes the decoder's 3-D rotary
+positions (M-RoPE) from the cache position (an image's rows and columns at the export's fixed grid, the text
+after it shifted by a delta it keeps); its vision tower is written for that grid (:func:`_windowed_tower_encoder`).
+Families whose inputs the runner cannot express are refused before anything is written
 (see :func:`check_family`). Before the directory is published, the program is loaded in the ExecuTorch runtime
 and run on the export's sample prompt (the chat template, one synthetic image): its logits over the
 whole prompt and its greedy tokens must reproduce the PyTorch modules it was exported from.
@@ -29,7 +32,7 @@ from pathlib import Path
 
 from vlmprune.config import PTE_DTYPES, PTE_QUANTS
 from vlmprune.errors import VlmpruneError
-from vlmprune.export.pte_runtime import METHODS, PTE_FILE, require_executorch
+from vlmprune.export.pte_runtime import METHODS, PTE_FILE, image_input, require_executorch
 
 log = logging.getLogger("vlmprune")
 
@@ -44,8 +47,7 @@ TOLERANCE = {"float32": 1e-3, "reduced": 5e-2}
 
 # families whose language model reads more than (embeddings, positions): refused, with the reason
 _BLOCKERS = {
-    "qwen2_vl": "M-RoPE",
-    "qwen2_5_vl": "M-RoPE",
+    "qwen2_vl": "Qwen2-VL tower",
     "qwen3_vl": "M-RoPE",
     "qwen3_5": "M-RoPE",
     "gemma4": "bidirectional",
@@ -53,16 +55,19 @@ _BLOCKERS = {
 _WHY = {
     "M-RoPE": ("its decoder places image tokens with 3-D rotary positions (M-RoPE: time, row, column) that depend "
                "on where the image sits in the prompt, and ExecuTorch's multimodal runner gives the text decoder "
-               "only cache positions; the program could derive them from the cache position (an image call marked "
-               "as for Gemma 3), but this export does not yet (nor the vision tower's windowed attention, which "
-               "torch.export does not trace as transformers writes it)"),
+               "only cache positions; the export derives them from the cache position for Qwen2.5-VL only (this "
+               "family's interleaved M-RoPE and its tower with deepstack features are not written yet)"),
+    "Qwen2-VL tower": ("the export writes Qwen2.5-VL's vision tower for a fixed image (windowed attention as a "
+                       "constant mask), not yet Qwen2-VL's (LayerNorm blocks, QuickGELU MLP, full attention); its "
+                       "decoder is the Qwen2.5-VL one"),
     "bidirectional": ("its decoder lets the image tokens attend to each other in both directions (a mask built "
                       "from token_type_ids), and ExecuTorch's multimodal runner runs the text decoder on embeddings "
                       "alone; the export marks the image block for Gemma 3, not yet for this family"),
 }
 TILED = ("idefics3", "smolvlm")  # processors that split images into tiles: exported with splitting off
 IMAGE_BLOCK = ("gemma3",)  # decoders whose image tokens see each other: the embeddings say whether they are an image
-SUPPORTED = ("llava", *TILED, *IMAGE_BLOCK)
+MROPE = ("qwen2_5_vl",)  # decoders with 3-D rotary positions: the embeddings say whether they are an image
+SUPPORTED = ("llava", *TILED, *IMAGE_BLOCK, *MROPE)
 
 
 def check_family(model) -> str:
@@ -74,7 +79,8 @@ def check_family(model) -> str:
     if family not in SUPPORTED:
         raise VlmpruneError(f"ExecuTorch export of {family} models is not supported yet (supported: "
                             f"{', '.join(SUPPORTED)}: LLaVA-style models with a Llama, Mistral or Qwen2 backbone, "
-                            f"Idefics3 / SmolVLM with one image tile); nothing was written")
+                            f"Idefics3 / SmolVLM with one image tile, Gemma 3, Qwen2.5-VL with one fixed-size "
+                            f"image); nothing was written")
     return family
 
 
@@ -108,7 +114,11 @@ def _modules(model, adapter, shapes: list, max_seq_len: int, image_size: int):
 
     dtype = next(model.parameters()).dtype
 
-    marked = model.config.model_type in IMAGE_BLOCK  # embeddings carry a last channel: 1 image, 0 text
+    family = model.config.model_type
+    marked = family in IMAGE_BLOCK + MROPE  # embeddings carry a last channel: 1 image, 0 text
+    if family in MROPE:
+        merge = model.model.visual.spatial_merge_size
+        grid = image_size // model.config.vision_config.patch_size // merge  # merged patches per row and column
 
     class VisionEncoder(torch.nn.Module):
         def __init__(self, vlm):
@@ -171,15 +181,21 @@ def _modules(model, adapter, shapes: list, max_seq_len: int, image_size: int):
                 self.register_buffer(f"value_cache_{i}", layer.values, persistent=False)
                 self.register_buffer(f"cumulative_length_{i}", layer.cumulative_length, persistent=False)
 
+            if family in MROPE:
+                # how far the rotary position of the tokens after the prompt's image runs behind their cache position
+                self.register_buffer("rope_delta", torch.zeros(1, dtype=torch.long), persistent=False)
+
         def forward(self, inputs_embeds, cache_position):
             if not marked:
                 return super().forward(inputs_embeds=inputs_embeds, cache_position=cache_position).float()
-            # Gemma 3: causal, and a call that carries an image (the whole call is the image block) also
-            # lets its tokens see each other; the windows of sliding layers are at least the cache's length
             image = inputs_embeds[0, 0, -1] > 0.5
             inputs_embeds = inputs_embeds[..., :-1]
             for layer in self.static_cache.layers:  # as transformers' wrapper: the cache's write position
                 layer.cumulative_length.copy_(cache_position[0])
+            if family in MROPE:
+                return self._mrope(inputs_embeds, cache_position, image)
+            # Gemma 3: causal, and a call that carries an image (the whole call is the image block) also
+            # lets its tokens see each other; the windows of sliding layers are at least the cache's length
             keys = torch.arange(max_seq_len, dtype=cache_position.dtype)
             causal = keys[None, :] <= cache_position[:, None]
             block = (keys <= cache_position[-1]) & image
@@ -189,8 +205,97 @@ def _modules(model, adapter, shapes: list, max_seq_len: int, image_size: int):
                              cache=self.static_cache, use_cache=True)
             return out.logits.float()
 
-    vision = TileEncoder(model) if model.config.model_type in TILED else VisionEncoder(model)
+        def _mrope(self, inputs_embeds, cache_position, image):
+            """Qwen2.5-VL's 3-D positions (time, row, column), as transformers' get_rope_index gives them: text
+            at its cache position plus the prompt's delta; an image call's tokens at (start, start + row,
+            start + column) of the merged grid from its first cache position; the text after the image
+            continues at start + the grid's side, so the delta grows by the side less the image tokens. A
+            call at cache position 0 starts a prompt (delta 0)."""
+            start = cache_position[0]
+            delta = torch.where(start == 0, torch.zeros_like(self.rope_delta), self.rope_delta)
+            k = cache_position - start
+            axes = torch.stack([torch.where(image, torch.zeros_like(k), k), torch.where(image, k // grid, k),
+                                torch.where(image, k % grid, k)])
+            positions = (axes + start + delta)[:, None, :]  # [3, batch 1, n]
+            self.rope_delta.copy_(delta + image.long() * (grid - grid * grid))
+            out = self.model(inputs_embeds=inputs_embeds, position_ids=positions, attention_mask=None,
+                             cache=self.static_cache, use_cache=True)
+            return out.logits.float()
+
+    if family in MROPE:
+        vision = _windowed_tower_encoder()(model.model.visual, image_size)
+    else:
+        vision = TileEncoder(model) if family in TILED else VisionEncoder(model)
     return vision, TokenEmbedding(model.get_input_embeddings()), TextDecoder(model)
+
+
+def _windowed_tower_encoder():
+    import torch
+    import torch.nn.functional as F
+
+    class WindowedTowerEncoder(torch.nn.Module):
+        """Qwen2.5-VL's vision tower and patch merger for one image of ``image_size`` px, in the shape torch.export
+        traces and XNNPACK lowers: input the processor's normalized image [1, 3, S, S] (the runner's image input;
+        :func:`~vlmprune.export.pte_runtime.image_from_patches` makes it from the processor's flattened patches),
+        output [1, n / 4, hidden] marked as an image (a last channel of ones). For a fixed grid, what
+        transformers computes from ``grid_thw`` per call is a constant: the rotary table, the window order and
+        its inverse, and the windows as a block-diagonal attention mask (transformers splits the sequence per
+        window with ``cu_seqlens.tolist()``). The Conv3d patch embedding over a picture's two identical frames is
+        a Conv2d with the kernel summed over the frames, its output put in the merger's 2x2 order."""
+
+        def __init__(self, tower, image_size: int):
+            from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+
+            super().__init__()
+            config = tower.config
+            if image_size % (config.patch_size * tower.spatial_merge_size):
+                raise VlmpruneError(f"--image-size {image_size} is not a multiple of the tower's merged patch "
+                                    f"({config.patch_size * tower.spatial_merge_size} px)")
+            self.tower = tower
+            side = image_size // config.patch_size
+            grid = torch.tensor([[1, side, side]])
+            n = side * side
+            window_index, cu_windows = get_vision_window_index(grid, tower.spatial_merge_size, config.window_size,
+                                                               config.patch_size)
+            with torch.no_grad():
+                positions = get_vision_position_ids(grid, tower.spatial_merge_size)
+                cos, sin = tower.rotary_pos_emb(torch.zeros(n, 1), positions)
+            dtype = next(tower.parameters()).dtype
+            self.register_buffer("window_index", window_index, persistent=False)
+            self.register_buffer("reverse", torch.argsort(window_index), persistent=False)
+            self.register_buffer("cos", tower.permute_input_for_window_attn(cos, window_index, n), persistent=False)
+            self.register_buffer("sin", tower.permute_input_for_window_attn(sin, window_index, n), persistent=False)
+            lengths = (cu_windows[1:] - cu_windows[:-1]).long()
+            segment = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+            self.register_buffer("window_mask", segment[:, None] == segment[None, :], persistent=False)
+            self.dtype = dtype
+            self.merge = tower.spatial_merge_size
+
+        def forward(self, pixel_values):
+            tower = self.tower
+            weight = tower.patch_embed.proj.weight.sum(2)  # [hidden, 3, p, p]: both frames are the picture
+            hidden = F.conv2d(pixel_values.to(self.dtype), weight, stride=weight.shape[-1])[0]  # [hidden, h, w]
+            width, side, m = hidden.shape[0], hidden.shape[1], self.merge
+            hidden = hidden.reshape(width, side // m, m, side // m, m).permute(1, 3, 2, 4, 0).reshape(-1, width)
+            n = hidden.shape[0]
+            hidden = tower.permute_input_for_window_attn(hidden, self.window_index, n)
+            for i, block in enumerate(tower.blocks):
+                mask = None if i in tower.fullatt_block_indexes else self.window_mask  # one image: full is all
+                hidden = hidden + self._attention(block.attn, block.norm1(hidden), mask)
+                hidden = hidden + block.mlp(block.norm2(hidden))
+            return _mark(tower.merger(hidden)[self.reverse][None], 1.0)
+
+        def _attention(self, attn, x, mask):
+            from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+            n = x.shape[0]
+            q, k, v = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            q, k = apply_rotary_pos_emb_vision(q, k, self.cos, self.sin)
+            q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
+            return attn.proj(out[0].transpose(0, 1).reshape(n, -1))
+
+    return WindowedTowerEncoder
 
 
 def _mark(embeds, value: float):
@@ -284,8 +389,7 @@ def _export(modules, sample: dict, max_seq_len: int, progress) -> dict:
         # strict=False for the vision encoder only: transformers' output-capturing hooks do not trace strictly,
         # and the decoder needs strict tracing to lower (to_edge fails on its non-strict graph)
         progress("export vision_encoder")
-        pixels = sample["pixel_values"]
-        pixels = pixels.reshape(-1, *pixels.shape[-3:])  # Idefics3 / SmolVLM: [batch, images, 3, S, S]
+        pixels = image_input(sample)  # [1, 3, S, S]
         programs["vision_encoder"] = torch.export.export(vision, (pixels,), strict=False)
         progress("export token_embedding")
         programs["token_embedding"] = torch.export.export(embedding, (ids,), dynamic_shapes=({1: seq},), strict=True)
@@ -388,6 +492,7 @@ class PtePlan:
     head_dim: list[int]
     notes: list[str] = field(default_factory=list)
     processor_settings: dict = field(default_factory=dict)  # changed from the model's own processor
+    resize_images: int | None = None  # the runtime resizes images to this square size before the processor
 
 
 def export_executorch(model_dir: str | Path, output: str | Path, dtype: str = "float32", quant: str = "none",
@@ -437,6 +542,19 @@ def export_executorch(model_dir: str | Path, output: str | Path, dtype: str = "f
         notes.append(f"images are not split into tiles: the processor saved beside the program resizes each image to "
                      f"one {size} px tile ({n_image} image tokens; do_image_splitting false), where the model's own "
                      f"processor adds a tile per {size} px of the image and a global view")
+    resize = None
+    if family in MROPE:
+        if "mm_token_type_ids" not in sample:
+            raise VlmpruneError("the model's processor gives no mm_token_type_ids (which tokens are the image's): "
+                                "transformers would place the sample's image with 1-D positions, not the M-RoPE rows "
+                                "and columns the program computes, so the export cannot be checked; use the "
+                                "model's own Qwen2.5-VL processor (transformers >= 5, with torchvision)")
+        resize = size
+        settings["size"] = dict(processor.image_processor.size)
+        notes.append(f"one image size: the runtime resizes each image to {size} x {size} px before the processor "
+                     f"({n_image} image tokens), where the model's own processor keeps the aspect ratio within a "
+                     f"pixel budget; the vision tower's windows, rotary table and the decoder's image positions are "
+                     f"those of that grid")
     if _fix_position_table_(model, size):
         notes.append(f"DINOv2's position table is stored interpolated for {size} px images (DINOv2's own bicubic "
                      f"interpolation, computed once)")
@@ -456,7 +574,7 @@ def export_executorch(model_dir: str | Path, output: str | Path, dtype: str = "f
     eos = _eos_ids(processor, generation)
     plan = PtePlan(family, dtype, quant, max_seq_len, size, int(image_token_id), n_image,
                    int(model.get_input_embeddings().weight.shape[0]), eos, len(shapes),
-                   [s.num_kv_heads for s in shapes], [s.head_dim for s in shapes], notes, settings)
+                   [s.num_kv_heads for s in shapes], [s.head_dim for s in shapes], notes, settings, resize)
     metadata = {"get_max_seq_len": max_seq_len, "get_max_context_len": max_seq_len,
                 "get_vocab_size": plan.vocab_size, "get_eos_ids": eos, "use_kv_cache": True,
                 "enable_dynamic_shape": True, "use_sdpa_with_kv_cache": False}
@@ -497,7 +615,7 @@ def export_executorch(model_dir: str | Path, output: str | Path, dtype: str = "f
             (tmp / PTE_FILE).write_bytes(buffer)
             processor.save_pretrained(tmp)
             model.config.save_pretrained(tmp)  # what the processor files name (no weights: those are in the .pte)
-            runner = PteModel(tmp, runtime=Runtime, image_token_id=plan.image_token_id)
+            runner = PteModel(tmp, runtime=Runtime, image_token_id=plan.image_token_id, processor=processor)
             missing = set(METHODS) - set(runner.program.method_names)
             if missing:
                 raise VlmpruneError(f"the lowered program lacks {sorted(missing)}; nothing was written")
