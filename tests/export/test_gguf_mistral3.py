@@ -1,0 +1,174 @@
+"""vlmprune export --format gguf of Mistral 3: the Mistral text model as llama.cpp's llama architecture (deci
+with per-layer widths) and the mmproj on its pixtral graph (Pixtral tower with 2-D RoPE, RMSNorm + patch merger,
+projector, [IMG_BREAK] after each row), checked against transformers in a real llama.cpp (xllamacpp)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("gguf")
+pytest.importorskip("xllamacpp")
+
+from tiny_gguf import (
+    RAW_TEMPLATE,
+    LlamaCpp,
+    hf_greedy,
+    hf_logprobs,
+    mistral3_processor,
+    partial_utf8_ids,
+    rel_diff,
+    save_tiny_mistral3,
+    write_probe,
+)
+
+import vlmprune
+from vlmprune.errors import VlmpruneError
+from vlmprune.export import export_gguf
+
+PROMPT = "<|im_start|>user\nWhat colour is the circle? 12 apples<|im_end|>\n<|im_start|>assistant\n"
+PRE, POST = "<|im_start|>user\n", "What colour is the circle?<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return save_tiny_mistral3(tmp_path_factory.mktemp("mistral3") / "model")
+
+
+@pytest.fixture(scope="module")
+def exported(folder, tmp_path_factory):
+    """The f32 pair (the processor assembled by hand, as for Qwen2.5-VL: see tiny_gguf)."""
+    import vlmprune.checkpoint as checkpoint
+
+    processor = mistral3_processor(folder)
+    patch = pytest.MonkeyPatch()
+    patch.setattr(checkpoint, "load_processor", lambda *args, **kwargs: processor)
+    out = tmp_path_factory.mktemp("mistral3-gguf") / "out"
+    try:
+        record = export_gguf(folder, out, quant="f32")
+    finally:
+        patch.undo()
+    return out, record, processor
+
+
+def _image(height: int, width: int, seed: int = 0):
+    from PIL import Image
+
+    img = Image.fromarray(np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return img, base64.b64encode(buf.getvalue()).decode()
+
+
+def _image_text(rows: int, cols: int) -> str:
+    return "[IMG_BREAK]".join(["[IMG]" * cols] * rows) + "[IMG_END]"
+
+
+def test_text_model_is_llama_and_matches_transformers(folder, exported):
+    out, record, processor = exported
+    assert record["text"]["arch"] == "llama"
+    model = vlmprune.load(folder, dtype=torch.float32)
+    tok = processor.tokenizer
+    ids = tok(PROMPT)["input_ids"]
+    llama = LlamaCpp(out / "model.gguf")
+    llama.banned = partial_utf8_ids(tok)
+    assert llama.prompt_tokens(PROMPT) == len(ids)
+    n_vocab = model.config.text_config.vocab_size
+    diff = rel_diff(llama.first_logprobs(ids, n_vocab), hf_logprobs(model, ids))
+    print("TDIFF", diff)
+    assert diff <= 1e-3, diff
+    assert llama.greedy(ids, 10) == hf_greedy(model, ids, 10, llama.banned)
+
+
+@pytest.mark.parametrize("height, width", [(42, 56), (56, 42)])
+def test_pair_gives_the_transformers_tokens_with_an_image(folder, exported, height, width):
+    """An image of (height / 14) x (width / 14) merged tokens (12: llama.cpp upscales images of fewer than 8), [IMG_BREAK] after each row but the last and
+    [IMG_END]: the prompt length, the next-token log-probs and 10 greedy tokens against transformers."""
+    out, record, processor = exported
+    assert record["mmproj"]["projector"] == "pixtral"
+    model = vlmprune.load(folder, dtype=torch.float32)
+    tok = processor.tokenizer
+    img, b64 = _image(height, width)
+    pixels = processor.image_processor(img, return_tensors="pt")
+    assert pixels["image_sizes"].tolist() == [[height, width]]  # kept at its size on both sides
+    ids = tok(PRE + _image_text(height // 14, width // 14) + POST)["input_ids"]
+    inputs = {"pixel_values": pixels["pixel_values"], "image_sizes": pixels["image_sizes"]}
+    llama = LlamaCpp(out / "model.gguf", out / "mmproj.gguf", chat_template=RAW_TEMPLATE)
+    llama.banned = partial_utf8_ids(tok)
+    message = [{"role": "user", "content": [{"type": "text", "text": PRE},
+                                            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64}},
+                                            {"type": "text", "text": POST}]}]
+    n_vocab = model.config.text_config.vocab_size
+    got = llama.chat(message, top_logprobs=n_vocab, ignore_eos=True)
+    assert got["usage"]["prompt_tokens"] == len(ids)
+    logprobs = {p["id"]: p["logprob"] for p in got["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
+    diff = rel_diff(logprobs, hf_logprobs(model, ids, **inputs))
+    print("DIFF", diff)
+    assert diff <= 1e-3, diff
+    got = llama.chat(message, max_tokens=10, top_logprobs=1, ignore_eos=True)
+    assert [t["id"] for t in got["choices"][0]["logprobs"]["content"]] == hf_greedy(model, ids, 10, llama.banned,
+                                                                                   **inputs)
+
+
+def test_mmproj_image_embeddings_match_pytorch(folder, exported, tmp_path):
+    """Every embedding llama.cpp injects for a 3 x 4-token image (the 12 merged tokens and the [IMG_BREAK]
+    rows between the rows), read one by one through a probe text model (tests/tiny_gguf.py), against PyTorch's:
+    each the closest to its own (cosine >= 0.9999)."""
+    out, record, processor = exported
+    model = vlmprune.load(folder, dtype=torch.float32)
+    img, b64 = _image(42, 56)
+    pixels = processor.image_processor(img, return_tensors="pt")
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixels["pixel_values"], pixels["image_sizes"])
+    feats = getattr(feats, "pooler_output", feats)
+    tokens = feats[0] if isinstance(feats, (list, tuple)) else feats
+    tokens = tokens.reshape(-1, tokens.shape[-1])
+    rows, cols = 3, 4
+    assert tokens.shape[0] == rows * cols
+    brk = model.get_input_embeddings().weight.detach()[processor.tokenizer.convert_tokens_to_ids("[IMG_BREAK]")][None]
+    parts = [tokens[r * cols:(r + 1) * cols] for r in range(rows)]
+    expected = torch.cat([parts[0], brk, parts[1], brk, parts[2]])  # llama.cpp's order
+    n = expected.shape[0]
+    hidden = model.config.text_config.hidden_size
+    message = [{"role": "user", "content": [{"type": "text", "text": "a"},
+                                            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64}},
+                                            {"type": "text", "text": "b"}]}]
+    lowest = 1.0
+    for k in range(n):
+        probe = tmp_path / "probe.gguf"
+        n_vocab = write_probe(probe, folder, hidden, ["a", "b"], distance=n - k + 1)  # then [IMG_END], then b
+        llama = LlamaCpp(probe, out / "mmproj.gguf", chat_template=RAW_TEMPLATE)
+        keep = processor.tokenizer.convert_tokens_to_ids("a")
+        llama.banned = [i for i in range(n_vocab) if i != keep]
+        got = llama.chat(message, top_logprobs=n_vocab)
+        assert got["usage"]["prompt_tokens"] == n + 3
+        logprobs = {p["id"]: p["logprob"] for p in got["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
+        assert None not in [logprobs[j] for j in range(hidden + 1)], (k, logprobs)
+        read = torch.tensor([logprobs[j] - logprobs[hidden] for j in range(hidden)])
+        cos = torch.nn.functional.cosine_similarity(read[None], expected, dim=-1)
+        assert torch.equal(expected[int(cos.argmax())], expected[k]), (k, cos)  # the two [IMG_BREAK] rows are one
+        lowest = min(lowest, float(cos[k]))
+    print("LOWEST", lowest)
+    assert lowest >= 0.9999, lowest
+
+
+def test_other_feature_layers_are_refused_before_writing(folder, tmp_path, monkeypatch):
+    """llama.cpp's pixtral graph reads the last block's output only."""
+    import vlmprune.checkpoint as checkpoint
+
+    copy = tmp_path / "model"
+    shutil.copytree(folder, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["vision_feature_layer"] = -2
+    (copy / "config.json").write_text(json.dumps(config))
+    processor = mistral3_processor(copy)
+    monkeypatch.setattr(checkpoint, "load_processor", lambda *args, **kwargs: processor)
+    with pytest.raises(VlmpruneError, match=r"vision_feature_layer=-2"):
+        export_gguf(copy, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
