@@ -579,13 +579,15 @@ MISTRAL3_SPECIALS = {"image_token": "[IMG]", "image_break_token": "[IMG_BREAK]",
 
 def save_tiny_mistral3(folder: Path, seed: int = 0) -> Path:
     """A tiny Mistral 3 (a 2-block Pixtral tower of 7-px patches with 2-D RoPE and SwiGLU, RMSNorm + 2x2 patch
-    merger + Linear-GELU-Linear; Mistral text with head_dim 16, no sliding window as in Mistral-Small-3.1) with the byte-level tokenizer plus Pixtral's
-    image tokens; its processor: :func:`mistral3_processor` (longest edge 56 px)."""
+    merger + Linear-GELU-Linear; Mistral text with head_dim 16, no sliding window as in Mistral-Small-3.1) with
+    the byte-level tokenizer plus Pixtral's image tokens; its processor: :func:`mistral3_processor` (longest
+    edge 56 px)."""
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
 
     tok = bpe_tokenizer(extra=MISTRAL3_SPECIALS)
     text = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512, sliding_window=None,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                         sliding_window=None,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                  head_dim=16, image_size=56, patch_size=7, hidden_act="silu")  # as the checkpoints

@@ -66,6 +66,23 @@ def _image(height: int, width: int, seed: int = 0):
     return img, base64.b64encode(buf.getvalue()).decode()
 
 
+def _chat(make, message: list[dict], **kwargs) -> tuple[dict, object]:
+    """A chat answer from a llama.cpp server made by ``make()``, on another server when one answers NaN.
+
+    llama.cpp's pixtral graph builds each [IMG_BREAK] row as 0 * (a tensor it never writes) + the embedding
+    (tools/mtmd/models/pixtral.cpp: ggml_scale(ctx0, tok, 0.0) on a ggml_new_tensor_3d): where that memory
+    happens to hold inf or NaN, every image row after it is NaN in that server for its whole life (measured
+    here: 2 of 14 servers in one run, none in a fresh one). That is llama.cpp's, no file can change it; a
+    server that answers NaN (every log-prob null) is replaced, at most twice, and the answer must then be
+    exact."""
+    for _ in range(3):
+        llama = make()
+        got = llama.chat(message, **kwargs)
+        if any(t.get("logprob") is not None for t in got["choices"][0]["logprobs"]["content"]):
+            return got, llama
+    raise AssertionError("llama.cpp answered NaN on three servers")
+
+
 def _image_text(rows: int, cols: int) -> str:
     return "[IMG_BREAK]".join(["[IMG]" * cols] * rows) + "[IMG_END]"
 
@@ -81,15 +98,15 @@ def test_text_model_is_llama_and_matches_transformers(folder, exported):
     assert llama.prompt_tokens(PROMPT) == len(ids)
     n_vocab = model.config.text_config.vocab_size
     diff = rel_diff(llama.first_logprobs(ids, n_vocab), hf_logprobs(model, ids))
-    print("TDIFF", diff)
-    assert diff <= 1e-3, diff
+    assert diff <= 1e-3, diff  # measured 6.0e-8
     assert llama.greedy(ids, 10) == hf_greedy(model, ids, 10, llama.banned)
 
 
 @pytest.mark.parametrize("height, width", [(42, 56), (56, 42)])
 def test_pair_gives_the_transformers_tokens_with_an_image(folder, exported, height, width):
-    """An image of (height / 14) x (width / 14) merged tokens (12: llama.cpp upscales images of fewer than 8), [IMG_BREAK] after each row but the last and
-    [IMG_END]: the prompt length, the next-token log-probs and 10 greedy tokens against transformers."""
+    """An image of (height / 14) x (width / 14) merged tokens (12: llama.cpp upscales images of fewer than 8),
+    [IMG_BREAK] after each row but the last and [IMG_END]: the prompt length, the next-token log-probs and 10
+    greedy tokens against transformers."""
     out, record, processor = exported
     assert record["mmproj"]["projector"] == "pixtral"
     model = vlmprune.load(folder, dtype=torch.float32)
@@ -99,21 +116,24 @@ def test_pair_gives_the_transformers_tokens_with_an_image(folder, exported, heig
     assert pixels["image_sizes"].tolist() == [[height, width]]  # kept at its size on both sides
     ids = tok(PRE + _image_text(height // 14, width // 14) + POST)["input_ids"]
     inputs = {"pixel_values": pixels["pixel_values"], "image_sizes": pixels["image_sizes"]}
-    llama = LlamaCpp(out / "model.gguf", out / "mmproj.gguf", chat_template=RAW_TEMPLATE)
-    llama.banned = partial_utf8_ids(tok)
+    banned = partial_utf8_ids(tok)
+
+    def make():
+        llama = LlamaCpp(out / "model.gguf", out / "mmproj.gguf", chat_template=RAW_TEMPLATE)
+        llama.banned = banned
+        return llama
+
     message = [{"role": "user", "content": [{"type": "text", "text": PRE},
                                             {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64}},
                                             {"type": "text", "text": POST}]}]
     n_vocab = model.config.text_config.vocab_size
-    got = llama.chat(message, top_logprobs=n_vocab, ignore_eos=True)
+    got, llama = _chat(make, message, top_logprobs=n_vocab, ignore_eos=True)
     assert got["usage"]["prompt_tokens"] == len(ids)
     logprobs = {p["id"]: p["logprob"] for p in got["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
     diff = rel_diff(logprobs, hf_logprobs(model, ids, **inputs))
-    print("DIFF", diff)
-    assert diff <= 1e-3, diff
-    got = llama.chat(message, max_tokens=10, top_logprobs=1, ignore_eos=True)
-    assert [t["id"] for t in got["choices"][0]["logprobs"]["content"]] == hf_greedy(model, ids, 10, llama.banned,
-                                                                                   **inputs)
+    assert diff <= 1e-3, diff  # measured 1.7e-5 (42x56), 1.3e-5 (56x42)
+    got, _ = _chat(make, message, max_tokens=10, top_logprobs=1, ignore_eos=True)
+    assert [t["id"] for t in got["choices"][0]["logprobs"]["content"]] == hf_greedy(model, ids, 10, banned, **inputs)
 
 
 def test_mmproj_image_embeddings_match_pytorch(folder, exported, tmp_path):
@@ -143,19 +163,21 @@ def test_mmproj_image_embeddings_match_pytorch(folder, exported, tmp_path):
     for k in range(n):
         probe = tmp_path / "probe.gguf"
         n_vocab = write_probe(probe, folder, hidden, ["a", "b"], distance=n - k + 1)  # then [IMG_END], then b
-        llama = LlamaCpp(probe, out / "mmproj.gguf", chat_template=RAW_TEMPLATE)
         keep = processor.tokenizer.convert_tokens_to_ids("a")
-        llama.banned = [i for i in range(n_vocab) if i != keep]
-        got = llama.chat(message, top_logprobs=n_vocab)
+
+        def make(probe=probe, n_vocab=n_vocab, keep=keep):
+            llama = LlamaCpp(probe, out / "mmproj.gguf", chat_template=RAW_TEMPLATE)
+            llama.banned = [i for i in range(n_vocab) if i != keep]
+            return llama
+
+        got, _ = _chat(make, message, top_logprobs=n_vocab)
         assert got["usage"]["prompt_tokens"] == n + 3
         logprobs = {p["id"]: p["logprob"] for p in got["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
-        assert None not in [logprobs[j] for j in range(hidden + 1)], (k, logprobs)
         read = torch.tensor([logprobs[j] - logprobs[hidden] for j in range(hidden)])
         cos = torch.nn.functional.cosine_similarity(read[None], expected, dim=-1)
         assert torch.equal(expected[int(cos.argmax())], expected[k]), (k, cos)  # the two [IMG_BREAK] rows are one
         lowest = min(lowest, float(cos[k]))
-    print("LOWEST", lowest)
-    assert lowest >= 0.9999, lowest
+    assert lowest >= 0.9999, lowest  # measured 0.99999946
 
 
 def test_other_feature_layers_are_refused_before_writing(folder, tmp_path, monkeypatch):

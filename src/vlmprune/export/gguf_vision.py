@@ -537,7 +537,8 @@ def _finish(writer, path: Path, plan: VisionPlan, vc, tensors) -> dict:
     if plan.projector == "pixtral":  # dynamic size: rows x cols merged tokens, [IMG_BREAK] between rows
         return {"file": path.name, "projector": plan.projector, "tower": plan.tower, "blocks": plan.blocks,
                 "blocks_in_model": vc.num_hidden_layers, "longest_edge": plan.longest_edge,
-                "tokens_per_image": list(PIXTRAL_TOKENS_RANGE), "pixels_per_token": (plan.patch_size * plan.merge) ** 2, "bytes": path.stat().st_size,
+                "tokens_per_image": list(PIXTRAL_TOKENS_RANGE),
+                "pixels_per_token": (plan.patch_size * plan.merge) ** 2, "bytes": path.stat().st_size,
                 "tensor_types": tensors.counts, "fallbacks": tensors.fallbacks, "notes": plan.notes}
     if plan.pixels[1]:  # dynamic size: (height / patch / merge) x (width / patch / merge) tokens per image
         return {"file": path.name, "projector": plan.projector, "tower": plan.tower, "blocks": plan.blocks,
