@@ -31,6 +31,7 @@ from tiny_gguf import (
 import vlmprune
 from vlmprune.errors import VlmpruneError
 from vlmprune.export import export_gguf
+from vlmprune.planning.plan import PruningPlan
 
 PROMPT = "<|im_start|>user\nWhat colour is the circle? 12 apples<|im_end|>\n<|im_start|>assistant\n"
 PRE, POST = "<|im_start|>user\n", "What colour is the circle?<|im_end|>\n<|im_start|>assistant\n"
@@ -99,6 +100,7 @@ def test_text_model_is_llama_and_matches_transformers(folder, exported):
     n_vocab = model.config.text_config.vocab_size
     diff = rel_diff(llama.first_logprobs(ids, n_vocab), hf_logprobs(model, ids))
     assert diff <= 1e-3, diff  # measured 6.0e-8
+    assert rel_diff(llama.first_logprobs(PROMPT, n_vocab), hf_logprobs(model, ids)) <= 1e-3  # llama.cpp's ids
     assert llama.greedy(ids, 10) == hf_greedy(model, ids, 10, llama.banned)
 
 
@@ -132,6 +134,46 @@ def test_pair_gives_the_transformers_tokens_with_an_image(folder, exported, heig
     logprobs = {p["id"]: p["logprob"] for p in got["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
     diff = rel_diff(logprobs, hf_logprobs(model, ids, **inputs))
     assert diff <= 1e-3, diff  # measured 1.7e-5 (42x56), 1.3e-5 (56x42)
+    got, _ = _chat(make, message, max_tokens=10, top_logprobs=1, ignore_eos=True)
+    assert [t["id"] for t in got["choices"][0]["logprobs"]["content"]] == hf_greedy(model, ids, 10, banned, **inputs)
+
+
+def test_per_layer_widths_go_to_deci_and_match_with_an_image(folder, tmp_path, monkeypatch):
+    """Per-layer widths (kv heads, q heads, MLP channels, a dropped layer): the text model as deci, next to
+    the same mmproj; the pair against the pruned model in transformers with an image in the prompt."""
+    import vlmprune.checkpoint as checkpoint
+
+    model = vlmprune.load(folder, dtype=torch.float32)
+    plan = PruningPlan(drop_layers=[2], layers={0: {"kv_heads": [1], "q_heads": [2, 3]},
+                                                1: {"mlp_channels": list(range(0, 100, 2))}})
+    vlmprune.apply_plan_(model, plan)
+    pruned = vlmprune.save_model(model, tmp_path / "pruned", plan=plan, source=folder)
+    processor = mistral3_processor(folder)
+    monkeypatch.setattr(checkpoint, "load_processor", lambda *args, **kwargs: processor)
+    record = export_gguf(pruned, tmp_path / "out", quant="f32")
+    assert record["text"]["arch"] == "deci" and record["text"]["per_layer_widths"]
+    model = vlmprune.load(pruned, dtype=torch.float32)
+    tok = processor.tokenizer
+    img, b64 = _image(42, 56)
+    pixels = processor.image_processor(img, return_tensors="pt")
+    ids = tok(PRE + _image_text(3, 4) + POST)["input_ids"]
+    inputs = {"pixel_values": pixels["pixel_values"], "image_sizes": pixels["image_sizes"]}
+    banned = partial_utf8_ids(tok)
+
+    def make():
+        llama = LlamaCpp(tmp_path / "out" / "model.gguf", tmp_path / "out" / "mmproj.gguf", chat_template=RAW_TEMPLATE)
+        llama.banned = banned
+        return llama
+
+    message = [{"role": "user", "content": [{"type": "text", "text": PRE},
+                                            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64}},
+                                            {"type": "text", "text": POST}]}]
+    n_vocab = model.config.text_config.vocab_size
+    got, _ = _chat(make, message, top_logprobs=n_vocab, ignore_eos=True)
+    assert got["usage"]["prompt_tokens"] == len(ids)
+    logprobs = {p["id"]: p["logprob"] for p in got["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
+    diff = rel_diff(logprobs, hf_logprobs(model, ids, **inputs))
+    assert diff <= 1e-3, diff  # measured 1.0e-5
     got, _ = _chat(make, message, max_tokens=10, top_logprobs=1, ignore_eos=True)
     assert [t["id"] for t in got["choices"][0]["logprobs"]["content"]] == hf_greedy(model, ids, 10, banned, **inputs)
 
