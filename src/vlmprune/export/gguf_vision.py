@@ -14,7 +14,11 @@ against transformers token by token:
 * ``qwen2.5vl_merger`` (Qwen2.5-VL; ``models/qwen2vl.cpp``): the Conv3d patch embedding as two
   2-D kernels (an image is its own second frame), 2-D rotary ViT blocks with RMS norms, SwiGLU MLPs
   and window attention (full attention every ``n_wa_pattern``-th block), the RMSNorm + 2x2 patch
-  merger; images at their own (dynamic) size.
+  merger; images at their own (dynamic) size;
+* ``pixtral`` (Mistral 3; ``models/pixtral.cpp``): the Pixtral tower (RMS norms, SwiGLU, axial 2-D RoPE
+  with q / k rows permuted to the graph's interleaved pairs), RMSNorm + patch merger, Linear-GELU-Linear,
+  and the text embedding of ``[IMG_BREAK]``, which the graph appends after each row of image tokens but
+  the last; images at their own (dynamic) size.
 
 Everything else is refused with the reason before anything is written.
 
@@ -79,6 +83,7 @@ PROJECTORS = {"llava": "mlp", "gemma3": "gemma3", "idefics3": "idefics3", "smolv
 PIXTRAL_TOKENS = ("[IMG_BREAK]", "[IMG_END]")
 # facts of llama.cpp's pixtral loader (tools/mtmd/clip.cpp), not read from the file
 PIXTRAL_ROPE_THETA = 10000.0
+PIXTRAL_EPS = 1e-5  # Pixtral's RMSNorms (fixed in its code); llama.cpp's graph also uses it for the merger's norm
 PIXTRAL_TOKENS_RANGE = (8, 1024)  # the fewest and most merged tokens it resizes an image to
 # text llama.cpp puts around an idefics3 image by looking each up as ONE token of the text model's vocabulary
 # (tools/mtmd/mtmd.cpp); a missing one would become an invalid token id
@@ -289,6 +294,10 @@ def _plan_mistral3(model, processor) -> VisionPlan:
              f"processor to at most {longest} px on the longest edge, in multiples of {vc.patch_size} px: an image "
              f"outside both (fewer than {PIXTRAL_TOKENS_RANGE[0]} or more than {PIXTRAL_TOKENS_RANGE[1]} tokens, "
              f"longer than {longest} px, or sides not multiples of {step} px) reaches the two at different sizes"]
+    eps = float(config.text_config.rms_norm_eps)
+    if eps != PIXTRAL_EPS:
+        notes.append(f"the merger's RMSNorm uses eps {eps:g} (the text model's) in transformers, {PIXTRAL_EPS:g} (the "
+                     f"tower's) in llama.cpp's graph")
     return VisionPlan(vc.model_type, longest, vc.patch_size, n, False, False,
                       [float(x) for x in ip.image_mean], [float(x) for x in ip.image_std],
                       model.model.vision_tower.transformer.layers[0].feed_forward.up_proj.out_features, notes,
@@ -462,7 +471,7 @@ def write_mmproj(path: Path, model, adapter, plan: VisionPlan, quant: str, name:
         _write_qwen25vl(tensors, tname, np32, T, tower, projector, plan)
         return _finish(writer, path, plan, vc, tensors)
     if plan.projector == "pixtral":
-        writer.add_vision_attention_layernorm_eps(1e-5)  # Pixtral's RMSNorms (fixed in its code)
+        writer.add_vision_attention_layernorm_eps(PIXTRAL_EPS)
         writer.add_vision_use_silu(True)
         writer.add_vision_spatial_merge_size(plan.merge)
         writer.add_rope_freq_base(PIXTRAL_ROPE_THETA)  # as the converter writes it (the loader fixes it anyway)
