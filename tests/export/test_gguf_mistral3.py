@@ -222,17 +222,24 @@ def test_mmproj_image_embeddings_match_pytorch(folder, exported, tmp_path):
     assert lowest >= 0.9999, lowest  # measured 0.99999946
 
 
-def test_other_feature_layers_are_refused_before_writing(folder, tmp_path, monkeypatch):
-    """llama.cpp's pixtral graph reads the last block's output only."""
+@pytest.mark.parametrize("key, value, match", [
+    ("vision_feature_layer", -2, r"vision_feature_layer=-2"),  # the graph reads the last block's output only
+    ("rope_theta", 20000.0, r"rope_theta=20000.*fixes it at 10000"),  # fixed in llama.cpp's loader
+])
+def test_what_the_pixtral_graph_cannot_hold_is_refused_before_writing(folder, tmp_path, monkeypatch, key, value,
+                                                                      match):
     import vlmprune.checkpoint as checkpoint
 
     copy = tmp_path / "model"
     shutil.copytree(folder, copy)
     config = json.loads((copy / "config.json").read_text())
-    config["vision_feature_layer"] = -2
+    if key == "rope_theta":
+        config["vision_config"]["rope_parameters"]["rope_theta"] = value
+    else:
+        config[key] = value
     (copy / "config.json").write_text(json.dumps(config))
     processor = mistral3_processor(copy)
     monkeypatch.setattr(checkpoint, "load_processor", lambda *args, **kwargs: processor)
-    with pytest.raises(VlmpruneError, match=r"vision_feature_layer=-2"):
+    with pytest.raises(VlmpruneError, match=match):
         export_gguf(copy, tmp_path / "out")
     assert not (tmp_path / "out").exists()
