@@ -621,3 +621,46 @@ def rel_diff(llama: dict[int, float], hf: torch.Tensor) -> float:
     a = torch.tensor([llama[i] for i in ids], dtype=torch.float64)
     b = hf[ids]
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+MISTRAL3_SPECIALS = {"image_token": "[IMG]", "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"}
+
+
+def save_tiny_mistral3(folder: Path, seed: int = 0) -> Path:
+    """A tiny Mistral 3 (a 2-block Pixtral tower of 7-px patches with 2-D RoPE and SwiGLU, RMSNorm + 2x2 patch
+    merger + Linear-GELU-Linear; Mistral text with head_dim 16, no sliding window as in Mistral-Small-3.1) with
+    the byte-level tokenizer plus Pixtral's image tokens; its processor: :func:`mistral3_processor` (longest
+    edge 56 px)."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    tok = bpe_tokenizer(extra=MISTRAL3_SPECIALS)
+    text = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                         sliding_window=None,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 head_dim=16, image_size=56, patch_size=7, hidden_act="silu")  # as the checkpoints
+    config = Mistral3Config(vision_config=vision, text_config=text, image_token_index=tok.image_token_id,
+                            spatial_merge_size=2, vision_feature_layer=-1)
+    torch.manual_seed(seed)
+    model = Mistral3ForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    with torch.no_grad():  # tower, merger and projector away from their init (see tiny_llava)
+        for name, p in model.named_parameters():
+            if ("vision_tower" in name or "multi_modal_projector" in name) and "norm" not in name:
+                p.copy_(torch.randn_like(p) * (1.0 if p.ndim < 2 else 0.25))
+            elif "vision_tower" in name or "multi_modal_projector" in name:  # RMSNorm weights away from 1
+                p.copy_(torch.randn_like(p) * 0.3 + 1.0)
+    model.eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def mistral3_processor(folder: Path):
+    """What the GGUF export reads of a Mistral 3 processor (image processor, tokenizer, chat template)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer, PixtralImageProcessorPil
+
+    ip = PixtralImageProcessorPil(size={"longest_edge": 56}, patch_size=7)
+    return SimpleNamespace(image_processor=ip, tokenizer=AutoTokenizer.from_pretrained(folder),
+                           chat_template=CHAT_TEMPLATE)

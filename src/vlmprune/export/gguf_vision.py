@@ -14,7 +14,11 @@ against transformers token by token:
 * ``qwen2.5vl_merger`` (Qwen2.5-VL; ``models/qwen2vl.cpp``): the Conv3d patch embedding as two
   2-D kernels (an image is its own second frame), 2-D rotary ViT blocks with RMS norms, SwiGLU MLPs
   and window attention (full attention every ``n_wa_pattern``-th block), the RMSNorm + 2x2 patch
-  merger; images at their own (dynamic) size.
+  merger; images at their own (dynamic) size;
+* ``pixtral`` (Mistral 3; ``models/pixtral.cpp``): the Pixtral tower (RMS norms, SwiGLU, axial 2-D RoPE
+  with q / k rows permuted to the graph's interleaved pairs), RMSNorm + patch merger, Linear-GELU-Linear,
+  and the text embedding of ``[IMG_BREAK]``, which the graph appends after each row of image tokens but
+  the last; images at their own (dynamic) size.
 
 Everything else is refused with the reason before anything is written.
 
@@ -68,11 +72,19 @@ class VisionPlan:
     tiles: tuple[int, int] = (1, 12)  # internvl: the fewest and most tiles an image is cut into
     wa_pattern: int = 0  # qwen2.5vl: every wa_pattern-th block attends to the whole image, the others to windows
     pixels: tuple[int, int] = (0, 0)  # qwen2.5vl: the fewest and most pixels an image is resized to
+    break_id: int = -1  # pixtral: the text token id of [IMG_BREAK]
 
 
 # model_type -> llama.cpp projector graph written for it
 PROJECTORS = {"llava": "mlp", "gemma3": "gemma3", "idefics3": "idefics3", "smolvlm": "idefics3", "internvl": "internvl",
-              "qwen2_5_vl": "qwen2.5vl_merger"}
+              "qwen2_5_vl": "qwen2.5vl_merger", "mistral3": "pixtral"}
+# text tokens llama.cpp's pixtral path needs as one token each: [IMG_BREAK] (its text embedding goes into the
+# mmproj, after every row of image tokens but the last) and [IMG_END] (written by tools/mtmd after the image)
+PIXTRAL_TOKENS = ("[IMG_BREAK]", "[IMG_END]")
+# facts of llama.cpp's pixtral loader (tools/mtmd/clip.cpp), not read from the file
+PIXTRAL_ROPE_THETA = 10000.0
+PIXTRAL_EPS = 1e-5  # Pixtral's RMSNorms (fixed in its code); llama.cpp's graph also uses it for the merger's norm
+PIXTRAL_TOKENS_RANGE = (8, 1024)  # the fewest and most merged tokens it resizes an image to
 # text llama.cpp puts around an idefics3 image by looking each up as ONE token of the text model's vocabulary
 # (tools/mtmd/mtmd.cpp); a missing one would become an invalid token id
 IDEFICS3_TOKENS = ("\n\n", "\n", "<fake_token_around_image>", "<global-img>")
@@ -105,6 +117,9 @@ def check_family(model) -> None:
     if projector == "qwen2.5vl_merger" and tower != "qwen2_5_vl_vision":
         raise VlmpruneError(f"a Qwen2.5-VL model with a {tower} tower: not on llama.cpp's qwen2.5vl graph; use "
                             f"--no-vision to export the text model alone")
+    if projector == "pixtral" and tower != "pixtral":
+        raise VlmpruneError(f"a Mistral 3 model with a {tower} tower: not on llama.cpp's pixtral graph; use "
+                            f"--no-vision to export the text model alone")
     if projector == "gemma3" and tower != "siglip_vision_model":
         raise VlmpruneError(f"a Gemma 3 model with a {tower} tower: llama.cpp's gemma3 graph is a SigLIP tower; use "
                             f"--no-vision to export the text model alone")
@@ -130,6 +145,8 @@ def plan_vision(model, adapter, processor) -> VisionPlan:
         return _plan_internvl(model, processor)
     if PROJECTORS[config.model_type] == "qwen2.5vl_merger":
         return _plan_qwen25vl(model, processor)
+    if PROJECTORS[config.model_type] == "pixtral":
+        return _plan_mistral3(model, processor)
     vc = config.vision_config
     tower = vc.model_type
     act = getattr(config, "projector_hidden_act", "gelu")
@@ -232,6 +249,60 @@ def _plan_idefics3(model, processor) -> VisionPlan:
     return VisionPlan(vc.model_type, tile, vc.patch_size, vc.num_hidden_layers, False, False,
                       [float(x) for x in ip.image_mean], [float(x) for x in ip.image_std],
                       _first_block(model, vc.model_type).mlp.fc1.out_features, notes, "idefics3", scale, longest)
+
+
+def _plan_mistral3(model, processor) -> VisionPlan:
+    """Mistral 3: the Pixtral tower (RMS norms, 2-D RoPE, SwiGLU), RMSNorm + patch merger (spatial_merge_size),
+    Linear-GELU-Linear: llama.cpp's pixtral graph, with [IMG_BREAK] after each row of tokens but the last.
+    Images at their own size (the longest edge at most the processor's), as in transformers."""
+    config = model.config
+    vc = config.vision_config
+    ip = getattr(processor, "image_processor", None)
+    tokenizer = getattr(processor, "tokenizer", None)
+    if ip is None or tokenizer is None:
+        raise VlmpruneError("the model's processor has no image processor or tokenizer; the mmproj needs both")
+    n = vc.num_hidden_layers
+    layer = config.vision_feature_layer
+    if layer != -1:
+        raise VlmpruneError(f"vision_feature_layer={layer}: llama.cpp's pixtral graph reads the last block's output "
+                            f"(-1) only; not supported")
+    if vc.hidden_act != "silu":
+        raise VlmpruneError(f"a Pixtral tower with hidden_act={vc.hidden_act}: this export writes the SwiGLU (silu) "
+                            f"MLP only")
+    if getattr(config, "projector_hidden_act", "gelu") not in ("gelu", "gelu_pytorch_tanh"):
+        raise VlmpruneError(f"projector activation {config.projector_hidden_act}: llama.cpp's pixtral projector "
+                            f"applies GELU only")
+    rope = (getattr(vc, "rope_parameters", None) or {})
+    if rope.get("rope_type", "axial") != "axial":
+        raise VlmpruneError(f"a Pixtral tower with rope_type={rope.get('rope_type')}: llama.cpp's pixtral graph "
+                            f"has the axial 2-D RoPE only")
+    missing = [t for t in PIXTRAL_TOKENS if len(tokenizer.encode(t, add_special_tokens=False)) != 1]
+    if missing:
+        raise VlmpruneError(f"llama.cpp's pixtral path needs {[*PIXTRAL_TOKENS]} as one token each of the text "
+                            f"model's vocabulary, but this tokenizer splits {missing}; not supported")
+    size = getattr(ip, "size", None) or {}
+    longest = int(size.get("longest_edge", 0) if isinstance(size, dict) else getattr(size, "longest_edge", 0) or 0)
+    if not longest:
+        raise VlmpruneError(f"cannot tell the longest image edge from the image processor ({size}); not supported")
+    theta = float((getattr(vc, "rope_parameters", None) or {}).get("rope_theta", getattr(vc, "rope_theta", 10000.0)))
+    if theta != PIXTRAL_ROPE_THETA:
+        raise VlmpruneError(f"a Pixtral tower with rope_theta={theta:g}: llama.cpp's pixtral graph fixes it at "
+                            f"{PIXTRAL_ROPE_THETA:g} (whatever the file says); not supported")
+    step = vc.patch_size * config.spatial_merge_size
+    notes = [f"llama.cpp resizes every image (aspect kept) to multiples of {step} px holding "
+             f"{PIXTRAL_TOKENS_RANGE[0]} to {PIXTRAL_TOKENS_RANGE[1]} merged tokens of {step}x{step} px; transformers' "
+             f"processor to at most {longest} px on the longest edge, in multiples of {vc.patch_size} px: an image "
+             f"outside both (fewer than {PIXTRAL_TOKENS_RANGE[0]} or more than {PIXTRAL_TOKENS_RANGE[1]} tokens, "
+             f"longer than {longest} px, or sides not multiples of {step} px) reaches the two at different sizes"]
+    eps = float(config.text_config.rms_norm_eps)
+    if eps != PIXTRAL_EPS:
+        notes.append(f"the merger's RMSNorm uses eps {eps:g} (the text model's) in transformers, {PIXTRAL_EPS:g} (the "
+                     f"tower's) in llama.cpp's graph")
+    return VisionPlan(vc.model_type, longest, vc.patch_size, n, False, False,
+                      [float(x) for x in ip.image_mean], [float(x) for x in ip.image_std],
+                      model.model.vision_tower.transformer.layers[0].feed_forward.up_proj.out_features, notes,
+                      "pixtral", config.spatial_merge_size, longest,
+                      break_id=tokenizer.convert_tokens_to_ids(PIXTRAL_TOKENS[0]))
 
 
 def _plan_internvl(model, processor) -> VisionPlan:
@@ -399,6 +470,13 @@ def write_mmproj(path: Path, model, adapter, plan: VisionPlan, quant: str, name:
         writer.add_vision_max_pixels(plan.pixels[1])
         _write_qwen25vl(tensors, tname, np32, T, tower, projector, plan)
         return _finish(writer, path, plan, vc, tensors)
+    if plan.projector == "pixtral":
+        writer.add_vision_attention_layernorm_eps(PIXTRAL_EPS)
+        writer.add_vision_use_silu(True)
+        writer.add_vision_spatial_merge_size(plan.merge)
+        writer.add_rope_freq_base(PIXTRAL_ROPE_THETA)  # as the converter writes it (the loader fixes it anyway)
+        _write_pixtral(tensors, tname, np32, T, tower, projector, plan, model)
+        return _finish(writer, path, plan, vc, tensors)
     writer.add_vision_attention_layernorm_eps(float(getattr(vc, "layer_norm_eps", 1e-5)))
     if vc.hidden_act in ("gelu", "gelu_pytorch_tanh", "gelu_new"):
         writer.add_vision_use_gelu(True)
@@ -465,6 +543,12 @@ def _finish(writer, path: Path, plan: VisionPlan, vc, tensors) -> dict:
     writer.write_tensors_to_file()
     writer.close()
     n_patches = (plan.image_size // plan.patch_size // plan.merge) ** 2
+    if plan.projector == "pixtral":  # dynamic size: rows x cols merged tokens, [IMG_BREAK] between rows
+        return {"file": path.name, "projector": plan.projector, "tower": plan.tower, "blocks": plan.blocks,
+                "blocks_in_model": vc.num_hidden_layers, "longest_edge": plan.longest_edge,
+                "tokens_per_image": list(PIXTRAL_TOKENS_RANGE),
+                "pixels_per_token": (plan.patch_size * plan.merge) ** 2, "bytes": path.stat().st_size,
+                "tensor_types": tensors.counts, "fallbacks": tensors.fallbacks, "notes": plan.notes}
     if plan.pixels[1]:  # dynamic size: (height / patch / merge) x (width / patch / merge) tokens per image
         return {"file": path.name, "projector": plan.projector, "tower": plan.tower, "blocks": plan.blocks,
                 "blocks_in_model": vc.num_hidden_layers, "min_pixels": plan.pixels[0], "max_pixels": plan.pixels[1],
@@ -528,6 +612,44 @@ def _write_qwen25vl(tensors, tname, np32, T, tower, projector, plan: VisionPlan)
     tensors.add(tname(T.V_MMPROJ, 0, "bias"), np32(projector.mlp[0].bias))
     tensors.add(tname(T.V_MMPROJ, 2), np32(projector.mlp[2].weight))
     tensors.add(tname(T.V_MMPROJ, 2, "bias"), np32(projector.mlp[2].bias))
+
+
+def _write_pixtral(tensors, tname, np32, T, tower, projector, plan: VisionPlan, model) -> None:
+    """Pixtral's tower, Mistral 3's merger and projector under llama.cpp's names; q / k rows permuted from
+    rotate-half pairs to the interleaved pairs of the graph's 2-D RoPE; [IMG_BREAK]'s text embedding."""
+    import gguf
+
+    from vlmprune.export.gguf import permute_rows
+
+    tensors.add(tname(T.V_ENC_EMBD_PATCH), np32(tower.patch_conv.weight), "f32")
+    if tower.patch_conv.bias is not None:
+        tensors.add(tname(T.V_ENC_EMBD_PATCH, suffix="bias"), np32(tower.patch_conv.bias))
+    tensors.add(tname(T.V_PRE_NORM), np32(tower.ln_pre.weight))
+    heads = model.config.vision_config.num_attention_heads
+    for i in range(plan.blocks):
+        block = tower.transformer.layers[i]
+        attn, ffn = block.attention, block.feed_forward
+        for kind, lin, permute in ((T.V_ENC_ATTN_Q, attn.q_proj, True), (T.V_ENC_ATTN_K, attn.k_proj, True),
+                                   (T.V_ENC_ATTN_V, attn.v_proj, False), (T.V_ENC_ATTN_O, attn.o_proj, False),
+                                   (T.V_ENC_FFN_GATE, ffn.gate_proj, False), (T.V_ENC_FFN_UP, ffn.up_proj, False),
+                                   (T.V_ENC_FFN_DOWN, ffn.down_proj, False)):
+            w = np32(lin.weight)
+            tensors.add(tname(kind, i), permute_rows(w, heads) if permute else w)
+            if lin.bias is not None:
+                b = np32(lin.bias)
+                tensors.add(tname(kind, i, "bias"), permute_rows(b, heads) if permute else b)
+        tensors.add(tname(T.V_ENC_INPUT_NORM, i), np32(block.attention_norm.weight))
+        tensors.add(tname(T.V_ENC_POST_ATTN_NORM, i), np32(block.ffn_norm.weight))
+    tensors.add(tname(T.V_MM_INP_NORM), np32(projector.norm.weight))
+    tensors.add(tname(T.V_MM_PATCH_MERGER), np32(projector.patch_merger.merging_layer.weight))
+    for idx, lin in ((1, projector.linear_1), (2, projector.linear_2)):
+        tensors.add(tname(T.V_MMPROJ, idx), np32(lin.weight))
+        if lin.bias is not None:
+            tensors.add(tname(T.V_MMPROJ, idx, "bias"), np32(lin.bias))
+    # the text embedding of [IMG_BREAK]: the graph appends it after each row of image tokens but the last
+    tokenizer_id = plan.break_id
+    emb = model.get_input_embeddings().weight[tokenizer_id]
+    tensors.add(gguf.TENSOR_NAMES[T.V_TOK_EMBD_IMG_BREAK], np32(emb), "f32")  # no .weight (clip.cpp)
 
 
 def torch_cat_cls_last(pos):
