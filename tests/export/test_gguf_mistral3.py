@@ -74,14 +74,15 @@ def _chat(make, message: list[dict], **kwargs) -> tuple[dict, object]:
     (tools/mtmd/models/pixtral.cpp: ggml_scale(ctx0, tok, 0.0) on a ggml_new_tensor_3d): where that memory
     happens to hold inf or NaN, every image row after it is NaN in that server for its whole life (measured
     here: 2 of 14 servers in one run, none in a fresh one). That is llama.cpp's, no file can change it; a
-    server that answers NaN (every log-prob null) is replaced, at most twice, and the answer must then be
+    server that answers NaN (every log-prob null) is replaced, at most five times (at 2 in 14 servers, six NaN
+    servers in a row are ~1e-5 likely, and the embedding test starts 14 probes), and the answer must then be
     exact."""
-    for _ in range(3):
+    for _ in range(6):
         llama = make()
         got = llama.chat(message, **kwargs)
         if any(t.get("logprob") is not None for t in got["choices"][0]["logprobs"]["content"]):
             return got, llama
-    raise AssertionError("llama.cpp answered NaN on three servers")
+    raise AssertionError("llama.cpp answered NaN on six servers")
 
 
 def _image_text(rows: int, cols: int) -> str:
