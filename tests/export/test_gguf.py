@@ -370,6 +370,22 @@ def test_unsupported_family_is_refused_before_writing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("model_type,tower,graph", [("gemma3", "clip_vision_model", "gemma3 (SigLIP)"),
+                                                  ("llava", "pixtral", "LLaVA (mlp)"),
+                                                  ("qwen2_5_vl", "siglip_vision_model", "qwen2.5vl")])
+def test_a_tower_the_projector_graph_does_not_take_is_refused(model_type, tower, graph):
+    from types import SimpleNamespace
+
+    from vlmprune.export.gguf_vision import check_family
+
+    config = SimpleNamespace(model_type=model_type, vision_config=SimpleNamespace(model_type=tower))
+    import re
+
+    with pytest.raises(VlmpruneError, match=rf"{tower} vision tower: llama.cpp's {re.escape(graph)} graph takes .* "
+                                            r"--no-vision"):
+        check_family(SimpleNamespace(config=config))
+
+
 def test_evaluate_runs_the_gguf_pair_in_llama_cpp(models, tmp_path):
 
     from vlmprune.evaluate.run import evaluate_model_dir

@@ -85,6 +85,11 @@ PIXTRAL_TOKENS = ("[IMG_BREAK]", "[IMG_END]")
 PIXTRAL_ROPE_THETA = 10000.0
 PIXTRAL_EPS = 1e-5  # Pixtral's RMSNorms (fixed in its code); llama.cpp's graph also uses it for the merger's norm
 PIXTRAL_TOKENS_RANGE = (8, 1024)  # the fewest and most merged tokens it resizes an image to
+# projector graph -> (how the docs name it, the vision towers written for it)
+GRAPH_TOWERS = {"mlp": ("LLaVA (mlp)", TOWERS), "idefics3": ("idefics3", ("idefics3_vision", "smolvlm_vision")),
+                "internvl": ("internvl", ("internvl_vision",)),
+                "qwen2.5vl_merger": ("qwen2.5vl", ("qwen2_5_vl_vision",)),
+                "pixtral": ("pixtral", ("pixtral",)), "gemma3": ("gemma3 (SigLIP)", ("siglip_vision_model",))}
 # text llama.cpp puts around an idefics3 image by looking each up as ONE token of the text model's vocabulary
 # (tools/mtmd/mtmd.cpp); a missing one would become an invalid token id
 IDEFICS3_TOKENS = ("\n\n", "\n", "<fake_token_around_image>", "<global-img>")
@@ -104,25 +109,10 @@ def check_family(model) -> None:
             f"mmproj export of a {config.model_type} model is not supported ({why}); supported: "
             f"{', '.join(PROJECTORS)}. Export the text model alone with --no-vision")
     tower = config.vision_config.model_type
-    if projector == "mlp" and tower not in TOWERS:
-        raise VlmpruneError(f"vision tower {tower}: the mmproj export handles "
-                            f"{', '.join(TOWERS)} towers on llama.cpp's LLaVA (mlp) graph; use --no-vision to export "
-                            f"the text model alone")
-    if projector == "idefics3" and tower not in ("idefics3_vision", "smolvlm_vision"):
-        raise VlmpruneError(f"a {config.model_type} model with a {tower} tower: not on llama.cpp's idefics3 graph; use "
-                            f"--no-vision to export the text model alone")
-    if projector == "internvl" and tower != "internvl_vision":
-        raise VlmpruneError(f"an InternVL model with a {tower} tower: not on llama.cpp's internvl graph; use "
-                            f"--no-vision to export the text model alone")
-    if projector == "qwen2.5vl_merger" and tower != "qwen2_5_vl_vision":
-        raise VlmpruneError(f"a Qwen2.5-VL model with a {tower} tower: not on llama.cpp's qwen2.5vl graph; use "
-                            f"--no-vision to export the text model alone")
-    if projector == "pixtral" and tower != "pixtral":
-        raise VlmpruneError(f"a Mistral 3 model with a {tower} tower: not on llama.cpp's pixtral graph; use "
-                            f"--no-vision to export the text model alone")
-    if projector == "gemma3" and tower != "siglip_vision_model":
-        raise VlmpruneError(f"a Gemma 3 model with a {tower} tower: llama.cpp's gemma3 graph is a SigLIP tower; use "
-                            f"--no-vision to export the text model alone")
+    graph, towers = GRAPH_TOWERS[projector]
+    if tower not in towers:
+        raise VlmpruneError(f"a {config.model_type} model with a {tower} vision tower: llama.cpp's {graph} graph "
+                            f"takes {', '.join(towers)} towers only; use --no-vision to export the text model alone")
 
 
 def _image_processor(processor):
