@@ -10,10 +10,13 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vlmprune.demo.assemble import CHAT_TEMPLATE  # the demo model's own template (ChatML with an <image> item)
@@ -26,6 +29,36 @@ CORPUS = [
     "Is there a red square in the image? Yes, there is. No, there is not.",
 ] * 20
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
+# a chat prompt with digits (single-digit pre-tokenization) and, split around where an image goes, its question
+PROMPT = "<|im_start|>user\nWhat colour is the circle? 12 apples<|im_end|>\n<|im_start|>assistant\n"
+PRE, POST = "<|im_start|>user\n", "What colour is the circle?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def png_image(height: int, width: int | None = None, seed: int = 0) -> tuple[object, str]:
+    """A random RGB image (height x width, square without width): the PIL image and its PNG as base64."""
+    from PIL import Image
+
+    arr = np.random.default_rng(seed).integers(0, 255, (height, width or height, 3), dtype=np.uint8)
+    img = Image.fromarray(arr)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return img, base64.b64encode(buf.getvalue()).decode()
+
+
+def export_with_processor(folder: Path, out: Path, processor, **kwargs) -> dict:
+    """export_gguf of ``folder`` with ``processor`` handed to it in place of load_processor (the processors
+    these tests assemble by hand: transformers' own need torchvision)."""
+    import pytest
+
+    import vlmprune.checkpoint as checkpoint
+    from vlmprune.export import export_gguf
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(checkpoint, "load_processor", lambda *args, **kw: processor)
+    try:
+        return export_gguf(folder, out, **kwargs)
+    finally:
+        patch.undo()
 
 
 def bpe_tokenizer(vocab_size: int = 400, pre: str = "smollm", extra: dict[str, str] | None = None):

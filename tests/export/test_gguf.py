@@ -12,12 +12,9 @@ What llama.cpp gives back through its server API, and so what is compared here:
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -25,12 +22,14 @@ pytest.importorskip("gguf")
 pytest.importorskip("xllamacpp")
 
 from tiny_gguf import (
+    PROMPT,
     RAW_TEMPLATE,
     LlamaCpp,
     hf_greedy,
     hf_logprobs,
     internvl_processor,
     partial_utf8_ids,
+    png_image,
     rel_diff,
     save_tiny_gemma3,
     save_tiny_idefics3,
@@ -44,7 +43,6 @@ from vlmprune.errors import VlmpruneError
 from vlmprune.export import export_gguf
 from vlmprune.planning.plan import PruningPlan
 
-PROMPT = "<|im_start|>user\nWhat colour is the circle? 12 apples<|im_end|>\n<|im_start|>assistant\n"
 # per-layer widths (q heads, kv heads, MLP 50: not a multiple of 32) and a dropped layer
 PER_LAYER = PruningPlan(drop_layers=[2], layers={0: {"kv_heads": [1], "q_heads": [2, 3]},
                                                  1: {"mlp_channels": list(range(0, 100, 2))},
@@ -215,16 +213,6 @@ def test_quantized_export_reloads_and_generates(models, tmp_path, quant):
     assert diff < 0.05, diff
 
 
-def _image(size: int, seed: int = 0) -> tuple[object, str]:
-    from PIL import Image
-
-    arr = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
-    img = Image.fromarray(arr)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return img, base64.b64encode(buf.getvalue()).decode()
-
-
 def _processor(monkeypatch, name: str, folder: Path):
     """The model's processor; InternVL's is assembled by hand (tiny_gguf.internvl_processor) and handed to
     the export in place of load_processor."""
@@ -243,7 +231,7 @@ def test_mmproj_image_embeddings_match_pytorch(models, tmp_path, monkeypatch, na
     record = export_gguf(folder, tmp_path / "out", quant="f32")
     model = vlmprune.load(folder, dtype=torch.float32)
     mm = record["mmproj"]
-    img, b64 = _image(mm["image_size"])
+    img, b64 = png_image(mm["image_size"])
     after, extra = 0, 0  # text tokens llama.cpp puts after the image (before "b"), and in all
     with torch.no_grad():
         pixels = processor.image_processor(img, return_tensors="pt")["pixel_values"]
@@ -305,7 +293,7 @@ def test_pair_gives_the_transformers_tokens_with_an_image(models, tmp_path, monk
     export_gguf(folder, tmp_path / "out", quant="f32")
     model = vlmprune.load(folder, dtype=torch.float32)
     tok = processor.tokenizer
-    img, b64 = _image(28)
+    img, b64 = png_image(28)
     pre, post = "<|im_start|>user\n", "What colour is the circle?<|im_end|>\n<|im_start|>assistant\n"
     ids = tok(pre + IMAGE_TEXT[name] + post)["input_ids"]
     pixels = processor.image_processor(img, return_tensors="pt")["pixel_values"]
@@ -348,7 +336,7 @@ def test_gguf_pair_answers_through_the_chat_api(models, tmp_path):
     folder = models["dinov2"]
     record = export_gguf(folder, tmp_path / "out", quant="q8_0", vision_quant="q8_0")
     assert record["mmproj"]["tensor_types"]["q8_0"] > 0
-    _, b64 = _image(28)
+    _, b64 = png_image(28)
     llama = LlamaCpp(tmp_path / "out" / "model.gguf", tmp_path / "out" / "mmproj.gguf")
     out = llama.chat([{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64}},
@@ -393,7 +381,7 @@ def test_evaluate_runs_the_gguf_pair_in_llama_cpp(models, tmp_path):
     export_gguf(models["dinov2"], tmp_path / "out", quant="f16")
     records = []
     for k in range(3):
-        img, _ = _image(28, seed=k)
+        img, _ = png_image(28, seed=k)
         img.save(tmp_path / f"{k}.png")
         records.append({"id": k, "image": f"{k}.png", "type": "shape", "conversations": [
             {"from": "human", "value": "<image>\nWhat shape is it?"}, {"from": "gpt", "value": "circle"}]})

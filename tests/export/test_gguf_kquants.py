@@ -13,14 +13,13 @@ import torch
 pytest.importorskip("gguf")
 pytest.importorskip("xllamacpp")
 
-from tiny_gguf import LlamaCpp, hf_greedy, hf_logprobs, partial_utf8_ids, rel_diff, save_tiny_llava
+from tiny_gguf import PROMPT, LlamaCpp, hf_greedy, hf_logprobs, partial_utf8_ids, rel_diff, save_tiny_llava
 
 import vlmprune
 from vlmprune.errors import VlmpruneError
 from vlmprune.export import export_gguf
 from vlmprune.planning.plan import PruningPlan
 
-PROMPT = "<|im_start|>user\nWhat colour is the circle? 12 apples<|im_end|>\n<|im_start|>assistant\n"
 # every matrix's rows (input dimension) a multiple of 256: hidden 256, 4 heads of 64, MLP 512; 8 layers, so
 # that llama.cpp's use_more_bits picks layers 0, 3, 6 and 7 (the first and last eighth, every third between)
 WIDE = {"layers": 8, "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,

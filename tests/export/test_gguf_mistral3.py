@@ -4,12 +4,9 @@ projector, [IMG_BREAK] after each row), checked against transformers in a real l
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,12 +14,17 @@ pytest.importorskip("gguf")
 pytest.importorskip("xllamacpp")
 
 from tiny_gguf import (
+    POST,
+    PRE,
+    PROMPT,
     RAW_TEMPLATE,
     LlamaCpp,
+    export_with_processor,
     hf_greedy,
     hf_logprobs,
     mistral3_processor,
     partial_utf8_ids,
+    png_image,
     rel_diff,
     save_tiny_mistral3,
     write_probe,
@@ -30,11 +32,7 @@ from tiny_gguf import (
 
 import vlmprune
 from vlmprune.errors import VlmpruneError
-from vlmprune.export import export_gguf
 from vlmprune.planning.plan import PruningPlan
-
-PROMPT = "<|im_start|>user\nWhat colour is the circle? 12 apples<|im_end|>\n<|im_start|>assistant\n"
-PRE, POST = "<|im_start|>user\n", "What colour is the circle?<|im_end|>\n<|im_start|>assistant\n"
 
 
 @pytest.fixture(scope="module")
@@ -45,26 +43,10 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(folder, tmp_path_factory):
     """The f32 pair (the processor assembled by hand, as for Qwen2.5-VL: see tiny_gguf)."""
-    import vlmprune.checkpoint as checkpoint
-
     processor = mistral3_processor(folder)
-    patch = pytest.MonkeyPatch()
-    patch.setattr(checkpoint, "load_processor", lambda *args, **kwargs: processor)
     out = tmp_path_factory.mktemp("mistral3-gguf") / "out"
-    try:
-        record = export_gguf(folder, out, quant="f32")
-    finally:
-        patch.undo()
+    record = export_with_processor(folder, out, processor, quant="f32")
     return out, record, processor
-
-
-def _image(height: int, width: int, seed: int = 0):
-    from PIL import Image
-
-    img = Image.fromarray(np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return img, base64.b64encode(buf.getvalue()).decode()
 
 
 def _chat(make, message: list[dict], **kwargs) -> tuple[dict, object]:
@@ -114,7 +96,7 @@ def test_pair_gives_the_transformers_tokens_with_an_image(folder, exported, heig
     assert record["mmproj"]["projector"] == "pixtral"
     model = vlmprune.load(folder, dtype=torch.float32)
     tok = processor.tokenizer
-    img, b64 = _image(height, width)
+    img, b64 = png_image(height, width)
     pixels = processor.image_processor(img, return_tensors="pt")
     assert pixels["image_sizes"].tolist() == [[height, width]]  # kept at its size on both sides
     ids = tok(PRE + _image_text(height // 14, width // 14) + POST)["input_ids"]
@@ -139,23 +121,20 @@ def test_pair_gives_the_transformers_tokens_with_an_image(folder, exported, heig
     assert [t["id"] for t in got["choices"][0]["logprobs"]["content"]] == hf_greedy(model, ids, 10, banned, **inputs)
 
 
-def test_per_layer_widths_go_to_deci_and_match_with_an_image(folder, tmp_path, monkeypatch):
+def test_per_layer_widths_go_to_deci_and_match_with_an_image(folder, tmp_path):
     """Per-layer widths (kv heads, q heads, MLP channels, a dropped layer): the text model as deci, next to
     the same mmproj; the pair against the pruned model in transformers with an image in the prompt."""
-    import vlmprune.checkpoint as checkpoint
-
     model = vlmprune.load(folder, dtype=torch.float32)
     plan = PruningPlan(drop_layers=[2], layers={0: {"kv_heads": [1], "q_heads": [2, 3]},
                                                 1: {"mlp_channels": list(range(0, 100, 2))}})
     vlmprune.apply_plan_(model, plan)
     pruned = vlmprune.save_model(model, tmp_path / "pruned", plan=plan, source=folder)
     processor = mistral3_processor(folder)
-    monkeypatch.setattr(checkpoint, "load_processor", lambda *args, **kwargs: processor)
-    record = export_gguf(pruned, tmp_path / "out", quant="f32")
+    record = export_with_processor(pruned, tmp_path / "out", processor, quant="f32")
     assert record["text"]["arch"] == "deci" and record["text"]["per_layer_widths"]
     model = vlmprune.load(pruned, dtype=torch.float32)
     tok = processor.tokenizer
-    img, b64 = _image(42, 56)
+    img, b64 = png_image(42, 56)
     pixels = processor.image_processor(img, return_tensors="pt")
     ids = tok(PRE + _image_text(3, 4) + POST)["input_ids"]
     inputs = {"pixel_values": pixels["pixel_values"], "image_sizes": pixels["image_sizes"]}
@@ -185,7 +164,7 @@ def test_mmproj_image_embeddings_match_pytorch(folder, exported, tmp_path):
     each the closest to its own (cosine >= 0.9999)."""
     out, record, processor = exported
     model = vlmprune.load(folder, dtype=torch.float32)
-    img, b64 = _image(42, 56)
+    img, b64 = png_image(42, 56)
     pixels = processor.image_processor(img, return_tensors="pt")
     with torch.no_grad():
         feats = model.model.get_image_features(pixels["pixel_values"], pixels["image_sizes"])
@@ -227,10 +206,8 @@ def test_mmproj_image_embeddings_match_pytorch(folder, exported, tmp_path):
     ("vision_feature_layer", -2, r"vision_feature_layer=-2"),  # the graph reads the last block's output only
     ("rope_theta", 20000.0, r"rope_theta=20000.*fixes it at 10000"),  # fixed in llama.cpp's loader
 ])
-def test_what_the_pixtral_graph_cannot_hold_is_refused_before_writing(folder, tmp_path, monkeypatch, key, value,
+def test_what_the_pixtral_graph_cannot_hold_is_refused_before_writing(folder, tmp_path, key, value,
                                                                       match):
-    import vlmprune.checkpoint as checkpoint
-
     copy = tmp_path / "model"
     shutil.copytree(folder, copy)
     config = json.loads((copy / "config.json").read_text())
@@ -240,7 +217,6 @@ def test_what_the_pixtral_graph_cannot_hold_is_refused_before_writing(folder, tm
         config[key] = value
     (copy / "config.json").write_text(json.dumps(config))
     processor = mistral3_processor(copy)
-    monkeypatch.setattr(checkpoint, "load_processor", lambda *args, **kwargs: processor)
     with pytest.raises(VlmpruneError, match=match):
-        export_gguf(copy, tmp_path / "out")
+        export_with_processor(copy, tmp_path / "out", processor)
     assert not (tmp_path / "out").exists()

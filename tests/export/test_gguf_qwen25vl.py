@@ -4,12 +4,9 @@ with images of several shapes in the prompt (M-RoPE positions, window attention 
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,11 +14,16 @@ pytest.importorskip("gguf")
 pytest.importorskip("xllamacpp")
 
 from tiny_gguf import (
+    POST,
+    PRE,
+    PROMPT,
     RAW_TEMPLATE,
     LlamaCpp,
+    export_with_processor,
     hf_greedy,
     hf_logprobs,
     partial_utf8_ids,
+    png_image,
     qwen2_5_vl_processor,
     rel_diff,
     save_tiny_qwen2_5_vl,
@@ -32,9 +34,6 @@ from vlmprune.errors import VlmpruneError
 from vlmprune.export import export_gguf
 from vlmprune.planning.plan import PruningPlan
 
-PROMPT = "<|im_start|>user\nWhat colour is the circle? 12 apples<|im_end|>\n<|im_start|>assistant\n"
-PRE, POST = "<|im_start|>user\n", "What colour is the circle?<|im_end|>\n<|im_start|>assistant\n"
-
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
@@ -44,26 +43,10 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(folder, tmp_path_factory):
     """The f32 pair (the processor assembled by hand: transformers' needs torchvision, see tiny_gguf)."""
-    import vlmprune.checkpoint as checkpoint
-
     processor = qwen2_5_vl_processor(folder)
-    patch = pytest.MonkeyPatch()
-    patch.setattr(checkpoint, "load_processor", lambda *args, **kwargs: processor)
     out = tmp_path_factory.mktemp("qwen25vl-gguf") / "out"
-    try:
-        record = export_gguf(folder, out, quant="f32")
-    finally:
-        patch.undo()
+    record = export_with_processor(folder, out, processor, quant="f32")
     return out, record, processor
-
-
-def _image(height: int, width: int, seed: int = 0):
-    from PIL import Image
-
-    img = Image.fromarray(np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return img, base64.b64encode(buf.getvalue()).decode()
 
 
 def test_text_model_is_qwen2vl_and_matches_transformers(folder, exported):
@@ -96,7 +79,7 @@ def test_pair_gives_the_transformers_tokens_with_an_image(folder, exported, heig
     assert mm["projector"] == "qwen2.5vl_merger" and mm["window_attention_every"] == 2
     model = vlmprune.load(folder, dtype=torch.float32)
     tok = processor.tokenizer
-    img, b64 = _image(height, width)
+    img, b64 = png_image(height, width)
     pixels = processor.image_processor(img, return_tensors="pt")
     grid = pixels["image_grid_thw"]
     assert grid.tolist() == [[1, height // 7, width // 7]]  # kept at its size: no resampling on either side
@@ -129,19 +112,16 @@ def test_per_layer_widths_are_refused_before_writing(folder, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_irregular_full_attention_blocks_are_refused(folder, tmp_path, monkeypatch):
+def test_irregular_full_attention_blocks_are_refused(folder, tmp_path):
     """llama.cpp attends to the whole image in every n-th block only (n_wa_pattern)."""
-    import vlmprune.checkpoint as checkpoint
-
     copy = tmp_path / "model"
     shutil.copytree(folder, copy)
     config = json.loads((copy / "config.json").read_text())
     config["vision_config"]["fullatt_block_indexes"] = [0, 1]
     (copy / "config.json").write_text(json.dumps(config))
     processor = qwen2_5_vl_processor(copy)
-    monkeypatch.setattr(checkpoint, "load_processor", lambda *args, **kwargs: processor)
     with pytest.raises(VlmpruneError, match=r"fullatt_block_indexes=\[0, 1\]"):
-        export_gguf(copy, tmp_path / "out")
+        export_with_processor(copy, tmp_path / "out", processor)
     assert not (tmp_path / "out").exists()
 
 
@@ -154,7 +134,7 @@ def test_mmproj_image_embeddings_match_pytorch(folder, exported, tmp_path):
 
     out, record, processor = exported
     model = vlmprune.load(folder, dtype=torch.float32)
-    img, b64 = _image(28, 126)
+    img, b64 = png_image(28, 126)
     pixels = processor.image_processor(img, return_tensors="pt")
     with torch.no_grad():
         tokens = model.model.get_image_features(pixels["pixel_values"], pixels["image_grid_thw"]).pooler_output[0]

@@ -123,6 +123,15 @@ def _image_processor(processor):
     return ip
 
 
+def _image_processor_and_tokenizer(processor):
+    """The processor's image processor and tokenizer (the graphs that look image tokens up in the text
+    vocabulary need both), or a clear refusal."""
+    ip, tokenizer = _image_processor(processor), getattr(processor, "tokenizer", None)
+    if tokenizer is None:
+        raise VlmpruneError("the model's processor has no tokenizer; the mmproj needs it to look up the image tokens")
+    return ip, tokenizer
+
+
 def plan_vision(model, adapter, processor) -> VisionPlan:
     """What the mmproj will hold, or a refusal naming the reason (nothing written yet)."""
     check_family(model)
@@ -210,10 +219,7 @@ def _plan_idefics3(model, processor) -> VisionPlan:
     both (the longest edge resized to the processor's size first)."""
     config = model.config
     vc = config.vision_config
-    ip = getattr(processor, "image_processor", None)
-    tokenizer = getattr(processor, "tokenizer", None)
-    if ip is None or tokenizer is None:
-        raise VlmpruneError("the model's processor has no image processor or tokenizer; the mmproj needs both")
+    ip, tokenizer = _image_processor_and_tokenizer(processor)
     tile = int((getattr(ip, "max_image_size", None) or {}).get("longest_edge", vc.image_size))
     if tile != vc.image_size or tile % vc.patch_size:
         raise VlmpruneError(f"the image processor cuts {tile}-px tiles for a {vc.image_size}-px tower with "
@@ -247,10 +253,7 @@ def _plan_mistral3(model, processor) -> VisionPlan:
     Images at their own size (the longest edge at most the processor's), as in transformers."""
     config = model.config
     vc = config.vision_config
-    ip = getattr(processor, "image_processor", None)
-    tokenizer = getattr(processor, "tokenizer", None)
-    if ip is None or tokenizer is None:
-        raise VlmpruneError("the model's processor has no image processor or tokenizer; the mmproj needs both")
+    ip, tokenizer = _image_processor_and_tokenizer(processor)
     n = vc.num_hidden_layers
     layer = config.vision_feature_layer
     if layer != -1:
