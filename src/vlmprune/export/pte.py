@@ -42,8 +42,12 @@ QUANT_GROUP = 32  # int4: one scale per 32 input channels
 CHECK_TOKENS = 8  # greedy tokens compared after the sample prompt
 # largest max|logits_pte - logits_pytorch| / max|logits_pytorch| the export publishes: float32 programs are
 # exact up to kernel rounding (1e-7 on the tiny models, 1e-5 on the demo); bfloat16 and the int8-activation
-# kernels round differently from their eager references
+# kernels round differently from their eager references, by about as much as the reduced precision moves
+# the eager model itself, so a reduced program may also be off by REDUCED_SLACK x that move (the eager
+# reduced model against float32): a compensated 28-shape cut of the demo gave 8.6e-2 in int8 with the
+# greedy tokens equal. What the check exists to catch, a wrong graph or wrong weights, is off by O(1).
 TOLERANCE = {"float32": 1e-3, "reduced": 5e-2}
+REDUCED_SLACK = 2.0
 
 # families whose language model reads more than (embeddings, positions): refused, with the reason
 _BLOCKERS = {
@@ -624,12 +628,17 @@ def export_executorch(model_dir: str | Path, output: str | Path, dtype: str = "f
                      "rel_diff": rel_diff(logits, exported_logits), "tokens": tokens, "pytorch_tokens": exported_tokens,
                      "rel_diff_vs_float32": rel_diff(logits, float_logits),
                      "tokens_match_float32": tokens == float_tokens}
-            tol = TOLERANCE["float32" if dtype == "float32" and quant == "none" else "reduced"]
+            exact = dtype == "float32" and quant == "none"
+            if exact:
+                tol = TOLERANCE["float32"]
+            else:  # the reduced eager model's own move from float32 (see TOLERANCE)
+                check["reduced_rel_diff_vs_float32"] = rel_diff(exported_logits, float_logits)
+                tol = max(TOLERANCE["reduced"], REDUCED_SLACK * check["reduced_rel_diff_vs_float32"])
             check["tolerance"] = tol
-            if not check["rel_diff"] <= tol or (tol == TOLERANCE["float32"] and tokens != exported_tokens):
+            if not check["rel_diff"] <= tol or (exact and tokens != exported_tokens):
                 raise VlmpruneError(
                     f"the ExecuTorch program does not reproduce the PyTorch model on the sample prompt (logits rel. "
-                    f"diff {check['rel_diff']:.2e}, tolerance {tol:.0e}; greedy tokens {tokens} vs "
+                    f"diff {check['rel_diff']:.2e}, tolerance {tol:.1e}; greedy tokens {tokens} vs "
                     f"{exported_tokens}); nothing was published. Please report it with the model's config.json")
             timings["check in the ExecuTorch runtime"] = round(time.perf_counter() - clock["t"], 2)
             bar.update(1)
