@@ -10,6 +10,7 @@ import pytest
 
 from vlmprune import calibrate, config, convert, vocab
 from vlmprune.demo import datasets
+from vlmprune.errors import VlmpruneError
 from vlmprune.planning import solve
 from vlmprune.surgery import compensate
 
@@ -46,7 +47,7 @@ def test_owners_act_on_the_vocabulary():
 ])
 def test_a_word_outside_the_vocabulary_is_refused_with_the_list(cls, field, bad):
     values = {"model": "m", "output": "o", "method": "width", "ratio": 0.2, "calibration": "d", field: bad}
-    with pytest.raises(config.VlmpruneError, match=", ".join(getattr(vocab, {
+    with pytest.raises(VlmpruneError, match=", ".join(getattr(vocab, {
             "tokens": "TOKENS", "attention": "ATTENTION_MODES", "compensate": "COMPENSATE_MODES"}[field]))):
         config.build(cls, values)
 

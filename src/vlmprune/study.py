@@ -274,8 +274,9 @@ def _safe(cells: list[Cell], origin: str) -> list[Cell]:
 
 def _check_axes(axes: dict[str, list], config: dict) -> None:
     """Every value of a grid block against its known choices (they become the cells' folder names)."""
-    from vlmprune.config import PRUNE_METHODS, check_ratio
+    from vlmprune.config import check_ratio
     from vlmprune.importance.registry import criteria
+    from vlmprune.vocab import PRUNE_METHODS
 
     for method in axes.get("method", []):
         if method not in PRUNE_METHODS:
