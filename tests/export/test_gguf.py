@@ -374,11 +374,13 @@ def test_a_tower_the_projector_graph_does_not_take_is_refused(model_type, tower,
         check_family(SimpleNamespace(config=config))
 
 
-def test_evaluate_runs_the_gguf_pair_in_llama_cpp(models, tmp_path):
+def test_evaluate_runs_the_gguf_pair_in_llama_cpp(models, tmp_path, capfd):
+    import re
 
     from vlmprune.evaluate.run import evaluate_model_dir
 
     export_gguf(models["dinov2"], tmp_path / "out", quant="f16")
+    capfd.readouterr()
     records = []
     for k in range(3):
         img, _ = png_image(28, seed=k)
@@ -393,6 +395,9 @@ def test_evaluate_runs_the_gguf_pair_in_llama_cpp(models, tmp_path):
     assert result["tasks"]["task"]["count"] == 3 and len(result["tasks"]["task"]["predictions"]) == 3
     assert result["timings"]["generated_tokens"] >= 3
     assert json.loads((tmp_path / "result.json").read_text())["accuracy"] == result["accuracy"]
+    # llama.cpp's own log ("0.00.002.164 I srv  init: ...", 20+ lines a model) stays off the terminal
+    out, err = capfd.readouterr()
+    assert not re.search(r"\d+\.\d+\.\d+\.\d+ [DIWE] ", out + err), (out + err)[:500]
 
 
 def test_sentencepiece_tokenizer_gives_sentencepiece_ids(tmp_path):

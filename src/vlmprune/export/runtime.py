@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -52,6 +53,9 @@ class LlamaCppModel:
         params.cpuparams.n_threads = threads or max(1, len(os.sched_getaffinity(0)) - 1)
         params.cpuparams_batch.n_threads = params.cpuparams.n_threads
         params.warmup = False
+        # llama.cpp logs every load and request step to stderr (20+ lines a model, a few a request); its
+        # failures reach us as exceptions, so its log is shown only when vlmprune's own is at DEBUG
+        params.verbosity = 3 if logging.getLogger("vlmprune").isEnabledFor(logging.DEBUG) else -1
         try:
             self.server = xlc.Server(params)
         except RuntimeError as exc:
