@@ -125,3 +125,22 @@ def test_deepspeed_is_looked_up_only_where_it_is_imported(monkeypatch):
     assert other.is_deepspeed_available is installed  # put back
     with quiet.deepspeed_only_if_in_use():  # imported before the block: accelerate's own answer, untouched
         assert other.is_deepspeed_available is installed
+
+
+def test_native_stderr_is_held_back_and_handed_over(capfd):
+    """What native code writes to fd 2 inside the block (here os.write, as a C library's fprintf would) does
+    not reach the terminal and is handed to the caller; Python's stderr before the block still does, and
+    fd 2 is restored after it, an exception included."""
+    sys.stderr.write("before\n")
+    with quiet.native_stderr() as said:
+        os.write(2, b"[cpuinfo_utils.cpp:71] Reading file /sys/devices/soc0/image_version\n")
+    assert said == ["[cpuinfo_utils.cpp:71] Reading file /sys/devices/soc0/image_version\n"]
+    with pytest.raises(RuntimeError), quiet.native_stderr() as said:
+        os.write(2, b"E loader: bad program\n")
+        raise RuntimeError("load failed")
+    assert said == ["E loader: bad program\n"]
+    os.write(2, b"after\n")
+    with quiet.native_stderr(passthrough=True) as said:
+        os.write(2, b"shown at DEBUG\n")
+    assert said == []
+    assert capfd.readouterr().err == "before\nafter\nshown at DEBUG\n"

@@ -97,3 +97,31 @@ def deepspeed_only_if_in_use() -> Iterator[None]:
         yield
     finally:
         other.is_deepspeed_available = original
+
+
+@contextlib.contextmanager
+def native_stderr(passthrough: bool = False) -> Iterator[list[str]]:
+    """What C/C++ code writes to file descriptor 2 inside the block, held back (Python's own ``sys.stderr``
+    writes are flushed first and are not held): yields a list that holds the text after the block, so a
+    caller can put it into the error it raises when the native call fails. ExecuTorch's XNNPACK backend
+    prints cpuinfo's probing of ARM-only files ("[cpuinfo_utils.cpp:71] Reading file
+    /sys/devices/soc0/image_version", five lines) whenever it loads a program on x86, which says nothing to a
+    user. ``passthrough``: hold nothing (vlmprune logging at DEBUG)."""
+    import os
+    import tempfile
+
+    held: list[str] = []
+    if passthrough:
+        yield held
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield held
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            held.append(sink.read().decode(errors="replace"))

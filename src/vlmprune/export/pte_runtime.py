@@ -11,10 +11,12 @@ prompts for Hugging Face models). ``vlmprune.evaluate.gguf`` scores tasks with i
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
 from vlmprune.errors import VlmpruneError
+from vlmprune.quiet import native_stderr
 
 PTE_FILE = "model.pte"
 METHODS = ("vision_encoder", "token_embedding", "text_decoder")
@@ -99,11 +101,15 @@ class PteModel:
             from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 
             _unsafe_reset_threadpool(threads)
+        debug = logging.getLogger("vlmprune").isEnabledFor(logging.DEBUG)
         try:
-            self.program = runtime.get().load_program(folder / PTE_FILE)
-            self.methods = {name: self.program.load_method(name) for name in METHODS}
+            with native_stderr(passthrough=debug) as said:  # XNNPACK's cpuinfo probing, shown at DEBUG
+                self.program = runtime.get().load_program(folder / PTE_FILE)
+                self.methods = {name: self.program.load_method(name) for name in METHODS}
         except (RuntimeError, ValueError) as exc:
-            raise VlmpruneError(f"ExecuTorch could not load {folder / PTE_FILE}: {exc}") from None
+            log_text = "".join(said).strip()
+            raise VlmpruneError(f"ExecuTorch could not load {folder / PTE_FILE}: {exc}"
+                                + (f"\nExecuTorch said:\n{log_text}" if log_text else "")) from None
         self.max_seq_len = int(self._constant("get_max_seq_len"))
         self.eos_ids = {int(i) for i in self._constant("get_eos_ids", many=True)}
         try:  # the processor files beside the program (no weights there, so not vlmprune.load_processor)
