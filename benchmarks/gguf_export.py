@@ -9,7 +9,8 @@ question's prompt (the evaluator's `measure`: the whole prompt, vision included,
 the KV cache), llama.cpp's is its own timings summed over the answers. Results go to --output (JSON)
 and a Markdown table on stdout (speed ratios against the model's PyTorch row).
 
-    .venv/bin/python benchmarks/gguf_export.py --limit 100 --quants f16,q8_0,q4_0 --models demo,runs/pruned
+    .venv/bin/python benchmarks/gguf_export.py --limit 100 --quants f16,q8_0,q4_0 --models demo,runs/pruned \
+        [--pytorch fp32,bf16,int8]
 
 Keep --limit small on a shared machine: on one (loaded) core, 100 questions took about a minute per
 variant (PyTorch batched 16, llama.cpp one at a time), plus an export per quant.
@@ -26,7 +27,9 @@ import time
 from pathlib import Path
 
 
-def _pytorch_row(model_dir: str, task_file: str, limit: int, threads: int) -> dict:
+def _pytorch_row(model_dir: str, task_file: str, limit: int, threads: int, dtype: str = "float32") -> dict:
+    """PyTorch's answers and speed; ``dtype`` float32 / bfloat16 loads in that dtype, int8 is a directory
+    `vlmprune quantize --scheme int8` wrote (torchao weight-only, fp32 activations)."""
     import torch
 
     from vlmprune.checkpoint import load, load_processor
@@ -37,7 +40,8 @@ def _pytorch_row(model_dir: str, task_file: str, limit: int, threads: int) -> di
     torch.set_num_threads(threads)
     items = load_task(task_file, limit=limit)
     before = rss_kib() / 1024  # the interpreter and torch, before the model
-    net, processor = load(model_dir), load_processor(model_dir)
+    net = load(model_dir, dtype=torch.bfloat16) if dtype == "bfloat16" else load(model_dir)
+    processor = load_processor(model_dir)
     started = time.perf_counter()
     answers = generate_answers(net, processor, items, batch_size=16, max_new_tokens=10, desc="pytorch")
     seconds = time.perf_counter() - started
@@ -46,7 +50,14 @@ def _pytorch_row(model_dir: str, task_file: str, limit: int, threads: int) -> di
     prompt = int(inputs["input_ids"].shape[1])
     return {"answers": answers, "seconds": seconds, "peak_rss_mb": peak_rss_kib() / 1024, "rss_before_mb": before,
             "prompt_tok_s": prompt / speed["prefill_s"], "decode_tok_s": speed["decode_tokens_per_s"],
-            "bytes": sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))}
+            "bytes": _weight_bytes(net) if dtype == "bfloat16"  # the checkpoint on disk is float32
+            else sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))}
+
+
+def _weight_bytes(net) -> int:
+    """Bytes of the loaded model's distinct tensors (tied ones once)."""
+    seen = {t.data_ptr(): t.numel() * t.element_size() for t in net.state_dict().values()}
+    return sum(seen.values())
 
 
 def _llama_row(folder: str, task_file: str, limit: int, threads: int) -> dict:
@@ -81,6 +92,8 @@ def main() -> None:
     parser.add_argument("--quants", default="f16,q8_0,q4_0")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads of PyTorch and llama.cpp alike (default: all cores but one)")
+    parser.add_argument("--pytorch", default="fp32", help="PyTorch rows: fp32, bf16, int8 (`vlmprune quantize "
+                                                          "--scheme int8`); ratios are against fp32")
     parser.add_argument("--output", default="benchmarks/results/gguf_export.json")
     args = parser.parse_args()
 
@@ -112,6 +125,18 @@ def main() -> None:
         reference = base.pop("answers")
         rows.append({"model": name, "variant": "pytorch fp32", **base, **summary(reference, reference)})
         with tempfile.TemporaryDirectory(prefix="gguf-bench-") as tmp:
+            for kind in [k for k in args.pytorch.split(",") if k != "fp32"]:
+                if kind == "int8":
+                    from vlmprune.quantize import quantize_model_dir
+
+                    source, _ = quantize_model_dir(model_dir, "int8", Path(tmp) / "int8")
+                    row = _in_process(_pytorch_row, str(source), task_file, args.limit, threads, "int8")
+                else:
+                    row = _in_process(_pytorch_row, model_dir, task_file, args.limit, threads, "bfloat16")
+                answers = row.pop("answers")
+                rows.append({"model": name, "variant": f"pytorch {kind}", **row, **summary(answers, reference),
+                             "prompt_x": row["prompt_tok_s"] / base["prompt_tok_s"],
+                             "decode_x": row["decode_tok_s"] / base["decode_tok_s"]})
             for quant in args.quants.split(","):
                 out = Path(tmp) / quant
                 record = export_gguf(model_dir, out, quant=quant)
