@@ -8,7 +8,8 @@ tokens/s of both (PyTorch measured one question at a time too, on a subset), and
 (a fresh process per variant, so the peaks do not mix). Results go to --output (JSON) and a Markdown table
 on stdout.
 
-    nice -n 10 .venv/bin/python benchmarks/executorch_export.py --limit 100 --variants float32:none,float32:int8
+    nice -n 10 .venv/bin/python benchmarks/executorch_export.py --limit 100 --variants float32:none,float32:int8 \
+        [--gguf q8_0]
 """
 
 from __future__ import annotations
@@ -89,6 +90,27 @@ def pte_row(model_dir: str, items: list[dict], dtype: str, quant: str, folder: P
             "peak_rss_mb": _peak_rss_mb()}
 
 
+def gguf_row(model_dir: str, items: list[dict], quant: str, folder: Path, threads: int | None) -> dict:
+    """The same questions through llama.cpp (`vlmprune export --format gguf --quant QUANT`), for a ratio
+    between the two edge runtimes within one run."""
+    from vlmprune.evaluate.gguf import Throughput, answer_items
+    from vlmprune.evaluate.tasks import score
+    from vlmprune.export import export_gguf
+    from vlmprune.export.runtime import LlamaCppModel
+
+    record = export_gguf(model_dir, folder, quant=quant)
+    runner = LlamaCppModel(folder, threads=threads)
+    throughput = Throughput()
+    started = time.perf_counter()
+    answers = answer_items(runner, items, 10, throughput)
+    scored = score((p, it["answer"], it["type"]) for p, it in zip(answers, items))
+    return {"variant": f"llama.cpp {quant}", "answers": answers, "accuracy": scored["accuracy"],
+            "seconds": time.perf_counter() - started,
+            "bytes": record["text"]["bytes"] + record.get("mmproj", {}).get("bytes", 0),
+            "prompt_tok_s": throughput.prompt_per_s, "decode_tok_s": throughput.decode_per_s,
+            "peak_rss_mb": _peak_rss_mb()}
+
+
 def multimodal_runner_agreement(folder: Path, runner, items: list[dict], answers: list[str]) -> dict:
     """ExecuTorch's own C++ MultimodalRunner (greedy) on the same .pte: do its answers equal the Python loop's?"""
     from executorch.extension.llm.runner import GenerationConfig, MultimodalRunner
@@ -119,6 +141,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=100)
     parser.add_argument("--speed-items", type=int, default=20, help="questions PyTorch's speed is measured on")
     parser.add_argument("--variants", default="float32:none,float32:int8")
+    parser.add_argument("--gguf", default="", help="llama.cpp rows in the same run, e.g. q8_0 (GGUF quants)")
     parser.add_argument("--threads", type=int, default=None, help="XNNPACK threads (default: ExecuTorch's)")
     parser.add_argument("--output", default="benchmarks/results/executorch_export.json")
     parser.add_argument("--rows-dir", help="keep each variant's row here (JSON) and reuse the rows already there")
@@ -143,6 +166,9 @@ def main() -> None:
         spec = json.loads(args.one)
         if spec["variant"] == "pytorch":
             row = pytorch_row(model_dir, items, args.speed_items)
+        elif spec["variant"] == "gguf":
+            with tempfile.TemporaryDirectory(prefix="gguf-bench-") as tmp:
+                row = gguf_row(model_dir, items, spec["quant"], Path(tmp) / "out", args.threads)
         else:
             with tempfile.TemporaryDirectory(prefix="pte-bench-") as tmp:
                 row = pte_row(model_dir, items, spec["dtype"], spec["quant"], Path(tmp) / "out", args.threads)
@@ -154,9 +180,11 @@ def main() -> None:
         rows_dir = Path(args.rows_dir or tmp)
         rows_dir.mkdir(parents=True, exist_ok=True)
         specs = [{"variant": "pytorch"}] + [dict(zip(("dtype", "quant"), v.split(":")), variant="pte")
-                                           for v in args.variants.split(",")]
+                                           for v in args.variants.split(",") if v]
+        specs += [{"variant": "gguf", "quant": q} for q in args.gguf.split(",") if q]
         for spec in specs:
-            key = "pytorch" if spec["variant"] == "pytorch" else f"{spec['dtype']}-{spec['quant']}"
+            key = {"pytorch": "pytorch", "gguf": f"gguf-{spec.get('quant')}"}.get(
+                spec["variant"], f"{spec.get('dtype')}-{spec['quant']}")
             spec["to"] = str(rows_dir / f"{key}.json")
             if not Path(spec["to"]).is_file():  # a row kept in --rows-dir is not measured again
                 argv = [sys.executable, __file__, "--model", model_dir, "--task-file", task_file, "--limit",
