@@ -161,8 +161,7 @@ def plan_text(model, adapter) -> TextPlan:
     head_dim = head_dims.pop()
     act = getattr(config, "hidden_act", "silu")
     if family in _LLAMA_LIKE:
-        if act != "silu":
-            raise VlmpruneError(f"{family} backbone with hidden_act={act}: llama.cpp's llama graph uses SiLU only")
+        _require_silu(act, family, "llama")
         if getattr(config, "mlp_bias", False):
             raise VlmpruneError(f"{family} backbone with MLP biases (mlp_bias=True): the llama/deci GGUF export "
                                 f"does not write them; export is not supported for this model")
@@ -175,8 +174,7 @@ def plan_text(model, adapter) -> TextPlan:
     if family in _QWEN2_LIKE:
         # per-layer widths: deci. Qwen2 is the Llama graph plus q/k/v biases (which deci reads), and its
         # rotate-half RoPE becomes deci's interleaved one by the same q/k row permutation as Llama's
-        if act != "silu":
-            raise VlmpruneError(f"{family} backbone with hidden_act={act}: llama.cpp's qwen2 graph uses SiLU only")
+        _require_silu(act, family, "qwen2")
         if getattr(config, "use_sliding_window", False):
             raise VlmpruneError(f"{family} with use_sliding_window=True: llama.cpp's qwen2 graph has no sliding-window "
                                 f"attention; not supported by the GGUF export")
@@ -185,8 +183,7 @@ def plan_text(model, adapter) -> TextPlan:
             return TextPlan("deci", family, True, heads, kv, ffn, head_dim, True)
         return TextPlan("qwen2", family, False, heads, kv, ffn, head_dim, False)
     if family in _PHI3_LIKE:
-        if act != "silu":
-            raise VlmpruneError(f"{family} backbone with hidden_act={act}: llama.cpp's phi3 graph uses SiLU only")
+        _require_silu(act, family, "phi3")
         window = getattr(config, "sliding_window", None)
         if window and window < int(getattr(config, "max_position_embeddings", 0)):
             raise VlmpruneError(f"phi3 backbone with sliding_window={window}: llama.cpp's phi3 graph attends over the "
@@ -198,8 +195,7 @@ def plan_text(model, adapter) -> TextPlan:
             return TextPlan("deci", family, True, heads, kv, ffn, head_dim, True)
         return TextPlan("phi3", family, False, heads, kv, ffn, head_dim, False)
     if family in _QWEN2VL_LIKE:
-        if act != "silu":
-            raise VlmpruneError(f"{family} backbone with hidden_act={act}: llama.cpp's qwen2vl graph uses SiLU only")
+        _require_silu(act, family, "qwen2vl")
         if getattr(config, "use_sliding_window", False):
             raise VlmpruneError(f"{family} with use_sliding_window=True: llama.cpp's qwen2vl graph has no "
                                 f"sliding-window attention; not supported by the GGUF export")
@@ -223,6 +219,11 @@ def plan_text(model, adapter) -> TextPlan:
     raise VlmpruneError(f"GGUF export of a {family} language backbone is not supported yet (supported: {supported}); "
                         f"nothing was written. Export the checkpoint with llama.cpp's convert_hf_to_gguf.py if the "
                         f"model has stock widths, or use `vlmprune quantize` for an int8 Hugging Face checkpoint")
+
+
+def _require_silu(act: str, family: str, graph: str) -> None:
+    if act != "silu":
+        raise VlmpruneError(f"{family} backbone with hidden_act={act}: llama.cpp's {graph} graph uses SiLU only")
 
 
 def _gemma3_rope(config) -> tuple[float, float]:
@@ -537,16 +538,8 @@ def add_tokenizer(writer, tok: TokenizerSource, n_vocab: int) -> dict:
         tokens[idx] = a["content"]
         types[idx] = gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
     writer.add_token_merges(merges)
-    special = gguf.SpecialVocab(tok.folder, load_merges=False, n_vocab=n_vocab)
-    _set_template(special, tok)
-    special.add_to_gguf(writer, quiet=True)
-    return {"model": "gpt2", "pre": pre, "tokens": n_vocab, "merges": len(merges),
-            "special": dict(special.special_token_ids), "chat_template": special.chat_template is not None}
+    return {**_add_vocab(writer, tok, n_vocab, "gpt2", pre, tokens, types), "merges": len(merges)}
 
 
 def _add_spm(writer, tok: TokenizerSource, n_vocab: int) -> dict:
@@ -575,15 +568,22 @@ def _add_spm(writer, tok: TokenizerSource, n_vocab: int) -> dict:
         scores.append(-1000.0)
         types.append(gguf.TokenType.UNUSED if a is None else
                      gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED)
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
     writer.add_token_scores(scores)
+    return _add_vocab(writer, tok, n_vocab, "llama", "default", tokens, types)
+
+
+def _add_vocab(writer, tok: TokenizerSource, n_vocab: int, model: str, pre: str, tokens: list, types: list) -> dict:
+    """The tokenizer's kind, pre-tokenizer, tokens and their types, special ids and chat template."""
+    import gguf
+
+    writer.add_tokenizer_model(model)
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
     writer.add_token_types(types)
     special = gguf.SpecialVocab(tok.folder, load_merges=False, n_vocab=n_vocab)
     _set_template(special, tok)
     special.add_to_gguf(writer, quiet=True)
-    return {"model": "llama", "pre": "default", "tokens": n_vocab, "special": dict(special.special_token_ids),
+    return {"model": model, "pre": pre, "tokens": n_vocab, "special": dict(special.special_token_ids),
             "chat_template": special.chat_template is not None}
 
 
