@@ -184,7 +184,7 @@ def main() -> None:
         specs += [{"variant": "gguf", "quant": q} for q in args.gguf.split(",") if q]
         for spec in specs:
             key = {"pytorch": "pytorch", "gguf": f"gguf-{spec.get('quant')}"}.get(
-                spec["variant"], f"{spec.get('dtype')}-{spec['quant']}")
+                spec["variant"], f"{spec.get('dtype')}-{spec.get('quant')}")
             spec["to"] = str(rows_dir / f"{key}.json")
             if not Path(spec["to"]).is_file():  # a row kept in --rows-dir is not measured again
                 argv = [sys.executable, __file__, "--model", model_dir, "--task-file", task_file, "--limit",
