@@ -170,8 +170,13 @@ def main() -> None:
             with tempfile.TemporaryDirectory(prefix="gguf-bench-") as tmp:
                 row = gguf_row(model_dir, items, spec["quant"], Path(tmp) / "out", args.threads)
         else:
+            from vlmprune.errors import VlmpruneError
+
             with tempfile.TemporaryDirectory(prefix="pte-bench-") as tmp:
-                row = pte_row(model_dir, items, spec["dtype"], spec["quant"], Path(tmp) / "out", args.threads)
+                try:
+                    row = pte_row(model_dir, items, spec["dtype"], spec["quant"], Path(tmp) / "out", args.threads)
+                except VlmpruneError as exc:  # refused by the export (its check, or a blocker): a row saying so
+                    row = {"variant": f"ExecuTorch {spec['dtype']} {spec['quant']}", "refused": str(exc)}
         Path(spec["to"]).write_text(json.dumps(row))
         return
 
@@ -196,6 +201,8 @@ def main() -> None:
             print(f"done: {rows[-1]['variant']}", file=sys.stderr, flush=True)
     reference = rows[0]["answers"]
     for r in rows:
+        if "refused" in r:
+            continue
         r["agreement"] = sum(normalize_answer(a) == normalize_answer(b)
                              for a, b in zip(r["answers"], reference)) / len(reference)
     out = Path(args.output)
@@ -207,6 +214,10 @@ def main() -> None:
           "(x PyTorch) | peak RSS MB | export + lowering s | logits rel. diff |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        if "refused" in r:
+            print(f"| {r['variant']} | refused: {r['refused'][:200]} | | | | | | | |")
+            continue
+
         def speed(key, r=r):
             if not r.get(key):
                 return ""
