@@ -258,6 +258,36 @@ def test_tile_encoder_is_the_models_image_path(family):
     assert not [n for n in program.graph.nodes if "bucketize" in str(n.target)]
 
 
+@pytest.mark.parametrize("family", ["llava", "idefics3"])
+def test_bfloat16_encoders_run_the_vision_side_in_float32(pruned, family):
+    """A bfloat16 export keeps the tower and projector in float32 (ExecuTorch 1.5.1 lowered the demo's bfloat16
+    DINOv2 tower 1.9 off): vision_encoder takes the float32 image and hands the decoder bfloat16 features, the
+    float32 path's own features rounded."""
+    from vlmprune.adapters import get_adapter
+    from vlmprune.export.pte import _modules, bfloat16_language_
+    from vlmprune.summary import layer_shapes
+
+    model = (vlmprune.load(pruned, dtype=torch.float32) if family == "llava" else build_tiny("idefics3")).eval()
+    adapter = get_adapter(model)
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = _modules(model, adapter, layer_shapes(model, adapter), 32, size)[0](pixels)
+        bfloat16_language_(model, adapter)
+        assert next(adapter.language_model(model).parameters()).dtype == torch.bfloat16
+        got = _modules(model, adapter, layer_shapes(model, adapter), 32, size)[0](pixels)
+    assert ref.dtype == torch.float32 and got.dtype == torch.bfloat16
+    assert torch.equal(got, ref.to(torch.bfloat16))
+
+
+@pytest.mark.slow  # lowers a program to XNNPACK
+def test_bfloat16_program_stays_close(pruned, tmp_path):
+    record = export_executorch(pruned, tmp_path / "bf16", dtype="bfloat16", max_seq_len=96)
+    assert any("vision tower and projector stay float32" in note for note in record["notes"])
+    check = record["check"]
+    assert check["rel_diff"] <= check["tolerance"] and check["tokens"] == check["pytorch_tokens"]
+
+
 def test_idefics3_takes_only_its_tile_size(tmp_path):
     folder = save_tiny_idefics3(tmp_path / "idefics3")  # 28 px tiles
     with pytest.raises(VlmpruneError, match="max_image_size"):
