@@ -231,8 +231,8 @@ class ExportConfig:
     vision_quant: str | None = opt(None, "gguf: weight type of the mmproj (default: f16, or f32/bf16 with that "
                                          "--quant)", choices=GGUF_NUMPY_QUANTS)
     no_vision: bool = opt(False, "gguf: write the text model only (no mmproj)")
-    dtype: str | None = opt(None, "executorch: float32 (default) or bfloat16 for the whole program",
-                            choices=PTE_DTYPES)
+    dtype: str | None = opt(None, "executorch: float32 (default) or bfloat16 for the language model (the vision "
+                                  "side stays float32)", choices=PTE_DTYPES)
     max_seq_len: int | None = opt(None, "executorch: the KV cache's length, prompt and answer together "
                                         "(default 1024, at most the model's max_position_embeddings)", type=int)
     image_size: int | None = opt(None, "executorch: the (square) image size the vision encoder is exported for "
