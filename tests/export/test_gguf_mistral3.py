@@ -101,6 +101,14 @@ def test_pair_gives_the_transformers_tokens_with_an_image(folder, exported, heig
     assert pixels["image_sizes"].tolist() == [[height, width]]  # kept at its size on both sides
     ids = tok(PRE + _image_text(height // 14, width // 14) + POST)["input_ids"]
     inputs = {"pixel_values": pixels["pixel_values"], "image_sizes": pixels["image_sizes"]}
+    diff = _pair_against_transformers(out, model, tok, ids, inputs, b64)
+    assert diff <= 1e-3, diff  # measured 1.7e-5 (42x56), 1.3e-5 (56x42)
+
+
+def _pair_against_transformers(out, model, tok, ids: list[int], inputs: dict, b64: str) -> float:
+    """The exported pair in ``out`` on the PRE + image + POST turn: the prompt is as long as transformers' (``ids``),
+    the 10 greedy tokens are transformers' (asserted here); returns the relative difference of the first
+    next-token log-probs."""
     banned = partial_utf8_ids(tok)
 
     def make():
@@ -112,13 +120,13 @@ def test_pair_gives_the_transformers_tokens_with_an_image(folder, exported, heig
                                             {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64}},
                                             {"type": "text", "text": POST}]}]
     n_vocab = model.config.text_config.vocab_size
-    got, llama = _chat(make, message, top_logprobs=n_vocab, ignore_eos=True)
+    got, _ = _chat(make, message, top_logprobs=n_vocab, ignore_eos=True)
     assert got["usage"]["prompt_tokens"] == len(ids)
     logprobs = {p["id"]: p["logprob"] for p in got["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
     diff = rel_diff(logprobs, hf_logprobs(model, ids, **inputs))
-    assert diff <= 1e-3, diff  # measured 1.7e-5 (42x56), 1.3e-5 (56x42)
     got, _ = _chat(make, message, max_tokens=10, top_logprobs=1, ignore_eos=True)
     assert [t["id"] for t in got["choices"][0]["logprobs"]["content"]] == hf_greedy(model, ids, 10, banned, **inputs)
+    return diff
 
 
 def test_per_layer_widths_go_to_deci_and_match_with_an_image(folder, tmp_path):
@@ -138,24 +146,8 @@ def test_per_layer_widths_go_to_deci_and_match_with_an_image(folder, tmp_path):
     pixels = processor.image_processor(img, return_tensors="pt")
     ids = tok(PRE + _image_text(3, 4) + POST)["input_ids"]
     inputs = {"pixel_values": pixels["pixel_values"], "image_sizes": pixels["image_sizes"]}
-    banned = partial_utf8_ids(tok)
-
-    def make():
-        llama = LlamaCpp(tmp_path / "out" / "model.gguf", tmp_path / "out" / "mmproj.gguf", chat_template=RAW_TEMPLATE)
-        llama.banned = banned
-        return llama
-
-    message = [{"role": "user", "content": [{"type": "text", "text": PRE},
-                                            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64}},
-                                            {"type": "text", "text": POST}]}]
-    n_vocab = model.config.text_config.vocab_size
-    got, _ = _chat(make, message, top_logprobs=n_vocab, ignore_eos=True)
-    assert got["usage"]["prompt_tokens"] == len(ids)
-    logprobs = {p["id"]: p["logprob"] for p in got["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
-    diff = rel_diff(logprobs, hf_logprobs(model, ids, **inputs))
+    diff = _pair_against_transformers(tmp_path / "out", model, tok, ids, inputs, b64)
     assert diff <= 1e-3, diff  # measured 1.0e-5
-    got, _ = _chat(make, message, max_tokens=10, top_logprobs=1, ignore_eos=True)
-    assert [t["id"] for t in got["choices"][0]["logprobs"]["content"]] == hf_greedy(model, ids, 10, banned, **inputs)
 
 
 def test_mmproj_image_embeddings_match_pytorch(folder, exported, tmp_path):
